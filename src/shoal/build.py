@@ -1,0 +1,346 @@
+"""Tree -> chunks -> frames -> packs -> index -> manifest, into the local store (docs/spec/format.md §5).
+
+Threads do the heavy work (reading, FastCDC, sha256, zstd: all release the
+GIL); the main thread walks files in canonical order and makes every
+decision, so the output never depends on the number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import zstandard
+
+from shoal import mediatypes as mt
+from shoal.chunking import get_chunker
+from shoal.errors import ShoalError
+from shoal.format import index as fidx
+from shoal.format import packing
+from shoal.format.manifest import Descriptor, ImageConfig, ShoalManifest, build_config, build_manifest, parse_manifest
+from shoal.format.model import Entry, Frame, Kind
+from shoal.progress import NULL, Sink
+from shoal.scan import scan
+from shoal.store import Store
+from shoal.store.layout import Batch
+
+__all__ = ["BuildOptions", "BuildResult", "build"]
+
+log = logging.getLogger(__name__)
+
+_INFLIGHT_BYTES = 256 * 1024 * 1024
+_PENDING_PACKS = 8
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    source_date_epoch: int | None = None
+    reuse: tuple[str, ...] = ()
+    config: ImageConfig = field(default_factory=ImageConfig)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: ShoalManifest
+    files: int
+    bytes_in: int
+    chunks: int  # chunk references, duplicates included
+    unique_chunks: int
+    new_chunks: int  # not found in --reuse images
+    packs: int
+    new_packs: int  # packs this build wrote (may already have been in the store)
+    stored_bytes: int  # compressed size of the image: config + index + packs
+    added_bytes: int  # bytes this build added to the store
+    seconds: float
+    skipped: tuple[bytes, ...] = ()
+
+
+@dataclass
+class _Chunked:
+    data: bytes
+    sha256: bytes
+    chunks: list[tuple[bytes, int, int]]  # id, offset, length
+
+
+_tls = threading.local()
+
+
+def _chunk_file(path: bytes) -> _Chunked:
+    chunker = getattr(_tls, "chunker", None)
+    if chunker is None:
+        chunker = _tls.chunker = get_chunker()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ShoalError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from None
+    mv = memoryview(data)
+    sha = hashlib.sha256
+    chunks = [(sha(mv[o : o + n]).digest(), o, n) for o, n in chunker.cut(mv)]
+    # a file of one chunk has the chunk's digest: skip hashing it twice
+    whole = chunks[0][0] if len(chunks) == 1 else sha(mv).digest()
+    return _Chunked(data, whole, chunks)
+
+
+def _compress(data: bytes) -> bytes:
+    cctx = getattr(_tls, "cctx", None)
+    if cctx is None:
+        cctx = _tls.cctx = zstandard.ZstdCompressor(
+            level=packing.ZSTD_LEVEL, write_checksum=False, write_content_size=True)
+    return cctx.compress(data)
+
+
+@dataclass
+class _ReuseLoc:
+    pack: bytes
+    frame: Frame  # pack field unused
+    off: int
+    length: int
+
+
+@dataclass
+class _NewPack:
+    frames: list[tuple[int, Future[bytes], int]]  # frame index, compressed future, ulen
+    future: Future[tuple[str, list[int], int]] | None = None
+
+
+class _Builder:
+    def __init__(self, store: Store, opts: BuildOptions, sink: Sink) -> None:
+        self.store = store
+        self.opts = opts
+        self.sink = sink
+        self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="shoal-build")
+        self.writer = ThreadPoolExecutor(2, thread_name_prefix="shoal-write")
+        self.reuse: dict[bytes, _ReuseLoc] = {}
+        # chunk table
+        self.chunk_index: dict[bytes, int] = {}
+        self.chunk_ids: list[bytes] = []
+        self.chunk_frames: list[int] = []
+        self.chunk_offsets: list[int] = []
+        self.chunk_lengths: list[int] = []
+        # frames: index -> ("new", pack number, position) or ("reuse", pack digest, Frame)
+        self.n_frames = 0
+        self.reused_frames: dict[tuple[bytes, int], int] = {}
+        self.reused_frame_recs: dict[int, tuple[bytes, Frame]] = {}
+        self.reused_packs: list[bytes] = []
+        self.new_frame_pack: dict[int, tuple[int, int]] = {}  # frame -> (new pack number, position)
+        # current frame / pack
+        self.cur_parts: list[memoryview] = []
+        self.cur_len = 0
+        self.cur_frame = -1
+        self.cur_last_id = b""
+        self.cur_pack: _NewPack | None = None
+        self.pack_len = 0
+        self.packs: list[_NewPack] = []
+        self.refs = 0
+        self.batch = Batch(store.layout)
+
+    # ---------------------------------------------------------------- reuse
+
+    def load_reuse(self) -> None:
+        for ref in self.opts.reuse:
+            m = self.store.resolve(ref)
+            idx = self.store.load_index(m)
+            for cid, fi, off, ln in zip(idx.chunk_ids, idx.chunk_frames, idx.chunk_offsets, idx.chunk_lengths):
+                if cid not in self.reuse:
+                    f = idx.frames[fi]
+                    self.reuse[cid] = _ReuseLoc(idx.packs[f.pack], f, off, ln)
+
+    # ---------------------------------------------------------------- chunks -> frames -> packs
+
+    def add_chunk(self, cid: bytes, data: memoryview) -> int:
+        i = self.chunk_index.get(cid)
+        if i is not None:
+            return i
+        i = len(self.chunk_ids)
+        self.chunk_index[cid] = i
+        self.chunk_ids.append(cid)
+        ln = len(data)
+        self.chunk_lengths.append(ln)
+        r = self.reuse.get(cid)
+        if r is not None:
+            key = (r.pack, r.frame.offset)
+            fi = self.reused_frames.get(key)
+            if fi is None:
+                fi = self.reused_frames[key] = self.n_frames
+                self.n_frames += 1
+                self.reused_frame_recs[fi] = (r.pack, r.frame)
+                if r.pack not in self.reused_packs:
+                    self.reused_packs.append(r.pack)
+            self.chunk_frames.append(fi)
+            self.chunk_offsets.append(r.off)
+            return i
+        if packing.frame_full(self.cur_len, ln):
+            self.close_frame()
+        if not self.cur_parts:
+            self.cur_frame = self.n_frames
+            self.n_frames += 1
+        self.chunk_frames.append(self.cur_frame)
+        self.chunk_offsets.append(self.cur_len)
+        self.cur_parts.append(data)
+        self.cur_len += ln
+        self.cur_last_id = cid
+        if packing.frame_ends_after(cid, ln, self.cur_len):
+            self.close_frame()
+        return i
+
+    def close_frame(self) -> None:
+        if not self.cur_parts:
+            return
+        ulen = self.cur_len
+        fut = self.pool.submit(_compress, b"".join(self.cur_parts))
+        if self.cur_pack is not None and packing.pack_full(self.pack_len, ulen):
+            self.close_pack()
+        if self.cur_pack is None:
+            self.cur_pack = _NewPack([])
+            self.pack_len = 0
+        self.cur_pack.frames.append((self.cur_frame, fut, ulen))
+        self.pack_len += ulen
+        self.cur_parts, self.cur_len = [], 0
+        if packing.pack_ends_after(self.cur_last_id, ulen, self.pack_len):
+            self.close_pack()
+
+    def close_pack(self) -> None:
+        p = self.cur_pack
+        if p is None:
+            return
+        self.cur_pack = None
+        number = len(self.packs)
+        for pos, (fi, _, _) in enumerate(p.frames):
+            self.new_frame_pack[fi] = (number, pos)
+        p.future = self.writer.submit(self._write_pack, p)
+        self.packs.append(p)
+        pending = [q for q in self.packs if q.future is not None and not q.future.done()]
+        if len(pending) > _PENDING_PACKS:
+            pending[0].future.result()  # type: ignore[union-attr]
+
+    def _write_pack(self, p: _NewPack) -> tuple[str, list[int], int]:
+        blobs = [f.result() for _, f, _ in p.frames]
+        data = b"".join(blobs)
+        digest = self.store.layout.put(data, batch=self.batch)
+        self.sink.advance("write", len(data))
+        return digest, [len(b) for b in blobs], len(data)
+
+    # ---------------------------------------------------------------- files
+
+    def chunked_files(self, entries: list[Entry], base: bytes) -> Iterator[_Chunked]:
+        """Chunk the FILE entries in parallel, yielding results in canonical order, bounded in memory."""
+        files = [e for e in entries if e.kind == Kind.FILE]
+        q: collections.deque[tuple[Future[_Chunked], int]] = collections.deque()
+        inflight = 0
+        it = iter(files)
+        done = False
+        while True:
+            while not done and (inflight < _INFLIGHT_BYTES or not q):
+                e = next(it, None)
+                if e is None:
+                    done = True
+                    break
+                q.append((self.pool.submit(_chunk_file, os.path.join(base, e.path)), e.size))
+                inflight += e.size
+            if not q:
+                return
+            fut, size = q.popleft()
+            inflight -= size
+            yield fut.result()
+
+    def run(self, source: bytes) -> BuildResult:
+        t0 = time.monotonic()
+        tree = scan(source, self.opts.source_date_epoch)
+        total = sum(e.size for e in tree.entries if e.kind == Kind.FILE)
+        self.sink.start("build", total)
+        self.load_reuse()
+        entries: list[Entry] = []
+        results = self.chunked_files(tree.entries, tree.root)
+        bytes_in = 0
+        for e in tree.entries:
+            if e.kind == Kind.FILE:
+                c = next(results)
+                mv = memoryview(c.data)
+                refs = tuple(self.add_chunk(cid, mv[o : o + n]) for cid, o, n in c.chunks)
+                self.refs += len(refs)
+                bytes_in += len(c.data)
+                e = Entry(e.path, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs,
+                          size=len(c.data), sha256=c.sha256, chunks=refs)
+                self.sink.advance("build", len(c.data))
+            entries.append(e)
+        self.close_frame()
+        self.close_pack()
+        written = [p.future.result() for p in self.packs]  # type: ignore[union-attr]
+        self.sink.finish("build")
+        return self.finish(entries, written, bytes_in, t0, tree.skipped)
+
+    def finish(self, entries: list[Entry], written: list[tuple[str, list[int], int]], bytes_in: int,
+               started: float, skipped: list[bytes]) -> BuildResult:
+        layout = self.store.layout
+        n_new = len(written)
+        pack_digests = [bytes.fromhex(w[0][7:]) for w in written] + self.reused_packs
+        frames: list[Frame | None] = [None] * self.n_frames
+        for fi, (number, pos) in self.new_frame_pack.items():
+            clens = written[number][1]
+            frames[fi] = Frame(number, sum(clens[:pos]), clens[pos], self.packs[number].frames[pos][2])
+        reused_pos = {p: n_new + i for i, p in enumerate(self.reused_packs)}
+        for fi, (pack, f) in self.reused_frame_recs.items():
+            frames[fi] = Frame(reused_pos[pack], f.offset, f.clen, f.ulen)
+        assert all(f is not None for f in frames)
+        idx = fidx.make_index(entries, self.chunk_ids, self.chunk_frames, self.chunk_offsets,
+                              self.chunk_lengths, frames, pack_digests)  # type: ignore[arg-type]
+        blob = fidx.compress(fidx.encode(idx))
+        root = "sha256:" + idx.root.hex()
+        sizes = {w[0]: w[2] for w in written}
+        for p in self.reused_packs:
+            d = "sha256:" + p.hex()
+            sizes[d] = layout.size(d)
+        pack_descs = [Descriptor(mt.PACK, "sha256:" + p.hex(), sizes["sha256:" + p.hex()]) for p in pack_digests]
+        idx_desc = Descriptor(mt.INDEX, self._put(blob), len(blob))
+        cfg = build_config(ImageConfig(**{**self.opts.config.__dict__, "root": root}))
+        cfg_desc = Descriptor(mt.CONFIG, self._put(cfg), len(cfg))
+        raw, digest = build_manifest(cfg_desc, idx_desc, pack_descs, root)
+        self._put(raw)
+        self.batch.commit()
+        rows = []
+        for i, cid in enumerate(self.chunk_ids):
+            f = frames[self.chunk_frames[i]]
+            assert f is not None
+            rows.append((cid, "sha256:" + pack_digests[f.pack].hex(), f.offset, f.clen, f.ulen,
+                         self.chunk_offsets[i], self.chunk_lengths[i]))
+        self.store.catalog.add(rows)
+        m = parse_manifest(raw, digest)
+        return BuildResult(
+            manifest=m, files=idx.files, bytes_in=bytes_in, chunks=self.refs, unique_chunks=len(self.chunk_ids),
+            new_chunks=len(self.chunk_ids) - sum(1 for c in self.chunk_ids if c in self.reuse),
+            packs=len(pack_digests), new_packs=n_new, stored_bytes=m.size,
+            added_bytes=self.batch.added_bytes, seconds=time.monotonic() - started, skipped=tuple(skipped),
+        )
+
+    def _put(self, data: bytes) -> str:
+        return self.store.layout.put(data, batch=self.batch)
+
+    def close(self) -> None:
+        self.batch.abort()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.writer.shutdown(wait=True, cancel_futures=True)
+
+
+def build(store: Store, source: str | bytes | os.PathLike[str], ref: str | None,
+          opts: BuildOptions | None = None, sink: Sink = NULL) -> BuildResult:
+    """Build the tree at ``source`` into ``store`` and tag it ``ref`` (if given)."""
+    b = _Builder(store, opts or BuildOptions(), sink)
+    try:
+        with store.layout.writing():
+            result = b.run(os.fsencode(source))
+            if ref is not None:
+                store.tag(ref, result.manifest)
+    finally:
+        b.close()
+    log.info("built %s: %d files, %d bytes in %.2fs", result.manifest.digest, result.files, result.bytes_in,
+             result.seconds)
+    return result

@@ -1,0 +1,189 @@
+"""Deterministic CBOR (RFC 8949 §4.2.1 core deterministic encoding), the subset Shoal uses.
+
+Spec: docs/spec/format.md §3.  Allowed items: unsigned and negative integers
+(< 2**64), byte strings, UTF-8 text strings, arrays, maps, ``null``, ``true``
+and ``false``.  Arguments use the shortest form, lengths are definite, and map
+keys are sorted by the bytewise order of their encodings.  The decoder accepts
+exactly the encoder's output and nothing else, so every value has one encoding.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from shoal.errors import FormatError
+
+__all__ = ["encode", "decode", "MAX_DEPTH"]
+
+MAX_DEPTH = 16
+
+_PACK_B = struct.Struct(">B").pack
+_PACK_H = struct.Struct(">H").pack
+_PACK_I = struct.Struct(">I").pack
+_PACK_Q = struct.Struct(">Q").pack
+
+
+def _head(major: int, n: int) -> bytes:
+    mt = major << 5
+    if n < 24:
+        return _PACK_B(mt | n)
+    if n < 0x100:
+        return _PACK_B(mt | 24) + _PACK_B(n)
+    if n < 0x10000:
+        return _PACK_B(mt | 25) + _PACK_H(n)
+    if n < 0x100000000:
+        return _PACK_B(mt | 26) + _PACK_I(n)
+    if n < 0x10000000000000000:
+        return _PACK_B(mt | 27) + _PACK_Q(n)
+    raise FormatError("integer out of CBOR range")
+
+
+def _enc(v: Any, out: bytearray) -> None:
+    if v is None:
+        out.append(0xF6)
+    elif v is True:
+        out.append(0xF5)
+    elif v is False:
+        out.append(0xF4)
+    elif isinstance(v, int):
+        if v >= 0:
+            out += _head(0, v)
+        else:
+            out += _head(1, -1 - v)
+    elif isinstance(v, (bytes, bytearray, memoryview)):
+        out += _head(2, len(v))
+        out += v
+    elif isinstance(v, str):
+        b = v.encode("utf-8")
+        out += _head(3, len(b))
+        out += b
+    elif isinstance(v, (list, tuple)):
+        out += _head(4, len(v))
+        for item in v:
+            _enc(item, out)
+    elif isinstance(v, dict):
+        pairs = []
+        for k, val in v.items():
+            kb = bytearray()
+            _enc(k, kb)
+            pairs.append((bytes(kb), val))
+        pairs.sort(key=lambda p: p[0])
+        for i in range(1, len(pairs)):
+            if pairs[i][0] == pairs[i - 1][0]:
+                raise FormatError("duplicate map key")
+        out += _head(5, len(pairs))
+        for kb, val in pairs:
+            out += kb
+            _enc(val, out)
+    else:
+        raise FormatError(f"cannot encode {type(v).__name__} in CBOR")
+
+
+def encode(value: Any) -> bytes:
+    """The one deterministic encoding of ``value``."""
+    out = bytearray()
+    _enc(value, out)
+    return bytes(out)
+
+
+class _Decoder:
+    __slots__ = ("buf", "pos", "end")
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.end = len(buf)
+
+    def fail(self, why: str) -> FormatError:
+        return FormatError(f"malformed CBOR at byte {self.pos}: {why}")
+
+    def arg(self, info: int) -> int:
+        buf, pos = self.buf, self.pos
+        if info < 24:
+            return info
+        if info == 24:
+            size, minimum = 1, 24
+        elif info == 25:
+            size, minimum = 2, 0x100
+        elif info == 26:
+            size, minimum = 4, 0x10000
+        elif info == 27:
+            size, minimum = 8, 0x100000000
+        else:
+            raise self.fail("indefinite length or reserved argument")
+        if pos + size > self.end:
+            raise self.fail("truncated")
+        n = int.from_bytes(buf[pos : pos + size], "big")
+        if n < minimum:
+            raise self.fail("argument not in shortest form")
+        self.pos = pos + size
+        return n
+
+    def item(self, depth: int) -> Any:
+        if self.pos >= self.end:
+            raise self.fail("truncated")
+        ib = self.buf[self.pos]
+        self.pos += 1
+        major, info = ib >> 5, ib & 31
+        if major == 0:
+            return self.arg(info)
+        if major == 1:
+            return -1 - self.arg(info)
+        if major in (2, 3):
+            n = self.arg(info)
+            start = self.pos
+            if n > self.end - start:
+                raise self.fail("string runs past the end")
+            self.pos = start + n
+            raw = self.buf[start : start + n]
+            if major == 2:
+                return raw
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self.fail("text string is not UTF-8") from None
+        if major == 4:
+            n = self.arg(info)
+            if depth >= MAX_DEPTH:
+                raise self.fail("nested too deeply")
+            if n > self.end - self.pos:
+                raise self.fail("array longer than the input")
+            return [self.item(depth + 1) for _ in range(n)]
+        if major == 5:
+            n = self.arg(info)
+            if depth >= MAX_DEPTH:
+                raise self.fail("nested too deeply")
+            if 2 * n > self.end - self.pos:
+                raise self.fail("map longer than the input")
+            out: dict[Any, Any] = {}
+            prev = b""
+            for i in range(n):
+                kstart = self.pos
+                k = self.item(depth + 1)
+                kraw = self.buf[kstart : self.pos]
+                if i and kraw <= prev:
+                    raise self.fail("map keys unsorted or duplicated")
+                prev = kraw
+                if isinstance(k, (list, dict)):
+                    raise self.fail("map key must be a scalar")
+                out[k] = self.item(depth + 1)
+            return out
+        if major == 7:
+            if info == 20:
+                return False
+            if info == 21:
+                return True
+            if info == 22:
+                return None
+            raise self.fail("floats and other simple values are not allowed")
+        raise self.fail("tags are not allowed")
+
+
+def decode(data: bytes) -> Any:
+    """Decode one canonical item that fills ``data`` exactly, or raise FormatError."""
+    d = _Decoder(bytes(data))
+    value = d.item(0)
+    if d.pos != d.end:
+        raise FormatError(f"malformed CBOR: {d.end - d.pos} trailing bytes")
+    return value

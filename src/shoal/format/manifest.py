@@ -1,0 +1,162 @@
+"""The OCI 1.1 manifest and config of a Shoal image (docs/spec/oci-mapping.md).  Pure, no I/O.
+
+Raw JSON never leaves this module: ``parse_manifest`` returns typed values
+after checking every field Shoal relies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal import digest as dg
+from shoal import mediatypes as mt
+from shoal.errors import FormatError
+
+__all__ = ["Descriptor", "ShoalManifest", "ImageConfig", "canonical_json", "build_manifest", "parse_manifest",
+           "build_config", "parse_config", "MAX_MANIFEST_BYTES"]
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+def canonical_json(doc: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8: the bytes Shoal writes for every JSON document."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            d["annotations"] = dict(self.annotations)
+        return d
+
+    @staticmethod
+    def from_json(d: Any) -> "Descriptor":
+        if not isinstance(d, dict):
+            raise FormatError("descriptor must be an object")
+        media, digest, size = d.get("mediaType"), d.get("digest"), d.get("size")
+        if not isinstance(media, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise FormatError("descriptor needs mediaType and a non-negative size")
+        ann = d.get("annotations") or {}
+        if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items()):
+            raise FormatError("descriptor annotations must map strings to strings")
+        return Descriptor(media, dg.validate(digest), size, tuple(sorted(ann.items())))
+
+
+@dataclass(frozen=True)
+class ShoalManifest:
+    digest: str
+    raw: bytes
+    config: Descriptor
+    index: Descriptor
+    packs: tuple[Descriptor, ...]
+    root: str
+    format: int
+
+    @property
+    def size(self) -> int:
+        return len(self.raw) + self.config.size + self.index.size + sum(p.size for p in self.packs)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The runtime part of an image: what OCI's image config carries (for ``run``)."""
+
+    architecture: str = "amd64"
+    os: str = "linux"
+    variant: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # Env, Entrypoint, Cmd, WorkingDir, User, ...
+    root: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance annotations
+
+
+def build_config(cfg: ImageConfig) -> bytes:
+    doc: dict[str, Any] = {
+        "architecture": cfg.architecture,
+        "os": cfg.os,
+        "config": cfg.config,
+        # rootfs is required by the OCI config schema; Shoal has no tar layers, so diff_ids is empty.
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "shoal": {"format": 1, "root": cfg.root, **cfg.extra},
+    }
+    if cfg.variant:
+        doc["variant"] = cfg.variant
+    return canonical_json(doc)
+
+
+def parse_config(raw: bytes) -> ImageConfig:
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"image config is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FormatError("image config must be an object")
+    sh = doc.get("shoal") if isinstance(doc.get("shoal"), dict) else {}
+    conf = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    return ImageConfig(
+        architecture=str(doc.get("architecture", "")), os=str(doc.get("os", "")),
+        variant=str(doc.get("variant", "")), config=conf, root=str(sh.get("root", "")),
+        extra={k: v for k, v in sh.items() if k not in ("format", "root")},
+    )
+
+
+def build_manifest(config: Descriptor, index: Descriptor, packs: list[Descriptor], root: str,
+                   annotations: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """Canonical manifest bytes and their digest.  Layer 0 is the index, then packs in index order."""
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": mt.ARTIFACT_TYPE,
+        "config": config.to_json(),
+        "layers": [index.to_json()] + [p.to_json() for p in packs],
+        "annotations": {mt.ANN_FORMAT: "1", mt.ANN_ROOT: root, **(annotations or {})},
+    }
+    raw = canonical_json(doc)
+    return raw, "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def is_shoal(doc: dict[str, Any]) -> bool:
+    return doc.get("artifactType") == mt.ARTIFACT_TYPE
+
+
+def parse_manifest(raw: bytes, digest: str | None = None) -> ShoalManifest:
+    """Parse and check a Shoal manifest; ``digest`` (if given) must match the bytes."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError("manifest larger than 4 MiB")
+    actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if digest is not None and digest != actual:
+        raise FormatError(f"manifest digest mismatch: expected {digest}, got {actual}")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"manifest is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
+        raise FormatError("manifest must be an object with schemaVersion 2")
+    if not is_shoal(doc):
+        raise FormatError(f"not a Shoal image (artifactType {doc.get('artifactType')!r})")
+    config = Descriptor.from_json(doc.get("config"))
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise FormatError("Shoal manifest has no layers")
+    descs = [Descriptor.from_json(layer) for layer in layers]
+    if descs[0].media_type != mt.INDEX or any(d.media_type != mt.PACK for d in descs[1:]):
+        raise FormatError("Shoal manifest layers must be the index, then packs")
+    if config.media_type != mt.CONFIG:
+        raise FormatError(f"unexpected config media type {config.media_type!r}")
+    ann = doc.get("annotations") or {}
+    if not isinstance(ann, dict):
+        raise FormatError("manifest annotations must be an object")
+    root = ann.get(mt.ANN_ROOT, "")
+    fmt = ann.get(mt.ANN_FORMAT, "")
+    if fmt != "1":
+        raise FormatError(f"unsupported Shoal format {fmt!r}")
+    return ShoalManifest(actual, raw, config, descs[0], tuple(descs[1:]), dg.validate(root), 1)

@@ -1,0 +1,93 @@
+"""The local store: an OCI image layout plus a sqlite chunk catalogue (docs/spec/store.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal import mediatypes as mt
+from shoal.errors import FormatError, NotFound, UsageError
+from shoal.format import index as fidx
+from shoal.format.manifest import ShoalManifest, parse_manifest, MAX_MANIFEST_BYTES
+from shoal.format.model import Index
+from shoal.store.catalog import Catalog
+from shoal.store.layout import Layout
+
+__all__ = ["Store", "default_store_path", "normalize_ref"]
+
+_NAME = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def normalize_ref(ref: str) -> str:
+    """``name[:tag]`` -> ``name:tag`` (tag defaults to ``latest``), or UsageError."""
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        name, tag = ref, "latest"
+    if not _NAME.match(name) or not _TAG.match(tag):
+        raise UsageError(f"invalid image name {ref!r} (want NAME[:TAG], lowercase name)")
+    return f"{name}:{tag}"
+
+
+def default_store_path() -> Path:
+    env = os.environ.get("SHOAL_STORE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/shoal")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "shoal"
+
+
+@dataclass
+class Store:
+    root: Path
+    layout: Layout
+    catalog: Catalog
+
+    @classmethod
+    def open(cls, root: Path | str | None = None) -> "Store":
+        path = Path(root) if root is not None else default_store_path()
+        layout = Layout(path)
+        layout.init()
+        return cls(path, layout, Catalog(path / "catalog.db"))
+
+    # ---------------------------------------------------------------- images
+
+    def manifest(self, digest: str) -> ShoalManifest:
+        return parse_manifest(self.layout.get(digest, limit=MAX_MANIFEST_BYTES), digest)
+
+    def resolve(self, ref: str) -> ShoalManifest:
+        name = normalize_ref(ref)
+        desc = self.layout.refs().get(name)
+        if desc is None:
+            raise NotFound(f"no image {name} in the store")
+        return self.manifest(str(desc["digest"]))
+
+    def load_index(self, m: ShoalManifest) -> Index:
+        blob = self.layout.get(m.index.digest)
+        if len(blob) != m.index.size:
+            raise FormatError("index blob size differs from its descriptor")
+        idx = fidx.decode(fidx.decompress(blob))
+        if "sha256:" + idx.root.hex() != m.root:
+            raise FormatError("index root differs from the manifest's annotation")
+        if len(idx.packs) != len(m.packs) or any(
+            "sha256:" + p.hex() != d.digest for p, d in zip(idx.packs, m.packs)
+        ):
+            raise FormatError("index pack table differs from the manifest layers")
+        return idx
+
+    def tag(self, ref: str, m: ShoalManifest) -> None:
+        self.layout.set_ref(normalize_ref(ref), {"mediaType": mt.OCI_MANIFEST, "digest": m.digest,
+                                                 "size": len(m.raw), "artifactType": mt.ARTIFACT_TYPE})
+
+    def untag(self, ref: str) -> None:
+        name = normalize_ref(ref)
+        if name not in self.layout.refs():
+            raise NotFound(f"no image {name} in the store")
+        self.layout.set_ref(name, None)
+
+    def images(self) -> list[tuple[str, ShoalManifest]]:
+        return [(name, self.manifest(str(d["digest"]))) for name, d in sorted(self.layout.refs().items())]

@@ -1,0 +1,95 @@
+"""The chunk catalogue: sqlite (WAL) mapping chunk id -> where its bytes are (docs/spec/store.md §3).
+
+It is an accelerator, never the truth: every row can be rebuilt from the
+manifests and indexes in the layout, and ``fsck --repair``/``gc`` do so.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from shoal.errors import StoreError
+
+__all__ = ["Catalog", "ChunkLocation"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY,
+    pack TEXT NOT NULL,
+    frame_off INTEGER NOT NULL,
+    frame_clen INTEGER NOT NULL,
+    frame_ulen INTEGER NOT NULL,
+    off INTEGER NOT NULL,
+    len INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    pack: str
+    frame_off: int
+    frame_clen: int
+    frame_ulen: int
+    off: int
+    length: int
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        with self._conn() as c:
+            c.executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=60000")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open catalogue {self.path}: {exc}") from None
+            self._local.conn = conn
+        return conn
+
+    def add(self, rows: Iterable[tuple[bytes, str, int, int, int, int, int]]) -> None:
+        """Record chunk locations; an id already known keeps its first location."""
+        c = self._conn()
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            c.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?,?,?)", rows)
+            c.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise StoreError(f"catalogue write failed: {exc}") from None
+
+    def locate(self, ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
+        c = self._conn()
+        out: dict[bytes, ChunkLocation] = {}
+        q = "SELECT id, pack, frame_off, frame_clen, frame_ulen, off, len FROM chunks WHERE id = ?"
+        for i in ids:
+            row = c.execute(q, (i,)).fetchone()
+            if row is not None:
+                out[row[0]] = ChunkLocation(*row[1:])
+        return out
+
+    def drop_packs(self, packs: Iterable[str]) -> None:
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        c.executemany("DELETE FROM chunks WHERE pack = ?", ((p,) for p in packs))
+        c.execute("COMMIT")
+
+    def packs(self) -> set[str]:
+        return {r[0] for r in self._conn().execute("SELECT DISTINCT pack FROM chunks")}
+
+    def count(self) -> int:
+        return int(self._conn().execute("SELECT count(*) FROM chunks").fetchone()[0])

@@ -1,0 +1,336 @@
+"""Registry credentials: docker ``config.json`` and containers ``auth.json``.
+
+Lookup order (first hit wins):
+
+1. ``$REGISTRY_AUTH_FILE``
+2. ``${XDG_RUNTIME_DIR}/containers/auth.json``
+3. ``~/.config/containers/auth.json``
+4. ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``
+
+Inside one file: ``credHelpers[host]`` (helper program), then a non-empty
+``auths`` entry (base64 ``auth``, ``username``/``password`` or
+``identitytoken``), then ``credsStore`` (helper program).  Helpers are
+``docker-credential-<name> get|store|erase`` speaking JSON on stdin/stdout.
+
+Writing (login/logout) goes to ``$REGISTRY_AUTH_FILE`` if set, else to the
+first auth.json of the list above whose directory can be used, atomically
+(temporary file + rename, mode 0600).  Secrets never appear in exceptions
+or logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import AuthError, FormatError, UsageError
+
+__all__ = [
+    "Credentials",
+    "DOCKER_HUB_KEY",
+    "auth_file_candidates",
+    "default_auth_file",
+    "load_credentials",
+    "store_credentials",
+    "erase_credentials",
+    "normalize_host",
+]
+
+log = logging.getLogger(__name__)
+
+DOCKER_HUB_KEY = "https://index.docker.io/v1/"
+_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+_HELPER_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and secret for one registry; the secret never prints."""
+
+    username: str
+    password: str = field(repr=False)
+    identity_token: str | None = field(default=None, repr=False)
+
+    def basic_header(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def normalize_host(key: str) -> str:
+    """``https://Foo.io/v1/`` -> ``foo.io``; Docker Hub aliases -> ``docker.io``."""
+    k = key.strip()
+    for prefix in ("https://", "http://"):
+        if k.lower().startswith(prefix):
+            k = k[len(prefix):]
+            break
+    k = k.split("/", 1)[0].lower()
+    return "docker.io" if k in _HUB_ALIASES else k
+
+
+def _key_path(key: str) -> str:
+    """The namespace part of an auth.json key (``quay.io/org/repo`` -> ``org/repo``)."""
+    k = key.strip()
+    for prefix in ("https://", "http://"):
+        if k.lower().startswith(prefix):
+            return ""  # URL-style keys (docker) never carry namespaces
+    parts = k.split("/", 1)
+    return parts[1].strip("/") if len(parts) == 2 else ""
+
+
+def auth_file_candidates() -> list[Path]:
+    """Every file consulted by :func:`load_credentials`, in order."""
+    out: list[Path] = []
+    env = os.environ.get("REGISTRY_AUTH_FILE")
+    if env:
+        out.append(Path(env))
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        out.append(Path(xdg) / "containers" / "auth.json")
+    out.append(Path.home() / ".config" / "containers" / "auth.json")
+    docker_dir = os.environ.get("DOCKER_CONFIG")
+    out.append(Path(docker_dir) / "config.json" if docker_dir else Path.home() / ".docker" / "config.json")
+    return out
+
+
+def default_auth_file() -> Path:
+    """Where login writes when no path is given (podman-compatible)."""
+    env = os.environ.get("REGISTRY_AUTH_FILE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
+        return Path(xdg) / "containers" / "auth.json"
+    return Path.home() / ".config" / "containers" / "auth.json"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.debug("cannot read auth file %s: %s", path, e.strerror)
+        return None
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise FormatError(f"auth file {path} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"auth file {path} is not a JSON object")
+    return doc
+
+
+def _is_docker_file(path: Path) -> bool:
+    return path.name == "config.json"
+
+
+def _entry_keys_for(host: str, docker_style: bool) -> str:
+    if host == "docker.io":
+        return DOCKER_HUB_KEY if docker_style else "docker.io"
+    return host
+
+
+def _decode_entry(entry: Any, where: Path) -> Credentials | None:
+    if not isinstance(entry, dict):
+        return None
+    ident = entry.get("identitytoken") or None
+    if entry.get("auth"):
+        try:
+            user, sep, pw = base64.b64decode(str(entry["auth"]), validate=False).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise FormatError(f"auth file {where} has a malformed 'auth' entry") from None
+        if not sep:
+            raise FormatError(f"auth file {where} has a malformed 'auth' entry")
+        return Credentials(user, pw, ident if isinstance(ident, str) else None)
+    user = entry.get("username")
+    pw = entry.get("password")
+    if isinstance(user, str) and isinstance(pw, str) and (user or pw):
+        return Credentials(user, pw, ident if isinstance(ident, str) else None)
+    if isinstance(ident, str):
+        return Credentials("", "", ident)
+    return None
+
+
+def _run_helper(name: str, action: str, payload: str) -> str | None:
+    """Run ``docker-credential-<name> <action>``; ``None`` if it reports not found."""
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"invalid credential helper name {name!r}")
+    prog = f"docker-credential-{name}"
+    try:
+        proc = subprocess.run(
+            [prog, action], input=payload.encode(), capture_output=True, timeout=_HELPER_TIMEOUT, check=False
+        )
+    except FileNotFoundError:
+        raise AuthError(f"credential helper {prog} not found on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise AuthError(f"credential helper {prog} timed out") from None
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).decode(errors="replace").lower()
+        if "not found" in out or "no credentials" in out:
+            return None
+        # helper output may echo secrets: report only the exit status
+        raise AuthError(f"credential helper {prog} {action} failed (exit {proc.returncode})")
+    return proc.stdout.decode(errors="replace")
+
+
+def _helper_get(name: str, host: str, server_urls: list[str]) -> Credentials | None:
+    for url in server_urls:
+        out = _run_helper(name, "get", url)
+        if out is None or not out.strip():
+            continue
+        try:
+            doc = json.loads(out)
+        except ValueError:
+            raise AuthError(f"credential helper docker-credential-{name} returned malformed output") from None
+        if not isinstance(doc, dict):
+            raise AuthError(f"credential helper docker-credential-{name} returned malformed output")
+        user, secret = str(doc.get("Username") or ""), str(doc.get("Secret") or "")
+        if not user and not secret:
+            continue
+        if user == "<token>":
+            return Credentials("", "", secret)
+        return Credentials(user, secret)
+    log.debug("credential helper %s has nothing for %s", name, host)
+    return None
+
+
+def _server_urls(host: str) -> list[str]:
+    if host == "docker.io":
+        return [DOCKER_HUB_KEY, "docker.io", "index.docker.io", "registry-1.docker.io"]
+    return [host, f"https://{host}"]
+
+
+def _lookup_in(doc: dict[str, Any], path: Path, host: str, repo: str | None) -> Credentials | None:
+    helpers = doc.get("credHelpers")
+    if isinstance(helpers, dict):
+        for key, name in helpers.items():
+            if normalize_host(str(key)) == host and isinstance(name, str):
+                return _helper_get(name, host, _server_urls(host))
+    auths = doc.get("auths")
+    if isinstance(auths, dict):
+        # most specific namespace first (containers-auth.json allows host/ns keys)
+        best: tuple[int, Credentials] | None = None
+        for key, entry in auths.items():
+            if normalize_host(str(key)) != host:
+                continue
+            ns = _key_path(str(key))
+            if ns and not (repo and (repo == ns or repo.startswith(ns + "/"))):
+                continue
+            creds = _decode_entry(entry, path)
+            if creds is not None and (best is None or len(ns) > best[0]):
+                best = (len(ns), creds)
+        if best is not None:
+            return best[1]
+    store = doc.get("credsStore")
+    if isinstance(store, str) and store:
+        return _helper_get(store, host, _server_urls(host))
+    return None
+
+
+def load_credentials(host: str, repo: str | None = None) -> Credentials | None:
+    """Credentials for ``host`` (``registry:port``) or ``None`` for anonymous."""
+    h = normalize_host(host)
+    for path in auth_file_candidates():
+        doc = _read_json(path)
+        if doc is None:
+            continue
+        creds = _lookup_in(doc, path, h, repo)
+        if creds is not None:
+            log.debug("credentials for %s from %s", h, path)
+            return creds
+    return None
+
+
+def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = (json.dumps(doc, indent="\t", sort_keys=False) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=".auth-", suffix=".tmp", dir=str(path.parent))
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _matching_keys(auths: dict[str, Any], host: str) -> list[str]:
+    return [k for k in auths if normalize_host(str(k)) == host and not _key_path(str(k))]
+
+
+def _helper_for(doc: dict[str, Any], host: str) -> str | None:
+    helpers = doc.get("credHelpers")
+    if isinstance(helpers, dict):
+        for key, name in helpers.items():
+            if normalize_host(str(key)) == host and isinstance(name, str):
+                return name
+    store = doc.get("credsStore")
+    return store if isinstance(store, str) and store else None
+
+
+def store_credentials(host: str, username: str, password: str, path: str | os.PathLike[str] | None = None) -> Path:
+    """Save credentials for ``host`` (login); returns the file written."""
+    h = normalize_host(host)
+    if not h:
+        raise UsageError("empty registry host")
+    if ":" in username:
+        raise UsageError("username must not contain ':'")
+    target = Path(path) if path is not None else default_auth_file()
+    doc = _read_json(target) or {}
+    auths = doc.get("auths")
+    if not isinstance(auths, dict):
+        auths = {}
+        doc["auths"] = auths
+    key = _entry_keys_for(h, _is_docker_file(target))
+    for k in _matching_keys(auths, h):
+        del auths[k]
+    helper = _helper_for(doc, h)
+    if helper is not None:
+        payload = json.dumps({"ServerURL": key, "Username": username, "Secret": password})
+        _run_helper(helper, "store", payload)
+        if doc.get("credsStore") == helper:
+            auths[key] = {}
+    else:
+        auths[key] = {"auth": base64.b64encode(f"{username}:{password}".encode()).decode("ascii")}
+    _write_atomic(target, doc)
+    log.debug("stored credentials for %s in %s", h, target)
+    return target
+
+
+def erase_credentials(host: str, path: str | os.PathLike[str] | None = None) -> bool:
+    """Remove credentials for ``host`` (logout); ``True`` if something was removed."""
+    h = normalize_host(host)
+    target = Path(path) if path is not None else default_auth_file()
+    doc = _read_json(target)
+    if doc is None:
+        return False
+    removed = False
+    helper = _helper_for(doc, h)
+    if helper is not None:
+        for url in _server_urls(h):
+            if _run_helper(helper, "erase", url) is not None:
+                removed = True
+    auths = doc.get("auths")
+    if isinstance(auths, dict):
+        for k in _matching_keys(auths, h):
+            del auths[k]
+            removed = True
+    if removed:
+        _write_atomic(target, doc)
+    return removed
