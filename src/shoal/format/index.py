@@ -38,18 +38,18 @@ _DIR_TAG = "shoal/dir/1"
 
 # ---------------------------------------------------------------- Merkle (§6)
 
-def _meta(e: Entry) -> list[Any]:
+def meta_record(e: Entry) -> list[Any]:
     return [e.mode, e.uid, e.gid, e.mtime_ns, dict(e.xattrs)]
 
 
-def _child_record(e: Entry) -> list[Any]:
+def child_record(e: Entry) -> list[Any]:
     name = name_of(e.path)
     k = e.kind
     if k == Kind.DIR:
         return [name, int(k), e.digest]
     if k == Kind.HARDLINK:
         return [name, int(k), e.target]
-    rec: list[Any] = [name, int(k), *_meta(e)]
+    rec: list[Any] = [name, int(k), *meta_record(e)]
     if k == Kind.FILE:
         rec += [e.size, e.sha256]
     elif k == Kind.SYMLINK:
@@ -60,7 +60,7 @@ def _child_record(e: Entry) -> list[Any]:
 
 
 def _dir_digest(d: Entry, children: list[list[Any]]) -> bytes:
-    return hashlib.sha256(cbor.encode([_DIR_TAG, _meta(d), children])).digest()
+    return hashlib.sha256(cbor.encode([_DIR_TAG, meta_record(d), children])).digest()
 
 
 def merkle(entries: Iterable[Entry]) -> list[Entry]:
@@ -74,7 +74,7 @@ def merkle(entries: Iterable[Entry]) -> list[Entry]:
             _close(out, stack)
         if stack:
             if e.kind != Kind.DIR:
-                stack[-1][1].append(_child_record(e))
+                stack[-1][1].append(child_record(e))
         if e.kind == Kind.DIR:
             stack.append((i, []))
     while stack:
@@ -87,7 +87,7 @@ def _close(out: list[Entry], stack: list[tuple[int, list[list[Any]]]]) -> None:
     d = replace(out[i], digest=_dir_digest(out[i], kids))
     out[i] = d
     if stack:
-        stack[-1][1].append(_child_record(d))
+        stack[-1][1].append(child_record(d))
 
 
 # ---------------------------------------------------------------- encoding (§4)
@@ -299,7 +299,7 @@ def _check_tree(entries: list[Entry]) -> None:
             primary = files.get(e.target)
             if primary is None:
                 raise HostileInput(f"index: hardlink {e.path[:200]!r} does not point at an earlier file")
-            if _meta(primary) != _meta(e):
+            if meta_record(primary) != meta_record(e):
                 raise FormatError(f"index: hardlink {e.path[:200]!r} metadata differs from its file")
 
 

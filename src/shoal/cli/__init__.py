@@ -1,0 +1,88 @@
+"""The command line: the only place that prints, draws progress and exits.
+
+Commands are registered by name and imported only when run, so ``shoal
+--help`` never imports FUSE, HTTP or zstd.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+__all__ = ["main", "COMMANDS"]
+
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "build": ("shoal.cli.build_cmd", "build", "Chunk, dedup, pack and index a directory into the store."),
+    "images": ("shoal.cli.image_cmds", "images", "List images in the store with sizes."),
+    "inspect": ("shoal.cli.image_cmds", "inspect", "Show an image's digest, Merkle root, sizes and counts."),
+    "ls": ("shoal.cli.image_cmds", "ls", "List files from the index (no data is read)."),
+    "cat": ("shoal.cli.image_cmds", "cat", "Stream one file's bytes to stdout."),
+    "diff": ("shoal.cli.image_cmds", "diff", "Compare two images through their Merkle trees."),
+    "rm": ("shoal.cli.image_cmds", "rm", "Remove image names from the store (see gc)."),
+    "unpack": ("shoal.cli.unpack_cmd", "unpack", "Materialize an image's tree in a directory."),
+    "fsck": ("shoal.cli.store_cmds", "fsck", "Verify every object in the store."),
+    "gc": ("shoal.cli.store_cmds", "gc", "Delete blobs that no image references."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        spec = COMMANDS.get(name)
+        if spec is None:
+            return None
+        cmd = getattr(importlib.import_module(spec[0]), spec[1])
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", "store", type=click.Path(file_okay=False), default=None, envvar="SHOAL_STORE",
+              help="Store directory (default $SHOAL_STORE, else ~/.local/share/shoal, or /var/lib/shoal as root).")
+@click.option("-v", "--verbose", count=True, help="Log more to stderr (-vv for debug).")
+@click.version_option(package_name="shoal", prog_name="shoal")
+@click.pass_context
+def cli(ctx: click.Context, store: str | None, verbose: int) -> None:
+    """Shoal: chunked, deduplicated, lazily mountable container images."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="shoal: %(levelname)s: %(message)s")
+    ctx.obj = {"store": store}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    from shoal.errors import ShoalError
+
+    try:
+        return cli.main(args=argv, prog_name="shoal", standalone_mode=False)
+    except ShoalError as exc:
+        click.echo(f"shoal: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("shoal: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("shoal: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        # e.g. `shoal cat ... | head`: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)

@@ -1,0 +1,75 @@
+"""shoal build ROOTFS_DIR NAME:TAG"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+
+import click
+
+from shoal.cli.common import emit_json, human, open_store, progress_sink
+
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
+         "riscv64": "riscv64", "i686": "386"}
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("ref")
+@click.option("--reuse", multiple=True, metavar="NAME:TAG", help="Reference packs of this image for chunks it holds.")
+@click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH", default=None,
+              help="Clamp mtimes to this time (reproducible-builds.org); default $SOURCE_DATE_EPOCH.")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker threads (default: cores).")
+@click.option("--arch", default=None, help="Image architecture (default: this machine's).")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for containers of this image.")
+@click.option("--entrypoint", default=None, help="Entrypoint, shell-quoted.")
+@click.option("--cmd", default=None, help="Default command, shell-quoted.")
+@click.option("--workdir", default=None)
+@click.option("--user", default=None)
+@click.option("--label", multiple=True, metavar="K=V")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], source_date_epoch: int | None,
+          workers: int | None, arch: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
+          workdir: str | None, user: str | None, label: tuple[str, ...], as_json: bool) -> None:
+    """Chunk, dedup, pack and index SOURCE into the store as REF."""
+    from shoal.build import BuildOptions, build as do_build
+    from shoal.format.manifest import ImageConfig
+    from shoal.store import normalize_ref
+
+    ref = normalize_ref(ref)
+    conf: dict[str, object] = {"Env": list(env) or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
+    if entrypoint:
+        conf["Entrypoint"] = shlex.split(entrypoint)
+    conf["Cmd"] = shlex.split(cmd) if cmd else ["/bin/sh"]
+    if workdir:
+        conf["WorkingDir"] = workdir
+    if user:
+        conf["User"] = user
+    if label:
+        conf["Labels"] = dict(kv.split("=", 1) for kv in label if "=" in kv)
+    opts = BuildOptions(
+        workers=workers or os.cpu_count() or 1, source_date_epoch=source_date_epoch, reuse=reuse,
+        config=ImageConfig(architecture=arch or _ARCH.get(platform.machine(), platform.machine()), config=conf),
+    )
+    store = open_store(ctx)
+    with progress_sink(as_json) as sink:
+        r = do_build(store, source, ref, opts, sink)
+    if as_json:
+        emit_json({
+            "ref": ref, "digest": r.manifest.digest, "root": r.manifest.root, "files": r.files,
+            "bytes_in": r.bytes_in, "chunks": r.chunks, "unique_chunks": r.unique_chunks,
+            "new_chunks": r.new_chunks, "packs": r.packs, "new_packs": r.new_packs,
+            "stored_bytes": r.stored_bytes, "added_bytes": r.added_bytes, "seconds": round(r.seconds, 3),
+            "mb_per_s": round(r.bytes_in / max(r.seconds, 1e-9) / 1e6, 1),
+            "skipped": [p.decode("utf-8", "backslashreplace") for p in r.skipped],
+        })
+        return
+    click.echo(f"{ref} {r.manifest.digest}")
+    click.echo(f"  root {r.manifest.root}")
+    click.echo(f"  {r.files} files, {human(r.bytes_in)} in {r.seconds:.2f}s "
+               f"({r.bytes_in / max(r.seconds, 1e-9) / 1e6:.0f} MB/s)")
+    click.echo(f"  {r.chunks} chunks ({r.unique_chunks} unique, {r.new_chunks} new), "
+               f"{r.packs} packs ({r.new_packs} written)")
+    click.echo(f"  image {human(r.stored_bytes)}, store grew by {human(r.added_bytes)}")

@@ -1,0 +1,49 @@
+"""shoal fsck / shoal gc"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from shoal.cli.common import emit_json, human, open_store, progress_sink
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def fsck(ctx: click.Context, as_json: bool) -> None:
+    """Verify every blob, every image's structure and every chunk."""
+    from shoal.store.maintenance import fsck as do_fsck
+
+    store = open_store(ctx)
+    with progress_sink(as_json) as sink:
+        rep = do_fsck(store, sink)
+    if as_json:
+        emit_json({"ok": rep.ok, "blobs": rep.blobs, "bytes": rep.bytes, "images": rep.images,
+                   "chunks": rep.chunks, "errors": rep.errors, "repaired": rep.repaired})
+    else:
+        for e in rep.errors:
+            click.echo(f"error: {e}", err=True)
+        for r in rep.repaired:
+            click.echo(f"repaired: {r}", err=True)
+        click.echo(f"checked {rep.blobs} blobs ({human(rep.bytes)}), {rep.images} images, {rep.chunks} chunks: "
+                   + ("ok" if rep.ok else f"{len(rep.errors)} errors"))
+    if not rep.ok:
+        sys.exit(5)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def gc(ctx: click.Context, as_json: bool) -> None:
+    """Delete blobs that no tagged image references."""
+    from shoal.store.maintenance import gc as do_gc
+
+    store = open_store(ctx)
+    with progress_sink(as_json) as sink:
+        rep = do_gc(store, sink)
+    if as_json:
+        emit_json({"removed": rep.removed, "freed": rep.freed, "kept": rep.kept, "tmp_removed": rep.tmp_removed})
+    else:
+        click.echo(f"removed {rep.removed} blobs, freed {human(rep.freed)}; kept {rep.kept}")

@@ -1,0 +1,169 @@
+"""Read files out of an image: index + a frame source -> verified bytes.
+
+Used by ``cat``, ``unpack``, ``export`` and the FUSE mount.  Nothing here
+knows where frames come from: ``FrameSource`` is the local store for a pulled
+image and HTTP range reads for a lazy one.  Every chunk is checked against
+its sha256 before a byte of it is returned.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import hashlib
+import threading
+from typing import Iterator, Protocol
+
+import zstandard
+
+from shoal.errors import IntegrityError, UsageError
+from shoal.format.model import Entry, Frame, Index, Kind
+from shoal.store.layout import Layout
+
+__all__ = ["FrameSource", "LayoutSource", "Reader"]
+
+
+class FrameSource(Protocol):
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        """The ``length`` compressed bytes at ``offset`` of pack blob ``pack`` (unverified)."""
+
+
+class LayoutSource:
+    """Frames from packs in a local OCI layout."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        return self.layout.read_range(pack, offset, length)
+
+
+_tls = threading.local()
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def decompress_frame(data: bytes, f: Frame, where: str) -> bytes:
+    """Decompress one frame, refusing anything that is not exactly ``f.ulen`` bytes."""
+    try:
+        out = _dctx().decompress(data, max_output_size=f.ulen)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"corrupt frame at {where}: {exc}") from None
+    if len(out) != f.ulen:
+        raise IntegrityError(f"corrupt frame at {where}: {len(out)} bytes instead of {f.ulen}")
+    return out
+
+
+class Reader:
+    def __init__(self, index: Index, source: FrameSource, cache_frames: int = 64) -> None:
+        self.index = index
+        self.source = source
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._cache_max = cache_frames
+        self._lock = threading.Lock()
+        self._verified: set[int] = set()
+        self._offsets: dict[bytes, list[int]] = {}
+
+    # ---------------------------------------------------------------- frames and chunks
+
+    def pack_digest(self, i: int) -> str:
+        return "sha256:" + self.index.packs[i].hex()
+
+    def frame(self, fi: int) -> bytes:
+        with self._lock:
+            data = self._cache.get(fi)
+            if data is not None:
+                self._cache.move_to_end(fi)
+                return data
+        f = self.index.frames[fi]
+        pack = self.pack_digest(f.pack)
+        data = decompress_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
+        with self._lock:
+            self._cache[fi] = data
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+        return data
+
+    def chunk(self, ci: int) -> memoryview:
+        idx = self.index
+        fi, off, ln = idx.chunk_frames[ci], idx.chunk_offsets[ci], idx.chunk_lengths[ci]
+        data = memoryview(self.frame(fi))[off : off + ln]
+        if ci not in self._verified:
+            if hashlib.sha256(data).digest() != idx.chunk_ids[ci]:
+                with self._lock:
+                    self._cache.pop(fi, None)
+                f = idx.frames[fi]
+                raise IntegrityError(
+                    f"chunk sha256:{idx.chunk_ids[ci].hex()} in pack {self.pack_digest(f.pack)} failed verification"
+                )
+            self._verified.add(ci)
+        return data
+
+    # ---------------------------------------------------------------- files
+
+    def resolve(self, path: bytes, follow_last: bool = True) -> Entry | None:
+        """Look ``path`` up as a process chrooted into the image would, following symlinks (max 40)."""
+        parts = [p for p in path.split(b"/") if p and p != b"."]
+        cur: list[bytes] = []
+        hops = 0
+        while parts:
+            name = parts.pop(0)
+            if name == b"..":
+                if cur:
+                    cur.pop()
+                continue
+            e = self.index.lookup(b"/".join(cur + [name]))
+            if e is None:
+                return None
+            if e.kind == Kind.SYMLINK and (parts or follow_last):
+                hops += 1
+                if hops > 40:
+                    return None
+                target = [p for p in e.target.split(b"/") if p and p != b"."]
+                if e.target.startswith(b"/"):
+                    cur = []
+                parts = target + parts
+                continue
+            if parts and e.kind != Kind.DIR:
+                return None
+            cur.append(name)
+        return self.index.lookup(b"/".join(cur))
+
+    def file_entry(self, path: bytes) -> Entry:
+        e = self.resolve(path)
+        if e is not None and e.kind == Kind.HARDLINK:
+            e = self.index.lookup(e.target)
+        if e is None or e.kind != Kind.FILE:
+            raise UsageError(f"not a regular file in the image: {path.decode(errors='replace')}")
+        return e
+
+    def iter_file(self, e: Entry) -> Iterator[memoryview]:
+        for ci in e.chunks:
+            yield self.chunk(ci)
+
+    def read(self, e: Entry, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of file ``e`` (short at end of file)."""
+        if offset >= e.size or size <= 0:
+            return b""
+        starts = self._offsets.get(e.path)
+        if starts is None:
+            starts, pos = [], 0
+            for ci in e.chunks:
+                starts.append(pos)
+                pos += self.index.chunk_lengths[ci]
+            self._offsets[e.path] = starts
+        end = min(e.size, offset + size)
+        k = bisect.bisect_right(starts, offset) - 1
+        out = bytearray()
+        while k < len(e.chunks) and starts[k] < end:
+            data = self.chunk(e.chunks[k])
+            lo = max(0, offset - starts[k])
+            hi = min(len(data), end - starts[k])
+            out += data[lo:hi]
+            k += 1
+        return bytes(out)

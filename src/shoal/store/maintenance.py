@@ -1,0 +1,165 @@
+"""fsck and gc for the local store (docs/spec/store.md §4).
+
+fsck checks every blob against its digest, every tagged image's structure
+(manifest, config, index, packs, sizes) and, deeply, that every chunk an
+index names decompresses from its pack and hashes to its id.  gc removes
+what no tag reaches, under the exclusive gc lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zstandard
+
+from shoal.errors import ShoalError
+from shoal.format.model import Index
+from shoal.progress import NULL, Sink
+from shoal.store import Store
+
+__all__ = ["FsckReport", "GcReport", "fsck", "gc", "reachable"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FsckReport:
+    blobs: int = 0
+    bytes: int = 0
+    images: int = 0
+    chunks: int = 0
+    errors: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class GcReport:
+    removed: int = 0
+    freed: int = 0
+    tmp_removed: int = 0
+    kept: int = 0
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(1 << 20)
+            if not buf:
+                break
+            h.update(buf)
+    return "sha256:" + h.hexdigest()
+
+
+def _check_chunks(store: Store, idx: Index, bad_blobs: set[str]) -> list[str]:
+    errors = []
+    dctx = zstandard.ZstdDecompressor()
+    by_frame: dict[int, list[int]] = {}
+    for ci, fi in enumerate(idx.chunk_frames):
+        by_frame.setdefault(fi, []).append(ci)
+    for fi, cis in sorted(by_frame.items()):
+        f = idx.frames[fi]
+        pack = "sha256:" + idx.packs[f.pack].hex()
+        if pack in bad_blobs:
+            continue
+        try:
+            data = dctx.decompress(store.layout.read_range(pack, f.offset, f.clen), max_output_size=f.ulen)
+        except (ShoalError, zstandard.ZstdError) as exc:
+            errors.append(f"pack {pack} frame @{f.offset}: {exc}")
+            continue
+        for ci in cis:
+            o, n = idx.chunk_offsets[ci], idx.chunk_lengths[ci]
+            if hashlib.sha256(data[o : o + n]).digest() != idx.chunk_ids[ci]:
+                errors.append(f"chunk sha256:{idx.chunk_ids[ci].hex()} in pack {pack} failed verification")
+    return errors
+
+
+def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
+    rep = FsckReport()
+    layout = store.layout
+    blobs = layout.all_blobs()
+    sizes = {d: layout.path(d).stat().st_size for d in blobs}
+    sink.start("fsck", sum(sizes.values()))
+    bad: set[str] = set()
+
+    def check(d: str) -> tuple[str, str]:
+        got = _hash_file(str(layout.path(d)))
+        sink.advance("fsck", sizes[d])
+        return d, got
+
+    with ThreadPoolExecutor(workers) as pool:
+        for d, got in pool.map(check, blobs):
+            rep.blobs += 1
+            rep.bytes += sizes[d]
+            if got != d:
+                bad.add(d)
+                rep.errors.append(f"blob {d} is corrupt: content hashes to {got}")
+    for name, desc in sorted(layout.refs().items()):
+        rep.images += 1
+        try:
+            m = store.manifest(str(desc["digest"]))
+            for dsc in (m.config, m.index, *m.packs):
+                if dsc.digest not in sizes:
+                    rep.errors.append(f"{name}: blob {dsc.digest} is missing")
+                elif sizes[dsc.digest] != dsc.size:
+                    rep.errors.append(f"{name}: blob {dsc.digest} has {sizes[dsc.digest]} bytes, manifest says {dsc.size}")
+            if m.index.digest in bad:
+                continue
+            idx = store.load_index(m)
+            rep.chunks += len(idx.chunk_ids)
+            rep.errors += [f"{name}: {e}" for e in _check_chunks(store, idx, bad)]
+        except ShoalError as exc:
+            rep.errors.append(f"{name}: {exc}")
+    stale = store.catalog.packs() - set(blobs)
+    if stale:
+        store.catalog.drop_packs(stale)
+        rep.repaired.append(f"dropped catalogue rows of {len(stale)} missing packs")
+    bad_packs = bad & store.catalog.packs()
+    if bad_packs:
+        store.catalog.drop_packs(bad_packs)
+        rep.repaired.append(f"dropped catalogue rows of {len(bad_packs)} corrupt packs")
+    sink.finish("fsck")
+    return rep
+
+
+def reachable(store: Store) -> set[str]:
+    """Every blob a tag reaches: manifests, configs, indexes, packs."""
+    keep: set[str] = set()
+    for desc in store.layout.refs().values():
+        d = str(desc["digest"])
+        keep.add(d)
+        m = store.manifest(d)
+        keep.add(m.config.digest)
+        keep.add(m.index.digest)
+        keep.update(p.digest for p in m.packs)
+    return keep
+
+
+def gc(store: Store, sink: Sink = NULL) -> GcReport:
+    rep = GcReport()
+    layout = store.layout
+    with layout.lock("gc.lock", exclusive=True):
+        keep = reachable(store)
+        doomed = [d for d in layout.all_blobs() if d not in keep]
+        sink.start("gc", len(doomed), unit="blobs")
+        for d in doomed:
+            rep.freed += layout.path(d).stat().st_size
+            layout.remove(d)
+            rep.removed += 1
+            sink.advance("gc", 1)
+        rep.kept = len(keep)
+        for p in layout.tmp.iterdir():
+            p.unlink(missing_ok=True)
+            rep.tmp_removed += 1
+        store.catalog.drop_packs(store.catalog.packs() - set(layout.all_blobs()))
+    os.sync()
+    sink.finish("gc")
+    return rep

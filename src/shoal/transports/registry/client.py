@@ -1,0 +1,635 @@
+"""An OCI distribution-spec client: manifests, blobs, tags, referrers.
+
+One :class:`RegistryClient` per registry host.  It is thread-safe (one
+keep-alive connection pool, shared token cache) and quiet (``logging``
+only).  Every blob or manifest fetched by digest is verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpx
+
+from shoal.errors import (
+    AuthError,
+    FormatError,
+    IntegrityError,
+    NotFound,
+    ShoalError,
+    TransportError,
+    UsageError,
+)
+
+from .auth import Authenticator, repository_scope
+from .blobs import (
+    BlobReader,
+    BlobSource,
+    PutBlobResult,
+    Transient,
+    check_digest,
+    digest_of,
+    fetch_ranges,
+    hasher,
+    put_blob,
+    with_query,
+)
+from .credentials import Credentials
+
+__all__ = [
+    "RegistryClient",
+    "RegistryStats",
+    "ManifestInfo",
+    "BlobReader",
+    "PutBlobResult",
+    "OCI_MANIFEST",
+    "OCI_INDEX",
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "DEFAULT_MANIFEST_ACCEPT",
+    "MAX_MANIFEST_SIZE",
+    "referrers_tag",
+]
+
+log = logging.getLogger(__name__)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DEFAULT_MANIFEST_ACCEPT = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+_REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_MAX_REDIRECTS = 10
+
+
+@dataclass
+class RegistryStats:
+    """Counters for reporting; updated by every thread of one client."""
+
+    requests: int = 0
+    bytes_fetched: int = 0
+    bytes_sent: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """What a manifest HEAD tells: enough for an OCI descriptor."""
+
+    media_type: str
+    digest: str
+    size: int
+
+    def descriptor(self) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+def _is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def referrers_tag(digest: str) -> str:
+    """The OCI referrers tag-schema fallback tag for ``digest``."""
+    algo, _, hexpart = check_digest(digest).partition(":")
+    return f"{algo[:32]}-{hexpart[:64]}"
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+class RegistryClient:
+    """Client of one OCI registry host (``host`` or ``host:port``)."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        tls_verify: bool = True,
+        ca_bundle: str | None = None,
+        plain_http: bool | None = None,
+        credentials: Credentials | None = None,
+        timeout: float = 30.0,
+        max_connections: int = 16,
+        retries: int = 5,
+        lookup_credentials: bool = True,
+        backoff: float = 0.2,
+        backoff_max: float = 10.0,
+        monolithic_max: int = 8 * 1024 * 1024,
+        chunk_size: int = 16 * 1024 * 1024,
+        range_concurrency: int = 8,
+        range_merge_gap: int = 64 * 1024,
+    ) -> None:
+        host = host.strip().rstrip("/")
+        if not host or "/" in host or "@" in host:
+            raise UsageError(f"invalid registry host {host[:80]!r}")
+        self.host = host
+        self._api_host = "registry-1.docker.io" if host in ("docker.io", "index.docker.io") else host
+        hostname = urlsplit(f"//{self._api_host}").hostname or ""
+        loopback = hostname in _LOOPBACK or hostname.startswith("127.")
+        self.plain_http = loopback if plain_http is None else plain_http
+        self.base_url = f"{'http' if self.plain_http else 'https'}://{self._api_host}"
+        self._origin = self._origin_of(self.base_url)
+        verify: bool | ssl.SSLContext = True
+        if not tls_verify:
+            verify = False
+        elif ca_bundle:
+            verify = ssl.create_default_context(cafile=ca_bundle)
+        self.retries = max(0, retries)
+        self.backoff, self.backoff_max = backoff, backoff_max
+        self.monolithic_max, self.chunk_size = monolithic_max, max(1, chunk_size)
+        self.range_concurrency, self.range_merge_gap = max(1, range_concurrency), max(0, range_merge_gap)
+        self.stats = RegistryStats()
+        self._stats_lock = threading.Lock()
+        self._http = httpx.Client(
+            verify=verify,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            follow_redirects=False,
+            headers={"User-Agent": "shoal"},
+        )
+        self.auth = Authenticator(
+            host, self._send_raw, credentials, lookup=lookup_credentials, secure=not self.plain_http
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._ranges_ignored = False
+
+    # -- lifecycle ---------------------------------------------------------
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- HTTP core ---------------------------------------------------------
+    @staticmethod
+    def _origin_of(url: str) -> tuple[str, str, int | None]:
+        p = urlsplit(url)
+        port = p.port or (443 if p.scheme == "https" else 80)
+        return (p.scheme, (p.hostname or "").lower(), port)
+
+    def _count(self, *, requests: int = 0, fetched: int = 0, sent: int = 0, retries: int = 0) -> None:
+        with self._stats_lock:
+            self.stats.requests += requests
+            self.stats.bytes_fetched += fetched
+            self.stats.bytes_sent += sent
+            self.stats.retries += retries
+
+    def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        delay = _retry_after(resp) if resp is not None else None
+        if delay is None:
+            delay = min(self.backoff_max, self.backoff * (2 ** (attempt - 1))) * (0.5 + random.random() / 2)
+        self._count(retries=1)
+        time.sleep(min(delay, 60.0))
+
+    def _send_raw(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> httpx.Response:
+        """Send without registry auth (token service); retried, body read."""
+        return self._request(method, url, scopes=None, headers=headers, content=body)
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        scopes: Sequence[str] | None,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        stream: bool = False,
+        retry: bool = True,
+    ) -> httpx.Response:
+        """One logical request: auth, redirects (no credentials across hosts), retries.
+
+        ``scopes=None`` means no registry auth at all.  The response is read
+        unless ``stream``; the caller checks its status.
+        """
+        if not url.startswith(("http://", "https://")):
+            url = self.base_url + url
+        attempt = auth_tries = redirects = 0
+        auth = self.auth.header_for(scopes) if scopes is not None else None
+        cur, cur_method, first_origin = url, method, self._origin_of(url)
+        while True:
+            origin = self._origin_of(cur)
+            same_origin = origin == self._origin
+            hdrs = dict(headers or {})
+            if origin != first_origin:  # never forward credentials to another host
+                hdrs.pop("Authorization", None)
+            if auth and same_origin and scopes is not None:
+                hdrs["Authorization"] = auth
+            path = urlsplit(cur).path
+            try:
+                req = self._http.build_request(cur_method, cur, headers=hdrs, content=content)
+                resp = self._http.send(req, stream=True)
+            except httpx.TransportError as e:
+                self._count(requests=1)
+                if retry and attempt < self.retries:
+                    attempt += 1
+                    log.debug("%s %s: %s, retry %d", cur_method, path, type(e).__name__, attempt)
+                    self._sleep(attempt)
+                    continue
+                raise Transient(f"{cur_method} {self.host}{path} failed: {type(e).__name__}") from None
+            self._count(requests=1, sent=len(content or b""))
+            status = resp.status_code
+            log.debug("%s %s -> %d", cur_method, path, status)
+            if status == 401 and same_origin and scopes is not None:
+                resp.close()
+                if auth_tries >= 2:
+                    raise self.auth.denied(scopes)
+                auth_tries += 1
+                auth = self.auth.handle_401(resp, scopes, hdrs.get("Authorization"))
+                continue
+            if status in _REDIRECTS and resp.headers.get("location"):
+                resp.close()
+                redirects += 1
+                if redirects > _MAX_REDIRECTS:
+                    raise TransportError(f"{method} {self.host}{urlsplit(url).path}: too many redirects")
+                cur = urljoin(cur, resp.headers["location"])
+                if status == 303:
+                    cur_method, content = "GET", None
+                continue
+            if status in _RETRY_STATUSES and retry and attempt < self.retries:
+                resp.close()
+                attempt += 1
+                log.debug("%s %s: HTTP %d, retry %d", cur_method, path, status, attempt)
+                self._sleep(attempt, resp)
+                continue
+            if not stream:
+                try:
+                    resp.read()
+                except httpx.TransportError as e:
+                    resp.close()
+                    if retry and attempt < self.retries:
+                        attempt += 1
+                        self._sleep(attempt)
+                        continue
+                    raise Transient(f"{cur_method} {self.host}{path} failed: {type(e).__name__}") from None
+                self._count(fetched=len(resp.content))
+            return resp
+
+    def _error(self, resp: httpx.Response, what: str) -> ShoalError:
+        """Map a registry error answer to Shoal's hierarchy (one line, no secrets)."""
+        codes: list[str] = []
+        detail = ""
+        try:
+            body = resp.read()[:65536] if not resp.is_closed else resp.content[:65536]
+            doc = json.loads(body) if body else None
+            if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
+                for err in doc["errors"]:
+                    if isinstance(err, dict):
+                        codes.append(str(err.get("code", "")))
+                        detail = detail or _one_line(str(err.get("message", "")))
+        except Exception:  # decoration only: the status decides the error
+            pass
+        finally:
+            resp.close()
+        status = resp.status_code
+        msg = f"{what}: {self.host} answered HTTP {status}"
+        if codes:
+            msg += f" {','.join(c for c in codes if c)}"
+        if detail:
+            msg += f" ({detail})"
+        if status == 404 or "BLOB_UNKNOWN" in codes or "MANIFEST_BLOB_UNKNOWN" in codes:
+            return NotFound(msg)
+        if status in (401, 403):
+            return AuthError(msg)
+        if "DIGEST_INVALID" in codes or "SIZE_INVALID" in codes:
+            return IntegrityError(msg)
+        if status == 413 or (status == 400 and codes):
+            return FormatError(msg)
+        if status in _RETRY_STATUSES:
+            return Transient(msg)
+        return TransportError(msg)
+
+    def _check_repo(self, repo: str) -> str:
+        if len(repo) > 255 or not _REPO_RE.fullmatch(repo):
+            raise UsageError(f"invalid repository name {repo[:80]!r}")
+        return repo
+
+    def _check_ref(self, reference: str) -> str:
+        if _is_digest(reference):
+            return check_digest(reference)
+        if not _TAG_RE.fullmatch(reference):
+            raise UsageError(f"invalid tag {reference[:80]!r}")
+        return reference
+
+    def _pull(self, repo: str) -> tuple[str, ...]:
+        return (repository_scope(self._check_repo(repo), "pull"),)
+
+    def _push(self, repo: str) -> tuple[str, ...]:
+        return (repository_scope(self._check_repo(repo), "pull,push"),)
+
+    # -- registry ----------------------------------------------------------
+    def ping(self) -> None:
+        """Check that the host speaks the distribution API (and that credentials work)."""
+        resp = self._request("GET", "/v2/", scopes=())
+        if resp.status_code != 200:
+            raise self._error(resp, "ping")
+
+    def list_tags(self, repo: str, *, page_size: int | None = None) -> list[str]:
+        """Every tag of ``repo``, following ``Link: rel="next"`` pagination."""
+        scopes = self._pull(repo)
+        url = f"/v2/{repo}/tags/list" + (f"?n={int(page_size)}" if page_size else "")
+        tags: list[str] = []
+        seen: set[str] = set()
+        while url:
+            resp = self._request("GET", url, scopes=scopes)
+            if resp.status_code != 200:
+                raise self._error(resp, f"list tags of {repo}")
+            try:
+                doc = resp.json()
+                page = doc.get("tags") or []
+            except (ValueError, AttributeError):
+                raise FormatError(f"list tags of {repo}: {self.host} sent malformed JSON") from None
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise FormatError(f"list tags of {repo}: {self.host} sent malformed JSON")
+            tags.extend(page)
+            m = _LINK_NEXT_RE.search(resp.headers.get("link", ""))
+            nxt = urljoin(str(resp.request.url), m.group(1)) if m else ""
+            if nxt in seen or len(seen) > 100000:
+                raise TransportError(f"list tags of {repo}: {self.host} pagination loops")
+            seen.add(nxt)
+            url = nxt
+        return tags
+
+    # -- manifests ---------------------------------------------------------
+    def _accept(self, accept: Sequence[str]) -> str:
+        # distribution 2.8 404s an OCI manifest unless OCI types are acceptable
+        return ", ".join(dict.fromkeys([*accept, *DEFAULT_MANIFEST_ACCEPT]))
+
+    def get_manifest(self, repo: str, reference: str, accept: Sequence[str] = ()) -> tuple[bytes, str, str]:
+        """``(bytes, media_type, digest)``; verified when ``reference`` is a digest."""
+        self._check_ref(reference)
+        resp = self._request(
+            "GET", f"/v2/{repo}/manifests/{reference}", scopes=self._pull(repo),
+            headers={"Accept": self._accept(accept)}, stream=True,
+        )
+        what = f"manifest {repo}:{reference}" if not _is_digest(reference) else f"manifest {repo}@{reference}"
+        try:
+            if resp.status_code != 200:
+                raise self._error(resp, f"get {what}")
+            if int(resp.headers.get("content-length") or 0) > MAX_MANIFEST_SIZE:
+                raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
+            buf = bytearray()
+            for chunk in resp.iter_bytes():
+                buf += chunk
+                if len(buf) > MAX_MANIFEST_SIZE:
+                    raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
+        except httpx.TransportError as e:
+            raise TransportError(f"get {what}: {type(e).__name__}") from None
+        finally:
+            resp.close()
+        data = bytes(buf)
+        self._count(fetched=len(data))
+        media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+        if not media_type or media_type in ("application/json", "application/octet-stream", "text/plain"):
+            try:
+                doc = json.loads(data)
+                media_type = str(doc.get("mediaType") or media_type) if isinstance(doc, dict) else media_type
+            except ValueError:
+                pass
+        if _is_digest(reference):
+            h = hasher(reference)
+            h.update(data)
+            digest = digest_of(h, reference)
+            if digest != reference:
+                raise IntegrityError(f"{what}: content does not match its digest")
+        else:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            claimed = resp.headers.get("docker-content-digest", "")
+            if claimed.startswith("sha256:") and claimed != digest:
+                raise IntegrityError(f"{what}: content does not match Docker-Content-Digest")
+        return data, media_type, digest
+
+    def head_manifest(self, repo: str, reference: str, accept: Sequence[str] = ()) -> ManifestInfo | None:
+        """Descriptor of a manifest, or ``None`` if it does not exist."""
+        self._check_ref(reference)
+        resp = self._request(
+            "HEAD", f"/v2/{repo}/manifests/{reference}", scopes=self._pull(repo),
+            headers={"Accept": self._accept(accept)},
+        )
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise self._error(resp, f"head manifest {repo}:{reference}")
+        digest = resp.headers.get("docker-content-digest", "")
+        size = resp.headers.get("content-length", "")
+        media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+        if not digest or not size.isdigit() or not media_type:
+            data, media_type, digest = self.get_manifest(repo, reference, accept)
+            return ManifestInfo(media_type, digest, len(data))
+        if _is_digest(reference) and digest != reference:
+            raise IntegrityError(f"manifest {repo}@{reference}: registry reports digest {digest}")
+        return ManifestInfo(media_type, digest, int(size))
+
+    def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
+        """Upload a manifest under a tag or its digest; returns its digest."""
+        self._check_ref(reference)
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise FormatError(f"manifest for {repo} exceeds {MAX_MANIFEST_SIZE} bytes")
+        if _is_digest(reference):
+            h = hasher(reference)
+            h.update(data)
+            digest = digest_of(h, reference)
+            if digest != reference:
+                raise IntegrityError(f"manifest for {repo}@{reference}: content does not match its digest")
+        else:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        resp = self._request(
+            "PUT", f"/v2/{repo}/manifests/{reference}", scopes=self._push(repo),
+            headers={"Content-Type": media_type}, content=bytes(data),
+        )
+        if resp.status_code not in (200, 201, 202):
+            raise self._error(resp, f"put manifest {repo}:{reference}")
+        claimed = resp.headers.get("docker-content-digest", "")
+        if claimed and claimed.split(":")[0] == digest.split(":")[0] and claimed != digest:
+            raise IntegrityError(f"put manifest {repo}:{reference}: registry stored digest {claimed}")
+        return digest
+
+    def delete_manifest(self, repo: str, digest: str) -> None:
+        check_digest(digest)
+        scopes = (repository_scope(self._check_repo(repo), "delete"),)
+        resp = self._request("DELETE", f"/v2/{repo}/manifests/{digest}", scopes=scopes)
+        if resp.status_code not in (200, 202, 204):
+            raise self._error(resp, f"delete manifest {repo}@{digest}")
+
+    # -- referrers ---------------------------------------------------------
+    def referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
+        """Descriptors of manifests whose ``subject`` is ``digest``.
+
+        Uses the referrers API and falls back to the ``<alg>-<hex>`` tag schema.
+        """
+        check_digest(digest)
+        url = f"/v2/{repo}/referrers/{digest}"
+        if artifact_type:
+            url = with_query(url, "artifactType", artifact_type)
+        resp = self._request("GET", url, scopes=self._pull(repo), headers={"Accept": OCI_INDEX})
+        if resp.status_code == 200 and resp.headers.get("content-type", "").startswith(OCI_INDEX):
+            doc: Any = self._json(resp.content, f"referrers of {repo}@{digest}")
+            filtered = "artifactType" in resp.headers.get("oci-filters-applied", "")
+        elif resp.status_code in (200, 404, 400, 405):
+            try:
+                data, _, _ = self.get_manifest(repo, referrers_tag(digest), [OCI_INDEX])
+            except NotFound:
+                return []
+            doc, filtered = self._json(data, f"referrers of {repo}@{digest}"), False
+        else:
+            raise self._error(resp, f"referrers of {repo}@{digest}")
+        manifests = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(manifests, list):
+            raise FormatError(f"referrers of {repo}@{digest}: not an image index")
+        out = [m for m in manifests if isinstance(m, dict)]
+        if artifact_type and not filtered:
+            out = [m for m in out if m.get("artifactType") == artifact_type]
+        return out
+
+    def put_referrer_tag_index(self, repo: str, subject_digest: str, descriptor: dict[str, Any]) -> str:
+        """Append ``descriptor`` to the tag-schema referrers index of ``subject_digest``.
+
+        Returns the digest of the (possibly unchanged) index.  Not atomic:
+        concurrent writers can lose an entry (inherent to the tag schema).
+        """
+        if not (isinstance(descriptor.get("digest"), str) and isinstance(descriptor.get("size"), int)
+                and isinstance(descriptor.get("mediaType"), str)):
+            raise UsageError("referrer descriptor needs mediaType, digest and size")
+        tag = referrers_tag(subject_digest)
+        try:
+            data, media_type, current = self.get_manifest(repo, tag, [OCI_INDEX])
+            doc = self._json(data, f"referrers index {repo}:{tag}")
+            if media_type != OCI_INDEX or not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
+                raise FormatError(f"{repo}:{tag} exists and is not an OCI image index")
+        except NotFound:
+            doc, current = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}, ""
+        if any(isinstance(m, dict) and m.get("digest") == descriptor["digest"] for m in doc["manifests"]):
+            return current
+        doc["manifests"].append(descriptor)
+        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        return self.put_manifest(repo, tag, body, OCI_INDEX)
+
+    def _json(self, data: bytes, what: str) -> Any:
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise FormatError(f"{what}: malformed JSON") from None
+
+    # -- blobs: read -------------------------------------------------------
+    def has_blob(self, repo: str, digest: str) -> int | None:
+        """Size of the blob if the registry has it, else ``None``."""
+        check_digest(digest)
+        resp = self._request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes=self._pull(repo))
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise self._error(resp, f"head blob {repo}@{digest}")
+        length = resp.headers.get("content-length", "")
+        return int(length) if length.isdigit() else 0
+
+    def open_blob_stream(self, repo: str, digest: str, *, size: int | None = None) -> BlobReader:
+        """A streaming reader; raises IntegrityError at EOF if content or size is wrong."""
+        return BlobReader(self, repo, digest, size)
+
+    def get_blob(self, repo: str, digest: str, *, size: int | None = None) -> bytes:
+        with self.open_blob_stream(repo, digest, size=size) as r:
+            return r.read()
+
+    def get_blob_to_file(self, repo: str, digest: str, path: str | os.PathLike[str], *,
+                         size: int | None = None) -> int:
+        """Stream a blob into ``path`` (atomically, only once verified); returns its size."""
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=str(target.parent))
+        try:
+            with os.fdopen(fd, "wb") as f, self.open_blob_stream(repo, digest, size=size) as r:
+                for chunk in r:
+                    f.write(chunk)
+                total = r.offset
+            os.replace(tmp, target)
+            return total
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def get_blob_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *,
+                        concurrency: int | None = None) -> list[bytes]:
+        """``[blob[off:off+length] for off, length in ranges]`` via HTTP Range.
+
+        Near ranges (gap <= ``range_merge_gap``) are merged and the merged
+        spans fetched in parallel (``concurrency``, default
+        ``range_concurrency``) over keep-alive connections.  If the server
+        ignores Range (200), the full body is fetched once, verified against
+        ``digest`` and sliced for every range of the call.  Content-Range is
+        checked on every 206.
+        """
+        return fetch_ranges(self, repo, digest, ranges, concurrency or self.range_concurrency)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.range_concurrency, thread_name_prefix="shoal-reg")
+            return self._pool
+
+    # -- blobs: write ------------------------------------------------------
+    def put_blob(self, repo: str, digest: str, data_or_file: BlobSource, size: int, *,
+                 mount_from: str | None = None) -> PutBlobResult:
+        """Make blob ``digest`` exist in ``repo``; returns "exists", "mounted" or "uploaded".
+
+        HEAD first; then a cross-repo mount from ``mount_from`` if given;
+        blobs up to ``monolithic_max`` go in one POST+PUT, larger ones in
+        ``chunk_size`` PATCHes.  ``data_or_file`` is bytes, a binary file
+        (read from its current position) or a path.  The content is checked
+        against ``digest`` before the upload is committed; a lost session is
+        restarted from scratch (seekable sources only).
+        """
+        return put_blob(self, repo, digest, data_or_file, size, mount_from)
+
+
+    def delete_blob(self, repo: str, digest: str) -> None:
+        check_digest(digest)
+        scopes = (repository_scope(self._check_repo(repo), "delete"),)
+        resp = self._request("DELETE", f"/v2/{repo}/blobs/{digest}", scopes=scopes)
+        if resp.status_code not in (200, 202, 204):
+            raise self._error(resp, f"delete blob {repo}@{digest}")
