@@ -85,7 +85,7 @@ def _long(e, idx) -> str:  # type: ignore[no-untyped-def]
         size = 0
     t = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
     sz = f"{e.rdev[0]},{e.rdev[1]}" if e.kind in (Kind.CHAR, Kind.BLOCK) else str(size)
-    line = f"{ch}{perms} {e.uid:>5} {e.gid:>5} {sz:>10} {t} {show_path(e.path)}"
+    line = f"{ch}{perms} {e.uid:>5} {e.gid:>5} {sz:>10} {t} /{show_path(e.path).lstrip('/')}"
     if e.kind == Kind.SYMLINK:
         line += " -> " + show_path(e.target)
     elif e.kind == Kind.HARDLINK:
@@ -113,7 +113,7 @@ def ls(ctx: click.Context, ref: str, path: str, long: bool, recursive: bool) -> 
     todo = [e] if e.kind != Kind.DIR else list(idx.children(p))
     while todo:
         c = todo.pop(0)
-        out.write((_long(c, idx) if long else show_path(c.path)) + "\n")
+        out.write((_long(c, idx) if long else "/" + show_path(c.path)) + "\n")
         if recursive and c.kind == Kind.DIR:
             todo[0:0] = idx.children(c.path)
 

@@ -70,7 +70,7 @@ def with_query(url: str, name: str, value: str) -> str:
 def read_all(client: RegistryClient, resp: httpx.Response, limit: int | None) -> bytes:
     buf = bytearray()
     try:
-        for chunk in resp.iter_bytes(READ_CHUNK):
+        for chunk in resp.iter_bytes():
             buf += chunk
             if limit is not None and len(buf) > limit:
                 break
@@ -126,7 +126,7 @@ class BlobReader:
         self._it = self._chunks(resp, skip)
 
     def _chunks(self, resp: httpx.Response, skip: int) -> Iterator[bytes]:
-        for chunk in resp.iter_bytes(READ_CHUNK):
+        for chunk in resp.iter_bytes():
             self._c._count(fetched=len(chunk))
             if skip:
                 drop = min(skip, len(chunk))

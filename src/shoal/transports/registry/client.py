@@ -183,7 +183,7 @@ class RegistryClient:
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             follow_redirects=False,
-            headers={"User-Agent": "shoal"},
+            headers={"User-Agent": "shoal", "Accept-Encoding": "identity"},
         )
         self.auth = Authenticator(
             host, self._send_raw, credentials, lookup=lookup_credentials, secure=not self.plain_http

@@ -1,0 +1,39 @@
+# Shoal — two commands do everything on a fresh Debian machine:
+#   make demo   installs what it needs, then runs Shoal's main job end to end
+#   make test   installs what it needs, then runs the whole test suite (.ci/run calls exactly this)
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+SHOAL   := $(VENV)/bin/shoal
+APT_PKGS := docker-registry skopeo umoci runc fuse3 libfuse3-dev pkg-config debootstrap casync zstd pigz \
+            squashfs-tools python3-venv attr
+
+.PHONY: demo test bench deps venv clean lint
+
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
+	  echo "apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: deps venv
+	PATH=$(abspath $(VENV))/bin:$$PATH ./scripts/demo.sh
+
+test: deps venv
+	$(PY) -m pytest -n 2 --timeout=600 tests
+
+bench: deps venv
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) bench/build.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
