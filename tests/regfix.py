@@ -100,7 +100,7 @@ class ThreadedServer:
         self.host = host
         self.port = int(self.httpd.server_address[1])
         self.url = f"http://{host}:{self.port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -147,7 +147,7 @@ class TokenServer:
 
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal test token signer")])
-        now = _dt.datetime.now(_dt.timezone.utc)
+        now = _dt.datetime.now(_dt.UTC)
         cert = (
             x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
@@ -225,7 +225,7 @@ class TokenServer:
                   "nbf": now - 7200 if bad else now - 10, "iat": now - 7200 if bad else now,
                   "jti": uuid.uuid4().hex, "access": access}
         doc = {token_field: self.sign(claims), "expires_in": expires_in,
-               "issued_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+               "issued_at": _dt.datetime.now(_dt.UTC).isoformat()}
         reply(req, 200, json.dumps(doc).encode(), {"Content-Type": "application/json"})
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import zstandard
 
@@ -31,7 +31,7 @@ from shoal.scan import scan
 from shoal.store import Store
 from shoal.store.layout import Batch
 
-__all__ = ["BuildOptions", "BuildResult", "build"]
+__all__ = ["BuildOptions", "BuildResult", "TreeSource", "DirSource", "build", "build_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,42 @@ class _Chunked:
 _tls = threading.local()
 
 
-def _chunk_file(path: bytes) -> _Chunked:
+class TreeSource(Protocol):
+    """What ``build`` consumes: canonical entries, and the bytes of each FILE entry.
+
+    ``entries`` are in canonical order (format.md §4.2) with Merkle digests and chunk lists
+    still empty; ``read`` may be called from worker threads, in any order.
+    """
+
+    entries: list[Entry]
+    skipped: list[bytes]
+
+    def read(self, e: Entry) -> bytes: ...
+
+
+class DirSource:
+    """A directory on disk."""
+
+    def __init__(self, root: str | bytes | os.PathLike[str], source_date_epoch: int | None = None) -> None:
+        tree = scan(root, source_date_epoch)
+        self.base = tree.root
+        self.entries = tree.entries
+        self.skipped = tree.skipped
+
+    def read(self, e: Entry) -> bytes:
+        path = os.path.join(self.base, e.path)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise ShoalError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from None
+
+
+def _chunk_file(source: TreeSource, e: Entry) -> _Chunked:
     chunker = getattr(_tls, "chunker", None)
     if chunker is None:
         chunker = _tls.chunker = get_chunker()
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ShoalError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from None
+    data = source.read(e)
     mv = memoryview(data)
     sha = hashlib.sha256
     chunks = [(sha(mv[o : o + n]).digest(), o, n) for o, n in chunker.cut(mv)]
@@ -231,9 +258,9 @@ class _Builder:
 
     # ---------------------------------------------------------------- files
 
-    def chunked_files(self, entries: list[Entry], base: bytes) -> Iterator[_Chunked]:
+    def chunked_files(self, source: TreeSource) -> Iterator[_Chunked]:
         """Chunk the FILE entries in parallel, yielding results in canonical order, bounded in memory."""
-        files = [e for e in entries if e.kind == Kind.FILE]
+        files = [e for e in source.entries if e.kind == Kind.FILE]
         q: collections.deque[tuple[Future[_Chunked], int]] = collections.deque()
         inflight = 0
         it = iter(files)
@@ -244,7 +271,7 @@ class _Builder:
                 if e is None:
                     done = True
                     break
-                q.append((self.pool.submit(_chunk_file, os.path.join(base, e.path)), e.size))
+                q.append((self.pool.submit(_chunk_file, source, e), e.size))
                 inflight += e.size
             if not q:
                 return
@@ -252,14 +279,12 @@ class _Builder:
             inflight -= size
             yield fut.result()
 
-    def run(self, source: bytes) -> BuildResult:
-        t0 = time.monotonic()
-        tree = scan(source, self.opts.source_date_epoch)
+    def run(self, tree: TreeSource, t0: float) -> BuildResult:
         total = sum(e.size for e in tree.entries if e.kind == Kind.FILE)
         self.sink.start("build", total)
         self.load_reuse()
         entries: list[Entry] = []
-        results = self.chunked_files(tree.entries, tree.root)
+        results = self.chunked_files(tree)
         bytes_in = 0
         for e in tree.entries:
             if e.kind == Kind.FILE:
@@ -332,11 +357,19 @@ class _Builder:
 
 def build(store: Store, source: str | bytes | os.PathLike[str], ref: str | None,
           opts: BuildOptions | None = None, sink: Sink = NULL) -> BuildResult:
-    """Build the tree at ``source`` into ``store`` and tag it ``ref`` (if given)."""
+    """Build the directory ``source`` into ``store`` and tag it ``ref`` (if given)."""
+    opts = opts or BuildOptions()
+    t0 = time.monotonic()
+    return build_tree(store, DirSource(source, opts.source_date_epoch), ref, opts, sink, t0)
+
+
+def build_tree(store: Store, tree: TreeSource, ref: str | None, opts: BuildOptions | None = None,
+               sink: Sink = NULL, started: float | None = None) -> BuildResult:
+    """Build any TreeSource (a directory, a converted image) into ``store``."""
     b = _Builder(store, opts or BuildOptions(), sink)
     try:
         with store.layout.writing():
-            result = b.run(os.fsencode(source))
+            result = b.run(tree, time.monotonic() if started is None else started)
             if ref is not None:
                 store.tag(ref, result.manifest)
     finally:

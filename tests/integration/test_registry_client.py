@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from regfix import (  # noqa: E402
+from regfix import (
     TEST_PASSWORD,
     TEST_USER,
     Registry,
@@ -33,10 +33,10 @@ from regfix import (  # noqa: E402
     reply,
     token_registry,
 )
-from regfix import _token_registry_session  # noqa: E402,F401
+from regfix import _token_registry_session  # noqa: F401
 
-from shoal.errors import AuthError, FormatError, IntegrityError, NotFound, TransportError, UsageError  # noqa: E402
-from shoal.transports.registry import (  # noqa: E402
+from shoal.errors import AuthError, FormatError, IntegrityError, NotFound, TransportError, UsageError
+from shoal.transports.registry import (
     OCI_INDEX,
     OCI_MANIFEST,
     Credentials,
@@ -539,7 +539,7 @@ def test_anonymous_plain_and_concurrent_clients(registry: Registry) -> None:
             try:
                 assert c.get_blob_ranges("t/conc", d, [(i * 1000, 500) for i in range(0, 60, 7)]) == [
                     data[i * 1000:i * 1000 + 500] for i in range(0, 60, 7)]
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=worker) for _ in range(6)]

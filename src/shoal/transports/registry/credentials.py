@@ -152,10 +152,9 @@ def _decode_entry(entry: Any, where: Path) -> Credentials | None:
         if not sep:
             raise FormatError(f"auth file {where} has a malformed 'auth' entry")
         return Credentials(user, pw, ident if isinstance(ident, str) else None)
-    user = entry.get("username")
-    pw = entry.get("password")
-    if isinstance(user, str) and isinstance(pw, str) and (user or pw):
-        return Credentials(user, pw, ident if isinstance(ident, str) else None)
+    name, secret = entry.get("username"), entry.get("password")
+    if isinstance(name, str) and isinstance(secret, str) and (name or secret):
+        return Credentials(name, secret, ident if isinstance(ident, str) else None)
     if isinstance(ident, str):
         return Credentials("", "", ident)
     return None

@@ -1,0 +1,161 @@
+"""The three roles every transport plays: reference, source, destination (docs/transports.md).
+
+Contracts (every implementation honours them; tests/conformance runs the same suite on each):
+
+- A **reference** is parsed once, is immutable, and ``str(ref)`` round-trips to the same
+  ``transport:details`` text that ``parse_reference`` accepts.
+- A **source** serves the manifest (and, for an image index, child manifests by digest) and blobs.
+  It does NOT verify blobs: the copier verifies every byte it moves against the descriptor's
+  digest and size while streaming. Sources must be closed (use them as context managers).
+- A **destination** receives blobs first, then manifests, then ``commit()``. ``has_blob`` lets the
+  copier skip blobs that are already there; ``put_blob`` must not make a blob visible until all of
+  it has arrived and matches its digest; nothing written before a failed ``commit()`` may become
+  visible under the reference (blobs may remain, as garbage). Destinations must be closed.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from shoal.errors import NotFound, UsageError
+
+__all__ = ["ImageReference", "ImageSource", "ImageDestination", "Transport", "TRANSPORTS", "register",
+           "parse_reference", "BlobInfo"]
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int  # -1 if unknown
+    media_type: str = ""
+
+
+class ImageReference(abc.ABC):
+    """A parsed, immutable ``transport:details`` reference."""
+
+    transport: "Transport"
+
+    @abc.abstractmethod
+    def details(self) -> str:
+        """The part after ``transport:``, such that parsing it again gives an equal reference."""
+
+    def __str__(self) -> str:
+        return f"{self.transport.name}:{self.details()}" if self.transport.name else self.details()
+
+    @abc.abstractmethod
+    def new_source(self, **opts: object) -> "ImageSource": ...
+
+    @abc.abstractmethod
+    def new_destination(self, **opts: object) -> "ImageDestination": ...
+
+    def delete(self, **opts: object) -> None:
+        raise UsageError(f"{self.transport.name}: deleting images is not supported")
+
+
+class ImageSource(abc.ABC):
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abc.abstractmethod
+    def get_manifest(self, digest: str | None = None) -> tuple[bytes, str]:
+        """(raw bytes, media type) of the top manifest or index, or of the child ``digest``."""
+
+    @abc.abstractmethod
+    def get_blob(self, info: BlobInfo) -> tuple[BinaryIO, int]:
+        """A stream of the blob's bytes (unverified) and its size (-1 if unknown)."""
+
+    def get_blob_ranges(self, info: BlobInfo, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Bytes of each (offset, length) range of a blob (unverified).  Default: read the stream."""
+        stream, _ = self.get_blob(info)
+        with stream:
+            data = stream.read()
+        out = []
+        for off, ln in ranges:
+            if off + ln > len(data):
+                raise NotFound(f"range {off}+{ln} past the end of blob {info.digest}")
+            out.append(data[off : off + ln])
+        return out
+
+    def has_blob(self, info: BlobInfo) -> bool:
+        try:
+            s, _ = self.get_blob(info)
+            s.close()
+            return True
+        except NotFound:
+            return False
+
+
+class ImageDestination(abc.ABC):
+    def __enter__(self) -> "ImageDestination":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+    @abc.abstractmethod
+    def has_blob(self, info: BlobInfo) -> bool:
+        """True if the destination already holds this blob (so the copier skips it)."""
+
+    def try_reuse_blob(self, info: BlobInfo, source_ref: ImageReference | None) -> bool:
+        """Make ``info`` available without sending bytes (e.g. a cross-repository mount).  Default: has_blob."""
+        return self.has_blob(info)
+
+    @abc.abstractmethod
+    def put_blob(self, stream: BinaryIO, info: BlobInfo) -> None:
+        """Store a blob.  The stream is already being verified by the copier; raise if it ends short."""
+
+    @abc.abstractmethod
+    def put_manifest(self, raw: bytes, media_type: str, digest: str | None = None) -> None:
+        """Store a manifest or index.  ``digest`` set: a child of an index (not tagged itself)."""
+
+    def commit(self) -> None:  # noqa: B027
+        """Make the image visible under the reference."""
+
+
+class Transport(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def parse(self, details: str) -> ImageReference: ...
+
+
+TRANSPORTS: dict[str, Transport] = {}
+
+
+def register(t: Transport) -> Transport:
+    TRANSPORTS[t.name] = t
+    return t
+
+
+def parse_reference(text: str) -> ImageReference:
+    """``transport:details``; text without a known transport prefix is a local store NAME[:TAG]."""
+    from shoal import transports  # noqa: F401  (registers the built-in transports)
+
+    name, sep, rest = text.partition(":")
+    if sep and name in TRANSPORTS and name != "":
+        if name == "docker" and not rest.startswith("//"):
+            raise UsageError(f"invalid reference {text!r}: docker references look like docker://HOST/REPO:TAG")
+        return TRANSPORTS[name].parse(rest)
+    local = TRANSPORTS.get("")
+    if local is None:
+        raise UsageError(f"unknown transport in {text!r}")
+    return local.parse(text)
+
+
+def iter_chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    while True:
+        b = stream.read(size)
+        if not b:
+            return
+        yield b
