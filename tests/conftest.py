@@ -138,3 +138,14 @@ def sentinel(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "keep").write_bytes(b"do not touch\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def generated_image(generated_tree: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(store directory, ref, BuildResult) of the generated tree built once per session (read-only)."""
+    from shoal.build import BuildOptions, build
+    from shoal.store import Store
+
+    d = tmp_path_factory.mktemp("generated-store")
+    r = build(Store.open(d), generated_tree, "gen:1", BuildOptions(workers=2))
+    return d, "gen:1", r

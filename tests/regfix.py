@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -51,6 +52,7 @@ __all__ = [
     "RegistryProxy",
     "ThreadedServer",
     "free_port",
+    "make_tls_cert",
     "registry",
     "basic_registry",
     "token_registry",
@@ -229,6 +231,35 @@ class TokenServer:
         reply(req, 200, json.dumps(doc).encode(), {"Content-Type": "application/json"})
 
 
+def make_tls_cert(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed server certificate for 127.0.0.1/localhost: (cert.pem, key.pem)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = _dt.datetime.now(_dt.UTC)
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(days=1)).not_valid_after(now + _dt.timedelta(days=30))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = workdir / "tls-cert.pem", workdir / "tls-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 # -- the registry -------------------------------------------------------------
 @dataclass
 class Registry:
@@ -237,6 +268,7 @@ class Registry:
     workdir: Path
     auth: str = "none"  # "none" | "htpasswd" | "token"
     relative_urls: bool = False
+    tls: bool = False  # serve HTTPS with a self-signed cert; ``ca_bundle`` is its path
     port: int = 0
     username: str = TEST_USER
     password: str = TEST_PASSWORD
@@ -249,6 +281,10 @@ class Registry:
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yml"
         self.log_path = self.workdir / "registry.log"
+        self.ca_bundle: Path | None = None
+        self._tls_key: Path | None = None
+        if self.tls:
+            self.ca_bundle, self._tls_key = make_tls_cert(self.workdir)
         self.config_path.write_text(self._config())
 
     @property
@@ -257,7 +293,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def _config(self) -> str:
         cfg = f"""version: 0.1
@@ -278,6 +314,8 @@ http:
   secret: shoal-test-secret-{self.port}
   relativeurls: {str(self.relative_urls).lower()}
 """
+        if self.tls:
+            cfg += f"  tls:\n    certificate: {self.ca_bundle}\n    key: {self._tls_key}\n"
         if self.auth == "htpasswd":
             import bcrypt
 
@@ -308,7 +346,9 @@ http:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()[-2000:]}")
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn = (http.client.HTTPSConnection("127.0.0.1", self.port, timeout=1,
+                                                    context=ssl._create_unverified_context())
+                        if self.tls else http.client.HTTPConnection("127.0.0.1", self.port, timeout=1))
                 conn.request("GET", "/v2/")
                 status = conn.getresponse().status
                 conn.close()

@@ -331,14 +331,8 @@ class _Builder:
         raw, digest = build_manifest(cfg_desc, idx_desc, pack_descs, root)
         self._put(raw)
         self.batch.commit()
-        rows = []
-        for i, cid in enumerate(self.chunk_ids):
-            f = frames[self.chunk_frames[i]]
-            assert f is not None
-            rows.append((cid, "sha256:" + pack_digests[f.pack].hex(), f.offset, f.clen, f.ulen,
-                         self.chunk_offsets[i], self.chunk_lengths[i]))
-        self.store.catalog.add(rows)
         m = parse_manifest(raw, digest)
+        self.store.register_chunks(m, idx)
         return BuildResult(
             manifest=m, files=idx.files, bytes_in=bytes_in, chunks=self.refs, unique_chunks=len(self.chunk_ids),
             new_chunks=len(self.chunk_ids) - sum(1 for c in self.chunk_ids if c in self.reuse),

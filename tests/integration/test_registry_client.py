@@ -105,6 +105,32 @@ def test_parse_www_authenticate() -> None:
     assert referrers_tag("sha256:" + "ab" * 32) == "sha256-" + "ab" * 32
 
 
+def test_scheme_selection() -> None:
+    for host, scheme in [("localhost:5000", "http"), ("127.0.0.1", "http"), ("[::1]:5000", "http"),
+                         ("registry.example", "https"), ("10.0.0.1:5000", "https")]:
+        with RegistryClient(host, lookup_credentials=False) as c:
+            assert c.base_url == f"{scheme}://{host}"
+    with RegistryClient("registry.example", plain_http=True, lookup_credentials=False) as c:
+        assert c.base_url == "http://registry.example"
+    with RegistryClient("docker.io", lookup_credentials=False) as c:
+        assert c.base_url == "https://registry-1.docker.io"
+
+
+def test_tls_registry(registry_factory: Callable[..., Registry]) -> None:
+    reg = registry_factory(tls=True)
+    assert reg.ca_bundle is not None
+    data = blob(1000, 30)
+    with client(reg.host, plain_http=False, ca_bundle=str(reg.ca_bundle)) as c:
+        assert c.put_blob("t/tls", sha(data), data, len(data)) == "uploaded"
+        assert c.get_blob("t/tls", sha(data)) == data
+    with client(reg.host, plain_http=False) as c:
+        with pytest.raises(TransportError) as ei:
+            c.ping()
+        assert "TLS" in str(ei.value) and c.stats.retries == 0  # not retried
+    with client(reg.host, plain_http=False, tls_verify=False) as c:
+        c.ping()
+
+
 # -- blobs ----------------------------------------------------------------------
 def test_blob_small_roundtrip(registry: Registry) -> None:
     with client(registry.host) as c:
@@ -477,8 +503,10 @@ def test_token_auth(token_registry: Registry) -> None:
         m, md = artifact(c, "t/token", seed=6)
         c.put_manifest("t/token", "v1", m, OCI_MANIFEST)
         c.delete_manifest("t/token", md)
+        assert c.put_blob("t/token-mounted", d, data, len(data), mount_from="t/token") == "mounted"
     scopes = {s for e in ts.log for s in e.get("scopes", [])}
-    assert "repository:t/token:pull,push" in scopes and "repository:t/token:pull" in scopes
+    assert {"repository:t/token:pull,push", "repository:t/token:pull", "repository:t/token:delete",
+            "repository:t/token-mounted:pull,push"} <= scopes
     assert all(e["account"] == TEST_USER for e in ts.log)
 
 

@@ -124,10 +124,10 @@ def ls(ctx: click.Context, ref: str, path: str, long: bool, recursive: bool) -> 
 @click.pass_context
 def cat(ctx: click.Context, ref: str, path: str) -> None:
     """Write the bytes of file PATH of REF to stdout (every chunk verified)."""
-    from shoal.reader import LayoutSource, Reader
+    from shoal.reader import Reader, StoreSource
 
     store, _, idx = _load(ctx, ref)
-    reader = Reader(idx, LayoutSource(store.layout))
+    reader = Reader(idx, StoreSource(store))
     e = reader.file_entry(_path_arg(path))
     out = sys.stdout.buffer
     for data in reader.iter_file(e):

@@ -15,7 +15,7 @@ from shoal.cli.common import emit_json, human, open_store, progress_sink
 @click.pass_context
 def unpack(ctx: click.Context, ref: str, dest: str, workers: int | None, as_json: bool) -> None:
     """Materialize REF's tree in DEST (new or empty), metadata exact."""
-    from shoal.reader import LayoutSource, Reader
+    from shoal.reader import Reader, StoreSource
     from shoal.unpack import UnpackOptions, unpack as do_unpack
 
     store = open_store(ctx)
@@ -23,7 +23,7 @@ def unpack(ctx: click.Context, ref: str, dest: str, workers: int | None, as_json
     idx = store.load_index(m)
     opts = UnpackOptions() if workers is None else UnpackOptions(workers=workers)
     with progress_sink(as_json) as sink:
-        r = do_unpack(idx, Reader(idx, LayoutSource(store.layout)), dest, opts, sink)
+        r = do_unpack(idx, Reader(idx, StoreSource(store)), dest, opts, sink)
     if as_json:
         emit_json({"entries": r.entries, "files": r.files, "bytes": r.bytes, "seconds": round(r.seconds, 3)})
     else:

@@ -14,6 +14,7 @@ from shoal.format.manifest import ShoalManifest, parse_manifest, MAX_MANIFEST_BY
 from shoal.format.model import Index
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
+from shoal.store.partial import PartialPacks
 
 __all__ = ["Store", "default_store_path", "normalize_ref"]
 
@@ -46,13 +47,26 @@ class Store:
     root: Path
     layout: Layout
     catalog: Catalog
+    partial: PartialPacks
 
     @classmethod
     def open(cls, root: Path | str | None = None) -> "Store":
         path = Path(root) if root is not None else default_store_path()
         layout = Layout(path)
         layout.init()
-        return cls(path, layout, Catalog(path / "catalog.db"))
+        catalog = Catalog(path / "catalog.db")
+        return cls(path, layout, catalog, PartialPacks(layout, catalog))
+
+    # ---------------------------------------------------------------- bytes
+
+    def read_frame(self, pack: str, offset: int, length: int) -> bytes:
+        """Compressed frame bytes from a complete pack blob or a partial pack (unverified)."""
+        if self.layout.has(pack):
+            return self.layout.read_range(pack, offset, length)
+        return self.partial.read(pack, offset, length)
+
+    def has_frame(self, pack: str, offset: int) -> bool:
+        return self.layout.has(pack) or self.partial.has_frame(pack, offset)
 
     # ---------------------------------------------------------------- images
 
@@ -78,6 +92,22 @@ class Store:
         ):
             raise FormatError("index pack table differs from the manifest layers")
         return idx
+
+    def register_chunks(self, m: ShoalManifest, idx: Index | None = None) -> int:
+        """Record in the catalogue every chunk of ``m`` whose frame the store holds; return how many."""
+        idx = idx or self.load_index(m)
+        rows = []
+        present: dict[tuple[int, int], bool] = {}
+        for i, cid in enumerate(idx.chunk_ids):
+            f = idx.frames[idx.chunk_frames[i]]
+            pack = "sha256:" + idx.packs[f.pack].hex()
+            key = (f.pack, f.offset)
+            if key not in present:
+                present[key] = self.has_frame(pack, f.offset)
+            if present[key]:
+                rows.append((cid, pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[i], idx.chunk_lengths[i]))
+        self.catalog.add(rows)
+        return len(rows)
 
     def tag(self, ref: str, m: ShoalManifest) -> None:
         self.layout.set_ref(normalize_ref(ref), {"mediaType": mt.OCI_MANIFEST, "digest": m.digest,

@@ -27,6 +27,12 @@ CREATE TABLE IF NOT EXISTS chunks (
     len INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack);
+CREATE TABLE IF NOT EXISTS frames (
+    pack TEXT NOT NULL,
+    off INTEGER NOT NULL,
+    clen INTEGER NOT NULL,
+    PRIMARY KEY (pack, off)
+) WITHOUT ROWID;
 """
 
 
@@ -62,31 +68,50 @@ class Catalog:
 
     def add(self, rows: Iterable[tuple[bytes, str, int, int, int, int, int]]) -> None:
         """Record chunk locations; an id already known keeps its first location."""
+        self._write("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?,?,?)", list(rows))
+
+    def locate(self, ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
+        c = self._conn()
+        out: dict[bytes, ChunkLocation] = {}
+        ids = list(ids)
+        q = "SELECT id, pack, frame_off, frame_clen, frame_ulen, off, len FROM chunks WHERE id IN ({})"
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            for row in c.execute(q.format(",".join("?" * len(part))), part):
+                out[row[0]] = ChunkLocation(*row[1:])
+        return out
+
+    def add_frame(self, pack: str, off: int, clen: int) -> None:
+        """Record that frame ``pack@off`` is present in the partial pack file (after it is durable)."""
+        self._write("INSERT OR REPLACE INTO frames VALUES (?,?,?)", [(pack, off, clen)])
+
+    def has_frame(self, pack: str, off: int) -> bool:
+        q = "SELECT 1 FROM frames WHERE pack = ? AND off = ?"
+        return self._conn().execute(q, (pack, off)).fetchone() is not None
+
+    def frame_bytes(self, pack: str) -> int:
+        row = self._conn().execute("SELECT coalesce(sum(clen), 0) FROM frames WHERE pack = ?", (pack,)).fetchone()
+        return int(row[0])
+
+    def drop_frames(self, pack: str) -> None:
+        self._write("DELETE FROM frames WHERE pack = ?", [(pack,)])
+
+    def frame_packs(self) -> set[str]:
+        return {r[0] for r in self._conn().execute("SELECT DISTINCT pack FROM frames")}
+
+    def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         c = self._conn()
         try:
             c.execute("BEGIN IMMEDIATE")
-            c.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?,?,?)", rows)
+            c.executemany(sql, rows)
             c.execute("COMMIT")
         except sqlite3.Error as exc:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise StoreError(f"catalogue write failed: {exc}") from None
 
-    def locate(self, ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
-        c = self._conn()
-        out: dict[bytes, ChunkLocation] = {}
-        q = "SELECT id, pack, frame_off, frame_clen, frame_ulen, off, len FROM chunks WHERE id = ?"
-        for i in ids:
-            row = c.execute(q, (i,)).fetchone()
-            if row is not None:
-                out[row[0]] = ChunkLocation(*row[1:])
-        return out
-
     def drop_packs(self, packs: Iterable[str]) -> None:
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        c.executemany("DELETE FROM chunks WHERE pack = ?", ((p,) for p in packs))
-        c.execute("COMMIT")
+        self._write("DELETE FROM chunks WHERE pack = ?", [(p,) for p in packs])
 
     def packs(self) -> set[str]:
         return {r[0] for r in self._conn().execute("SELECT DISTINCT pack FROM chunks")}

@@ -70,8 +70,14 @@ def _check_chunks(store: Store, idx: Index, bad_blobs: set[str]) -> list[str]:
         pack = "sha256:" + idx.packs[f.pack].hex()
         if pack in bad_blobs:
             continue
+        if not store.has_frame(pack, f.offset):
+            # a pull skipped this frame because the store holds its chunks elsewhere
+            missing = [c for c in cis if idx.chunk_ids[c] not in store.catalog.locate([idx.chunk_ids[c]])]
+            if missing:
+                errors.append(f"pack {pack} frame @{f.offset}: {len(missing)} chunks are not in the store")
+            continue
         try:
-            data = dctx.decompress(store.layout.read_range(pack, f.offset, f.clen), max_output_size=f.ulen)
+            data = dctx.decompress(store.read_frame(pack, f.offset, f.clen), max_output_size=f.ulen)
         except (ShoalError, zstandard.ZstdError) as exc:
             errors.append(f"pack {pack} frame @{f.offset}: {exc}")
             continue
@@ -106,7 +112,12 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
         rep.images += 1
         try:
             m = store.manifest(str(desc["digest"]))
+            partial = store.partial.packs()
             for dsc in (m.config, m.index, *m.packs):
+                if dsc.digest not in sizes and dsc in m.packs and dsc.digest in partial:
+                    continue  # checked frame by frame below
+                if dsc.digest not in sizes and dsc in m.packs:
+                    continue  # every chunk must then be elsewhere: checked below
                 if dsc.digest not in sizes:
                     rep.errors.append(f"{name}: blob {dsc.digest} is missing")
                 elif sizes[dsc.digest] != dsc.size:
@@ -118,7 +129,7 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
             rep.errors += [f"{name}: {e}" for e in _check_chunks(store, idx, bad)]
         except ShoalError as exc:
             rep.errors.append(f"{name}: {exc}")
-    stale = store.catalog.packs() - set(blobs)
+    stale = store.catalog.packs() - set(blobs) - store.catalog.frame_packs()
     if stale:
         store.catalog.drop_packs(stale)
         rep.repaired.append(f"dropped catalogue rows of {len(stale)} missing packs")
@@ -131,7 +142,8 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
 
 
 def reachable(store: Store) -> set[str]:
-    """Every blob a tag reaches: manifests, configs, indexes, packs."""
+    """Every blob a tag reaches: manifests, configs, indexes, packs — and the packs elsewhere in the
+    store holding chunks of frames a pull skipped (the catalogue's "what references it")."""
     keep: set[str] = set()
     for desc in store.layout.refs().values():
         d = str(desc["digest"])
@@ -140,7 +152,25 @@ def reachable(store: Store) -> set[str]:
         keep.add(m.config.digest)
         keep.add(m.index.digest)
         keep.update(p.digest for p in m.packs)
+        if all(store.layout.has(p.digest) for p in m.packs):
+            continue
+        idx = store.load_index(m)
+        borrowed = []
+        for ci, fi in enumerate(idx.chunk_frames):
+            f = idx.frames[fi]
+            if not store.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset):
+                borrowed.append(idx.chunk_ids[ci])
+        keep.update(loc.pack for loc in store.catalog.locate(borrowed).values())
     return keep
+
+
+def _gc_partial(store: Store, keep: set[str]) -> int:
+    n = 0
+    for pack in store.partial.packs() | store.catalog.frame_packs():
+        if pack not in keep:
+            store.partial.drop(pack)
+            n += 1
+    return n
 
 
 def gc(store: Store, sink: Sink = NULL) -> GcReport:
@@ -159,7 +189,8 @@ def gc(store: Store, sink: Sink = NULL) -> GcReport:
         for p in layout.tmp.iterdir():
             p.unlink(missing_ok=True)
             rep.tmp_removed += 1
-        store.catalog.drop_packs(store.catalog.packs() - set(layout.all_blobs()))
+        rep.removed += _gc_partial(store, keep)
+        store.catalog.drop_packs(store.catalog.packs() - set(layout.all_blobs()) - store.catalog.frame_packs())
     os.sync()
     sink.finish("gc")
     return rep

@@ -41,6 +41,10 @@ class Transient(TransportError):
     """A failure worth retrying (connection lost, 5xx, 429, upload session gone)."""
 
 
+class BodyLost(Transient):
+    """The connection dropped while a response body was being read."""
+
+
 def hasher(digest: str) -> Any:
     algo, _, hexpart = digest.partition(":")
     if algo not in _HEX_LEN:
@@ -75,7 +79,7 @@ def read_all(client: RegistryClient, resp: httpx.Response, limit: int | None) ->
             if limit is not None and len(buf) > limit:
                 break
     except httpx.TransportError as e:
-        raise Transient(f"{client.host}: {type(e).__name__} while reading") from None
+        raise BodyLost(f"{client.host}: {type(e).__name__} while reading a response") from None
     finally:
         client._count(fetched=len(buf))
     return bytes(buf)
@@ -232,6 +236,17 @@ def fetch_ranges(client: RegistryClient, repo: str, digest: str, ranges: Sequenc
     what = f"blob {repo}@{digest}"
 
     def fetch(start: int, end: int) -> bytes:
+        attempt = 0
+        while True:
+            try:
+                return fetch_once(start, end)
+            except BodyLost:
+                if attempt >= client.retries:
+                    raise
+                attempt += 1
+                client._sleep(attempt)
+
+    def fetch_once(start: int, end: int) -> bytes:
         if full:
             return full[0][start:end]
         resp = client._request("GET", f"/v2/{repo}/blobs/{digest}", scopes=scopes,

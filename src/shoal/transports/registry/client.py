@@ -41,6 +41,7 @@ from .auth import Authenticator, repository_scope
 from .blobs import (
     BlobReader,
     BlobSource,
+    BodyLost,
     PutBlobResult,
     Transient,
     check_digest,
@@ -48,6 +49,7 @@ from .blobs import (
     fetch_ranges,
     hasher,
     put_blob,
+    read_all,
     with_query,
 )
 from .credentials import Credentials
@@ -83,6 +85,7 @@ _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _MAX_REDIRECTS = 10
+_MAX_SMALL_BODY = 16 * 1024 * 1024  # cap on answers read whole (tags, errors, tokens)
 
 
 @dataclass
@@ -115,6 +118,20 @@ def referrers_tag(digest: str) -> str:
     """The OCI referrers tag-schema fallback tag for ``digest``."""
     algo, _, hexpart = check_digest(digest).partition(":")
     return f"{algo[:32]}-{hexpart[:64]}"
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """A short reason if ``exc`` was caused by TLS (not worth retrying), else ``""``."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return _one_line(str(e.verify_message or "certificate verification failed"), 120)
+        if isinstance(e, ssl.SSLError):
+            return _one_line(str(e.reason or type(e).__name__), 120)
+        e = e.__cause__ or e.__context__
+    return ""
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -265,6 +282,9 @@ class RegistryClient:
                 resp = self._http.send(req, stream=True)
             except httpx.TransportError as e:
                 self._count(requests=1)
+                reason = _tls_failure(e)
+                if reason:
+                    raise TransportError(f"TLS handshake with {urlsplit(cur).netloc} failed: {reason}") from None
                 if retry and attempt < self.retries:
                     attempt += 1
                     log.debug("%s %s: %s, retry %d", cur_method, path, type(e).__name__, attempt)
@@ -298,15 +318,19 @@ class RegistryClient:
                 continue
             if not stream:
                 try:
-                    resp.read()
-                except httpx.TransportError as e:
-                    resp.close()
+                    body = read_all(self, resp, _MAX_SMALL_BODY)
+                except BodyLost:
                     if retry and attempt < self.retries:
                         attempt += 1
                         self._sleep(attempt)
                         continue
-                    raise Transient(f"{cur_method} {self.host}{path} failed: {type(e).__name__}") from None
-                self._count(fetched=len(resp.content))
+                    raise
+                finally:
+                    resp.close()
+                if len(body) > _MAX_SMALL_BODY:
+                    raise FormatError(f"{cur_method} {self.host}{path}: answer exceeds {_MAX_SMALL_BODY} bytes")
+                headers_out = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
+                return httpx.Response(status, headers=headers_out, content=body, request=resp.request)
             return resp
 
     def _error(self, resp: httpx.Response, what: str) -> ShoalError:
@@ -402,27 +426,30 @@ class RegistryClient:
     def get_manifest(self, repo: str, reference: str, accept: Sequence[str] = ()) -> tuple[bytes, str, str]:
         """``(bytes, media_type, digest)``; verified when ``reference`` is a digest."""
         self._check_ref(reference)
-        resp = self._request(
-            "GET", f"/v2/{repo}/manifests/{reference}", scopes=self._pull(repo),
-            headers={"Accept": self._accept(accept)}, stream=True,
-        )
         what = f"manifest {repo}:{reference}" if not _is_digest(reference) else f"manifest {repo}@{reference}"
-        try:
-            if resp.status_code != 200:
-                raise self._error(resp, f"get {what}")
-            if int(resp.headers.get("content-length") or 0) > MAX_MANIFEST_SIZE:
-                raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
-            buf = bytearray()
-            for chunk in resp.iter_bytes():
-                buf += chunk
-                if len(buf) > MAX_MANIFEST_SIZE:
+        attempt = 0
+        while True:
+            resp = self._request(
+                "GET", f"/v2/{repo}/manifests/{reference}", scopes=self._pull(repo),
+                headers={"Accept": self._accept(accept)}, stream=True,
+            )
+            try:
+                if resp.status_code != 200:
+                    raise self._error(resp, f"get {what}")
+                if int(resp.headers.get("content-length") or 0) > MAX_MANIFEST_SIZE:
                     raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
-        except httpx.TransportError as e:
-            raise TransportError(f"get {what}: {type(e).__name__}") from None
-        finally:
-            resp.close()
-        data = bytes(buf)
-        self._count(fetched=len(data))
+                data = read_all(self, resp, MAX_MANIFEST_SIZE)
+            except BodyLost:
+                if attempt >= self.retries:
+                    raise
+                attempt += 1
+                self._sleep(attempt)
+                continue
+            finally:
+                resp.close()
+            if len(data) > MAX_MANIFEST_SIZE:
+                raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
+            break
         media_type = resp.headers.get("content-type", "").split(";")[0].strip()
         if not media_type or media_type in ("application/json", "application/octet-stream", "text/plain"):
             try:

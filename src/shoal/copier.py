@@ -1,0 +1,221 @@
+"""The one engine that moves images between any two transports (docs/transports.md).
+
+- Blobs first, manifests after them, the top manifest last, then ``commit()``.
+- A blob the destination already has (or can mount from the source repository) is never sent.
+- Every byte is verified against its descriptor's digest and size while it streams.
+- A Shoal image pulled into the local store takes the chunk-level path (``pull.py``): only the
+  frames holding chunks the store lacks are fetched, with HTTP range reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from shoal import digest as dg
+from shoal import mediatypes as mt
+from shoal.errors import FormatError, IntegrityError, UsageError
+from shoal.format.manifest import MAX_MANIFEST_BYTES
+from shoal.progress import NULL, Sink
+from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource
+
+__all__ = ["CopyOptions", "CopyResult", "copy", "DigestingReader", "descriptors_of"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    concurrency: int = 8
+    platform: str | None = None  # os/arch[/variant]: copy only that child of an index
+    src_opts: dict[str, object] = field(default_factory=dict)
+    dst_opts: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class CopyResult:
+    digest: str = ""
+    media_type: str = ""
+    blobs_sent: int = 0
+    blobs_skipped: int = 0
+    bytes_sent: int = 0
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    requests: int = 0
+    seconds: float = 0.0
+
+
+class DigestingReader:
+    """Wraps a stream; raises IntegrityError at EOF if the bytes do not match digest and size."""
+
+    def __init__(self, stream: BinaryIO, info: BlobInfo) -> None:
+        self.stream = stream
+        self.info = info
+        self.h = hashlib.sha256()
+        self.n = 0
+        self.done = False
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.stream.read(size)
+        if b:
+            self.n += len(b)
+            if self.info.size >= 0 and self.n > self.info.size:
+                raise IntegrityError(f"blob {self.info.digest} is longer than its declared {self.info.size} bytes")
+            self.h.update(b)
+        elif not self.done:
+            self.done = True
+            if self.info.size >= 0 and self.n != self.info.size:
+                raise IntegrityError(f"blob {self.info.digest} is truncated: {self.n} of {self.info.size} bytes")
+            got = "sha256:" + self.h.hexdigest()
+            if got != self.info.digest:
+                raise IntegrityError(f"digest mismatch for blob {self.info.digest}: got {got}")
+        return b
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _json(raw: bytes, what: str) -> dict[str, Any]:
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{what} larger than 4 MiB")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what} must be a JSON object")
+    return doc
+
+
+def descriptors_of(raw: bytes) -> list[BlobInfo]:
+    """Config and layer blobs of an OCI or Docker schema 2 image manifest."""
+    doc = _json(raw, "manifest")
+    if doc.get("schemaVersion") != 2:
+        raise FormatError("only schemaVersion 2 manifests are supported")
+    out = []
+    for d in [doc.get("config")] + list(doc.get("layers") or []):
+        if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
+            raise FormatError("manifest descriptor needs digest and size")
+        out.append(BlobInfo(dg.validate(d["digest"]), d["size"], str(d.get("mediaType", ""))))
+    return out
+
+
+def _children(raw: bytes, platform: str | None) -> list[tuple[str, str]]:
+    doc = _json(raw, "image index")
+    out = []
+    for m in doc.get("manifests") or []:
+        if not isinstance(m, dict):
+            raise FormatError("bad image index entry")
+        p = m.get("platform") or {}
+        if platform:
+            want = platform.split("/")
+            have = [p.get("os", ""), p.get("architecture", "")] + ([p["variant"]] if p.get("variant") else [])
+            if have[: len(want)] != want:
+                continue
+        out.append((str(m.get("digest")), str(m.get("mediaType", mt.OCI_MANIFEST))))
+    if platform and not out:
+        raise UsageError(f"no manifest for platform {platform} in the image index")
+    return out
+
+
+class _Copier:
+    def __init__(self, src_ref: ImageReference, src: ImageSource, dst: ImageDestination, opts: CopyOptions,
+                 sink: Sink) -> None:
+        self.src_ref = src_ref
+        self.src = src
+        self.dst = dst
+        self.opts = opts
+        self.sink = sink
+        self.result = CopyResult()
+
+    def blob(self, info: BlobInfo) -> None:
+        if self.dst.try_reuse_blob(info, self.src_ref):
+            self.result.blobs_skipped += 1
+            return
+        stream, _ = self.src.get_blob(info)
+        reader = DigestingReader(stream, info)
+        try:
+            self.dst.put_blob(reader, info)  # type: ignore[arg-type]
+            while reader.read(1 << 20):  # a destination that stopped early still gets the stream verified
+                pass
+        finally:
+            reader.close()
+        self.result.blobs_sent += 1
+        self.result.bytes_sent += reader.n
+        self.sink.advance("copy", reader.n)
+
+    def manifest(self, raw: bytes, media: str, digest: str | None) -> None:
+        blobs = descriptors_of(raw)
+        with ThreadPoolExecutor(max(1, self.opts.concurrency), thread_name_prefix="shoal-copy") as pool:
+            list(pool.map(self.blob, blobs))
+        self.dst.put_manifest(raw, media, digest)
+
+    def run(self) -> CopyResult:
+        raw, media = self.src.get_manifest()
+        top = "sha256:" + hashlib.sha256(raw).hexdigest()
+        doc = _json(raw, "manifest")
+        media = media or str(doc.get("mediaType", ""))
+        if media in mt.INDEX_TYPES or (not media and "manifests" in doc):
+            kids = _children(raw, self.opts.platform)
+            if self.opts.platform:
+                (d, m), = kids[:1]
+                craw, cmedia = self.src.get_manifest(d)
+                self._check(craw, d)
+                self.manifest(craw, cmedia or m, None)
+                top = d
+            else:
+                for d, m in kids:
+                    craw, cmedia = self.src.get_manifest(d)
+                    self._check(craw, d)
+                    self.manifest(craw, cmedia or m, d)
+                self.dst.put_manifest(raw, media, None)
+        else:
+            self.manifest(raw, media, None)
+        self.dst.commit()
+        self.result.digest = top
+        self.result.media_type = media
+        return self.result
+
+    @staticmethod
+    def _check(raw: bytes, digest: str) -> None:
+        if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+            raise IntegrityError(f"manifest {digest} does not match its digest")
+
+
+def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | None = None,
+         sink: Sink = NULL) -> CopyResult:
+    """Copy an image from ``src_ref`` to ``dst_ref``; see the module docstring for the guarantees."""
+    opts = opts or CopyOptions()
+    t0 = time.monotonic()
+    sink.start("copy", None)
+    with src_ref.new_source(**opts.src_opts) as src:
+        from shoal.transports.local import LocalDestination
+
+        with dst_ref.new_destination(**opts.dst_opts) as dst:
+            raw, media = src.get_manifest()
+            if isinstance(dst, LocalDestination) and _is_shoal(raw):
+                from shoal.pull import pull_into_store
+
+                result = pull_into_store(src, raw, dst, opts, sink)
+            else:
+                result = _Copier(src_ref, src, dst, opts, sink).run()
+    sink.finish("copy")
+    stats = getattr(src, "stats", None) or getattr(dst, "stats", None)
+    if stats is not None:
+        result.requests = int(getattr(stats, "requests", 0))
+        result.bytes_fetched = max(result.bytes_fetched, int(getattr(getattr(src, "stats", None), "bytes_fetched", 0)))
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _is_shoal(raw: bytes) -> bool:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE

@@ -1,0 +1,105 @@
+"""Partially present packs: frames fetched by range reads, kept at their pack offsets (docs/spec/store.md §5).
+
+A pull or a lazy mount fetches only the frames holding chunks the store lacks.
+Those frames are written into ``partial/<hex>``, a sparse file laid out like
+the pack itself, and recorded in the catalogue's ``frames`` table once
+durable.  Callers verify every chunk of a frame before ``put_frame``.  When
+every byte of a pack is present and the file hashes to the pack's digest, the
+file is promoted to ``blobs/sha256/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+from shoal import digest as dg
+from shoal.errors import NotFound, StoreError
+from shoal.store.catalog import Catalog
+from shoal.store.layout import Layout
+
+__all__ = ["PartialPacks"]
+
+log = logging.getLogger(__name__)
+
+
+class PartialPacks:
+    def __init__(self, layout: Layout, catalog: Catalog) -> None:
+        self.layout = layout
+        self.catalog = catalog
+        self.dir = layout.root / "partial"
+        self.dir.mkdir(exist_ok=True)
+        self._lock = threading.Lock()
+
+    def path(self, pack: str) -> Path:
+        return self.dir / dg.hex_of(pack)
+
+    def has_frame(self, pack: str, offset: int) -> bool:
+        return self.catalog.has_frame(pack, offset)
+
+    def put_frame(self, pack: str, offset: int, data: bytes) -> None:
+        """Record a verified frame of ``pack`` at ``offset`` (durable before it is recorded)."""
+        p = self.path(pack)
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.pwrite(fd, data, offset)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot write partial pack {pack}: {exc.strerror}") from None
+        self.catalog.add_frame(pack, offset, len(data))
+
+    def read(self, pack: str, offset: int, length: int) -> bytes:
+        if not self.catalog.has_frame(pack, offset):
+            raise NotFound(f"frame {pack}@{offset} is not in the store")
+        try:
+            fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"frame {pack}@{offset} is not in the store") from None
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise NotFound(f"frame {pack}@{offset} is truncated in the store")
+        return data
+
+    def present(self, pack: str) -> int:
+        return self.catalog.frame_bytes(pack)
+
+    def try_promote(self, pack: str, size: int) -> bool:
+        """If every byte of ``pack`` is present and verifies, make it a complete blob."""
+        if self.layout.has(pack):
+            self.drop(pack)
+            return True
+        if self.catalog.frame_bytes(pack) != size:
+            return False
+        p = self.path(pack)
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    break
+                h.update(b)
+        if "sha256:" + h.hexdigest() != pack or p.stat().st_size != size:
+            log.warning("partial pack %s is complete but does not verify; keeping frames only", pack)
+            return False
+        with self._lock, open(p, "rb") as f:
+            self.layout.put_stream(f, pack, size)
+        self.drop(pack)
+        return True
+
+    def drop(self, pack: str) -> None:
+        self.catalog.drop_frames(pack)
+        with contextlib.suppress(FileNotFoundError):
+            self.path(pack).unlink()
+
+    def packs(self) -> set[str]:
+        return {"sha256:" + p.name for p in self.dir.iterdir() if len(p.name) == 64}
