@@ -117,12 +117,13 @@ def _chunk_file(source: TreeSource, e: Entry) -> _Chunked:
     return _Chunked(data, whole, chunks)
 
 
-def _compress(data: bytes) -> bytes:
+def _compress(parts: list[memoryview]) -> bytes:
+    """One zstd frame of the concatenated chunks (format.md §5.3); runs in a worker thread."""
     cctx = getattr(_tls, "cctx", None)
     if cctx is None:
         cctx = _tls.cctx = zstandard.ZstdCompressor(
             level=packing.ZSTD_LEVEL, write_checksum=False, write_content_size=True)
-    return cctx.compress(data)
+    return cctx.compress(b"".join(parts))
 
 
 @dataclass
@@ -223,7 +224,7 @@ class _Builder:
         if not self.cur_parts:
             return
         ulen = self.cur_len
-        fut = self.pool.submit(_compress, b"".join(self.cur_parts))
+        fut = self.pool.submit(_compress, self.cur_parts)
         if self.cur_pack is not None and packing.pack_full(self.pack_len, ulen):
             self.close_pack()
         if self.cur_pack is None:
@@ -251,10 +252,8 @@ class _Builder:
 
     def _write_pack(self, p: _NewPack) -> tuple[str, list[int], int]:
         blobs = [f.result() for _, f, _ in p.frames]
-        data = b"".join(blobs)
-        digest = self.store.layout.put(data, batch=self.batch)
-        self.sink.advance("write", len(data))
-        return digest, [len(b) for b in blobs], len(data)
+        digest, size = self.store.layout.put_parts(blobs, batch=self.batch)
+        return digest, [len(b) for b in blobs], size
 
     # ---------------------------------------------------------------- files
 

@@ -109,15 +109,24 @@ class Layout:
         d = "sha256:" + hashlib.sha256(data).hexdigest()
         if expected is not None and d != expected:
             raise IntegrityError(f"digest mismatch: expected {expected}, got {d}")
+        return self.put_parts([bytes(data)], batch)[0]
+
+    def put_parts(self, parts: list[bytes], batch: "Batch | None" = None) -> tuple[str, int]:
+        """Store the concatenation of ``parts`` (no joined copy in memory); return (digest, size)."""
+        h = hashlib.sha256()
+        for b in parts:
+            h.update(b)
+        d = "sha256:" + h.hexdigest()
+        size = sum(len(b) for b in parts)
         final = self.path(d)
         if final.exists():
-            return d
+            return d, size
         fd, tmp = self._tmpfile()
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            for b in parts:
+                view = memoryview(b)
+                while view:
+                    view = view[os.write(fd, view):]
             if batch is None:
                 os.fsync(fd)
         except OSError as exc:
@@ -128,8 +137,8 @@ class Layout:
         if batch is None:
             os.rename(tmp, final)
         else:
-            batch.add(tmp, final, len(data))
-        return d
+            batch.add(tmp, final, size)
+        return d, size
 
     def put_stream(self, src: BinaryIO, expected: str, size: int | None = None) -> str:
         """Copy a stream into the store, verifying digest (and size) before the blob becomes visible."""

@@ -1,0 +1,213 @@
+"""Acceptance 5: the store survives SIGKILL and concurrent writers, and corruption is found and refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import (assert_one_line_error, assert_same_tree, clone_tree, run_shoal, shoal_cmd, tree_snapshot,
+                     write_tree)
+from shoal.format.model import Kind
+from shoal.store import Store
+
+
+def _fsck(store_dir: Path) -> dict:  # type: ignore[type-arg]
+    p = run_shoal(store_dir, "fsck", "--json", check=False)
+    doc = json.loads(p.stdout)
+    assert (p.returncode == 0) == doc["ok"], (p.returncode, doc)
+    return doc
+
+
+def _tmp_files(store_dir: Path) -> int:
+    try:
+        return len(os.listdir(store_dir / "tmp"))
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize("when", ["tmp-files", 0.5, 0.15])
+def test_sigkill_mid_build_then_fsck_and_rebuild(generated_tree: Path, tmp_path: Path, when: str | float) -> None:
+    store_dir = tmp_path / "s"
+    run_shoal(store_dir, "images")  # initialise the store, so the build's start-up is all that's left
+    proc = subprocess.Popen(shoal_cmd(store_dir, "build", "--workers", "2", generated_tree, "big:1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < 30:
+            if when == "tmp-files" and _tmp_files(store_dir) >= 3:
+                break
+            if when != "tmp-files" and time.monotonic() - t0 >= float(when):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the build finished before it could be killed; use a bigger tree"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    doc = _fsck(store_dir)
+    assert doc["ok"], doc["errors"]
+    assert "big:1" not in run_shoal(store_dir, "images").stdout.decode()
+    # a re-run succeeds and gives the image a clean build gives
+    p = run_shoal(store_dir, "build", "--json", "--workers", "2", generated_tree, "big:1")
+    clean = run_shoal(tmp_path / "clean", "build", "--json", "--workers", "1", generated_tree, "big:1")
+    assert json.loads(p.stdout)["digest"] == json.loads(clean.stdout)["digest"]
+    doc = _fsck(store_dir)
+    assert doc["ok"] and doc["images"] == 1, doc
+    # gc cleans what the killed build left in tmp/, and keeps the image whole
+    json.loads(run_shoal(store_dir, "gc", "--json").stdout)
+    assert _tmp_files(store_dir) == 0
+    assert _fsck(store_dir)["ok"]
+
+
+def test_two_concurrent_builds_into_one_store(generated_tree: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    clone_tree(generated_tree, other)
+    (other / "d000" / "extra").write_bytes(b"x" * 100_000)
+    store_dir = tmp_path / "s"
+    procs = [subprocess.Popen(shoal_cmd(store_dir, "build", "--json", "--workers", "2", src, ref),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for src, ref in ((generated_tree, "a:1"), (other, "b:1"), (generated_tree, "c:1"))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err.decode()
+    digests = [json.loads(o)["digest"] for o, _ in outs]
+    assert digests[0] == digests[2] != digests[1]
+    doc = _fsck(store_dir)
+    assert doc["ok"] and doc["images"] == 3, doc
+    assert _tmp_files(store_dir) == 0
+    imgs = json.loads(run_shoal(store_dir, "images", "--json").stdout)["images"]
+    assert sorted(i["ref"] for i in imgs) == ["a:1", "b:1", "c:1"]
+
+
+def test_gc_during_build_keeps_the_new_image(generated_tree: Path, tmp_path: Path) -> None:
+    store_dir = tmp_path / "s"
+    write_tree(tmp_path / "old", {"x": b"old" * 1000})
+    run_shoal(store_dir, "build", tmp_path / "old", "old:1")
+    run_shoal(store_dir, "rm", "old:1")
+    proc = subprocess.Popen(shoal_cmd(store_dir, "build", "--workers", "2", generated_tree, "new:1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    while _tmp_files(store_dir) == 0 and proc.poll() is None and time.monotonic() - t0 < 30:
+        time.sleep(0.005)
+    gc = run_shoal(store_dir, "gc", "--json")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert json.loads(gc.stdout)["removed"] >= 1  # old:1's blobs
+    doc = _fsck(store_dir)
+    assert doc["ok"] and doc["images"] == 1, doc
+    out = tmp_path / "out"
+    run_shoal(store_dir, "unpack", "new:1", out)
+    assert_same_tree(tree_snapshot(generated_tree), tree_snapshot(out))
+
+
+# ------------------------------------------------------------------------------ corruption
+
+
+@pytest.fixture
+def small_image(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A store with one image of a few files: random (stored raw by zstd) and text (compressed)."""
+    import random
+
+    rng = random.Random(8)
+    files = {f"dir/f{i}": rng.randbytes(rng.randrange(1000, 300_000)) for i in range(8)}
+    files.update({f"text/t{i}": (b"hello shoal %d\n" % i) * 20000 for i in range(4)})
+    tree = write_tree(tmp_path / "tree", files)
+    store_dir = tmp_path / "s"
+    run_shoal(store_dir, "build", tree, "img:1")
+    store = Store.open(store_dir)
+    m = store.resolve("img:1")
+    return store_dir, store, m, store.load_index(m), tree
+
+
+def _file_in_frame(idx, fi: int) -> bytes:  # type: ignore[no-untyped-def]
+    for e in idx.entries:
+        if e.kind == Kind.FILE and any(idx.chunk_frames[c] == fi for c in e.chunks):
+            return e.path
+    raise AssertionError("no file in that frame")
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("which", ["random", "text"])
+def test_flipped_byte_in_pack(small_image, tmp_path: Path, which: str) -> None:  # type: ignore[no-untyped-def]
+    store_dir, store, m, idx, _ = small_image
+    # pick a frame holding the kind of data we want (random data is stored raw, text is compressed)
+    want = b"dir/" if which == "random" else b"text/"
+    fi = next(i for i in range(len(idx.frames)) if _file_in_frame(idx, i).startswith(want))
+    f = idx.frames[fi]
+    pack = "sha256:" + idx.packs[f.pack].hex()
+    _flip(store.layout.path(pack), f.offset + f.clen // 2)
+    victim = _file_in_frame(idx, fi)
+
+    p = run_shoal(store_dir, "fsck", check=False)
+    assert p.returncode != 0
+    assert pack in p.stderr.decode()
+
+    p = run_shoal(store_dir, "cat", "img:1", victim.decode(), check=False)
+    assert_one_line_error(p, "verification", "corrupt")
+
+    dest = tmp_path / "out"
+    p = run_shoal(store_dir, "unpack", "img:1", dest, check=False)
+    assert_one_line_error(p, "verification", "corrupt")
+    assert not dest.exists(), "unpack left a partial target behind"
+
+
+def test_failed_unpack_into_existing_empty_dir_leaves_it_empty(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store_dir, store, m, idx, _ = small_image
+    last = idx.frames[-1]
+    _flip(store.layout.path("sha256:" + idx.packs[last.pack].hex()), last.offset + last.clen // 2)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    p = run_shoal(store_dir, "unpack", "img:1", dest, check=False)
+    assert_one_line_error(p, "verification", "corrupt")
+    assert dest.is_dir() and os.listdir(dest) == [], f"partial unpack left behind: {sorted(os.listdir(dest))}"
+
+
+def test_corrupt_index_blob(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store_dir, store, m, _, _ = small_image
+    _flip(store.layout.path(m.index.digest), m.index.size // 2)
+    assert run_shoal(store_dir, "fsck", check=False).returncode != 0
+    for args in (("ls", "img:1"), ("cat", "img:1", "/text/t0"), ("unpack", "img:1", tmp_path / "out")):
+        assert_one_line_error(run_shoal(store_dir, *args, check=False), "corrupt", "mismatch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_and_missing_pack(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store_dir, store, m, idx, _ = small_image
+    assert len(m.packs) >= 1
+    first = store.layout.path(m.packs[0].digest)
+    os.truncate(first, first.stat().st_size // 2)
+    doc = _fsck(store_dir)
+    assert not doc["ok"] and any(m.packs[0].digest in e for e in doc["errors"])
+    p = run_shoal(store_dir, "unpack", "img:1", tmp_path / "out", check=False)
+    assert_one_line_error(p, "truncated", "corrupt", "verification")
+    assert not (tmp_path / "out").exists()
+    first.unlink()
+    doc = _fsck(store_dir)
+    assert not doc["ok"] and any("missing" in e for e in doc["errors"])
+    p = run_shoal(store_dir, "unpack", "img:1", tmp_path / "out", check=False)
+    assert_one_line_error(p, "not in the store", "missing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fsck_clean_store_and_idempotent_gc(small_image) -> None:  # type: ignore[no-untyped-def]
+    store_dir, *_ = small_image
+    doc = _fsck(store_dir)
+    assert doc["ok"] and doc["images"] == 1 and doc["chunks"] > 0 and not doc["errors"]
+    assert json.loads(run_shoal(store_dir, "gc", "--json").stdout)["removed"] == 0
+    run_shoal(store_dir, "rm", "img:1")
+    assert json.loads(run_shoal(store_dir, "gc", "--json").stdout)["removed"] >= 3
+    assert os.listdir(store_dir / "blobs" / "sha256") == []
+    assert _fsck(store_dir)["ok"]
