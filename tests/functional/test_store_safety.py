@@ -132,6 +132,25 @@ def _file_in_frame(idx, fi: int) -> bytes:  # type: ignore[no-untyped-def]
     raise AssertionError("no file in that frame")
 
 
+def _damaged_file(store: Store, idx, fi: int) -> bytes:  # type: ignore[no-untyped-def]
+    """A file with a chunk of frame ``fi`` that no longer decompresses or verifies."""
+    import hashlib
+
+    import zstandard
+
+    f = idx.frames[fi]
+    raw = store.layout.read_range("sha256:" + idx.packs[f.pack].hex(), f.offset, f.clen)
+    try:
+        data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=f.ulen)
+    except zstandard.ZstdError:
+        return _file_in_frame(idx, fi)  # the whole frame is unreadable
+    bad = {c for c in range(len(idx.chunk_ids)) if idx.chunk_frames[c] == fi
+           and hashlib.sha256(data[idx.chunk_offsets[c]:idx.chunk_offsets[c] + idx.chunk_lengths[c]]).digest()
+           != idx.chunk_ids[c]}
+    assert bad, "the flipped byte changed no chunk"
+    return next(e.path for e in idx.entries if e.kind == Kind.FILE and bad & set(e.chunks))
+
+
 def _flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -149,7 +168,7 @@ def test_flipped_byte_in_pack(small_image, tmp_path: Path, which: str) -> None: 
     f = idx.frames[fi]
     pack = "sha256:" + idx.packs[f.pack].hex()
     _flip(store.layout.path(pack), f.offset + f.clen // 2)
-    victim = _file_in_frame(idx, fi)
+    victim = _damaged_file(store, idx, fi)
 
     p = run_shoal(store_dir, "fsck", check=False)
     assert p.returncode != 0
@@ -196,7 +215,8 @@ def test_truncated_and_missing_pack(small_image, tmp_path: Path) -> None:  # typ
     assert not (tmp_path / "out").exists()
     first.unlink()
     doc = _fsck(store_dir)
-    assert not doc["ok"] and any("missing" in e for e in doc["errors"])
+    assert not doc["ok"], doc
+    assert any(m.packs[0].digest in e or "missing" in e for e in doc["errors"]), doc["errors"]
     p = run_shoal(store_dir, "unpack", "img:1", tmp_path / "out", check=False)
     assert_one_line_error(p, "not in the store", "missing")
     assert not (tmp_path / "out").exists()

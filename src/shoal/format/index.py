@@ -97,12 +97,16 @@ def _payload(e: Entry) -> Any:
     if k == Kind.DIR:
         return e.digest
     if k == Kind.FILE:
-        return [e.size, e.sha256, list(e.chunks)]
+        # §4.3: the whole-file digest is omitted when it is implied (no chunk, or exactly one)
+        return [e.size, b"" if len(e.chunks) <= 1 else e.sha256, list(e.chunks)]
     if k in (Kind.SYMLINK, Kind.HARDLINK):
         return e.target
     if k in (Kind.CHAR, Kind.BLOCK):
         return [e.rdev[0], e.rdev[1]]
     return None
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
 def encode(idx: Index) -> bytes:
@@ -172,7 +176,8 @@ def _bytes(v: Any, what: str) -> bytes:
     return v
 
 
-def _decode_entry(raw: Any, n_chunks: int, chunk_lengths: tuple[int, ...]) -> Entry:
+def _decode_entry(raw: Any, ids: tuple[bytes, ...], chunk_lengths: tuple[int, ...]) -> Entry:
+    n_chunks = len(ids)
     if type(raw) is not list or len(raw) != 8:
         raise FormatError("index: entry must be an array of 8 items")
     path = _bytes(raw[0], "path")
@@ -208,12 +213,16 @@ def _decode_entry(raw: Any, n_chunks: int, chunk_lengths: tuple[int, ...]) -> En
             raise FormatError("index: bad file payload")
         size = _int(p[0], 1 << 63, "file size")
         sha = _bytes(p[1], "file sha256")
-        if len(sha) != 32:
-            raise FormatError("index: file sha256 must be 32 bytes")
         chunks = tuple(p[2])
         total = 0
         for c in chunks:
             total += chunk_lengths[_int(c, n_chunks, "chunk reference")]
+        if len(chunks) <= 1:
+            if sha:
+                raise FormatError("index: an implied file sha256 must be omitted")
+            sha = ids[chunks[0]] if chunks else EMPTY_SHA256
+        elif len(sha) != 32:
+            raise FormatError("index: file sha256 must be 32 bytes")
         if total != size:
             raise FormatError(f"index: chunks of {path[:200]!r} do not add up to its size")
         return Entry(path, kind, mode, uid, gid, mtime, xattrs, size=size, sha256=sha, chunks=chunks)
@@ -267,7 +276,7 @@ def decode(raw: bytes) -> Index:
     raw_entries = doc["entries"]
     if type(raw_entries) is not list or not raw_entries:
         raise FormatError("index: no entries")
-    entries = [_decode_entry(r, n, lengths) for r in raw_entries]
+    entries = [_decode_entry(r, ids, lengths) for r in raw_entries]
     _check_tree(entries)
     recomputed = merkle(entries)
     for a, b in zip(entries, recomputed):

@@ -17,8 +17,8 @@ KiB = 1024
 MiB = 1024 * KiB
 
 # §5.1 frames (uncompressed bytes)
-FRAME_MIN = 128 * KiB
-FRAME_SPAN = 256 * KiB
+FRAME_MIN = 192 * KiB
+FRAME_SPAN = 320 * KiB
 FRAME_MAX = 1 * MiB
 # §5.2 packs (uncompressed bytes of their frames)
 PACK_MIN = 512 * KiB
