@@ -41,7 +41,7 @@ _PENDING_PACKS = 8
 
 @dataclass(frozen=True)
 class BuildOptions:
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))  # I/O overlaps CPU
     source_date_epoch: int | None = None
     reuse: tuple[str, ...] = ()
     config: ImageConfig = field(default_factory=ImageConfig)

@@ -231,3 +231,16 @@ def test_fsck_clean_store_and_idempotent_gc(small_image) -> None:  # type: ignor
     assert json.loads(run_shoal(store_dir, "gc", "--json").stdout)["removed"] >= 3
     assert os.listdir(store_dir / "blobs" / "sha256") == []
     assert _fsck(store_dir)["ok"]
+
+
+def test_missing_pack_is_reported_by_the_first_fsck(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A pack deleted from a healthy store: the catalogue still names it, and must not vouch for it."""
+    store_dir, store, m, idx, _ = small_image
+    gone = m.packs[0].digest
+    store.layout.path(gone).unlink()
+    doc = _fsck(store_dir)
+    assert not doc["ok"], doc
+    assert any(gone in e or "missing" in e for e in doc["errors"]), doc["errors"]
+    p = run_shoal(store_dir, "unpack", "img:1", tmp_path / "out", check=False)
+    assert_one_line_error(p, "not in the store", "missing")
+    assert not (tmp_path / "out").exists()

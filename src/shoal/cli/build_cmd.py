@@ -20,7 +20,7 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc
 @click.option("--reuse", multiple=True, metavar="NAME:TAG", help="Reference packs of this image for chunks it holds.")
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH", default=None,
               help="Clamp mtimes to this time (reproducible-builds.org); default $SOURCE_DATE_EPOCH.")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker threads (default: cores).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker threads (default: 2 x cores; never changes the output).")
 @click.option("--arch", default=None, help="Image architecture (default: this machine's).")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for containers of this image.")
 @click.option("--entrypoint", default=None, help="Entrypoint, shell-quoted.")
@@ -50,7 +50,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
     if label:
         conf["Labels"] = dict(kv.split("=", 1) for kv in label if "=" in kv)
     opts = BuildOptions(
-        workers=workers or os.cpu_count() or 1, source_date_epoch=source_date_epoch, reuse=reuse,
+        workers=workers or 2 * (os.cpu_count() or 1), source_date_epoch=source_date_epoch, reuse=reuse,
         config=ImageConfig(architecture=arch or _ARCH.get(platform.machine(), platform.machine()), config=conf),
     )
     store = open_store(ctx)

@@ -1,0 +1,274 @@
+"""A read-only pyfuse3 file system over a ``Reader`` (docs/spec/mount.md §2).
+
+A thin adapter: the index gives every attribute, the Reader gives verified bytes, and the
+FrameSource behind the Reader decides where bytes come from (the local store today, HTTP range
+reads for a lazy image).  Nothing here touches the network or the store.
+
+- Inode numbers come from entry positions: entry ``i`` is inode ``i + 1`` (the root, entry 0, is
+  inode 1 = FUSE_ROOT_ID).  A hardlink shows its primary's inode; ``st_nlink`` counts the group.
+- The image is immutable, so attribute and entry timeouts are long, negative lookups are cached,
+  and ``open`` sets ``keep_cache`` so the kernel page cache keeps file data across opens.
+- Data reads run in a worker thread (``trio.to_thread``) so one slow fetch never blocks other
+  requests; a read whose frames are all in the Reader's memory cache is answered inline.
+- ``_fuse_errors`` is the one place errors become errnos: a ``ShoalError`` gives its ``errno``,
+  an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+import trio
+
+from shoal.errors import IntegrityError, NotFound, ShoalError
+from shoal.format.model import Entry, Index, Kind, parent_of
+from shoal.reader import Reader
+
+__all__ = ["ShoalFS", "ServeStats", "FUSE_OPTIONS"]
+
+log = logging.getLogger(__name__)
+
+# fsname/subtype show up in /proc/self/mountinfo as "shoal" / "fuse.shoal".
+# dev,suid: an image's setuid binaries and device nodes behave as in an unpacked tree.
+FUSE_OPTIONS = frozenset({"fsname=shoal", "subtype=shoal", "ro", "default_permissions", "allow_other",
+                          "dev", "suid"})
+
+_TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_IFLNK,
+         Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
+_BLOCK = 4096
+
+
+@dataclass
+class ServeStats:
+    """What the file system did (exposed by ``shoal status``).  Updated under ``lock``."""
+
+    lookups: int = 0
+    reads: int = 0
+    bytes_served: int = 0
+    errors: int = 0
+    integrity_errors: int = 0
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def as_dict(self) -> dict[str, int]:
+        with self.lock:
+            return {"lookups": self.lookups, "reads": self.reads, "bytes_served": self.bytes_served,
+                    "errors": self.errors,
+                    "integrity_errors": self.integrity_errors}
+
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def _fuse_errors(fn: _F) -> _F:
+    """Map every failure of an operation to a FUSEError (the only place that does so)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "ShoalFS", *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:  # trio.Cancelled is a BaseException and passes through
+            raise self._to_fuse(exc, fn.__name__, args[0] if args else None) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ShoalFS(pyfuse3.Operations):
+    enable_acl = True  # POSIX ACLs stored as system.posix_acl_* xattrs are enforced by the kernel
+    supports_dot_lookup = True
+
+    def __init__(self, reader: Reader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None) -> None:
+        super().__init__()
+        self.reader = reader
+        self.index: Index = reader.index
+        self.timeout = timeout
+        self.stats = stats or ServeStats()
+        entries = self.index.entries
+        n = len(entries)
+        pos = {e.path: i for i, e in enumerate(entries)}
+        self._node = list(range(n))  # position whose attributes this entry shows (hardlink -> primary)
+        self._parent = [0] * n
+        self._nlink = [2 if e.kind == Kind.DIR else 1 for e in entries]
+        self._kids: dict[int, list[tuple[bytes, int]]] = {i: [] for i, e in enumerate(entries) if e.kind == Kind.DIR}
+        for i in range(1, n):
+            e = entries[i]
+            p = pos[parent_of(e.path)]
+            self._parent[i] = p
+            self._kids[p].append((e.name, i))
+            if e.kind == Kind.DIR:
+                self._nlink[p] += 1
+            elif e.kind == Kind.HARDLINK:
+                primary = pos[e.target]
+                self._node[i] = primary
+                self._nlink[primary] += 1
+        self._by_name = {d: dict(kids) for d, kids in self._kids.items()}
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._negative = pyfuse3.EntryAttributes()
+        self._negative.st_ino = 0
+        self._negative.entry_timeout = timeout
+        self.inline_reads = os.environ.get("SHOAL_FUSE_INLINE") == "1"  # benchmark only
+
+    # ------------------------------------------------------------------------------------ errors
+
+    def _describe(self, arg: object) -> str:
+        if isinstance(arg, int) and 1 <= arg <= len(self.index.entries):
+            p = self.index.entries[arg - 1].path
+            return "/" + p.decode("utf-8", "backslashreplace")
+        return repr(arg)
+
+    def _to_fuse(self, exc: Exception, op: str, arg: object) -> pyfuse3.FUSEError:
+        with self.stats.lock:
+            self.stats.errors += 1
+            if isinstance(exc, IntegrityError):
+                self.stats.integrity_errors += 1
+        if isinstance(exc, IntegrityError):
+            log.error("integrity failure (digest mismatch) in %s of %s: %s; returning EIO", op,
+                      self._describe(arg), exc)
+            return pyfuse3.FUSEError(errno.EIO)
+        if isinstance(exc, ShoalError):
+            log.warning("%s of %s failed: %s", op, self._describe(arg), exc)
+            return pyfuse3.FUSEError(exc.errno)
+        if isinstance(exc, OSError) and exc.errno:
+            log.warning("%s of %s failed: %s", op, self._describe(arg), exc)
+            return pyfuse3.FUSEError(exc.errno)
+        log.error("internal error in %s of %s", op, self._describe(arg), exc_info=exc)
+        return pyfuse3.FUSEError(errno.EIO)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _pos(self, inode: int) -> int:
+        if not 1 <= inode <= len(self.index.entries):
+            raise NotFound(f"no inode {inode}")
+        return self._node[inode - 1]
+
+    def _entry(self, inode: int) -> Entry:
+        return self.index.entries[self._pos(inode)]
+
+    def _attr(self, pos: int) -> pyfuse3.EntryAttributes:
+        a = self._attrs.get(pos)
+        if a is not None:
+            return a
+        e = self.index.entries[pos]
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pos + 1
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = _TYPE[e.kind] | e.mode
+        a.st_nlink = self._nlink[pos]
+        a.st_uid = e.uid
+        a.st_gid = e.gid
+        if e.kind == Kind.FILE:
+            size = e.size
+        elif e.kind == Kind.SYMLINK:
+            size = len(e.target)
+        elif e.kind == Kind.DIR:
+            size = _BLOCK
+        else:
+            size = 0
+        a.st_size = size
+        a.st_rdev = os.makedev(*e.rdev) if e.kind in (Kind.CHAR, Kind.BLOCK) else 0
+        a.st_blksize = _BLOCK
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        self._attrs[pos] = a
+        return a
+
+    # ------------------------------------------------------------------------------------ operations
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = self._pos(parent_inode)
+        with self.stats.lock:
+            self.stats.lookups += 1
+        if name == b".":
+            return self._attr(p)
+        if name == b"..":
+            return self._attr(self._parent[p])
+        kids = self._by_name.get(p)
+        if kids is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        child = kids.get(name)
+        if child is None:
+            return self._negative  # cached by the kernel for entry_timeout
+        return self._attr(self._node[child])
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(self._pos(inode))
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        e = self._entry(inode)
+        if e.kind != Kind.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return e.target
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        p = self._pos(inode)
+        if p not in self._kids:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return p + 1
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        kids = self._kids[fh - 1]
+        for k in range(start_id, len(kids)):
+            name, child = kids[k]
+            if not pyfuse3.readdir_reply(token, name, self._attr(self._node[child]), k + 1):
+                break
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        p = self._pos(inode)
+        if self.index.entries[p].kind != Kind.FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR if p in self._kids else errno.EACCES)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=p + 1, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        e = self.index.entries[fh - 1]
+        if self.inline_reads:
+            data = self.reader.read(e, off, size)
+        else:
+            data = await trio.to_thread.run_sync(self.reader.read, e, off, size)
+        with self.stats.lock:
+            self.stats.reads += 1
+            self.stats.bytes_served += len(data)
+        return data
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return [k for k, _ in self._entry(inode).xattrs]
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        for k, v in self._entry(inode).xattrs:
+            if k == name:
+                return v
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = _BLOCK
+        s.f_blocks = (self.index.logical_bytes + _BLOCK - 1) // _BLOCK
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.index.entries)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s

@@ -1,0 +1,131 @@
+"""Turn an image reference into what a mount serves: index, frame source and runtime config.
+
+``open_image(ref)`` is the one entry point used by ``mount`` and ``run``.  Today a
+reference is a local ``NAME[:TAG]`` in the store.  Other schemes (``docker://...`` for a
+lazily fetched registry image) are added with ``register_opener``: an opener returns an
+``OpenedImage`` whose ``source`` is any ``FrameSource``; the FUSE adapter never knows where
+bytes come from.
+
+``CountingSource`` wraps any source to count what the mount fetched (``shoal status``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from shoal.errors import UsageError
+from shoal.format.manifest import ImageConfig, parse_config
+from shoal.format.model import Index
+from shoal.reader import FrameSource, LayoutSource
+
+__all__ = ["OpenedImage", "Opener", "open_image", "register_opener", "split_scheme", "CountingSource",
+           "FetchStats"]
+
+StorePath = str | os.PathLike[str] | None
+
+
+@dataclass(frozen=True)
+class OpenedImage:
+    """An image ready to be served.
+
+    ``prefetch`` lists frame indices worth fetching ahead of any read (a recorded start-up
+    profile, in the order it was recorded); empty when none is known.  ``--prefetch auto``
+    fetches exactly these.  ``local`` is true when every frame is already on this machine.
+    """
+
+    ref: str  # as the user gave it
+    name: str  # canonical display name, e.g. "debian:12" or "docker://host/repo:tag"
+    digest: str  # manifest digest
+    index: Index
+    source: FrameSource
+    config: ImageConfig
+    prefetch: tuple[int, ...] = ()
+    local: bool = True
+
+
+# (reference without its "scheme://" prefix, store directory or None) -> OpenedImage
+Opener = Callable[[str, StorePath], OpenedImage]
+
+
+def _open_local(ref: str, store_root: StorePath) -> OpenedImage:
+    from shoal.store import Store, normalize_ref
+
+    store = Store.open(store_root)
+    m = store.resolve(ref)
+    index = store.load_index(m)
+    config = parse_config(store.layout.get(m.config.digest))
+    return OpenedImage(ref=ref, name=normalize_ref(ref), digest=m.digest, index=index,
+                       source=LayoutSource(store.layout), config=config, local=True)
+
+
+_OPENERS: dict[str, Opener] = {"": _open_local}
+
+
+def register_opener(scheme: str, opener: Opener) -> None:
+    """Serve references ``scheme://...`` with ``opener`` (e.g. ``docker`` for lazy registry images)."""
+    _OPENERS[scheme] = opener
+
+
+def split_scheme(ref: str) -> tuple[str, str]:
+    """``"docker://a/b:c"`` -> ``("docker", "a/b:c")``; ``"name:tag"`` -> ``("", "name:tag")``."""
+    scheme, sep, rest = ref.partition("://")
+    if not sep:
+        return "", ref
+    return scheme, rest
+
+
+def open_image(ref: str, store_root: StorePath = None) -> OpenedImage:
+    """Resolve ``ref`` to (index, frame source, config).  Raises UsageError for unknown schemes,
+    NotFound for unknown images, FormatError/IntegrityError for bad ones."""
+    scheme, rest = split_scheme(ref)
+    opener = _OPENERS.get(scheme)
+    if opener is None:
+        known = ", ".join(f"{s}://" for s in sorted(_OPENERS) if s) or "none"
+        raise UsageError(f"cannot mount {scheme}:// references yet (local NAME:TAG works; other schemes: {known})")
+    return opener(rest, store_root)
+
+
+# ---------------------------------------------------------------------------------------------- counting
+
+
+@dataclass
+class FetchStats:
+    fetches: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    frames: set[tuple[str, int]] = field(default_factory=set)  # distinct (pack, offset) fetched
+
+
+class CountingSource:
+    """A FrameSource that forwards to ``inner`` and counts requests, bytes and time."""
+
+    def __init__(self, inner: FrameSource) -> None:
+        self.inner = inner
+        self.stats = FetchStats()
+        self._lock = threading.Lock()
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        t0 = time.monotonic()
+        data = self.inner.fetch(pack, offset, length)
+        dt = time.monotonic() - t0
+        with self._lock:
+            s = self.stats
+            s.fetches += 1
+            s.bytes += len(data)
+            s.seconds += dt
+            s.frames.add((pack, offset))
+        return data
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            s = self.stats
+            return {"fetches": s.fetches, "bytes_fetched": s.bytes, "fetch_seconds": round(s.seconds, 6),
+                    "frames_fetched": len(s.frames)}
+
+    def fetched_frames(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return set(self.stats.frames)
