@@ -20,7 +20,8 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc
 @click.option("--reuse", multiple=True, metavar="NAME:TAG", help="Reference packs of this image for chunks it holds.")
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH", default=None,
               help="Clamp mtimes to this time (reproducible-builds.org); default $SOURCE_DATE_EPOCH.")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker threads (default: 2 x cores; never changes the output).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Worker threads (default: 2 x cores; never changes the output).")
 @click.option("--arch", default=None, help="Image architecture (default: this machine's).")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for containers of this image.")
 @click.option("--entrypoint", default=None, help="Entrypoint, shell-quoted.")
@@ -34,12 +35,14 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
           workers: int | None, arch: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
           workdir: str | None, user: str | None, label: tuple[str, ...], as_json: bool) -> None:
     """Chunk, dedup, pack and index SOURCE into the store as REF."""
-    from shoal.build import BuildOptions, build as do_build
+    from shoal.build import BuildOptions
+    from shoal.build import build as do_build
     from shoal.format.manifest import ImageConfig
     from shoal.store import normalize_ref
 
     ref = normalize_ref(ref)
-    conf: dict[str, object] = {"Env": list(env) or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
+    default_path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    conf: dict[str, object] = {"Env": list(env) or [default_path]}
     if entrypoint:
         conf["Entrypoint"] = shlex.split(entrypoint)
     conf["Cmd"] = shlex.split(cmd) if cmd else ["/bin/sh"]

@@ -62,7 +62,8 @@ def inspect(ctx: click.Context, ref: str, as_json: bool) -> None:
     if as_json:
         emit_json(doc)
         return
-    click.echo(f"Image:        {ref}\nDigest:       {m.digest}\nMerkle root:  {m.root}\nFormat:       shoal v{m.format}")
+    click.echo(f"Image:        {ref}\nDigest:       {m.digest}\nMerkle root:  {m.root}")
+    click.echo(f"Format:       shoal v{m.format}")
     click.echo(f"Platform:     {cfg.os}/{cfg.architecture}")
     click.echo(f"Size:         {human(m.size)} (index {human(m.index.size)}, {len(m.packs)} packs)")
     click.echo(f"Tree:         {idx.files} files, {len(idx.entries)} entries, {human(idx.logical_bytes)}")

@@ -16,7 +16,8 @@ from shoal.cli.common import emit_json, human, open_store, progress_sink
 def unpack(ctx: click.Context, ref: str, dest: str, workers: int | None, as_json: bool) -> None:
     """Materialize REF's tree in DEST (new or empty), metadata exact."""
     from shoal.reader import Reader, StoreSource
-    from shoal.unpack import UnpackOptions, unpack as do_unpack
+    from shoal.unpack import UnpackOptions
+    from shoal.unpack import unpack as do_unpack
 
     store = open_store(ctx)
     m = store.resolve(ref)

@@ -63,11 +63,11 @@ def _enc(v: Any, out: bytearray) -> None:
         for item in v:
             _enc(item, out)
     elif isinstance(v, dict):
-        pairs = []
+        pairs: list[tuple[bytes, Any]] = []
         for k, val in v.items():
-            kb = bytearray()
-            _enc(k, kb)
-            pairs.append((bytes(kb), val))
+            kbuf = bytearray()
+            _enc(k, kbuf)
+            pairs.append((bytes(kbuf), val))
         pairs.sort(key=lambda p: p[0])
         for i in range(1, len(pairs)):
             if pairs[i][0] == pairs[i - 1][0]:

@@ -49,7 +49,7 @@ class Descriptor:
         ann = d.get("annotations") or {}
         if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items()):
             raise FormatError("descriptor annotations must map strings to strings")
-        return Descriptor(media, dg.validate(digest), size, tuple(sorted(ann.items())))
+        return Descriptor(media, dg.validate(str(digest)), size, tuple(sorted(ann.items())))
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,9 @@ def parse_config(raw: bytes) -> ImageConfig:
         raise FormatError(f"image config is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise FormatError("image config must be an object")
-    sh = doc.get("shoal") if isinstance(doc.get("shoal"), dict) else {}
-    conf = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    sh_raw, conf_raw = doc.get("shoal"), doc.get("config")
+    sh: dict[str, Any] = sh_raw if isinstance(sh_raw, dict) else {}
+    conf: dict[str, Any] = conf_raw if isinstance(conf_raw, dict) else {}
     return ImageConfig(
         architecture=str(doc.get("architecture", "")), os=str(doc.get("os", "")),
         variant=str(doc.get("variant", "")), config=conf, root=str(sh.get("root", "")),

@@ -10,7 +10,7 @@ from pathlib import Path
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, UsageError
 from shoal.format import index as fidx
-from shoal.format.manifest import ShoalManifest, parse_manifest, MAX_MANIFEST_BYTES
+from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, parse_manifest
 from shoal.format.model import Index
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout

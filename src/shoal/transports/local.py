@@ -41,7 +41,7 @@ TRANSPORT = register(LocalTransport())
 @dataclass(frozen=True)
 class LocalReference(ImageReference):
     name: str
-    transport = TRANSPORT  # type: ignore[assignment]
+    transport = TRANSPORT
 
     def details(self) -> str:
         return self.name

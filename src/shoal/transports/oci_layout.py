@@ -244,9 +244,9 @@ class OciLayoutReference(ImageReference):
         """Remove the entry from ``index.json``, then the blobs only it reached (as skopeo does)."""
         root = Path(self.path)
         with _index_lock(root):
-            doc = _read_index(root)
-            entries = _descriptors(doc, root)
-            victim = _choose(entries, self.name, self.index, root)
+            doc = _read_index(root, self.path)
+            entries = _descriptors(doc, self.path)
+            victim = _choose(entries, self.name, self.index, self.path)
             doc["manifests"] = [e for i, e in enumerate(doc["manifests"]) if i != victim.position]
             write_atomic(root / "index.json", _dump(doc))
             keep = _reachable(root, [e.digest for e in entries if e.position != victim.position])
@@ -270,37 +270,37 @@ class Descriptor:
     annotations: dict[str, str] = field(default_factory=dict, compare=False)
 
 
-def _read_index(root: Path) -> dict[str, Any]:
+def _read_index(root: Path, where: str) -> dict[str, Any]:
     try:
         raw = read_small(root / "index.json", "index.json")
     except NotFound:
-        raise NotFound(f"no OCI layout at {root} (index.json is missing)") from None
-    doc = decode_json(raw, f"{root}/index.json")
+        raise NotFound(f"no OCI layout at {where} (index.json is missing)") from None
+    doc = decode_json(raw, f"index.json of {where}")
     if not isinstance(doc, dict) or not isinstance(doc.get("manifests", []), list):
-        raise FormatError(f"{root}/index.json is not an OCI image index")
+        raise FormatError(f"index.json of {where} is not an OCI image index")
     doc.setdefault("manifests", [])
     return doc
 
 
-def _descriptors(doc: dict[str, Any], root: Path) -> list[Descriptor]:
+def _descriptors(doc: dict[str, Any], where: str) -> list[Descriptor]:
     out = []
     for i, e in enumerate(doc["manifests"]):
         if not isinstance(e, dict):
-            raise FormatError(f"{root}/index.json: entry {i} is not an object")
+            raise FormatError(f"index.json of {where}: entry {i} is not an object")
         ann = e.get("annotations") or {}
         size = e.get("size", -1)
         if not isinstance(ann, dict) or not isinstance(size, int) or not isinstance(e.get("mediaType", ""), str):
-            raise FormatError(f"{root}/index.json: entry {i} is malformed")
+            raise FormatError(f"index.json of {where}: entry {i} is malformed")
         safe_hex(e.get("digest"))
         out.append(Descriptor(e.get("mediaType", ""), e["digest"], size, str(ann.get(mt.ANN_REF_NAME, "")), i,
                               {str(k): str(v) for k, v in ann.items()}))
     return out
 
 
-def _choose(entries: list[Descriptor], name: str, index: int, root: Path) -> Descriptor:
+def _choose(entries: list[Descriptor], name: str, index: int, where: str) -> Descriptor:
     if index >= 0:
         if index >= len(entries):
-            raise NotFound(f"{root}: no entry @{index}, index.json has {len(entries)}")
+            raise NotFound(f"{where}: no entry @{index}, index.json has {len(entries)}")
         return entries[index]
     if name:
         found = [e for e in entries if e.name == name]
@@ -308,10 +308,10 @@ def _choose(entries: list[Descriptor], name: str, index: int, root: Path) -> Des
         if usable:
             return usable[0]
         if found:
-            raise FormatError(f"{root}: {name!r} names a {found[0].media_type!r}, not a manifest or index")
-        raise NotFound(f"no image named {name!r} in {root}")
+            raise FormatError(f"{where}: {name!r} names a {found[0].media_type!r}, not a manifest or index")
+        raise NotFound(f"no image named {name!r} in {where}")
     if len(entries) != 1:
-        raise UsageError(f"{root} holds {len(entries)} images, not one: choose one with PATH:REF or PATH:@N")
+        raise UsageError(f"{where} holds {len(entries)} images, not one: choose one with PATH:REF or PATH:@N")
     return entries[0]
 
 
@@ -457,11 +457,14 @@ class BlobFileDestination(ImageDestination):
 
 
 class OciLayoutSource(BlobFileSource):
-    def __init__(self, root: Path, name: str = "", index: int = -1) -> None:
+    """``where`` names the layout in messages (an archive's file name when it was extracted)."""
+
+    def __init__(self, root: Path, name: str = "", index: int = -1, where: str | None = None) -> None:
         self.root = root
         self.blobs = root / "blobs" / "sha256"
-        self.entries = _descriptors(_read_index(root), root)
-        self.top = _choose(self.entries, name, index, root)
+        where = where or str(root)
+        self.entries = _descriptors(_read_index(root, where), where)
+        self.top = _choose(self.entries, name, index, where)
         self._child_types: dict[str, str] | None = None
 
     def blob_path(self, digest: str) -> Path:
@@ -501,7 +504,7 @@ class OciLayoutDestination(BlobFileDestination):
         except OSError as exc:
             raise StoreError(f"cannot create an OCI layout at {root}: {exc.strerror}") from None
         if (root / "index.json").exists():
-            _descriptors(_read_index(root), root)  # refuse a broken layout now, not at commit
+            _descriptors(_read_index(root, str(root)), str(root))  # refuse a broken layout now, not at commit
         if not (root / "oci-layout").exists():
             write_atomic(root / "oci-layout", LAYOUT_FILE)
 
@@ -523,10 +526,11 @@ class OciLayoutDestination(BlobFileDestination):
             entry["annotations"] = {mt.ANN_REF_NAME: self.name}
         with _index_lock(self.root):
             if (self.root / "index.json").exists():
-                doc = _read_index(self.root)
+                doc = _read_index(self.root, str(self.root))
             else:
                 doc = {"schemaVersion": 2, "manifests": []}
-            kept = [e for e, d in zip(doc["manifests"], _descriptors(doc, self.root)) if not self._replaces(d)]
+            old = _descriptors(doc, str(self.root))
+            kept = [e for e, d in zip(doc["manifests"], old) if not self._replaces(d)]
             doc["manifests"] = kept + [entry]
             write_atomic(self.root / "index.json", _dump(doc))
         log.debug("oci:%s: %s is now %s", self.root, self.name or "(unnamed)", top.digest)
