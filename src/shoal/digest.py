@@ -10,7 +10,7 @@ from shoal.errors import FormatError
 __all__ = ["ALGO", "sha256", "to_str", "from_str", "hex_of", "validate"]
 
 ALGO = "sha256"
-_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def sha256(data: bytes | bytearray | memoryview) -> bytes:
@@ -27,7 +27,7 @@ def to_str(raw: bytes) -> str:
 
 def validate(digest: str) -> str:
     """Return ``digest`` if it is a well-formed sha256 digest string, else raise."""
-    if not isinstance(digest, str) or not _RE.match(digest):
+    if not isinstance(digest, str) or not _RE.fullmatch(digest):
         raise FormatError(f"not a sha256 digest: {str(digest)[:80]!r}")
     return digest
 

@@ -24,8 +24,15 @@ from pathlib import Path
 
 from shoal.errors import FormatError, NotFound, StoreError, UsageError
 from shoal.transports.base import ImageReference, Transport, register
-from shoal.transports.oci_layout import (BlobFileDestination, BlobFileSource, guess_media_type, manifest_children,
-                                         read_small, safe_hex, write_atomic)
+from shoal.transports.oci_layout import (
+    BlobFileDestination,
+    BlobFileSource,
+    guess_media_type,
+    manifest_children,
+    read_small,
+    safe_hex,
+    write_atomic,
+)
 
 __all__ = ["DirTransport", "DirReference", "DirSource", "DirDestination", "VERSION", "TRANSPORT"]
 
@@ -51,7 +58,7 @@ TRANSPORT = register(DirTransport())
 @dataclass(frozen=True)
 class DirReference(ImageReference):
     path: str
-    transport = TRANSPORT  # type: ignore[assignment]
+    transport = TRANSPORT
 
     def details(self) -> str:
         return self.path
@@ -64,7 +71,7 @@ class DirReference(ImageReference):
 
 
 def _manifest_path(root: Path, digest: str | None) -> Path:
-    return root / (f"{safe_hex(digest)}.manifest.json" if digest else "manifest.json")
+    return root / ("manifest.json" if digest is None else f"{safe_hex(digest)}.manifest.json")
 
 
 class DirSource(BlobFileSource):

@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -227,7 +227,7 @@ class OciLayoutReference(ImageReference):
     path: str
     name: str = ""
     index: int = -1
-    transport = TRANSPORT  # type: ignore[assignment]
+    transport = TRANSPORT
 
     def details(self) -> str:
         return LayoutRef(self.path, self.name, self.index).details()
@@ -267,7 +267,6 @@ class Descriptor:
     size: int
     name: str = ""
     position: int = 0
-    annotations: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def _read_index(root: Path, where: str) -> dict[str, Any]:
@@ -292,8 +291,7 @@ def _descriptors(doc: dict[str, Any], where: str) -> list[Descriptor]:
         if not isinstance(ann, dict) or not isinstance(size, int) or not isinstance(e.get("mediaType", ""), str):
             raise FormatError(f"index.json of {where}: entry {i} is malformed")
         safe_hex(e.get("digest"))
-        out.append(Descriptor(e.get("mediaType", ""), e["digest"], size, str(ann.get(mt.ANN_REF_NAME, "")), i,
-                              {str(k): str(v) for k, v in ann.items()}))
+        out.append(Descriptor(e.get("mediaType", ""), e["digest"], size, str(ann.get(mt.ANN_REF_NAME, "")), i))
     return out
 
 
@@ -322,12 +320,18 @@ def _dump(doc: dict[str, Any]) -> bytes:
 @contextlib.contextmanager
 def _index_lock(root: Path) -> Iterator[None]:
     """Serialise index.json rewrites: flock the layout directory, and ``index.lock`` if a Shoal store."""
-    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    fds: list[int] = []
     try:
-        if (root / "index.lock").exists():
-            fds.append(os.open(root / "index.lock", os.O_RDWR))
-        for fd in fds:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fds.append(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
+            if (root / "index.lock").exists():
+                fds.append(os.open(root / "index.lock", os.O_RDWR))
+            for fd in fds:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except FileNotFoundError:
+            raise NotFound(f"no OCI layout at {root}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot lock the OCI layout at {root}: {exc.strerror}") from None
         yield
     finally:
         for fd in fds:
