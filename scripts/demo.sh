@@ -6,8 +6,30 @@ set -euo pipefail
 CACHE=${SHOAL_DEMO_CACHE:-/var/tmp/shoal-demo}
 WORK=$(mktemp -d /var/tmp/shoal-demo-run.XXXXXX)
 export SHOAL_STORE=$WORK/store
-trap 'rm -rf "$WORK"' EXIT
+REG_PID=
+cleanup() { [ -n "$REG_PID" ] && kill "$REG_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# A real registry (distribution 2.8, Debian's docker-registry) on loopback, started and stopped here.
+start_registry() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "$WORK/registry"
+  cat > "$WORK/registry/config.yml" <<YML
+version: 0.1
+log: {level: error}
+storage:
+  filesystem: {rootdirectory: $WORK/registry/data}
+  delete: {enabled: true}
+http: {addr: 127.0.0.1:$port, secret: shoal-demo}
+YML
+  docker-registry serve "$WORK/registry/config.yml" >"$WORK/registry/log" 2>&1 &
+  REG_PID=$!
+  REG=127.0.0.1:$port
+  for _ in $(seq 100); do curl -fs "http://$REG/v2/" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "registry did not start" >&2; cat "$WORK/registry/log" >&2; exit 1
+}
 
 if [ ! -e "$CACHE/bookworm/.complete" ]; then
   say "making a real root filesystem: debootstrap --variant=minbase bookworm (cached in $CACHE)"
@@ -52,6 +74,17 @@ if diff -r --no-dereference "$V1" "$WORK/unpacked" 2>&1 | grep -v 'character spe
   echo "content differs" >&2; exit 1
 fi
 echo "content: identical"
+
+say "a real registry on loopback: push v1 and v2 (only v2's new packs travel), then pull into a new store"
+start_registry
+echo "registry at $REG ($(du -sh "$WORK/registry/data" 2>/dev/null | cut -f1 || echo 0) before push)"
+shoal push demo:v1 "docker://$REG/demo/debian:v1"
+shoal push demo:v2 "docker://$REG/demo/debian:v2"
+echo "registry holds $(du -sb "$WORK/registry/data" | cut -f1) bytes for both images"
+shoal inspect "docker://$REG/demo/debian:v2" | head -4
+SHOAL_STORE=$WORK/store2 shoal pull "docker://$REG/demo/debian:v1" demo:v1
+SHOAL_STORE=$WORK/store2 shoal pull "docker://$REG/demo/debian:v2" demo:v2
+SHOAL_STORE=$WORK/store2 shoal fsck
 
 say "shoal fsck; shoal rm demo:v2; shoal gc"
 shoal fsck

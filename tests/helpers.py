@@ -293,7 +293,10 @@ def generate_tree(dest: str | os.PathLike[str], seed: int = 20240601, n_files: i
 
     for i in range(n_files):
         d = rng.choice(dirs)
-        name = ODD_NAMES[i % len(ODD_NAMES)][:250] + b".f" if i % 97 == 3 else f"f{i:05d}.{rng.choice(['txt', 'bin', 'so', 'py'])}".encode()
+        if i % 97 == 3:
+            name = ODD_NAMES[i % len(ODD_NAMES)][:250] + b".f"
+        else:
+            name = f"f{i:05d}.{rng.choice(['txt', 'bin', 'so', 'py'])}".encode()
         p = d + b"/" + name if d else name
         if p in file_meta:
             continue

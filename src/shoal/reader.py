@@ -75,7 +75,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
 def decompress_frame(data: bytes, f: Frame, where: str) -> bytes:
     """Decompress one frame, refusing anything that is not exactly ``f.ulen`` bytes."""
     try:
-        out = _dctx().decompress(data, max_output_size=f.ulen)
+        out = _dctx().decompress(data, max_output_size=f.ulen, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"corrupt frame at {where}: {exc}") from None
     if len(out) != f.ulen:

@@ -9,6 +9,7 @@ new or empty.  Nothing is ever written outside it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -18,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from shoal.errors import PermissionDenied, ShoalError, StoreError, UsageError
+from shoal.errors import PermissionDenied, ShoalError, UsageError
 from shoal.format.model import Entry, Index, Kind
 from shoal.progress import NULL, Sink
 from shoal.reader import Reader
@@ -156,13 +157,22 @@ def unpack(index: Index, reader: Reader, dest: str, opts: UnpackOptions | None =
             if e.kind == Kind.DIR:
                 u.dir_meta(e)
     except BaseException as exc:
-        os.close(rootfd)
+        # leave nothing behind: remove what we created, and only that
         if created:
+            os.close(rootfd)
             shutil.rmtree(dest, ignore_errors=True)
+        else:
+            for name in os.listdir(rootfd):
+                try:
+                    shutil.rmtree(name, dir_fd=rootfd)
+                except NotADirectoryError:
+                    os.unlink(name, dir_fd=rootfd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=rootfd)
+            os.close(rootfd)
         if isinstance(exc, OSError):
-            raise StoreError(f"unpack failed: {exc.strerror}: {os.fsdecode(exc.filename or b'')}") from None
-        if isinstance(exc, ShoalError):
-            raise
+            raise ShoalError(f"unpack failed: {exc.strerror}: {os.fsdecode(exc.filename or b'')}") from None
         raise
     os.close(rootfd)
     sink.finish("unpack")

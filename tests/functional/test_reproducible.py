@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import clone_tree, tree_snapshot, assert_same_tree
+from helpers import assert_same_tree, clone_tree, tree_snapshot
 from shoal.build import BuildOptions, build
 from shoal.store import Store
 
@@ -47,8 +47,9 @@ def test_debian_rootfs_reproducible(debian_rootfs: Path, tmp_path: Path) -> None
 def test_source_date_epoch_changes_only_clamped_mtimes(tmp_path: Path) -> None:
     """SOURCE_DATE_EPOCH clamps mtimes: a tree whose mtimes are all older than it builds identically;
     a newer mtime is clamped, so touching a file to 'now' does not change the image."""
-    from helpers import write_tree
     import os
+
+    from helpers import write_tree
 
     tree = write_tree(tmp_path / "t", {"a": b"1" * 100, "d/b": b"2" * 5000})
     epoch = 1_700_000_000

@@ -150,9 +150,10 @@ def test_cat_refuses_directories_and_missing(generated_image) -> None:  # type: 
 def test_ls_and_inspect_agree_with_tree(generated_image, generated_snapshot) -> None:  # type: ignore[no-untyped-def]
     store_dir, ref, r = generated_image
     p = run_shoal(store_dir, "ls", "-R", ref)
-    listed = p.stdout.split(b"\n")
-    # names with newlines split into two lines, so count entries through the index instead
-    assert len(listed) - 1 >= len(generated_snapshot) - 1
+    # depth-first, children in canonical order = the index's order; undecodable bytes as \x escapes
+    want = "".join("/" + path.decode("utf-8", "backslashreplace") + "\n"
+                   for path in sorted(generated_snapshot, key=path_key) if path)
+    assert p.stdout.decode("utf-8") == want
     doc = json.loads(run_shoal(store_dir, "inspect", "--json", ref).stdout)
     assert doc["digest"] == r.manifest.digest and doc["root"] == r.manifest.root
     assert doc["entries"] == len(generated_snapshot)

@@ -28,6 +28,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unpack": ("shoal.cli.unpack_cmd", "unpack", "Materialize an image's tree in a directory."),
     "fsck": ("shoal.cli.store_cmds", "fsck", "Verify every object in the store."),
     "gc": ("shoal.cli.store_cmds", "gc", "Delete blobs that no image references."),
+    "mount": ("shoal.cli.mount_cmds", "mount", "Mount an image lazily with FUSE (read-only or --writable)."),
+    "umount": ("shoal.cli.mount_cmds", "umount", "Unmount a shoal mount and stop its daemon."),
+    "status": ("shoal.cli.mount_cmds", "status", "Show shoal mounts, their daemons and I/O counters."),
+    "run": ("shoal.cli.mount_cmds", "run", "Run a container from an image (lazy mount + runc)."),
+    "copy": ("shoal.cli.transfer_cmds", "copy", "Copy an image between any two transports (docker://, oci:, ...)."),
+    "push": ("shoal.cli.transfer_cmds", "push", "Push a store image to a registry, sending only missing blobs."),
+    "pull": ("shoal.cli.transfer_cmds", "pull", "Pull an image into the store, fetching only missing chunks."),
+    "delete": ("shoal.cli.transfer_cmds", "delete", "Delete an image from a registry."),
+    "login": ("shoal.cli.transfer_cmds", "login", "Check and save credentials for a registry."),
+    "logout": ("shoal.cli.transfer_cmds", "logout", "Remove saved credentials for a registry."),
 }
 
 
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo("shoal: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"shoal: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -167,6 +167,8 @@ class _Decoder:
                 prev = kraw
                 if isinstance(k, (list, dict)):
                     raise self.fail("map key must be a scalar")
+                if k in out:  # e.g. 1 and true are equal keys in Python
+                    raise self.fail("map keys unsorted or duplicated")
                 out[k] = self.item(depth + 1)
             return out
         if major == 7:

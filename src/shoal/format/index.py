@@ -143,7 +143,8 @@ def decompress(blob: bytes, limit: int = MAX_INDEX_BYTES) -> bytes:
     if params.content_size <= 0 or params.content_size > limit:
         raise HostileInput(f"index declares {params.content_size} bytes, limit is {limit}")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=params.content_size)
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=params.content_size,
+                                                      allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FormatError(f"index is corrupt or truncated: {exc}") from None
     if len(raw) != params.content_size:

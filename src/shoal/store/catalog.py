@@ -6,6 +6,7 @@ manifests and indexes in the layout, and ``fsck --repair``/``gc`` do so.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -50,13 +51,18 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        with self._conn() as c:
-            c.executescript(_SCHEMA)
+        if not path.exists() or os.access(path, os.W_OK):
+            self._conn().executescript(_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
+                if self.path.exists() and not os.access(self.path, os.W_OK):
+                    # a read-only store (another user's): reads work, writes fail clearly
+                    conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None)
+                    self._local.conn = conn
+                    return conn
                 conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")

@@ -72,7 +72,9 @@ def _check_chunks(store: Store, idx: Index, bad_blobs: set[str]) -> list[str]:
             continue
         if not store.has_frame(pack, f.offset):
             # a pull skipped this frame because the store holds its chunks elsewhere
-            missing = [c for c in cis if idx.chunk_ids[c] not in store.catalog.locate([idx.chunk_ids[c]])]
+            locs = store.catalog.locate([idx.chunk_ids[c] for c in cis])
+            missing = [c for c in cis if (loc := locs.get(idx.chunk_ids[c])) is None
+                       or not store.has_frame(loc.pack, loc.frame_off)]
             if missing:
                 errors.append(f"pack {pack} frame @{f.offset}: {len(missing)} chunks are not in the store")
             continue
@@ -108,6 +110,10 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
             if got != d:
                 bad.add(d)
                 rep.errors.append(f"blob {d} is corrupt: content hashes to {got}")
+    stale = store.catalog.packs() - set(blobs) - store.catalog.frame_packs()
+    if stale:
+        store.catalog.drop_packs(stale)
+        rep.repaired.append(f"dropped catalogue rows of {len(stale)} missing packs")
     for name, desc in sorted(layout.refs().items()):
         rep.images += 1
         try:
@@ -127,10 +133,6 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
             rep.errors += [f"{name}: {e}" for e in _check_chunks(store, idx, bad)]
         except ShoalError as exc:
             rep.errors.append(f"{name}: {exc}")
-    stale = store.catalog.packs() - set(blobs) - store.catalog.frame_packs()
-    if stale:
-        store.catalog.drop_packs(stale)
-        rep.repaired.append(f"dropped catalogue rows of {len(stale)} missing packs")
     bad_packs = bad & store.catalog.packs()
     if bad_packs:
         store.catalog.drop_packs(bad_packs)

@@ -94,6 +94,9 @@ class ImageSource(abc.ABC):
 
 
 class ImageDestination(abc.ABC):
+    #: False for formats that hold one image (docker-archive): the copier then picks one platform.
+    supports_index: bool = True
+
     def __enter__(self) -> "ImageDestination":
         return self
 

@@ -267,6 +267,8 @@ class DockerArchiveSource(ImageSource):
 
 
 class DockerArchiveDestination(BlobFileDestination):
+    supports_index = False
+
     def __init__(self, ref: DockerArchiveReference, limits: ArchiveLimits, tmpdir: str | None = None) -> None:
         self.target = Path(ref.path)
         self.limits = limits

@@ -1,0 +1,114 @@
+"""Golden bytes of the format (docs/spec/format.md §3-§6): any change to the index encoding, the
+Merkle rules, packing, compression, the manifest or the config shows up here.
+
+How the values were made: by running the code once (tests/golden/tinytree.py holds the inputs),
+checking the CBOR by hand against the spec (map keys in length-then-bytewise order: root, packs,
+chunks, format, frames, entries, chunklocs; shortest-form integers), and pasting them here.
+
+After an intended format change, take the new values from the assertion message (it prints what the
+code produced), re-check them, and paste them here in the same commit as the spec change.
+
+The tiny-tree manifest digest also depends on the zstd library's exact output (packs and index are
+zstd frames); the Merkle root and the uncompressed index digest do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from tinytree import hand_index, make_tiny_tree
+
+from shoal.build import BuildOptions, build
+from shoal.format import cbor
+from shoal.format import index as fidx
+from shoal.format.manifest import ImageConfig
+from shoal.store import Store
+
+HAND_INDEX_HEX = (
+    "a764726f6f74582022b253284326252e5a9064320cd11542f480adf46839fa721a53c75c677e9157657061636b7381582048"
+    "62f447f2c7f272fa2f4aaf89dadb3b1ac09105bd5864f8d1a0c9452bb0a226666368756e6b73582022895c55e2bbc29b4049"
+    "5f434c35f2838d68bc6eee154bdc2047079b21ac6c4166666f726d617401666672616d657354000000000000000000000000"
+    "0000001e0000001567656e74726965738a8840001901ed00001b17979cfe3d85cd15a0582022b253284326252e5a9064320c"
+    "d11542f480adf46839fa721a53c75c677e9157884362696e001901ed00001b17979cfe3d85cd16a0582006436c62d78d199d"
+    "b8053fb456688ec2cb6f792bca054dc168990603339c2e10884862696e2f6c696e6b021901ff00001b17979cfe3d85cd17a0"
+    "427368884662696e2f7368011909ed00001b17979cfe3d85cd18a146757365722e6b437600ff8315408100884762696e2f73"
+    "6832031909ed00001b17979cfe3d85cd18a146757365722e6b437600ff4662696e2f73688844636166e9011901a41903e819"
+    "03e824a0830040808843646576001903ff00001b17979cfe3d85cd19a05820efe2100ca1ef96f6cb219a365a7b2bcb6c179f"
+    "898316e8c1d8ca3d09b7c3262488486465762f6669666f0619018000001b17979cfe3d85cd1aa0f688486465762f6e756c6c"
+    "041901b600001b17979cfe3d85cd1ba082010388476465762f736461051901b000061b17979cfe3d85cd1ca0820800696368"
+    "756e6b6c6f63734c000000000000000000000015"
+)
+HAND_ROOT = "22b253284326252e5a9064320cd11542f480adf46839fa721a53c75c677e9157"
+
+TINY = {
+    "manifest": "sha256:f7f3776ea6afe61fba2205f70e96efa3654cf2ddfd2e953dd133978d5e2afe21",
+    "root": "sha256:a9f5d0d7b4efc5481d144baf588345586990d16eb731637771e1d8f1831e157a",
+    "index": "sha256:6afcb083c926e4c4cc6482fac2a058cebd06758cd0e5634919198999d217d2b6",
+    "config": "sha256:4d7c5836633ac137896feef74782021d421be3f7231de3d40fa9daded2e441a5",
+    "packs": ["sha256:3c7dc340674b380474d9013b3d2d1f21f6d515656f4a6afc6636ae2fa3e862c4"],
+    "index_cbor_sha256": "297893904005d9404b7aa29ed10987fc1d4bd070a250b335b83e20aa73dd9afc",
+    "chunk_lengths": [88202, 124454, 46965, 40379, 70000, 6],
+}
+
+
+def test_hand_index_encoding() -> None:
+    idx = hand_index()
+    raw = fidx.encode(idx)
+    assert raw.hex() == HAND_INDEX_HEX
+    assert idx.root.hex() == HAND_ROOT
+    # the bytes decode to the same index, and are the canonical CBOR of what they decode to
+    back = fidx.decode(bytes.fromhex(HAND_INDEX_HEX))
+    assert back == idx
+    assert cbor.encode(cbor.decode(raw)) == raw
+    # the top-level map keys in canonical (length-first, then bytewise) order
+    assert list(cbor.decode(raw)) == ["root", "packs", "chunks", "format", "frames", "entries", "chunklocs"]
+
+
+def test_hand_index_survives_compression() -> None:
+    raw = bytes.fromhex(HAND_INDEX_HEX)
+    assert fidx.decompress(fidx.compress(raw)) == raw
+
+
+def test_merkle_root_covers_every_field() -> None:
+    """Changing any one field of any entry changes the root."""
+    from dataclasses import replace
+
+    idx = hand_index()
+    base = idx.entries
+    seen = {idx.root}
+    for i, e in enumerate(base):
+        for change in ({"mode": e.mode ^ 0o1}, {"uid": e.uid + 1}, {"gid": e.gid + 1}, {"mtime_ns": e.mtime_ns + 1},
+                       {"xattrs": e.xattrs + ((b"user.z", b""),)}):
+            if e.kind.name == "HARDLINK":
+                continue  # a hardlink's metadata is its primary's
+            entries = list(base)
+            entries[i] = replace(e, **change)
+            root = fidx.merkle(entries)[0].digest
+            assert root not in seen, (e.path, change)
+            seen.add(root)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the tiny tree has files owned by uid 1000 (needs root)")
+def test_tiny_tree_image(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_tiny_tree(tree)
+    opts = BuildOptions(workers=2, config=ImageConfig(architecture="amd64", os="linux"))
+    r = build(Store.open(tmp_path / "s"), tree, "tiny:1", opts)
+    store = Store.open(tmp_path / "s")
+    idx = store.load_index(store.resolve("tiny:1"))
+    got = {
+        "manifest": r.manifest.digest,
+        "root": r.manifest.root,
+        "index": r.manifest.index.digest,
+        "config": r.manifest.config.digest,
+        "packs": [p.digest for p in r.manifest.packs],
+        "index_cbor_sha256": hashlib.sha256(fidx.encode(idx)).hexdigest(),
+        "chunk_lengths": list(idx.chunk_lengths),
+    }
+    # compare the format-only values first, so a zstd-only change is told apart from a format change
+    assert (got["root"], got["index_cbor_sha256"], got["chunk_lengths"]) == (
+        TINY["root"], TINY["index_cbor_sha256"], TINY["chunk_lengths"])
+    assert got == TINY
