@@ -21,6 +21,7 @@ from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, UsageError
 from shoal.format.manifest import MAX_MANIFEST_BYTES
+from shoal.format.platform import Platform
 from shoal.progress import NULL, Sink
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource
 
@@ -47,6 +48,7 @@ class CopyResult:
     bytes_fetched: int = 0
     chunks_fetched: int = 0
     requests: int = 0
+    retries: int = 0
     seconds: float = 0.0
 
 
@@ -105,6 +107,10 @@ def descriptors_of(raw: bytes) -> list[BlobInfo]:
     return out
 
 
+def host_platform() -> str:
+    return str(Platform.host())
+
+
 def _children(raw: bytes, platform: str | None) -> list[tuple[str, str]]:
     doc = _json(raw, "image index")
     out = []
@@ -161,8 +167,11 @@ class _Copier:
         doc = _json(raw, "manifest")
         media = media or str(doc.get("mediaType", ""))
         if media in mt.INDEX_TYPES or (not media and "manifests" in doc):
-            kids = _children(raw, self.opts.platform)
-            if self.opts.platform:
+            platform = self.opts.platform
+            if platform is None and not self.dst.supports_index:
+                platform = host_platform()  # like skopeo: a single-image format gets this machine's image
+            kids = _children(raw, platform)
+            if platform:
                 (d, m), = kids[:1]
                 craw, cmedia = self.src.get_manifest(d)
                 self._check(craw, d)
@@ -204,13 +213,27 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
                 result = pull_into_store(src, raw, dst, opts, sink)
             else:
                 result = _Copier(src_ref, src, dst, opts, sink).run()
+            _account(result, src, dst)
     sink.finish("copy")
-    stats = getattr(src, "stats", None) or getattr(dst, "stats", None)
-    if stats is not None:
-        result.requests = int(getattr(stats, "requests", 0))
-        result.bytes_fetched = max(result.bytes_fetched, int(getattr(getattr(src, "stats", None), "bytes_fetched", 0)))
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _account(result: CopyResult, src: ImageSource, dst: ImageDestination) -> None:
+    """Wire figures from transports that keep ``stats`` (requests, retries, bytes_fetched, bytes_sent).
+
+    ``requests`` and ``retries`` are sums over source and destination.  Where a side keeps stats, its wire count
+    replaces the payload count (it includes manifests, retries and any full-blob fallback).
+    """
+    s_stats, d_stats = getattr(src, "stats", None), getattr(dst, "stats", None)
+    result.requests = sum(int(getattr(st, "requests", 0)) for st in (s_stats, d_stats) if st is not None)
+    result.retries = sum(int(getattr(st, "retries", 0)) for st in (s_stats, d_stats) if st is not None)
+    if s_stats is not None:
+        result.bytes_fetched = int(getattr(s_stats, "bytes_fetched", 0))
+    elif result.bytes_fetched == 0:
+        result.bytes_fetched = result.bytes_sent  # a local source: what was read is what was moved
+    if d_stats is not None:
+        result.bytes_sent = int(getattr(d_stats, "bytes_sent", 0))
 
 
 def _is_shoal(raw: bytes) -> bool:

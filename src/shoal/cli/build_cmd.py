@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 
 import click
 
 from shoal.cli.common import emit_json, human, open_store, progress_sink
-
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
-         "riscv64": "riscv64", "i686": "386"}
 
 
 @click.command()
@@ -38,6 +34,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
     from shoal.build import BuildOptions
     from shoal.build import build as do_build
     from shoal.format.manifest import ImageConfig
+    from shoal.format.platform import host_arch
     from shoal.store import normalize_ref
 
     ref = normalize_ref(ref)
@@ -54,7 +51,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
         conf["Labels"] = dict(kv.split("=", 1) for kv in label if "=" in kv)
     opts = BuildOptions(
         workers=workers or 2 * (os.cpu_count() or 1), source_date_epoch=source_date_epoch, reuse=reuse,
-        config=ImageConfig(architecture=arch or _ARCH.get(platform.machine(), platform.machine()), config=conf),
+        config=ImageConfig(architecture=arch or host_arch(), config=conf),
     )
     store = open_store(ctx)
     with progress_sink(as_json) as sink:

@@ -38,7 +38,7 @@ class ConvertLimits:
     max_entries: int = 4_000_000  # tar headers over every layer
     max_header_bytes: int = 1 << 20  # one PAX or GNU long-name header
     max_sparse_blocks: int = 1 << 20  # entries of one sparse map
-    max_blob_bytes: int = 64 << 20  # a manifest list / config read into memory
+    max_blob_bytes: int = 64 << 20  # an image config (read into memory); manifests: 4 MiB
 
 
 class Budget:
@@ -78,7 +78,7 @@ class LayerStream:
         head = self._peek(4)
         if head.startswith(GZIP_MAGIC):
             self.compression = "gzip"
-        elif head.startswith(ZSTD_MAGIC):
+        elif head.startswith(ZSTD_MAGIC) or self._skippable():
             self.compression = "zstd"
         else:
             self.compression = "none"
@@ -166,16 +166,20 @@ class LayerStream:
             if not self._new_member(GZIP_MAGIC, "gzip"):
                 return False
             d = self._gz = zlib.decompressobj(31)
+        ended = False
         try:
             if d.unconsumed_tail:
                 data = d.decompress(d.unconsumed_tail, _OUT_MAX)
-            else:
-                if not self.pending and not self._fill():
-                    raise FormatError(f"{self.what}: truncated gzip stream")
+            elif self.pending or self._fill():
                 data = d.decompress(self._take_pending(), _OUT_MAX)
+            else:  # no more input: only what inflate still holds (at most one match)
+                data = d.flush()
+                ended = True
         except zlib.error as exc:
             raise FormatError(f"{self.what}: corrupt gzip stream: {exc}") from None
         self._emit(data)
+        if ended and not d.eof:
+            raise FormatError(f"{self.what}: truncated gzip stream")
         if d.eof:
             rest = d.unused_data
             self.pending[:0] = rest

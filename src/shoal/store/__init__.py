@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, UsageError
 from shoal.format import index as fidx
 from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, parse_manifest
 from shoal.format.model import Index
+from shoal.format.platform import Platform, platform_json
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
 from shoal.store.partial import PartialPacks
@@ -73,12 +77,67 @@ class Store:
     def manifest(self, digest: str) -> ShoalManifest:
         return parse_manifest(self.layout.get(digest, limit=MAX_MANIFEST_BYTES), digest)
 
-    def resolve(self, ref: str) -> ShoalManifest:
+    def resolve_all(self, ref: str, platform: Platform | None = None
+                    ) -> tuple[str, list[tuple[dict[str, Any], ShoalManifest]]]:
+        """The media type a tag points at and its (platform, manifest) pairs: one for a manifest tag,
+        one per platform of an image index (only those matching ``platform`` if given)."""
         name = normalize_ref(ref)
         desc = self.layout.refs().get(name)
         if desc is None:
             raise NotFound(f"no image {name} in the store")
-        return self.manifest(str(desc["digest"]))
+        digest = dg.validate(str(desc.get("digest")))
+        if desc.get("mediaType") != mt.OCI_INDEX:
+            return mt.OCI_MANIFEST, [({}, self.manifest(digest))]
+        out = []
+        for plat, child in self.index_children(digest):
+            if platform is None or platform.matches(Platform.of(plat)):
+                out.append((plat, self.manifest(child)))
+        if not out:
+            raise NotFound(f"{name} has no image for platform {platform}")
+        return mt.OCI_INDEX, out
+
+    def index_children(self, digest: str) -> list[tuple[dict[str, Any], str]]:
+        """(platform, manifest digest) of each entry of the image index blob ``digest``."""
+        try:
+            doc = json.loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
+        except ValueError as exc:
+            raise FormatError(f"image index {digest} is not JSON: {exc}") from None
+        manifests = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(manifests, list) or not all(isinstance(d, dict) for d in manifests):
+            raise FormatError(f"image index {digest} has no valid manifests list")
+        return [(platform_json(d.get("platform")), dg.validate(str(d.get("digest")))) for d in manifests]
+
+    def resolve(self, ref: str, platform: str | None = None) -> ShoalManifest:
+        """The one Shoal manifest ``ref`` names: for an image index, the ``platform`` (os/arch[/variant])
+        asked for, else this machine's, else the only one."""
+        want = Platform.parse(platform) if platform else None
+        _, items = self.resolve_all(ref, want)
+        if len(items) == 1:
+            return items[0][1]
+        host = Platform.host()
+        for plat, m in items:
+            if host.matches(Platform.of(plat)):
+                return m
+        have = ", ".join(str(Platform.of(p)) for p, _ in items)
+        raise UsageError(f"{normalize_ref(ref)} is a multi-platform image ({have}): choose one with --platform")
+
+    def tag_index(self, ref: str, raw: bytes) -> str:
+        """Store image index bytes and tag them ``ref``; return the index digest."""
+        digest = self.layout.put(raw)
+        self.layout.set_ref(normalize_ref(ref), {"mediaType": mt.OCI_INDEX, "digest": digest, "size": len(raw)})
+        return digest
+
+    def all_manifests(self) -> list[tuple[str, str, ShoalManifest]]:
+        """(tag, platform text, manifest) for every Shoal manifest a tag reaches, indexes expanded."""
+        out = []
+        for name, desc in sorted(self.layout.refs().items()):
+            d = str(desc.get("digest"))
+            if desc.get("mediaType") == mt.OCI_INDEX:
+                for plat, child in self.index_children(d):
+                    out.append((name, str(Platform.of(plat)), self.manifest(child)))
+            else:
+                out.append((name, "", self.manifest(d)))
+        return out
 
     def load_index(self, m: ShoalManifest) -> Index:
         blob = self.layout.get(m.index.digest)
@@ -120,4 +179,4 @@ class Store:
         self.layout.set_ref(name, None)
 
     def images(self) -> list[tuple[str, ShoalManifest]]:
-        return [(name, self.manifest(str(d["digest"]))) for name, d in sorted(self.layout.refs().items())]
+        return [(f"{name} [{plat}]" if plat else name, m) for name, plat, m in self.all_manifests()]

@@ -114,10 +114,15 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
     if stale:
         store.catalog.drop_packs(stale)
         rep.repaired.append(f"dropped catalogue rows of {len(stale)} missing packs")
-    for name, desc in sorted(layout.refs().items()):
+    try:
+        tagged = store.all_manifests()
+    except ShoalError as exc:
+        rep.errors.append(f"index.json: {exc}")
+        tagged = []
+    for name, plat, m in tagged:
         rep.images += 1
+        name = f"{name} [{plat}]" if plat else name
         try:
-            m = store.manifest(str(desc["digest"]))
             for dsc in (m.config, m.index, *m.packs):
                 if dsc.digest not in sizes and dsc in m.packs:
                     continue  # partly pulled, or its chunks live elsewhere: checked frame by frame below
@@ -144,11 +149,9 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
 def reachable(store: Store) -> set[str]:
     """Every blob a tag reaches: manifests, configs, indexes, packs — and the packs elsewhere in the
     store holding chunks of frames a pull skipped (the catalogue's "what references it")."""
-    keep: set[str] = set()
-    for desc in store.layout.refs().values():
-        d = str(desc["digest"])
-        keep.add(d)
-        m = store.manifest(d)
+    keep: set[str] = {str(desc["digest"]) for desc in store.layout.refs().values()}
+    for _, _, m in store.all_manifests():
+        keep.add(m.digest)
         keep.add(m.config.digest)
         keep.add(m.index.digest)
         keep.update(p.digest for p in m.packs)
