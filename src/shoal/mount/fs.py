@@ -16,6 +16,7 @@ reads for a lazy image).  Nothing here touches the network or the store.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -30,20 +31,62 @@ import trio
 
 from shoal.errors import IntegrityError, NotFound, ShoalError
 from shoal.format.model import Entry, Index, Kind, parent_of
-from shoal.reader import Reader
+from shoal.reader import FrameSource, Reader
 
-__all__ = ["ShoalFS", "ServeStats", "FUSE_OPTIONS"]
+__all__ = ["ShoalFS", "ServeStats", "MountReader", "FUSE_OPTIONS", "fuse_options"]
 
 log = logging.getLogger(__name__)
 
 # fsname/subtype show up in /proc/self/mountinfo as "shoal" / "fuse.shoal".
-# dev,suid: an image's setuid binaries and device nodes behave as in an unpacked tree.
-FUSE_OPTIONS = frozenset({"fsname=shoal", "subtype=shoal", "ro", "default_permissions", "allow_other",
-                          "dev", "suid"})
+FUSE_OPTIONS = frozenset({"fsname=shoal", "subtype=shoal", "ro", "default_permissions"})
+# As root: every user may read (containers run as any uid), and an image's setuid binaries and
+# device nodes behave as in an unpacked tree.  Unprivileged mounts get none of these.
+ROOT_OPTIONS = frozenset({"allow_other", "dev", "suid"})
+_READ_ERRNOS = frozenset({errno.EIO, errno.EINTR, errno.EAGAIN, errno.ENOMEM, errno.EACCES, errno.ETIMEDOUT,
+                          errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def fuse_options() -> set[str]:
+    return set(FUSE_OPTIONS | (ROOT_OPTIONS if os.geteuid() == 0 else frozenset()))
+
 
 _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_IFLNK,
          Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
 _BLOCK = 4096
+
+
+class MountReader(Reader):
+    """A Reader that can tell whether a read would be served from its in-memory frame cache.
+
+    (``has_frames`` belongs in ``Reader`` itself; it lives here until it moves there.)
+    """
+
+    def __init__(self, index: Index, source: FrameSource, cache_frames: int = 64) -> None:
+        super().__init__(index, source, cache_frames)
+        self._starts_by_pos: dict[int, list[int]] = {}
+
+    def frames_for(self, pos: int, e: Entry, off: int, size: int) -> set[int]:
+        """Frame indices holding bytes ``[off, off+size)`` of file ``e`` (entry position ``pos``)."""
+        starts = self._starts_by_pos.get(pos)
+        if starts is None:
+            starts, acc = [], 0
+            lengths = self.index.chunk_lengths
+            for ci in e.chunks:
+                starts.append(acc)
+                acc += lengths[ci]
+            self._starts_by_pos[pos] = starts
+        end = min(e.size, off + size)
+        k = max(0, bisect.bisect_right(starts, off) - 1)
+        frames = self.index.chunk_frames
+        need: set[int] = set()
+        while k < len(e.chunks) and starts[k] < end:
+            need.add(frames[e.chunks[k]])
+            k += 1
+        return need
+
+    def has_frames(self, frames: set[int]) -> bool:
+        with self._lock:
+            return all(f in self._cache for f in frames)
 
 
 @dataclass
@@ -53,6 +96,7 @@ class ServeStats:
     lookups: int = 0
     reads: int = 0
     bytes_served: int = 0
+    inline_reads: int = 0  # answered from the Reader's frame cache, without a thread hop
     errors: int = 0
     integrity_errors: int = 0
 
@@ -62,7 +106,7 @@ class ServeStats:
     def as_dict(self) -> dict[str, int]:
         with self.lock:
             return {"lookups": self.lookups, "reads": self.reads, "bytes_served": self.bytes_served,
-                    "errors": self.errors,
+                    "inline_reads": self.inline_reads, "errors": self.errors,
                     "integrity_errors": self.integrity_errors}
 
 
@@ -88,7 +132,7 @@ class ShoalFS(pyfuse3.Operations):
     enable_acl = True  # POSIX ACLs stored as system.posix_acl_* xattrs are enforced by the kernel
     supports_dot_lookup = True
 
-    def __init__(self, reader: Reader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None) -> None:
+    def __init__(self, reader: MountReader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None) -> None:
         super().__init__()
         self.reader = reader
         self.index: Index = reader.index
@@ -117,7 +161,6 @@ class ShoalFS(pyfuse3.Operations):
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
-        self.inline_reads = os.environ.get("SHOAL_FUSE_INLINE") == "1"  # benchmark only
 
     # ------------------------------------------------------------------------------------ errors
 
@@ -136,12 +179,12 @@ class ShoalFS(pyfuse3.Operations):
             log.error("integrity failure (digest mismatch) in %s of %s: %s; returning EIO", op,
                       self._describe(arg), exc)
             return pyfuse3.FUSEError(errno.EIO)
-        if isinstance(exc, ShoalError):
-            log.warning("%s of %s failed: %s", op, self._describe(arg), exc)
-            return pyfuse3.FUSEError(exc.errno)
-        if isinstance(exc, OSError) and exc.errno:
-            log.warning("%s of %s failed: %s", op, self._describe(arg), exc)
-            return pyfuse3.FUSEError(exc.errno)
+        if isinstance(exc, ShoalError) or (isinstance(exc, OSError) and exc.errno):
+            code = exc.errno if isinstance(exc, ShoalError) else exc.errno or errno.EIO
+            if op == "read" and code not in _READ_ERRNOS:
+                code = errno.EIO  # e.g. a missing pack blob: read(2) never fails with ENOENT
+            log.warning("%s of %s failed: %s; returning %s", op, self._describe(arg), exc, errno.errorcode.get(code))
+            return pyfuse3.FUSEError(code)
         log.error("internal error in %s of %s", op, self._describe(arg), exc_info=exc)
         return pyfuse3.FUSEError(errno.EIO)
 
@@ -241,14 +284,18 @@ class ShoalFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        e = self.index.entries[fh - 1]
-        if self.inline_reads:
+        pos = fh - 1
+        e = self.index.entries[pos]
+        # A thread hop costs ~100 us; only reads that may fetch or decompress take it.
+        inline = self.reader.has_frames(self.reader.frames_for(pos, e, off, size))
+        if inline:
             data = self.reader.read(e, off, size)
         else:
             data = await trio.to_thread.run_sync(self.reader.read, e, off, size)
         with self.stats.lock:
             self.stats.reads += 1
             self.stats.bytes_served += len(data)
+            self.stats.inline_reads += inline
         return data
 
     @_fuse_errors

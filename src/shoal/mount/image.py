@@ -20,10 +20,10 @@ from typing import Any, Callable
 from shoal.errors import UsageError
 from shoal.format.manifest import ImageConfig, parse_config
 from shoal.format.model import Index
-from shoal.reader import FrameSource, LayoutSource
+from shoal.reader import FrameSource
 
 __all__ = ["OpenedImage", "Opener", "open_image", "register_opener", "split_scheme", "CountingSource",
-           "FetchStats"]
+           "FetchStats", "LocalStoreSource"]
 
 StorePath = str | os.PathLike[str] | None
 
@@ -51,15 +51,42 @@ class OpenedImage:
 Opener = Callable[[str, StorePath], OpenedImage]
 
 
+class LocalStoreSource:
+    """Frames from the local store (complete packs, partial packs, chunks by id: ``StoreSource``).
+
+    ``after_fork`` re-opens the store, so the mount daemon never uses a sqlite connection that was
+    opened before ``fork``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._open()
+
+    def _open(self) -> None:
+        from shoal.reader import StoreSource
+        from shoal.store import Store
+
+        self.inner = StoreSource(Store.open(self.root))
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        return self.inner.fetch(pack, offset, length)
+
+    def find_chunk(self, cid: bytes) -> bytes | None:
+        return self.inner.find_chunk(cid)
+
+    def after_fork(self) -> None:
+        self._open()
+
+
 def _open_local(ref: str, store_root: StorePath) -> OpenedImage:
     from shoal.store import Store, normalize_ref
 
-    store = Store.open(store_root)
+    # absolute: the mount daemon changes its directory to /
+    store = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root)))
     m = store.resolve(ref)
     index = store.load_index(m)
     config = parse_config(store.layout.get(m.config.digest))
     return OpenedImage(ref=ref, name=normalize_ref(ref), digest=m.digest, index=index,
-                       source=LayoutSource(store.layout), config=config, local=True)
+                       source=LocalStoreSource(str(store.root)), config=config, local=True)
 
 
 _OPENERS: dict[str, Opener] = {"": _open_local}

@@ -1,0 +1,8 @@
+"""Lazy mounts and containers: FUSE over the index, overlayfs for writes, runc to run (docs/spec/mount.md).
+
+Nothing here is imported by ``shoal --help``; pyfuse3 and trio load only when a mount is served.
+"""
+
+from shoal.mount.image import CountingSource, OpenedImage, open_image, register_opener
+
+__all__ = ["OpenedImage", "open_image", "register_opener", "CountingSource"]

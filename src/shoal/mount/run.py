@@ -1,0 +1,277 @@
+"""``shoal run``: a writable lazy mount, an OCI bundle over it, and ``runc run`` (docs/spec/mount.md §4).
+
+The container's stdin, stdout and stderr are this process's own, passed through untouched (no
+terminal unless stdin is a TTY); the return value is the container's exit code.  Shoal's own
+messages go to the log (stderr).  Without runc, a chroot in a private mount namespace is used,
+with a warning: it isolates nothing else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Callable
+
+from shoal.errors import NotFound, PermissionDenied, UsageError
+from shoal.format.model import Kind
+from shoal.mount import daemon
+from shoal.mount import state as ms
+from shoal.mount.image import OpenedImage, StorePath, open_image
+from shoal.mount.runtime_spec import (Bind, ProcessSpec, build_spec, container_args, container_env, parse_volume,
+                                      resolve_user)
+from shoal.reader import Reader
+
+__all__ = ["RunOptions", "run", "container_process", "bundle_dir"]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_MAX_ETC = 4 * 1024 * 1024
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    command: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    name: str | None = None
+    rm: bool = False
+    entrypoint: str | None = None
+    workdir: str | None = None
+    user: str | None = None
+    runtime: str = "runc"
+    tty: bool | None = None  # None: a terminal iff stdin is a TTY
+    prefetch: str = "auto"
+
+
+def bundle_dir(name: str) -> Path:
+    return ms.run_dir() / "containers" / name
+
+
+def _image_file(reader: Reader) -> Callable[[str], bytes | None]:
+    def read(path: str) -> bytes | None:
+        e = reader.resolve(path.lstrip("/").encode())
+        if e is not None and e.kind == Kind.HARDLINK:
+            e = reader.index.lookup(e.target)
+        if e is None or e.kind != Kind.FILE or e.size > _MAX_ETC:
+            return None
+        return reader.read(e, 0, e.size)
+
+    return read
+
+
+def container_process(image: OpenedImage, opts: RunOptions, hostname: str, terminal: bool) -> ProcessSpec:
+    """The container's process from the image config and the run options."""
+    conf = image.config.config
+    user = resolve_user(opts.user if opts.user is not None else str(conf.get("User") or ""),
+                        _image_file(Reader(image.index, image.source)))
+    env = container_env([str(x) for x in (conf.get("Env") or [])], opts.env, os.environ, hostname, user, terminal)
+    cwd = opts.workdir or str(conf.get("WorkingDir") or "/")
+    if not cwd.startswith("/"):
+        raise UsageError(f"working directory {cwd!r} must be absolute")
+    return ProcessSpec(container_args(conf, opts.command, opts.entrypoint), env, cwd, user, terminal)
+
+
+def _host_binds(binds: list[Bind]) -> list[Bind]:
+    """With the host's network, the host's resolver and hosts files (read-only), as Docker does."""
+    taken = {b.destination for b in binds}
+    extra = [Bind(p, p, True) for p in ("/etc/resolv.conf", "/etc/hosts") if p not in taken and os.path.isfile(p)]
+    return extra + binds
+
+
+def run(ref: str, opts: RunOptions = RunOptions(), store_root: StorePath = None) -> int:
+    """Run a container of image ``ref``; return its exit code."""
+    if os.geteuid() != 0:
+        raise PermissionDenied("shoal run needs root (overlay mount and container runtime)")
+    name = opts.name or f"shoal-{secrets.token_hex(6)}"
+    if not _NAME.match(name):
+        raise UsageError(f"bad container name {name!r} (letters, digits, '_', '.', '-')")
+    binds = _host_binds([parse_volume(v) for v in opts.volumes])
+    image = open_image(ref, store_root)
+    terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
+    proc = container_process(image, opts, name, terminal)
+    bundle = bundle_dir(name)
+    bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        bundle.mkdir()
+    except FileExistsError:
+        raise UsageError(f"a container named {name} exists ({bundle}); pick another --name") from None
+    rootfs = bundle / "rootfs"
+    started = False
+    mounted = False
+    try:
+        rootfs.mkdir()
+        daemon.start(image, str(rootfs), daemon.MountOptions(writable=True, prefetch=opts.prefetch,
+                                                             cleanup=(str(bundle),)))
+        mounted = True
+        (bundle / "config.json").write_text(json.dumps(build_spec(proc, name, binds), indent=1))
+        runtime = shutil.which(opts.runtime)
+        started = True
+        if runtime is None:
+            log.warning("%s not found: running in a chroot instead (no pid, ipc or uts isolation)", opts.runtime)
+            return _run_chroot(str(rootfs), proc, binds)
+        return _run_runtime(runtime, bundle, name, terminal)
+    finally:
+        if opts.rm or not started:
+            _remove(bundle, rootfs, mounted)
+        else:
+            log.info("container %s stopped; its root stays at %s (shoal umount %s removes it)", name, rootfs, rootfs)
+
+
+def _remove(bundle: Path, rootfs: Path, mounted: bool) -> None:
+    if mounted:
+        try:
+            daemon.umount(str(rootfs))
+        except ms.MountBusy:
+            log.warning("%s is still busy; detaching it", rootfs)
+            daemon.umount(str(rootfs), lazy=True)
+        except NotFound:
+            pass
+    if not any(m == str(rootfs) or m.startswith(str(bundle) + "/") for m in ms.mounts()):
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- runc
+
+
+def _run_runtime(runtime: str, bundle: Path, name: str, terminal: bool) -> int:
+    cmd = [runtime, "run", "--bundle", str(bundle), name]
+    log.debug("running %s", " ".join(cmd))
+    child = subprocess.Popen(cmd)
+    # A terminal's ^C and ^\ reach runc through the process group; forward the rest to runc,
+    # which forwards them to the container.
+    forwarded = [signal.SIGTERM, signal.SIGHUP] + ([] if terminal else [signal.SIGINT, signal.SIGQUIT])
+    ignored = [signal.SIGINT, signal.SIGQUIT] if terminal else []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in forwarded}
+    old.update({s: signal.signal(s, signal.SIG_IGN) for s in ignored})
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _runtime_delete(runtime, name)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _runtime_delete(runtime: str, name: str) -> None:
+    """``runc run`` removes its container on exit; make sure, quietly."""
+    r = subprocess.run([runtime, "state", name], capture_output=True)
+    if r.returncode == 0:
+        subprocess.run([runtime, "delete", "--force", name], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------- chroot
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _sys_mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    _check(libc.mount(source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
+                      ctypes.c_ulong(flags), None), f"mount {target}")
+
+
+def _inside(rootfs: str, path: str) -> str:
+    """Host path of the container's ``path``, resolving symlinks as the chrooted process would."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    cur = rootfs
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            cur = os.path.dirname(cur) if cur != rootfs else rootfs
+            continue
+        nxt = os.path.join(cur, name)
+        if os.path.islink(nxt):
+            hops += 1
+            if hops > 40:
+                raise OSError(40, f"too many levels of symbolic links in {path}")
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = rootfs
+            parts = [p for p in target.split("/") if p and p != "."] + parts
+            continue
+        cur = nxt
+    return cur
+
+
+def _chroot_child(rootfs: str, proc: ProcessSpec, binds: list[Bind]) -> None:  # pragma: no cover - child
+    libc = _libc()
+    _check(libc.unshare(CLONE_NEWNS), "unshare")
+    _sys_mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+    for src, dst, fstype, flags in (("proc", "/proc", "proc", 0), ("/dev", "/dev", None, MS_BIND | MS_REC),
+                                    ("/sys", "/sys", None, MS_BIND | MS_REC)):
+        target = _inside(rootfs, dst)
+        if os.path.isdir(target):
+            _sys_mount(libc, src, target, fstype, flags)
+    for b in binds:
+        target = _inside(rootfs, b.destination)
+        if os.path.isdir(b.source):
+            os.makedirs(target, exist_ok=True)
+        elif not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "ab").close()
+        _sys_mount(libc, b.source, target, None, MS_BIND | MS_REC)
+        if b.readonly:
+            _sys_mount(libc, None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    os.chroot(rootfs)
+    os.chdir(proc.cwd)
+    os.setgroups(list(proc.user.groups))
+    os.setgid(proc.user.gid)
+    os.setuid(proc.user.uid)
+    env = dict(kv.split("=", 1) for kv in proc.env)
+    os.execvpe(proc.args[0], list(proc.args), env)
+
+
+def _run_chroot(rootfs: str, proc: ProcessSpec, binds: list[Bind]) -> int:
+    rootfs = os.path.realpath(rootfs)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 127
+        try:
+            _chroot_child(rootfs, proc, binds)
+        except OSError as exc:
+            log.error("cannot start %s in the chroot: %s", proc.args[0], exc.strerror or exc)
+            code = 126 if isinstance(exc, PermissionError) else 127
+        except BaseException as exc:
+            log.error("cannot start %s in the chroot: %s", proc.args[0], exc)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code

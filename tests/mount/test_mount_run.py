@@ -1,0 +1,98 @@
+"""``shoal run`` of a real Debian image with real runc (and the chroot fallback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import helpers
+from mountkit import mounts_under, shoal
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def debian_store(debian_rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from shoal.build import BuildOptions, build
+    from shoal.format.manifest import ImageConfig
+    from shoal.store import Store
+
+    d = tmp_path_factory.mktemp("debian-store")
+    conf = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_VAR=from-image"],
+            "Cmd": ["/bin/sh"]}
+    build(Store.open(d), debian_rootfs, "debian:12", BuildOptions(workers=2, config=ImageConfig(config=conf)))
+    return d
+
+
+def _clean(run_dir: Path) -> None:
+    assert not mounts_under(run_dir)
+    assert not list((run_dir / "mounts").glob("*.json")) if (run_dir / "mounts").exists() else True
+    containers = run_dir / "containers"
+    assert not containers.exists() or not list(containers.iterdir())
+
+
+def needs_runc() -> None:
+    if shutil.which("runc") is None:
+        pytest.skip("runc is not installed")
+
+
+def test_run_exit_code_and_stdout(debian_store: Path, run_dir: Path) -> None:
+    needs_runc()
+    p = shoal(debian_store, "run", "--rm", "debian:12", "--", "sh", "-c", "echo hi; exit 3", check=False,
+              stdin=open(os.devnull, "rb"))
+    assert (p.returncode, p.stdout, p.stderr) == (3, b"hi\n", b"")
+    _clean(run_dir)
+
+
+def test_run_env_volume_stdin_and_user(debian_store: Path, run_dir: Path, tmp_path: Path) -> None:
+    needs_runc()
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "in.txt").write_bytes(b"from the host\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = ('echo "$FOO|$IMAGE_VAR|$HOME"; cat /data/in.txt; echo written > /data/out.txt; '
+              'cat; id -u; pwd; touch /ro/x 2>/dev/null || echo ro-ok')
+    p = shoal(debian_store, "run", "--rm", "-e", "FOO=bar baz", "-v", f"{vol}:/data", "-v", f"{ro}:/ro:ro",
+              "-w", "/tmp", "debian:12", "sh", "-c", script, input=b"piped stdin\n", check=False)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().splitlines() == ["bar baz|from-image|/root", "from the host", "piped stdin", "0", "/tmp",
+                                              "ro-ok"]
+    assert (vol / "out.txt").read_bytes() == b"written\n"
+    assert not (ro / "x").exists()
+    p = shoal(debian_store, "run", "--rm", "-u", "nobody", "debian:12", "sh", "-c", "id -u; id -g; echo $HOME",
+              stdin=open(os.devnull, "rb"))
+    assert p.stdout.decode().split() == ["65534", "65534", "/nonexistent"]
+    p = shoal(debian_store, "run", "--rm", "-u", "ghost", "debian:12", "true", check=False)
+    helpers.assert_one_line_error(p, "ghost")
+    _clean(run_dir)
+
+
+def test_run_keeps_container_without_rm(debian_store: Path, run_dir: Path) -> None:
+    needs_runc()
+    p = shoal(debian_store, "run", "--name", "kept", "debian:12", "sh", "-c", "echo state > /root/file",
+              stdin=open(os.devnull, "rb"))
+    assert p.stdout == b""
+    rootfs = run_dir / "containers" / "kept" / "rootfs"
+    assert (rootfs / "root" / "file").read_bytes() == b"state\n"
+    rows = json.loads(shoal(None, "status", "--json").stdout)
+    assert [r["mountpoint"] for r in rows] == [str(rootfs)] and rows[0]["writable"]
+    helpers.assert_one_line_error(shoal(debian_store, "run", "--name", "kept", "debian:12", "true", check=False),
+                                  "kept")
+    shoal(None, "umount", rootfs)
+    _clean(run_dir)
+
+
+def test_run_chroot_fallback(debian_store: Path, run_dir: Path, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    p = shoal(debian_store, "run", "--rm", "--runtime", "no-such-runtime", "-e", "A=1", "-v", f"{vol}:/data",
+              "debian:12", "sh", "-c", "echo $A > /data/a; echo out; exit 4", check=False, stdin=open(os.devnull, "rb"))
+    assert p.returncode == 4 and p.stdout == b"out\n"
+    assert b"chroot" in p.stderr and p.stderr.count(b"\n") == 1
+    assert (vol / "a").read_bytes() == b"1\n"
+    _clean(run_dir)

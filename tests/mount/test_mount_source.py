@@ -1,0 +1,125 @@
+"""The mount against a non-local FrameSource plugged in through ``register_opener``: a stalled fetch
+does not block other requests; the source's own stats and bulk prefetch are used."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import helpers
+from mountkit import pid_alive, state_of, wait_for
+
+# A shoal CLI with a "slow://" scheme: the local image, served through a source whose fetches wait
+# while the gate file exists, that keeps its own stats and has a bulk prefetch.
+WRAPPER = r'''
+import dataclasses, os, sys, threading, time
+from shoal.mount import image as mi
+from shoal.cli import main
+
+GATE = os.environ["SLOW_GATE"]
+
+@dataclasses.dataclass
+class SlowStats:
+    bytes_fetched: int = 0
+    requests: int = 0
+    prefetch_calls: int = 0
+
+class Slow:
+    def __init__(self, inner):
+        self.inner = inner
+        self.stats = SlowStats()
+        self.lock = threading.Lock()
+
+    def fetch(self, pack, offset, length):
+        deadline = time.monotonic() + 60
+        while os.path.exists(GATE) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        data = self.inner.fetch(pack, offset, length)
+        with self.lock:
+            self.stats.bytes_fetched += len(data)
+            self.stats.requests += 1
+        return data
+
+    def prefetch(self, frames):
+        self.stats.prefetch_calls += 1
+        return 0
+
+    def find_chunk(self, cid):
+        return self.inner.find_chunk(cid)
+
+    def after_fork(self):
+        self.inner.after_fork()
+
+def opener(rest, store):
+    img = mi.open_image(rest, store)
+    return dataclasses.replace(img, source=Slow(img.source), local=False, name="slow://" + rest)
+
+mi.register_opener("slow", opener)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _cli(tmp_path: Path) -> list[str]:
+    w = tmp_path / "slowshoal.py"
+    w.write_text(WRAPPER)
+    return [sys.executable, str(w)]
+
+
+def test_stalled_fetch_does_not_block_other_requests(sample: dict[str, object], mnt: Path, run_dir: Path,
+                                                     tmp_path: Path) -> None:
+    store, tree = Path(str(sample["store"])), Path(str(sample["tree"]))
+    gate = tmp_path / "gate"
+    env = {**os.environ, "SLOW_GATE": str(gate)}
+    cmd = _cli(tmp_path)
+    subprocess.run(cmd + ["--store", str(store), "mount", "--prefetch", "none", "slow://sample:1", str(mnt)],
+                   check=True, env=env, capture_output=True, timeout=60)
+    gate.write_bytes(b"")
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append((mnt / "sub" / "rand10").read_bytes()))
+    t.start()
+    try:
+        time.sleep(0.3)
+        assert t.is_alive()  # its fetch is stalled
+        t0 = time.monotonic()
+        assert len(os.listdir(mnt / "many")) == 1500
+        assert os.readlink(mnt / "ln-rel") == "sub/rand05"
+        assert os.stat(mnt / "text11").st_size == (tree / "text11").stat().st_size
+        assert os.getxattr(mnt / "text05", "user.comment") == b"hello"
+        assert time.monotonic() - t0 < 2.0 and t.is_alive()
+    finally:
+        gate.unlink()
+        t.join(30)
+    assert got == [(tree / "sub" / "rand10").read_bytes()]
+    time.sleep(1.2)
+    st = state_of(run_dir)
+    s = st["stats"]
+    assert isinstance(s, dict)
+    assert st["name"] == "slow://sample:1"
+    assert s["source"]["bytes_fetched"] > 0 and s["source"]["requests"] == s["fetches"]
+    assert 0 < s["chunks_cached"] < s["chunks_total"]  # counted from the frames fetched
+    human = subprocess.run(cmd + ["status"], env=env, capture_output=True, check=True).stdout.decode()
+    assert "network" in human
+    pid = int(st["pid"])  # type: ignore[call-overload]
+    helpers.run_shoal(None, "umount", mnt)
+    wait_for(lambda: not pid_alive(pid), 5, "daemon exit")
+
+
+def test_bulk_prefetch_is_used(sample: dict[str, object], mnt: Path, run_dir: Path, tmp_path: Path) -> None:
+    store = Path(str(sample["store"]))
+    env = {**os.environ, "SLOW_GATE": str(tmp_path / "no-gate")}
+    cmd = _cli(tmp_path)
+    subprocess.run(cmd + ["--store", str(store), "mount", "--prefetch", "all", "slow://sample:1", str(mnt)],
+                   check=True, env=env, capture_output=True, timeout=60)
+    from shoal.store import Store
+
+    st = Store.open(store)
+    frames = len(st.load_index(st.resolve("sample:1")).frames)
+    wait_for(lambda: json.dumps(state_of(run_dir)["stats"]).count('"prefetch_calls": 1') == 1, 5, "prefetch")
+    s = state_of(run_dir)["stats"]
+    assert isinstance(s, dict) and s["prefetched_frames"] == frames and s["fetches"] == 0
+    helpers.run_shoal(None, "umount", mnt)

@@ -1,0 +1,146 @@
+"""Pure parts of the mount package: runtime spec, user resolution, references, state files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.errors import UsageError
+from shoal.mount import image as mimage
+from shoal.mount import state as ms
+from shoal.mount.runtime_spec import (Bind, ProcessSpec, UserIds, build_spec, container_args, container_env,
+                                      parse_volume, resolve_user)
+
+PASSWD = b"""root:x:0:0:root:/root:/bin/bash
+daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
+# comment
+app:x:1000:1001:App:/home/app:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+"""
+GROUP = b"""root:x:0:
+tty:x:5:
+audio:x:29:app,daemon
+appgrp:x:1001:
+video:x:44:app
+"""
+
+
+def _files(path: str) -> bytes | None:
+    return {"/etc/passwd": PASSWD, "/etc/group": GROUP}.get(path)
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("", UserIds(0, 0, (), "/root")),
+    ("root", UserIds(0, 0, (), "/root")),
+    ("app", UserIds(1000, 1001, (29, 44), "/home/app")),
+    ("1000", UserIds(1000, 1001, (29, 44), "/home/app")),
+    ("app:tty", UserIds(1000, 5, (29, 44), "/home/app")),
+    ("app:0", UserIds(1000, 0, (29, 44), "/home/app")),
+    ("4242", UserIds(4242, 0, (), "/")),
+    ("4242:4343", UserIds(4242, 4343, (), "/")),
+    ("daemon", UserIds(1, 1, (29,), "/usr/sbin")),
+])
+def test_resolve_user(spec: str, want: UserIds) -> None:
+    assert resolve_user(spec, _files) == want
+
+
+def test_resolve_user_errors_and_missing_files() -> None:
+    with pytest.raises(UsageError, match="ghost"):
+        resolve_user("ghost", _files)
+    with pytest.raises(UsageError, match="nogroup"):
+        resolve_user("app:nogroup", _files)
+    assert resolve_user("", lambda p: None) == UserIds(0, 0, (), "/")
+    assert resolve_user("12:34", lambda p: None) == UserIds(12, 34, (), "/")
+
+
+def test_container_args() -> None:
+    conf = {"Entrypoint": ["/ep", "-x"], "Cmd": ["default"]}
+    assert container_args(conf, (), None) == ("/ep", "-x", "default")
+    assert container_args(conf, ("mine", "a"), None) == ("/ep", "-x", "mine", "a")
+    assert container_args(conf, ("mine",), "") == ("mine",)
+    assert container_args(conf, (), "/other") == ("/other", "default")
+    assert container_args({"Cmd": ["/bin/sh"]}, (), None) == ("/bin/sh",)
+    with pytest.raises(UsageError):
+        container_args({}, (), None)
+
+
+def test_container_env() -> None:
+    u = UserIds(0, 0, (), "/root")
+    env = container_env(["A=1", "PATH=/bin", "B=x=y"], ["A=2", "HOSTVAR", "MISSING", "C="], {"HOSTVAR": "h"},
+                        "box", u, terminal=False)
+    assert env == ("A=2", "PATH=/bin", "B=x=y", "HOSTVAR=h", "C=", "HOSTNAME=box", "HOME=/root")
+    assert "TERM=xterm" in container_env([], [], {}, "box", u, terminal=True)
+    assert any(e.startswith("PATH=/usr/local/sbin") for e in container_env([], [], {}, "b", u, False))
+    with pytest.raises(UsageError):
+        container_env([], ["=x"], {}, "b", u, False)
+
+
+def test_parse_volume(tmp_path: Path) -> None:
+    assert parse_volume(f"{tmp_path}:/data") == Bind(str(tmp_path), "/data", False)
+    assert parse_volume(f"{tmp_path}:/data/:ro") == Bind(str(tmp_path), "/data", True)
+    for bad in ("nocolon", f"{tmp_path}:relative", f"{tmp_path}:/a/../b", "/does/not/exist:/x", f"{tmp_path}:/x:rx"):
+        with pytest.raises(UsageError):
+            parse_volume(bad)
+
+
+def test_build_spec_shape() -> None:
+    proc = ProcessSpec(("sh", "-c", "x"), ("A=1",), "/w", UserIds(1000, 1001, (29,), "/h"), terminal=False)
+    spec = build_spec(proc, "host", [Bind("/src", "/dst", True)])
+    assert spec["ociVersion"] == "1.0.2" and spec["root"] == {"path": "rootfs", "readonly": False}
+    p = spec["process"]
+    assert p["args"] == ["sh", "-c", "x"] and p["cwd"] == "/w" and p["terminal"] is False
+    assert p["user"] == {"uid": 1000, "gid": 1001, "additionalGids": [29]}
+    assert p["capabilities"]["effective"] == [] and "CAP_CHOWN" in p["capabilities"]["bounding"]
+    kinds = {n["type"] for n in spec["linux"]["namespaces"]}
+    assert kinds == {"pid", "ipc", "uts", "mount"}  # no network namespace: the host's network
+    dests = [m["destination"] for m in spec["mounts"]]
+    for d in ("/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/dst"):
+        assert d in dests
+    assert spec["mounts"][-1]["options"] == ["rbind", "rprivate", "ro"]
+
+
+def test_split_scheme_and_openers(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert mimage.split_scheme("debian:12") == ("", "debian:12")
+    assert mimage.split_scheme("docker://reg:5000/a/b:c") == ("docker", "reg:5000/a/b:c")
+    with pytest.raises(UsageError, match="docker://"):
+        mimage.open_image("docker://x/y:z")
+    seen = []
+
+    def opener(ref: str, store: object) -> mimage.OpenedImage:
+        seen.append((ref, store))
+        raise UsageError("stop here")
+
+    monkeypatch.setitem(mimage._OPENERS, "test", opener)
+    with pytest.raises(UsageError, match="stop here"):
+        mimage.open_image("test://a/b", "/s")
+    assert seen == [("a/b", "/s")]
+
+
+def test_counting_source() -> None:
+    class Src:
+        def fetch(self, pack: str, offset: int, length: int) -> bytes:
+            return b"x" * length
+
+    c = mimage.CountingSource(Src())
+    assert c.fetch("p", 0, 10) == b"x" * 10
+    c.fetch("p", 0, 10)
+    c.fetch("q", 5, 3)
+    snap = c.snapshot()
+    assert (snap["fetches"], snap["bytes_fetched"], snap["frames_fetched"]) == (3, 23, 2)
+
+
+def test_state_roundtrip_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOAL_RUN_DIR", str(tmp_path))
+    p = ms.paths_for("/some/where")
+    assert p.state.parent == tmp_path / "mounts" and p.state.name == ms.mount_id("/some/where") + ".json"
+    assert ms.mount_id("/some/where/") == ms.mount_id("/some//where")
+    st = ms.MountState(mountpoint="/some/where", ref="a:1", name="a:1", digest="sha256:00", pid=1, start_time=2,
+                       writable=False, lower="/some/where", stats={"reads": 3})
+    ms.save_state(p.state, st)
+    assert ms.load_state(p.state) == st
+    assert ms.list_states() == [st]
+    p.state.write_text("{not json")
+    assert ms.load_state(p.state) is None and ms.list_states() == []
+    assert ms.proc_start_time(2**22 + 12345) == -1
+    assert ms._unescape("/a\\040b\\011c\\134d") == "/a b\tc\\d"
