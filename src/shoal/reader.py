@@ -180,10 +180,7 @@ class Reader:
         for ci in e.chunks:
             yield self.chunk(ci)
 
-    def read(self, e: Entry, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset+size)`` of file ``e`` (short at end of file)."""
-        if offset >= e.size or size <= 0:
-            return b""
+    def _starts(self, e: Entry) -> list[int]:
         starts = self._offsets.get(e.path)
         if starts is None:
             starts, pos = [], 0
@@ -191,6 +188,29 @@ class Reader:
                 starts.append(pos)
                 pos += self.index.chunk_lengths[ci]
             self._offsets[e.path] = starts
+        return starts
+
+    def frames_for(self, e: Entry, offset: int, size: int) -> set[int]:
+        """Frame indices holding bytes ``[offset, offset+size)`` of file ``e``."""
+        starts = self._starts(e)
+        end = min(e.size, offset + size)
+        k = max(0, bisect.bisect_right(starts, offset) - 1)
+        need: set[int] = set()
+        while k < len(e.chunks) and starts[k] < end:
+            need.add(self.index.chunk_frames[e.chunks[k]])
+            k += 1
+        return need
+
+    def has_frames(self, frames: set[int]) -> bool:
+        """True if every frame is in the in-memory cache (a read of them will not block)."""
+        with self._lock:
+            return all(f in self._cache for f in frames)
+
+    def read(self, e: Entry, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of file ``e`` (short at end of file)."""
+        if offset >= e.size or size <= 0:
+            return b""
+        starts = self._starts(e)
         end = min(e.size, offset + size)
         k = bisect.bisect_right(starts, offset) - 1
         out = bytearray()

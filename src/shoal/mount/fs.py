@@ -16,7 +16,6 @@ reads for a lazy image).  Nothing here touches the network or the store.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import functools
 import logging
@@ -31,7 +30,7 @@ import trio
 
 from shoal.errors import IntegrityError, NotFound, ShoalError
 from shoal.format.model import Entry, Index, Kind, parent_of
-from shoal.reader import FrameSource, Reader
+from shoal.reader import Reader
 
 __all__ = ["ShoalFS", "ServeStats", "MountReader", "FUSE_OPTIONS", "fuse_options"]
 
@@ -56,37 +55,10 @@ _BLOCK = 4096
 
 
 class MountReader(Reader):
-    """A Reader that can tell whether a read would be served from its in-memory frame cache.
+    """The Reader, addressed by entry position as the FUSE layer knows files."""
 
-    (``has_frames`` belongs in ``Reader`` itself; it lives here until it moves there.)
-    """
-
-    def __init__(self, index: Index, source: FrameSource, cache_frames: int = 64) -> None:
-        super().__init__(index, source, cache_frames)
-        self._starts_by_pos: dict[int, list[int]] = {}
-
-    def frames_for(self, pos: int, e: Entry, off: int, size: int) -> set[int]:
-        """Frame indices holding bytes ``[off, off+size)`` of file ``e`` (entry position ``pos``)."""
-        starts = self._starts_by_pos.get(pos)
-        if starts is None:
-            starts, acc = [], 0
-            lengths = self.index.chunk_lengths
-            for ci in e.chunks:
-                starts.append(acc)
-                acc += lengths[ci]
-            self._starts_by_pos[pos] = starts
-        end = min(e.size, off + size)
-        k = max(0, bisect.bisect_right(starts, off) - 1)
-        frames = self.index.chunk_frames
-        need: set[int] = set()
-        while k < len(e.chunks) and starts[k] < end:
-            need.add(frames[e.chunks[k]])
-            k += 1
-        return need
-
-    def has_frames(self, frames: set[int]) -> bool:
-        with self._lock:
-            return all(f in self._cache for f in frames)
+    def frames_for(self, pos: int, e: Entry, off: int, size: int) -> set[int]:  # type: ignore[override]
+        return super().frames_for(e, off, size)
 
 
 @dataclass
