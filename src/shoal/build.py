@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 _INFLIGHT_BYTES = 256 * 1024 * 1024
 _PENDING_PACKS = 8
+_BATCH_BYTES = 4 * 1024 * 1024
+_BATCH_FILES = 128
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ def _chunk_file(source: TreeSource, e: Entry) -> _Chunked:
     # a file of one chunk has the chunk's digest: skip hashing it twice
     whole = chunks[0][0] if len(chunks) == 1 else sha(mv).digest()
     return _Chunked(data, whole, chunks)
+
+
+def _chunk_batch(source: TreeSource, batch: list[Entry]) -> list[_Chunked]:
+    return [_chunk_file(source, e) for e in batch]
 
 
 def _compress(parts: list[memoryview]) -> bytes:
@@ -258,25 +264,36 @@ class _Builder:
     # ---------------------------------------------------------------- files
 
     def chunked_files(self, source: TreeSource) -> Iterator[_Chunked]:
-        """Chunk the FILE entries in parallel, yielding results in canonical order, bounded in memory."""
-        files = [e for e in source.entries if e.kind == Kind.FILE]
-        q: collections.deque[tuple[Future[_Chunked], int]] = collections.deque()
+        """Chunk the FILE entries in parallel, yielding results in canonical order, bounded in memory.
+        Small files travel in batches so a task costs more than its scheduling."""
+        batches: list[list[Entry]] = [[]]
+        size = 0
+        for e in source.entries:
+            if e.kind != Kind.FILE:
+                continue
+            if batches[-1] and (size + e.size > _BATCH_BYTES or len(batches[-1]) >= _BATCH_FILES):
+                batches.append([])
+                size = 0
+            batches[-1].append(e)
+            size += e.size
+        q: collections.deque[tuple[Future[list[_Chunked]], int]] = collections.deque()
         inflight = 0
-        it = iter(files)
+        it = iter(b for b in batches if b)
         done = False
         while True:
             while not done and (inflight < _INFLIGHT_BYTES or not q):
-                e = next(it, None)
-                if e is None:
+                batch = next(it, None)
+                if batch is None:
                     done = True
                     break
-                q.append((self.pool.submit(_chunk_file, source, e), e.size))
-                inflight += e.size
+                nbytes = sum(e.size for e in batch)
+                q.append((self.pool.submit(_chunk_batch, source, batch), nbytes))
+                inflight += nbytes
             if not q:
                 return
-            fut, size = q.popleft()
-            inflight -= size
-            yield fut.result()
+            fut, nbytes = q.popleft()
+            inflight -= nbytes
+            yield from fut.result()
 
     def run(self, tree: TreeSource, t0: float) -> BuildResult:
         total = sum(e.size for e in tree.entries if e.kind == Kind.FILE)

@@ -201,7 +201,6 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
     """Copy an image from ``src_ref`` to ``dst_ref``; see the module docstring for the guarantees."""
     opts = opts or CopyOptions()
     t0 = time.monotonic()
-    sink.start("copy", None)
     with src_ref.new_source(**opts.src_opts) as src:
         from shoal.transports.local import LocalDestination
 
@@ -212,9 +211,12 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
 
                 result = pull_into_store(src, raw, dst, opts, sink)
             else:
-                result = _Copier(src_ref, src, dst, opts, sink).run()
+                sink.start("copy", None)  # a pull reports its own task, "pull", with a known total
+                try:
+                    result = _Copier(src_ref, src, dst, opts, sink).run()
+                finally:
+                    sink.finish("copy")
             _account(result, src, dst)
-    sink.finish("copy")
     result.seconds = time.monotonic() - t0
     return result
 

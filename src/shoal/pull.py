@@ -83,11 +83,15 @@ class _Puller:
         with self.lock:
             self.result.bytes_fetched += nbytes
             self.result.chunks_fetched += chunks
-        self.sink.advance("copy", nbytes)
+        self.sink.advance("pull", nbytes)
 
     def verify_frame(self, fi: int, raw: bytes, pack: str) -> None:
         f = self.idx.frames[fi]
-        data = decompress_frame(raw, f, f"{pack}@{f.offset}")
+        try:
+            data = decompress_frame(raw, f, f"{pack}@{f.offset}")
+        except IntegrityError as exc:  # corrupted bytes usually break the zstd frame before any chunk hash
+            raise IntegrityError(f"frame at offset {f.offset} of pack {pack} failed verification (digest mismatch: "
+                                 f"{exc}); nothing from it was stored") from None
         for ci in self.by_frame.get(fi, []):
             o, n = self.idx.chunk_offsets[ci], self.idx.chunk_lengths[ci]
             if hashlib.sha256(data[o : o + n]).digest() != self.idx.chunk_ids[ci]:
@@ -100,14 +104,11 @@ class _Puller:
         size = self.sizes[pack]
         info = BlobInfo(pack, size, mt.PACK)
         if sum(self.idx.frames[fi].clen for fi in frames) == size and not self.store.partial.present(pack):
-            from shoal.copier import DigestingReader
-
             stream, _ = self.src.get_blob(info)
-            reader = DigestingReader(stream, info)
-            try:
-                self.store.layout.put_stream(reader, pack, size)  # type: ignore[arg-type]
+            try:  # put_stream checks size and digest before the blob becomes visible
+                self.store.layout.put_stream(stream, pack, size)
             finally:
-                reader.close()
+                stream.close()
             self.count(size, sum(len(self.by_frame.get(fi, [])) for fi in frames))
             return
         ranges = _merge(self.idx, frames)
@@ -155,7 +156,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
     sink.finish("pull")
     store.register_chunks(m, idx)
     dst.put_manifest(raw, mt.OCI_MANIFEST, None)
-    dst.commit()
+    store.tag(dst.ref.name, m)  # what dst.commit() does, minus decoding the index and registering it again
     result.digest = m.digest
     result.media_type = mt.OCI_MANIFEST
     result.blobs_skipped += len(m.packs) - len(need)

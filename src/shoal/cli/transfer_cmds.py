@@ -1,0 +1,253 @@
+"""shoal copy / push / pull / delete / login / logout (docs/transports.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from shoal.cli.common import emit_json, human, progress_sink
+
+_BOOL = click.BOOL
+
+
+def _registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """TLS, credentials and concurrency options shared by every command that talks to a registry."""
+    opts = [
+        click.option("--tls-verify", type=_BOOL, default=True, show_default=True, metavar="BOOL",
+                     help="Verify registry TLS certificates."),
+        click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="PEM file of CA certificates to trust instead of the system's."),
+        click.option("--cert-dir", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Directory of *.crt CA certificates (as skopeo; default /etc/containers/certs.d/HOST)."),
+        click.option("--plain-http", type=_BOOL, default=None, is_flag=False, flag_value=True, metavar="[BOOL]",
+                     help="Use plain HTTP (default: only for loopback registries; =false forces HTTPS)."),
+        click.option("--authfile", type=click.Path(dir_okay=False), default=None, envvar="REGISTRY_AUTH_FILE",
+                     help="Credentials file (default: $REGISTRY_AUTH_FILE, containers auth.json, "
+                          "~/.docker/config.json)."),
+        click.option("--retries", type=click.IntRange(0, 100), default=None, help="Retries per request (default 5)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _common(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, cert_dir: str | None, plain_http: bool | None,
+            authfile: str | None, retries: int | None, concurrency: int | None = None) -> dict[str, object]:
+    if authfile:
+        os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(authfile)  # the credential lookup reads it
+    o: dict[str, object] = {"tls_verify": tls_verify, "store": ctx.obj.get("store") if ctx.obj else None}
+    if ca_bundle:
+        o["ca_bundle"] = ca_bundle
+    if cert_dir:
+        o["cert_dir"] = cert_dir
+    if plain_http is not None:
+        o["plain_http"] = plain_http
+    if retries is not None:
+        o["retries"] = retries
+    if concurrency:
+        o["concurrency"] = concurrency
+    return o
+
+
+def _creds(text: str | None) -> object:
+    if text is None:
+        return None
+    user, sep, pw = text.partition(":")
+    if not sep:
+        pw = click.prompt(f"Password for {user}", hide_input=True, err=True)
+    from shoal.transports.registry import Credentials
+
+    return Credentials(user, pw)
+
+
+def _run_copy(ctx: click.Context, src: str, dst: str, common: dict[str, object], src_creds: object,
+              dst_creds: object, tags: tuple[str, ...], platform: str | None, concurrency: int,
+              as_json: bool, verb: str) -> None:
+    from shoal.copier import CopyOptions, copy
+    from shoal.transports.base import parse_reference
+
+    src_ref, dst_ref = parse_reference(src), parse_reference(dst)
+    src_opts = dict(common)
+    dst_opts = dict(common)
+    if src_creds is not None:
+        src_opts["credentials"] = src_creds
+    if dst_creds is not None:
+        dst_opts["credentials"] = dst_creds
+    if tags:
+        dst_opts["tags"] = list(tags)
+    opts = CopyOptions(concurrency=concurrency, platform=platform, src_opts=src_opts, dst_opts=dst_opts)
+    with progress_sink(as_json) as sink:
+        r = copy(src_ref, dst_ref, opts, sink)
+    if as_json:
+        emit_json({
+            "src": str(src_ref), "dst": str(dst_ref), "digest": r.digest, "media_type": r.media_type,
+            "bytes_fetched": r.bytes_fetched, "bytes_sent": r.bytes_sent, "requests": r.requests, "retries": r.retries,
+            "seconds": round(r.seconds, 3), "blobs_sent": r.blobs_sent, "blobs_skipped": r.blobs_skipped,
+            "chunks_fetched": r.chunks_fetched, "tags": list(tags),
+        })
+        return
+    click.echo(f"{verb} {src_ref} -> {dst_ref} {r.digest}")
+    click.echo(f"  fetched {human(r.bytes_fetched)}, sent {human(r.bytes_sent)}, {r.requests} requests, "
+               f"{r.blobs_sent} blobs sent, {r.blobs_skipped} skipped, {r.seconds:.2f}s")
+
+
+_COPY_OPTS = [
+    click.option("-j", "--concurrency", type=click.IntRange(1, 64), default=8, show_default=True,
+                 help="Blobs and ranges in flight at once."),
+    click.option("--platform", default=None, metavar="OS/ARCH", help="Copy only this child of an image index."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object."),
+]
+
+
+def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for o in reversed(_COPY_OPTS):
+        fn = o(fn)
+    return _registry_options(fn)
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--src-creds", default=None, metavar="USER[:PASS]", help="Credentials for the source registry.")
+@click.option("--dest-creds", default=None, metavar="USER[:PASS]", help="Credentials for the destination registry.")
+@click.option("--additional-tag", "tags", multiple=True, metavar="TAG", help="Also tag the copy with TAG (registries).")
+@_copy_options
+@click.pass_context
+def copy(ctx: click.Context, /, src: str, dst: str, src_creds: str | None, dest_creds: str | None,
+         tags: tuple[str, ...], concurrency: int, platform: str | None, as_json: bool, **kw: Any) -> None:
+    """Copy an image from SRC to DST (docker://, oci:, oci-archive:, docker-archive:, dir:, NAME:TAG)."""
+    common = _common(ctx, concurrency=concurrency, **kw)
+    _run_copy(ctx, src, dst, common, _creds(src_creds), _creds(dest_creds), tags, platform, concurrency,
+              as_json, "copied")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("dst")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@click.option("--additional-tag", "tags", multiple=True, metavar="TAG", help="Also tag the pushed image with TAG.")
+@_copy_options
+@click.pass_context
+def push(ctx: click.Context, /, name: str, dst: str, creds: str | None, tags: tuple[str, ...], concurrency: int,
+         platform: str | None, as_json: bool, **kw: Any) -> None:
+    """Push the store's image NAME[:TAG] to DST (e.g. docker://HOST/REPO:TAG); only missing blobs are sent."""
+    from shoal.errors import UsageError
+    from shoal.transports.base import parse_reference
+    from shoal.transports.local import LocalReference
+
+    if not isinstance(parse_reference(name), LocalReference):
+        raise UsageError(f"push takes a store image NAME[:TAG], not {name!r} (use shoal copy)")
+    common = _common(ctx, concurrency=concurrency, **kw)
+    _run_copy(ctx, name, dst, common, None, _creds(creds), tags, platform, concurrency, as_json, "pushed")
+
+
+@click.command()
+@click.argument("src")
+@click.argument("name", required=False)
+@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@_copy_options
+@click.pass_context
+def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, concurrency: int,
+         platform: str | None, as_json: bool, **kw: Any) -> None:
+    """Pull SRC into the store as NAME[:TAG] (default: SRC's repository and tag); only missing chunks are fetched."""
+    from shoal.errors import UsageError
+    from shoal.transports.base import parse_reference
+    from shoal.transports.docker import DockerReference
+    from shoal.transports.local import LocalReference
+
+    ref = parse_reference(src)
+    if isinstance(ref, LocalReference):
+        raise UsageError(f"pull takes a remote or layout reference, not the store image {src!r}")
+    if name is None:
+        if not isinstance(ref, DockerReference):
+            raise UsageError("give a NAME[:TAG] for the store when pulling from a non-registry source")
+        repo = ref.repo[len("library/"):] if ref.repo.startswith("library/") else ref.repo
+        name = f"{repo}:{ref.tag or 'latest'}"
+    if not isinstance(parse_reference(name), LocalReference):
+        raise UsageError(f"pull stores into the local store: want NAME[:TAG], not {name!r}")
+    common = _common(ctx, concurrency=concurrency, **kw)
+    _run_copy(ctx, src, name, common, _creds(creds), None, (), platform, concurrency, as_json, "pulled")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@_registry_options
+@click.pass_context
+def delete(ctx: click.Context, /, ref: str, creds: str | None, **kw: Any) -> None:
+    """Delete REF's manifest from its registry (every tag that points at it goes too, as with skopeo)."""
+    from shoal.transports.base import parse_reference
+
+    r = parse_reference(ref)
+    opts = _common(ctx, **kw)
+    if creds is not None:
+        opts["credentials"] = _creds(creds)
+    r.delete(**opts)
+    click.echo(f"deleted {r}")
+
+
+def _host(text: str) -> str:
+    from shoal.errors import UsageError
+
+    h = text.strip()
+    for prefix in ("docker://", "https://", "http://"):
+        if h.startswith(prefix):
+            h = h[len(prefix):]
+    h = h.split("/", 1)[0]
+    if not h:
+        raise UsageError(f"invalid registry {text!r}")
+    return h
+
+
+@click.command()
+@click.argument("registry")
+@click.option("-u", "--username", default=None)
+@click.option("-p", "--password", default=None, help="Password (prefer --password-stdin: argv is visible to others).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@_registry_options
+@click.pass_context
+def login(ctx: click.Context, /, registry: str, username: str | None, password: str | None, password_stdin: bool,
+          **kw: Any) -> None:
+    """Check credentials against REGISTRY and save them in the auth file (docker/podman format)."""
+    from shoal.errors import UsageError
+    from shoal.transports.docker import RegistryOptions, make_client
+    from shoal.transports.registry import Credentials, default_auth_file, store_credentials
+
+    host = _host(registry)
+    opts = _common(ctx, **kw)
+    authfile = os.environ.get("REGISTRY_AUTH_FILE") if kw.get("authfile") else None
+    if username is None:
+        if not sys.stdin.isatty():
+            raise UsageError("give --username (no terminal to ask on)")
+        username = click.prompt("Username", err=True)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif password is None:
+        if not sys.stdin.isatty():
+            raise UsageError("give --password-stdin (no terminal to ask on)")
+        password = click.prompt("Password", hide_input=True, err=True)
+    opts["credentials"] = Credentials(username, password)
+    ro = RegistryOptions.from_opts(opts)
+    with make_client(host, ro) as client:
+        client.ping()
+    path = store_credentials(host, username, password, authfile or default_auth_file())
+    click.echo(f"Login succeeded: credentials for {host} saved in {path}")
+
+
+@click.command()
+@click.argument("registry")
+@click.option("--authfile", type=click.Path(dir_okay=False), default=None, envvar="REGISTRY_AUTH_FILE",
+              help="Credentials file (default: where login writes).")
+@click.pass_context
+def logout(ctx: click.Context, registry: str, authfile: str | None) -> None:
+    """Remove saved credentials for REGISTRY."""
+    from shoal.errors import NotFound
+    from shoal.transports.registry import erase_credentials
+
+    host = _host(registry)
+    if not erase_credentials(host, authfile):
+        raise NotFound(f"not logged in to {host}")
+    click.echo(f"Removed login credentials for {host}")

@@ -1,0 +1,460 @@
+"""The ``docker://`` transport: images in an OCI distribution registry (docs/transports.md §docker).
+
+References use skopeo's syntax and meaning: ``docker://[HOST[:PORT]/]REPO[:TAG|@DIGEST]``.  A name
+without a registry host is on Docker Hub (``docker.io``), and a one-component Hub name is in
+``library/``; no tag and no digest means ``:latest``; a tag together with a digest is refused (as
+skopeo 1.9 does).  ``str(ref)`` is the familiar form (``docker://busybox:latest``), which parses
+back to an equal reference.
+
+Options (``new_source(**opts)``/``new_destination(**opts)``/``delete(**opts)``; unknown keys are
+ignored, so one option dict can serve every transport): ``tls_verify``, ``ca_bundle``,
+``cert_dir``, ``plain_http``, ``credentials`` (:class:`Credentials` or ``"user:password"``),
+``concurrency``, ``retries``, ``backoff``, ``timeout``, ``chunk_size`` (PATCH uploads above it),
+and for destinations ``tags`` (extra tags written at ``commit()``).  The transfer itself
+(verification, resume, which blobs move) is the copier's; this module maps the transport contract
+onto :class:`RegistryClient`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+from urllib.parse import quote, urljoin
+
+from shoal import mediatypes as mt
+from shoal.errors import FormatError, NotFound, TransportError, UsageError
+from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
+from shoal.transports.registry import Credentials, RegistryClient, RegistryStats
+from shoal.transports.registry.auth import merge_scopes, repository_scope
+
+__all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
+           "parse_docker", "open_remote_image", "make_client"]
+
+log = logging.getLogger(__name__)
+
+DOCKER_HUB = "docker.io"
+_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
+_DOMAIN_COMP = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN_RE = re.compile(rf"(?:{_DOMAIN_COMP}(?:\.{_DOMAIN_COMP})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
+_PATH_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+_DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
+_MAX_NAME = 255
+
+
+class DockerTransport(Transport):
+    name = "docker"
+
+    def parse(self, details: str) -> "DockerReference":
+        return parse_docker(details)
+
+
+TRANSPORT = register(DockerTransport())
+
+
+@dataclass(frozen=True)
+class DockerReference(ImageReference):
+    """``host`` is the registry (``docker.io`` for Hub), ``repo`` the full repository path."""
+
+    host: str
+    repo: str
+    tag: str | None = None
+    digest: str | None = None
+    transport = TRANSPORT
+
+    @property
+    def reference(self) -> str:
+        """What goes after ``/manifests/``: the digest if there is one, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def familiar_name(self) -> str:
+        if self.host == DOCKER_HUB:
+            rest = self.repo[len("library/"):]
+            return rest if self.repo.startswith("library/") and "/" not in rest else self.repo
+        return f"{self.host}/{self.repo}"
+
+    def details(self) -> str:
+        name = self.familiar_name()
+        return "//" + name + (f"@{self.digest}" if self.digest else f":{self.tag}")
+
+    def with_tag(self, tag: str) -> "DockerReference":
+        return DockerReference(self.host, self.repo, tag, None)
+
+    def new_source(self, **opts: object) -> "DockerSource":
+        return DockerSource(self, make_client(self.host, RegistryOptions.from_opts(opts)))
+
+    def new_destination(self, **opts: object) -> "DockerDestination":
+        o = RegistryOptions.from_opts(opts)
+        return DockerDestination(self, make_client(self.host, o), o.tags)
+
+    def delete(self, **opts: object) -> None:
+        """Delete the manifest the reference names (every tag pointing at it goes, as in skopeo)."""
+        with make_client(self.host, RegistryOptions.from_opts(opts)) as client:
+            digest = self.digest
+            if digest is None:
+                info = client.head_manifest(self.repo, self.reference)
+                if info is None:
+                    raise NotFound(f"no image {self} in the registry")
+                digest = info.digest
+            client.delete_manifest(self.repo, digest)
+
+
+def parse_docker(details: str) -> DockerReference:
+    """Parse the part after ``docker:`` (it starts with ``//``)."""
+    if not details.startswith("//"):
+        raise UsageError(f"invalid reference docker:{details[:100]!r}: want docker://HOST/REPO:TAG")
+    text = details[2:]
+    shown = f"docker://{text[:200]}"
+    name, at, digest = text.partition("@")
+    if at and not _DIGEST_RE.fullmatch(digest):
+        raise UsageError(f"invalid digest in {shown!r}")
+    tag: str | None = None
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+        if not _TAG_RE.fullmatch(tag):
+            raise UsageError(f"invalid tag in {shown!r}")
+    if tag is not None and at:
+        raise UsageError(f"{shown!r}: docker references with both a tag and a digest are not supported")
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        host, path = first, rest
+        if not _DOMAIN_RE.fullmatch(host):
+            raise UsageError(f"invalid registry host in {shown!r}")
+    else:
+        host, path = DOCKER_HUB, name
+    if host.lower() in _HUB_ALIASES:
+        host = DOCKER_HUB
+    if host == DOCKER_HUB and path and "/" not in path:
+        path = "library/" + path
+    if not path or not _PATH_RE.fullmatch(path):
+        raise UsageError(f"invalid repository name in {shown!r} (lowercase letters, digits, . _ - and /)")
+    if len(host) + 1 + len(path) > _MAX_NAME:
+        raise UsageError(f"repository name in {shown[:80]!r}... is longer than {_MAX_NAME} characters")
+    return DockerReference(host, path, None if at else (tag or "latest"), digest if at else None)
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    tls_verify: bool = True
+    ca_bundle: str | None = None
+    cert_dir: str | None = None
+    plain_http: bool | None = None  # None: plain http for loopback hosts only
+    credentials: Credentials | None = None
+    concurrency: int = 8
+    retries: int = 5
+    backoff: float = 0.2
+    timeout: float = 30.0
+    chunk_size: int | None = None  # blobs larger than this go up in PATCHes of this size (default 8 MiB)
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_opts(cls, opts: Mapping[str, object]) -> "RegistryOptions":
+        kw: dict[str, Any] = {}
+        for key, typ in (("tls_verify", bool), ("plain_http", bool)):
+            v = opts.get(key)
+            if v is not None:
+                kw[key] = _typed(key, v, typ)
+        for key in ("ca_bundle", "cert_dir"):
+            v = opts.get(key)
+            if v:
+                kw[key] = os.fspath(cast(str, v))
+        for key, typ2 in (("concurrency", int), ("retries", int), ("backoff", float), ("timeout", float),
+                          ("chunk_size", int)):
+            v = opts.get(key)
+            if v is not None:
+                kw[key] = _typed(key, v, typ2)
+        creds = opts.get("credentials")
+        if isinstance(creds, str):
+            user, sep, pw = creds.partition(":")
+            if not user:
+                raise UsageError("credentials must look like USER:PASSWORD")
+            creds = Credentials(user, pw)
+        if creds is not None and not isinstance(creds, Credentials):
+            raise UsageError("credentials must be USER:PASSWORD")
+        kw["credentials"] = creds
+        tags = opts.get("tags") or ()
+        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and _TAG_RE.fullmatch(t) for t in tags):
+            raise UsageError("tags must be a list of valid tags")
+        kw["tags"] = tuple(tags)
+        return cls(**kw)
+
+
+def _typed(key: str, v: object, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(v, bool):
+            return v
+        raise UsageError(f"option {key} must be true or false")
+    if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if typ is int and isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "retries" else 1):
+        return v
+    raise UsageError(f"option {key} has an invalid value")
+
+
+def _cert_dir_bundle(cert_dir: str) -> str | None:
+    """Concatenate the ``*.crt`` CA files of a skopeo/docker cert dir into one bundle (temp file)."""
+    d = Path(cert_dir)
+    if not d.is_dir():
+        raise UsageError(f"certificate directory {cert_dir} does not exist")
+    pems = sorted(d.glob("*.crt"))
+    if not pems:
+        return None
+    fd, path = tempfile.mkstemp(prefix="shoal-ca-", suffix=".pem")
+    with os.fdopen(fd, "wb") as f:
+        for p in pems:
+            f.write(p.read_bytes().rstrip(b"\n") + b"\n")
+    return path
+
+
+def make_client(host: str, o: RegistryOptions) -> RegistryClient:
+    """A RegistryClient for ``host`` with ``o``; CAs from ``cert_dir`` or /etc/{containers,docker}/certs.d."""
+    cert_dir = o.cert_dir
+    if cert_dir is None and o.ca_bundle is None:
+        for base in ("/etc/containers/certs.d", "/etc/docker/certs.d"):
+            if os.path.isdir(os.path.join(base, host)):
+                cert_dir = os.path.join(base, host)
+                break
+    bundle, tmp = o.ca_bundle, None
+    if bundle is None and cert_dir is not None:
+        bundle = tmp = _cert_dir_bundle(cert_dir)
+    if bundle is not None and not os.path.isfile(bundle):
+        raise UsageError(f"CA bundle {bundle} does not exist")
+    chunk = o.chunk_size or 8 * 1024 * 1024
+    try:
+        return RegistryClient(
+            host, tls_verify=o.tls_verify, ca_bundle=bundle, plain_http=o.plain_http, credentials=o.credentials,
+            timeout=o.timeout, max_connections=max(8, 2 * o.concurrency), retries=o.retries, backoff=o.backoff,
+            range_concurrency=o.concurrency, monolithic_max=chunk, chunk_size=chunk if o.chunk_size else 2 * chunk,
+        )
+    except OSError as exc:  # an unreadable CA bundle
+        raise UsageError(f"cannot load CA certificates: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)  # the SSL context has loaded it
+
+
+# ------------------------------------------------------------------------------------------ source
+
+
+class DockerSource(ImageSource):
+    def __init__(self, ref: DockerReference, client: RegistryClient) -> None:
+        self.ref = ref
+        self.client = client
+        self.stats: RegistryStats = client.stats
+        self._top: tuple[bytes, str] | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def get_manifest(self, digest: str | None = None) -> tuple[bytes, str]:
+        if digest is None:
+            if self._top is None:  # fetched once: a tag that moves mid-copy must not mix two images
+                raw, media, _ = self.client.get_manifest(self.ref.repo, self.ref.reference)
+                self._top = (raw, media)
+            return self._top
+        raw, media, _ = self.client.get_manifest(self.ref.repo, digest)
+        return raw, media
+
+    def get_blob(self, info: BlobInfo) -> tuple[BinaryIO, int]:
+        reader = self.client.open_blob_stream(self.ref.repo, info.digest, size=info.size if info.size >= 0 else None)
+        size = reader.size if reader.size is not None else info.size
+        return cast(BinaryIO, reader), size
+
+    def get_blob_ranges(self, info: BlobInfo, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return self.client.get_blob_ranges(self.ref.repo, info.digest, ranges)
+
+    def has_blob(self, info: BlobInfo) -> bool:
+        return self.client.has_blob(self.ref.repo, info.digest) is not None
+
+
+# ------------------------------------------------------------------------------------------ destination
+
+
+class DockerDestination(ImageDestination):
+    """Blobs go up as they come (HEAD first, then mount or upload); the tagged manifest at ``commit()``."""
+
+    def __init__(self, ref: DockerReference, client: RegistryClient, tags: tuple[str, ...] = ()) -> None:
+        self.ref = ref
+        self.client = client
+        self.tags = tags
+        self.stats: RegistryStats = client.stats
+        self._top: tuple[bytes, str] | None = None
+        self.mounted = 0
+        self.digest = ""  # of the top manifest, once committed
+
+    def close(self) -> None:
+        self.client.close()
+
+    def has_blob(self, info: BlobInfo) -> bool:
+        return self.client.has_blob(self.ref.repo, info.digest) is not None
+
+    def try_reuse_blob(self, info: BlobInfo, source_ref: ImageReference | None) -> bool:
+        if self.has_blob(info):
+            return True
+        if (isinstance(source_ref, DockerReference) and source_ref.host == self.ref.host
+                and source_ref.repo != self.ref.repo):
+            return self._mount(info.digest, source_ref.repo)
+        return False
+
+    def _mount(self, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount; True if the registry linked the blob (201)."""
+        c = self.client
+        scopes = merge_scopes([repository_scope(self.ref.repo, "pull,push"), repository_scope(from_repo, "pull")])
+        url = f"/v2/{self.ref.repo}/blobs/uploads/?mount={quote(digest, safe='')}&from={quote(from_repo, safe='')}"
+        resp = c._request("POST", url, scopes=scopes, headers={"Content-Length": "0"}, retry=True)
+        if resp.status_code == 201:
+            with c._stats_lock:
+                self.mounted += 1
+            return True
+        if resp.status_code == 202 and resp.headers.get("location"):  # an upload session instead: drop it
+            loc = urljoin(str(resp.request.url), resp.headers["location"])
+            try:
+                c._request("DELETE", loc, scopes=scopes, retry=False).close()
+            except TransportError:
+                pass
+            return False
+        if resp.status_code in (401, 403, 404, 405):  # no permission on the source, or mounts unsupported
+            log.debug("mount of %s from %s: HTTP %d", digest, from_repo, resp.status_code)
+            return False
+        raise c._error(resp, f"mount {digest} into {self.ref.repo}")
+
+    def put_blob(self, stream: BinaryIO, info: BlobInfo) -> None:
+        # Spool first: the copier's stream is verified at EOF before anything is committed, and an upload
+        # the registry loses (restart, 5xx) can start again from a rewindable copy.
+        with tempfile.SpooledTemporaryFile(max_size=self.client.monolithic_max, prefix="shoal-up-") as spool:
+            while True:
+                b = stream.read(1 << 20)
+                if not b:
+                    break
+                spool.write(b)
+            size = spool.tell()
+            spool.seek(0)
+            self.client.put_blob(self.ref.repo, info.digest, cast(BinaryIO, spool), size)
+
+    def put_manifest(self, raw: bytes, media_type: str, digest: str | None = None) -> None:
+        if digest is not None:  # a child of an index: by digest, never tagged
+            self.client.put_manifest(self.ref.repo, digest, raw, media_type)
+            self._referrer(raw, media_type, digest)
+            return
+        self._top = (raw, media_type)
+
+    def commit(self) -> None:
+        if self._top is None:
+            raise NotFound("nothing to commit: no manifest was written")
+        raw, media = self._top
+        digest = self.client.put_manifest(self.ref.repo, self.ref.reference, raw, media)
+        for t in self.tags:
+            if t != self.ref.tag:
+                self.client.put_manifest(self.ref.repo, t, raw, media)
+        self._referrer(raw, media, digest)
+        self.digest = digest
+
+    def _referrer(self, raw: bytes, media: str, digest: str) -> None:
+        """A manifest with ``subject``: keep the tag-schema referrers index where there is no referrers API."""
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return
+        subject = doc.get("subject") if isinstance(doc, dict) else None
+        if not isinstance(subject, dict) or not isinstance(subject.get("digest"), str):
+            return
+        if self._has_referrers_api(subject["digest"]):
+            return
+        desc: dict[str, Any] = {"mediaType": media, "digest": digest, "size": len(raw)}
+        at = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
+        if isinstance(at, str) and at:
+            desc["artifactType"] = at
+        if isinstance(doc.get("annotations"), dict):
+            desc["annotations"] = doc["annotations"]
+        self.client.put_referrer_tag_index(self.ref.repo, subject["digest"], desc)
+
+    def _has_referrers_api(self, subject: str) -> bool:
+        c = self.client
+        resp = c._request("GET", f"/v2/{self.ref.repo}/referrers/{subject}", scopes=c._pull(self.ref.repo),
+                          headers={"Accept": mt.OCI_INDEX})
+        return resp.status_code == 200 and resp.headers.get("content-type", "").startswith(mt.OCI_INDEX)
+
+
+# ------------------------------------------------------------------------------------------ remote inspection
+
+
+def open_remote_image(ref_text: str, **opts: object) -> tuple[bytes, bytes, bytes]:
+    """(manifest, config, index blob) of a ``docker://`` image, without fetching any pack.
+
+    An image index resolves to its child for ``platform`` (``os/arch``) if given, else to its
+    first Shoal child, else its first child.  For a classic (non-Shoal) image the index is ``b""``.
+    Config and index are verified against their descriptors.
+    """
+    from shoal.transports.base import parse_reference
+
+    ref = parse_reference(ref_text)
+    if not isinstance(ref, DockerReference):
+        raise UsageError(f"{ref_text!r} is not a docker:// reference")
+    with ref.new_source(**opts) as src:
+        raw, media = src.get_manifest()
+        doc = _json(raw)
+        if media in mt.INDEX_TYPES or "manifests" in doc:
+            raw, doc = _pick_child(src, doc, cast(str | None, opts.get("platform")))
+        cfg = doc.get("config")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("digest"), str) or not isinstance(cfg.get("size"), int):
+            raise FormatError(f"manifest of {ref} has no valid config descriptor")
+        config = _small_blob(src, cfg)
+        layers = doc.get("layers") or []
+        index = b""
+        if (doc.get("artifactType") == mt.ARTIFACT_TYPE and layers and isinstance(layers[0], dict)
+                and layers[0].get("mediaType") == mt.INDEX):
+            index = _small_blob(src, layers[0])
+        return raw, config, index
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise FormatError("manifest is not JSON") from None
+    if not isinstance(doc, dict):
+        raise FormatError("manifest is not a JSON object")
+    return doc
+
+
+def _pick_child(src: ImageSource, doc: dict[str, Any], platform: str | None) -> tuple[bytes, dict[str, Any]]:
+    kids = [m for m in doc.get("manifests") or [] if isinstance(m, dict) and isinstance(m.get("digest"), str)]
+    if platform:
+        want = platform.split("/")
+
+        def match(m: dict[str, Any]) -> bool:
+            p = m.get("platform") or {}
+            have = [p.get("os", ""), p.get("architecture", "")] + ([p["variant"]] if p.get("variant") else [])
+            return have[: len(want)] == want
+
+        kids = [m for m in kids if match(m)]
+    else:
+        kids.sort(key=lambda m: m.get("artifactType") != mt.ARTIFACT_TYPE)
+    if not kids:
+        raise NotFound(f"no manifest{' for platform ' + platform if platform else ''} in the image index")
+    raw, _ = src.get_manifest(kids[0]["digest"])
+    return raw, _json(raw)
+
+
+_MAX_SMALL_BLOB = 256 * 1024 * 1024
+
+
+def _small_blob(src: ImageSource, d: dict[str, Any]) -> bytes:
+    size = d.get("size")
+    if not isinstance(size, int) or size < 0 or size > _MAX_SMALL_BLOB:
+        raise FormatError(f"descriptor {str(d.get('digest'))[:80]} has an invalid or oversized size")
+    stream, _ = src.get_blob(BlobInfo(str(d["digest"]), size, str(d.get("mediaType", ""))))
+    with stream:
+        return stream.read()
