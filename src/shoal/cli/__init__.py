@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "copy": ("shoal.cli.transfer_cmds", "copy", "Copy an image between any two transports (docker://, oci:, ...)."),
     "push": ("shoal.cli.transfer_cmds", "push", "Push a store image to a registry, sending only missing blobs."),
     "pull": ("shoal.cli.transfer_cmds", "pull", "Pull an image into the store, fetching only missing chunks."),
+    "convert": ("shoal.cli.convert_cmds", "convert", "Convert a classic OCI/Docker image to Shoal."),
+    "export": ("shoal.cli.convert_cmds", "export", "Export a Shoal image as a classic one-layer OCI image."),
     "delete": ("shoal.cli.transfer_cmds", "delete", "Delete an image from a registry."),
     "login": ("shoal.cli.transfer_cmds", "login", "Check and save credentials for a registry."),
     "logout": ("shoal.cli.transfer_cmds", "logout", "Remove saved credentials for a registry."),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -86,3 +87,47 @@ class progress_sink:
 def lines(items: Iterator[str]) -> None:
     for s in items:
         click.echo(s)
+
+
+_BOOL = click.BOOL
+
+
+def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """TLS, credentials and concurrency options shared by every command that talks to a registry."""
+    opts = [
+        click.option("--tls-verify", type=_BOOL, default=True, show_default=True, metavar="BOOL",
+                     help="Verify registry TLS certificates."),
+        click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="PEM file of CA certificates to trust instead of the system's."),
+        click.option("--cert-dir", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Directory of *.crt CA certificates (as skopeo; default /etc/containers/certs.d/HOST)."),
+        click.option("--plain-http", type=_BOOL, default=None, is_flag=False, flag_value=True, metavar="[BOOL]",
+                     help="Use plain HTTP (default: only for loopback registries; =false forces HTTPS)."),
+        click.option("--authfile", type=click.Path(dir_okay=False), default=None, envvar="REGISTRY_AUTH_FILE",
+                     help="Credentials file (default: $REGISTRY_AUTH_FILE, containers auth.json, "
+                          "~/.docker/config.json)."),
+        click.option("--retries", type=click.IntRange(0, 100), default=None, help="Retries per request (default 5)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, cert_dir: str | None,
+                  plain_http: bool | None, authfile: str | None, retries: int | None,
+                  concurrency: int | None = None) -> dict[str, object]:
+    """The transport options the ``registry_options`` flags describe (for new_source/new_destination)."""
+    if authfile:
+        os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(authfile)  # the credential lookup reads it
+    o: dict[str, object] = {"tls_verify": tls_verify, "store": ctx.obj.get("store") if ctx.obj else None}
+    if ca_bundle:
+        o["ca_bundle"] = ca_bundle
+    if cert_dir:
+        o["cert_dir"] = cert_dir
+    if plain_http is not None:
+        o["plain_http"] = plain_http
+    if retries is not None:
+        o["retries"] = retries
+    if concurrency:
+        o["concurrency"] = concurrency
+    return o

@@ -26,7 +26,8 @@ def _store(ctx: click.Context) -> str | None:
 def mount(ctx: click.Context, ref: str, mountpoint: str, writable: bool, foreground: bool, prefetch: str,
           as_json: bool) -> None:
     """Mount image REF read-only (or --writable) at MOUNTPOINT, reading lazily through FUSE."""
-    from shoal.mount.daemon import MountOptions, mount as do_mount
+    from shoal.mount.daemon import MountOptions
+    from shoal.mount.daemon import mount as do_mount
 
     opts = MountOptions(writable=writable, foreground=foreground, prefetch=prefetch)
 
@@ -104,7 +105,8 @@ def run(ctx: click.Context, rm: bool, name: str | None, env: tuple[str, ...], vo
         workdir: str | None, user: str | None, entrypoint: str | None, tty: bool | None, runtime: str,
         prefetch: str, ref: str, command: tuple[str, ...]) -> None:
     """Run a container of REF (CMD replaces the image's Cmd); exits with the container's code."""
-    from shoal.mount.run import RunOptions, run as do_run
+    from shoal.mount.run import RunOptions
+    from shoal.mount.run import run as do_run
 
     if command and command[0] == "--":
         command = command[1:]

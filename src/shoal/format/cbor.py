@@ -24,10 +24,13 @@ _PACK_I = struct.Struct(">I").pack
 _PACK_Q = struct.Struct(">Q").pack
 
 
+_SMALL = [[bytes([(m << 5) | n]) for n in range(24)] for m in range(8)]
+
+
 def _head(major: int, n: int) -> bytes:
-    mt = major << 5
     if n < 24:
-        return _PACK_B(mt | n)
+        return _SMALL[major][n]
+    mt = major << 5
     if n < 0x100:
         return _PACK_B(mt | 24) + _PACK_B(n)
     if n < 0x10000:
@@ -40,44 +43,50 @@ def _head(major: int, n: int) -> bytes:
 
 
 def _enc(v: Any, out: bytearray) -> None:
-    if v is None:
+    t = type(v)  # exact-type fast paths first: this runs for every item of every index
+    if t is bytes:
+        out += _head(2, len(v))
+        out += v
+    elif t is int:
+        out += _head(0, v) if v >= 0 else _head(1, -1 - v)
+    elif t is list or t is tuple:
+        out += _head(4, len(v))
+        for item in v:
+            _enc(item, out)
+    elif t is dict:
+        _enc_map(v, out)
+    elif t is str:
+        b = v.encode("utf-8")
+        out += _head(3, len(b))
+        out += b
+    elif v is None:
         out.append(0xF6)
     elif v is True:
         out.append(0xF5)
     elif v is False:
         out.append(0xF4)
     elif isinstance(v, int):
-        if v >= 0:
-            out += _head(0, v)
-        else:
-            out += _head(1, -1 - v)
-    elif isinstance(v, (bytes, bytearray, memoryview)):
-        out += _head(2, len(v))
-        out += v
-    elif isinstance(v, str):
-        b = v.encode("utf-8")
-        out += _head(3, len(b))
-        out += b
-    elif isinstance(v, (list, tuple)):
-        out += _head(4, len(v))
-        for item in v:
-            _enc(item, out)
-    elif isinstance(v, dict):
-        pairs: list[tuple[bytes, Any]] = []
-        for k, val in v.items():
-            kbuf = bytearray()
-            _enc(k, kbuf)
-            pairs.append((bytes(kbuf), val))
-        pairs.sort(key=lambda p: p[0])
-        for i in range(1, len(pairs)):
-            if pairs[i][0] == pairs[i - 1][0]:
-                raise FormatError("duplicate map key")
-        out += _head(5, len(pairs))
-        for kb, val in pairs:
-            out += kb
-            _enc(val, out)
+        _enc(int(v), out)
+    elif isinstance(v, (bytearray, memoryview)):
+        _enc(bytes(v), out)
     else:
         raise FormatError(f"cannot encode {type(v).__name__} in CBOR")
+
+
+def _enc_map(v: dict[Any, Any], out: bytearray) -> None:
+    pairs: list[tuple[bytes, Any]] = []
+    for k, val in v.items():
+        kbuf = bytearray()
+        _enc(k, kbuf)
+        pairs.append((bytes(kbuf), val))
+    pairs.sort(key=lambda p: p[0])
+    for i in range(1, len(pairs)):
+        if pairs[i][0] == pairs[i - 1][0]:
+            raise FormatError("duplicate map key")
+    out += _head(5, len(pairs))
+    for kb, val in pairs:
+        out += kb
+        _enc(val, out)
 
 
 def encode(value: Any) -> bytes:
