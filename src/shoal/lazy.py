@@ -1,9 +1,16 @@
-"""Lazy frame source: local store first, then HTTP range reads on the image's packs (docs/spec/mount.md).
+"""Lazy frame source: local store first, then HTTP range reads on the image's packs (docs/spec/mount.md §5).
 
 Every frame fetched from the network is decompressed and every chunk in it is checked against its
-sha256 *before* it is written to the store (as a partial pack) and served; a frame that fails is
+sha256 *before* it is served and written to the store (as a partial pack); a frame that fails is
 never cached and the read fails with IntegrityError (EIO through FUSE).  Frames land in the shared
 store, so any other image holding the same chunks reuses them.
+
+Fetches are *jobs*: one range request covering one or more frames that sit back to back in a pack.
+Each frame being fetched has a future in ``_inflight``, so concurrent readers of one frame share one
+request.  Demand reads (``fetch``, ``ensure``) run in their own thread pool and wait at most
+``fetch_timeout`` seconds (then TransportError, EIO through FUSE); ``prefetch`` and ``readahead``
+run in a background pool.  A demand read that needs a frame whose background job has not started
+yet runs that job itself, so a long prefetch queue never delays a read.
 """
 
 from __future__ import annotations
@@ -11,14 +18,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import Callable
 
 from shoal import mediatypes as mt
-from shoal.errors import IntegrityError, NotFound
+from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
-from shoal.reader import decompress_frame
+from shoal.reader import StoreSource, decompress_frame
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageSource
 
@@ -29,143 +39,392 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LazyStats:
-    frames_local: int = 0
-    frames_fetched: int = 0
-    bytes_fetched: int = 0
-    requests: int = 0
-    failures: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Counters of one lazy source (``shoal status`` shows them under ``stats.source``)."""
+
+    frames_total: int = 0
+    frames_cached: int = 0  # frames whose bytes are on this machine (fetched by anyone, or held before)
+    bytes_total: int = 0  # compressed bytes of every pack of the image
+    bytes_cached: int = 0  # compressed bytes of the cached frames
+    frames_local: int = 0  # fetch() answered from the store
+    frames_fetched: int = 0  # frames this source fetched and verified
+    bytes_fetched: int = 0  # bytes of range answers
+    requests: int = 0  # range requests
+    readahead_frames: int = 0  # frames queued by read-ahead
+    failures: int = 0  # failed range requests and frames that failed verification
+    timeouts: int = 0  # demand reads that gave up after fetch_timeout
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One range request: ``frames`` (indices) lie back to back from ``start`` in ``pack``."""
+
+    pack: str
+    start: int
+    length: int
+    frames: list[int]
+    started: bool = False
+
+
+class SourceClosed(TransportError):
+    """The lazy source was closed (the mount is going away)."""
 
 
 class LazySource:
-    """A FrameSource for Reader that fetches missing frames from ``remote`` and caches them in ``store``."""
+    """A FrameSource for Reader that fetches missing frames from ``remote`` and caches them in ``store``.
 
-    def __init__(self, store: Store, remote: ImageSource, manifest: ShoalManifest, index: Index) -> None:
+    ``reopen`` makes a fresh remote for ``after_fork`` (a forked mount daemon must not share the
+    parent's connections); without it the daemon keeps using ``remote``.
+    """
+
+    def __init__(self, store: Store, remote: ImageSource, manifest: ShoalManifest, index: Index, *,
+                 reopen: Callable[[], ImageSource] | None = None, fetch_timeout: float = 30.0,
+                 concurrency: int = 8, max_range: int = 4 * 1024 * 1024, where: str = "") -> None:
         self.store = store
         self.remote = remote
         self.index = index
+        self.where = where or "the registry"
+        self.fetch_timeout = fetch_timeout
+        self.concurrency = max(1, concurrency)
+        self.max_range = max_range
+        self._reopen = reopen
         self.sizes = {p.digest: p.size for p in manifest.packs}
-        self.stats = LazyStats()
+        self._pack_of = ["sha256:" + p.hex() for p in index.packs]
         self._frame_of: dict[tuple[str, int], int] = {
-            ("sha256:" + index.packs[f.pack].hex(), f.offset): fi for fi, f in enumerate(index.frames)
+            (self._pack_of[f.pack], f.offset): fi for fi, f in enumerate(index.frames)
         }
+        # frames in pack order, so a frame's neighbours are one step away
+        self._next_in_pack: dict[int, int] = {}
+        order = sorted(range(len(index.frames)), key=lambda i: (index.frames[i].pack, index.frames[i].offset))
+        for a, b in zip(order, order[1:]):
+            fa, fb = index.frames[a], index.frames[b]
+            if fa.pack == fb.pack and fa.offset + fa.clen == fb.offset:
+                self._next_in_pack[a] = b
         self._chunks_of: dict[int, list[int]] = {}
         for ci, fi in enumerate(index.chunk_frames):
             self._chunks_of.setdefault(fi, []).append(ci)
-        self._inflight: dict[tuple[str, int], threading.Event] = {}
+        self._init_runtime()
+        self._stats = LazyStats(frames_total=len(index.frames), bytes_total=sum(self.sizes.values()))
+
+    def _init_runtime(self) -> None:
+        """Locks, pools and the in-flight table: made again in a forked child."""
         self._lock = threading.Lock()
+        self._inflight: dict[int, tuple[Future[bytes], _Job]] = {}
+        self._demand: ThreadPoolExecutor | None = None
+        self._background: ThreadPoolExecutor | None = None
+        self._cached: set[int] | None = None  # frames known to be on this machine (scanned on first use)
+        self._closed = False
 
     # ---------------------------------------------------------------- FrameSource
 
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
         try:
             data = self.store.read_frame(pack, offset, length)
-            with self.stats.lock:
-                self.stats.frames_local += 1
+            with self._stats.lock:
+                self._stats.frames_local += 1
             return data
         except NotFound:
             pass
         fi = self._frame_of.get((pack, offset))
-        if fi is not None and self._all_chunks_local(fi):
+        if fi is None or self.index.frames[fi].clen != length:
+            raise NotFound(f"no frame at {pack}@{offset} in this image")
+        if self._all_chunks_local(fi):
             raise NotFound("frame not cached, but its chunks are: read them by id")
-        key = (pack, offset)
-        with self._lock:
-            ev = self._inflight.get(key)
-            owner = ev is None
-            if owner:
-                ev = self._inflight[key] = threading.Event()
-        assert ev is not None
-        if not owner:  # someone else is fetching this frame: wait for it, then read the cache
-            ev.wait()
-            return self.store.read_frame(pack, offset, length)
-        try:
-            return self._fetch_ranges(pack, [(offset, length)])[0]
-        finally:
-            with self._lock:
-                self._inflight.pop(key, None)
-            ev.set()
+        return self._wait({fi: self._claim([fi], demand=True)[fi]})[fi]
 
     def find_chunk(self, cid: bytes) -> bytes | None:
-        from shoal.reader import StoreSource
-
         return StoreSource(self.store).find_chunk(cid)
 
-    # ---------------------------------------------------------------- fetching
+    def after_fork(self) -> None:
+        """In a forked mount daemon: a new sqlite connection, new HTTP connections, new pools and locks."""
+        self.store = Store.open(self.store.root)
+        if self._reopen is not None:
+            self.remote = self._reopen()
+        self._init_runtime()
+        self._stats.lock = threading.Lock()
 
-    def _fetch_ranges(self, pack: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Fetch whole frames at ``ranges`` of ``pack``; verify, cache and return their bytes."""
-        info = BlobInfo(pack, self.sizes.get(pack, -1), mt.PACK)
-        try:
-            datas = self.remote.get_blob_ranges(info, ranges)
-        except Exception:
-            with self.stats.lock:
-                self.stats.failures += 1
-            raise
-        out = []
-        for (off, ln), data in zip(ranges, datas):
-            with self.stats.lock:
-                self.stats.requests += 1
-                self.stats.bytes_fetched += len(data)
-            out += self._accept(pack, off, ln, data)
-        return out
+    def close(self) -> None:
+        """Stop background work and fail whatever still waits (the mount is going away)."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._inflight.values())
+            self._inflight.clear()
+        for pool in (self._demand, self._background):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        for fut, _ in pending:
+            if not fut.done():
+                fut.set_exception(SourceClosed("the lazy source was closed"))
 
-    def _accept(self, pack: str, off: int, ln: int, data: bytes) -> list[bytes]:
-        """Split a fetched range into frames, verify each, cache each; return the frames' bytes."""
-        if len(data) != ln:
-            raise IntegrityError(f"range {off}+{ln} of pack {pack} returned {len(data)} bytes")
+    # ---------------------------------------------------------------- mount hooks
+
+    def ensure(self, frames: list[int]) -> None:
+        """Make ``frames`` local (one merged request per run of adjacent frames, in parallel), waiting
+        at most ``fetch_timeout``; used by a read that needs several frames at once."""
+        need = [fi for fi in dict.fromkeys(frames) if not self._is_cached(fi)]
+        if need:
+            self._wait(self._claim(need, demand=True))
+
+    def readahead(self, frames: list[int]) -> None:
+        """Fetch ``frames`` in the background (never blocks, never raises)."""
+        need = [fi for fi in dict.fromkeys(frames) if fi not in self._inflight and not self._is_cached(fi)]
+        if not need or self._closed:
+            return
+        with self._stats.lock:
+            self._stats.readahead_frames += len(need)
+        futs = self._claim(need, demand=False)
+        for fut in futs.values():
+            fut.add_done_callback(_quiet)
+
+    def next_frames(self, fi: int, n: int = 1) -> list[int]:
+        """Up to ``n`` frames that follow frame ``fi`` in its pack (packs keep files in path order)."""
         out = []
-        pos = off
-        rows = []
-        while pos < off + ln:
-            fi = self._frame_of.get((pack, pos))
-            if fi is None:
-                raise IntegrityError(f"range of pack {pack} does not start at a frame boundary ({pos})")
-            f = self.index.frames[fi]
-            raw = data[pos - off : pos - off + f.clen]
-            plain = decompress_frame(raw, f, f"{pack}@{pos}")
-            for ci in self._chunks_of.get(fi, []):
-                o, n = self.index.chunk_offsets[ci], self.index.chunk_lengths[ci]
-                if hashlib.sha256(plain[o : o + n]).digest() != self.index.chunk_ids[ci]:
-                    with self.stats.lock:
-                        self.stats.failures += 1
-                    log.error("digest mismatch: chunk sha256:%s of pack %s at %d; not cached",
-                              self.index.chunk_ids[ci].hex(), pack, pos)
-                    raise IntegrityError(f"chunk sha256:{self.index.chunk_ids[ci].hex()} from pack {pack} "
-                                         "failed verification (digest mismatch)")
-                rows.append((self.index.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, o, n))
-            self.store.partial.put_frame(pack, pos, raw)
-            with self.stats.lock:
-                self.stats.frames_fetched += 1
-            out.append(raw)
-            pos += f.clen
-        self.store.catalog.add(rows)
+        while len(out) < n and fi in self._next_in_pack:
+            fi = self._next_in_pack[fi]
+            out.append(fi)
         return out
 
     def prefetch(self, frames: list[int], concurrency: int = 8) -> int:
         """Fetch ``frames`` (indices, in priority order) that the store lacks, merging back-to-back frames
-        of a pack into one range request; return the bytes fetched."""
-        todo: dict[str, list[int]] = {}
+        of a pack into one range request; wait for all of them and return the bytes fetched.  Raises
+        the first failure after every request has ended."""
+        before = self._stats.bytes_fetched
+        need = [fi for fi in dict.fromkeys(frames) if not self._is_cached(fi)]
+        futs = self._claim(need, demand=False)
+        wait_futures(list(futs.values()))
+        for fut in futs.values():
+            exc = fut.exception()
+            if exc is not None:
+                raise exc
+        return self._stats.bytes_fetched - before
+
+    @property
+    def stats(self) -> LazyStats:
+        """The counters, with the cached-frame figures brought up to date."""
+        cached = self._cached_set()
+        with self._stats.lock:
+            self._stats.frames_cached = len(cached)
+            self._stats.bytes_cached = sum(self.index.frames[fi].clen for fi in cached)
+        return self._stats
+
+    def cached_chunks(self) -> int:
+        return sum(len(self._chunks_of.get(fi, ())) for fi in self._cached_set())
+
+    # ---------------------------------------------------------------- planning and waiting
+
+    def _claim(self, frames: list[int], demand: bool) -> dict[int, Future[bytes]]:
+        """A future for each frame: an in-flight one, or a new job's.  New jobs (and not yet started
+        background jobs a demand read needs) are submitted to the demand or background pool."""
+        out: dict[int, Future[bytes]] = {}
+        steal: list[_Job] = []
+        with self._lock:
+            if self._closed:
+                raise SourceClosed("the lazy source was closed")
+            fresh = []
+            for fi in frames:
+                hit = self._inflight.get(fi)
+                if hit is None:
+                    fresh.append(fi)
+                    continue
+                out[fi] = hit[0]
+                if demand and not hit[1].started and hit[1] not in steal:
+                    steal.append(hit[1])
+            jobs = self._plan(fresh)
+            for job in jobs:
+                for fi in job.frames:
+                    fut: Future[bytes] = Future()
+                    self._inflight[fi] = (fut, job)
+                    out[fi] = fut
+            pool = self._pool(demand)
+        for job in jobs + steal:
+            pool.submit(self._run, job)
+        return out
+
+    def _pool(self, demand: bool) -> ThreadPoolExecutor:
+        if demand:
+            if self._demand is None:
+                self._demand = ThreadPoolExecutor(self.concurrency, thread_name_prefix="shoal-lazy")
+            return self._demand
+        if self._background is None:
+            self._background = ThreadPoolExecutor(self.concurrency, thread_name_prefix="shoal-ahead")
+        return self._background
+
+    def _plan(self, frames: list[int]) -> list[_Job]:
+        """Group frames into jobs: back-to-back frames of a pack share one request (up to ``max_range``
+        bytes).  Jobs come in the order of their first frame in ``frames`` (priority order)."""
+        rank = {fi: r for r, fi in enumerate(frames)}
+        by_pack: dict[int, list[int]] = {}
         for fi in frames:
-            f = self.index.frames[fi]
-            pack = "sha256:" + self.index.packs[f.pack].hex()
-            if not self.store.has_frame(pack, f.offset) and not self._all_chunks_local(fi):
-                todo.setdefault(pack, []).append(fi)
-        before = self.stats.bytes_fetched
-        jobs = []
-        for pack, fis in todo.items():
-            fis = sorted(set(fis), key=lambda i: self.index.frames[i].offset)
-            ranges: list[tuple[int, int]] = []
+            by_pack.setdefault(self.index.frames[fi].pack, []).append(fi)
+        jobs: list[tuple[int, _Job]] = []
+        for pi, fis in by_pack.items():
+            fis.sort(key=lambda i: self.index.frames[i].offset)
+            cur: _Job | None = None
             for fi in fis:
                 f = self.index.frames[fi]
-                if ranges and ranges[-1][0] + ranges[-1][1] == f.offset:
-                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + f.clen)
-                else:
-                    ranges.append((f.offset, f.clen))
-            jobs.append((pack, ranges))
-        with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="shoal-prefetch") as pool:
-            list(pool.map(lambda j: self._fetch_ranges(*j), jobs))
-        return self.stats.bytes_fetched - before
+                if cur is not None and cur.start + cur.length == f.offset and cur.length + f.clen <= self.max_range:
+                    cur.length += f.clen
+                    cur.frames.append(fi)
+                    continue
+                cur = _Job(self._pack_of[pi], f.offset, f.clen, [fi])
+                jobs.append((0, cur))
+        jobs = [(min(rank[fi] for fi in j.frames), j) for _, j in jobs]
+        jobs.sort(key=lambda t: t[0])
+        return [j for _, j in jobs]
+
+    def _wait(self, futs: dict[int, Future[bytes]]) -> dict[int, bytes]:
+        done, pending = wait_futures(list(futs.values()), timeout=self.fetch_timeout)
+        if pending:
+            with self._stats.lock:
+                self._stats.timeouts += 1
+            fi = next(i for i, f in futs.items() if f in pending)
+            f = self.index.frames[fi]
+            msg = (f"no answer from {self.where} within {self.fetch_timeout:g}s for frame "
+                   f"{self._pack_of[f.pack]}@{f.offset} (registry unreachable?)")
+            log.error("%s", msg)
+            raise TransportError(msg)
+        return {fi: fut.result() for fi, fut in futs.items()}
+
+    # ---------------------------------------------------------------- fetching
+
+    def _run(self, job: _Job) -> None:
+        with self._lock:
+            if job.started:
+                return
+            job.started = True
+            futs = {fi: hit[0] for fi in job.frames if (hit := self._inflight.get(fi)) is not None and hit[1] is job}
+        try:
+            data = self._get(job)
+        except BaseException as exc:
+            with self._stats.lock:
+                self._stats.failures += 1
+            if not isinstance(exc, SourceClosed):
+                log.error("fetch of %d bytes at %s@%d from %s failed: %s", job.length, job.pack, job.start,
+                          self.where, exc)
+            self._finish(job, futs, {}, exc if isinstance(exc, Exception) else TransportError(str(exc)))
+            return
+        rows: list[tuple[bytes, str, int, int, int, int, int]] = []
+        results: dict[int, bytes | Exception] = {}
+        for fi in job.frames:
+            f = self.index.frames[fi]
+            raw = data[f.offset - job.start : f.offset - job.start + f.clen]
+            try:
+                rows += self._verify(fi, raw)
+            except IntegrityError as exc:
+                results[fi] = exc
+                continue
+            results[fi] = raw
+            fut = futs.get(fi)
+            if fut is not None and not fut.done():
+                fut.set_result(raw)  # verified: serve it now, persist below
+        self._finish(job, futs, results, None, rows)
+
+    def _get(self, job: _Job) -> bytes:
+        info = BlobInfo(job.pack, self.sizes.get(job.pack, -1), mt.PACK)
+        t0 = time.monotonic()
+        data = self.remote.get_blob_ranges(info, [(job.start, job.length)])[0]
+        with self._stats.lock:
+            self._stats.requests += 1
+            self._stats.bytes_fetched += len(data)
+        log.debug("fetched %d bytes (%d frames) at %s@%d in %.3fs", len(data), len(job.frames), job.pack,
+                  job.start, time.monotonic() - t0)
+        if len(data) != job.length:
+            raise IntegrityError(f"range {job.start}+{job.length} of pack {job.pack} returned {len(data)} bytes")
+        return data
+
+    def _verify(self, fi: int, raw: bytes) -> list[tuple[bytes, str, int, int, int, int, int]]:
+        """Decompress frame ``fi`` and check every chunk; return its catalogue rows."""
+        f = self.index.frames[fi]
+        pack = self._pack_of[f.pack]
+        try:
+            plain = decompress_frame(raw, f, f"{pack}@{f.offset}")
+        except IntegrityError as exc:
+            self._bad(f"frame {pack}@{f.offset} from {self.where} is corrupt (digest mismatch: {exc}); not cached")
+        rows = []
+        for ci in self._chunks_of.get(fi, []):
+            o, n = self.index.chunk_offsets[ci], self.index.chunk_lengths[ci]
+            if hashlib.sha256(plain[o : o + n]).digest() != self.index.chunk_ids[ci]:
+                self._bad(f"chunk sha256:{self.index.chunk_ids[ci].hex()} of frame {pack}@{f.offset} from "
+                          f"{self.where} failed verification (digest mismatch); not cached")
+            rows.append((self.index.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, o, n))
+        return rows
+
+    def _bad(self, msg: str) -> None:
+        with self._stats.lock:
+            self._stats.failures += 1
+        log.error("%s", msg)
+        raise IntegrityError(msg)
+
+    def _finish(self, job: _Job, futs: dict[int, Future[bytes]], results: dict[int, bytes | Exception],
+                error: Exception | None, rows: list[tuple[bytes, str, int, int, int, int, int]] | None = None) -> None:
+        """Persist the verified frames, then settle every future and leave the in-flight table."""
+        persist_error: Exception | None = None
+        stored: list[int] = []
+        try:
+            for fi in job.frames:
+                raw = results.get(fi)
+                if isinstance(raw, bytes):
+                    self.store.partial.put_frame(job.pack, self.index.frames[fi].offset, raw)
+                    stored.append(fi)
+            if rows:
+                self.store.catalog.add(rows)
+        except ShoalError as exc:  # a full disk: the bytes were served, the cache stays as it was
+            persist_error = exc
+            log.warning("could not cache frames of %s: %s", job.pack, exc)
+        with self._stats.lock:
+            self._stats.frames_fetched += len(stored)
+        with self._lock:
+            if self._cached is not None:
+                self._cached.update(stored)
+            for fi in job.frames:
+                hit = self._inflight.get(fi)
+                if hit is not None and hit[1] is job:
+                    del self._inflight[fi]
+        for fi in job.frames:
+            fut = futs.get(fi)
+            if fut is None or fut.done():
+                continue
+            res = results.get(fi)
+            if isinstance(res, bytes):
+                fut.set_result(res)
+            else:
+                fut.set_exception(res or error or persist_error or TransportError("fetch failed"))
+
+    # ---------------------------------------------------------------- what is local
+
+    def _is_cached(self, fi: int) -> bool:
+        cached = self._cached
+        if cached is not None and fi in cached:
+            return True
+        f = self.index.frames[fi]
+        if self.store.has_frame(self._pack_of[f.pack], f.offset) or self._all_chunks_local(fi):
+            if cached is not None:
+                with self._lock:
+                    cached.add(fi)
+            return True
+        return False
+
+    def _cached_set(self) -> set[int]:
+        if self._cached is None:
+            have: set[int] = set()
+            ids = self.index.chunk_ids
+            local = set(self.store.catalog.locate(ids))
+            for fi, f in enumerate(self.index.frames):
+                cis = self._chunks_of.get(fi, [])
+                if (cis and all(ids[ci] in local for ci in cis)) or self.store.has_frame(self._pack_of[f.pack],
+                                                                                        f.offset):
+                    have.add(fi)
+            with self._lock:
+                if self._cached is None:
+                    self._cached = have
+        with self._lock:
+            return set(self._cached)
 
     def _all_chunks_local(self, fi: int) -> bool:
         ids = [self.index.chunk_ids[ci] for ci in self._chunks_of.get(fi, [])]
         return bool(ids) and len(self.store.catalog.locate(ids)) == len(ids)
+
+
+def _quiet(fut: Future[bytes]) -> None:
+    """Read-ahead failures are logged by the job; nobody waits for them."""
+    fut.exception()

@@ -5,16 +5,64 @@ from __future__ import annotations
 import stat
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import click
 
-from shoal.cli.common import emit_json, human, open_store, show_path
+from shoal.cli.common import emit_json, human, open_store, registry_options, registry_opts, show_path
+from shoal.format.manifest import ShoalManifest
+from shoal.format.model import Index
+from shoal.reader import FrameSource
 
 
-def _load(ctx: click.Context, ref: str):  # type: ignore[no-untyped-def]
+@dataclass
+class _Image:
+    manifest: ShoalManifest
+    index: Index
+    config: bytes
+    source: FrameSource  # where pack bytes come from (local store, or range reads on a registry)
+
+
+class _RemoteFrames:
+    """Range reads on a remote image's packs, uncached (``cat`` of a docker:// image)."""
+
+    def __init__(self, ref: str, opts: dict[str, object]) -> None:
+        from shoal.transports.base import parse_reference
+
+        self.src = parse_reference(ref).new_source(**opts)
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        from shoal import mediatypes as mt
+        from shoal.transports.base import BlobInfo
+
+        return self.src.get_blob_ranges(BlobInfo(pack, -1, mt.PACK), [(offset, length)])[0]
+
+
+def _load(ctx: click.Context, ref: str, platform: str | None = None, opts: dict[str, object] | None = None) -> _Image:
+    """A store image (NAME:TAG) or a registry one (docker://...), fetching only manifest, config and index."""
+    from shoal.errors import FormatError
+    from shoal.format import index as fidx
+    from shoal.format.manifest import parse_manifest
+    from shoal.reader import StoreSource
+
+    if ref.startswith("docker://"):
+        from shoal.transports.docker import open_remote_image
+
+        o = dict(opts or {})
+        if platform:
+            o["platform"] = platform
+        raw, config, blob = open_remote_image(ref, **o)
+        if not blob:
+            raise FormatError(f"{ref} is a classic image, not a Shoal image (see `shoal convert`)")
+        m = parse_manifest(raw)
+        idx = fidx.decode(fidx.decompress(blob))
+        if "sha256:" + idx.root.hex() != m.root:
+            raise FormatError("index root differs from the manifest's annotation")
+        return _Image(m, idx, config, _RemoteFrames(ref, o))
     store = open_store(ctx)
-    m = store.resolve(ref)
-    return store, m, store.load_index(m)
+    m = store.resolve(ref, platform)
+    return _Image(m, store.load_index(m), store.layout.get(m.config.digest), StoreSource(store))
 
 
 def _path_arg(p: str) -> bytes:
@@ -40,15 +88,17 @@ def images(ctx: click.Context, as_json: bool) -> None:
 
 @click.command()
 @click.argument("ref")
+@click.option("--platform", default=None, metavar="OS/ARCH", help="Child of a multi-platform image.")
 @click.option("--json", "as_json", is_flag=True)
+@registry_options
 @click.pass_context
-def inspect(ctx: click.Context, ref: str, as_json: bool) -> None:
-    """Show digest, Merkle root, format, sizes and counts of REF."""
+def inspect(ctx: click.Context, /, ref: str, platform: str | None, as_json: bool, **kw: Any) -> None:
+    """Show digest, Merkle root, format, sizes and counts of REF (NAME:TAG or docker://...; no pack is read)."""
     from shoal.format.manifest import parse_config
-    from shoal.format.model import Kind
 
-    store, m, idx = _load(ctx, ref)
-    cfg = parse_config(store.layout.get(m.config.digest))
+    img = _load(ctx, ref, platform, registry_opts(ctx, **kw))
+    m, idx = img.manifest, img.index
+    cfg = parse_config(img.config)
     kinds: dict[str, int] = {}
     for e in idx.entries:
         kinds[e.kind.name.lower()] = kinds.get(e.kind.name.lower(), 0) + 1
@@ -69,7 +119,6 @@ def inspect(ctx: click.Context, ref: str, as_json: bool) -> None:
     click.echo(f"Tree:         {idx.files} files, {len(idx.entries)} entries, {human(idx.logical_bytes)}")
     click.echo(f"Chunks:       {len(idx.chunk_ids)} in {len(idx.frames)} frames")
     click.echo("Kinds:        " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
-    del Kind
 
 
 def _long(e, idx) -> str:  # type: ignore[no-untyped-def]
@@ -99,13 +148,16 @@ def _long(e, idx) -> str:  # type: ignore[no-untyped-def]
 @click.argument("path", required=False, default="/")
 @click.option("-l", "long", is_flag=True, help="Long listing.")
 @click.option("-R", "recursive", is_flag=True, help="List subdirectories recursively.")
+@click.option("--platform", default=None, metavar="OS/ARCH")
+@registry_options
 @click.pass_context
-def ls(ctx: click.Context, ref: str, path: str, long: bool, recursive: bool) -> None:
-    """List PATH (default /) of REF from the index alone."""
+def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, platform: str | None,
+       **kw: Any) -> None:
+    """List PATH (default /) of REF from the index alone (for docker://, only the index is fetched)."""
     from shoal.errors import NotFound
     from shoal.format.model import Kind
 
-    _, _, idx = _load(ctx, ref)
+    idx = _load(ctx, ref, platform, registry_opts(ctx, **kw)).index
     p = _path_arg(path)
     e = idx.lookup(p)
     if e is None:
@@ -122,13 +174,15 @@ def ls(ctx: click.Context, ref: str, path: str, long: bool, recursive: bool) -> 
 @click.command()
 @click.argument("ref")
 @click.argument("path")
+@click.option("--platform", default=None, metavar="OS/ARCH")
+@registry_options
 @click.pass_context
-def cat(ctx: click.Context, ref: str, path: str) -> None:
-    """Write the bytes of file PATH of REF to stdout (every chunk verified)."""
-    from shoal.reader import Reader, StoreSource
+def cat(ctx: click.Context, /, ref: str, path: str, platform: str | None, **kw: Any) -> None:
+    """Write the bytes of file PATH of REF to stdout (every chunk verified; docker:// reads ranges)."""
+    from shoal.reader import Reader
 
-    store, _, idx = _load(ctx, ref)
-    reader = Reader(idx, StoreSource(store))
+    img = _load(ctx, ref, platform, registry_opts(ctx, **kw))
+    reader = Reader(img.index, img.source)
     e = reader.file_entry(_path_arg(path))
     out = sys.stdout.buffer
     for data in reader.iter_file(e):
@@ -145,8 +199,8 @@ def diff(ctx: click.Context, ref_a: str, ref_b: str, as_json: bool) -> None:
     """Paths added, removed and changed from REF_A to REF_B, and what a pull of REF_B would fetch."""
     from shoal.diff import diff as do_diff
 
-    _, ma, a = _load(ctx, ref_a)
-    _, mb, b = _load(ctx, ref_b)
+    ia, ib = _load(ctx, ref_a), _load(ctx, ref_b)
+    ma, a, mb, b = ia.manifest, ia.index, ib.manifest, ib.index
     r = do_diff(a, b)
     if as_json:
         emit_json({

@@ -1,19 +1,22 @@
 """Turn an image reference into what a mount serves: index, frame source and runtime config.
 
-``open_image(ref)`` is the one entry point used by ``mount`` and ``run``.  Today a
-reference is a local ``NAME[:TAG]`` in the store.  Other schemes (``docker://...`` for a
-lazily fetched registry image) are added with ``register_opener``: an opener returns an
-``OpenedImage`` whose ``source`` is any ``FrameSource``; the FUSE adapter never knows where
-bytes come from.
+``open_image(ref, store, options)`` is the one entry point used by ``mount``, ``run`` and
+``profile``.  A reference is a local ``NAME[:TAG]`` in the store, or ``scheme://...`` served by an
+opener registered with ``register_opener`` (``docker://`` is ``shoal.mount.remote``, registered
+on first use): an opener returns an ``OpenedImage`` whose ``source`` is any ``FrameSource``; the
+FUSE adapter never knows where bytes come from.
 
 ``CountingSource`` wraps any source to count what the mount fetched (``shoal status``).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,8 +25,8 @@ from shoal.format.manifest import ImageConfig, parse_config
 from shoal.format.model import Index
 from shoal.reader import FrameSource
 
-__all__ = ["OpenedImage", "Opener", "open_image", "register_opener", "split_scheme", "CountingSource",
-           "FetchStats", "LocalStoreSource"]
+__all__ = ["OpenedImage", "OpenOptions", "Opener", "open_image", "register_opener", "split_scheme",
+           "CountingSource", "FetchStats", "LocalStoreSource"]
 
 StorePath = str | os.PathLike[str] | None
 
@@ -47,8 +50,22 @@ class OpenedImage:
     local: bool = True
 
 
-# (reference without its "scheme://" prefix, store directory or None) -> OpenedImage
-Opener = Callable[[str, StorePath], OpenedImage]
+@dataclass(frozen=True)
+class OpenOptions:
+    """How to reach a remote image.  ``registry`` holds the ``docker://`` transport options
+    (``tls_verify``, ``ca_bundle``, ``cert_dir``, ``plain_http``, ``credentials``, ``retries``, ...;
+    see transports/docker.py); ``fetch_timeout`` bounds how long a read waits for the network
+    before it fails with EIO; ``profile`` looks up a recorded start-up profile for ``--prefetch auto``."""
+
+    registry: Mapping[str, object] = field(default_factory=dict)
+    fetch_timeout: float = 30.0
+    platform: str | None = None
+    profile: bool = True
+
+
+# (reference without its "scheme://" prefix, store directory or None, options) -> OpenedImage.
+# Openers registered with two parameters are called without the options.
+Opener = Callable[[str, StorePath, OpenOptions], OpenedImage]
 
 
 class LocalStoreSource:
@@ -77,7 +94,7 @@ class LocalStoreSource:
         self._open()
 
 
-def _open_local(ref: str, store_root: StorePath) -> OpenedImage:
+def _open_local(ref: str, store_root: StorePath, options: OpenOptions | None = None) -> OpenedImage:
     from shoal.store import Store, normalize_ref
 
     # absolute: the mount daemon changes its directory to /
@@ -85,16 +102,24 @@ def _open_local(ref: str, store_root: StorePath) -> OpenedImage:
     m = store.resolve(ref)
     index = store.load_index(m)
     config = parse_config(store.layout.get(m.config.digest))
+    # every frame is local: a recorded profile has nothing to fetch ahead
     return OpenedImage(ref=ref, name=normalize_ref(ref), digest=m.digest, index=index,
                        source=LocalStoreSource(str(store.root)), config=config, local=True)
 
 
 _OPENERS: dict[str, Opener] = {"": _open_local}
+# built-in schemes, imported on first use so that a local mount never loads HTTP code
+_BUILTIN = {"docker": "shoal.mount.remote"}
 
 
-def register_opener(scheme: str, opener: Opener) -> None:
-    """Serve references ``scheme://...`` with ``opener`` (e.g. ``docker`` for lazy registry images)."""
-    _OPENERS[scheme] = opener
+def register_opener(scheme: str, opener: Callable[..., OpenedImage]) -> None:
+    """Serve references ``scheme://...`` with ``opener(rest, store_root[, options])``."""
+    params = [p for p in inspect.signature(opener).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) >= 3:
+        _OPENERS[scheme] = opener
+    else:
+        _OPENERS[scheme] = lambda rest, store_root, options: opener(rest, store_root)
 
 
 def split_scheme(ref: str) -> tuple[str, str]:
@@ -105,15 +130,17 @@ def split_scheme(ref: str) -> tuple[str, str]:
     return scheme, rest
 
 
-def open_image(ref: str, store_root: StorePath = None) -> OpenedImage:
-    """Resolve ``ref`` to (index, frame source, config).  Raises UsageError for unknown schemes,
-    NotFound for unknown images, FormatError/IntegrityError for bad ones."""
+def open_image(ref: str, store_root: StorePath = None, options: OpenOptions | None = None) -> OpenedImage:
+    """Resolve ``ref`` to (index, frame source, config, profile).  Raises UsageError for unknown
+    schemes, NotFound for unknown images, FormatError/IntegrityError for bad ones."""
     scheme, rest = split_scheme(ref)
+    if scheme not in _OPENERS and scheme in _BUILTIN:
+        importlib.import_module(_BUILTIN[scheme])  # registers itself
     opener = _OPENERS.get(scheme)
     if opener is None:
-        known = ", ".join(f"{s}://" for s in sorted(_OPENERS) if s) or "none"
-        raise UsageError(f"cannot mount {scheme}:// references yet (local NAME:TAG works; other schemes: {known})")
-    return opener(rest, store_root)
+        known = ", ".join(f"{s}://" for s in sorted(set(_OPENERS) | set(_BUILTIN)) if s) or "none"
+        raise UsageError(f"cannot mount {scheme}:// references (local NAME:TAG works; other schemes: {known})")
+    return opener(rest, store_root, options or OpenOptions())
 
 
 # ---------------------------------------------------------------------------------------------- counting

@@ -341,7 +341,8 @@ class DockerDestination(ImageDestination):
                 spool.write(b)
             size = spool.tell()
             spool.seek(0)
-            self.client.put_blob(self.ref.repo, info.digest, cast(BinaryIO, spool), size)
+            # the copier asked try_reuse_blob (a HEAD) just before: don't ask again
+            self.client.put_blob(self.ref.repo, info.digest, cast(BinaryIO, spool), size, check_exists=False)
 
     def put_manifest(self, raw: bytes, media_type: str, digest: str | None = None) -> None:
         if digest is not None:  # a child of an index: by digest, never tagged

@@ -353,7 +353,7 @@ class Source:
 
 
 def put_blob(client: RegistryClient, repo: str, digest: str, data: BlobSource, size: int,
-             mount_from: str | None) -> PutBlobResult:
+             mount_from: str | None, check_exists: bool = True) -> PutBlobResult:
     """See :meth:`RegistryClient.put_blob`."""
     hasher(check_digest(digest))
     client._check_repo(repo)
@@ -361,7 +361,7 @@ def put_blob(client: RegistryClient, repo: str, digest: str, data: BlobSource, s
         client._check_repo(mount_from)
     if size < 0:
         raise UsageError(f"invalid blob size {size}")
-    if client.has_blob(repo, digest) is not None:
+    if check_exists and client.has_blob(repo, digest) is not None:
         return "exists"
     src = Source(data)
     attempt = 0

@@ -641,17 +641,17 @@ class RegistryClient:
 
     # -- blobs: write ------------------------------------------------------
     def put_blob(self, repo: str, digest: str, data_or_file: BlobSource, size: int, *,
-                 mount_from: str | None = None) -> PutBlobResult:
+                 mount_from: str | None = None, check_exists: bool = True) -> PutBlobResult:
         """Make blob ``digest`` exist in ``repo``; returns "exists", "mounted" or "uploaded".
 
-        HEAD first; then a cross-repo mount from ``mount_from`` if given;
+        HEAD first (unless ``check_exists`` is False: the caller just did); then a cross-repo mount from ``mount_from`` if given;
         blobs up to ``monolithic_max`` go in one POST+PUT, larger ones in
         ``chunk_size`` PATCHes.  ``data_or_file`` is bytes, a binary file
         (read from its current position) or a path.  The content is checked
         against ``digest`` before the upload is committed; a lost session is
         restarted from scratch (seekable sources only).
         """
-        return put_blob(self, repo, digest, data_or_file, size, mount_from)
+        return put_blob(self, repo, digest, data_or_file, size, mount_from, check_exists)
 
 
     def delete_blob(self, repo: str, digest: str) -> None:
