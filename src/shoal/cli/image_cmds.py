@@ -77,13 +77,18 @@ def images(ctx: click.Context, as_json: bool) -> None:
     """List images with their sizes."""
     store = open_store(ctx)
     rows = [(name, m) for name, m in store.images()]
+    shoal_tags = {n.split(" [")[0] for n, _ in rows}
+    classic = {n: d for n, d in store.layout.refs().items() if n not in shoal_tags}
     if as_json:
-        emit_json({"images": [{"ref": n, "digest": m.digest, "root": m.root, "size": m.size,
-                               "packs": len(m.packs)} for n, m in rows]})
+        emit_json({"images": [{"ref": n, "digest": m.digest, "root": m.root, "size": m.size, "format": "shoal",
+                               "packs": len(m.packs)} for n, m in rows]
+                   + [{"ref": n, "digest": d.get("digest"), "format": "classic"} for n, d in classic.items()]})
         return
     click.echo(f"{'IMAGE':40} {'DIGEST':19} {'SIZE':>10} {'PACKS':>6}")
     for n, m in rows:
         click.echo(f"{n:40} {m.digest[:19]} {human(m.size):>10} {len(m.packs):>6}")
+    for n, d in sorted(classic.items()):
+        click.echo(f"{n:40} {str(d.get('digest'))[:19]} {'classic':>10} {'-':>6}")
 
 
 @click.command()

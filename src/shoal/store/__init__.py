@@ -128,15 +128,44 @@ class Store:
         return digest
 
     def all_manifests(self) -> list[tuple[str, str, ShoalManifest]]:
-        """(tag, platform text, manifest) for every Shoal manifest a tag reaches, indexes expanded."""
+        """(tag, platform text, manifest) for every Shoal manifest a tag reaches, indexes expanded.
+        Classic images (copied in as they are) are not Shoal manifests and are left out."""
         out = []
         for name, desc in sorted(self.layout.refs().items()):
             d = str(desc.get("digest"))
-            if desc.get("mediaType") == mt.OCI_INDEX:
-                for plat, child in self.index_children(d):
-                    out.append((name, str(Platform.of(plat)), self.manifest(child)))
+            if desc.get("mediaType") in mt.INDEX_TYPES:
+                children = self.index_children(d)
             else:
-                out.append((name, "", self.manifest(d)))
+                children = [({}, d)]
+            for plat, child in children:
+                if self.is_shoal(child):
+                    out.append((name, str(Platform.of(plat)) if plat else "", self.manifest(child)))
+        return out
+
+    def is_shoal(self, digest: str) -> bool:
+        try:
+            doc = json.loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
+        except ValueError:
+            return False
+        return isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE
+
+    def blobs_of(self, digest: str, depth: int = 0) -> set[str]:
+        """Every blob a manifest or index reaches by its descriptors (generic OCI/Docker walk)."""
+        out = {digest}
+        if depth > 4 or not self.layout.has(digest):
+            return out
+        try:
+            doc = json.loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
+        except ValueError:
+            return out
+        if not isinstance(doc, dict):
+            return out
+        for d in [doc.get("config")] + list(doc.get("layers") or []):
+            if isinstance(d, dict) and isinstance(d.get("digest"), str):
+                out.add(d["digest"])
+        for d in doc.get("manifests") or []:
+            if isinstance(d, dict) and isinstance(d.get("digest"), str):
+                out |= self.blobs_of(d["digest"], depth + 1)
         return out
 
     def load_index(self, m: ShoalManifest) -> Index:

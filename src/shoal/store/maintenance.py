@@ -149,7 +149,9 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
 def reachable(store: Store) -> set[str]:
     """Every blob a tag reaches: manifests, configs, indexes, packs — and the packs elsewhere in the
     store holding chunks of frames a pull skipped (the catalogue's "what references it")."""
-    keep: set[str] = {str(desc["digest"]) for desc in store.layout.refs().values()}
+    keep: set[str] = set()
+    for desc in store.layout.refs().values():
+        keep |= store.blobs_of(str(desc["digest"]))  # classic images too
     for _, _, m in store.all_manifests():
         keep.add(m.digest)
         keep.add(m.config.digest)
