@@ -94,7 +94,7 @@ cp -a "$WORK/v2/." "$WORK/bundle/rootfs/"
 umoci repack --image "$WORK/classic:v2" "$WORK/bundle" >/dev/null
 shoal convert "oci:$WORK/classic:v2" demo:v2-converted --reuse demo:v1
 echo "converted vs built (a classic tar keeps some mtimes in whole seconds, so those paths show as changed):"
-shoal diff demo:v2 demo:v2-converted --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"  {len(d[\"added\"])} added, {len(d[\"removed\"])} removed, {len(d[\"changed\"])} metadata-changed, {d[\"new_chunks\"]} new chunks: the file contents are identical")'
+shoal diff demo:v2 demo:v2-converted --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print("  %d added, %d removed, %d metadata-changed, %d new chunks: file contents identical" % (len(d["added"]), len(d["removed"]), len(d["changed"]), d["new_chunks"]))'
 classic_bytes=$(du -sb "$WORK/classic/blobs" | cut -f1)
 shoal_bytes=$(du -sb "$SHOAL_STORE/blobs" | cut -f1)
 echo "classic OCI layout for v2 alone: $classic_bytes bytes; Shoal store for v1 + v2 + the conversion: $shoal_bytes bytes"
