@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "umount": ("shoal.cli.mount_cmds", "umount", "Unmount a shoal mount and stop its daemon."),
     "status": ("shoal.cli.mount_cmds", "status", "Show shoal mounts, their daemons and I/O counters."),
     "run": ("shoal.cli.mount_cmds", "run", "Run a container from an image (lazy mount + runc)."),
+    "profile": ("shoal.cli.mount_cmds", "profile", "Record which frames a workload reads first (for --prefetch auto)."),
     "copy": ("shoal.cli.transfer_cmds", "copy", "Copy an image between any two transports (docker://, oci:, ...)."),
     "push": ("shoal.cli.transfer_cmds", "push", "Push a store image to a registry, sending only missing blobs."),
     "pull": ("shoal.cli.transfer_cmds", "pull", "Pull an image into the store, fetching only missing chunks."),
@@ -98,3 +99,8 @@ def main(argv: list[str] | None = None) -> Any:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    except Exception as exc:  # a bug: still one line, with the traceback in the debug log
+        logging.getLogger("shoal").debug("internal error", exc_info=True)
+        click.echo(f"shoal: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                   "(run with -vv for the traceback)", err=True)
+        sys.exit(70)
