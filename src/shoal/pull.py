@@ -22,6 +22,7 @@ from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
 from shoal.progress import Sink
 from shoal.reader import decompress_frame
+from shoal.store.layout import Batch
 from shoal.transports.base import BlobInfo, ImageSource
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class _Puller:
         self.sink = sink
         self.result = result
         self.lock = threading.Lock()
+        self.batch: Batch | None = None
         self.by_frame: dict[int, list[int]] = {}
         for ci, fi in enumerate(idx.chunk_frames):
             self.by_frame.setdefault(fi, []).append(ci)
@@ -105,8 +107,8 @@ class _Puller:
         info = BlobInfo(pack, size, mt.PACK)
         if sum(self.idx.frames[fi].clen for fi in frames) == size and not self.store.partial.present(pack):
             stream, _ = self.src.get_blob(info)
-            try:  # put_stream checks size and digest before the blob becomes visible
-                self.store.layout.put_stream(stream, pack, size)
+            try:  # put_stream checks size and digest before the blob becomes visible (at batch commit)
+                self.store.layout.put_stream(stream, pack, size, batch=self.batch)
             finally:
                 stream.close()
             self.count(size, sum(len(self.by_frame.get(fi, [])) for fi in frames))
@@ -151,8 +153,13 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
     total = sum(idx.frames[fi].clen for frames in need.values() for fi in frames)
     sink.start("pull", total)
     puller = _Puller(src, dst, idx, sizes, sink, result)
-    with ThreadPoolExecutor(max(1, min(opts.concurrency, 4)), thread_name_prefix="shoal-pull") as pool:
-        list(pool.map(puller.pack, sorted(need.items())))
+    puller.batch = Batch(store.layout)
+    try:
+        with ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="shoal-pull") as pool:
+            list(pool.map(puller.pack, sorted(need.items())))
+        puller.batch.commit()  # one syncfs for every whole pack, then they become visible
+    finally:
+        puller.batch.abort()
     sink.finish("pull")
     store.register_chunks(m, idx)
     dst.put_manifest(raw, mt.OCI_MANIFEST, None)

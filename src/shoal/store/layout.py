@@ -142,8 +142,9 @@ class Layout:
             batch.add(tmp, final, size)
         return d, size
 
-    def put_stream(self, src: BinaryIO, expected: str, size: int | None = None) -> str:
-        """Copy a stream into the store, verifying digest (and size) before the blob becomes visible."""
+    def put_stream(self, src: BinaryIO, expected: str, size: int | None = None, batch: "Batch | None" = None) -> str:
+        """Copy a stream into the store, verifying digest (and size) before the blob becomes visible
+        (with ``batch``: at ``batch.commit()``, after one sync for all of them)."""
         final = self.path(expected)
         if final.exists():
             return expected
@@ -165,13 +166,19 @@ class Layout:
             got = "sha256:" + h.hexdigest()
             if got != expected:
                 raise IntegrityError(f"digest mismatch: expected {expected}, got {got}")
-            os.fsync(fd)
+            if batch is None:
+                os.fsync(fd)
+            else:
+                _start_writeback(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.rename(tmp, final)
+        if batch is None:
+            os.rename(tmp, final)
+        else:
+            batch.add(tmp, final, n)
         return expected
 
     def sync(self) -> None:
