@@ -157,9 +157,10 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
     try:
         with ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="shoal-pull") as pool:
             list(pool.map(puller.pack, sorted(need.items())))
-        puller.batch.commit()  # one syncfs for every whole pack, then they become visible
     finally:
-        puller.batch.abort()
+        # one syncfs for every whole pack, then they become visible; every pack in the batch was
+        # verified, so even a pull that failed half way keeps them and a retry resumes after them
+        puller.batch.commit()
     sink.finish("pull")
     store.register_chunks(m, idx)
     dst.put_manifest(raw, mt.OCI_MANIFEST, None)
