@@ -33,7 +33,8 @@ test: deps venv
 	$(PY) -m pytest -n 2 --timeout=600 tests
 
 bench: deps venv
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) bench/build.py
+	for b in build pull series convert lazy; do \
+	  [ -f bench/$$b.py ] && PATH=$(abspath $(VENV))/bin:$$PATH $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
