@@ -28,7 +28,7 @@ from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, StoreError
 
-__all__ = ["Layout", "Batch"]
+__all__ = ["Layout", "Batch", "hash_file", "pread_file"]
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +199,7 @@ class Layout:
 
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (unverified: callers verify the chunks inside)."""
-        try:
-            fd = os.open(self.path(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            raise NotFound(f"blob {digest} is not in the store") from None
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        data = pread_file(self.path(digest), offset, length, f"blob {digest}")
         if len(data) != length:
             raise IntegrityError(f"blob {digest} is truncated")
         return data
@@ -266,6 +259,27 @@ class Layout:
             if isinstance(name, str):
                 out[name] = m
         return out
+
+
+def pread_file(path: Path, offset: int, length: int, what: str) -> bytes:
+    """``length`` bytes at ``offset`` of ``path`` (fewer at end of file); NotFound if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{what} is not in the store") from None
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: Path | str) -> str:
+    """``sha256:<hex>`` of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while buf := f.read(1 << 20):
+            h.update(buf)
+    return "sha256:" + h.hexdigest()
 
 
 class Batch:

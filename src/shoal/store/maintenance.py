@@ -20,6 +20,7 @@ from shoal.errors import ShoalError
 from shoal.format.model import Index
 from shoal.progress import NULL, Sink
 from shoal.store import Store
+from shoal.store.layout import hash_file
 
 __all__ = ["FsckReport", "GcReport", "fsck", "gc", "reachable"]
 
@@ -47,16 +48,6 @@ class GcReport:
     tmp_removed: int = 0
     kept: int = 0
 
-
-def _hash_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            buf = f.read(1 << 20)
-            if not buf:
-                break
-            h.update(buf)
-    return "sha256:" + h.hexdigest()
 
 
 def _check_chunks(store: Store, idx: Index, bad_blobs: set[str]) -> list[str]:
@@ -99,7 +90,7 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2) -> FsckReport:
     bad: set[str] = set()
 
     def check(d: str) -> tuple[str, str]:
-        got = _hash_file(str(layout.path(d)))
+        got = hash_file(layout.path(d))
         sink.advance("fsck", sizes[d])
         return d, got
 

@@ -11,7 +11,6 @@ file is promoted to ``blobs/sha256/``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 from shoal import digest as dg
 from shoal.errors import NotFound, StoreError
 from shoal.store.catalog import Catalog
-from shoal.store.layout import Layout
+from shoal.store.layout import Layout, hash_file, pread_file
 
 __all__ = ["PartialPacks"]
 
@@ -58,14 +57,7 @@ class PartialPacks:
     def read(self, pack: str, offset: int, length: int) -> bytes:
         if not self.catalog.has_frame(pack, offset):
             raise NotFound(f"frame {pack}@{offset} is not in the store")
-        try:
-            fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"frame {pack}@{offset} is not in the store") from None
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        data = pread_file(self.path(pack), offset, length, f"frame {pack}@{offset}")
         if len(data) != length:
             raise NotFound(f"frame {pack}@{offset} is truncated in the store")
         return data
@@ -81,14 +73,7 @@ class PartialPacks:
         if self.catalog.frame_bytes(pack) != size:
             return False
         p = self.path(pack)
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while True:
-                b = f.read(1 << 20)
-                if not b:
-                    break
-                h.update(b)
-        if "sha256:" + h.hexdigest() != pack or p.stat().st_size != size:
+        if p.stat().st_size != size or hash_file(p) != pack:
             log.warning("partial pack %s is complete but does not verify; keeping frames only", pack)
             return False
         with self._lock, open(p, "rb") as f:
