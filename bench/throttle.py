@@ -46,6 +46,7 @@ def make_handler(upstream: str, link: Link, latency: float) -> type[BaseHTTPRequ
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are separate writes
 
         def log_message(self, *args: object) -> None:
             pass
@@ -59,7 +60,10 @@ def make_handler(upstream: str, link: Link, latency: float) -> type[BaseHTTPRequ
             if body:
                 link.send(len(body))
             conn = http.client.HTTPConnection(up.hostname, up.port, timeout=120)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP and k.lower() != "host"}
+            headers: dict[str, str] = {}
+            for k, v in self.headers.items():  # repeated lines (skopeo's Accept) joined, not dropped
+                if k.lower() not in HOP and k.lower() != "host":
+                    headers[k] = f"{headers[k]}, {v}" if k in headers else v
             headers["Host"] = f"{up.hostname}:{up.port}"
             conn.request(self.command, self.path, body=body, headers=headers)
             resp = conn.getresponse()

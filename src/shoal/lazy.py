@@ -5,7 +5,9 @@ sha256 *before* it is served and written to the store (as a partial pack); a fra
 never cached and the read fails with IntegrityError (EIO through FUSE).  Frames land in the shared
 store, so any other image holding the same chunks reuses them.
 
-Fetches are *jobs*: one range request covering one or more frames that sit back to back in a pack.
+Fetches are *jobs*: one range request covering one or more frames that sit back to back in a pack,
+or one frame whose raw bytes someone else is already fetching (``early``: a recorded profile fetched
+before the mount existed, see ``shoal.mount.early``; a failed one falls back to a request).
 Each frame being fetched has a future in ``_inflight``, so concurrent readers of one frame share one
 request.  Demand reads (``fetch``, ``ensure``) run in their own thread pool and wait at most
 ``fetch_timeout`` seconds (then TransportError, EIO through FUSE); ``prefetch`` and ``readahead``
@@ -15,6 +17,7 @@ yet runs that job itself, so a long prefetch queue never delays a read.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
@@ -22,7 +25,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from shoal import mediatypes as mt
 from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
@@ -35,6 +38,19 @@ from shoal.transports.base import BlobInfo, ImageSource
 __all__ = ["LazySource", "LazyStats"]
 
 log = logging.getLogger(__name__)
+
+# Objects a forked child inherited and must neither use nor close: closing an inherited sqlite
+# connection releases the child's own POSIX locks on the catalogue, and an inherited HTTP connection
+# is shared with the parent.  ``before_fork`` avoids inheriting sqlite state at all: SQLite keeps
+# per-process lock bookkeeping that a child would wrongly trust (then the parent, exiting, deletes the
+# WAL index under the child's feet: "disk I/O error").
+_INHERITED: list[object] = []
+
+
+def release_sqlite() -> None:
+    """Collect unreachable objects now, so that sqlite connections dropped by threads that ended are
+    closed before a fork (a thread's ``threading.local`` slots go with it)."""
+    gc.collect()
 
 
 @dataclass
@@ -50,6 +66,7 @@ class LazyStats:
     bytes_fetched: int = 0  # bytes of range answers
     requests: int = 0  # range requests
     readahead_frames: int = 0  # frames queued by read-ahead
+    early_frames: int = 0  # frames fetched before the mount started (a profile), verified here
     failures: int = 0  # failed range requests and frames that failed verification
     timeouts: int = 0  # demand reads that gave up after fetch_timeout
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -64,6 +81,7 @@ class _Job:
     length: int
     frames: list[int]
     started: bool = False
+    early: Future[bytes] | None = None  # raw bytes fetched by someone else (one frame)
 
 
 class SourceClosed(TransportError):
@@ -79,8 +97,10 @@ class LazySource:
 
     def __init__(self, store: Store, remote: ImageSource, manifest: ShoalManifest, index: Index, *,
                  reopen: Callable[[], ImageSource] | None = None, fetch_timeout: float = 30.0,
-                 concurrency: int = 8, max_range: int = 4 * 1024 * 1024, where: str = "") -> None:
-        self.store = store
+                 concurrency: int = 8, max_range: int = 4 * 1024 * 1024, where: str = "",
+                 early: dict[int, Future[bytes]] | None = None) -> None:
+        self._store: Store | None = store
+        self._root = store.root
         self.remote = remote
         self.index = index
         self.where = where or "the registry"
@@ -93,16 +113,11 @@ class LazySource:
         self._frame_of: dict[tuple[str, int], int] = {
             (self._pack_of[f.pack], f.offset): fi for fi, f in enumerate(index.frames)
         }
-        # frames in pack order, so a frame's neighbours are one step away
-        self._next_in_pack: dict[int, int] = {}
-        order = sorted(range(len(index.frames)), key=lambda i: (index.frames[i].pack, index.frames[i].offset))
-        for a, b in zip(order, order[1:]):
-            fa, fb = index.frames[a], index.frames[b]
-            if fa.pack == fb.pack and fa.offset + fa.clen == fb.offset:
-                self._next_in_pack[a] = b
         self._chunks_of: dict[int, list[int]] = {}
         for ci, fi in enumerate(index.chunk_frames):
             self._chunks_of.setdefault(fi, []).append(ci)
+        self._early: dict[int, Future[bytes]] = dict(early or {})  # frame -> raw bytes being fetched elsewhere
+        self._handover: Any = None  # a shoal.mount.early.Handover across the daemon's fork
         self._init_runtime()
         self._stats = LazyStats(frames_total=len(index.frames), bytes_total=sum(self.sizes.values()))
 
@@ -114,6 +129,8 @@ class LazySource:
         self._background: ThreadPoolExecutor | None = None
         self._cached: set[int] | None = None  # frames known to be on this machine (scanned on first use)
         self._closed = False
+        self._running = 0  # jobs between their request and their last future (under _idle)
+        self._idle = threading.Condition(self._lock)
 
     # ---------------------------------------------------------------- FrameSource
 
@@ -135,23 +152,68 @@ class LazySource:
     def find_chunk(self, cid: bytes) -> bytes | None:
         return StoreSource(self.store).find_chunk(cid)
 
+    @property
+    def store(self) -> Store:
+        """The local store, opened again after ``before_fork`` closed it."""
+        st = self._store
+        if st is None:
+            st = self._store = Store.open(self._root)
+        return st
+
+    def before_fork(self) -> None:
+        """In the parent, just before the mount daemon forks: end the thread pools, close every sqlite
+        connection (the next use in either process opens a new one), and prepare to hand the frames
+        still being fetched early to the daemon."""
+        for pool in (self._demand, self._background):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._demand = self._background = None
+        self._store = None
+        release_sqlite()
+        if self._early:
+            from shoal.mount.early import Handover
+
+            self._handover = Handover(self._early)
+
+    def after_fork_parent(self) -> None:
+        """In the parent, after the fork: send the early frames to the daemon as they arrive."""
+        if self._handover is not None:
+            self._handover.send()
+            self._early = {}
+
+    def handover_wait(self, timeout: float | None = None) -> None:
+        """Wait until the daemon has every early frame (or ``timeout``, default ``fetch_timeout``)."""
+        if self._handover is not None:
+            self._handover.wait(self.fetch_timeout if timeout is None else timeout)
+
     def after_fork(self) -> None:
         """In a forked mount daemon: a new sqlite connection, new HTTP connections, new pools and locks."""
-        self.store = Store.open(self.store.root)
+        if self._store is not None:  # before_fork was not called: leave the inherited one alone
+            _INHERITED.append(self._store)
+            self._store = None
+        if self._handover is not None:
+            self._early = self._handover.receive()
+            self._handover = None
+        else:
+            self._early = {}  # the threads fetching them stayed in the parent
         if self._reopen is not None:
+            _INHERITED.append(self.remote)
             self.remote = self._reopen()
         self._init_runtime()
         self._stats.lock = threading.Lock()
 
-    def close(self) -> None:
-        """Stop background work and fail whatever still waits (the mount is going away)."""
+    def close(self, timeout: float = 2.0) -> None:
+        """Drop queued work, give running fetches ``timeout`` seconds to store what they verified, and
+        fail whatever still waits (the mount is going away)."""
         with self._lock:
             self._closed = True
-            pending = list(self._inflight.values())
-            self._inflight.clear()
         for pool in (self._demand, self._background):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0, timeout)
+            pending = list(self._inflight.values())
+            self._inflight.clear()
         for fut, _ in pending:
             if not fut.done():
                 fut.set_exception(SourceClosed("the lazy source was closed"))
@@ -176,14 +238,6 @@ class LazySource:
         for fut in futs.values():
             fut.add_done_callback(_quiet)
 
-    def next_frames(self, fi: int, n: int = 1) -> list[int]:
-        """Up to ``n`` frames that follow frame ``fi`` in its pack (packs keep files in path order)."""
-        out = []
-        while len(out) < n and fi in self._next_in_pack:
-            fi = self._next_in_pack[fi]
-            out.append(fi)
-        return out
-
     def prefetch(self, frames: list[int], concurrency: int = 8) -> int:
         """Fetch ``frames`` (indices, in priority order) that the store lacks, merging back-to-back frames
         of a pack into one range request; wait for all of them and return the bytes fetched.  Raises
@@ -196,7 +250,18 @@ class LazySource:
             exc = fut.exception()
             if exc is not None:
                 raise exc
+        self._promote({self._pack_of[self.index.frames[fi].pack] for fi in need})
         return self._stats.bytes_fetched - before
+
+    def _promote(self, packs: set[str]) -> None:
+        """Packs now held whole (every frame fetched) become complete, verified blobs in the store."""
+        for pack in sorted(packs):
+            size = self.sizes.get(pack, -1)
+            if size > 0 and self.store.partial.present(pack) == size:
+                try:
+                    self.store.partial.try_promote(pack, size)
+                except (ShoalError, OSError) as exc:  # the partial pack still serves every frame
+                    log.warning("could not promote %s to a complete blob: %s", pack, exc)
 
     @property
     def stats(self) -> LazyStats:
@@ -229,7 +294,10 @@ class LazySource:
                 out[fi] = hit[0]
                 if demand and not hit[1].started and hit[1] not in steal:
                     steal.append(hit[1])
-            jobs = self._plan(fresh)
+            early = [fi for fi in fresh if fi in self._early]
+            jobs = [_Job(self._pack_of[self.index.frames[fi].pack], self.index.frames[fi].offset,
+                         self.index.frames[fi].clen, [fi], early=self._early.pop(fi)) for fi in early]
+            jobs += self._plan([fi for fi in fresh if fi not in early])
             for job in jobs:
                 for fi in job.frames:
                     fut: Future[bytes] = Future()
@@ -292,13 +360,22 @@ class LazySource:
             if job.started:
                 return
             job.started = True
+            self._running += 1
             futs = {fi: hit[0] for fi in job.frames if (hit := self._inflight.get(fi)) is not None and hit[1] is job}
+        try:
+            self._run_started(job, futs)
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def _run_started(self, job: _Job, futs: dict[int, Future[bytes]]) -> None:
         try:
             data = self._get(job)
         except BaseException as exc:
             with self._stats.lock:
                 self._stats.failures += 1
-            if not isinstance(exc, SourceClosed):
+            if not isinstance(exc, SourceClosed) and not self._closed:
                 log.error("fetch of %d bytes at %s@%d from %s failed: %s", job.length, job.pack, job.start,
                           self.where, exc)
             self._finish(job, futs, {}, exc if isinstance(exc, Exception) else TransportError(str(exc)))
@@ -320,6 +397,17 @@ class LazySource:
         self._finish(job, futs, results, None, rows)
 
     def _get(self, job: _Job) -> bytes:
+        if job.early is not None:
+            try:
+                data = job.early.result()
+            except Exception as exc:  # fetch it ourselves
+                log.debug("early frame %s@%d not available (%s); fetching it", job.pack, job.start, exc)
+            else:
+                if len(data) == job.length:
+                    with self._stats.lock:
+                        self._stats.early_frames += 1
+                        self._stats.bytes_fetched += len(data)
+                    return data
         info = BlobInfo(job.pack, self.sizes.get(job.pack, -1), mt.PACK)
         t0 = time.monotonic()
         data = self.remote.get_blob_ranges(info, [(job.start, job.length)])[0]

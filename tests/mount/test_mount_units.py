@@ -103,8 +103,8 @@ def test_build_spec_shape() -> None:
 def test_split_scheme_and_openers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mimage.split_scheme("debian:12") == ("", "debian:12")
     assert mimage.split_scheme("docker://reg:5000/a/b:c") == ("docker", "reg:5000/a/b:c")
-    with pytest.raises(UsageError, match="docker://"):
-        mimage.open_image("docker://x/y:z")
+    with pytest.raises(UsageError, match="nosuch://"):
+        mimage.open_image("nosuch://x/y:z")
     seen = []
 
     def opener(ref: str, store: object) -> mimage.OpenedImage:

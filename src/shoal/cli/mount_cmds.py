@@ -1,17 +1,52 @@
-"""shoal mount / umount / status / run"""
+"""shoal mount / umount / status / run / profile (docs/spec/mount.md)"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from shoal.cli.common import emit_json, human
+from shoal.cli.common import emit_json, human, registry_options, registry_opts
+
+if TYPE_CHECKING:
+    from shoal.mount.image import OpenOptions
 
 
 def _store(ctx: click.Context) -> str | None:
     return ctx.obj.get("store") if ctx.obj else None
+
+
+_PREFETCH_HELP = ("Fetch ahead (docker:// images): the recorded profile (auto), the profile then every other "
+                  "frame in the background (all), or nothing.")
+
+
+def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options for reaching docker:// images: registry TLS/auth options, --creds, --fetch-timeout, --platform."""
+    opts = [
+        click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file)."),
+        click.option("--fetch-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                     metavar="SECONDS", help="A read waiting longer than this for the registry fails with EIO."),
+        click.option("--platform", default=None, metavar="OS/ARCH", help="Child of an image index to use."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return registry_options(fn)
+
+
+def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto") -> "OpenOptions":
+    """Pop the remote options out of ``kw`` and make OpenOptions of them."""
+    from shoal.cli.transfer_cmds import _creds
+    from shoal.mount.image import OpenOptions
+
+    creds = kw.pop("creds")
+    fetch_timeout = kw.pop("fetch_timeout")
+    platform = kw.pop("platform")
+    reg = registry_opts(ctx, **{k: kw.pop(k) for k in ("tls_verify", "ca_bundle", "cert_dir", "plain_http",
+                                                        "authfile", "retries")})
+    if creds is not None:
+        reg["credentials"] = _creds(creds)
+    return OpenOptions(registry=reg, fetch_timeout=fetch_timeout, platform=platform, prefetch=prefetch)
 
 
 @click.command()
@@ -20,22 +55,24 @@ def _store(ctx: click.Context) -> str | None:
 @click.option("--writable", is_flag=True, help="Put a writable overlay (kernel overlayfs) over the image.")
 @click.option("--foreground", is_flag=True, help="Serve in this process until unmounted or interrupted.")
 @click.option("--prefetch", type=click.Choice(["auto", "none", "all"]), default="auto", show_default=True,
-              help="Fetch ahead: the image's recorded profile (auto), every frame (all) or nothing.")
+              help=_PREFETCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the mount's state as JSON.")
+@_remote_options
 @click.pass_context
-def mount(ctx: click.Context, ref: str, mountpoint: str, writable: bool, foreground: bool, prefetch: str,
-          as_json: bool) -> None:
-    """Mount image REF read-only (or --writable) at MOUNTPOINT, reading lazily through FUSE."""
+def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, foreground: bool, prefetch: str,
+          as_json: bool, **kw: Any) -> None:
+    """Mount image REF (NAME:TAG or docker://...) read-only (or --writable) at MOUNTPOINT, reading lazily."""
     from shoal.mount.daemon import MountOptions
     from shoal.mount.daemon import mount as do_mount
 
+    open_opts = _open_options(ctx, kw, prefetch)
     opts = MountOptions(writable=writable, foreground=foreground, prefetch=prefetch)
 
     def live(exc: BaseException | None) -> None:
         if exc is None:
             click.echo(f"serving {ref} at {mountpoint}; unmount it (or Ctrl-C) to stop", err=True)
 
-    st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live)
+    st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live, open_opts=open_opts)
     if st is None:
         return
     if as_json:
@@ -63,6 +100,14 @@ def _row(d: dict[str, Any]) -> str:
              f"fetched {human(s.get('bytes_fetched', 0))} in {s.get('fetches', 0)} frame reads"]
     if "bytes_fetched" in src:  # a lazy source: what crossed the network
         parts.append(f"network {human(src['bytes_fetched'])} in {src.get('requests', 0)} requests")
+    if "bytes_total" in src:
+        total = src["bytes_total"] or 1
+        parts.append(f"cached {human(src.get('bytes_cached', 0))} of {human(src['bytes_total'])} "
+                     f"({100 * src.get('bytes_cached', 0) / total:.1f}%), frames {src.get('frames_cached', 0)}"
+                     f"/{src.get('frames_total', 0)}")
+    if s.get("prefetch_state", "none") != "none":
+        parts.append(f"prefetch {s['prefetch_state']} {s.get('prefetched_frames', 0)}/{s.get('prefetch_planned', 0)}"
+                     f" frames (profile {s.get('profile_frames', 0)})")
     parts += [f"chunks cached {s.get('chunks_cached', 0)}/{s.get('chunks_total', 0)}",
               f"errors {s.get('errors', 0)}", f"up {max(0.0, time.time() - d['started_at']):.0f}s"]
     return (f"{d['mountpoint']}  {d['name']}  pid {d['pid']} {alive}{'  writable' if d['writable'] else ''}\n"
@@ -97,19 +142,62 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 @click.option("--entrypoint", default=None, help="Override the image's entrypoint ('' removes it).")
 @click.option("-t/-T", "--tty/--no-tty", "tty", default=None, help="Allocate a terminal (default: if stdin is one).")
 @click.option("--runtime", default="runc", envvar="SHOAL_RUNTIME", show_default=True, help="OCI runtime binary.")
-@click.option("--prefetch", type=click.Choice(["auto", "none", "all"]), default="auto", show_default=True)
+@click.option("--prefetch", type=click.Choice(["auto", "none", "all"]), default="auto", show_default=True,
+              help=_PREFETCH_HELP)
+@_remote_options
 @click.argument("ref")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx: click.Context, rm: bool, name: str | None, env: tuple[str, ...], volumes: tuple[str, ...],
+def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...], volumes: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, tty: bool | None, runtime: str,
-        prefetch: str, ref: str, command: tuple[str, ...]) -> None:
-    """Run a container of REF (CMD replaces the image's Cmd); exits with the container's code."""
+        prefetch: str, ref: str, command: tuple[str, ...], **kw: Any) -> None:
+    """Run a container of REF (NAME:TAG or docker://...; CMD replaces the image's Cmd); exits with its code."""
     from shoal.mount.run import RunOptions
     from shoal.mount.run import run as do_run
 
     if command and command[0] == "--":
         command = command[1:]
+    open_opts = _open_options(ctx, kw, prefetch)
     opts = RunOptions(command=command, env=env, volumes=volumes, name=name, rm=rm, entrypoint=entrypoint,
                       workdir=workdir, user=user, runtime=runtime, tty=tty, prefetch=prefetch)
-    ctx.exit(do_run(ref, opts, _store(ctx)))
+    ctx.exit(do_run(ref, opts, _store(ctx), open_opts))
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Stop the workload after this long (the profile keeps what it read so far).")
+@click.option("-e", "--env", "env", multiple=True, metavar="K=V", help="Set an environment variable.")
+@click.option("-w", "--workdir", default=None, help="Working directory in the container.")
+@click.option("-u", "--user", default=None, help="USER[:GROUP] (names from the image's /etc/passwd).")
+@click.option("--entrypoint", default=None, help="Override the image's entrypoint ('' removes it).")
+@click.option("--runtime", default="runc", envvar="SHOAL_RUNTIME", show_default=True, help="OCI runtime binary.")
+@click.option("--no-push", is_flag=True, help="Keep the profile local (docker:// images are pushed a referrer).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout after the workload's output.")
+@_remote_options
+@click.argument("ref")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def profile(ctx: click.Context, /, seconds: float, env: tuple[str, ...], workdir: str | None, user: str | None,
+            entrypoint: str | None, runtime: str, no_push: bool, as_json: bool, ref: str, command: tuple[str, ...],
+            **kw: Any) -> None:
+    """Run CMD (or the image's command) on a lazy mount of REF, record which frames it reads first, and
+    store that start-up profile beside the image (locally, and as a referrer artifact for docker://)."""
+    from shoal.mount.profile import record
+    from shoal.mount.run import RunOptions
+
+    if command and command[0] == "--":
+        command = command[1:]
+    open_opts = _open_options(ctx, kw, "none")
+    opts = RunOptions(command=command, env=env, workdir=workdir, user=user, entrypoint=entrypoint, runtime=runtime,
+                      tty=False)
+    r = record(ref, seconds, opts, open_opts, _store(ctx), push=not no_push)
+    p = r.profile
+    if as_json:
+        emit_json({"image": p.image, "frames": len(p.frames), "bytes": p.nbytes, "image_bytes": r.frame_bytes_total,
+                   "seconds": round(p.seconds, 3), "exit_code": r.exit_code, "local": r.local, "pushed": r.pushed})
+    else:
+        share = 100 * p.nbytes / max(1, r.frame_bytes_total)
+        where = f"; pushed as {r.pushed}" if r.pushed else ""
+        click.echo(f"profile of {p.image}: {len(p.frames)} frames, {human(p.nbytes)} of {human(r.frame_bytes_total)} "
+                   f"({share:.1f}%), workload exit {r.exit_code} after {p.seconds:.1f}s; saved {r.local}{where}",
+                   err=True)

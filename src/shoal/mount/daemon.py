@@ -27,7 +27,7 @@ from shoal import errors as shoal_errors
 from shoal.errors import NotFound, PermissionDenied, ShoalError, StoreError, UsageError
 from shoal.format.model import Index
 from shoal.mount import state as ms
-from shoal.mount.image import CountingSource, OpenedImage, StorePath, open_image
+from shoal.mount.image import CountingSource, OpenedImage, OpenOptions, StorePath, open_image
 
 __all__ = ["MountOptions", "MountStatus", "mount", "start", "serve", "umount", "status"]
 
@@ -47,6 +47,7 @@ class MountOptions:
     max_tasks: int = 32  # concurrent FUSE requests
     ready_timeout: float = 120.0
     cleanup: tuple[str, ...] = ()  # more directories to remove when this mount goes away
+    record_to: str | None = None  # write the frames served, in first-touch order, here at exit (shoal profile)
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,19 @@ class MountStatus:
 
 
 def mount(ref: str, mountpoint: str, opts: MountOptions = MountOptions(), store_root: StorePath = None,
-          notify: Notify | None = None) -> ms.MountState | None:
+          notify: Notify | None = None, open_opts: OpenOptions | None = None) -> ms.MountState | None:
     """Mount image ``ref`` at ``mountpoint``.  Background: returns the live mount's state.
     Foreground: serves until unmounted, calls ``notify(None)`` once live, and returns None."""
-    image = open_image(ref, store_root)
+    _check_target(mountpoint, opts)  # before any network traffic
+    image = open_image(ref, store_root, open_opts)
     if opts.foreground:
         serve(image, mountpoint, opts, notify)
         return None
-    return start(image, mountpoint, opts)
+    st = start(image, mountpoint, opts)
+    wait = getattr(image.source, "handover_wait", None)
+    if callable(wait):  # return once the daemon holds what was fetched ahead for it
+        wait()
+    return st
 
 
 def _check_target(mountpoint: str, opts: MountOptions) -> str:
@@ -98,6 +104,10 @@ def start(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
     paths.state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    # a source holding sqlite handles or threads closes them now (FrameSource contract, mount.md §1)
+    before_fork = getattr(image.source, "before_fork", None)
+    if callable(before_fork):
+        before_fork()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -111,6 +121,9 @@ def start(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
         finally:
             os._exit(code)
     os.close(w)
+    after = getattr(image.source, "after_fork_parent", None)
+    if callable(after):  # e.g. hand frames that are still being fetched to the daemon
+        after()
     os.waitpid(pid, 0)
     try:
         reply = _read_reply(r, opts.ready_timeout)
@@ -268,12 +281,21 @@ class _Server:
         from shoal.mount.fs import MountReader, ServeStats, ShoalFS
 
         self.image, self.mp, self.opts, self.paths, self.st, self.notify = image, mp, opts, paths, st, notify
-        self.source = CountingSource(image.source)
+        self.recorder: Any = None
+        inner = image.source
+        if opts.record_to:
+            from shoal.mount.profile import RecordingSource
+
+            inner = self.recorder = RecordingSource(image.source, image.index)
+        self.source = CountingSource(inner)
         self.reader = MountReader(image.index, self.source, opts.cache_frames)
         self.stats = ServeStats()
-        self.fs = ShoalFS(self.reader, stats=self.stats)
+        # the source's ensure/readahead hooks (a lazy source) go around the recorder: never recorded
+        self.fs = ShoalFS(self.reader, stats=self.stats, hooks=image.source)
         self.overlay = False
         self.prefetched = 0
+        self.prefetch_state = "none"  # none, pending, profile, rest, done, failed, stopped
+        self.prefetch_planned = 0
         self.stop = threading.Event()
         self._frame_of: dict[tuple[str, int], int] | None = None
         self._per_frame: collections.Counter[int] | None = None
@@ -302,8 +324,9 @@ class _Server:
 
     def counters(self) -> dict[str, Any]:
         return {**self.stats.as_dict(), **self.source.snapshot(), "prefetched_frames": self.prefetched,
-                "chunks_total": len(self.image.index.chunk_ids), "chunks_cached": self._chunks_cached(),
-                "source": self._source_stats()}
+                "prefetch_state": self.prefetch_state, "prefetch_planned": self.prefetch_planned,
+                "profile_frames": len(self.image.prefetch), "chunks_total": len(self.image.index.chunk_ids),
+                "chunks_cached": self._chunks_cached(), "source": self._source_stats()}
 
     def save(self, counters: dict[str, Any] | None = None) -> None:
         self.st.stats = counters if counters is not None else self.counters()
@@ -326,6 +349,11 @@ class _Server:
 
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(fuse_loop)
+            phases = self._prefetch_phases()
+            if phases:  # at once: the network works while the overlay is mounted and the caller starts up
+                self.prefetch_state = "pending"
+                self.prefetch_planned = sum(len(p) for _, p in phases)
+                nursery.start_soon(self._prefetch, phases)
             if self.opts.writable:
                 await trio.to_thread.run_sync(ms.mount_overlay, str(self.paths.lower), str(self.paths.upper),
                                               str(self.paths.work), self.mp)
@@ -337,9 +365,6 @@ class _Server:
             if self.notify is not None:
                 self.notify(None)
             nursery.start_soon(self._stats_loop)
-            frames = self._prefetch_list()
-            if frames:
-                nursery.start_soon(self._prefetch, frames)
 
     async def _signals(self, scope: Any) -> None:
         import trio
@@ -361,46 +386,63 @@ class _Server:
                 self.save(now)
                 last = now
 
-    def _prefetch_list(self) -> list[int]:
+    def _prefetch_phases(self) -> list[tuple[str, list[int]]]:
+        """auto: the recorded profile; all: the profile, then every other frame in pack order."""
         idx = self.image.index
-        if self.opts.prefetch == "all":
-            return sorted(range(len(idx.frames)), key=lambda i: (idx.frames[i].pack, idx.frames[i].offset))
+        if self.opts.prefetch == "none":
+            return []
+        profile = list(dict.fromkeys(i for i in self.image.prefetch if 0 <= i < len(idx.frames)))
         if self.opts.prefetch == "auto":
-            return [i for i in self.image.prefetch if 0 <= i < len(idx.frames)]
-        return []
+            return [("profile", profile)] if profile else []
+        seen = set(profile)
+        rest = sorted((i for i in range(len(idx.frames)) if i not in seen),
+                      key=lambda i: (idx.frames[i].pack, idx.frames[i].offset))
+        return [(label, p) for label, p in (("profile", profile), ("rest", rest)) if p]
 
-    async def _prefetch(self, frames: list[int]) -> None:
+    async def _prefetch(self, phases: list[tuple[str, list[int]]]) -> None:
         import trio
 
         try:
-            await trio.to_thread.run_sync(self._prefetch_sync, frames, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._prefetch_sync, phases, abandon_on_cancel=True)
         finally:
             self.stop.set()
 
-    def _prefetch_sync(self, frames: list[int]) -> None:
+    def _prefetch_sync(self, phases: list[tuple[str, list[int]]]) -> None:
+        for label, frames in phases:
+            if self.stop.is_set():
+                self.prefetch_state = "stopped"
+                return
+            self.prefetch_state = label
+            if not self._prefetch_phase(frames):
+                return
+        self.prefetch_state = "done"
+
+    def _prefetch_phase(self, frames: list[int]) -> bool:
+        """Fetch ``frames``: in one call to the source's bulk ``prefetch`` (it merges ranges and runs
+        requests in parallel), else frame by frame.  Prefetch never takes the mount down."""
         idx = self.image.index
         t0 = time.monotonic()
         bulk = getattr(self.image.source, "prefetch", None)
-        if callable(bulk):  # the source merges ranges and fetches in parallel itself
-            try:
+        try:
+            if callable(bulk):
                 n = bulk(frames)
-            except Exception as exc:  # prefetch is an optimisation: it never takes the mount down
-                log.warning("prefetch stopped: %s", exc)
-                return
-            self.prefetched = len(frames)
-            log.info("prefetched %d frames (%s bytes fetched) in %.2fs", len(frames), n, time.monotonic() - t0)
-            return
-        for fi in frames:
-            if self.stop.is_set():
-                return
-            f = idx.frames[fi]
-            try:
-                self.source.fetch("sha256:" + idx.packs[f.pack].hex(), f.offset, f.clen)
-            except Exception as exc:  # prefetch is an optimisation: it never takes the mount down
-                log.warning("prefetch stopped: %s", exc)
-                return
-            self.prefetched += 1
-        log.info("prefetched %d frames in %.2fs", len(frames), time.monotonic() - t0)
+                self.prefetched += len(frames)
+            else:
+                n = 0
+                for fi in frames:
+                    if self.stop.is_set():
+                        self.prefetch_state = "stopped"
+                        return False
+                    f = idx.frames[fi]
+                    n += len(self.source.fetch("sha256:" + idx.packs[f.pack].hex(), f.offset, f.clen))
+                    self.prefetched += 1
+        except Exception as exc:
+            log.warning("prefetch stopped: %s", exc)
+            self.prefetch_state = "failed"
+            return False
+        log.info("prefetched %d %s frames (%d bytes) in %.2fs", len(frames), self.prefetch_state, n,
+                 time.monotonic() - t0)
+        return True
 
 
 def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions(),
@@ -438,6 +480,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
         ok = True
     finally:
         server.stop.set()
+        _finish_source(server, opts)
         if server.overlay:
             _quiet_umount(mp, lazy=True)
         if fuse_up:
@@ -446,6 +489,23 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
         if mine is None or mine.pid == pid:
             ms.remove_state(st, keep_log=not ok)  # a failed daemon's log stays for a post-mortem
         log.info("stopped serving %s", mp)
+
+
+def _finish_source(server: _Server, opts: MountOptions) -> None:
+    """Hand over the recording (shoal profile) and stop the source's background work."""
+    if opts.record_to and server.recorder is not None:
+        from shoal.mount.profile import write_recording
+
+        try:
+            write_recording(opts.record_to, server.recorder.frames())
+        except OSError as exc:
+            log.error("cannot write the recording to %s: %s", opts.record_to, exc.strerror)
+    close = getattr(server.image.source, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as exc:  # the mount is going away anyway
+            log.warning("closing the frame source: %s", exc)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -10,6 +10,11 @@ reads for a lazy image).  Nothing here touches the network or the store.
   and ``open`` sets ``keep_cache`` so the kernel page cache keeps file data across opens.
 - Data reads run in a worker thread (``trio.to_thread``) so one slow fetch never blocks other
   requests; a read whose frames are all in the Reader's memory cache is answered inline.
+- With a lazy source (``hooks`` with ``ensure``/``readahead``), a read that needs several frames
+  fetches them in one parallel batch, and queues the frames holding the next bytes of the same file
+  for a background fetch that the read does not wait for.  The window adapts per file: 4 MiB after
+  a first read at offset 0 (an executable being mapped, a file read from the start), doubling up to
+  8 MiB while reads stay sequential, and 256 KiB (about the next frame) after a jump.
 - ``_fuse_errors`` is the one place errors become errnos: a ``ShoalError`` gives its ``errno``,
   an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
 """
@@ -52,6 +57,7 @@ def fuse_options() -> set[str]:
 _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_IFLNK,
          Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
 _BLOCK = 4096
+READAHEAD_JUMP, READAHEAD_FIRST, READAHEAD_MAX = 256 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024
 
 
 class MountReader(Reader):
@@ -104,9 +110,13 @@ class ShoalFS(pyfuse3.Operations):
     enable_acl = True  # POSIX ACLs stored as system.posix_acl_* xattrs are enforced by the kernel
     supports_dot_lookup = True
 
-    def __init__(self, reader: MountReader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None) -> None:
+    def __init__(self, reader: MountReader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None,
+                 hooks: object = None) -> None:
         super().__init__()
         self.reader = reader
+        self._ensure: Callable[[list[int]], None] | None = getattr(hooks, "ensure", None)
+        self._readahead: Callable[[list[int]], None] | None = getattr(hooks, "readahead", None)
+        self._window: dict[int, tuple[int, int]] = {}  # entry -> (where a sequential read continues, window)
         self.index: Index = reader.index
         self.timeout = timeout
         self.stats = stats or ServeStats()
@@ -262,13 +272,40 @@ class ShoalFS(pyfuse3.Operations):
         inline = self.reader.has_frames(self.reader.frames_for(pos, e, off, size))
         if inline:
             data = self.reader.read(e, off, size)
+            last = self._window.get(pos)
+            if last is not None and off == last[0]:  # still sequential: the next fetching read grows the window
+                self._window[pos] = (off + size, last[1])
         else:
-            data = await trio.to_thread.run_sync(self.reader.read, e, off, size)
+            data = await trio.to_thread.run_sync(self._read_slow, pos, e, off, size)
         with self.stats.lock:
             self.stats.reads += 1
             self.stats.bytes_served += len(data)
             self.stats.inline_reads += inline
         return data
+
+    def _read_slow(self, pos: int, e: Entry, off: int, size: int) -> bytes:
+        """A read that may fetch: read-ahead queued first (never waited for), the read's own frames
+        fetched as one batch, then the bytes from the Reader."""
+        frames = self.reader.frames_for(pos, e, off, size)
+        if self._readahead is not None and off + size < e.size:
+            ahead = self.reader.frames_for(pos, e, off + size, self._ahead(pos, off, size)) - frames
+            if ahead:
+                self._readahead(sorted(ahead))
+        if self._ensure is not None and len(frames) > 1:
+            self._ensure(sorted(frames))
+        return self.reader.read(e, off, size)
+
+    def _ahead(self, pos: int, off: int, size: int) -> int:
+        """How many bytes past this read of entry ``pos`` to fetch in the background."""
+        last = self._window.get(pos)
+        if last is None:
+            window = READAHEAD_FIRST if off == 0 else READAHEAD_JUMP
+        elif off == last[0]:
+            window = min(READAHEAD_MAX, 2 * last[1])
+        else:
+            window = READAHEAD_JUMP
+        self._window[pos] = (off + size, window)
+        return window
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from shoal.errors import UsageError
 from shoal.format.manifest import ImageConfig, parse_config
 from shoal.format.model import Index
-from shoal.reader import FrameSource
+from shoal.reader import FrameSource, StoreSource
 
 __all__ = ["OpenedImage", "OpenOptions", "Opener", "open_image", "register_opener", "split_scheme",
            "CountingSource", "FetchStats", "LocalStoreSource"]
@@ -61,28 +61,32 @@ class OpenOptions:
     fetch_timeout: float = 30.0
     platform: str | None = None
     profile: bool = True
+    prefetch: str = "auto"  # the mount's --prefetch: auto and all start the profile's range reads at once
 
 
 # (reference without its "scheme://" prefix, store directory or None, options) -> OpenedImage.
-# Openers registered with two parameters are called without the options.
+# An opener that takes two parameters is called without the options.
 Opener = Callable[[str, StorePath, OpenOptions], OpenedImage]
 
 
 class LocalStoreSource:
     """Frames from the local store (complete packs, partial packs, chunks by id: ``StoreSource``).
 
-    ``after_fork`` re-opens the store, so the mount daemon never uses a sqlite connection that was
-    opened before ``fork``."""
+    ``before_fork`` closes the store's sqlite connection and ``after_fork`` opens a new one, so the
+    mount daemon never uses (or inherits SQLite's lock bookkeeping for) a connection made before
+    ``fork``."""
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._open()
+        self._inner: StoreSource | None = None
 
-    def _open(self) -> None:
-        from shoal.reader import StoreSource
+    @property
+    def inner(self) -> StoreSource:
         from shoal.store import Store
 
-        self.inner = StoreSource(Store.open(self.root))
+        if self._inner is None:
+            self._inner = StoreSource(Store.open(self.root))
+        return self._inner
 
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
         return self.inner.fetch(pack, offset, length)
@@ -90,8 +94,18 @@ class LocalStoreSource:
     def find_chunk(self, cid: bytes) -> bytes | None:
         return self.inner.find_chunk(cid)
 
+    def before_fork(self) -> None:
+        from shoal.lazy import release_sqlite
+
+        self._inner = None
+        release_sqlite()
+
     def after_fork(self) -> None:
-        self._open()
+        from shoal.lazy import _INHERITED
+
+        if self._inner is not None:  # never close the parent's sqlite connection in the child
+            _INHERITED.append(self._inner)
+            self._inner = None
 
 
 def _open_local(ref: str, store_root: StorePath, options: OpenOptions | None = None) -> OpenedImage:
@@ -107,19 +121,20 @@ def _open_local(ref: str, store_root: StorePath, options: OpenOptions | None = N
                        source=LocalStoreSource(str(store.root)), config=config, local=True)
 
 
-_OPENERS: dict[str, Opener] = {"": _open_local}
+_OPENERS: dict[str, Callable[..., OpenedImage]] = {"": _open_local}
 # built-in schemes, imported on first use so that a local mount never loads HTTP code
 _BUILTIN = {"docker": "shoal.mount.remote"}
 
 
 def register_opener(scheme: str, opener: Callable[..., OpenedImage]) -> None:
     """Serve references ``scheme://...`` with ``opener(rest, store_root[, options])``."""
+    _OPENERS[scheme] = opener
+
+
+def _takes_options(opener: Callable[..., OpenedImage]) -> bool:
     params = [p for p in inspect.signature(opener).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(params) >= 3:
-        _OPENERS[scheme] = opener
-    else:
-        _OPENERS[scheme] = lambda rest, store_root, options: opener(rest, store_root)
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(params) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def split_scheme(ref: str) -> tuple[str, str]:
@@ -140,7 +155,9 @@ def open_image(ref: str, store_root: StorePath = None, options: OpenOptions | No
     if opener is None:
         known = ", ".join(f"{s}://" for s in sorted(set(_OPENERS) | set(_BUILTIN)) if s) or "none"
         raise UsageError(f"cannot mount {scheme}:// references (local NAME:TAG works; other schemes: {known})")
-    return opener(rest, store_root, options or OpenOptions())
+    if _takes_options(opener):
+        return opener(rest, store_root, options or OpenOptions())
+    return opener(rest, store_root)
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -173,6 +190,11 @@ class CountingSource:
             s.seconds += dt
             s.frames.add((pack, offset))
         return data
+
+    def find_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk by id, for a frame the store never held because it had the chunks elsewhere."""
+        find = getattr(self.inner, "find_chunk", None)
+        return find(cid) if find is not None else None
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -27,12 +28,19 @@ from shoal.errors import NotFound, PermissionDenied, UsageError
 from shoal.format.model import Kind
 from shoal.mount import daemon
 from shoal.mount import state as ms
-from shoal.mount.image import OpenedImage, StorePath, open_image
-from shoal.mount.runtime_spec import (Bind, ProcessSpec, build_spec, container_args, container_env, parse_volume,
-                                      resolve_user)
+from shoal.mount.image import OpenedImage, OpenOptions, StorePath, open_image
+from shoal.mount.runtime_spec import (
+    Bind,
+    ProcessSpec,
+    build_spec,
+    container_args,
+    container_env,
+    parse_volume,
+    resolve_user,
+)
 from shoal.reader import Reader
 
-__all__ = ["RunOptions", "run", "container_process", "bundle_dir"]
+__all__ = ["RunOptions", "run", "run_image", "container_process", "bundle_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +63,41 @@ class RunOptions:
     runtime: str = "runc"
     tty: bool | None = None  # None: a terminal iff stdin is a TTY
     prefetch: str = "auto"
+    timeout: float | None = None  # stop the container after this many seconds (exit code 124)
+    record_to: str | None = None  # the mount daemon writes the frames it served, in first-touch order, here
 
 
 def bundle_dir(name: str) -> Path:
     return ms.run_dir() / "containers" / name
 
 
-def _image_file(reader: Reader) -> Callable[[str], bytes | None]:
+def _image_file(reader: Reader, root: str | None) -> Callable[[str], bytes | None]:
+    """A file of the image, resolved through the index as the container would (symlinks stay inside
+    the image); its bytes come from the mount at ``root`` if given (so the mount daemon fetches,
+    prefetches and records them), else from the Reader."""
+
     def read(path: str) -> bytes | None:
         e = reader.resolve(path.lstrip("/").encode())
         if e is not None and e.kind == Kind.HARDLINK:
             e = reader.index.lookup(e.target)
         if e is None or e.kind != Kind.FILE or e.size > _MAX_ETC:
             return None
-        return reader.read(e, 0, e.size)
+        if root is None:
+            return reader.read(e, 0, e.size)
+        fd = os.open(os.path.join(os.fsencode(root), e.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(_MAX_ETC)
 
     return read
 
 
-def container_process(image: OpenedImage, opts: RunOptions, hostname: str, terminal: bool) -> ProcessSpec:
-    """The container's process from the image config and the run options."""
+def container_process(image: OpenedImage, opts: RunOptions, hostname: str, terminal: bool,
+                      root: str | None = None) -> ProcessSpec:
+    """The container's process from the image config and the run options (image files read through
+    the mount at ``root`` if given)."""
     conf = image.config.config
     user = resolve_user(opts.user if opts.user is not None else str(conf.get("User") or ""),
-                        _image_file(Reader(image.index, image.source)))
+                        _image_file(Reader(image.index, image.source), root))
     env = container_env([str(x) for x in (conf.get("Env") or [])], opts.env, os.environ, hostname, user, terminal)
     cwd = opts.workdir or str(conf.get("WorkingDir") or "/")
     if not cwd.startswith("/"):
@@ -92,17 +112,27 @@ def _host_binds(binds: list[Bind]) -> list[Bind]:
     return extra + binds
 
 
-def run(ref: str, opts: RunOptions = RunOptions(), store_root: StorePath = None) -> int:
-    """Run a container of image ``ref``; return its exit code."""
+def _check_run(opts: RunOptions) -> str:
     if os.geteuid() != 0:
         raise PermissionDenied("shoal run needs root (overlay mount and container runtime)")
     name = opts.name or f"shoal-{secrets.token_hex(6)}"
     if not _NAME.match(name):
         raise UsageError(f"bad container name {name!r} (letters, digits, '_', '.', '-')")
+    return name
+
+
+def run(ref: str, opts: RunOptions = RunOptions(), store_root: StorePath = None,
+        open_opts: OpenOptions | None = None) -> int:
+    """Run a container of image ``ref``; return its exit code."""
+    _check_run(opts)
+    return run_image(open_image(ref, store_root, open_opts), opts)
+
+
+def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
+    """Run a container of an opened image; return its exit code."""
+    name = _check_run(opts)
     binds = _host_binds([parse_volume(v) for v in opts.volumes])
-    image = open_image(ref, store_root)
     terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
-    proc = container_process(image, opts, name, terminal)
     bundle = bundle_dir(name)
     bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -115,15 +145,17 @@ def run(ref: str, opts: RunOptions = RunOptions(), store_root: StorePath = None)
     try:
         rootfs.mkdir()
         daemon.start(image, str(rootfs), daemon.MountOptions(writable=True, prefetch=opts.prefetch,
-                                                             cleanup=(str(bundle),)))
+                                                             cleanup=(str(bundle),), record_to=opts.record_to))
         mounted = True
+        # after the mount: /etc/passwd and /etc/group are read through it (fetched, prefetched, recorded)
+        proc = container_process(image, opts, name, terminal, str(rootfs))
         (bundle / "config.json").write_text(json.dumps(build_spec(proc, name, binds), indent=1))
         runtime = shutil.which(opts.runtime)
         started = True
         if runtime is None:
             log.warning("%s not found: running in a chroot instead (no pid, ipc or uts isolation)", opts.runtime)
-            return _run_chroot(str(rootfs), proc, binds)
-        return _run_runtime(runtime, bundle, name, terminal)
+            return _run_chroot(str(rootfs), proc, binds, opts.timeout)
+        return _run_runtime(runtime, bundle, name, terminal, opts.timeout)
     finally:
         if opts.rm or not started:
             _remove(bundle, rootfs, mounted)
@@ -147,7 +179,7 @@ def _remove(bundle: Path, rootfs: Path, mounted: bool) -> None:
 # ---------------------------------------------------------------------------------------------- runc
 
 
-def _run_runtime(runtime: str, bundle: Path, name: str, terminal: bool) -> int:
+def _run_runtime(runtime: str, bundle: Path, name: str, terminal: bool, timeout: float | None = None) -> int:
     cmd = [runtime, "run", "--bundle", str(bundle), name]
     log.debug("running %s", " ".join(cmd))
     child = subprocess.Popen(cmd)
@@ -165,12 +197,30 @@ def _run_runtime(runtime: str, bundle: Path, name: str, terminal: bool) -> int:
     old = {s: signal.signal(s, forward) for s in forwarded}
     old.update({s: signal.signal(s, signal.SIG_IGN) for s in ignored})
     try:
-        rc = child.wait()
+        try:
+            rc = child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.info("stopping container %s after %gs", name, timeout)
+            _stop_runtime(runtime, name, child)
+            return 124
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         _runtime_delete(runtime, name)
     return rc if rc >= 0 else 128 - rc
+
+
+def _stop_runtime(runtime: str, name: str, child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the container (its pid 1 may ignore it), then SIGKILL after 2 s."""
+    for sig, grace in (("TERM", 2.0), ("KILL", 10.0)):
+        subprocess.run([runtime, "kill", name, sig], capture_output=True)
+        try:
+            child.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    child.kill()
+    child.wait()
 
 
 def _runtime_delete(runtime: str, name: str) -> None:
@@ -250,7 +300,7 @@ def _chroot_child(rootfs: str, proc: ProcessSpec, binds: list[Bind]) -> None:  #
     os.execvpe(proc.args[0], list(proc.args), env)
 
 
-def _run_chroot(rootfs: str, proc: ProcessSpec, binds: list[Bind]) -> int:
+def _run_chroot(rootfs: str, proc: ProcessSpec, binds: list[Bind], timeout: float | None = None) -> int:
     rootfs = os.path.realpath(rootfs)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -269,9 +319,26 @@ def _run_chroot(rootfs: str, proc: ProcessSpec, binds: list[Bind]) -> int:
             os._exit(code)
     old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
     try:
-        _, status = os.waitpid(pid, 0)
+        status = _wait_pid(pid, timeout)
+        if status is None:
+            return 124
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
+
+
+def _wait_pid(pid: int, timeout: float | None) -> int | None:
+    """The wait status of ``pid``; after ``timeout`` seconds it is killed and None is returned."""
+    if timeout is None:
+        return os.waitpid(pid, 0)[1]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None

@@ -1,0 +1,359 @@
+"""Start-up profiles: which frames a workload reads, in first-touch order (docs/spec/mount.md §6).
+
+A profile is bound to one image manifest digest.  It names each frame as (pack, offset, clen): the
+pack's position among the manifest's packs and the frame's byte range in it, so a mount can start the
+range reads from the manifest alone, before the index is even downloaded (``shoal.mount.early``).
+It is stored *beside* the image, never in its blobs:
+
+- locally as ``STORE/profiles/<manifest hex>.json`` (written atomically; ``gc`` and ``fsck`` ignore it);
+- in the image's repository as an OCI 1.1 referrer artifact: a manifest with ``subject`` = the image
+  manifest, ``artifactType`` ``application/vnd.shoal.profile.v1+json``, the empty config, and the
+  profile JSON as its only layer.  Where the registry has no referrers API (distribution 2.8), the
+  ``sha256-<hex>`` tag-schema index lists it (``DockerDestination`` keeps that index).
+
+``RecordingSource`` records first touches at the FrameSource level (below the Reader's frame cache,
+above the store and the network), so read-ahead and prefetch never pollute a recording.
+``record`` runs a workload on a lazy mount (``shoal run``'s machinery) and saves the result.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal import mediatypes as mt
+from shoal.errors import FormatError, NotFound, ShoalError
+from shoal.format.model import Index
+from shoal.reader import FrameSource
+
+__all__ = ["Profile", "RecordingSource", "ProfileResult", "load_local", "save_local", "fetch_remote",
+           "push_remote", "record", "local_path"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MAX_PROFILE_BYTES = 16 * 1024 * 1024
+ANN_CREATED = "org.opencontainers.image.created"
+# the profile blob's descriptor, repeated in the artifact's annotations (and so in its referrers entry):
+# a mount reads the blob straight from the entry, one round trip fewer; the blob is verified by digest
+ANN_BLOB = "dev.shoal.profile.blob"
+EMPTY_CONFIG = b"{}"
+
+
+FrameRange = tuple[int, int, int]  # (pack position in the manifest, offset in the pack, compressed length)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """``frames``: the frames image ``image`` read first, in first-touch order (no repeats)."""
+
+    image: str  # manifest digest the profile belongs to
+    frames: tuple[FrameRange, ...]
+    pack_count: int  # packs in that image's manifest (a consistency check)
+    nbytes: int = 0  # compressed bytes of the profiled frames
+    seconds: float = 0.0  # how long the workload was recorded
+    command: tuple[str, ...] = ()
+
+    @classmethod
+    def of_frames(cls, image: str, index: Index, frames: list[int], seconds: float = 0.0,
+                  command: tuple[str, ...] = ()) -> "Profile":
+        fs = [index.frames[fi] for fi in dict.fromkeys(frames)]
+        return cls(image, tuple((f.pack, f.offset, f.clen) for f in fs), len(index.packs),
+                   sum(f.clen for f in fs), seconds, command)
+
+    def frame_indices(self, index: Index) -> tuple[int, ...] | None:
+        """The profile's frames as indices into ``index``, or None if one of them is not a frame of it."""
+        if self.pack_count != len(index.packs):
+            return None
+        where = {(f.pack, f.offset): (fi, f.clen) for fi, f in enumerate(index.frames)}
+        out = []
+        for pack, off, clen in self.frames:
+            hit = where.get((pack, off))
+            if hit is None or hit[1] != clen:
+                return None
+            out.append(hit[0])
+        return tuple(out)
+
+    def encode(self) -> bytes:
+        doc = {"mediaType": mt.PROFILE, "format": FORMAT, "image": self.image, "packCount": self.pack_count,
+               "frames": [list(r) for r in self.frames], "bytes": self.nbytes, "seconds": round(self.seconds, 3),
+               "command": list(self.command)}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, image: str, pack_count: int | None = None) -> "Profile":
+        """Parse and check a profile of ``image`` (and, if given, of a manifest with ``pack_count`` packs)."""
+        if len(raw) > MAX_PROFILE_BYTES:
+            raise FormatError("profile larger than 16 MiB")
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise FormatError("profile is not JSON") from None
+        if not isinstance(doc, dict) or doc.get("mediaType") != mt.PROFILE or doc.get("format") != FORMAT:
+            raise FormatError("not a Shoal profile (format 1)")
+        if doc.get("image") != image:
+            raise FormatError(f"profile belongs to {str(doc.get('image'))[:80]}, not {image}")
+        n, frames = doc.get("packCount"), doc.get("frames")
+        if not isinstance(n, int) or (pack_count is not None and n != pack_count):
+            raise FormatError("profile pack count differs from the image's manifest")
+        if not isinstance(frames, list) or not all(
+                isinstance(f, list) and len(f) == 3 and all(isinstance(x, int) and x >= 0 for x in f)
+                and f[0] < n and f[2] > 0 for f in frames):
+            raise FormatError("profile frames must be [pack, offset, clen] within the image's packs")
+        ranges = tuple((f[0], f[1], f[2]) for f in frames)
+        if len({(p, o) for p, o, _ in ranges}) != len(ranges):
+            raise FormatError("profile frames must be distinct")
+        cmd = doc.get("command") or []
+        size, secs = doc.get("bytes", 0), doc.get("seconds", 0.0)
+        if (not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd) or not isinstance(size, int)
+                or not isinstance(secs, (int, float))):
+            raise FormatError("malformed profile fields")
+        return cls(image, ranges, n, size, float(secs), tuple(cmd))
+
+
+# ---------------------------------------------------------------------------------------------- local
+
+
+def local_path(store_root: str | os.PathLike[str], image: str) -> Path:
+    algo, _, hexpart = image.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise FormatError(f"invalid image digest {image[:80]!r}")
+    return Path(store_root) / "profiles" / f"{hexpart}.json"
+
+
+def load_local(store_root: str | os.PathLike[str], image: str, pack_count: int | None = None) -> Profile | None:
+    """The profile saved for ``image`` in the store, or None (a broken one is logged and ignored)."""
+    p = local_path(store_root, image)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read profile %s: %s", p, exc.strerror)
+        return None
+    try:
+        return Profile.decode(raw, image, pack_count)
+    except FormatError as exc:
+        log.warning("ignoring profile %s: %s", p, exc)
+        return None
+
+
+def save_local(store_root: str | os.PathLike[str], prof: Profile) -> Path:
+    """Write the profile atomically (temp file, fsync, rename); return its path."""
+    p = local_path(store_root, prof.image)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=str(p.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(prof.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def fetch_remote(client: Any, repo: str, image: str) -> Profile | None:
+    """The newest profile referring to ``image`` in ``repo`` (a ``RegistryClient``), or None.
+
+    The ``sha256-<hex>`` tag-schema index and the referrers API are asked at once (the index wins when
+    it lists profiles); the profile blob is read straight from the entry's annotations when they name
+    it, else from the artifact manifest, and is verified by digest either way.  A profile only steers
+    prefetching (every byte it leads to is verified), and failures are logged and give None: a missing
+    or broken profile never fails a mount."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shoal.transports.registry import referrers_tag
+
+    def tag_index() -> list[dict[str, Any]]:
+        try:
+            raw, _, _ = client.get_manifest(repo, referrers_tag(image), [mt.OCI_INDEX])
+        except NotFound:
+            return []
+        doc = json.loads(raw)
+        entries = doc.get("manifests") if isinstance(doc, dict) else None
+        return [e for e in entries or [] if isinstance(e, dict) and e.get("artifactType") == mt.PROFILE]
+
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="shoal-referrers") as pool:
+            api = pool.submit(client.referrers, repo, image, mt.PROFILE)
+            refs = tag_index() or api.result()
+        if not refs:
+            return None
+        ranked = sorted(enumerate(refs), key=lambda t: (str((t[1].get("annotations") or {}).get(ANN_CREATED, "")),
+                                                        t[0]))
+        desc = ranked[-1][1]
+        blob_desc: tuple[str, Any] | None = _blob_of(desc.get("annotations"))
+        if blob_desc is None:
+            raw, _, _ = client.get_manifest(repo, str(desc.get("digest")), [mt.OCI_MANIFEST])
+            doc = json.loads(raw)
+            subject = doc.get("subject") if isinstance(doc, dict) else None
+            if not isinstance(subject, dict) or subject.get("digest") != image:
+                raise FormatError("profile artifact has another subject")
+            layers = [x for x in doc.get("layers") or [] if isinstance(x, dict) and x.get("mediaType") == mt.PROFILE]
+            blob_desc = (str(layers[0].get("digest")), layers[0].get("size")) if layers else None
+        if blob_desc is None or not isinstance(blob_desc[1], int) or not 0 < blob_desc[1] <= MAX_PROFILE_BYTES:
+            raise FormatError("profile artifact has no valid profile layer")
+        blob = client.get_blob(repo, blob_desc[0], size=blob_desc[1])
+        prof = Profile.decode(blob, image)
+    except (ShoalError, ValueError) as exc:
+        log.warning("no usable profile for %s in %s: %s", image, repo, exc)
+        return None
+    log.info("found profile %s for %s (%d frames)", desc.get("digest"), image, len(prof.frames))
+    return prof
+
+
+def _blob_of(annotations: Any) -> tuple[str, int] | None:
+    """``(digest, size)`` from an ``ANN_BLOB`` annotation ``"sha256:<hex>:<size>"``."""
+    text = annotations.get(ANN_BLOB) if isinstance(annotations, dict) else None
+    if not isinstance(text, str):
+        return None
+    digest, _, size = text.rpartition(":")
+    return (digest, int(size)) if digest.startswith("sha256:") and size.isdigit() else None
+
+
+def push_remote(ref_text: str, opts: dict[str, object], prof: Profile) -> str:
+    """Push ``prof`` as a referrer artifact of its image into the repository of ``ref_text``
+    (``docker://...``); return the artifact manifest's digest."""
+    from shoal.transports.base import BlobInfo, parse_reference
+    from shoal.transports.docker import DockerDestination, DockerReference
+
+    ref = parse_reference(ref_text)
+    if not isinstance(ref, DockerReference):
+        raise FormatError(f"{ref_text!r} is not a docker:// reference")
+    blob = prof.encode()
+    with ref.new_destination(**opts) as dst:
+        assert isinstance(dst, DockerDestination)
+        info = dst.client.head_manifest(ref.repo, prof.image)
+        if info is None:
+            raise NotFound(f"image {prof.image} is not in {ref.host}/{ref.repo}")
+        cfg = BlobInfo("sha256:" + hashlib.sha256(EMPTY_CONFIG).hexdigest(), len(EMPTY_CONFIG), mt.OCI_EMPTY)
+        lay = BlobInfo("sha256:" + hashlib.sha256(blob).hexdigest(), len(blob), mt.PROFILE)
+        for data, bi in ((EMPTY_CONFIG, cfg), (blob, lay)):
+            if not dst.has_blob(bi):
+                dst.put_blob(io.BytesIO(data), bi)
+        created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "artifactType": mt.PROFILE,
+               "config": {"mediaType": mt.OCI_EMPTY, "digest": cfg.digest, "size": cfg.size},
+               "layers": [{"mediaType": mt.PROFILE, "digest": lay.digest, "size": lay.size}],
+               "subject": info.descriptor(),
+               "annotations": {ANN_CREATED: created, ANN_BLOB: f"{lay.digest}:{lay.size}"}}
+        raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        dst.put_manifest(raw, mt.OCI_MANIFEST, digest)  # by digest; also updates the tag-schema index
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------- recording
+
+
+class RecordingSource:
+    """Forwards to ``inner`` and records each frame's first request (``frames()``, in order)."""
+
+    def __init__(self, inner: FrameSource, index: Index) -> None:
+        self.inner = inner
+        self._frame_of = {("sha256:" + index.packs[f.pack].hex(), f.offset): i for i, f in enumerate(index.frames)}
+        self._order: list[int] = []
+        self._seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        fi = self._frame_of.get((pack, offset))
+        if fi is not None:
+            with self._lock:
+                if fi not in self._seen:
+                    self._seen.add(fi)
+                    self._order.append(fi)
+        return self.inner.fetch(pack, offset, length)
+
+    def find_chunk(self, cid: bytes) -> bytes | None:
+        find = getattr(self.inner, "find_chunk", None)
+        return find(cid) if find is not None else None
+
+    def frames(self) -> list[int]:
+        with self._lock:
+            return list(self._order)
+
+
+def write_recording(path: str, frames: list[int]) -> None:
+    """The daemon's hand-over of a recording (atomic: temp file, rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"frames": frames}, f)
+    os.replace(tmp, path)
+
+
+def read_recording(path: str) -> list[int]:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ShoalError(f"the mount daemon left no recording ({exc})") from None
+    frames = doc.get("frames") if isinstance(doc, dict) else None
+    if not isinstance(frames, list) or not all(isinstance(x, int) for x in frames):
+        raise ShoalError("the mount daemon left a malformed recording")
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------- shoal profile
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    profile: Profile
+    exit_code: int  # the workload's (124 if it was stopped after --seconds)
+    local: str  # where the profile was saved
+    pushed: str | None = None  # the referrer artifact's digest, for docker:// images
+    frame_bytes_total: int = 0  # compressed bytes of the whole image
+    notes: list[str] = field(default_factory=list)
+
+
+def record(ref: str, seconds: float, run_opts: Any, open_opts: Any, store_root: Any = None,
+           push: bool = True) -> ProfileResult:
+    """Run ``run_opts.command`` (or the image's) on a lazy mount of ``ref`` for at most ``seconds``,
+    record the frames it read, save the profile locally and, for ``docker://`` references, push it."""
+    import dataclasses
+    import time
+
+    from shoal.mount import run as mrun
+    from shoal.mount import state as ms
+    from shoal.mount.image import open_image, split_scheme
+    from shoal.store import Store
+
+    image = open_image(ref, store_root, dataclasses.replace(open_opts, profile=False))
+    rec_dir = ms.run_dir() / "profiles"
+    rec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rec = str(rec_dir / f"{secrets.token_hex(8)}.json")
+    opts = dataclasses.replace(run_opts, rm=True, prefetch="none", timeout=seconds, record_to=rec)
+    t0 = time.monotonic()
+    try:
+        code = mrun.run_image(image, opts)
+        frames = read_recording(rec)
+    finally:
+        Path(rec).unlink(missing_ok=True)
+    elapsed = time.monotonic() - t0
+    idx = image.index
+    prof = Profile.of_frames(image.digest, idx, frames, elapsed, tuple(opts.command) if opts.command else ())
+    root = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root))).root
+    path = save_local(root, prof)
+    pushed = None
+    if push and split_scheme(ref)[0] == "docker":
+        pushed = push_remote(ref, dict(open_opts.registry), prof)
+    total = sum(f.clen for f in idx.frames)
+    log.info("profile of %s: %d frames, %d of %d bytes", image.digest, len(frames), prof.nbytes, total)
+    return ProfileResult(prof, code, str(path), pushed, total)

@@ -1,0 +1,227 @@
+"""``docker://`` images for mount, run and profile: metadata now, packs lazily (docs/spec/mount.md §5).
+
+Opening ``docker://HOST/REPO:TAG`` fetches the manifest (an image index resolves to its platform's
+child, else its first Shoal child), then — in parallel — the config, the index and the recorded
+start-up profile.  With ``--prefetch auto|all`` the profile's range reads start the moment it arrives
+(``EarlyFetch``, unverified bytes in memory) while the index is still being fetched and decoded; the
+``LazySource`` adopts them, verifies them, and hands them over to the mount daemon across its fork.
+Config and index are verified by digest and kept *untagged* in the local store's layout (so a later
+open of the same digest fetches neither again; ``shoal gc`` may remove them, and the partial packs a
+mount cached, once nothing references them).  Frames come from a ``LazySource`` over the registry:
+verified range reads, cached as partial packs in the shared store.
+
+Credentials are resolved in the calling process (``--creds``, else the auth files) and handed to the
+daemon in memory, so a mount keeps working for its whole life even if the auth file changes; the
+registry client refreshes expired tokens with them.  The daemon never reuses the parent's HTTP
+connections or sqlite handle (``LazySource.after_fork``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from shoal import mediatypes as mt
+from shoal.errors import FormatError, NotFound, TransportError, UsageError
+from shoal.format.manifest import ShoalManifest, parse_config, parse_manifest
+from shoal.lazy import LazySource
+from shoal.mount.early import EarlyFetch
+from shoal.mount.image import OpenedImage, OpenOptions, StorePath, register_opener
+from shoal.mount.profile import Profile, fetch_remote, load_local, save_local
+from shoal.store import Store
+from shoal.transports.base import BlobInfo
+from shoal.transports.docker import DockerReference, DockerSource, parse_docker
+
+__all__ = ["open_docker", "registry_options"]
+
+log = logging.getLogger(__name__)
+
+_MAX_META = 256 * 1024 * 1024  # config and index blobs are read whole
+
+
+def registry_options(ref: DockerReference, options: OpenOptions) -> dict[str, object]:
+    """The transport options a mount's source is made with: the caller's, plus resolved credentials and
+    a per-request timeout no longer than ``fetch_timeout`` (so a dead registry frees its threads)."""
+    from shoal.transports.registry import load_credentials
+
+    reg: dict[str, object] = dict(options.registry)
+    if reg.get("credentials") is None:
+        creds = load_credentials(ref.host)
+        if creds is not None:
+            reg["credentials"] = creds
+    if reg.get("timeout") is None:
+        reg["timeout"] = float(min(30.0, max(1.0, options.fetch_timeout)))
+    return reg
+
+
+def open_docker(rest: str, store_root: StorePath, options: OpenOptions) -> OpenedImage:
+    # Decoding the index is CPU-bound and holds the GIL in 5 ms slices; the threads fetching the
+    # profile and its frames meanwhile need it for a moment per response.  Shorter slices let them in.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, 0.0005))
+    try:
+        return _open_docker(rest, store_root, options)
+    finally:
+        sys.setswitchinterval(old)
+
+
+def _open_docker(rest: str, store_root: StorePath, options: OpenOptions) -> OpenedImage:
+    ref = parse_docker("//" + rest)
+    if options.fetch_timeout <= 0:
+        raise UsageError("--fetch-timeout must be positive")
+    reg = registry_options(ref, options)
+    store = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root)))
+    src = ref.new_source(**reg)
+    pool = ThreadPoolExecutor(4, thread_name_prefix="shoal-open")
+    # the mount daemon's own client, made while we wait for the network (loading CA certificates
+    # takes ~0.1 s); it is never used before the fork, so it holds no connection the parent shares
+    spare = pool.submit(ref.new_source, **reg)
+    try:
+        raw = _manifest(src, store, options.platform)
+        m = parse_manifest(raw)
+        meta = [pool.submit(_blob, src, store, d) for d in (m.config, m.index)]
+        early_wanted = options.prefetch in ("auto", "all")
+        wanted = options.profile and options.prefetch != "none"  # only prefetching uses a profile
+        prof_f = pool.submit(_profile, src, store, ref, m, early_wanted) if wanted else None
+        for f in meta:
+            f.result()
+        store.layout.put(raw, m.digest)
+        index = store.load_index(m)  # decoding and checking the index overlaps the profile lookup
+        config = parse_config(store.layout.get(m.config.digest))
+        prof, early = prof_f.result() if prof_f is not None else (None, None)
+        fresh = spare.result()
+        pool.shutdown(wait=True)  # its threads used sqlite (has_frame): gone before any fork
+    except TransportError as exc:  # name the image: "GET host/v2/... failed" alone does not say which mount
+        src.close()
+        raise type(exc)(f"cannot open {ref}: {exc}") from None
+    except BaseException:
+        src.close()
+        raise
+    finally:
+        pool.shutdown(wait=False)
+    frames: tuple[int, ...] = ()
+    adopted: dict[int, Future[bytes]] = {}
+    if prof is not None:
+        found = prof.frame_indices(index)
+        if found is None:
+            log.warning("ignoring the profile of %s: it names frames its index does not have", m.digest)
+        else:
+            frames = found
+            if early is not None:
+                adopted = {fi: fut for fi, (p, off, _) in zip(found, prof.frames)
+                           if (fut := early.futures.get((m.packs[p].digest, off))) is not None}
+    spares = [fresh]
+
+    def reopen() -> DockerSource:
+        return spares.pop() if spares else ref.new_source(**reg)
+
+    source = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
+                        where=f"{ref.host}/{ref.repo}", early=adopted)
+    return OpenedImage(ref="docker://" + rest, name=str(ref), digest=m.digest, index=index, source=source,
+                       config=config, prefetch=frames, local=False)
+
+
+def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes:
+    """The Shoal manifest ``src`` names (a local copy when the reference is a digest we hold)."""
+    digest = src.ref.digest
+    if digest is not None and store.layout.has(digest):
+        raw = store.layout.get(digest)
+        if _is_manifest(raw):
+            return raw
+    raw, media = src.get_manifest()
+    doc = _json(raw)
+    if media in mt.INDEX_TYPES or "manifests" in doc:
+        raw = _child(src, doc, platform)
+        doc = _json(raw)
+    if doc.get("artifactType") != mt.ARTIFACT_TYPE:
+        raise FormatError(f"{src.ref} is not a Shoal image (convert it first: shoal copy {src.ref} NAME:TAG "
+                          "then shoal push)")
+    return raw
+
+
+def _is_manifest(raw: bytes) -> bool:
+    try:
+        return _json(raw).get("artifactType") == mt.ARTIFACT_TYPE
+    except FormatError:
+        return False
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise FormatError("manifest is not JSON") from None
+    if not isinstance(doc, dict):
+        raise FormatError("manifest is not a JSON object")
+    return doc
+
+
+def _child(src: DockerSource, doc: dict[str, Any], platform: str | None) -> bytes:
+    kids = [k for k in doc.get("manifests") or [] if isinstance(k, dict) and isinstance(k.get("digest"), str)]
+    if platform:
+        want = platform.split("/")
+
+        def match(k: dict[str, Any]) -> bool:
+            p = k.get("platform") or {}
+            have = [p.get("os", ""), p.get("architecture", "")] + ([p["variant"]] if p.get("variant") else [])
+            return have[: len(want)] == want
+
+        kids = [k for k in kids if match(k)]
+    else:
+        kids = [k for k in kids if k.get("artifactType") == mt.ARTIFACT_TYPE] or kids
+    if not kids:
+        raise NotFound(f"no manifest{' for platform ' + platform if platform else ''} in the image index of {src.ref}")
+    raw, _ = src.get_manifest(str(kids[0]["digest"]))  # verified against its digest
+    return raw
+
+
+def _blob(src: DockerSource, store: Store, d: Any) -> None:
+    """Config or index into the layout, verified by digest and size (skipped when held)."""
+    if store.layout.has(d.digest):
+        return
+    if not 0 <= d.size <= _MAX_META:
+        raise FormatError(f"blob {d.digest} has an invalid or oversized size {d.size}")
+    stream, _ = src.get_blob(BlobInfo(d.digest, d.size, d.media_type))
+    try:
+        store.layout.put_stream(stream, d.digest, d.size)
+    finally:
+        stream.close()
+
+
+def _profile(src: DockerSource, store: Store, ref: DockerReference, m: ShoalManifest,
+             early: bool) -> tuple[Profile | None, EarlyFetch | None]:
+    """The local profile of ``m``, else the newest one in the registry (then saved locally); with
+    ``early``, its frames not yet in the store are requested at once."""
+    prof = load_local(store.root, m.digest, len(m.packs))
+    if prof is None:
+        prof = fetch_remote(src.client, ref.repo, m.digest)
+        if prof is not None and prof.pack_count != len(m.packs):
+            log.warning("ignoring the registry's profile of %s: it names %d packs, the image has %d", m.digest,
+                        prof.pack_count, len(m.packs))
+            prof = None
+        if prof is not None:
+            try:
+                save_local(store.root, prof)
+            except OSError as exc:
+                log.warning("cannot save the profile of %s locally: %s", m.digest, exc.strerror)
+    if prof is None or not early:
+        return prof, None
+    # what the store already holds, cheaply: one query, then a look at each partly present pack's frames
+    # (this thread competes for the GIL with the index decoder: every call it avoids is ~5 ms sooner)
+    partial = store.catalog.frame_packs()
+    want = []
+    for p, off, clen in prof.frames:
+        d = m.packs[p]
+        if off + clen > d.size or store.layout.has(d.digest):
+            continue
+        if d.digest in partial and store.has_frame(d.digest, off):
+            continue
+        want.append((d.digest, off, clen))
+    return prof, EarlyFetch(src, {p.digest: p.size for p in m.packs}, want) if want else None
+
+
+register_opener("docker", open_docker)

@@ -1,0 +1,390 @@
+"""LazySource and profiles against a real registry (no FUSE): verified fetches cached in the store,
+one request per frame however many readers, merged prefetch ranges, read-ahead in the background,
+deadlines, a forked child with its own connections, and the profile format and referrer artifact."""
+
+# ruff: noqa: F811  (pytest fixtures imported from regfix are redefined as parameters)
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import helpers  # noqa: E402
+from regfix import Registry, RegistryProxy, ThreadedServer, proxy_factory, registry  # noqa: E402,F401
+from shoal.errors import FormatError, IntegrityError, TransportError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pushed(sample: dict[str, object], registry: Registry) -> dict[str, Any]:
+    """The sample image pushed to the session registry; its manifest and index."""
+    from shoal.store import Store
+
+    store = Path(str(sample["store"]))
+    helpers.run_shoal(store, "push", "sample:1", f"docker://{registry.host}/lazy/source:1")
+    st = Store.open(store)
+    m = st.resolve("sample:1")
+    return {"store": store, "manifest": m, "index": st.load_index(m), "repo": "lazy/source"}
+
+
+def _frame_bytes(store: Path, idx: Any, fi: int) -> bytes:
+    from shoal.store import Store
+
+    f = idx.frames[fi]
+    return Store.open(store).layout.read_range("sha256:" + idx.packs[f.pack].hex(), f.offset, f.clen)
+
+
+def _lazy(host: str, pushed: dict[str, Any], store_dir: Path, **kw: Any) -> Any:
+    from shoal.lazy import LazySource
+    from shoal.store import Store
+    from shoal.transports.docker import parse_docker
+
+    ref = parse_docker(f"//{host}/{pushed['repo']}:1")
+    opts: dict[str, object] = {"retries": kw.pop("retries", 5), "timeout": kw.pop("timeout", 30.0)}
+    return LazySource(Store.open(store_dir), ref.new_source(**opts), pushed["manifest"], pushed["index"],
+                      reopen=lambda: ref.new_source(**opts), where=host, **kw)
+
+
+def _range_gets(proxy: RegistryProxy) -> list[str]:
+    return [p for m, p, s in proxy.log if m == "GET" and "/blobs/" in p and s == 206]
+
+
+def test_fetch_verifies_caches_and_coalesces(pushed: dict[str, Any], registry: Registry, proxy_factory: Any,
+                                             tmp_path: Path) -> None:
+    proxy = proxy_factory(registry.url)
+    idx = pushed["index"]
+    src = _lazy(proxy.host, pushed, tmp_path / "store")
+    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
+    f = idx.frames[fi]
+    pack = "sha256:" + idx.packs[f.pack].hex()
+    want = _frame_bytes(pushed["store"], idx, fi)
+    got: list[bytes] = []
+    threads = [threading.Thread(target=lambda: got.append(src.fetch(pack, f.offset, f.clen))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == [want] * 8
+    assert len(_range_gets(proxy)) == 1  # eight readers, one request
+    helpers_wait(lambda: src.store.has_frame(pack, f.offset), 10)  # served once verified, then persisted
+    assert src.fetch(pack, f.offset, f.clen) == want  # now from the store
+    s = src.stats
+    assert (s.requests, s.frames_fetched, s.frames_cached, s.bytes_cached) == (1, 1, 1, f.clen)
+    assert s.frames_total == len(idx.frames) and s.bytes_total == sum(p.size for p in pushed["manifest"].packs)
+    assert s.frames_local >= 1 and len(_range_gets(proxy)) == 1
+    src.close()
+
+
+def test_prefetch_merges_adjacent_frames(pushed: dict[str, Any], registry: Registry, proxy_factory: Any,
+                                         tmp_path: Path) -> None:
+    proxy = proxy_factory(registry.url)
+    idx = pushed["index"]
+    src = _lazy(proxy.host, pushed, tmp_path / "store")
+    by_pack: dict[int, list[int]] = {}
+    for fi, f in enumerate(idx.frames):
+        by_pack.setdefault(f.pack, []).append(fi)
+    pi, frames = max(by_pack.items(), key=lambda kv: len(kv[1]))
+    assert len(frames) >= 3
+    n = src.prefetch(list(reversed(frames)))  # priority order does not split a run of adjacent frames
+    assert n == sum(idx.frames[fi].clen for fi in frames)
+    assert len(_range_gets(proxy)) == 1
+    assert src.prefetch(frames) == 0  # nothing left to fetch
+    # every frame is now served from the store, verified
+    for fi in frames:
+        f = idx.frames[fi]
+        assert src.fetch("sha256:" + idx.packs[pi].hex(), f.offset, f.clen) == _frame_bytes(pushed["store"], idx, fi)
+    assert len(_range_gets(proxy)) == 1
+    src.close()
+
+
+def test_readahead_does_not_block(pushed: dict[str, Any], registry: Registry, tmp_path: Path) -> None:
+    """A read-ahead call returns at once while its fetch stalls on the network; the frame arrives later."""
+    gate = threading.Event()
+
+    def handle(req: BaseHTTPRequestHandler, body: bytes) -> None:
+        import http.client
+
+        if "/blobs/" in req.path:
+            gate.wait(20)
+        conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+        conn.request(req.command, req.path, headers={k: v for k, v in req.headers.items()})
+        resp = conn.getresponse()
+        data = resp.read()
+        req.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("connection", "transfer-encoding"):
+                req.send_header(k, v)
+        req.end_headers()
+        if req.command != "HEAD":
+            req.wfile.write(data)
+
+    slow = ThreadedServer(handle)
+    try:
+        idx = pushed["index"]
+        src = _lazy(f"127.0.0.1:{slow.port}", pushed, tmp_path / "store")
+        t0 = time.monotonic()
+        src.readahead([0, 1])
+        assert time.monotonic() - t0 < 0.5
+        assert src.stats.readahead_frames == 2 and not src._is_cached(0)
+        gate.set()
+        helpers_wait(lambda: src._is_cached(0) and src._is_cached(1), 20)
+        f = idx.frames[0]
+        assert src.fetch("sha256:" + idx.packs[f.pack].hex(), f.offset, f.clen) == _frame_bytes(pushed["store"], idx, 0)
+        src.close()
+    finally:
+        gate.set()
+        slow.close()
+
+
+def helpers_wait(pred: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_deadline_and_corruption(pushed: dict[str, Any], registry: Registry, proxy_factory: Any,
+                                 tmp_path: Path) -> None:
+    """A registry that never answers: TransportError after fetch_timeout.  A lying one: IntegrityError,
+    nothing cached, and the next (honest) fetch succeeds."""
+    stall = threading.Event()
+
+    def handle(req: BaseHTTPRequestHandler, body: bytes) -> None:
+        stall.wait(30)
+
+    dead = ThreadedServer(handle)
+    idx = pushed["index"]
+    f = idx.frames[0]
+    pack = "sha256:" + idx.packs[f.pack].hex()
+    try:
+        src = _lazy(f"127.0.0.1:{dead.port}", pushed, tmp_path / "s1", fetch_timeout=1.0, timeout=20.0)
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="no answer .* within 1s"):
+            src.fetch(pack, f.offset, f.clen)
+        assert time.monotonic() - t0 < 3.0
+        assert src.stats.timeouts == 1
+        src.close()
+    finally:
+        stall.set()
+        dead.close()
+    proxy = proxy_factory(registry.url, corrupt=True)
+    src = _lazy(proxy.host, pushed, tmp_path / "s2")
+    with pytest.raises(IntegrityError, match="digest mismatch"):
+        src.fetch(pack, f.offset, f.clen)
+    assert not src.store.has_frame(pack, f.offset) and src.store.catalog.count() == 0
+    assert src.stats.failures >= 1
+    proxy.corrupt = False
+    assert src.fetch(pack, f.offset, f.clen) == _frame_bytes(pushed["store"], idx, 0)
+    src.close()
+
+
+def test_after_fork_uses_new_connections(pushed: dict[str, Any], registry: Registry, tmp_path: Path) -> None:
+    idx = pushed["index"]
+    src = _lazy(registry.host, pushed, tmp_path / "store")
+    f0, f1 = idx.frames[0], idx.frames[-1]
+    src.fetch("sha256:" + idx.packs[f0.pack].hex(), f0.offset, f0.clen)  # the parent has a live connection
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(r)
+            old_remote, old_store = src.remote, src.store
+            src.after_fork()
+            data = src.fetch("sha256:" + idx.packs[f1.pack].hex(), f1.offset, f1.clen)
+            src.close()  # lets the fetch store what it verified
+            doc = {"new_remote": src.remote is not old_remote, "new_store": src.store is not old_store,
+                   "sha": hashlib.sha256(data).hexdigest()}
+            os.write(w, json.dumps(doc).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fr:
+        doc = json.loads(fr.read() or b"{}")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    want = hashlib.sha256(_frame_bytes(pushed["store"], idx, len(idx.frames) - 1)).hexdigest()
+    assert doc == {"new_remote": True, "new_store": True, "sha": want}
+    # the parent's source still works, and sees the frame the child cached in the shared store
+    assert src._is_cached(len(idx.frames) - 1)
+    src.close()
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+
+
+def test_profile_format() -> None:
+    from shoal.mount.profile import Profile
+
+    img = "sha256:" + "ab" * 32
+    p = Profile(img, ((1, 500, 70), (0, 0, 100), (1, 0, 500)), 2, 670, 1.5, ("python3", "-c", "print(1)"))
+    raw = p.encode()
+    doc = json.loads(raw)
+    assert doc["mediaType"] == "application/vnd.shoal.profile.v1+json" and doc["image"] == img
+    assert doc["frames"] == [[1, 500, 70], [0, 0, 100], [1, 0, 500]] and doc["packCount"] == 2
+    assert Profile.decode(raw, img, 2) == p
+    assert p.encode() == raw  # canonical
+    frames = b"[[1,500,70],[0,0,100],[1,0,500]]"
+    bad = [
+        (raw, "sha256:" + "cd" * 32, 2, "belongs to"),
+        (raw, img, 3, "pack count"),
+        (raw.replace(frames, b"[[1,500,70],[1,500,70]]"), img, 2, "distinct"),
+        (raw.replace(frames, b"[[2,0,100]]"), img, 2, "within"),
+        (raw.replace(frames, b"[[0,0,0]]"), img, 2, "within"),
+        (raw.replace(frames, b"[[0,-1,5]]"), img, 2, "within"),
+        (raw.replace(frames, b"[3]"), img, 2, "within"),
+        (raw.replace(b'"format":1', b'"format":2'), img, 2, "format 1"),
+        (b"not json", img, 2, "not JSON"),
+    ]
+    for data, image, n, msg in bad:
+        with pytest.raises(FormatError, match=msg):
+            Profile.decode(data, image, n)
+
+
+def test_profile_frames_map_to_the_index(pushed: dict[str, Any]) -> None:
+    from shoal.mount.profile import Profile
+
+    m, idx = pushed["manifest"], pushed["index"]
+    order = [len(idx.frames) - 1, 0, 3, 0]
+    p = Profile.of_frames(m.digest, idx, order, 0.5, ("true",))
+    assert p.frame_indices(idx) == (len(idx.frames) - 1, 0, 3)  # first touches only
+    assert p.nbytes == sum(idx.frames[i].clen for i in (len(idx.frames) - 1, 0, 3))
+    f = idx.frames[3]
+    wrong = Profile(m.digest, ((f.pack, f.offset, f.clen + 1),), len(idx.packs))
+    assert wrong.frame_indices(idx) is None  # not a frame of this image: the profile is ignored
+
+
+def test_profile_local_and_referrer(pushed: dict[str, Any], registry: Registry, tmp_path: Path) -> None:
+    from shoal.mount.profile import Profile, fetch_remote, load_local, local_path, push_remote, save_local
+    from shoal.transports.registry import RegistryClient, referrers_tag
+
+    m, idx = pushed["manifest"], pushed["index"]
+    prof = Profile.of_frames(m.digest, idx, [2, 0, 1], 0.5, ("true",))
+    path = save_local(tmp_path, prof)
+    assert path == local_path(tmp_path, m.digest) and path.parent.name == "profiles"
+    assert load_local(tmp_path, m.digest, len(idx.packs)) == prof
+    assert load_local(tmp_path, m.digest, len(idx.packs) + 1) is None  # a mismatching one is ignored
+    ref = f"docker://{registry.host}/{pushed['repo']}:1"
+    digest = push_remote(ref, {}, prof)
+    with RegistryClient(registry.host) as c:
+        # distribution 2.8 has no referrers API: the tag-schema index lists the artifact
+        raw, _, _ = c.get_manifest(pushed["repo"], referrers_tag(m.digest), ["application/vnd.oci.image.index.v1+json"])
+        entries = json.loads(raw)["manifests"]
+        assert [e["digest"] for e in entries if e.get("artifactType") == "application/vnd.shoal.profile.v1+json"] \
+            == [digest]
+        art = json.loads(c.get_manifest(pushed["repo"], digest)[0])
+        assert art["subject"]["digest"] == m.digest and art["artifactType"] == "application/vnd.shoal.profile.v1+json"
+        assert fetch_remote(c, pushed["repo"], m.digest) == prof
+        # a newer profile wins
+        time.sleep(1.1)
+        newer = Profile.of_frames(m.digest, idx, [1], 0.1, ("true",))
+        push_remote(ref, {}, newer)
+        assert fetch_remote(c, pushed["repo"], m.digest) == newer
+        # the image's own blobs are untouched: same manifest, same layers
+        assert c.get_manifest(pushed["repo"], "1")[2] == m.digest
+
+
+def _early_source(proxy: RegistryProxy, pushed: dict[str, Any], store_dir: Path, frames: list[int]) -> Any:
+    from shoal.mount.early import EarlyFetch
+
+    src = _lazy(proxy.host, pushed, store_dir)
+    idx = pushed["index"]
+    ranges = [("sha256:" + idx.packs[idx.frames[fi].pack].hex(), idx.frames[fi].offset, idx.frames[fi].clen)
+              for fi in frames]
+    early = EarlyFetch(src.remote, src.sizes, ranges)
+    src._early = {fi: early.futures[(p, o)] for fi, (p, o, _) in zip(frames, ranges)}
+    return src
+
+
+def _child_prefetch(src: Any, frames: list[int]) -> dict[str, Any]:
+    """Fork a 'daemon' that prefetches ``frames``; return what it saw."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(r)
+            src.after_fork()
+            n = src.prefetch(frames)
+            s = src.stats
+            os.write(w, json.dumps({"bytes": n, "early": s.early_frames, "requests": s.requests}).encode())
+            src.close()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return {"pid": pid, "fd": r}
+
+
+def _child_result(child: dict[str, Any]) -> dict[str, Any]:
+    with os.fdopen(child["fd"], "rb") as f:
+        doc: dict[str, Any] = json.loads(f.read() or b"{}")
+    _, status = os.waitpid(child["pid"], 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return doc
+
+
+def test_early_frames_are_handed_across_the_fork(pushed: dict[str, Any], registry: Registry, proxy_factory: Any,
+                                                 tmp_path: Path) -> None:
+    """Frames fetched before the fork reach the daemon through the hand-over pipe: no second request,
+    verified and stored by the daemon."""
+    from shoal.store import Store
+
+    proxy = proxy_factory(registry.url)
+    idx = pushed["index"]
+    frames = [0, 1, len(idx.frames) - 1]
+    src = _early_source(proxy, pushed, tmp_path / "store", frames)
+    src.before_fork()
+    child = _child_prefetch(src, frames)
+    src.after_fork_parent()
+    src.handover_wait(30)
+    doc = _child_result(child)
+    assert doc["early"] == 3 and doc["requests"] == 0
+    assert doc["bytes"] == sum(idx.frames[fi].clen for fi in frames)
+    assert len(_range_gets(proxy)) <= 3  # the early requests only (adjacent frames share one)
+    st = Store.open(tmp_path / "store")
+    for fi in frames:
+        f = idx.frames[fi]
+        pack = "sha256:" + idx.packs[f.pack].hex()
+        assert st.has_frame(pack, f.offset) and st.read_frame(pack, f.offset, f.clen) == _frame_bytes(
+            pushed["store"], idx, fi)
+
+
+def test_early_frames_lost_at_the_fork_are_fetched_again(pushed: dict[str, Any], registry: Registry,
+                                                        proxy_factory: Any, tmp_path: Path) -> None:
+    """The parent dies before handing anything over: the daemon fetches the frames itself; a corrupt
+    early frame is never stored."""
+    proxy = proxy_factory(registry.url, corrupt=True)  # the early fetch gets corrupted bytes
+    idx = pushed["index"]
+    frames = [0, 2]
+    src = _early_source(proxy, pushed, tmp_path / "s1", frames)
+    src.before_fork()
+    child = _child_prefetch(src, frames)
+    h = src._handover
+    os.close(h.rfd)
+    os.close(h.wfd)  # as if the parent died: the daemon reads EOF
+    proxy.corrupt = False
+    doc = _child_result(child)
+    assert doc["early"] == 0 and doc["requests"] >= 1
+    assert doc["bytes"] == sum(idx.frames[fi].clen for fi in frames)
+    # corrupt early bytes handed over are refused, and the frame is not cached
+    proxy.corrupt = True
+    src = _early_source(proxy, pushed, tmp_path / "s2", [0])
+    f = idx.frames[0]
+    pack = "sha256:" + idx.packs[f.pack].hex()
+    with pytest.raises(IntegrityError, match="digest mismatch"):
+        src.fetch(pack, f.offset, f.clen)
+    assert not src.store.has_frame(pack, f.offset)
+    proxy.corrupt = False
+    assert src.fetch(pack, f.offset, f.clen) == _frame_bytes(pushed["store"], idx, 0)  # fetched afresh
+    src.close()
