@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import drop_caches_warm, row, rootfs, sh, timed, tree_bytes  # noqa: E402
-
+from common import drop_caches_warm, rootfs, row, sh, timed, tree_bytes  # noqa: E402
 
 
 def shoal(*args: str) -> dict:
@@ -68,7 +67,8 @@ def main() -> None:
         u = shoal("--store", str(work / "store"), "unpack", "bench:1", str(work / "u"), "--json")
         print("unpack (MB/s of tree data; higher is better)")
         row("shoal unpack (verifying every chunk)", f"{mbs(u['seconds']):.0f} MB/s", f"{u['seconds']:.2f} s")
-        row("tar -x (plain tar, no verification)", f"{mbs(t_untar):.0f} MB/s", f"shoal is {t_untar / u['seconds']:.2f}x")
+        row("tar -x (plain tar, no verification)", f"{mbs(t_untar):.0f} MB/s",
+            f"shoal is {t_untar / u['seconds']:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

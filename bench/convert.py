@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import row, rootfs, sh, timed, tree_bytes  # noqa: E402
+from common import rootfs, row, sh, timed, tree_bytes  # noqa: E402
 from series import classic_image  # noqa: E402
 
 

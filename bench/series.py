@@ -24,7 +24,7 @@ from pathlib import Path
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, row, rootfs, sh  # noqa: E402
+from common import CACHE, rootfs, row, sh  # noqa: E402
 
 SERIES = [
     ("base", "bookworm-base", ()),

@@ -644,7 +644,8 @@ class RegistryClient:
                  mount_from: str | None = None, check_exists: bool = True) -> PutBlobResult:
         """Make blob ``digest`` exist in ``repo``; returns "exists", "mounted" or "uploaded".
 
-        HEAD first (unless ``check_exists`` is False: the caller just did); then a cross-repo mount from ``mount_from`` if given;
+        HEAD first (unless ``check_exists`` is False: the caller just did); then a cross-repo
+        mount from ``mount_from`` if given;
         blobs up to ``monolithic_max`` go in one POST+PUT, larger ones in
         ``chunk_size`` PATCHes.  ``data_or_file`` is bytes, a binary file
         (read from its current position) or a path.  The content is checked
