@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from shoal import mediatypes as mt
@@ -27,6 +27,7 @@ from shoal.transports.base import BlobInfo, ImageSource
 
 if TYPE_CHECKING:
     from shoal.copier import CopyOptions, CopyResult
+    from shoal.store import Store
     from shoal.transports.local import LocalDestination
 
 __all__ = ["pull_into_store", "plan_frames"]
@@ -106,11 +107,7 @@ class _Puller:
         size = self.sizes[pack]
         info = BlobInfo(pack, size, mt.PACK)
         if sum(self.idx.frames[fi].clen for fi in frames) == size and not self.store.partial.present(pack):
-            stream, _ = self.src.get_blob(info)
-            try:  # put_stream checks size and digest before the blob becomes visible (at batch commit)
-                self.store.layout.put_stream(stream, pack, size, batch=self.batch)
-            finally:
-                stream.close()
+            _whole_pack(self.src, self.store, pack, size, self.batch)
             self.count(size, sum(len(self.by_frame.get(fi, [])) for fi in frames))
             return
         ranges = _merge(self.idx, frames)
@@ -125,6 +122,16 @@ class _Puller:
                 self.store.partial.put_frame(pack, f.offset, raw)
             self.count(ln, sum(len(self.by_frame.get(fi, [])) for fi in fis))
         self.store.partial.try_promote(pack, size)
+
+
+def _whole_pack(src: ImageSource, store: "Store", pack: str, size: int, batch: Batch | None) -> int:
+    """GET a whole pack; ``put_stream`` verifies size and digest before it can become visible."""
+    stream, _ = src.get_blob(BlobInfo(pack, size, mt.PACK))
+    try:
+        store.layout.put_stream(stream, pack, size, batch=batch)
+    finally:
+        stream.close()
+    return size
 
 
 def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts: "CopyOptions",
@@ -146,21 +153,37 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
             result.bytes_fetched += d.size
         else:
             result.blobs_skipped += 1
-    idx = store.load_index(m)
-    have = set(store.catalog.locate(idx.chunk_ids))
-    need = plan_frames(idx, have, store.has_frame)
-    sizes = {p.digest: p.size for p in m.packs}
-    total = sum(idx.frames[fi].clen for frames in need.values() for fi in frames)
-    sink.start("pull", total)
-    puller = _Puller(src, dst, idx, sizes, sink, result)
-    puller.batch = Batch(store.layout)
+    batch = Batch(store.layout)
+    pool = ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="shoal-pull")
+    early: dict[str, Future[int]] = {}
     try:
-        with ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="shoal-pull") as pool:
-            list(pool.map(puller.pack, sorted(need.items())))
+        if store.catalog.empty() and not store.partial.packs():
+            # nothing in the store can stand in for any chunk: every pack is needed whole, so start
+            # fetching them now and decode the index meanwhile
+            early = {p.digest: pool.submit(_whole_pack, src, store, p.digest, p.size, batch)
+                     for p in m.packs if not store.layout.has(p.digest)}
+        idx = store.load_index(m)
+        have = set(store.catalog.locate(idx.chunk_ids))
+        need = plan_frames(idx, have, store.has_frame)
+        need = {pi: fis for pi, fis in need.items() if "sha256:" + idx.packs[pi].hex() not in early}
+        sizes = {p.digest: p.size for p in m.packs}
+        total = sum(idx.frames[fi].clen for frames in need.values() for fi in frames)
+        total += sum(sizes[d] for d in early)
+        sink.start("pull", total)
+        puller = _Puller(src, dst, idx, sizes, sink, result)
+        puller.batch = batch
+        for _ in pool.map(puller.pack, sorted(need.items())):
+            pass
+        if early:
+            in_early = {i for i, p in enumerate(idx.packs) if "sha256:" + p.hex() in early}
+            for fut in early.values():
+                puller.count(fut.result(), 0)
+            result.chunks_fetched += sum(1 for fi in idx.chunk_frames if idx.frames[fi].pack in in_early)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         # one syncfs for every whole pack, then they become visible; every pack in the batch was
         # verified, so even a pull that failed half way keeps them and a retry resumes after them
-        puller.batch.commit()
+        batch.commit()
     sink.finish("pull")
     store.register_chunks(m, idx)
     dst.put_manifest(raw, mt.OCI_MANIFEST, None)

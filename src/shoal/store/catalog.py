@@ -122,5 +122,8 @@ class Catalog:
     def packs(self) -> set[str]:
         return {r[0] for r in self._conn().execute("SELECT DISTINCT pack FROM chunks")}
 
+    def empty(self) -> bool:
+        return self._conn().execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is None
+
     def count(self) -> int:
         return int(self._conn().execute("SELECT count(*) FROM chunks").fetchone()[0])
