@@ -15,13 +15,13 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, UsageError
-from shoal.format.manifest import MAX_MANIFEST_BYTES
-from shoal.format.platform import Platform
+from shoal.format.manifest import json_object
+from shoal.format.platform import Platform, select
 from shoal.progress import NULL, Sink
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource
 
@@ -82,21 +82,9 @@ class DigestingReader:
         self.stream.close()
 
 
-def _json(raw: bytes, what: str) -> dict[str, Any]:
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise FormatError(f"{what} larger than 4 MiB")
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} must be a JSON object")
-    return doc
-
-
 def descriptors_of(raw: bytes) -> list[BlobInfo]:
     """Config and layer blobs of an OCI or Docker schema 2 image manifest."""
-    doc = _json(raw, "manifest")
+    doc = json_object(raw, "manifest")
     if doc.get("schemaVersion") != 2:
         raise FormatError("only schemaVersion 2 manifests are supported")
     out = []
@@ -112,18 +100,11 @@ def host_platform() -> str:
 
 
 def _children(raw: bytes, platform: str | None) -> list[tuple[str, str]]:
-    doc = _json(raw, "image index")
-    out = []
-    for m in doc.get("manifests") or []:
-        if not isinstance(m, dict):
-            raise FormatError("bad image index entry")
-        p = m.get("platform") or {}
-        if platform:
-            want = platform.split("/")
-            have = [p.get("os", ""), p.get("architecture", "")] + ([p["variant"]] if p.get("variant") else [])
-            if have[: len(want)] != want:
-                continue
-        out.append((str(m.get("digest")), str(m.get("mediaType", mt.OCI_MANIFEST))))
+    doc = json_object(raw, "image index")
+    entries = doc.get("manifests")
+    if not isinstance(entries, list) or len(select(entries, None)) != len(entries):
+        raise FormatError("image index has a malformed manifests list")  # copying it would dangle
+    out = [(str(m["digest"]), str(m.get("mediaType", mt.OCI_MANIFEST))) for m in select(doc.get("manifests"), platform)]
     if platform and not out:
         raise UsageError(f"no manifest for platform {platform} in the image index")
     return out
@@ -164,7 +145,7 @@ class _Copier:
     def run(self) -> CopyResult:
         raw, media = self.src.get_manifest()
         top = "sha256:" + hashlib.sha256(raw).hexdigest()
-        doc = _json(raw, "manifest")
+        doc = json_object(raw, "manifest")
         media = media or str(doc.get("mediaType", ""))
         if media in mt.INDEX_TYPES or (not media and "manifests" in doc):
             platform = self.opts.platform

@@ -9,7 +9,6 @@ most untagged blobs, which ``gc`` reclaims.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from shoal.convert.layers import LayerApplier, LayerResult
 from shoal.convert.platforms import ANN_SOURCE, Platform, index_bytes, platform_json, write_index
 from shoal.convert.stream import ConvertLimits
 from shoal.errors import FormatError, IntegrityError, UsageError
-from shoal.format.manifest import MAX_MANIFEST_BYTES, Descriptor, ImageConfig
+from shoal.format.manifest import MAX_MANIFEST_BYTES, Descriptor, ImageConfig, json_object
 from shoal.progress import NULL, Sink
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageSource
@@ -66,16 +65,6 @@ class _Manifest:
     layers: tuple[Descriptor, ...]
 
 
-def _json(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} must be a JSON object")
-    return doc
-
-
 def _sha(raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
@@ -91,7 +80,7 @@ def _parse_manifest(raw: bytes, announced: str, digest: str) -> _Manifest | list
     """A classic image manifest, or the (descriptor, platform) pairs of an image index."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise FormatError(f"manifest {digest} is larger than {MAX_MANIFEST_BYTES} bytes")
-    doc = _json(raw, f"manifest {digest}")
+    doc = json_object(raw, f"manifest {digest}")
     media = _media_type(doc, announced)
     if media in _DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
         raise FormatError("Docker schema 1 manifests are not supported (convert with a newer tool first)")
@@ -139,7 +128,7 @@ def _read_blob(source: ImageSource, d: Descriptor, limit: int, what: str) -> byt
 
 
 def _image_config(raw: bytes, m: _Manifest, index_digest: str | None) -> tuple[ImageConfig, list[str]]:
-    doc = _json(raw, f"image config {m.config.digest}")
+    doc = json_object(raw, f"image config {m.config.digest}")
     rootfs = doc.get("rootfs")
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" or not isinstance(rootfs.get("diff_ids"), list):
         raise FormatError("image config has no rootfs.diff_ids")

@@ -15,10 +15,24 @@ from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError
 
-__all__ = ["Descriptor", "ShoalManifest", "ImageConfig", "canonical_json", "build_manifest", "parse_manifest",
+__all__ = ["json_object", "Descriptor", "ShoalManifest", "ImageConfig", "canonical_json", "build_manifest",
+           "parse_manifest",
            "build_config", "parse_config", "MAX_MANIFEST_BYTES"]
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+def json_object(raw: bytes, what: str = "manifest") -> dict[str, Any]:
+    """Parse ``raw`` as a JSON object of at most 4 MiB, or raise a one-line FormatError."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{what} larger than 4 MiB")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what} must be a JSON object")
+    return doc
 
 
 def canonical_json(doc: Any) -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 
 from shoal.errors import UsageError
 
-__all__ = ["Platform", "platform_json", "host_arch"]
+__all__ = ["Platform", "platform_json", "host_arch", "select"]
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
          "riscv64": "riscv64", "i686": "386"}
@@ -60,3 +60,14 @@ def platform_json(doc: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
         return {}
     return {k: doc[k] for k in _PLATFORM_KEYS if k in doc and doc[k] not in ("", None, [])}
+
+
+def select(manifests: Any, platform: str | None) -> list[dict[str, Any]]:
+    """The entries of an image index's ``manifests`` list (well-formed descriptors only) whose platform
+    matches ``platform`` (``os/arch[/variant]``; an unset variant matches any), or all of them."""
+    kids = [m for m in (manifests if isinstance(manifests, list) else [])
+            if isinstance(m, dict) and isinstance(m.get("digest"), str)]
+    if not platform:
+        return kids
+    want = Platform.parse(platform)
+    return [m for m in kids if want.matches(Platform.of(m.get("platform")))]

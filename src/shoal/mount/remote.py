@@ -18,7 +18,6 @@ connections or sqlite handle (``LazySource.after_fork``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -27,7 +26,8 @@ from typing import Any
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, TransportError, UsageError
-from shoal.format.manifest import ShoalManifest, parse_config, parse_manifest
+from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
+from shoal.format.platform import select
 from shoal.lazy import LazySource
 from shoal.mount.early import EarlyFetch
 from shoal.mount.image import OpenedImage, OpenOptions, StorePath, register_opener
@@ -133,10 +133,10 @@ def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes:
         if _is_manifest(raw):
             return raw
     raw, media = src.get_manifest()
-    doc = _json(raw)
+    doc = json_object(raw)
     if media in mt.INDEX_TYPES or "manifests" in doc:
         raw = _child(src, doc, platform)
-        doc = _json(raw)
+        doc = json_object(raw)
     if doc.get("artifactType") != mt.ARTIFACT_TYPE:
         raise FormatError(f"{src.ref} is not a Shoal image (convert it first: shoal copy {src.ref} NAME:TAG "
                           "then shoal push)")
@@ -145,33 +145,14 @@ def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes:
 
 def _is_manifest(raw: bytes) -> bool:
     try:
-        return _json(raw).get("artifactType") == mt.ARTIFACT_TYPE
+        return json_object(raw).get("artifactType") == mt.ARTIFACT_TYPE
     except FormatError:
         return False
 
 
-def _json(raw: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise FormatError("manifest is not JSON") from None
-    if not isinstance(doc, dict):
-        raise FormatError("manifest is not a JSON object")
-    return doc
-
-
 def _child(src: DockerSource, doc: dict[str, Any], platform: str | None) -> bytes:
-    kids = [k for k in doc.get("manifests") or [] if isinstance(k, dict) and isinstance(k.get("digest"), str)]
-    if platform:
-        want = platform.split("/")
-
-        def match(k: dict[str, Any]) -> bool:
-            p = k.get("platform") or {}
-            have = [p.get("os", ""), p.get("architecture", "")] + ([p["variant"]] if p.get("variant") else [])
-            return have[: len(want)] == want
-
-        kids = [k for k in kids if match(k)]
-    else:
+    kids = select(doc.get("manifests"), platform)
+    if not platform:
         kids = [k for k in kids if k.get("artifactType") == mt.ARTIFACT_TYPE] or kids
     if not kids:
         raise NotFound(f"no manifest{' for platform ' + platform if platform else ''} in the image index of {src.ref}")

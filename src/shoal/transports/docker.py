@@ -30,6 +30,8 @@ from urllib.parse import quote, urljoin
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, TransportError, UsageError
+from shoal.format.manifest import json_object
+from shoal.format.platform import select
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
 from shoal.transports.registry import Credentials, RegistryClient, RegistryStats
 from shoal.transports.registry.auth import merge_scopes, repository_scope
@@ -405,7 +407,7 @@ def open_remote_image(ref_text: str, **opts: object) -> tuple[bytes, bytes, byte
         raise UsageError(f"{ref_text!r} is not a docker:// reference")
     with ref.new_source(**opts) as src:
         raw, media = src.get_manifest()
-        doc = _json(raw)
+        doc = json_object(raw)
         if media in mt.INDEX_TYPES or "manifests" in doc:
             raw, doc = _pick_child(src, doc, cast(str | None, opts.get("platform")))
         cfg = doc.get("config")
@@ -420,33 +422,14 @@ def open_remote_image(ref_text: str, **opts: object) -> tuple[bytes, bytes, byte
         return raw, config, index
 
 
-def _json(raw: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise FormatError("manifest is not JSON") from None
-    if not isinstance(doc, dict):
-        raise FormatError("manifest is not a JSON object")
-    return doc
-
-
 def _pick_child(src: ImageSource, doc: dict[str, Any], platform: str | None) -> tuple[bytes, dict[str, Any]]:
-    kids = [m for m in doc.get("manifests") or [] if isinstance(m, dict) and isinstance(m.get("digest"), str)]
-    if platform:
-        want = platform.split("/")
-
-        def match(m: dict[str, Any]) -> bool:
-            p = m.get("platform") or {}
-            have = [p.get("os", ""), p.get("architecture", "")] + ([p["variant"]] if p.get("variant") else [])
-            return have[: len(want)] == want
-
-        kids = [m for m in kids if match(m)]
-    else:
+    kids = select(doc.get("manifests"), platform)
+    if not platform:
         kids.sort(key=lambda m: m.get("artifactType") != mt.ARTIFACT_TYPE)
     if not kids:
         raise NotFound(f"no manifest{' for platform ' + platform if platform else ''} in the image index")
     raw, _ = src.get_manifest(kids[0]["digest"])
-    return raw, _json(raw)
+    return raw, json_object(raw)
 
 
 _MAX_SMALL_BLOB = 256 * 1024 * 1024
