@@ -86,6 +86,13 @@ SHOAL_STORE=$WORK/store2 shoal pull "docker://$REG/demo/debian:v1" demo:v1
 SHOAL_STORE=$WORK/store2 shoal pull "docker://$REG/demo/debian:v2" demo:v2
 SHOAL_STORE=$WORK/store2 shoal fsck
 
+say "lazy: run a container straight from the registry on a cold store; only what it reads is fetched"
+export SHOAL_RUN_DIR=$WORK/run
+SHOAL_STORE=$WORK/store3 shoal run --rm "docker://$REG/demo/debian:v1" -- sh -c 'grep PRETTY /etc/os-release; exit 3' && rc=0 || rc=$?
+echo "container exit code: $rc (expected 3)"
+[ "$rc" = 3 ] || { echo "unexpected exit code" >&2; exit 1; }
+echo "fetched into the cold store: $(du -sb "$WORK/store3/partial" "$WORK/store3/blobs" 2>/dev/null | awk '{s+=$1} END {print s}') bytes of a $(shoal inspect demo:v1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')-byte image"
+
 say "classic images in and out: umoci makes a classic OCI image of v2, shoal converts it, then exports it back"
 umoci init --layout "$WORK/classic" >/dev/null
 umoci new --image "$WORK/classic:v2" >/dev/null
