@@ -50,9 +50,9 @@ from .blobs import (
     hasher,
     put_blob,
     read_all,
-    with_query,
 )
 from .credentials import Credentials
+from .referrers import put_referrer_tag_index, referrers, referrers_tag
 
 __all__ = [
     "RegistryClient",
@@ -112,12 +112,6 @@ class ManifestInfo:
 
 def _is_digest(reference: str) -> bool:
     return ":" in reference
-
-
-def referrers_tag(digest: str) -> str:
-    """The OCI referrers tag-schema fallback tag for ``digest``."""
-    algo, _, hexpart = check_digest(digest).partition(":")
-    return f"{algo[:32]}-{hexpart[:64]}"
 
 
 def _tls_failure(exc: BaseException) -> str:
@@ -522,58 +516,14 @@ class RegistryClient:
         if resp.status_code not in (200, 202, 204):
             raise self._error(resp, f"delete manifest {repo}@{digest}")
 
-    # -- referrers ---------------------------------------------------------
+    # -- referrers (referrers.py) ------------------------------------------
     def referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
-        """Descriptors of manifests whose ``subject`` is ``digest``.
-
-        Uses the referrers API and falls back to the ``<alg>-<hex>`` tag schema.
-        """
-        check_digest(digest)
-        url = f"/v2/{repo}/referrers/{digest}"
-        if artifact_type:
-            url = with_query(url, "artifactType", artifact_type)
-        resp = self._request("GET", url, scopes=self._pull(repo), headers={"Accept": OCI_INDEX})
-        if resp.status_code == 200 and resp.headers.get("content-type", "").startswith(OCI_INDEX):
-            doc: Any = self._json(resp.content, f"referrers of {repo}@{digest}")
-            filtered = "artifactType" in resp.headers.get("oci-filters-applied", "")
-        elif resp.status_code in (200, 404, 400, 405):
-            try:
-                data, _, _ = self.get_manifest(repo, referrers_tag(digest), [OCI_INDEX])
-            except NotFound:
-                return []
-            doc, filtered = self._json(data, f"referrers of {repo}@{digest}"), False
-        else:
-            raise self._error(resp, f"referrers of {repo}@{digest}")
-        manifests = doc.get("manifests") if isinstance(doc, dict) else None
-        if not isinstance(manifests, list):
-            raise FormatError(f"referrers of {repo}@{digest}: not an image index")
-        out = [m for m in manifests if isinstance(m, dict)]
-        if artifact_type and not filtered:
-            out = [m for m in out if m.get("artifactType") == artifact_type]
-        return out
+        """Descriptors of manifests whose ``subject`` is ``digest``: the referrers API, else the tag schema."""
+        return referrers(self, repo, digest, artifact_type)
 
     def put_referrer_tag_index(self, repo: str, subject_digest: str, descriptor: dict[str, Any]) -> str:
-        """Append ``descriptor`` to the tag-schema referrers index of ``subject_digest``.
-
-        Returns the digest of the (possibly unchanged) index.  Not atomic:
-        concurrent writers can lose an entry (inherent to the tag schema).
-        """
-        if not (isinstance(descriptor.get("digest"), str) and isinstance(descriptor.get("size"), int)
-                and isinstance(descriptor.get("mediaType"), str)):
-            raise UsageError("referrer descriptor needs mediaType, digest and size")
-        tag = referrers_tag(subject_digest)
-        try:
-            data, media_type, current = self.get_manifest(repo, tag, [OCI_INDEX])
-            doc = self._json(data, f"referrers index {repo}:{tag}")
-            if media_type != OCI_INDEX or not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
-                raise FormatError(f"{repo}:{tag} exists and is not an OCI image index")
-        except NotFound:
-            doc, current = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}, ""
-        if any(isinstance(m, dict) and m.get("digest") == descriptor["digest"] for m in doc["manifests"]):
-            return current
-        doc["manifests"].append(descriptor)
-        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        return self.put_manifest(repo, tag, body, OCI_INDEX)
+        """Append ``descriptor`` to the tag-schema referrers index of ``subject_digest``."""
+        return put_referrer_tag_index(self, repo, subject_digest, descriptor)
 
     def _json(self, data: bytes, what: str) -> Any:
         try:

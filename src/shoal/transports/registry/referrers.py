@@ -1,0 +1,76 @@
+"""OCI referrers: the referrers API, with the tag-schema fallback (``<alg>-<hex>``) that registries
+without it (distribution 2.8) need.  Functions over a RegistryClient; the client exposes them as methods."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from shoal.errors import FormatError, NotFound, UsageError
+
+from .blobs import check_digest, with_query
+
+if TYPE_CHECKING:
+    from shoal.transports.registry.client import RegistryClient
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def referrers_tag(digest: str) -> str:
+    """The OCI referrers tag-schema fallback tag for ``digest``."""
+    algo, _, hexpart = check_digest(digest).partition(":")
+    return f"{algo[:32]}-{hexpart[:64]}"
+
+
+def referrers(client: RegistryClient, repo: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
+    """Descriptors of manifests whose ``subject`` is ``digest``.
+
+    Uses the referrers API and falls back to the ``<alg>-<hex>`` tag schema.
+    """
+    check_digest(digest)
+    url = f"/v2/{repo}/referrers/{digest}"
+    if artifact_type:
+        url = with_query(url, "artifactType", artifact_type)
+    resp = client._request("GET", url, scopes=client._pull(repo), headers={"Accept": OCI_INDEX})
+    if resp.status_code == 200 and resp.headers.get("content-type", "").startswith(OCI_INDEX):
+        doc: Any = client._json(resp.content, f"referrers of {repo}@{digest}")
+        filtered = "artifactType" in resp.headers.get("oci-filters-applied", "")
+    elif resp.status_code in (200, 404, 400, 405):
+        try:
+            data, _, _ = client.get_manifest(repo, referrers_tag(digest), [OCI_INDEX])
+        except NotFound:
+            return []
+        doc, filtered = client._json(data, f"referrers of {repo}@{digest}"), False
+    else:
+        raise client._error(resp, f"referrers of {repo}@{digest}")
+    manifests = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(manifests, list):
+        raise FormatError(f"referrers of {repo}@{digest}: not an image index")
+    out = [m for m in manifests if isinstance(m, dict)]
+    if artifact_type and not filtered:
+        out = [m for m in out if m.get("artifactType") == artifact_type]
+    return out
+
+def put_referrer_tag_index(client: RegistryClient, repo: str, subject_digest: str, descriptor: dict[str, Any]) -> str:
+    """Append ``descriptor`` to the tag-schema referrers index of ``subject_digest``.
+
+    Returns the digest of the (possibly unchanged) index.  Not atomic:
+    concurrent writers can lose an entry (inherent to the tag schema).
+    """
+    if not (isinstance(descriptor.get("digest"), str) and isinstance(descriptor.get("size"), int)
+            and isinstance(descriptor.get("mediaType"), str)):
+        raise UsageError("referrer descriptor needs mediaType, digest and size")
+    tag = referrers_tag(subject_digest)
+    try:
+        data, media_type, current = client.get_manifest(repo, tag, [OCI_INDEX])
+        doc = client._json(data, f"referrers index {repo}:{tag}")
+        if media_type != OCI_INDEX or not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
+            raise FormatError(f"{repo}:{tag} exists and is not an OCI image index")
+    except NotFound:
+        doc, current = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}, ""
+    if any(isinstance(m, dict) and m.get("digest") == descriptor["digest"] for m in doc["manifests"]):
+        return current
+    doc["manifests"].append(descriptor)
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return client.put_manifest(repo, tag, body, OCI_INDEX)
+
