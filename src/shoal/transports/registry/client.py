@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -53,6 +52,9 @@ from .blobs import (
 )
 from .credentials import Credentials
 from .referrers import put_referrer_tag_index, referrers, referrers_tag
+from .responses import one_line as _one_line
+from .responses import retry_after as _retry_after
+from .responses import tls_failure as _tls_failure
 
 __all__ = [
     "RegistryClient",
@@ -112,38 +114,6 @@ class ManifestInfo:
 
 def _is_digest(reference: str) -> bool:
     return ":" in reference
-
-
-def _tls_failure(exc: BaseException) -> str:
-    """A short reason if ``exc`` was caused by TLS (not worth retrying), else ``""``."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return _one_line(str(e.verify_message or "certificate verification failed"), 120)
-        if isinstance(e, ssl.SSLError):
-            return _one_line(str(e.reason or type(e).__name__), 120)
-        e = e.__cause__ or e.__context__
-    return ""
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    return " ".join(text.split())[:limit]
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
 
 
 class RegistryClient:
