@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from shoal.format.manifest import ImageConfig, ShoalManifest, canonical_json, pa
 from shoal.progress import NULL, Sink
 from shoal.reader import Reader, StoreSource
 from shoal.store import Store
+from shoal.store.layout import unlinked_tempfile
 from shoal.transports.base import BlobInfo, ImageDestination
 
 __all__ = ["export", "export_to_layout", "ExportResult", "ExportedImage", "oci_config", "LAYER_MEDIA_TYPES"]
@@ -80,12 +80,7 @@ class _TempBlob:
     """An unlinked temporary file in the store's tmp/: written once, then read back as a stream."""
 
     def __init__(self, tmpdir: Path) -> None:
-        p = tmpdir / f"export-{os.getpid()}-{secrets.token_hex(8)}"
-        try:
-            self.fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot create a temp file in {tmpdir}: {exc.strerror}") from None
-        os.unlink(p)
+        self.fd = unlinked_tempfile(tmpdir, "export")
         self.hash = hashlib.sha256()
         self.size = 0
 

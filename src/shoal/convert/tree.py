@@ -13,13 +13,13 @@ markers remove only what the current layer did not touch, whatever the order of 
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from shoal.errors import FormatError, HostileInput, StoreError
 from shoal.format.model import Entry, Kind
+from shoal.store.layout import unlinked_tempfile
 
 __all__ = ["Meta", "Spill", "Tree", "ConvertedTree", "split_path", "show", "IMPLICIT_DIR", "MAX_PATH"]
 
@@ -67,12 +67,7 @@ class Spill:
     """An append-only temporary file holding the contents of every regular file seen."""
 
     def __init__(self, tmpdir: Path) -> None:
-        p = tmpdir / f"convert-{os.getpid()}-{secrets.token_hex(8)}"
-        try:
-            self.fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot create a spill file in {tmpdir}: {exc.strerror}") from None
-        os.unlink(p)  # lives as long as the descriptor
+        self.fd = unlinked_tempfile(tmpdir, "convert")
         self.size = 0
 
     def append(self, read: Callable[[int], bytes], size: int, what: str) -> int:

@@ -28,7 +28,7 @@ from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, StoreError
 
-__all__ = ["Layout", "Batch", "hash_file", "pread_file"]
+__all__ = ["Layout", "Batch", "hash_file", "pread_file", "unlinked_tempfile"]
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,18 @@ def pread_file(path: Path, offset: int, length: int, what: str) -> bytes:
         return os.pread(fd, length, offset)
     finally:
         os.close(fd)
+
+
+def unlinked_tempfile(tmpdir: Path, prefix: str) -> int:
+    """A read-write descriptor of a new file in ``tmpdir`` that is already unlinked: it lives as long as
+    the descriptor and can never be left behind."""
+    p = tmpdir / f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}"
+    try:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot create a temp file in {tmpdir}: {exc.strerror}") from None
+    os.unlink(p)
+    return fd
 
 
 def hash_file(path: Path | str) -> str:

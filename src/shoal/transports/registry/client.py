@@ -116,6 +116,18 @@ def _is_digest(reference: str) -> bool:
     return ":" in reference
 
 
+def _manifest_digest(data: bytes, reference: str, what: str) -> str:
+    """The digest of manifest bytes: checked against ``reference`` when it is a digest, else sha256."""
+    if _is_digest(reference):
+        h = hasher(reference)
+        h.update(data)
+        digest = digest_of(h, reference)
+        if digest != reference:
+            raise IntegrityError(f"{what}: content does not match its digest")
+        return digest
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 class RegistryClient:
     """Client of one OCI registry host (``host`` or ``host:port``)."""
 
@@ -421,14 +433,8 @@ class RegistryClient:
                 media_type = str(doc.get("mediaType") or media_type) if isinstance(doc, dict) else media_type
             except ValueError:
                 pass
-        if _is_digest(reference):
-            h = hasher(reference)
-            h.update(data)
-            digest = digest_of(h, reference)
-            if digest != reference:
-                raise IntegrityError(f"{what}: content does not match its digest")
-        else:
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = _manifest_digest(data, reference, what)
+        if not _is_digest(reference):
             claimed = resp.headers.get("docker-content-digest", "")
             if claimed.startswith("sha256:") and claimed != digest:
                 raise IntegrityError(f"{what}: content does not match Docker-Content-Digest")
@@ -460,14 +466,7 @@ class RegistryClient:
         self._check_ref(reference)
         if len(data) > MAX_MANIFEST_SIZE:
             raise FormatError(f"manifest for {repo} exceeds {MAX_MANIFEST_SIZE} bytes")
-        if _is_digest(reference):
-            h = hasher(reference)
-            h.update(data)
-            digest = digest_of(h, reference)
-            if digest != reference:
-                raise IntegrityError(f"manifest for {repo}@{reference}: content does not match its digest")
-        else:
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = _manifest_digest(data, reference, f"manifest for {repo}@{reference}")
         resp = self._request(
             "PUT", f"/v2/{repo}/manifests/{reference}", scopes=self._push(repo),
             headers={"Content-Type": media_type}, content=bytes(data),
