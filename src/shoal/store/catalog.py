@@ -6,6 +6,7 @@ manifests and indexes in the layout, and ``fsck --repair``/``gc`` do so.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -52,7 +53,31 @@ class Catalog:
         self.path = path
         self._local = threading.local()
         if not path.exists() or os.access(path, os.W_OK):
-            self._conn().executescript(_SCHEMA)
+            self._initialize()
+
+    def _initialize(self) -> None:
+        """Create the schema and switch to WAL once, serialized across processes.
+
+        Concurrent first opens of a new database race on the journal-mode switch,
+        which sqlite answers with SQLITE_BUSY without waiting; an flock on a
+        sibling lock file makes the first opener do it while the others wait.
+        """
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open catalogue lock {lock_path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            conn = self._conn()
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open catalogue {self.path}: {exc}") from None
+        finally:
+            os.close(fd)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -64,9 +89,8 @@ class Catalog:
                     self._local.conn = conn
                     return conn
                 conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=60000")
+                conn.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open catalogue {self.path}: {exc}") from None
             self._local.conn = conn
