@@ -201,6 +201,21 @@ class Reader:
             k += 1
         return need
 
+    def span_in_frames(self, e: Entry, offset: int, size: int, frames: set[int]) -> tuple[int, int]:
+        """The widest byte range of file ``e`` around ``[offset, offset+size)`` whose chunks all lie in
+        ``frames`` (what decompressing those frames makes readable without another fetch)."""
+        starts = self._starts(e)
+        if not starts or offset >= e.size:
+            return offset, offset
+        cf = self.index.chunk_frames
+        lo = max(0, bisect.bisect_right(starts, offset) - 1)
+        hi = max(lo, bisect.bisect_left(starts, min(e.size, offset + size)) - 1)
+        while lo > 0 and cf[e.chunks[lo - 1]] in frames:
+            lo -= 1
+        while hi + 1 < len(starts) and cf[e.chunks[hi + 1]] in frames:
+            hi += 1
+        return starts[lo], starts[hi] + self.index.chunk_lengths[e.chunks[hi]]
+
     def has_frames(self, frames: set[int]) -> bool:
         """True if every frame is in the in-memory cache (a read of them will not block)."""
         with self._lock:

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 import helpers
-from mountkit import lstat_fields, shoal, state_of
+from mountkit import lstat_fields, shoal, state_of, wait_for
+
+
+def _stats(mnt: Path) -> dict[str, int]:
+    import json
+
+    rows = [r for r in json.loads(shoal(None, "status", "--json").stdout) if r["mountpoint"] == str(mnt)]
+    return rows[0]["stats"] if rows and rows[0].get("stats") else {}
 
 
 def _all_paths(root: Path) -> list[bytes]:
@@ -71,6 +78,17 @@ def test_random_reads_and_concurrency(sample: dict[str, object], mnt: Path, run_
                 size = rng.choice([1, 7, 4096, 65536, 300_000])
                 assert os.pread(fd, size, off) == want[off:off + size], (name, off, size)
             assert os.pread(fd, 10, len(want) + 100) == b""
+        finally:
+            os.close(fd)
+    # small random reads hand the rest of their frames to the page cache; what the kernel serves from
+    # there must be the file's bytes too
+    wait_for(lambda: _stats(mnt).get("pushed_bytes", 0) > 0, 10, "a page-cache push")
+    for name in names:
+        fd = os.open(mnt / name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            want = (tree / name).read_bytes()
+            assert b"".join(os.pread(fd, 4096, o) for o in range(0, len(want), 4096)) == want, name
         finally:
             os.close(fd)
     errors: list[BaseException] = []

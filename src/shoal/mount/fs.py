@@ -15,6 +15,11 @@ reads for a lazy image).  Nothing here touches the network or the store.
   for a background fetch that the read does not wait for.  The window adapts per file: 4 MiB after
   a first read at offset 0 (an executable being mapped, a file read from the start), doubling up to
   8 MiB while reads stay sequential, and 256 KiB (about the next frame) after a jump.
+- A small read (random access: kernel read-ahead asks for more) also hands the kernel the rest of
+  that file's bytes in the frames it just decompressed (FUSE ``notify_store``), as squashfs fills the
+  page cache with a whole block: later reads there never reach the daemon.  A ``PageCachePusher``
+  thread does the stores, because a store waits on pages the kernel has locked for a read in flight
+  and the main loop must stay free to answer that read.
 - ``_fuse_errors`` is the one place errors become errnos: a ``ShoalError`` gives its ``errno``,
   an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
 """
@@ -25,6 +30,7 @@ import errno
 import functools
 import logging
 import os
+import queue
 import stat
 import threading
 from dataclasses import dataclass
@@ -58,6 +64,8 @@ _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_I
          Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
 _BLOCK = 4096
 READAHEAD_JUMP, READAHEAD_FIRST, READAHEAD_MAX = 256 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024
+PUSH_MAX_READ = 64 * 1024  # reads up to this size trigger a page-cache push of their frames' bytes
+_PAGE = 4096
 
 
 class MountReader(Reader):
@@ -77,6 +85,7 @@ class ServeStats:
     inline_reads: int = 0  # answered from the Reader's frame cache, without a thread hop
     errors: int = 0
     integrity_errors: int = 0
+    pushed_bytes: int = 0  # handed to the kernel page cache ahead of any read
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -85,7 +94,55 @@ class ServeStats:
         with self.lock:
             return {"lookups": self.lookups, "reads": self.reads, "bytes_served": self.bytes_served,
                     "inline_reads": self.inline_reads, "errors": self.errors,
-                    "integrity_errors": self.integrity_errors}
+                    "integrity_errors": self.integrity_errors, "pushed_bytes": self.pushed_bytes}
+
+
+class PageCachePusher:
+    """Stores file bytes the Reader already holds into the kernel page cache, from its own thread.
+
+    ``offer`` never blocks (a full queue drops the offer: pushing is only an optimization); the thread
+    reads the bytes from frames still in the Reader's cache (never fetching for a push) and calls
+    ``pyfuse3.notify_store``.  ``close`` must run before ``pyfuse3.close``.
+    """
+
+    def __init__(self, reader: Reader, stats: ServeStats, depth: int = 16) -> None:
+        self._reader = reader
+        self._stats = stats
+        self._queue: queue.Queue[tuple[int, Entry, int, int, set[int]] | None] = queue.Queue(depth)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="shoal-push", daemon=True)
+        self._thread.start()
+
+    def offer(self, inode: int, e: Entry, start: int, end: int, frames: set[int]) -> None:
+        """Push bytes ``[start, end)`` of ``e`` (inode ``inode``) if ``frames``, which hold them, are
+        still in the Reader's cache when the thread gets to it."""
+        if not self._closed and end > start:
+            try:
+                self._queue.put_nowait((inode, e, start, end, frames))
+            except queue.Full:
+                pass
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            inode, e, start, end, frames = item
+            if self._closed or not self._reader.has_frames(frames):
+                continue
+            try:
+                data = self._reader.read(e, start, end - start)
+                pyfuse3.notify_store(inode, start, data)
+            except Exception as exc:  # noqa: BLE001 - an optimization that failed: the read path still works
+                log.debug("page-cache push of inode %d [%d, %d) failed: %s", inode, start, end, exc)
+                continue
+            with self._stats.lock:
+                self._stats.pushed_bytes += len(data)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._closed = True
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
 
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
@@ -111,7 +168,7 @@ class ShoalFS(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, reader: MountReader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None,
-                 hooks: object = None) -> None:
+                 hooks: object = None, push: bool = True) -> None:
         super().__init__()
         self.reader = reader
         self._ensure: Callable[[list[int]], None] | None = getattr(hooks, "ensure", None)
@@ -120,6 +177,7 @@ class ShoalFS(pyfuse3.Operations):
         self.index: Index = reader.index
         self.timeout = timeout
         self.stats = stats or ServeStats()
+        self.pusher = PageCachePusher(reader, self.stats) if push else None
         entries = self.index.entries
         n = len(entries)
         pos = {e.path: i for i, e in enumerate(entries)}
@@ -269,24 +327,35 @@ class ShoalFS(pyfuse3.Operations):
         pos = fh - 1
         e = self.index.entries[pos]
         # A thread hop costs ~100 us; only reads that may fetch or decompress take it.
-        inline = self.reader.has_frames(self.reader.frames_for(pos, e, off, size))
+        frames = self.reader.frames_for(pos, e, off, size)
+        inline = self.reader.has_frames(frames)
         if inline:
             data = self.reader.read(e, off, size)
             last = self._window.get(pos)
             if last is not None and off == last[0]:  # still sequential: the next fetching read grows the window
                 self._window[pos] = (off + size, last[1])
         else:
-            data = await trio.to_thread.run_sync(self._read_slow, pos, e, off, size)
+            data = await trio.to_thread.run_sync(self._read_slow, pos, e, off, size, frames)
         with self.stats.lock:
             self.stats.reads += 1
             self.stats.bytes_served += len(data)
             self.stats.inline_reads += inline
+        if self.pusher is not None and size <= PUSH_MAX_READ and size < e.size:
+            self._push_around(pos, e, off, size, frames)
         return data
 
-    def _read_slow(self, pos: int, e: Entry, off: int, size: int) -> bytes:
+    def _push_around(self, pos: int, e: Entry, off: int, size: int, frames: set[int]) -> None:
+        """Offer the whole pages of ``e`` that the read's frames hold, on both sides of the read."""
+        lo, hi = self.reader.span_in_frames(e, off, size, frames)
+        lo = -(-lo // _PAGE) * _PAGE
+        hi = hi if hi >= e.size else hi // _PAGE * _PAGE
+        assert self.pusher is not None
+        self.pusher.offer(pos + 1, e, lo, off // _PAGE * _PAGE, frames)
+        self.pusher.offer(pos + 1, e, -(-(off + size) // _PAGE) * _PAGE, hi, frames)
+
+    def _read_slow(self, pos: int, e: Entry, off: int, size: int, frames: set[int]) -> bytes:
         """A read that may fetch: read-ahead queued first (never waited for), the read's own frames
         fetched as one batch, then the bytes from the Reader."""
-        frames = self.reader.frames_for(pos, e, off, size)
         if self._readahead is not None and off + size < e.size:
             ahead = self.reader.frames_for(pos, e, off + size, self._ahead(pos, off, size)) - frames
             if ahead:
