@@ -412,6 +412,7 @@ class RegistryProxy:
     faults: list[tuple[str, str, int]] = field(default_factory=list)
     blobstore_auth: str | None = None  # Authorization the blob store itself uses upstream
     log: list[tuple[str, str, int]] = field(default_factory=list)
+    ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range) of every blob GET with one
     redirect_log: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -462,6 +463,9 @@ class RegistryProxy:
         status, rheaders, data = self._forward(req.command, path, headers, body)
         with self._lock:
             self.log.append((req.command, path, status))
+            rng = req.headers.get("Range")
+            if is_blob and req.command == "GET" and rng:
+                self.ranges.append((path, rng))
         if self.corrupt and req.command == "GET" and status in (200, 206) and data and (
                 is_blob or "/manifests/" in path):
             data = bytes([data[0] ^ 0xFF]) + data[1:]

@@ -110,6 +110,36 @@ def test_lazy_mount_matches_unpack(sample: dict[str, object], remote: str, mnt: 
     assert Store.open(cold).layout.refs() == {}  # nothing was tagged
 
 
+def test_eight_processes_reading_one_uncached_file_fetch_each_byte_once(
+        sample: dict[str, object], registry: Registry, proxy_factory: Any, mnt: Path, run_dir: Path,
+        tmp_path: Path) -> None:
+    import hashlib
+    import subprocess
+
+    proxy = proxy_factory(registry.url)
+    ref = _push(sample, registry.host, "lazy/eight").replace(registry.host, proxy.host)
+    shoal(tmp_path / "cold", "mount", "--prefetch", "none", ref, mnt)
+    randoms = sample["randoms"]
+    assert isinstance(randoms, dict)
+    want = hashlib.sha256(randoms["sub/rand11"]).hexdigest()  # 3 MB: several frames, several packs' ranges
+    before = len(proxy.ranges)
+    procs = [subprocess.Popen(["sha256sum", str(mnt / "sub" / "rand11")], stdout=subprocess.PIPE) for _ in range(8)]
+    outs = [p.communicate(timeout=60)[0].split()[0].decode() for p in procs]
+    assert outs == [want] * 8 and all(p.returncode == 0 for p in procs)
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for path, rng in proxy.ranges[before:]:
+        assert rng.startswith("bytes="), rng
+        for part in rng[6:].split(","):
+            a, b = (int(x) for x in part.split("-"))
+            for c, d in seen.get(path, []):
+                assert b < c or a > d, f"bytes {a}-{b} of {path} fetched twice (also {c}-{d})"
+            seen.setdefault(path, []).append((a, b))
+    assert seen, "no range reads went through the proxy"
+    pid = int(state_of(run_dir)["pid"])  # type: ignore[call-overload]
+    shoal(None, "umount", mnt)
+    _assert_gone(run_dir, mnt, pid)
+
+
 def test_corrupting_registry_gives_eio_and_caches_nothing(sample: dict[str, object], registry: Registry,
                                                           proxy_factory: Any, mnt: Path, run_dir: Path,
                                                           tmp_path: Path) -> None:
