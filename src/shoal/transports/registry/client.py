@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import re
-import ssl
 import tempfile
 import threading
 import time
@@ -55,6 +54,7 @@ from .referrers import put_referrer_tag_index, referrers, referrers_tag
 from .responses import one_line as _one_line
 from .responses import retry_after as _retry_after
 from .responses import tls_failure as _tls_failure
+from .transport import http_client
 
 __all__ = [
     "RegistryClient",
@@ -160,24 +160,15 @@ class RegistryClient:
         self.plain_http = loopback if plain_http is None else plain_http
         self.base_url = f"{'http' if self.plain_http else 'https'}://{self._api_host}"
         self._origin = self._origin_of(self.base_url)
-        verify: bool | ssl.SSLContext = True
-        if not tls_verify:
-            verify = False
-        elif ca_bundle:
-            verify = ssl.create_default_context(cafile=ca_bundle)
         self.retries = max(0, retries)
         self.backoff, self.backoff_max = backoff, backoff_max
         self.monolithic_max, self.chunk_size = monolithic_max, max(1, chunk_size)
         self.range_concurrency, self.range_merge_gap = max(1, range_concurrency), max(0, range_merge_gap)
         self.stats = RegistryStats()
         self._stats_lock = threading.Lock()
-        self._http = httpx.Client(
-            verify=verify,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            follow_redirects=False,
-            headers={"User-Agent": "shoal", "Accept-Encoding": "identity"},
-        )
+        self._http = http_client(tls_verify=tls_verify, ca_bundle=ca_bundle, timeout=timeout,
+                                 max_connections=max_connections,
+                                 headers={"User-Agent": "shoal", "Accept-Encoding": "identity"})
         self.auth = Authenticator(
             host, self._send_raw, credentials, lookup=lookup_credentials, secure=not self.plain_http
         )
