@@ -91,6 +91,7 @@ class Reader:
         self._cache_max = cache_frames
         self._lock = threading.Lock()
         self._verified: set[int] = set()
+        self._inflight: dict[int, threading.Event] = {}
         self._offsets: dict[bytes, list[int]] = {}
 
     # ---------------------------------------------------------------- frames and chunks
@@ -99,19 +100,31 @@ class Reader:
         return "sha256:" + self.index.packs[i].hex()
 
     def frame(self, fi: int) -> bytes:
-        with self._lock:
-            data = self._cache.get(fi)
-            if data is not None:
-                self._cache.move_to_end(fi)
-                return data
-        f = self.index.frames[fi]
-        pack = self.pack_digest(f.pack)
-        data = decompress_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
-        with self._lock:
-            self._cache[fi] = data
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
-        return data
+        """Frame ``fi`` decompressed; threads that want the same frame at once wait for one of them."""
+        while True:
+            with self._lock:
+                data = self._cache.get(fi)
+                if data is not None:
+                    self._cache.move_to_end(fi)
+                    return data
+                busy = self._inflight.get(fi)
+                if busy is None:
+                    busy = self._inflight[fi] = threading.Event()
+                    break
+            busy.wait()  # then look again: the cache has it, or that thread failed and this one tries
+        try:
+            f = self.index.frames[fi]
+            pack = self.pack_digest(f.pack)
+            data = decompress_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
+            with self._lock:
+                self._cache[fi] = data
+                while len(self._cache) > self._cache_max:
+                    self._cache.popitem(last=False)
+            return data
+        finally:
+            with self._lock:
+                del self._inflight[fi]
+            busy.set()
 
     def chunk(self, ci: int) -> memoryview:
         idx = self.index

@@ -50,6 +50,8 @@ class _Unpacker:
         self.opts = opts
         self.sink = sink
         self.xattr_warned = False
+        self.ids = (os.geteuid(), os.getegid())
+        self.umask = _umask()
 
     @staticmethod
     def rel(e: Entry) -> bytes:
@@ -71,22 +73,26 @@ class _Unpacker:
                                 k, e.path, exc.strerror)
                     self.xattr_warned = True
 
-    def meta_fd(self, fd: int, e: Entry) -> None:
-        if self.opts.same_owner:
+    def meta_fd(self, fd: int, e: Entry, created: int | None = None) -> None:
+        """Owner, mode, xattrs (after chown, which clears security.capability), then times.  For a file
+        this process just created with mode ``created``, calls that would change nothing are skipped."""
+        if self.opts.same_owner and (created is None or (e.uid, e.gid) != self.ids):
             os.fchown(fd, e.uid, e.gid)
-        os.fchmod(fd, e.mode)
+        if created is None or e.mode != created or self.umask is None or created & self.umask:
+            os.fchmod(fd, e.mode)
         self.set_xattrs(fd, e)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
     def write_file(self, e: Entry) -> int:
-        fd = os.open(e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+        created = e.mode & 0o777  # special bits always go through fchmod, after fchown
+        fd = os.open(e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, created,
                      dir_fd=self.fd)
         try:
             for data in self.reader.iter_file(e):
                 view = data
                 while view:
                     view = view[os.write(fd, view):]
-            self.meta_fd(fd, e)
+            self.meta_fd(fd, e, created)
         finally:
             os.close(fd)
         self.sink.advance("unpack", e.size)
@@ -114,6 +120,18 @@ class _Unpacker:
             self.meta_fd(fd, e)
         finally:
             os.close(fd)
+
+
+def _umask() -> int | None:
+    """This process's umask, read without changing it (Linux >= 4.7); None if unknown."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _prepare(dest: str) -> bool:

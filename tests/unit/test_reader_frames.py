@@ -1,0 +1,75 @@
+"""The Reader decompresses a frame once however many threads want it at the same moment."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shoal.build import build
+from shoal.errors import ShoalError
+from shoal.reader import LayoutSource, Reader
+from shoal.store import Store
+
+
+class _SlowCountingSource:
+    """Frames from a layout, each fetch slowed down and counted; the first ``fail`` fetches raise."""
+
+    def __init__(self, inner: LayoutSource, fail: int = 0) -> None:
+        self.inner, self.fail, self.fetches = inner, fail, 0
+        self.lock = threading.Lock()
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        with self.lock:
+            self.fetches += 1
+            failing = self.fetches <= self.fail
+        time.sleep(0.05)
+        if failing:
+            raise ShoalError("registry went away")
+        return self.inner.fetch(pack, offset, length)
+
+
+def _image(tmp_path: Path) -> tuple[Store, object, bytes]:
+    src = tmp_path / "tree"
+    src.mkdir()
+    data = bytes(range(256)) * 400  # 100 KiB: one frame
+    (src / "f").write_bytes(data)
+    store = Store.open(tmp_path / "store")
+    m = build(store, src, "t:1").manifest
+    return store, store.load_index(m), data
+
+
+def _read_in_threads(reader: Reader, idx: object, n: int) -> list[object]:
+    e = idx.lookup(b"f")  # type: ignore[attr-defined]
+    out: list[object] = [None] * n
+
+    def go(i: int) -> None:
+        try:
+            out[i] = reader.read(e, 0, e.size)
+        except ShoalError as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return out
+
+
+def test_concurrent_readers_share_one_fetch(tmp_path: Path) -> None:
+    store, idx, data = _image(tmp_path)
+    src = _SlowCountingSource(LayoutSource(store.layout))
+    assert _read_in_threads(Reader(idx, src), idx, 8) == [data] * 8  # type: ignore[arg-type]
+    assert src.fetches == 1
+
+
+@pytest.mark.parametrize("fail", [1, 3])
+def test_a_failed_fetch_lets_the_waiters_try_again(tmp_path: Path, fail: int) -> None:
+    store, idx, data = _image(tmp_path)
+    src = _SlowCountingSource(LayoutSource(store.layout), fail=fail)
+    out = _read_in_threads(Reader(idx, src), idx, 8)  # type: ignore[arg-type]
+    assert sum(isinstance(o, ShoalError) for o in out) == fail  # each failure reaches only its own reader
+    assert out.count(data) == 8 - fail and src.fetches == fail + 1
