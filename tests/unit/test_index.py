@@ -230,3 +230,20 @@ def test_lookup_and_children() -> None:
             kids = idx.children(e.path)
             assert [k.path for k in kids] == sorted((k.path for k in kids), key=path_key)
             assert all(parent_of(k.path) == e.path for k in kids)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hand_built_merkle_records_equal_the_generic_encoding(seed: int) -> None:
+    idx = _random_index(seed)
+    rng = random.Random(seed)
+    extra = [replace(e, mtime_ns=-rng.randrange(1, 1 << 62), uid=rng.choice([0, 23, 255, 65536, (1 << 32) - 1]),
+                     xattrs=((b"security.capability", rng.randbytes(20)), (b"user.x" * 5, b"")))
+             for e in idx.entries]
+    kinds = {e.kind for e in idx.entries}
+    assert kinds == set(Kind), kinds  # every kind is covered
+    for e in list(idx.entries) + extra:
+        assert fidx._child_bytes(e) == cbor.encode(fidx.child_record(e)), e
+        kids = [fidx._child_bytes(x) for x in idx.entries[:5]]
+        want = hashlib.sha256(cbor.encode([fidx._DIR_TAG, fidx.meta_record(e),
+                                           [fidx.child_record(x) for x in idx.entries[:5]]])).digest()
+        assert fidx._dir_digest(e, kids) == want

@@ -14,7 +14,7 @@ from typing import Any
 
 from shoal.errors import FormatError
 
-__all__ = ["encode", "decode", "MAX_DEPTH"]
+__all__ = ["encode", "decode", "head", "MAX_DEPTH"]
 
 MAX_DEPTH = 16
 
@@ -40,6 +40,9 @@ def _head(major: int, n: int) -> bytes:
     if n < 0x10000000000000000:
         return _PACK_B(mt | 27) + _PACK_Q(n)
     raise FormatError("integer out of CBOR range")
+
+
+head = _head  # the head of an item of major type ``major`` with argument ``n``, for hand-built encodings
 
 
 def _enc(v: Any, out: bytearray) -> None:
@@ -130,17 +133,26 @@ class _Decoder:
         return n
 
     def item(self, depth: int) -> Any:
-        if self.pos >= self.end:
+        pos = self.pos
+        if pos >= self.end:
             raise self.fail("truncated")
-        ib = self.buf[self.pos]
-        self.pos += 1
+        ib = self.buf[pos]
+        self.pos = pos + 1
         major, info = ib >> 5, ib & 31
+        if major > 5:
+            if major == 7:
+                if info == 20:
+                    return False
+                if info == 21:
+                    return True
+                if info == 22:
+                    return None
+                raise self.fail("floats and other simple values are not allowed")
+            raise self.fail("tags are not allowed")
+        n = info if info < 24 else self.arg(info)  # every item of majors 0-5 has an argument
         if major == 0:
-            return self.arg(info)
-        if major == 1:
-            return -1 - self.arg(info)
-        if major in (2, 3):
-            n = self.arg(info)
+            return n
+        if major == 2 or major == 3:
             start = self.pos
             if n > self.end - start:
                 raise self.fail("string runs past the end")
@@ -153,14 +165,13 @@ class _Decoder:
             except UnicodeDecodeError:
                 raise self.fail("text string is not UTF-8") from None
         if major == 4:
-            n = self.arg(info)
             if depth >= MAX_DEPTH:
                 raise self.fail("nested too deeply")
             if n > self.end - self.pos:
                 raise self.fail("array longer than the input")
-            return [self.item(depth + 1) for _ in range(n)]
+            item, d = self.item, depth + 1
+            return [item(d) for _ in range(n)]
         if major == 5:
-            n = self.arg(info)
             if depth >= MAX_DEPTH:
                 raise self.fail("nested too deeply")
             if 2 * n > self.end - self.pos:
@@ -180,15 +191,7 @@ class _Decoder:
                     raise self.fail("map keys unsorted or duplicated")
                 out[k] = self.item(depth + 1)
             return out
-        if major == 7:
-            if info == 20:
-                return False
-            if info == 21:
-                return True
-            if info == 22:
-                return None
-            raise self.fail("floats and other simple values are not allowed")
-        raise self.fail("tags are not allowed")
+        return -1 - n  # major 1
 
 
 def decode(data: bytes) -> Any:
