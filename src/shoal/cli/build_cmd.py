@@ -7,7 +7,7 @@ import shlex
 
 import click
 
-from shoal.cli.common import emit_json, human, open_store, progress_sink
+from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, progress_sink
 
 
 @click.command()
@@ -54,6 +54,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
         config=ImageConfig(architecture=arch or host_arch(), config=conf),
     )
     store = open_store(ctx)
+    keep_freed_memory()
     with progress_sink(as_json) as sink:
         r = do_build(store, source, ref, opts, sink)
     if as_json:

@@ -17,6 +17,20 @@ def open_store(ctx: click.Context) -> Store:
     return Store.open(ctx.obj.get("store") if ctx.obj else None)
 
 
+def keep_freed_memory() -> None:
+    """For a short-lived bulk command (build, convert): let glibc keep freed memory instead of handing
+    every large buffer back to the kernel and faulting it in again (about 5% of a build's time here:
+    ~35,000 fewer page faults for the 467 MB tree). Never for the mount daemon, which lives on."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: trim the heap only past 1 GiB free
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers up to 32 MiB come from (reused) heap memory
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, sort_keys=True))
 

@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from shoal.cli.common import emit_json, human, open_store, progress_sink, registry_options, registry_opts
+from shoal.cli.common import (
+    emit_json,
+    human,
+    keep_freed_memory,
+    open_store,
+    progress_sink,
+    registry_options,
+    registry_opts,
+)
 from shoal.errors import UsageError
 
 
@@ -34,6 +42,7 @@ def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], p
     src_ref, dst_ref = parse_reference(src), parse_reference(dst)
     local = dst_ref.name if isinstance(dst_ref, LocalReference) else _local_name(dst_ref)
     store = open_store(ctx)
+    keep_freed_memory()
     with progress_sink(as_json) as sink, src_ref.new_source(**opts) as source:
         r = do_convert(source, store, local, platform=platform, reuse=reuse, source_date_epoch=source_date_epoch,
                        sink=sink)
