@@ -33,7 +33,7 @@ test: deps venv
 	$(PY) -m pytest -n 2 --timeout=600 tests
 
 bench: deps venv
-	for b in build pull series convert lazy; do \
+	for b in build pull series convert lazy fuse_read; do \
 	  [ -f bench/$$b.py ] && PATH=$(abspath $(VENV))/bin:$$PATH $(PY) bench/$$b.py || exit 1; done
 
 clean:
