@@ -149,6 +149,23 @@ def test_blob_small_roundtrip(registry: Registry) -> None:
             c.get_blob("t/small", sha(b"nope"))
 
 
+def test_blob_stream_reads_of_any_size_give_the_blob(registry: Registry) -> None:
+    data = blob(700_001, 21)  # several of the transport's chunks
+    d = sha(data)
+    with client(registry.host) as c:
+        c.put_blob("t/reads", d, data, len(data))
+        for sizes in ([1, 7, 65536, 0, 3, 1 << 20], [200_000, 1, 300_000], [1 << 20], [65536] * 3 + [-1]):
+            got = bytearray()
+            with c.open_blob_stream("t/reads", d) as r:
+                for n in sizes:
+                    part = r.read(n)
+                    assert n < 0 or len(part) <= n
+                    got += part
+                while part := r.read(99_999):
+                    got += part
+            assert bytes(got) == data, sizes
+
+
 def test_blob_large_chunked_from_file(registry: Registry, proxy_factory: ProxyFactory, tmp_path: Path) -> None:
     proxy = proxy_factory(registry.url)
     data = blob(350_003, 12)

@@ -174,19 +174,24 @@ class BlobReader:
             raise IntegrityError(f"blob {self.repo}@{self.digest}: content does not match its digest")
 
     def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (all remaining if ``n < 0``); ``b""`` at verified EOF."""
+        """Up to ``n`` bytes (all remaining if ``n < 0``); ``b""`` at verified EOF.  Only the
+        chunk that crosses ``n`` is split, so a large read copies its bytes once."""
         parts = [self._buf]
         have = len(self._buf)
+        self._buf = b""
+        if 0 <= n < have:
+            self._buf = parts[0][n:]
+            return parts[0][:n]
         while (n < 0 or have < n) and not self._eof:
             chunk = self._next()
+            if 0 <= n < have + len(chunk):
+                cut = n - have
+                parts.append(chunk[:cut])
+                self._buf = chunk[cut:]
+                break
             parts.append(chunk)
             have += len(chunk)
-        data = b"".join(parts)
-        if n < 0:
-            self._buf = b""
-            return data
-        self._buf = data[n:]
-        return data[:n]
+        return b"".join(parts)
 
     def __iter__(self) -> Iterator[bytes]:
         if self._buf:
