@@ -60,15 +60,31 @@ def main() -> None:
         row("tar | zstd -3", f"{zst_bytes / 1e6:.1f} MB")
         row("tar | gzip -6", f"{gz_bytes / 1e6:.1f} MB", f"shoal is {shoal_bytes / gz_bytes:.3f}x")
 
-        # unpack: shoal unpack vs tar -x of a plain tar, both from a warm cache, same disk
+        # unpack: shoal unpack vs tar -x of a plain tar, both from a warm cache, same disk; two rounds
+        # in alternating order, best of each (this ext4's inode allocation slows down after large deletes,
+        # whichever tool comes first)
         sh(f"tar -C {tree} -cf {work}/plain.tar .")
         sh(f"cat {work}/plain.tar > /dev/null")
-        t_untar, _ = timed(lambda: sh(f"mkdir {work}/x && tar -C {work}/x -xf {work}/plain.tar"))
-        u = shoal("--store", str(work / "store"), "unpack", "bench:1", str(work / "u"), "--json")
-        print("unpack (MB/s of tree data; higher is better)")
-        row("shoal unpack (verifying every chunk)", f"{mbs(u['seconds']):.0f} MB/s", f"{u['seconds']:.2f} s")
-        row("tar -x (plain tar, no verification)", f"{mbs(t_untar):.0f} MB/s",
-            f"shoal is {t_untar / u['seconds']:.2f}x")
+        t_untar: list[float] = []
+        t_unpack: list[float] = []
+
+        def untar(i: int) -> None:
+            t_untar.append(timed(lambda: sh(f"mkdir {work}/x{i} && tar -C {work}/x{i} -xf {work}/plain.tar"))[0])
+
+        def unpack(i: int) -> None:
+            t_unpack.append(shoal("--store", str(work / "store"), "unpack", "bench:1", str(work / f"u{i}"),
+                                  "--json")["seconds"])
+
+        untar(0)
+        unpack(0)
+        unpack(1)
+        untar(1)
+        best_untar, best_unpack = min(t_untar), min(t_unpack)
+        print("unpack (MB/s of tree data; higher is better; best of 2, alternating order)")
+        row("shoal unpack (verifying every chunk)", f"{mbs(best_unpack):.0f} MB/s",
+            f"{best_unpack:.2f} s (runs: {', '.join(f'{t:.2f}' for t in t_unpack)} s)")
+        row("tar -x (plain tar, no verification)", f"{mbs(best_untar):.0f} MB/s",
+            f"shoal is {best_untar / best_unpack:.2f}x (runs: {', '.join(f'{t:.2f}' for t in t_untar)} s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
