@@ -483,8 +483,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
         _finish_source(server, opts)
         if server.overlay:
             _quiet_umount(mp, lazy=True)
-        if server.fs.pusher is not None:
-            server.fs.pusher.close()  # before the session it stores through goes away
+        server.fs.close()  # its page-cache pushes stop before the FUSE session goes away
         if fuse_up:
             pyfuse3.close(unmount=ms.is_mounted(st.lower))
         mine = ms.load_state(paths.state)

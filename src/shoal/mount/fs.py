@@ -202,6 +202,11 @@ class ShoalFS(pyfuse3.Operations):
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
 
+    def close(self) -> None:
+        """Stop background work; call before ``pyfuse3.close``."""
+        if self.pusher is not None:
+            self.pusher.close()
+
     # ------------------------------------------------------------------------------------ errors
 
     def _describe(self, arg: object) -> str:
