@@ -499,40 +499,31 @@ def _need_registry() -> None:
         pytest.skip("docker-registry (distribution) is not installed")
 
 
-@pytest.fixture(scope="session")
-def registry() -> Iterator[Registry]:
+def _running_registry(prefix: str, **kw: Any) -> Iterator[Registry]:
+    """A started registry in a temporary storage directory, closed and removed afterwards."""
     _need_registry()
-    with tempfile.TemporaryDirectory(prefix="shoal-reg-") as d:
-        reg = Registry(Path(d))
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        reg = Registry(Path(d), **kw)
         reg.start()
         try:
             yield reg
         finally:
             reg.close()
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    yield from _running_registry("shoal-reg-")
 
 
 @pytest.fixture(scope="session")
 def basic_registry() -> Iterator[Registry]:
-    _need_registry()
-    with tempfile.TemporaryDirectory(prefix="shoal-reg-basic-") as d:
-        reg = Registry(Path(d), auth="htpasswd", relative_urls=True)
-        reg.start()
-        try:
-            yield reg
-        finally:
-            reg.close()
+    yield from _running_registry("shoal-reg-basic-", auth="htpasswd", relative_urls=True)
 
 
 @pytest.fixture(scope="session")
 def _token_registry_session() -> Iterator[Registry]:
-    _need_registry()
-    with tempfile.TemporaryDirectory(prefix="shoal-reg-token-") as d:
-        reg = Registry(Path(d), auth="token")
-        reg.start()
-        try:
-            yield reg
-        finally:
-            reg.close()
+    yield from _running_registry("shoal-reg-token-", auth="token")
 
 
 @pytest.fixture()

@@ -42,8 +42,14 @@ from typing import Any, BinaryIO, Iterable, Iterator, cast
 import zstandard
 
 from shoal.errors import FormatError, HostileInput, NotFound, StoreError, UsageError
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
-from shoal.transports.oci_layout import MAX_JSON, LayoutRef, OciLayoutDestination, OciLayoutSource, parse_layout_ref
+from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, Transport, register
+from shoal.transports.oci_layout import (
+    MAX_JSON,
+    LayoutPathReference,
+    OciLayoutDestination,
+    OciLayoutSource,
+    parse_layout_ref,
+)
 
 __all__ = ["OciArchiveTransport", "OciArchiveReference", "OciArchiveSource", "OciArchiveDestination",
            "ArchiveLimits", "TarIndex", "Member", "TarEntry", "sniff", "decompressed", "decompress_file",
@@ -354,21 +360,14 @@ TRANSPORT = register(OciArchiveTransport())
 
 
 @dataclass(frozen=True)
-class OciArchiveReference(ImageReference):
-    path: str
-    name: str = ""
-    index: int = -1
+class OciArchiveReference(LayoutPathReference):
     transport = TRANSPORT
-
-    def details(self) -> str:
-        return LayoutRef(self.path, self.name, self.index).details()
 
     def new_source(self, **opts: object) -> "OciArchiveSource":
         return OciArchiveSource(self, ArchiveLimits.from_opts(opts), _tmpdir(opts))
 
     def new_destination(self, **opts: object) -> "OciArchiveDestination":
-        if self.index >= 0:
-            raise UsageError(f"{self}: a destination cannot be an index position (@{self.index})")
+        self._check_destination()
         return OciArchiveDestination(self, _tmpdir(opts, Path(self.path).parent))
 
 

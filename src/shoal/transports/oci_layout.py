@@ -211,6 +211,22 @@ def parse_layout_ref(details: str, transport: str) -> LayoutRef:
     return LayoutRef(path, image)
 
 
+@dataclass(frozen=True)
+class LayoutPathReference(ImageReference):
+    """``PATH[:NAME]`` or ``PATH:@N``: the reference of ``oci:`` and of ``oci-archive:``."""
+
+    path: str
+    name: str = ""
+    index: int = -1
+
+    def details(self) -> str:
+        return LayoutRef(self.path, self.name, self.index).details()
+
+    def _check_destination(self) -> None:
+        if self.index >= 0:
+            raise UsageError(f"{self}: a destination cannot be an index position (@{self.index})")
+
+
 class OciLayoutTransport(Transport):
     name = "oci"
 
@@ -223,21 +239,14 @@ TRANSPORT = register(OciLayoutTransport())
 
 
 @dataclass(frozen=True)
-class OciLayoutReference(ImageReference):
-    path: str
-    name: str = ""
-    index: int = -1
+class OciLayoutReference(LayoutPathReference):
     transport = TRANSPORT
-
-    def details(self) -> str:
-        return LayoutRef(self.path, self.name, self.index).details()
 
     def new_source(self, **opts: object) -> "OciLayoutSource":
         return OciLayoutSource(Path(self.path), self.name, self.index)
 
     def new_destination(self, **opts: object) -> "OciLayoutDestination":
-        if self.index >= 0:
-            raise UsageError(f"{self}: a destination cannot be an index position (@{self.index})")
+        self._check_destination()
         return OciLayoutDestination(Path(self.path), self.name)
 
     def delete(self, **opts: object) -> None:
