@@ -68,7 +68,6 @@ class BuildResult:
 @dataclass
 class _Chunked:
     data: bytes
-    sha256: bytes
     chunks: list[tuple[bytes, int, int]]  # id, offset, length
 
 
@@ -114,9 +113,7 @@ def _chunk_file(source: TreeSource, e: Entry) -> _Chunked:
     mv = memoryview(data)
     sha = hashlib.sha256
     chunks = [(sha(mv[o : o + n]).digest(), o, n) for o, n in chunker.cut(mv)]
-    # a file of one chunk has the chunk's digest: skip hashing it twice
-    whole = chunks[0][0] if len(chunks) == 1 else sha(mv).digest()
-    return _Chunked(data, whole, chunks)
+    return _Chunked(data, chunks)
 
 
 def _chunk_batch(source: TreeSource, batch: list[Entry]) -> list[_Chunked]:
@@ -315,7 +312,7 @@ class _Builder:
                 self.refs += len(refs)
                 bytes_in += len(c.data)
                 e = Entry(e.path, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs,
-                          size=len(c.data), sha256=c.sha256, chunks=refs)
+                          size=len(c.data), chunks=refs)
                 self.sink.advance("build", len(c.data))
             entries.append(e)
         self.close_frame()
@@ -353,7 +350,7 @@ class _Builder:
         self._put(raw)
         self.batch.commit()
         m = parse_manifest(raw, digest)
-        self.store.register_chunks(m, idx)
+        self.store.register_chunks(m, idx, verified=self.new_frame_pack.keys())  # made here from hashed data
         return BuildResult(
             manifest=m, files=idx.files, bytes_in=bytes_in, chunks=self.refs, unique_chunks=len(self.chunk_ids),
             new_chunks=len(self.chunk_ids) - sum(1 for c in self.chunk_ids if c in self.reuse),

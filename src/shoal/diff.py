@@ -56,7 +56,7 @@ def diff(a: Index, b: Index) -> DiffResult:
             elif ca.kind != cb.kind:
                 removed.extend(_subtree(a, ca))
                 added.extend(_subtree(b, cb))
-            elif fidx.child_record(ca) != fidx.child_record(cb):
+            elif fidx.child_record(ca, a.chunk_ids) != fidx.child_record(cb, b.chunk_ids):
                 changed.append(cb.path)
 
     walk(a.entries[0], b.entries[0])

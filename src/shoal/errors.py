@@ -6,6 +6,7 @@
     ├── FormatError                 exit 4   malformed, oversized or non-canonical input
     │   └── HostileInput                     input that tries to escape or exhaust
     ├── IntegrityError              exit 5   a digest or size does not match
+    │   └── FrameConflict                    two sources claim different bytes for one range of a pack
     ├── StoreError                  exit 6   the local store is unusable or locked
     ├── TransportError              exit 7   a registry or transport failed
     │   └── AuthError                        credentials refused or missing
@@ -26,6 +27,7 @@ __all__ = [
     "FormatError",
     "HostileInput",
     "IntegrityError",
+    "FrameConflict",
     "StoreError",
     "TransportError",
     "AuthError",
@@ -65,6 +67,10 @@ class HostileInput(FormatError):
 class IntegrityError(ShoalError):
     exit_code = 5
     errno = _errno.EIO
+
+
+class FrameConflict(IntegrityError):
+    """A verified frame already covers part of this range of a partial pack with other bytes."""
 
 
 class StoreError(ShoalError):

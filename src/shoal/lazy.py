@@ -135,14 +135,15 @@ class LazySource:
     # ---------------------------------------------------------------- FrameSource
 
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
-        try:
-            data = self.store.read_frame(pack, offset, length)
-            with self._stats.lock:
-                self._stats.frames_local += 1
-            return data
-        except NotFound:
-            pass
         fi = self._frame_of.get((pack, offset))
+        if self.store.layout.has(pack) or (fi is not None and self._catalogued_here(fi)):
+            try:
+                data = self.store.read_frame(pack, offset, length)
+                with self._stats.lock:
+                    self._stats.frames_local += 1
+                return data
+            except NotFound:
+                pass
         if fi is None or self.index.frames[fi].clen != length:
             raise NotFound(f"no frame at {pack}@{offset} in this image")
         if self._all_chunks_local(fi):
@@ -485,7 +486,7 @@ class LazySource:
         if cached is not None and fi in cached:
             return True
         f = self.index.frames[fi]
-        if self.store.has_frame(self._pack_of[f.pack], f.offset) or self._all_chunks_local(fi):
+        if self.store.layout.has(self._pack_of[f.pack]) or self._all_chunks_local(fi):
             if cached is not None:
                 with self._lock:
                     cached.add(fi)
@@ -499,14 +500,24 @@ class LazySource:
             local = set(self.store.catalog.locate(ids))
             for fi, f in enumerate(self.index.frames):
                 cis = self._chunks_of.get(fi, [])
-                if (cis and all(ids[ci] in local for ci in cis)) or self.store.has_frame(self._pack_of[f.pack],
-                                                                                        f.offset):
+                if (cis and all(ids[ci] in local for ci in cis)) or self.store.layout.has(self._pack_of[f.pack]):
                     have.add(fi)
             with self._lock:
                 if self._cached is None:
                     self._cached = have
         with self._lock:
             return set(self._cached)
+
+    def _catalogued_here(self, fi: int) -> bool:
+        """True if the catalogue places every chunk of frame ``fi`` in this very frame of the store: the
+        partial pack holds bytes verified for this index's claim (a partial frame another image stored
+        at the same offset with other bytes is never read in its place)."""
+        f = self.index.frames[fi]
+        pack = self._pack_of[f.pack]
+        ids = [self.index.chunk_ids[ci] for ci in self._chunks_of.get(fi, [])]
+        locs = self.store.catalog.locate(ids)
+        return bool(ids) and all((loc := locs.get(c)) is not None and loc.pack == pack and loc.frame_off == f.offset
+                                 for c in ids)
 
     def _all_chunks_local(self, fi: int) -> bool:
         ids = [self.index.chunk_ids[ci] for ci in self._chunks_of.get(fi, [])]

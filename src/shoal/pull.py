@@ -1,11 +1,18 @@
 """Pull a Shoal image into the local store, fetching only what the store lacks (docs/transports.md §3).
 
 1. The manifest, config and index come first (small, verified).
-2. A frame is needed unless the store holds it, or holds every chunk in it (from any image).
+2. A frame is needed unless the catalogue holds every chunk in it (from any image: catalogued
+   chunks were verified when they entered), or the store holds its whole pack blob.
 3. A pack whose every byte is needed is fetched whole and verified by digest; otherwise the
    needed frames are fetched with range reads (adjacent frames merged into one range), every
-   chunk in them is verified against its sha256, and they are kept in a partial pack.
-4. The tag is written last.  An interrupted pull resumes: frames already stored are not fetched.
+   chunk in them is verified against its sha256, and they are kept in a partial pack and
+   catalogued.  A range of a pack that another image's verified frame already covers with other
+   bytes is not overwritten: the whole pack is fetched instead, verified by its digest.
+4. Every chunk is hashed before its location enters the catalogue: frames of whole packs are
+   decompressed and checked by ``Store.register_chunks``.  An index that lies about a chunk is
+   refused, and nothing it claims is recorded.
+5. The tag is written last.  An interrupted pull resumes: chunks already catalogued and whole
+   packs already stored are not fetched again.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from shoal import mediatypes as mt
-from shoal.errors import IntegrityError
+from shoal.errors import FrameConflict, IntegrityError
 from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
 from shoal.progress import Sink
@@ -35,7 +42,7 @@ __all__ = ["pull_into_store", "plan_frames"]
 log = logging.getLogger(__name__)
 
 
-def plan_frames(idx: Index, have_chunk: set[bytes], has_frame: Callable[[str, int], bool]) -> dict[int, list[int]]:
+def plan_frames(idx: Index, have_chunk: set[bytes], has_pack: Callable[[str], bool]) -> dict[int, list[int]]:
     """pack index -> sorted frame indices the store must fetch."""
     by_frame: dict[int, list[int]] = {}
     for ci, fi in enumerate(idx.chunk_frames):
@@ -45,7 +52,7 @@ def plan_frames(idx: Index, have_chunk: set[bytes], has_frame: Callable[[str, in
         cis = by_frame.get(fi, [])
         if all(idx.chunk_ids[c] in have_chunk for c in cis):
             continue
-        if has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset):
+        if has_pack("sha256:" + idx.packs[f.pack].hex()):
             continue
         need.setdefault(f.pack, []).append(fi)
     for frames in need.values():
@@ -78,6 +85,7 @@ class _Puller:
         self.result = result
         self.lock = threading.Lock()
         self.batch: Batch | None = None
+        self.verified: set[int] = set()  # frames whose chunks were checked against this index
         self.by_frame: dict[int, list[int]] = {}
         for ci, fi in enumerate(idx.chunk_frames):
             self.by_frame.setdefault(fi, []).append(ci)
@@ -88,18 +96,22 @@ class _Puller:
             self.result.chunks_fetched += chunks
         self.sink.advance("pull", nbytes)
 
-    def verify_frame(self, fi: int, raw: bytes, pack: str) -> None:
+    def verify_frame(self, fi: int, raw: bytes, pack: str) -> list[tuple[bytes, str, int, int, int, int, int]]:
+        """Check every chunk of frame ``fi`` in ``raw``; return its catalogue rows."""
         f = self.idx.frames[fi]
         try:
             data = decompress_frame(raw, f, f"{pack}@{f.offset}")
         except IntegrityError as exc:  # corrupted bytes usually break the zstd frame before any chunk hash
             raise IntegrityError(f"frame at offset {f.offset} of pack {pack} failed verification (digest mismatch: "
                                  f"{exc}); nothing from it was stored") from None
+        rows = []
         for ci in self.by_frame.get(fi, []):
             o, n = self.idx.chunk_offsets[ci], self.idx.chunk_lengths[ci]
             if hashlib.sha256(data[o : o + n]).digest() != self.idx.chunk_ids[ci]:
                 raise IntegrityError(f"chunk sha256:{self.idx.chunk_ids[ci].hex()} from pack {pack} failed "
                                      "verification (digest mismatch); nothing from it was stored")
+            rows.append((self.idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, o, n))
+        return rows
 
     def pack(self, item: tuple[int, list[int]]) -> None:
         pi, frames = item
@@ -118,8 +130,20 @@ class _Puller:
             for fi in fis:
                 f = self.idx.frames[fi]
                 raw = data[f.offset - off : f.offset - off + f.clen]
-                self.verify_frame(fi, raw, pack)
-                self.store.partial.put_frame(pack, f.offset, raw)
+                rows = self.verify_frame(fi, raw, pack)
+                try:
+                    self.store.partial.put_frame(pack, f.offset, raw)
+                except FrameConflict as exc:
+                    # another image's verified frame holds other bytes at this range of the pack: this
+                    # index or that one lies about the pack, and only the pack's digest can tell
+                    log.info("%s; fetching the whole pack", exc)
+                    _whole_pack(self.src, self.store, pack, size, None)
+                    self.store.partial.try_promote(pack, size)
+                    self.count(size, 0)
+                    return
+                self.store.catalog.add(rows)  # verified just above: a resumed pull skips these chunks
+                with self.lock:
+                    self.verified.add(fi)
             self.count(ln, sum(len(self.by_frame.get(fi, [])) for fi in fis))
         self.store.partial.try_promote(pack, size)
 
@@ -164,7 +188,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
                      for p in m.packs if not store.layout.has(p.digest)}
         idx = store.load_index(m)
         have = set(store.catalog.locate(idx.chunk_ids))
-        need = plan_frames(idx, have, store.has_frame)
+        need = plan_frames(idx, have, store.layout.has)
         need = {pi: fis for pi, fis in need.items() if "sha256:" + idx.packs[pi].hex() not in early}
         sizes = {p.digest: p.size for p in m.packs}
         total = sum(idx.frames[fi].clen for frames in need.values() for fi in frames)
@@ -185,7 +209,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
         # verified, so even a pull that failed half way keeps them and a retry resumes after them
         batch.commit()
     sink.finish("pull")
-    store.register_chunks(m, idx)
+    store.register_chunks(m, idx, verified=puller.verified)  # hashes every chunk of the whole packs
     dst.put_manifest(raw, mt.OCI_MANIFEST, None)
     store.tag(dst.ref.name, m)  # what dst.commit() does, minus decoding the index and registering it again
     result.digest = m.digest

@@ -14,9 +14,8 @@ import hashlib
 import threading
 from typing import Iterator, Protocol
 
-import zstandard
-
 from shoal.errors import IntegrityError, NotFound, UsageError
+from shoal.format import packing
 from shoal.format.model import Entry, Frame, Index, Kind
 from shoal.store import Store
 from shoal.store.layout import Layout
@@ -62,25 +61,9 @@ class StoreSource:
         return data[loc.off : loc.off + loc.length]
 
 
-_tls = threading.local()
-
-
-def _dctx() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "dctx", None)
-    if d is None:
-        d = _tls.dctx = zstandard.ZstdDecompressor()
-    return d
-
-
 def decompress_frame(data: bytes, f: Frame, where: str) -> bytes:
-    """Decompress one frame, refusing anything that is not exactly ``f.ulen`` bytes."""
-    try:
-        out = _dctx().decompress(data, max_output_size=f.ulen, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"corrupt frame at {where}: {exc}") from None
-    if len(out) != f.ulen:
-        raise IntegrityError(f"corrupt frame at {where}: {len(out)} bytes instead of {f.ulen}")
-    return out
+    """Decompress one frame, refusing anything that is not exactly ``f.ulen`` bytes (format.md §4.6)."""
+    return packing.decompress_frame(data, f.ulen, where)
 
 
 class Reader:

@@ -23,7 +23,7 @@ from helpers import IS_ROOT, assert_one_line_error, put_image, run_shoal, tree_s
 from shoal.errors import FormatError, HostileInput
 from shoal.format import cbor
 from shoal.format import index as fidx
-from shoal.format.model import Entry, Frame, Kind
+from shoal.format.model import Entry, Frame, Index, Kind
 from shoal.store import Store
 
 T = 1_600_000_000_000_000_000  # every mtime
@@ -33,9 +33,8 @@ def D(path: bytes, mode: int = 0o755) -> Entry:
     return Entry(path, Kind.DIR, mode, 0, 0, T)
 
 
-def F(path: bytes, chunks: tuple[int, ...] = (), size: int = 0, sha: bytes = b"") -> Entry:
-    return Entry(path, Kind.FILE, 0o644, 0, 0, T, size=size, sha256=sha or hashlib.sha256(b"").digest(),
-                 chunks=chunks)
+def F(path: bytes, chunks: tuple[int, ...] = (), size: int = 0) -> Entry:
+    return Entry(path, Kind.FILE, 0o644, 0, 0, T, size=size, chunks=chunks)
 
 
 def L(path: bytes, target: bytes) -> Entry:
@@ -62,14 +61,14 @@ class Image:
             o += len(c)
         frames = [Frame(0, frame_offset, len(self.pack), len(data) + frame_ulen_delta)] if self.chunks else []
         packs = [hashlib.sha256(self.pack).digest()] if self.chunks else []
-        self.index = fidx.make_index(entries, ids, [0] * len(ids), offs, [len(c) for c in self.chunks],
-                                     frames, packs)
+        # hostile chunk references past the table still need a Merkle record: pad the ids for it only
+        full = fidx.merkle(entries, tuple(ids) + (bytes(32),) * 16)
+        self.index = Index(tuple(full), tuple(ids), (0,) * len(ids), tuple(offs), tuple(len(c) for c in self.chunks),
+                           tuple(frames), tuple(packs), full[0].digest)
 
     def file(self, path: bytes, *cis: int) -> Entry:
-        """A file of chunks ``cis``; its digest is the data's, or (one chunk) the chunk id, as the format implies."""
-        data = b"".join(self.chunks[i] for i in cis)
-        sha = self.ids[cis[0]] if len(cis) == 1 else hashlib.sha256(data).digest()
-        return F(path, tuple(cis), len(data), sha)
+        """A file of chunks ``cis``."""
+        return F(path, tuple(cis), sum(len(self.chunks[i]) for i in cis))
 
     def raw(self) -> bytes:
         return fidx.encode(self.index)
@@ -86,10 +85,10 @@ def _files_image(entries_fn: Callable[[Image], list[Entry]], chunks: list[bytes]
 
 
 def _noncanonical(raw: bytes) -> bytes:
-    """Re-encode ``"format": 1`` with a two-byte argument (0x18 0x01): valid CBOR, not the shortest form."""
-    key = cbor.encode("format") + b"\x01"
+    """Re-encode ``"format": 2`` with a two-byte argument (0x18 0x02): valid CBOR, not the shortest form."""
+    key = cbor.encode("format") + b"\x02"
     assert raw.count(key) == 1
-    return raw.replace(key, cbor.encode("format") + b"\x18\x01")
+    return raw.replace(key, cbor.encode("format") + b"\x18\x02")
 
 
 def _unsorted_map(raw: bytes) -> bytes:
@@ -280,26 +279,25 @@ def _root_mismatch(sentinel: Path) -> tuple[bytes, str, list[bytes]]:
 
 @case("chunks-do-not-add-up", ("add up",), 4)
 def _size_lie(sentinel: Path) -> tuple[bytes, str, list[bytes]]:
-    img = _files_image(lambda p: [D(b""), F(b"x", (0,), 5 << 30, bytes(32))], _chunks()[:1])
+    img = _files_image(lambda p: [D(b""), F(b"x", (0,), 5 << 30)], _chunks()[:1])
     return _plain(img)
 
 
 @case("chunk-ref-out-of-range", ("chunk reference",), 4)
 def _chunk_ref(sentinel: Path) -> tuple[bytes, str, list[bytes]]:
-    img = _files_image(lambda p: [D(b""), F(b"x", (7,), 1, bytes(32))], _chunks()[:1])
+    img = _files_image(lambda p: [D(b""), F(b"x", (7,), 1)], _chunks()[:1])
     return _plain(img)
 
 
 @case("xattrs-too-large", ("xattr",), 4)
 def _xattrs(sentinel: Path) -> tuple[bytes, str, list[bytes]]:
-    e = Entry(b"x", Kind.FILE, 0o644, 0, 0, T, xattrs=((b"user.big", b"x" * 70_000),),
-              sha256=hashlib.sha256(b"").digest())
+    e = Entry(b"x", Kind.FILE, 0o644, 0, 0, T, xattrs=((b"user.big", b"x" * 70_000),))
     return _plain(Image([D(b""), e]))
 
 
 @case("mode-out-of-range", ("mode",), 4)
 def _mode(sentinel: Path) -> tuple[bytes, str, list[bytes]]:
-    return _plain(Image([D(b""), Entry(b"x", Kind.FILE, 0o170644, 0, 0, T, sha256=hashlib.sha256(b"").digest())]))
+    return _plain(Image([D(b""), Entry(b"x", Kind.FILE, 0o170644, 0, 0, T)]))
 
 
 @case("truncated-index", ("corrupt", "truncated"), 4)
@@ -526,7 +524,7 @@ def test_logical_size_bomb_is_contained(tmp_path: Path) -> None:
         pytest.skip("needs root to mount a tmpfs")
     chunk = random.Random(9).randbytes(256 * 1024)
     n = (64 << 30) // len(chunk)
-    entries = [D(b""), F(b"bomb", (0,) * n, n * len(chunk), bytes(32))]
+    entries = [D(b""), F(b"bomb", (0,) * n, n * len(chunk))]
     img = Image(entries, [chunk])
     store = Store.open(tmp_path / "s")
     put_image(store, "bomb:1", *_plain(img))

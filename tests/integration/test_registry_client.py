@@ -26,6 +26,7 @@ from regfix import (
     Registry,
     RegistryProxy,
     ThreadedServer,
+    _token_registry_session,  # noqa: F401
     basic_registry,
     proxy_factory,
     registry,
@@ -33,8 +34,6 @@ from regfix import (
     reply,
     token_registry,
 )
-from regfix import _token_registry_session  # noqa: F401
-
 from shoal.errors import AuthError, FormatError, IntegrityError, NotFound, TransportError, UsageError
 from shoal.transports.registry import (
     OCI_INDEX,

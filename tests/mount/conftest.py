@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from mountkit import teardown_mounts
 
 
@@ -62,12 +61,12 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """The sample tree built into a fresh store as ``sample:1``, and unpacked beside it (read-only).
 
     Keys: tree, store, unpacked, ref, randoms ({path: bytes} of its random-content files)."""
+    from mountkit import make_sample_tree
+
     from shoal.build import BuildOptions, build
     from shoal.reader import LayoutSource, Reader
     from shoal.store import Store
     from shoal.unpack import unpack
-
-    from mountkit import make_sample_tree
 
     base = tmp_path_factory.mktemp("sample")
     tree = base / "tree"

@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from mountkit import lstat_fields, shoal, state_of, wait_for
 
 import helpers
-from mountkit import lstat_fields, shoal, state_of, wait_for
 
 
 def _stats(mnt: Path) -> dict[str, int]:

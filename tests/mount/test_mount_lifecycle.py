@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mountkit import mounts_under, pid_alive, shoal, state_of, wait_for
 
 import helpers
-from mountkit import mounts_under, pid_alive, shoal, state_of, wait_for
 
 
 def _mounted(path: Path | str) -> bool:

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mountkit import mounts_under, shoal
 
 import helpers
-from mountkit import mounts_under, shoal
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-import helpers
 from mountkit import pid_alive, state_of, wait_for
+
+import helpers
 
 # A shoal CLI with a "slow://" scheme: the local image, served through a source whose fetches wait
 # while the gate file exists, that keeps its own stats and has a bulk prefetch.

@@ -9,8 +9,16 @@ import pytest
 from shoal.errors import UsageError
 from shoal.mount import image as mimage
 from shoal.mount import state as ms
-from shoal.mount.runtime_spec import (Bind, ProcessSpec, UserIds, build_spec, container_args, container_env,
-                                      parse_volume, resolve_user)
+from shoal.mount.runtime_spec import (
+    Bind,
+    ProcessSpec,
+    UserIds,
+    build_spec,
+    container_args,
+    container_env,
+    parse_volume,
+    resolve_user,
+)
 
 PASSWD = b"""root:x:0:0:root:/root:/bin/bash
 daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin

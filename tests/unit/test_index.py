@@ -14,7 +14,6 @@ from shoal.format import index as fidx
 from shoal.format.model import Entry, Frame, Kind, name_of, parent_of, path_key
 
 T = 1_600_000_000_000_000_000
-EMPTY = hashlib.sha256(b"").digest()
 
 
 def _random_index(seed: int, n: int = 200):  # type: ignore[no-untyped-def]
@@ -44,8 +43,7 @@ def _random_index(seed: int, n: int = 200):  # type: ignore[no-untyped-def]
         if kind == 0 or (kind == 1 and not files):
             cis = tuple(rng.sample(range(40), rng.randrange(0, 4)))
             data = b"".join(chunks[c] for c in cis)
-            sha = hashlib.sha256(data).digest()
-            entries.append(Entry(p, Kind.FILE, 0o644, rng.randrange(3), 0, T, x, len(data), sha, cis))
+            entries.append(Entry(p, Kind.FILE, 0o644, rng.randrange(3), 0, T, x, len(data), chunks=cis))
             files.append(p)
         elif kind == 1:
             target = rng.choice(files)
@@ -76,20 +74,9 @@ def _random_index(seed: int, n: int = 200):  # type: ignore[no-untyped-def]
     return fidx.make_index(kept, ids, [0] * 40, offs, [len(c) for c in chunks], frames, [bytes(32)])
 
 
-def _fix_single_chunk_digests(idx):  # type: ignore[no-untyped-def]
-    """A file of <= 1 chunk has an implied digest (the chunk id, or sha256 of nothing)."""
-    out = []
-    for e in idx.entries:
-        if e.kind == Kind.FILE and len(e.chunks) <= 1:
-            e = replace(e, sha256=idx.chunk_ids[e.chunks[0]] if e.chunks else EMPTY)
-        out.append(e)
-    return fidx.make_index(out, list(idx.chunk_ids), list(idx.chunk_frames), list(idx.chunk_offsets),
-                           list(idx.chunk_lengths), list(idx.frames), list(idx.packs))
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_encode_decode_round_trip(seed: int) -> None:
-    idx = _fix_single_chunk_digests(_random_index(seed))
+    idx = (_random_index(seed))
     assert {e.kind for e in idx.entries} == set(Kind)
     assert any(len(e.chunks) > 1 for e in idx.entries) and any(len(e.chunks) == 1 for e in idx.entries)
     raw = fidx.encode(idx)
@@ -100,8 +87,8 @@ def test_encode_decode_round_trip(seed: int) -> None:
 
 
 def test_encoding_is_deterministic_across_construction_order() -> None:
-    a = _fix_single_chunk_digests(_random_index(1))
-    b = _fix_single_chunk_digests(_random_index(1))
+    a = (_random_index(1))
+    b = (_random_index(1))
     assert fidx.encode(a) == fidx.encode(b) and a.root == b.root
 
 
@@ -126,10 +113,10 @@ def test_validate_path_accepts(path: bytes) -> None:
 
 def test_merkle_changes_only_ancestors() -> None:
     """Changing one file changes the digests of its ancestors and of nothing else."""
-    idx = _fix_single_chunk_digests(_random_index(3))
+    idx = (_random_index(3))
     victim = next(e for e in idx.entries if e.kind == Kind.FILE and e.path.count(b"/") >= 2)
     entries = [replace(e, mtime_ns=e.mtime_ns + 1) if e.path == victim.path else e for e in idx.entries]
-    after = fidx.merkle(entries)
+    after = fidx.merkle(entries, idx.chunk_ids)
     ancestors = set()
     p = victim.path
     while p:
@@ -140,16 +127,16 @@ def test_merkle_changes_only_ancestors() -> None:
             assert (a.digest != b.digest) == (a.path in ancestors), a.path
 
 
-def test_merkle_ignores_chunking_but_not_content() -> None:
-    """Two files with the same bytes and metadata give the same directory digest, whatever their chunk
-    references; different bytes (sha256) change it."""
-    base = [Entry(b"", Kind.DIR, 0o755, 0, 0, T),
-            Entry(b"f", Kind.FILE, 0o644, 0, 0, T, size=10, sha256=b"\x01" * 32, chunks=(0,))]
-    other_chunks = [base[0], replace(base[1], chunks=(5, 6))]
-    other_content = [base[0], replace(base[1], sha256=b"\x02" * 32)]
-    r = fidx.merkle(base)[0].digest
-    assert fidx.merkle(other_chunks)[0].digest == r
-    assert fidx.merkle(other_content)[0].digest != r
+def test_merkle_binds_the_chunk_sequence_not_the_table_layout() -> None:
+    """The same chunk ids in the same order give the same digest wherever they sit in the chunk table;
+    swapping, replacing, dropping or repeating a chunk reference changes it (format.md §6)."""
+    ids = tuple(hashlib.sha256(b"%d" % i).digest() for i in range(4))
+    base = [Entry(b"", Kind.DIR, 0o755, 0, 0, T), Entry(b"f", Kind.FILE, 0o644, 0, 0, T, size=10, chunks=(0, 1))]
+    r = fidx.merkle(base, ids)[0].digest
+    moved = (ids[2], ids[3], ids[0], ids[1])
+    assert fidx.merkle([base[0], replace(base[1], chunks=(2, 3))], moved)[0].digest == r
+    for chunks in [(1, 0), (0, 2), (0,), (0, 1, 1), (0, 0, 1)]:
+        assert fidx.merkle([base[0], replace(base[1], chunks=chunks)], ids)[0].digest != r, chunks
 
 
 def test_decompress_limits() -> None:
@@ -188,7 +175,7 @@ def _raw_doc(idx) -> dict:  # type: ignore[no-untyped-def,type-arg]
         "bad-pack", "no-entries", "entry-9-items", "bad-kind", "negative-uid", "big-gid", "big-mtime",
         "text-xattr-key", "text-path"])
 def test_decode_refuses_malformed(mutate, word: str) -> None:  # type: ignore[no-untyped-def]
-    idx = _fix_single_chunk_digests(_random_index(0, n=30))
+    idx = (_random_index(0, n=30))
     d = _raw_doc(idx)
     mutate(d)
     with pytest.raises(FormatError) as ei:
@@ -196,22 +183,28 @@ def test_decode_refuses_malformed(mutate, word: str) -> None:  # type: ignore[no
     assert word.lower() in str(ei.value).lower()
 
 
-def test_decode_refuses_explicit_implied_digest() -> None:
-    """A one-chunk file's digest is implied by its chunk id; writing it anyway is a second encoding."""
-    idx = _fix_single_chunk_digests(_random_index(0, n=30))
+def test_decode_refuses_a_v1_file_payload() -> None:
+    """Format 1's file payload carried a whole-file sha256 the root never checked; v2 has none."""
+    idx = _random_index(0, n=30)
     d = _raw_doc(idx)
     for e in d["entries"]:
-        if e[1] == int(Kind.FILE) and len(e[7][2]) == 1:
-            e[7][1] = idx.chunk_ids[e[7][2][0]]
+        if e[1] == int(Kind.FILE):
+            e[7] = [e[7][0], b"", e[7][1]]
             break
-    else:
-        pytest.skip("no one-chunk file")
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match="file payload"):
+        fidx.decode(cbor.encode(d))
+
+
+@pytest.mark.parametrize("value", [1, True, "2", b"\x02", -2, 3, None])
+def test_decode_refuses_any_format_but_the_integer_2(value: object) -> None:
+    d = _raw_doc(_random_index(0, n=30))
+    d["format"] = value
+    with pytest.raises(FormatError, match="format"):
         fidx.decode(cbor.encode(d))
 
 
 def test_hardlink_metadata_must_match_primary() -> None:
-    entries = [Entry(b"", Kind.DIR, 0o755, 0, 0, T), Entry(b"a", Kind.FILE, 0o644, 0, 0, T, sha256=EMPTY),
+    entries = [Entry(b"", Kind.DIR, 0o755, 0, 0, T), Entry(b"a", Kind.FILE, 0o644, 0, 0, T),
                Entry(b"b", Kind.HARDLINK, 0o600, 0, 0, T, target=b"a")]
     idx = fidx.make_index(entries, [], [], [], [], [], [])
     with pytest.raises(FormatError, match="metadata"):
@@ -219,7 +212,7 @@ def test_hardlink_metadata_must_match_primary() -> None:
 
 
 def test_lookup_and_children() -> None:
-    idx = _fix_single_chunk_digests(_random_index(2))
+    idx = (_random_index(2))
     for e in idx.entries:
         assert idx.lookup(e.path) is e
     assert idx.lookup(b"no/such") is None
@@ -242,8 +235,8 @@ def test_hand_built_merkle_records_equal_the_generic_encoding(seed: int) -> None
     kinds = {e.kind for e in idx.entries}
     assert kinds == set(Kind), kinds  # every kind is covered
     for e in list(idx.entries) + extra:
-        assert fidx._child_bytes(e) == cbor.encode(fidx.child_record(e)), e
-        kids = [fidx._child_bytes(x) for x in idx.entries[:5]]
+        assert fidx._child_bytes(e, idx.chunk_ids) == cbor.encode(fidx.child_record(e, idx.chunk_ids)), e
+        kids = [fidx._child_bytes(x, idx.chunk_ids) for x in idx.entries[:5]]
         want = hashlib.sha256(cbor.encode([fidx._DIR_TAG, fidx.meta_record(e),
-                                           [fidx.child_record(x) for x in idx.entries[:5]]])).digest()
+                                           [fidx.child_record(x, idx.chunk_ids) for x in idx.entries[:5]]])).digest()
         assert fidx._dir_digest(e, kids) == want

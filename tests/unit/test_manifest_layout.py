@@ -41,7 +41,7 @@ def test_manifest_round_trip_and_schema() -> None:
     assert raw == canonical_json(json.loads(raw))  # sorted keys, no whitespace
     validate_oci(raw, "image-manifest-schema")
     m = parse_manifest(raw, digest)
-    assert m.digest == digest and m.root == "sha256:" + "1" * 64 and m.format == 1
+    assert m.digest == digest and m.root == "sha256:" + "1" * 64 and m.format == 2
     assert m.index.media_type == mt.INDEX and [p.media_type for p in m.packs] == [mt.PACK, mt.PACK]
     assert m.size == len(raw) + m.config.size + 5 + 2 + 2
 
@@ -60,7 +60,7 @@ def test_config_round_trip_and_schema() -> None:
     (lambda d: d.update(layers=[]), "no layers"),
     (lambda d: d["layers"].reverse(), "index, then packs"),
     (lambda d: d["config"].update(mediaType=mt.OCI_CONFIG), "config media type"),
-    (lambda d: d["annotations"].update({mt.ANN_FORMAT: "2"}), "format"),
+    (lambda d: d["annotations"].update({mt.ANN_FORMAT: "1"}), "format"),
     (lambda d: d["annotations"].update({mt.ANN_ROOT: "md5:00"}), "digest"),
     (lambda d: d["layers"][1].update(size=-1), "size"),
     (lambda d: d["layers"][1].update(digest="sha256:XYZ"), "digest"),

@@ -11,14 +11,16 @@ from shoal.cli.common import emit_json, human, open_store, progress_sink
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--blobs-only", is_flag=True,
+              help="Faster: check blob digests and image structure only, not every chunk and catalogue row.")
 @click.pass_context
-def fsck(ctx: click.Context, as_json: bool) -> None:
-    """Verify every blob, every image's structure and every chunk."""
+def fsck(ctx: click.Context, as_json: bool, blobs_only: bool) -> None:
+    """Verify every blob, every image's structure, every chunk and every catalogue row."""
     from shoal.store.maintenance import fsck as do_fsck
 
     store = open_store(ctx)
     with progress_sink(as_json) as sink:
-        rep = do_fsck(store, sink)
+        rep = do_fsck(store, sink, blobs_only=blobs_only)
     if as_json:
         emit_json({"ok": rep.ok, "blobs": rep.blobs, "bytes": rep.bytes, "images": rep.images,
                    "chunks": rep.chunks, "errors": rep.errors, "repaired": rep.repaired})

@@ -24,7 +24,7 @@ __all__ = [
     "MAX_INDEX_BYTES", "INDEX_ZSTD_LEVEL",
 ]
 
-FORMAT = 1
+FORMAT = 2  # §4.1; §9 lists the changes
 MAX_INDEX_BYTES = 1 << 30  # §4.6 decompressed index cap
 MAX_PATH = 4096
 MAX_XATTRS_BYTES = 64 * 1024
@@ -33,7 +33,7 @@ INDEX_ZSTD_LEVEL = 12
 _KEYS = {"format", "root", "entries", "chunks", "chunklocs", "frames", "packs"}
 _U32 = 1 << 32
 _U64 = 1 << 64
-_DIR_TAG = "shoal/dir/1"
+_DIR_TAG = "shoal/dir/2"
 
 
 # ---------------------------------------------------------------- Merkle (§6)
@@ -42,7 +42,21 @@ def meta_record(e: Entry) -> list[Any]:
     return [e.mode, e.uid, e.gid, e.mtime_ns, dict(e.xattrs)]
 
 
-def child_record(e: Entry) -> list[Any]:
+def content_record(e: Entry, ids: tuple[bytes, ...]) -> bytes:
+    """What a file's Merkle record says of its bytes: sha256 of its chunk ids, in file order,
+    concatenated (§6).
+
+    Chunk ids are sha256 of the chunk bytes and every reader verifies every chunk it serves, so a
+    root that covers this sequence covers every byte of the file: order, repetition and length.
+    Hashed incrementally, so a file of a million chunk references costs no memory.
+    """
+    h = hashlib.sha256()
+    for c in e.chunks:
+        h.update(ids[c])
+    return h.digest()
+
+
+def child_record(e: Entry, ids: tuple[bytes, ...]) -> list[Any]:
     name = name_of(e.path)
     k = e.kind
     if k == Kind.DIR:
@@ -51,7 +65,7 @@ def child_record(e: Entry) -> list[Any]:
         return [name, int(k), e.target]
     rec: list[Any] = [name, int(k), *meta_record(e)]
     if k == Kind.FILE:
-        rec += [e.size, e.sha256]
+        rec += [e.size, content_record(e, ids)]
     elif k == Kind.SYMLINK:
         rec.append(e.target)
     elif k in (Kind.CHAR, Kind.BLOCK):
@@ -75,8 +89,8 @@ def _meta_items(e: Entry) -> bytes:
                      cbor.encode(dict(e.xattrs)) if e.xattrs else _NO_XATTRS))
 
 
-def _child_bytes(e: Entry) -> bytes:
-    """``cbor.encode(child_record(e))``."""
+def _child_bytes(e: Entry, ids: tuple[bytes, ...]) -> bytes:
+    """``cbor.encode(child_record(e, ids))``."""
     name = name_of(e.path)
     k = e.kind
     lead = _H(2, len(name)) + name + _H(0, int(k))
@@ -86,7 +100,8 @@ def _child_bytes(e: Entry) -> bytes:
         return _H(4, 3) + lead + _H(2, len(e.target)) + e.target
     meta = _meta_items(e)
     if k == Kind.FILE:
-        return _H(4, 9) + lead + meta + _H(0, e.size) + _H(2, len(e.sha256)) + e.sha256
+        content = content_record(e, ids)
+        return _H(4, 9) + lead + meta + _H(0, e.size) + _H(2, len(content)) + content
     if k == Kind.SYMLINK:
         return _H(4, 8) + lead + meta + _H(2, len(e.target)) + e.target
     if k in (Kind.CHAR, Kind.BLOCK):
@@ -102,8 +117,9 @@ def _dir_digest(d: Entry, children: list[bytes]) -> bytes:
     return h.digest()
 
 
-def merkle(entries: Iterable[Entry]) -> list[Entry]:
-    """Return ``entries`` (canonical order) with every directory's Merkle digest filled in."""
+def merkle(entries: Iterable[Entry], ids: tuple[bytes, ...]) -> list[Entry]:
+    """Return ``entries`` (canonical order) with every directory's Merkle digest filled in; ``ids``
+    is the chunk table the files' chunk references index."""
     out = list(entries)
     # entries are in depth-first preorder, so a stack of open directories suffices
     stack: list[tuple[int, list[bytes]]] = []
@@ -111,22 +127,22 @@ def merkle(entries: Iterable[Entry]) -> list[Entry]:
         if stack and i:
             parent = parent_of(e.path)
             while stack and out[stack[-1][0]].path != parent:
-                _close(out, stack)
+                _close(out, stack, ids)
         if stack and e.kind != Kind.DIR:
-            stack[-1][1].append(_child_bytes(e))
+            stack[-1][1].append(_child_bytes(e, ids))
         if e.kind == Kind.DIR:
             stack.append((i, []))
     while stack:
-        _close(out, stack)
+        _close(out, stack, ids)
     return out
 
 
-def _close(out: list[Entry], stack: list[tuple[int, list[bytes]]]) -> None:
+def _close(out: list[Entry], stack: list[tuple[int, list[bytes]]], ids: tuple[bytes, ...]) -> None:
     i, kids = stack.pop()
     d = replace(out[i], digest=_dir_digest(out[i], kids))
     out[i] = d
     if stack:
-        stack[-1][1].append(_child_bytes(d))
+        stack[-1][1].append(_child_bytes(d, ids))
 
 
 # ---------------------------------------------------------------- encoding (§4)
@@ -136,16 +152,12 @@ def _payload(e: Entry) -> Any:
     if k == Kind.DIR:
         return e.digest
     if k == Kind.FILE:
-        # §4.3: the whole-file digest is omitted when it is implied (no chunk, or exactly one)
-        return [e.size, b"" if len(e.chunks) <= 1 else e.sha256, list(e.chunks)]
+        return [e.size, list(e.chunks)]
     if k in (Kind.SYMLINK, Kind.HARDLINK):
         return e.target
     if k in (Kind.CHAR, Kind.BLOCK):
         return [e.rdev[0], e.rdev[1]]
     return None
-
-
-EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
 def encode(idx: Index) -> bytes:
@@ -249,23 +261,16 @@ def _decode_entry(raw: Any, ids: tuple[bytes, ...], chunk_lengths: tuple[int, ..
             raise FormatError("index: directory digest must be 32 bytes")
         return Entry(path, kind, mode, uid, gid, mtime, xattrs, digest=digest)
     if kind == Kind.FILE:
-        if type(p) is not list or len(p) != 3 or type(p[2]) is not list:
+        if type(p) is not list or len(p) != 2 or type(p[1]) is not list:
             raise FormatError("index: bad file payload")
         size = _int(p[0], 1 << 63, "file size")
-        sha = _bytes(p[1], "file sha256")
-        chunks = tuple(p[2])
+        chunks = tuple(p[1])
         total = 0
         for c in chunks:
             total += chunk_lengths[_int(c, n_chunks, "chunk reference")]
-        if len(chunks) <= 1:
-            if sha:
-                raise FormatError("index: an implied file sha256 must be omitted")
-            sha = ids[chunks[0]] if chunks else EMPTY_SHA256
-        elif len(sha) != 32:
-            raise FormatError("index: file sha256 must be 32 bytes")
         if total != size:
             raise FormatError(f"index: chunks of {path[:200]!r} do not add up to its size")
-        return Entry(path, kind, mode, uid, gid, mtime, xattrs, size=size, sha256=sha, chunks=chunks)
+        return Entry(path, kind, mode, uid, gid, mtime, xattrs, size=size, chunks=chunks)
     if kind in (Kind.SYMLINK, Kind.HARDLINK):
         target = _bytes(p, "link target")
         if not target or b"\0" in target or len(target) > MAX_PATH:
@@ -286,8 +291,12 @@ def decode(raw: bytes) -> Index:
     doc = cbor.decode(raw)
     if type(doc) is not dict or set(doc) != _KEYS:
         raise FormatError("index: wrong top-level keys")
-    if doc["format"] != FORMAT:
-        raise FormatError(f"index: unsupported format {doc['format']!r}")
+    fmt = doc["format"]
+    if type(fmt) is not int or fmt != FORMAT:  # type(): ``True == 1`` must not pass (one value, one encoding)
+        if type(fmt) is int and fmt == 1:
+            raise FormatError("index: format 1 is no longer read: its Merkle root does not bind file contents "
+                              "(rebuild or re-convert the image)")
+        raise FormatError(f"index: unsupported format {str(fmt)[:40]!r}")
     root = _bytes(doc["root"], "root")
     ids_raw = _bytes(doc["chunks"], "chunk table")
     locs_raw = _bytes(doc["chunklocs"], "chunk locations")
@@ -318,7 +327,7 @@ def decode(raw: bytes) -> Index:
         raise FormatError("index: no entries")
     entries = [_decode_entry(r, ids, lengths) for r in raw_entries]
     _check_tree(entries)
-    recomputed = merkle(entries)
+    recomputed = merkle(entries, ids)
     for a, b in zip(entries, recomputed):
         if a.digest != b.digest:
             raise FormatError(f"index: Merkle digest mismatch at {a.path[:200]!r}")
@@ -362,7 +371,7 @@ def make_index(
     packs: list[bytes],
 ) -> Index:
     """Assemble an Index from canonical entries, filling in the Merkle digests."""
-    full = merkle(entries)
+    full = merkle(entries, tuple(chunk_ids))
     return Index(
         tuple(full), tuple(chunk_ids), tuple(chunk_frames), tuple(chunk_offsets), tuple(chunk_lengths),
         tuple(frames), tuple(packs), full[0].digest,

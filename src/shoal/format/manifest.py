@@ -14,6 +14,7 @@ from typing import Any
 from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError
+from shoal.format.index import FORMAT
 
 __all__ = ["json_object", "Descriptor", "ShoalManifest", "ImageConfig", "canonical_json", "build_manifest",
            "parse_manifest",
@@ -100,7 +101,7 @@ def build_config(cfg: ImageConfig) -> bytes:
         "config": cfg.config,
         # rootfs is required by the OCI config schema; Shoal has no tar layers, so diff_ids is empty.
         "rootfs": {"type": "layers", "diff_ids": []},
-        "shoal": {"format": 1, "root": cfg.root, **cfg.extra},
+        "shoal": {"format": FORMAT, "root": cfg.root, **cfg.extra},
     }
     if cfg.variant:
         doc["variant"] = cfg.variant
@@ -133,7 +134,7 @@ def build_manifest(config: Descriptor, index: Descriptor, packs: list[Descriptor
         "artifactType": mt.ARTIFACT_TYPE,
         "config": config.to_json(),
         "layers": [index.to_json()] + [p.to_json() for p in packs],
-        "annotations": {mt.ANN_FORMAT: "1", mt.ANN_ROOT: root, **(annotations or {})},
+        "annotations": {mt.ANN_FORMAT: str(FORMAT), mt.ANN_ROOT: root, **(annotations or {})},
     }
     raw = canonical_json(doc)
     return raw, "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -172,6 +173,7 @@ def parse_manifest(raw: bytes, digest: str | None = None) -> ShoalManifest:
         raise FormatError("manifest annotations must be an object")
     root = ann.get(mt.ANN_ROOT, "")
     fmt = ann.get(mt.ANN_FORMAT, "")
-    if fmt != "1":
-        raise FormatError(f"unsupported Shoal format {fmt!r}")
-    return ShoalManifest(actual, raw, config, descs[0], tuple(descs[1:]), dg.validate(root), 1)
+    if fmt != str(FORMAT):
+        hint = " (format 1 roots do not bind file contents: rebuild or re-convert the image)" if fmt == "1" else ""
+        raise FormatError(f"unsupported Shoal format {str(fmt)[:40]!r}{hint}")
+    return ShoalManifest(actual, raw, config, descs[0], tuple(descs[1:]), dg.validate(root), FORMAT)

@@ -35,7 +35,6 @@ class Entry:
     mtime_ns: int
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
     size: int = 0  # FILE
-    sha256: bytes = b""  # FILE: whole-file digest
     chunks: tuple[int, ...] = ()  # FILE: indices into the chunk table
     target: bytes = b""  # SYMLINK target, or HARDLINK: path of the primary file
     rdev: tuple[int, int] = (0, 0)  # CHAR/BLOCK: (major, minor)

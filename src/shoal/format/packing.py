@@ -8,9 +8,15 @@ of similar trees share most packs byte for byte.
 
 from __future__ import annotations
 
+import threading
+
+import zstandard
+
+from shoal.errors import IntegrityError
+
 __all__ = [
     "FRAME_MIN", "FRAME_SPAN", "FRAME_MAX", "PACK_MIN", "PACK_SPAN", "PACK_MAX",
-    "ZSTD_LEVEL", "frame_full", "frame_ends_after", "pack_full", "pack_ends_after",
+    "ZSTD_LEVEL", "decompress_frame", "frame_full", "frame_ends_after", "pack_full", "pack_ends_after",
 ]
 
 KiB = 1024
@@ -52,3 +58,40 @@ def pack_ends_after(last_chunk_id: bytes, frame_ulen: int, pack_len: int) -> boo
     if pack_len < PACK_MIN:
         return False
     return int.from_bytes(last_chunk_id[4:8], "big") * PACK_SPAN < frame_ulen * _TWO32
+
+
+# §4.6 frames: readers decompress with the declared length as a hard bound
+_tls = threading.local()
+_MAX_WINDOW = 1 << 24  # a frame holds at most FRAME_MAX bytes; no honest frame needs a larger window
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+    return d
+
+
+def decompress_frame(data: bytes, ulen: int, where: str) -> bytes:
+    """Decompress one frame that the index says holds exactly ``ulen`` bytes.
+
+    python-zstandard trusts a content size declared in the frame header over ``max_output_size``,
+    so the header is read first: a frame that declares any other length is refused before a byte
+    is allocated for it (a 32 KB frame may declare 1 GiB).  Every reader (cat, unpack, the mount,
+    pull, fsck) goes through here, so they all apply the same checks.
+    """
+    if not 0 < ulen <= FRAME_MAX:
+        raise IntegrityError(f"corrupt frame at {where}: declared length {ulen} out of range")
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"corrupt frame at {where}: {exc}") from None
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != ulen:
+        raise IntegrityError(f"corrupt frame at {where}: header declares {declared} bytes, index says {ulen}")
+    try:
+        out = _dctx().decompress(data, max_output_size=ulen, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"corrupt frame at {where}: {exc}") from None
+    if len(out) != ulen:
+        raise IntegrityError(f"corrupt frame at {where}: {len(out)} bytes instead of {ulen}")
+    return out

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterable
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, NotFound, UsageError
+from shoal.errors import FormatError, IntegrityError, NotFound, UsageError
 from shoal.format import index as fidx
 from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, parse_manifest
 from shoal.format.model import Index
+from shoal.format.packing import decompress_frame
 from shoal.format.platform import Platform, platform_json
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
@@ -181,21 +184,53 @@ class Store:
             raise FormatError("index pack table differs from the manifest layers")
         return idx
 
-    def register_chunks(self, m: ShoalManifest, idx: Index | None = None) -> int:
-        """Record in the catalogue every chunk of ``m`` whose frame the store holds; return how many."""
+    def register_chunks(self, m: ShoalManifest, idx: Index | None = None, verified: Collection[int] = ()) -> int:
+        """Record in the catalogue every chunk of ``m`` whose frame the store holds; return how many.
+
+        The catalogue only ever holds verified locations (store.md §3): a chunk id it already knows was
+        checked when it entered, and every other chunk is decompressed and hashed here before its row
+        is written, unless its frame index is in ``verified`` (the caller checked that frame's chunks
+        against this index, e.g. a pull that just fetched it or a build that made it).  An index that
+        claims a chunk its frame does not hold is refused with nothing recorded.
+        """
         idx = idx or self.load_index(m)
+        known = self.catalog.locate(idx.chunk_ids)
+        by_frame: dict[int, list[int]] = {}
+        for ci, cid in enumerate(idx.chunk_ids):
+            if cid not in known:
+                by_frame.setdefault(idx.chunk_frames[ci], []).append(ci)
+        todo: list[int] = []
+        present: list[int] = []
+        for fi in by_frame:
+            f = idx.frames[fi]
+            if self.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset):
+                present.append(fi)
+                if fi not in verified:
+                    todo.append(fi)
+        if todo:
+            with ThreadPoolExecutor(2, thread_name_prefix="shoal-verify") as pool:
+                for _ in pool.map(lambda fi: self.verify_frame(idx, fi, by_frame[fi]), todo):
+                    pass
         rows = []
-        present: dict[tuple[int, int], bool] = {}
-        for i, cid in enumerate(idx.chunk_ids):
-            f = idx.frames[idx.chunk_frames[i]]
+        for fi in present:
+            f = idx.frames[fi]
             pack = "sha256:" + idx.packs[f.pack].hex()
-            key = (f.pack, f.offset)
-            if key not in present:
-                present[key] = self.has_frame(pack, f.offset)
-            if present[key]:
-                rows.append((cid, pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[i], idx.chunk_lengths[i]))
+            rows += [(idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[ci], idx.chunk_lengths[ci])
+                     for ci in by_frame[fi]]
         self.catalog.add(rows)
         return len(rows)
+
+    def verify_frame(self, idx: Index, fi: int, chunks: Iterable[int]) -> None:
+        """Check that frame ``fi`` of ``idx``, as the store holds it, holds ``chunks`` (IntegrityError if not)."""
+        f = idx.frames[fi]
+        pack = "sha256:" + idx.packs[f.pack].hex()
+        where = f"{pack}@{f.offset}"
+        data = decompress_frame(self.read_frame(pack, f.offset, f.clen), f.ulen, where)
+        for ci in chunks:
+            o, n = idx.chunk_offsets[ci], idx.chunk_lengths[ci]
+            if hashlib.sha256(data[o : o + n]).digest() != idx.chunk_ids[ci]:
+                raise IntegrityError(f"the index claims chunk sha256:{idx.chunk_ids[ci].hex()} in frame {where}, "
+                                     "but the bytes there hash otherwise (digest mismatch); nothing was recorded")
 
     def tag(self, ref: str, m: ShoalManifest) -> None:
         self.layout.set_ref(normalize_ref(ref), {"mediaType": mt.OCI_MANIFEST, "digest": m.digest,

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from shoal.errors import StoreError
 
@@ -118,6 +118,23 @@ class Catalog:
     def has_frame(self, pack: str, off: int) -> bool:
         q = "SELECT 1 FROM frames WHERE pack = ? AND off = ?"
         return self._conn().execute(q, (pack, off)).fetchone() is not None
+
+    def frames_overlapping(self, pack: str, off: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) of the recorded frames of ``pack`` that overlap ``[off, off+length)``."""
+        q = "SELECT off, clen FROM frames WHERE pack = ? AND off < ? AND off + clen > ? ORDER BY off"
+        return [(int(r[0]), int(r[1])) for r in self._conn().execute(q, (pack, off + length, off))]
+
+    def drop_frame_chunks(self, pack: str, frame_off: int) -> None:
+        self._write("DELETE FROM chunks WHERE pack = ? AND frame_off = ?", [(pack, frame_off)])
+
+    def rows(self) -> Iterator[tuple[bytes, ChunkLocation]]:
+        """Every chunk row (for fsck)."""
+        q = "SELECT id, pack, frame_off, frame_clen, frame_ulen, off, len FROM chunks ORDER BY pack, frame_off"
+        for row in self._conn().execute(q).fetchall():
+            yield row[0], ChunkLocation(*row[1:])
+
+    def drop_chunk(self, cid: bytes) -> None:
+        self._write("DELETE FROM chunks WHERE id = ?", [(cid,)])
 
     def frame_bytes(self, pack: str) -> int:
         row = self._conn().execute("SELECT coalesce(sum(clen), 0) FROM frames WHERE pack = ?", (pack,)).fetchone()

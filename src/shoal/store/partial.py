@@ -6,18 +6,25 @@ the pack itself, and recorded in the catalogue's ``frames`` table once
 durable.  Callers verify every chunk of a frame before ``put_frame``.  When
 every byte of a pack is present and the file hashes to the pack's digest, the
 file is promoted to ``blobs/sha256/``.
+
+A frame's bytes are only verified against the chunk ids of the index that
+claimed them, not against the pack (its digest needs every byte), so two
+images may claim different bytes for one range of one pack.  The first
+verified frame keeps the range: ``put_frame`` never writes over bytes a
+recorded frame covers, and refuses a differing claim with ``FrameConflict``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import threading
 from pathlib import Path
 
 from shoal import digest as dg
-from shoal.errors import NotFound, StoreError
+from shoal.errors import FrameConflict, NotFound, StoreError
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout, hash_file, pread_file
 
@@ -41,18 +48,31 @@ class PartialPacks:
         return self.catalog.has_frame(pack, offset)
 
     def put_frame(self, pack: str, offset: int, data: bytes) -> None:
-        """Record a verified frame of ``pack`` at ``offset`` (durable before it is recorded)."""
+        """Record a verified frame of ``pack`` at ``offset`` (durable before it is recorded).
+
+        The same frame again is a no-op; bytes that differ from, or overlap, a recorded frame are
+        refused with ``FrameConflict`` and nothing is written.  An flock on the partial file makes the
+        check and the write one step across processes."""
         p = self.path(pack)
         try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                os.pwrite(fd, data, offset)
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot write partial pack {pack}: {exc.strerror}") from None
-        self.catalog.add_frame(pack, offset, len(data))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            overlap = self.catalog.frames_overlapping(pack, offset, len(data))
+            if overlap:
+                if overlap == [(offset, len(data))] and os.pread(fd, len(data), offset) == data:
+                    return
+                raise FrameConflict(f"pack {pack}: bytes {offset}+{len(data)} differ from a verified frame "
+                                    "another image stored there; not overwritten")
+            os.pwrite(fd, data, offset)
+            os.fdatasync(fd)
+            self.catalog.add_frame(pack, offset, len(data))
+        except OSError as exc:
+            raise StoreError(f"cannot write partial pack {pack}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
 
     def read(self, pack: str, offset: int, length: int) -> bytes:
         if not self.catalog.has_frame(pack, offset):
@@ -68,7 +88,7 @@ class PartialPacks:
     def try_promote(self, pack: str, size: int) -> bool:
         """If every byte of ``pack`` is present and verifies, make it a complete blob."""
         if self.layout.has(pack):
-            self.drop(pack)
+            self.supersede(pack)
             return True
         if self.catalog.frame_bytes(pack) != size:
             return False
@@ -80,6 +100,20 @@ class PartialPacks:
             self.layout.put_stream(f, pack, size)
         self.drop(pack)
         return True
+
+    def supersede(self, pack: str) -> None:
+        """The complete blob of ``pack`` is now in the store: drop the partial file, and the catalogue
+        rows of any frame whose bytes differ from the blob's (they were some other image's claim)."""
+        p = self.path(pack)
+        for off, clen in self.catalog.frames_overlapping(pack, 0, 1 << 62):
+            try:
+                mine = pread_file(p, off, clen, f"frame {pack}@{off}")
+            except (NotFound, StoreError):
+                mine = b""
+            if mine != self.layout.read_range(pack, off, clen):
+                log.warning("frame %s@%d differed from the pack's verified bytes; its chunks are forgotten", pack, off)
+                self.catalog.drop_frame_chunks(pack, off)
+        self.drop(pack)
 
     def drop(self, pack: str) -> None:
         self.catalog.drop_frames(pack)
