@@ -17,9 +17,9 @@ import threading
 from pathlib import Path
 
 from shoal import digest as dg
-from shoal.errors import NotFound, StoreError
+from shoal.errors import NotFound, from_oserror
 from shoal.store.catalog import Catalog
-from shoal.store.layout import Layout, hash_file, pread_file
+from shoal.store.layout import Layout, hash_file, pread_file, store_io
 
 __all__ = ["PartialPacks"]
 
@@ -31,7 +31,8 @@ class PartialPacks:
         self.layout = layout
         self.catalog = catalog
         self.dir = layout.root / "partial"
-        self.dir.mkdir(exist_ok=True)
+        with store_io("cannot initialise the store"):
+            self.dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
 
     def path(self, pack: str) -> Path:
@@ -51,7 +52,7 @@ class PartialPacks:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise StoreError(f"cannot write partial pack {pack}: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot write partial pack {pack}", p, store=True) from None
         self.catalog.add_frame(pack, offset, len(data))
 
     def read(self, pack: str, offset: int, length: int) -> bytes:
@@ -83,7 +84,7 @@ class PartialPacks:
 
     def drop(self, pack: str) -> None:
         self.catalog.drop_frames(pack)
-        with contextlib.suppress(FileNotFoundError):
+        with store_io("cannot remove a partial pack"), contextlib.suppress(FileNotFoundError):
             self.path(pack).unlink()
 
     def packs(self) -> set[str]:
