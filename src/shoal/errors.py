@@ -6,7 +6,7 @@
     ├── FormatError                 exit 4   malformed, oversized or non-canonical input
     │   └── HostileInput                     input that tries to escape or exhaust
     ├── IntegrityError              exit 5   a digest or size does not match
-    ├── StoreError                  exit 6   the local store is unusable or locked
+    ├── StoreError                  exit 6   the local store is unusable, locked or read-only (EROFS)
     ├── TransportError              exit 7   a registry or transport failed
     │   └── AuthError                        credentials refused or missing
     ├── PermissionDenied            exit 8   an operation needs privileges we lack, or a path is
