@@ -21,7 +21,7 @@ import zstandard
 
 from shoal import mediatypes as mt
 from shoal.chunking import get_chunker
-from shoal.errors import ShoalError
+from shoal.errors import from_oserror
 from shoal.format import index as fidx
 from shoal.format import packing
 from shoal.format.manifest import Descriptor, ImageConfig, ShoalManifest, build_config, build_manifest, parse_manifest
@@ -102,7 +102,7 @@ class DirSource:
             with open(path, "rb") as f:
                 return f.read()
         except OSError as exc:
-            raise ShoalError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from None
+            raise from_oserror(exc, "cannot read", path) from None
 
 
 def _chunk_file(source: TreeSource, e: Entry) -> _Chunked:

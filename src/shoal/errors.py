@@ -7,13 +7,18 @@
     │   └── HostileInput                     input that tries to escape or exhaust
     ├── IntegrityError              exit 5   a digest or size does not match
     │   └── FrameConflict                    two sources claim different bytes for one range of a pack
-    ├── StoreError                  exit 6   the local store is unusable or locked
+    ├── StoreError                  exit 6   the local store is unusable, locked or read-only (EROFS)
     ├── TransportError              exit 7   a registry or transport failed
     │   └── AuthError                        credentials refused or missing
-    └── PermissionDenied            exit 8   an operation needs privileges we lack
+    ├── PermissionDenied            exit 8   an operation needs privileges we lack, or a path is
+    │                                        not writable (EACCES, EPERM; EROFS outside the store)
+    └── NoSpace                     exit 9   no space left: disk full or quota exceeded
 
 Only the CLI turns these into messages and exit codes (``exit_code``).  Every
-message is one line and never contains credentials.
+message is one line (whitespace runs collapse, control characters are escaped), at most
+``MAX_MESSAGE`` characters, and never contains credentials.
+
+``from_oserror`` is the one place an ``OSError`` becomes a Shoal error (by errno).
 """
 
 from __future__ import annotations
@@ -32,7 +37,25 @@ __all__ = [
     "TransportError",
     "AuthError",
     "PermissionDenied",
+    "NoSpace",
+    "MAX_MESSAGE",
+    "from_oserror",
+    "short",
 ]
+
+MAX_MESSAGE = 600  # characters of an error message; longer ones are cut in the middle
+_PATH_SHOWN = 160  # characters of a path shown in a message
+
+
+def short(text: str, limit: int = _PATH_SHOWN) -> str:
+    """``text`` on one line, control characters escaped, cut in the middle to ``limit`` characters."""
+    text = " ".join(text.split())
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    if len(text) > limit:
+        keep = max(limit - 3, 2)
+        text = text[: keep - keep // 3] + "..." + text[len(text) - keep // 3 :]
+    return text
 
 
 class ShoalError(Exception):
@@ -42,7 +65,7 @@ class ShoalError(Exception):
     errno: int = _errno.EIO
 
     def __str__(self) -> str:  # one line, always
-        return " ".join(super().__str__().split())
+        return short(super().__str__(), MAX_MESSAGE)
 
 
 class UsageError(ShoalError):
@@ -90,3 +113,53 @@ class AuthError(TransportError):
 class PermissionDenied(ShoalError):
     exit_code = 8
     errno = _errno.EPERM
+
+
+class NoSpace(ShoalError):
+    exit_code = 9
+    errno = _errno.ENOSPC
+
+
+def _show(path: object) -> str:
+    if path is None or path == "" or path == b"":
+        return ""
+    if isinstance(path, bytes):
+        text = path.decode("utf-8", "backslashreplace")
+    elif isinstance(path, int):  # a descriptor: nothing to show
+        return ""
+    else:
+        text = str(path)
+    return short(text)
+
+
+def from_oserror(exc: OSError, what: str = "", path: object = None, *, store: bool = False) -> ShoalError:
+    """The Shoal error for a failed system call: ``what`` failed on ``path`` (default: the error's own
+    file name; ``""``: none) because of ``exc``.  By errno: EACCES/EPERM -> PermissionDenied,
+    ENOSPC/EDQUOT -> NoSpace, ENAMETOOLONG -> FormatError, EROFS -> StoreError with ``store`` (the
+    path is in the local store, or an image layout being written) else PermissionDenied; any other
+    errno -> StoreError with ``store``, else NotFound (ENOENT, ENOTDIR), UsageError (EEXIST, EISDIR,
+    ENOTEMPTY, ELOOP) or ShoalError (exit 1)."""
+    shown = _show(path if path is not None else exc.filename)
+    if exc.filename2 is not None and path is None:
+        shown = f"{shown} -> {_show(exc.filename2)}"
+    cause = exc.strerror or str(exc)
+    code = exc.errno
+    cls: type[ShoalError]
+    if code in (_errno.EACCES, _errno.EPERM):
+        cls, cause = PermissionDenied, "permission denied"
+    elif code == _errno.EROFS:
+        cls, cause = StoreError if store else PermissionDenied, "read-only file system"
+    elif code in (_errno.ENOSPC, _errno.EDQUOT):
+        cls, cause = NoSpace, "no space left on device" if code == _errno.ENOSPC else "disk quota exceeded"
+    elif code == _errno.ENAMETOOLONG:
+        cls, cause = FormatError, "path too long (at most 4096 bytes, 255 per name)"
+    elif store:
+        cls = StoreError
+    elif code in (_errno.ENOENT, _errno.ENOTDIR):
+        cls = NotFound
+    elif code in (_errno.EEXIST, _errno.EISDIR, _errno.ENOTEMPTY, _errno.ELOOP):
+        cls = UsageError
+    else:
+        cls = ShoalError
+    parts = [p for p in (what, cause, shown) if p]
+    return cls(": ".join(parts))

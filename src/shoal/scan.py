@@ -12,7 +12,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from shoal.errors import NotFound, UsageError
+from shoal.errors import FormatError, NotFound, UsageError, from_oserror, short
+from shoal.format.index import MAX_PATH
 from shoal.format.model import Entry, Kind, path_key
 
 __all__ = ["ScannedTree", "scan"]
@@ -52,6 +53,13 @@ def scan(root: str | bytes | os.PathLike[str], source_date_epoch: int | None = N
         raise UsageError(f"not a directory: {os.fsdecode(base)}")
     clamp = None if source_date_epoch is None else source_date_epoch * 1_000_000_000
 
+    try:
+        return _scan(base, st_root, clamp)
+    except OSError as exc:
+        raise from_oserror(exc, "cannot read the tree") from None
+
+
+def _scan(base: bytes, st_root: os.stat_result, clamp: int | None) -> ScannedTree:
     raw: list[tuple[bytes, os.stat_result]] = [(b"", st_root)]
     skipped: list[bytes] = []
     stack = [b""]
@@ -61,6 +69,9 @@ def scan(root: str | bytes | os.PathLike[str], source_date_epoch: int | None = N
             for de in it:
                 name = de.name if isinstance(de.name, bytes) else os.fsencode(de.name)
                 p = rel + b"/" + name if rel else name
+                if len(p) > MAX_PATH:
+                    raise FormatError(f"path longer than the format's {MAX_PATH} bytes: "
+                                      f"{short(os.fsdecode(os.path.join(base, p)))}")
                 st = de.stat(follow_symlinks=False)
                 m = st.st_mode
                 if stat.S_ISSOCK(m) or not (

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from shoal.errors import PermissionDenied, ShoalError, UsageError
+from shoal.errors import PermissionDenied, UsageError, from_oserror
 from shoal.format.model import Entry, Index, Kind
 from shoal.progress import NULL, Sink
 from shoal.reader import Reader
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 class UnpackOptions:
     workers: int = field(default_factory=lambda: min(8, (os.cpu_count() or 1) * 2))
     same_owner: bool = field(default_factory=lambda: os.geteuid() == 0)
+    #: keep setuid/setgid bits (as root, like GNU tar); else they are cleared (format.md §7)
+    same_special: bool = field(default_factory=lambda: os.geteuid() == 0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class _Unpacker:
         self.xattr_warned = False
         self.ids = (os.geteuid(), os.getegid())
         self.umask = _umask()
+        self.mode_mask = 0o7777 if opts.same_special else 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)
 
     @staticmethod
     def rel(e: Entry) -> bytes:
@@ -79,8 +82,9 @@ class _Unpacker:
         this process just created with mode ``created``, calls that would change nothing are skipped."""
         if self.opts.same_owner and (created is None or (e.uid, e.gid) != self.ids):
             os.fchown(fd, e.uid, e.gid)
-        if created is None or e.mode != created or self.umask is None or created & self.umask:
-            os.fchmod(fd, e.mode)
+        mode = e.mode & self.mode_mask
+        if created is None or mode != created or self.umask is None or created & self.umask:
+            os.fchmod(fd, mode)
         self.set_xattrs(fd, e)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
@@ -99,6 +103,10 @@ class _Unpacker:
                 while view:
                     view = view[os.write(fd, view):]
             self.meta_fd(fd, e, e.mode & 0o777)  # special bits always go through fchmod, after fchown
+        except OSError as exc:
+            if exc.filename is None:  # calls on a descriptor: name the file
+                raise OSError(exc.errno, exc.strerror, e.path) from None
+            raise
         finally:
             os.close(fd)
         self.sink.advance("unpack", e.size)
@@ -139,7 +147,7 @@ class _Unpacker:
         if self.opts.same_owner:
             os.chown(p, e.uid, e.gid, dir_fd=self.fd, follow_symlinks=False)
         if e.kind != Kind.SYMLINK:
-            os.chmod(p, e.mode, dir_fd=self.fd, follow_symlinks=False)
+            os.chmod(p, e.mode & self.mode_mask, dir_fd=self.fd, follow_symlinks=False)
         self.set_xattrs(p, e)
         os.utime(p, ns=(e.mtime_ns, e.mtime_ns), dir_fd=self.fd, follow_symlinks=False)
 
@@ -166,16 +174,17 @@ def _umask() -> int | None:
 def _prepare(dest: str) -> bool:
     """Make sure ``dest`` is a new or empty directory; return True if we created it."""
     try:
-        os.mkdir(dest, 0o700)
-        return True
-    except FileExistsError:
-        if not os.path.isdir(dest) or os.path.islink(dest):
-            raise UsageError(f"{dest} exists and is not a directory") from None
-        if os.listdir(dest):
-            raise UsageError(f"{dest} is not empty") from None
-        return False
+        try:
+            os.mkdir(dest, 0o700)
+            return True
+        except FileExistsError:
+            if not os.path.isdir(dest) or os.path.islink(dest):
+                raise UsageError(f"{dest} exists and is not a directory") from None
+            if os.listdir(dest):
+                raise UsageError(f"{dest} is not empty") from None
+            return False
     except OSError as exc:
-        raise UsageError(f"cannot create {dest}: {exc.strerror}") from None
+        raise from_oserror(exc, "cannot create the target", dest) from None
 
 
 def unpack(index: Index, reader: Reader, dest: str, opts: UnpackOptions | None = None,
@@ -185,7 +194,10 @@ def unpack(index: Index, reader: Reader, dest: str, opts: UnpackOptions | None =
     if os.geteuid() != 0 and any(e.kind in (Kind.CHAR, Kind.BLOCK) for e in index.entries):
         raise PermissionDenied("the image holds device nodes, which only root can create; run as root")
     created = _prepare(dest)
-    rootfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        rootfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise from_oserror(exc, "cannot open the target", dest) from None
     u = _Unpacker(reader, rootfd, opts, sink)
     files = [e for e in index.entries if e.kind == Kind.FILE]
     sink.start("unpack", sum(e.size for e in files))
@@ -218,7 +230,11 @@ def unpack(index: Index, reader: Reader, dest: str, opts: UnpackOptions | None =
                         os.unlink(name, dir_fd=rootfd)
             os.close(rootfd)
         if isinstance(exc, OSError):
-            raise ShoalError(f"unpack failed: {exc.strerror}: {os.fsdecode(exc.filename or b'')}") from None
+            # a path relative to the target (dir_fd calls) is shown under it
+            shown: object = exc.filename
+            if isinstance(shown, (str, bytes)) and not os.path.isabs(shown):
+                shown = os.path.join(os.fsencode(dest), os.fsencode(shown))
+            raise from_oserror(exc, "unpack failed", shown) from None
         raise
     os.close(rootfd)
     sink.finish("unpack")

@@ -76,10 +76,16 @@ def cli(ctx: click.Context, store: str | None, verbose: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    from shoal.errors import ShoalError
+    from shoal.errors import MAX_MESSAGE, ShoalError, from_oserror, short
 
     try:
-        return cli.main(args=argv, prog_name="shoal", standalone_mode=False)
+        try:
+            return cli.main(args=argv, prog_name="shoal", standalone_mode=False)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a system call no layer below explained: classify it by errno
+            logging.getLogger("shoal").debug("system call failed", exc_info=True)
+            raise from_oserror(exc) from None
     except ShoalError as exc:
         click.echo(f"shoal: error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo("shoal: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"shoal: error: {' '.join(exc.format_message().split())}", err=True)
+        click.echo(f"shoal: error: {short(exc.format_message(), MAX_MESSAGE)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -101,6 +107,6 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(0)
     except Exception as exc:  # a bug: still one line, with the traceback in the debug log
         logging.getLogger("shoal").debug("internal error", exc_info=True)
-        click.echo(f"shoal: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+        click.echo(f"shoal: internal error: {type(exc).__name__}: {short(str(exc), MAX_MESSAGE)} "
                    "(run with -vv for the traceback)", err=True)
         sys.exit(70)

@@ -35,9 +35,9 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
     from shoal.build import build as do_build
     from shoal.format.manifest import ImageConfig
     from shoal.format.platform import host_arch
-    from shoal.store import normalize_ref
+    from shoal.store import new_image_name
 
-    ref = normalize_ref(ref)
+    ref = new_image_name(ref)
     default_path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     conf: dict[str, object] = {"Env": list(env) or [default_path]}
     if entrypoint:

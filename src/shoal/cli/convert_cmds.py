@@ -35,10 +35,12 @@ def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], p
     converted into the store under the same repository name and copied there."""
     from shoal.convert import convert as do_convert
     from shoal.copier import CopyOptions, copy
+    from shoal.store import refuse_reserved
     from shoal.transports.base import parse_reference
     from shoal.transports.local import LocalReference
 
     opts = registry_opts(ctx, **kw)
+    refuse_reserved(dst)  # `oci:latest` is the oci transport, not a store name: say so
     src_ref, dst_ref = parse_reference(src), parse_reference(dst)
     local = dst_ref.name if isinstance(dst_ref, LocalReference) else _local_name(dst_ref)
     store = open_store(ctx)
@@ -61,11 +63,11 @@ def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], p
 
 def _local_name(dst_ref: object) -> str:
     """The store name a conversion for a remote destination is kept under: its repository and tag."""
-    from shoal.store import normalize_ref
+    from shoal.store import new_image_name
     from shoal.transports.docker import DockerReference
 
     if isinstance(dst_ref, DockerReference):
-        return normalize_ref(f"{dst_ref.repo}:{dst_ref.tag or 'latest'}")
+        return new_image_name(f"{dst_ref.repo}:{dst_ref.tag or 'latest'}")
     raise UsageError(f"convert writes Shoal images to the store or a registry, not {dst_ref}; "
                      "convert to NAME:TAG, then `shoal copy NAME:TAG DST`")
 

@@ -115,6 +115,7 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
          platform: str | None, as_json: bool, **kw: Any) -> None:
     """Pull SRC into the store as NAME[:TAG] (default: SRC's repository and tag); only missing chunks are fetched."""
     from shoal.errors import UsageError
+    from shoal.store import refuse_reserved
     from shoal.transports.base import parse_reference
     from shoal.transports.docker import DockerReference
     from shoal.transports.local import LocalReference
@@ -127,6 +128,7 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
             raise UsageError("give a NAME[:TAG] for the store when pulling from a non-registry source")
         repo = ref.repo[len("library/"):] if ref.repo.startswith("library/") else ref.repo
         name = f"{repo}:{ref.tag or 'latest'}"
+    refuse_reserved(name)  # a name that is a transport prefix fails here, with the reason
     if not isinstance(parse_reference(name), LocalReference):
         raise UsageError(f"pull stores into the local store: want NAME[:TAG], not {name!r}")
     common = _common(ctx, concurrency=concurrency, **kw)

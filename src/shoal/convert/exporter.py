@@ -19,7 +19,7 @@ from typing import Any
 from shoal import mediatypes as mt
 from shoal.convert.platforms import Platform, resolve_images
 from shoal.convert.tarwriter import make_compressor, tar_stream
-from shoal.errors import StoreError, UsageError
+from shoal.errors import UsageError, from_oserror
 from shoal.format.manifest import ImageConfig, ShoalManifest, canonical_json, parse_config
 from shoal.progress import NULL, Sink
 from shoal.reader import Reader, StoreSource
@@ -92,7 +92,7 @@ class _TempBlob:
             while view:
                 view = view[os.write(self.fd, view):]
         except OSError as exc:
-            raise StoreError(f"cannot write a temp file: {exc.strerror}") from None
+            raise from_oserror(exc, "cannot write a temp file", "", store=True) from None
 
     @property
     def digest(self) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shoal.errors import FormatError, HostileInput, StoreError
+from shoal.errors import FormatError, HostileInput, StoreError, from_oserror
 from shoal.format.model import Entry, Kind
 from shoal.store.layout import unlinked_tempfile
 
@@ -83,7 +83,7 @@ class Spill:
                 while view:
                     view = view[os.write(self.fd, view):]
             except OSError as exc:
-                raise StoreError(f"cannot write the spill file: {exc.strerror}") from None
+                raise from_oserror(exc, "cannot write the spill file", "", store=True) from None
             left -= len(buf)
         self.size += size
         return off

@@ -23,7 +23,7 @@ from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
 from shoal.store.partial import PartialPacks
 
-__all__ = ["Store", "default_store_path", "normalize_ref"]
+__all__ = ["Store", "default_store_path", "normalize_ref", "new_image_name", "refuse_reserved", "RESERVED_NAMES"]
 
 _NAME = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -37,6 +37,31 @@ def normalize_ref(ref: str) -> str:
     if not _NAME.match(name) or not _TAG.match(tag):
         raise UsageError(f"invalid image name {ref!r} (want NAME[:TAG], lowercase name)")
     return f"{name}:{tag}"
+
+
+#: The transport names (shoal.transports): ``oci:latest`` is the oci transport with the path ``latest``,
+#: so a store image called ``oci`` could never be named again.  No new image may take one of these
+#: names (docs/transports.md); tests/unit checks the set against the registered transports.
+RESERVED_NAMES = frozenset({"docker", "oci", "oci-archive", "docker-archive", "dir"})
+
+
+def new_image_name(ref: str) -> str:
+    """``normalize_ref`` for a name about to be written: also refuses the reserved transport names."""
+    name = normalize_ref(ref)
+    repo = name.rpartition(":")[0]
+    if repo in RESERVED_NAMES:
+        raise UsageError(f"cannot name a store image {repo!r}: it is a transport prefix ({repo}:...), "
+                         f"so {name} would not name it again; choose another name")
+    return name
+
+
+def refuse_reserved(ref: str) -> None:
+    """Raise ``new_image_name``'s error if ``ref`` is a valid image name that is reserved; else nothing."""
+    try:
+        name = normalize_ref(ref)
+    except UsageError:
+        return
+    new_image_name(name)
 
 
 def default_store_path() -> Path:
@@ -126,8 +151,9 @@ class Store:
 
     def tag_index(self, ref: str, raw: bytes) -> str:
         """Store image index bytes and tag them ``ref``; return the index digest."""
+        name = new_image_name(ref)
         digest = self.layout.put(raw)
-        self.layout.set_ref(normalize_ref(ref), {"mediaType": mt.OCI_INDEX, "digest": digest, "size": len(raw)})
+        self.layout.set_ref(name, {"mediaType": mt.OCI_INDEX, "digest": digest, "size": len(raw)})
         return digest
 
     def all_manifests(self) -> list[tuple[str, str, ShoalManifest]]:
@@ -233,7 +259,7 @@ class Store:
                                      "but the bytes there hash otherwise (digest mismatch); nothing was recorded")
 
     def tag(self, ref: str, m: ShoalManifest) -> None:
-        self.layout.set_ref(normalize_ref(ref), {"mediaType": mt.OCI_MANIFEST, "digest": m.digest,
+        self.layout.set_ref(new_image_name(ref), {"mediaType": mt.OCI_MANIFEST, "digest": m.digest,
                                                  "size": len(m.raw), "artifactType": mt.ARTIFACT_TYPE})
 
     def untag(self, ref: str) -> None:

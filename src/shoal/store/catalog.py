@@ -6,6 +6,7 @@ manifests and indexes in the layout, and ``fsck --repair``/``gc`` do so.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from shoal.errors import StoreError
+from shoal.errors import NoSpace, ShoalError, StoreError, from_oserror
 
 __all__ = ["Catalog", "ChunkLocation"]
 
@@ -48,6 +49,18 @@ class ChunkLocation:
     length: int
 
 
+def sqlite_error(exc: sqlite3.Error, what: str, path: Path) -> ShoalError:
+    """The Shoal error for a failed catalogue statement: NoSpace for a full disk, else a StoreError
+    naming sqlite's cause (e.g. ``attempt to write a readonly database``)."""
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    if code == sqlite3.SQLITE_FULL:
+        return NoSpace(f"{what}: no space left on device ({cause}): {path}")
+    if code == sqlite3.SQLITE_READONLY:
+        return StoreError(f"{what}: the store is read-only ({cause}): {path}")
+    return StoreError(f"{what}: {cause}: {path}")
+
+
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -66,7 +79,7 @@ class Catalog:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StoreError(f"cannot open catalogue lock {lock_path}: {exc.strerror}") from None
+            raise from_oserror(exc, "cannot open the catalogue lock", lock_path, store=True) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             conn = self._conn()
@@ -75,7 +88,7 @@ class Catalog:
                     conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot open catalogue {self.path}: {exc}") from None
+                raise sqlite_error(exc, "cannot open the catalogue", self.path) from None
         finally:
             os.close(fd)
 
@@ -92,7 +105,7 @@ class Catalog:
                 conn.execute("PRAGMA busy_timeout=60000")
                 conn.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot open catalogue {self.path}: {exc}") from None
+                raise sqlite_error(exc, "cannot open the catalogue", self.path) from None
             self._local.conn = conn
         return conn
 
@@ -100,15 +113,23 @@ class Catalog:
         """Record chunk locations; an id already known keeps its first location."""
         self._write("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?,?,?)", list(rows))
 
-    def locate(self, ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
         c = self._conn()
+        try:
+            yield c
+        except sqlite3.Error as exc:
+            raise sqlite_error(exc, "catalogue read failed", self.path) from None
+
+    def locate(self, ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
         out: dict[bytes, ChunkLocation] = {}
         ids = list(ids)
         q = "SELECT id, pack, frame_off, frame_clen, frame_ulen, off, len FROM chunks WHERE id IN ({})"
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            for row in c.execute(q.format(",".join("?" * len(part))), part):
-                out[row[0]] = ChunkLocation(*row[1:])
+        with self._reading() as c:
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                for row in c.execute(q.format(",".join("?" * len(part))), part):
+                    out[row[0]] = ChunkLocation(*row[1:])
         return out
 
     def add_frame(self, pack: str, off: int, clen: int) -> None:
@@ -117,7 +138,8 @@ class Catalog:
 
     def has_frame(self, pack: str, off: int) -> bool:
         q = "SELECT 1 FROM frames WHERE pack = ? AND off = ?"
-        return self._conn().execute(q, (pack, off)).fetchone() is not None
+        with self._reading() as c:
+            return c.execute(q, (pack, off)).fetchone() is not None
 
     def frames_overlapping(self, pack: str, off: int, length: int) -> list[tuple[int, int]]:
         """(offset, length) of the recorded frames of ``pack`` that overlap ``[off, off+length)``."""
@@ -137,14 +159,16 @@ class Catalog:
         self._write("DELETE FROM chunks WHERE id = ?", [(cid,)])
 
     def frame_bytes(self, pack: str) -> int:
-        row = self._conn().execute("SELECT coalesce(sum(clen), 0) FROM frames WHERE pack = ?", (pack,)).fetchone()
+        with self._reading() as c:
+            row = c.execute("SELECT coalesce(sum(clen), 0) FROM frames WHERE pack = ?", (pack,)).fetchone()
         return int(row[0])
 
     def drop_frames(self, pack: str) -> None:
         self._write("DELETE FROM frames WHERE pack = ?", [(pack,)])
 
     def frame_packs(self) -> set[str]:
-        return {r[0] for r in self._conn().execute("SELECT DISTINCT pack FROM frames")}
+        with self._reading() as c:
+            return {r[0] for r in c.execute("SELECT DISTINCT pack FROM frames")}
 
     def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         c = self._conn()
@@ -154,17 +178,21 @@ class Catalog:
             c.execute("COMMIT")
         except sqlite3.Error as exc:
             if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise StoreError(f"catalogue write failed: {exc}") from None
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("ROLLBACK")
+            raise sqlite_error(exc, "catalogue write failed", self.path) from None
 
     def drop_packs(self, packs: Iterable[str]) -> None:
         self._write("DELETE FROM chunks WHERE pack = ?", [(p,) for p in packs])
 
     def packs(self) -> set[str]:
-        return {r[0] for r in self._conn().execute("SELECT DISTINCT pack FROM chunks")}
+        with self._reading() as c:
+            return {r[0] for r in c.execute("SELECT DISTINCT pack FROM chunks")}
 
     def empty(self) -> bool:
-        return self._conn().execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is None
+        with self._reading() as c:
+            return c.execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is None
 
     def count(self) -> int:
-        return int(self._conn().execute("SELECT count(*) FROM chunks").fetchone()[0])
+        with self._reading() as c:
+            return int(c.execute("SELECT count(*) FROM chunks").fetchone()[0])

@@ -26,14 +26,23 @@ from typing import Any, BinaryIO, Iterator
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError, NotFound, StoreError
+from shoal.errors import FormatError, IntegrityError, NotFound, StoreError, from_oserror
 
-__all__ = ["Layout", "Batch", "hash_file", "pread_file", "unlinked_tempfile"]
+__all__ = ["Layout", "Batch", "hash_file", "pread_file", "unlinked_tempfile", "store_io"]
 
 log = logging.getLogger(__name__)
 
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 MAX_MANIFEST = 4 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def store_io(what: str) -> Iterator[None]:
+    """Turn an OSError on a store path into the Shoal error for its cause (errors.from_oserror)."""
+    try:
+        yield
+    except OSError as exc:
+        raise from_oserror(exc, what, store=True) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,7 +64,7 @@ class Layout:
     # ---------------------------------------------------------------- setup
 
     def init(self) -> None:
-        try:
+        with store_io("cannot initialise the store"):
             self.blobs.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir(exist_ok=True)
             ol = self.root / "oci-layout"
@@ -63,14 +72,13 @@ class Layout:
                 self._write_atomic(ol, _LAYOUT)
             if not (self.root / "index.json").exists():
                 self._write_index([])
-        except OSError as exc:
-            raise StoreError(f"cannot initialise store at {self.root}: {exc.strerror}") from None
 
     # ---------------------------------------------------------------- locks
 
     @contextlib.contextmanager
     def lock(self, name: str, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o644)
+        with store_io("cannot lock the store"):
+            fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -97,7 +105,8 @@ class Layout:
 
     def _tmpfile(self) -> tuple[int, Path]:
         p = self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}"
-        return os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), p
+        with store_io("cannot write a blob"):
+            return os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), p
 
     def put(self, data: bytes | bytearray | memoryview, expected: str | None = None,
             batch: "Batch | None" = None) -> str:
@@ -134,10 +143,11 @@ class Layout:
         except OSError as exc:
             os.close(fd)
             tmp.unlink(missing_ok=True)
-            raise StoreError(f"cannot write blob: {exc.strerror}") from None
+            raise from_oserror(exc, "cannot write a blob", tmp, store=True) from None
         os.close(fd)
         if batch is None:
-            os.rename(tmp, final)
+            with store_io("cannot write a blob"):
+                os.rename(tmp, final)
         else:
             batch.add(tmp, final, size)
         return d, size
@@ -170,13 +180,18 @@ class Layout:
                 os.fsync(fd)
             else:
                 _start_writeback(fd)
+        except OSError as exc:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise from_oserror(exc, "cannot write a blob", tmp, store=True) from None
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
         if batch is None:
-            os.rename(tmp, final)
+            with store_io("cannot write a blob"):
+                os.rename(tmp, final)
         else:
             batch.add(tmp, final, n)
         return expected
@@ -205,7 +220,7 @@ class Layout:
         return data
 
     def remove(self, digest: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with store_io("cannot remove a blob"), contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
 
     def all_blobs(self) -> list[str]:
@@ -215,12 +230,17 @@ class Layout:
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise from_oserror(exc, f"cannot write {path.name}", path, store=True) from None
 
     def _write_index(self, manifests: list[dict[str, Any]]) -> None:
         doc = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}
@@ -280,7 +300,7 @@ def unlinked_tempfile(tmpdir: Path, prefix: str) -> int:
     try:
         fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StoreError(f"cannot create a temp file in {tmpdir}: {exc.strerror}") from None
+        raise from_oserror(exc, "cannot create a temp file", tmpdir, store=True) from None
     os.unlink(p)
     return fd
 
@@ -314,9 +334,10 @@ class Batch:
         if not pending:
             return
         _syncfs(self.layout.tmp)
-        for tmp, final in pending:
-            os.rename(tmp, final)
-        _fsync_dir(self.layout.blobs)
+        with store_io("cannot publish blobs"):
+            for tmp, final in pending:
+                os.rename(tmp, final)
+            _fsync_dir(self.layout.blobs)
 
     def abort(self) -> None:
         with self._lock:
@@ -341,6 +362,6 @@ def _syncfs(path: Path) -> None:
     try:
         if _libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
-            raise StoreError(f"syncfs failed: {os.strerror(err)}")
+            raise from_oserror(OSError(err, os.strerror(err)), "cannot sync the store", path, store=True)
     finally:
         os.close(fd)

@@ -24,9 +24,9 @@ import threading
 from pathlib import Path
 
 from shoal import digest as dg
-from shoal.errors import FrameConflict, NotFound, StoreError
+from shoal.errors import FrameConflict, NotFound, StoreError, from_oserror
 from shoal.store.catalog import Catalog
-from shoal.store.layout import Layout, hash_file, pread_file
+from shoal.store.layout import Layout, hash_file, pread_file, store_io
 
 __all__ = ["PartialPacks"]
 
@@ -38,7 +38,8 @@ class PartialPacks:
         self.layout = layout
         self.catalog = catalog
         self.dir = layout.root / "partial"
-        self.dir.mkdir(exist_ok=True)
+        with store_io("cannot initialise the store"):
+            self.dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
 
     def path(self, pack: str) -> Path:
@@ -57,7 +58,7 @@ class PartialPacks:
         try:
             fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StoreError(f"cannot write partial pack {pack}: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot write partial pack {pack}", p, store=True) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             overlap = self.catalog.frames_overlapping(pack, offset, len(data))
@@ -70,7 +71,7 @@ class PartialPacks:
             os.fdatasync(fd)
             self.catalog.add_frame(pack, offset, len(data))
         except OSError as exc:
-            raise StoreError(f"cannot write partial pack {pack}: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot write partial pack {pack}", p, store=True) from None
         finally:
             os.close(fd)
 
@@ -117,7 +118,7 @@ class PartialPacks:
 
     def drop(self, pack: str) -> None:
         self.catalog.drop_frames(pack)
-        with contextlib.suppress(FileNotFoundError):
+        with store_io("cannot remove a partial pack"), contextlib.suppress(FileNotFoundError):
             self.path(pack).unlink()
 
     def packs(self) -> set[str]:

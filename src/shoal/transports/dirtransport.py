@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.errors import FormatError, NotFound, StoreError, UsageError
+from shoal.errors import FormatError, NotFound, UsageError, from_oserror
 from shoal.transports.base import ImageReference, Transport, register
 from shoal.transports.oci_layout import (
     BlobFileDestination,
@@ -104,7 +104,7 @@ class DirDestination(BlobFileDestination):
                     raise UsageError(f"{root} is not empty and not a dir: image; refusing to overwrite it")
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot use {root} as a dir: destination: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot use {root} as a dir: destination", "", store=True) from None
         if not (root / "version").exists():
             write_atomic(root / "version", VERSION)
 

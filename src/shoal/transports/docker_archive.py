@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError, NotFound, StoreError, UsageError
+from shoal.errors import FormatError, IntegrityError, NotFound, UsageError, from_oserror
 from shoal.transports.base import BlobInfo, ImageReference, ImageSource, Transport, register
 from shoal.transports.oci_archive import (
     READ_ERRORS,
@@ -323,7 +323,7 @@ class DockerArchiveDestination(BlobFileDestination):
         try:
             (self.dir / "manifest.json").write_bytes(json.dumps(listing, separators=(",", ":")).encode())
         except OSError as exc:
-            raise StoreError(f"cannot write {self.dir}/manifest.json: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot write {self.dir}/manifest.json", "", store=True) from None
         entries["manifest.json"] = self.dir / "manifest.json"
         write_tar(self.target, [TarEntry(n, p) for n, p in entries.items()])
 

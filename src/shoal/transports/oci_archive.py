@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, cast
 
 import zstandard
 
-from shoal.errors import FormatError, HostileInput, NotFound, StoreError, UsageError
+from shoal.errors import FormatError, HostileInput, NotFound, StoreError, UsageError, from_oserror
 from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, Transport, register
 from shoal.transports.oci_layout import (
     MAX_JSON,
@@ -88,7 +88,7 @@ def make_tempdir(prefix: str, where: str | None) -> Path:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     except OSError as exc:
         where = where or tempfile.gettempdir()
-        raise StoreError(f"cannot create a temp directory in {where}: {exc.strerror}") from None
+        raise from_oserror(exc, f"cannot create a temp directory in {where}", "", store=True) from None
 
 
 # ------------------------------------------------------------------------------------- reading tars
@@ -121,7 +121,7 @@ def decompress_file(src: Path, kind: str, dest: Path, limit: int, label: str) ->
     try:
         out = open(dest, "xb")
     except OSError as exc:
-        raise StoreError(f"cannot write {dest}: {exc.strerror}") from None
+        raise from_oserror(exc, f"cannot write {dest}", "", store=True) from None
     try:
         with out, open(src, "rb") as f, decompressed(f, kind) as z:
             while chunk := z.read(_CHUNK):
@@ -132,7 +132,7 @@ def decompress_file(src: Path, kind: str, dest: Path, limit: int, label: str) ->
                 try:
                     out.write(chunk)
                 except OSError as exc:
-                    raise StoreError(f"cannot write {dest}: {exc.strerror}") from None
+                    raise from_oserror(exc, f"cannot write {dest}", "", store=True) from None
     except (FormatError, StoreError):
         raise
     except READ_ERRORS as exc:
@@ -149,7 +149,7 @@ def plain_tar(archive: Path, limits: ArchiveLimits, tmpdir: str | None) -> Itera
     except FileNotFoundError:
         raise NotFound(f"archive {archive} does not exist") from None
     except OSError as exc:
-        raise StoreError(f"cannot open {archive}: {exc.strerror}") from None
+        raise from_oserror(exc, f"cannot open {archive}", "", store=True) from None
     if not kind:
         yield archive
         return
@@ -290,12 +290,12 @@ class TarIndex:
             except (FileExistsError, NotADirectoryError):
                 raise HostileInput(f"{self.label}: member {name[:100]!r} clashes with another") from None
             except OSError as exc:
-                raise StoreError(f"cannot extract {self.label}: {exc.strerror}") from None
+                raise from_oserror(exc, f"cannot extract {self.label}", "", store=True) from None
             with out, self.open(m) as src:
                 try:
                     shutil.copyfileobj(src, out, _CHUNK)
                 except OSError as exc:
-                    raise StoreError(f"cannot extract {self.label}: {exc.strerror}") from None
+                    raise from_oserror(exc, f"cannot extract {self.label}", "", store=True) from None
 
 
 def _why(exc: BaseException) -> str:
@@ -316,7 +316,7 @@ def write_tar(target: Path, entries: Iterable[TarEntry]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
     except OSError as exc:
-        raise StoreError(f"cannot write {target}: {exc.strerror}") from None
+        raise from_oserror(exc, f"cannot write {target}", "", store=True) from None
     try:
         with os.fdopen(fd, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8") as tar:
@@ -338,7 +338,7 @@ def write_tar(target: Path, entries: Iterable[TarEntry]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise StoreError(f"cannot write {target}: {_why(exc)}") from None
+        raise from_oserror(exc, f"cannot write {target}", "", store=True) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

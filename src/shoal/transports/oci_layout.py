@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, HostileInput, IntegrityError, NotFound, StoreError, UsageError
+from shoal.errors import FormatError, HostileInput, IntegrityError, NotFound, StoreError, UsageError, from_oserror
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
 
 __all__ = ["OciLayoutTransport", "OciLayoutReference", "OciLayoutSource", "OciLayoutDestination",
@@ -89,7 +89,7 @@ def open_regular(path: Path, what: str) -> tuple[BinaryIO, int]:
     except FileNotFoundError:
         raise NotFound(f"{what} not found ({path})") from None
     except OSError as exc:
-        raise StoreError(f"cannot open {what} ({path}): {exc.strerror}") from None
+        raise from_oserror(exc, f"cannot open {what} ({path})", "", store=True) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -134,7 +134,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise
         _fsync_dir(path.parent)
     except OSError as exc:
-        raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+        raise from_oserror(exc, f"cannot write {path}", "", store=True) from None
 
 
 def guess_media_type(raw: bytes) -> str:
@@ -340,7 +340,7 @@ def _index_lock(root: Path) -> Iterator[None]:
         except FileNotFoundError:
             raise NotFound(f"no OCI layout at {root}") from None
         except OSError as exc:
-            raise StoreError(f"cannot lock the OCI layout at {root}: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot lock the OCI layout at {root}", "", store=True) from None
         yield
     finally:
         for fd in fds:
@@ -426,7 +426,7 @@ class BlobFileDestination(ImageDestination):
         try:
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=".shoal-blob-")
         except OSError as exc:
-            raise StoreError(f"cannot create a temp file in {self.tmp_dir}: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot create a temp file in {self.tmp_dir}", "", store=True) from None
         try:
             with os.fdopen(fd, "wb") as f:
                 while chunk := stream.read(_CHUNK):
@@ -451,7 +451,7 @@ class BlobFileDestination(ImageDestination):
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise StoreError(f"cannot write blob {info.digest} to {final.parent}: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot write blob {info.digest} to {final.parent}", "", store=True) from None
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -515,7 +515,7 @@ class OciLayoutDestination(BlobFileDestination):
         try:
             self.blobs.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create an OCI layout at {root}: {exc.strerror}") from None
+            raise from_oserror(exc, f"cannot create an OCI layout at {root}", "", store=True) from None
         if (root / "index.json").exists():
             _descriptors(_read_index(root, str(root)), str(root))  # refuse a broken layout now, not at commit
         if not (root / "oci-layout").exists():
