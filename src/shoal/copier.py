@@ -19,9 +19,9 @@ from typing import BinaryIO
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError, UsageError
+from shoal.errors import FormatError, IntegrityError
 from shoal.format.manifest import json_object
-from shoal.format.platform import Platform, select
+from shoal.format.platform import Platform, choose, select
 from shoal.progress import NULL, Sink
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CopyOptions:
     concurrency: int = 8
-    platform: str | None = None  # os/arch[/variant]: copy only that child of an index
+    platform: str | None = None  # os/arch[/variant]: copy only that image of an index (``choose``); None: all
     src_opts: dict[str, object] = field(default_factory=dict)
     dst_opts: dict[str, object] = field(default_factory=dict)
 
@@ -95,19 +95,26 @@ def descriptors_of(raw: bytes) -> list[BlobInfo]:
     return out
 
 
-def host_platform() -> str:
-    return str(Platform.host())
-
-
-def _children(raw: bytes, platform: str | None) -> list[tuple[str, str]]:
+def _children(raw: bytes) -> list[tuple[str, str]]:
+    """(digest, media type) of every entry of an image index."""
     doc = json_object(raw, "image index")
     entries = doc.get("manifests")
     if not isinstance(entries, list) or len(select(entries, None)) != len(entries):
         raise FormatError("image index has a malformed manifests list")  # copying it would dangle
-    out = [(str(m["digest"]), str(m.get("mediaType", mt.OCI_MANIFEST))) for m in select(doc.get("manifests"), platform)]
-    if platform and not out:
-        raise UsageError(f"no manifest for platform {platform} in the image index")
-    return out
+    return [(str(m["digest"]), str(m.get("mediaType", mt.OCI_MANIFEST))) for m in entries]
+
+
+def _is_index(raw: bytes, media: str) -> bool:
+    return media in mt.INDEX_TYPES or (not media and "manifests" in json_object(raw, "manifest"))
+
+
+def _one_platform(src_ref: ImageReference, src: ImageSource, raw: bytes, platform: str) -> tuple[bytes, str]:
+    """The image of the index ``raw`` for ``platform`` by the one rule (``choose``), verified."""
+    kid = choose(json_object(raw, "image index").get("manifests"), platform, str(src_ref))
+    d = str(kid["digest"])
+    craw, cmedia = src.get_manifest(d)
+    _Copier.check(craw, d)
+    return craw, cmedia or str(kid.get("mediaType", mt.OCI_MANIFEST))
 
 
 class _Copier:
@@ -142,28 +149,16 @@ class _Copier:
             list(pool.map(self.blob, blobs))
         self.dst.put_manifest(raw, media, digest)
 
-    def run(self) -> CopyResult:
-        raw, media = self.src.get_manifest()
+    def run(self, raw: bytes, media: str) -> CopyResult:
+        """Copy the manifest or image index ``raw`` (every platform of an index) and commit."""
         top = "sha256:" + hashlib.sha256(raw).hexdigest()
-        doc = json_object(raw, "manifest")
-        media = media or str(doc.get("mediaType", ""))
-        if media in mt.INDEX_TYPES or (not media and "manifests" in doc):
-            platform = self.opts.platform
-            if platform is None and not self.dst.supports_index:
-                platform = host_platform()  # like skopeo: a single-image format gets this machine's image
-            kids = _children(raw, platform)
-            if platform:
-                (d, m), = kids[:1]
+        media = media or str(json_object(raw, "manifest").get("mediaType", ""))
+        if _is_index(raw, media):
+            for d, m in _children(raw):
                 craw, cmedia = self.src.get_manifest(d)
-                self._check(craw, d)
-                self.manifest(craw, cmedia or m, None)
-                top = d
-            else:
-                for d, m in kids:
-                    craw, cmedia = self.src.get_manifest(d)
-                    self._check(craw, d)
-                    self.manifest(craw, cmedia or m, d)
-                self.dst.put_manifest(raw, media, None)
+                self.check(craw, d)
+                self.manifest(craw, cmedia or m, d)
+            self.dst.put_manifest(raw, media, None)
         else:
             self.manifest(raw, media, None)
         self.dst.commit()
@@ -172,7 +167,7 @@ class _Copier:
         return self.result
 
     @staticmethod
-    def _check(raw: bytes, digest: str) -> None:
+    def check(raw: bytes, digest: str) -> None:
         if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
             raise IntegrityError(f"manifest {digest} does not match its digest")
 
@@ -187,6 +182,12 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
 
         with dst_ref.new_destination(**opts.dst_opts) as dst:
             raw, media = src.get_manifest()
+            if _is_index(raw, media):
+                platform = opts.platform
+                if platform is None and not dst.supports_index:
+                    platform = str(Platform.host())  # like skopeo: a one-image format gets this machine's image
+                if platform is not None:
+                    raw, media = _one_platform(src_ref, src, raw, platform)
             if isinstance(dst, LocalDestination) and _is_shoal(raw):
                 from shoal.pull import pull_into_store
 
@@ -194,7 +195,7 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
             else:
                 sink.start("copy", None)  # a pull reports its own task, "pull", with a known total
                 try:
-                    result = _Copier(src_ref, src, dst, opts, sink).run()
+                    result = _Copier(src_ref, src, dst, opts, sink).run(raw, media)
                 finally:
                     sink.finish("copy")
             _account(result, src, dst)

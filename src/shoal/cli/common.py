@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import click
 
@@ -104,6 +104,21 @@ def lines(items: Iterator[str]) -> None:
 
 
 _BOOL = click.BOOL
+_FC = TypeVar("_FC", bound=Callable[..., Any])
+
+
+def _check_platform(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from shoal.format.platform import Platform
+
+    return None if value is None else str(Platform.parse(value))  # UsageError (exit 2) when malformed
+
+
+def platform_option(help: str) -> Callable[[_FC], _FC]:
+    """``--platform OS/ARCH[/VARIANT]``, the one spelling of every command that picks an image of an
+    image index (``shoal.format.platform.choose``); checked and normalized (``linux/x86_64`` is
+    ``linux/amd64``) before the command runs."""
+    return click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]", callback=_check_platform,
+                        help=help)
 
 
 def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:

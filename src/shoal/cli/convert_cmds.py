@@ -11,6 +11,7 @@ from shoal.cli.common import (
     human,
     keep_freed_memory,
     open_store,
+    platform_option,
     progress_sink,
     registry_options,
     registry_opts,
@@ -22,7 +23,7 @@ from shoal.errors import UsageError
 @click.argument("src")
 @click.argument("dst")
 @click.option("--reuse", multiple=True, metavar="NAME:TAG", help="Reference packs of this store image (repeatable).")
-@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]", help="Convert only this platform.")
+@platform_option("Convert only this platform's image of an index (default: every platform).")
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @registry_options
@@ -76,7 +77,8 @@ def _local_name(dst_ref: object) -> str:
 @click.argument("ref")
 @click.argument("dst")
 @click.option("--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip", show_default=True)
-@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]")
+@platform_option("Export only this platform's image of an index (default: the whole index; a one-image "
+                 "destination such as docker-archive: gets this machine's).")
 @click.option("--json", "as_json", is_flag=True)
 @registry_options
 @click.pass_context

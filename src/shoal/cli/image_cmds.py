@@ -10,7 +10,15 @@ from typing import Any
 
 import click
 
-from shoal.cli.common import emit_json, human, open_store, registry_options, registry_opts, show_path
+from shoal.cli.common import (
+    emit_json,
+    human,
+    open_store,
+    platform_option,
+    registry_options,
+    registry_opts,
+    show_path,
+)
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
 from shoal.reader import FrameSource
@@ -50,9 +58,7 @@ def _load(ctx: click.Context, ref: str, platform: str | None = None, opts: dict[
         from shoal.transports.docker import open_remote_image
 
         o = dict(opts or {})
-        if platform:
-            o["platform"] = platform
-        raw, config, blob = open_remote_image(ref, **o)
+        raw, config, blob = open_remote_image(ref, platform, **o)
         if not blob:
             raise FormatError(f"{ref} is a classic image, not a Shoal image (see `shoal convert`)")
         m = parse_manifest(raw)
@@ -63,6 +69,9 @@ def _load(ctx: click.Context, ref: str, platform: str | None = None, opts: dict[
     store = open_store(ctx)
     m = store.resolve(ref, platform)
     return _Image(m, store.load_index(m), store.layout.get(m.config.digest), StoreSource(store))
+
+
+_PLATFORM_HELP = "Image of an image index to use (default: this machine's platform)."
 
 
 def _path_arg(p: str) -> bytes:
@@ -93,7 +102,7 @@ def images(ctx: click.Context, as_json: bool) -> None:
 
 @click.command()
 @click.argument("ref")
-@click.option("--platform", default=None, metavar="OS/ARCH", help="Child of a multi-platform image.")
+@platform_option(_PLATFORM_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @registry_options
 @click.pass_context
@@ -153,7 +162,7 @@ def _long(e, idx) -> str:  # type: ignore[no-untyped-def]
 @click.argument("path", required=False, default="/")
 @click.option("-l", "long", is_flag=True, help="Long listing.")
 @click.option("-R", "recursive", is_flag=True, help="List subdirectories recursively.")
-@click.option("--platform", default=None, metavar="OS/ARCH")
+@platform_option(_PLATFORM_HELP)
 @registry_options
 @click.pass_context
 def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, platform: str | None,
@@ -179,7 +188,7 @@ def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, 
 @click.command()
 @click.argument("ref")
 @click.argument("path")
-@click.option("--platform", default=None, metavar="OS/ARCH")
+@platform_option(_PLATFORM_HELP)
 @registry_options
 @click.pass_context
 def cat(ctx: click.Context, /, ref: str, path: str, platform: str | None, **kw: Any) -> None:

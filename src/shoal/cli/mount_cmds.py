@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from shoal.cli.common import emit_json, human, registry_options, registry_opts
+from shoal.cli.common import emit_json, human, platform_option, registry_options, registry_opts
 
 if TYPE_CHECKING:
     from shoal.mount.image import OpenOptions
@@ -27,7 +27,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file)."),
         click.option("--fetch-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
                      metavar="SECONDS", help="A read waiting longer than this for the registry fails with EIO."),
-        click.option("--platform", default=None, metavar="OS/ARCH", help="Child of an image index to use."),
+        platform_option("Image of an image index to use (default: this machine's platform)."),
     ]
     for o in reversed(opts):
         fn = o(fn)

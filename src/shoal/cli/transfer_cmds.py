@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from shoal.cli.common import emit_json, human, progress_sink
+from shoal.cli.common import emit_json, human, platform_option, progress_sink
 from shoal.cli.common import registry_options as _registry_options
 from shoal.cli.common import registry_opts as _common
 
@@ -58,7 +58,8 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: dict[str, object],
 _COPY_OPTS = [
     click.option("-j", "--concurrency", type=click.IntRange(1, 64), default=8, show_default=True,
                  help="Blobs and ranges in flight at once."),
-    click.option("--platform", default=None, metavar="OS/ARCH", help="Copy only this child of an image index."),
+    platform_option("Only this platform's image of an image index (pull: default this machine's; copy, push: "
+                    "default every platform)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object."),
 ]
 
@@ -131,7 +132,10 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
     refuse_reserved(name)  # a name that is a transport prefix fails here, with the reason
     if not isinstance(parse_reference(name), LocalReference):
         raise UsageError(f"pull stores into the local store: want NAME[:TAG], not {name!r}")
+    from shoal.format.platform import Platform
+
     common = _common(ctx, concurrency=concurrency, **kw)
+    platform = platform or str(Platform.host())  # like podman pull: an image index gives this machine's image
     _run_copy(ctx, src, name, common, _creds(creds), None, (), platform, concurrency, as_json, "pulled")
 
 

@@ -157,15 +157,16 @@ def export(store: Store, ref: str, dest: ImageDestination, compression: str = "g
     """Write the Shoal image ``ref`` to ``dest`` as a classic OCI image (one layer) and commit it.
 
     ``compression``: ``gzip`` (level 6), ``zstd`` (level 3) or ``none``.  A Shoal image index becomes
-    an OCI image index (or, with ``platform``, the one matching image)."""
+    an OCI image index (or, with ``platform``, its image for that platform by
+    ``shoal.format.platform.choose``; a destination that holds one image gets this machine's)."""
     if compression not in LAYER_MEDIA_TYPES:
         raise UsageError(f"unknown compression {compression!r} (gzip, zstd or none)")
     t0 = time.monotonic()
-    want = Platform.parse(platform) if isinstance(platform, str) else platform
-    kind, items = resolve_images(store, ref, want)
+    want = Platform.parse(platform) if isinstance(platform, str) and platform else platform or None
+    if want is None and not dest.supports_index:
+        want = Platform.host()  # like copy: a one-image format gets this machine's image of an index
+    kind, items = resolve_images(store, ref, want)  # with a platform: the one image ``choose`` picks
     many = kind == mt.OCI_INDEX and want is None
-    if not many and len(items) > 1:
-        items = items[:1]
     images = tuple(_export_one(store, m, plat, dest, compression, level, many, sink) for plat, m in items)
     if many:
         raw = canonical_json({

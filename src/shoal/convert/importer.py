@@ -22,6 +22,7 @@ from shoal.convert.platforms import ANN_SOURCE, Platform, index_bytes, platform_
 from shoal.convert.stream import ConvertLimits
 from shoal.errors import FormatError, IntegrityError, UsageError
 from shoal.format.manifest import MAX_MANIFEST_BYTES, Descriptor, ImageConfig, json_object
+from shoal.format.platform import choose
 from shoal.progress import NULL, Sink
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageSource
@@ -248,7 +249,8 @@ def _child(source: ImageSource, d: Descriptor) -> _Manifest:
 
 def _choose(children: list[tuple[Descriptor, dict[str, Any]]], want: Platform | None
             ) -> list[tuple[Descriptor, dict[str, Any]]]:
-    """Image manifests of an index (attestations and unknown platforms skipped), optionally one platform."""
+    """Image manifests of an index (attestations and unknown platforms skipped), or with ``want`` the
+    one ``shoal.format.platform.choose`` picks for it (NotFound if none)."""
     out = []
     for d, plat in children:
         ann = dict(d.annotations)
@@ -258,11 +260,11 @@ def _choose(children: list[tuple[Descriptor, dict[str, Any]]], want: Platform | 
             continue  # buildx attestation manifests and the like
         if "vnd.docker.reference.type" in ann:
             continue
-        if want is None or want.matches(Platform.of(plat)):
-            out.append((d, plat))
-            if want is not None:
-                break
+        out.append((d, plat))
+    if want is not None:
+        entries = [{"digest": d.digest, "platform": plat} for d, plat in out]
+        pick = choose(entries, want, "the image index")
+        return [out[next(i for i, e in enumerate(entries) if e is pick)]]
     if not out:
-        raise UsageError(f"the image index has no image for platform {want}" if want
-                         else "the image index lists no image manifests")
+        raise UsageError("the image index lists no image manifests")
     return out

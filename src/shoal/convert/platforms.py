@@ -1,8 +1,8 @@
 """Platforms, and Shoal image indexes in the local store (docs/spec/convert.md §2.3).
 
 A multi-platform conversion is tagged as an OCI image index whose manifests are the
-per-platform Shoal manifests, each with its ``platform``.  ``Store.resolve`` only knows manifests,
-so ``resolve_images`` here reads a tag of either kind.
+per-platform Shoal manifests, each with its ``platform``.  ``resolve_images`` reads a tag of either
+kind (``Store.resolve_all``); choosing one platform follows ``shoal.format.platform.choose``.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class OpenOptions:
 
     registry: Mapping[str, object] = field(default_factory=dict)
     fetch_timeout: float = 30.0
-    platform: str | None = None
+    platform: str | None = None  # os/arch[/variant] of an image index's image (default: this machine's)
     profile: bool = True
     prefetch: str = "auto"  # the mount's --prefetch: auto and all start the profile's range reads at once
 
@@ -113,7 +113,7 @@ def _open_local(ref: str, store_root: StorePath, options: OpenOptions | None = N
 
     # absolute: the mount daemon changes its directory to /
     store = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root)))
-    m = store.resolve(ref)
+    m = store.resolve(ref, options.platform if options is not None else None)  # an index: its host image
     index = store.load_index(m)
     config = parse_config(store.layout.get(m.config.digest))
     # every frame is local: a recorded profile has nothing to fetch ahead

@@ -1,7 +1,7 @@
 """``docker://`` images for mount, run and profile: metadata now, packs lazily (docs/spec/mount.md §5).
 
-Opening ``docker://HOST/REPO:TAG`` fetches the manifest (an image index resolves to its platform's
-child, else its first Shoal child), then — in parallel — the config, the index and the recorded
+Opening ``docker://HOST/REPO:TAG`` fetches the manifest (an image index resolves to this machine's
+image, or ``--platform``'s, by ``shoal.format.platform.choose``), then — in parallel — the config, the index and the recorded
 start-up profile.  With ``--prefetch auto|all`` the profile's range reads start the moment it arrives
 (``EarlyFetch``, unverified bytes in memory) while the index is still being fetched and decoded; the
 ``LazySource`` adopts them, verifies them, and hands them over to the mount daemon across its fork.
@@ -25,9 +25,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, NotFound, TransportError, UsageError
+from shoal.errors import FormatError, TransportError, UsageError
 from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
-from shoal.format.platform import select
+from shoal.format.platform import choose
 from shoal.lazy import LazySource
 from shoal.mount.early import EarlyFetch
 from shoal.mount.image import OpenedImage, OpenOptions, StorePath, register_opener
@@ -151,12 +151,11 @@ def _is_manifest(raw: bytes) -> bool:
 
 
 def _child(src: DockerSource, doc: dict[str, Any], platform: str | None) -> bytes:
-    kids = select(doc.get("manifests"), platform)
-    if not platform:
-        kids = [k for k in kids if k.get("artifactType") == mt.ARTIFACT_TYPE] or kids
-    if not kids:
-        raise NotFound(f"no manifest{' for platform ' + platform if platform else ''} in the image index of {src.ref}")
-    raw, _ = src.get_manifest(str(kids[0]["digest"]))  # verified against its digest
+    """The index's image for ``platform`` (default this machine's) by the one rule; a Shoal child wins
+    over a classic one of the same platform."""
+    kid = choose(doc.get("manifests"), platform, str(src.ref),
+                 prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
+    raw, _ = src.get_manifest(str(kid["digest"]))  # verified against its digest
     return raw
 
 

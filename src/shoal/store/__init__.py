@@ -18,7 +18,7 @@ from shoal.format import index as fidx
 from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, parse_manifest
 from shoal.format.model import Index
 from shoal.format.packing import decompress_frame
-from shoal.format.platform import Platform, platform_json
+from shoal.format.platform import Platform, choose, platform_json
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
 from shoal.store.partial import PartialPacks
@@ -108,7 +108,8 @@ class Store:
     def resolve_all(self, ref: str, platform: Platform | None = None
                     ) -> tuple[str, list[tuple[dict[str, Any], ShoalManifest]]]:
         """The media type a tag points at and its (platform, manifest) pairs: one for a manifest tag,
-        one per platform of an image index (only those matching ``platform`` if given)."""
+        one per platform of an image index, or with ``platform`` only the index's image for it
+        (``shoal.format.platform.choose``: NotFound if it has none)."""
         name = normalize_ref(ref)
         desc = self.layout.refs().get(name)
         if desc is None:
@@ -116,13 +117,12 @@ class Store:
         digest = dg.validate(str(desc.get("digest")))
         if desc.get("mediaType") != mt.OCI_INDEX:
             return mt.OCI_MANIFEST, [({}, self.manifest(digest))]
-        out = []
-        for plat, child in self.index_children(digest):
-            if platform is None or platform.matches(Platform.of(plat)):
-                out.append((plat, self.manifest(child)))
-        if not out:
-            raise NotFound(f"{name} has no image for platform {platform}")
-        return mt.OCI_INDEX, out
+        children = self.index_children(digest)
+        if platform is not None:
+            entries = [{"digest": child, "platform": plat} for plat, child in children]
+            pick = choose(entries, platform, name)
+            children = [children[next(i for i, e in enumerate(entries) if e is pick)]]
+        return mt.OCI_INDEX, [(plat, self.manifest(child)) for plat, child in children]
 
     def index_children(self, digest: str) -> list[tuple[dict[str, Any], str]]:
         """(platform, manifest digest) of each entry of the image index blob ``digest``."""
@@ -135,19 +135,11 @@ class Store:
             raise FormatError(f"image index {digest} has no valid manifests list")
         return [(platform_json(d.get("platform")), dg.validate(str(d.get("digest")))) for d in manifests]
 
-    def resolve(self, ref: str, platform: str | None = None) -> ShoalManifest:
-        """The one Shoal manifest ``ref`` names: for an image index, the ``platform`` (os/arch[/variant])
-        asked for, else this machine's, else the only one."""
-        want = Platform.parse(platform) if platform else None
-        _, items = self.resolve_all(ref, want)
-        if len(items) == 1:
-            return items[0][1]
-        host = Platform.host()
-        for plat, m in items:
-            if host.matches(Platform.of(plat)):
-                return m
-        have = ", ".join(str(Platform.of(p)) for p, _ in items)
-        raise UsageError(f"{normalize_ref(ref)} is a multi-platform image ({have}): choose one with --platform")
+    def resolve(self, ref: str, platform: str | Platform | None = None) -> ShoalManifest:
+        """The one Shoal manifest ``ref`` names: a manifest tag's, or an image index's image for
+        ``platform`` (``os/arch[/variant]``; default this machine's) by ``choose``'s rule."""
+        want = Platform.parse(platform) if isinstance(platform, str) and platform else platform or Platform.host()
+        return self.resolve_all(ref, want)[1][0][1]
 
     def tag_index(self, ref: str, raw: bytes) -> str:
         """Store image index bytes and tag them ``ref``; return the index digest."""

@@ -31,7 +31,7 @@ from urllib.parse import quote, urljoin
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, TransportError, UsageError
 from shoal.format.manifest import json_object
-from shoal.format.platform import select
+from shoal.format.platform import choose
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
 from shoal.transports.registry import Credentials, RegistryClient, RegistryStats
 from shoal.transports.registry.auth import merge_scopes, repository_scope
@@ -393,11 +393,12 @@ class DockerDestination(ImageDestination):
 # ------------------------------------------------------------------------------------------ remote inspection
 
 
-def open_remote_image(ref_text: str, **opts: object) -> tuple[bytes, bytes, bytes]:
+def open_remote_image(ref_text: str, platform: str | None = None, **opts: object) -> tuple[bytes, bytes, bytes]:
     """(manifest, config, index blob) of a ``docker://`` image, without fetching any pack.
 
-    An image index resolves to its child for ``platform`` (``os/arch``) if given, else to its
-    first Shoal child, else its first child.  For a classic (non-Shoal) image the index is ``b""``.
+    An image index resolves to its image for ``platform`` (``os/arch[/variant]``; default this
+    machine's) by ``shoal.format.platform.choose`` (NotFound if it has none; a Shoal child wins over a
+    classic one of the same platform).  For a classic (non-Shoal) image the index is ``b""``.
     Config and index are verified against their descriptors.
     """
     from shoal.transports.base import parse_reference
@@ -409,7 +410,7 @@ def open_remote_image(ref_text: str, **opts: object) -> tuple[bytes, bytes, byte
         raw, media = src.get_manifest()
         doc = json_object(raw)
         if media in mt.INDEX_TYPES or "manifests" in doc:
-            raw, doc = _pick_child(src, doc, cast(str | None, opts.get("platform")))
+            raw, doc = _pick_child(src, doc, platform, ref_text)
         cfg = doc.get("config")
         if not isinstance(cfg, dict) or not isinstance(cfg.get("digest"), str) or not isinstance(cfg.get("size"), int):
             raise FormatError(f"manifest of {ref} has no valid config descriptor")
@@ -422,13 +423,10 @@ def open_remote_image(ref_text: str, **opts: object) -> tuple[bytes, bytes, byte
         return raw, config, index
 
 
-def _pick_child(src: ImageSource, doc: dict[str, Any], platform: str | None) -> tuple[bytes, dict[str, Any]]:
-    kids = select(doc.get("manifests"), platform)
-    if not platform:
-        kids.sort(key=lambda m: m.get("artifactType") != mt.ARTIFACT_TYPE)
-    if not kids:
-        raise NotFound(f"no manifest{' for platform ' + platform if platform else ''} in the image index")
-    raw, _ = src.get_manifest(kids[0]["digest"])
+def _pick_child(src: ImageSource, doc: dict[str, Any], platform: str | None, what: str
+                ) -> tuple[bytes, dict[str, Any]]:
+    kid = choose(doc.get("manifests"), platform, what, prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
+    raw, _ = src.get_manifest(str(kid["digest"]))
     return raw, json_object(raw)
 
 
