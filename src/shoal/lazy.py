@@ -130,6 +130,9 @@ class LazySource:
         self._cached: set[int] | None = None  # frames known to be on this machine (scanned on first use)
         self._closed = False
         self._running = 0  # jobs between their request and their last future (under _idle)
+        # frame -> (the future a demand read gave up on, until when): the kernel retries a failed read at
+        # once, and that retry must not wait another fetch_timeout on the same hung request
+        self._gave_up: dict[int, tuple[Future[bytes], float]] = {}
         self._idle = threading.Condition(self._lock)
 
     # ---------------------------------------------------------------- FrameSource
@@ -341,17 +344,34 @@ class LazySource:
         return [j for _, j in jobs]
 
     def _wait(self, futs: dict[int, Future[bytes]]) -> dict[int, bytes]:
+        """The frames' bytes, waiting at most ``fetch_timeout``; a read of a frame whose pending fetch a
+        read already gave up on (within the last ``fetch_timeout``) fails at once."""
+        now = time.monotonic()
+        with self._lock:
+            hopeless = [fi for fi, fut in futs.items() if not fut.done()
+                        and (g := self._gave_up.get(fi)) is not None and g[0] is fut and g[1] > now]
+        if hopeless:
+            raise self._timed_out(hopeless[0], "still ")
         done, pending = wait_futures(list(futs.values()), timeout=self.fetch_timeout)
         if pending:
-            with self._stats.lock:
-                self._stats.timeouts += 1
-            fi = next(i for i, f in futs.items() if f in pending)
-            f = self.index.frames[fi]
-            msg = (f"no answer from {self.where} within {self.fetch_timeout:g}s for frame "
-                   f"{self._pack_of[f.pack]}@{f.offset} (registry unreachable?)")
-            log.error("%s", msg)
-            raise TransportError(msg)
+            until = time.monotonic() + self.fetch_timeout
+            with self._lock:
+                for old in [fi for fi, (f, t) in self._gave_up.items() if f.done() or t < now]:
+                    del self._gave_up[old]
+                for fi, fut in futs.items():
+                    if fut in pending:
+                        self._gave_up[fi] = (fut, until)
+            raise self._timed_out(next(i for i, f in futs.items() if f in pending), "")
         return {fi: fut.result() for fi, fut in futs.items()}
+
+    def _timed_out(self, fi: int, still: str) -> TransportError:
+        with self._stats.lock:
+            self._stats.timeouts += 1
+        f = self.index.frames[fi]
+        msg = (f"{still}no answer from {self.where} within {self.fetch_timeout:g}s for frame "
+               f"{self._pack_of[f.pack]}@{f.offset} (registry unreachable?)")
+        log.error("%s", msg)
+        return TransportError(msg)
 
     # ---------------------------------------------------------------- fetching
 

@@ -32,7 +32,7 @@ class Deadline:
 
     def __init__(self, base: float, min_rate: float) -> None:
         self.base, self.min_rate = base, max(1.0, min_rate)
-        self.moved = 0
+        self.moved = self.received = 0
         self.spent = 0.0
 
     @property
@@ -46,9 +46,11 @@ class Deadline:
     def expired(self) -> bool:
         return self.spent >= self.budget
 
-    def charge(self, seconds: float, nbytes: int) -> None:
+    def charge(self, seconds: float, nbytes: int, received: bool = False) -> None:
         self.spent += seconds
         self.moved += nbytes
+        if received:
+            self.received += nbytes
 
     @contextmanager
     def active(self) -> Iterator[Deadline]:
@@ -87,7 +89,7 @@ class _Stream(httpcore.NetworkStream):
             return data
         finally:
             if d is not None:
-                d.charge(time.monotonic() - t0, len(data))
+                d.charge(time.monotonic() - t0, len(data), received=True)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         d, timeout = _bounded(timeout, httpcore.WriteTimeout)

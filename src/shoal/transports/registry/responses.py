@@ -63,6 +63,9 @@ def failure(exc: httpx.TransportError, what: str, url: str, deadline: Deadline |
     if reason:
         return TransportError(f"TLS handshake with {host}:{port} failed: {reason}")
     lost = BodyLost if body else Transient
+    timeout = isinstance(exc, httpx.TimeoutException)
+    if timeout and not isinstance(exc, httpx.ConnectTimeout) and deadline is not None and not deadline.received:
+        return lost(f"{what}: no answer from {host}:{port} (stalled)", retries=1)
     if deadline is not None and deadline.expired:
         return lost(f"{what}: {host}:{port} too slow (no complete answer within {deadline.budget:.0f}s, "
                     f"under {deadline.min_rate / 1024:.0f} KiB/s)", retries=1)
@@ -75,7 +78,7 @@ def failure(exc: httpx.TransportError, what: str, url: str, deadline: Deadline |
         return Transient(f"connection refused by {host}:{port}", retries=4)
     if isinstance(exc, httpx.ConnectTimeout):
         return Transient(f"cannot connect to {host}:{port}: no answer (timed out)", retries=1)
-    if isinstance(exc, httpx.TimeoutException):
+    if timeout:
         return lost(f"{what}: {host}:{port} stalled (sent nothing for too long)", retries=1)
     if isinstance(exc, httpx.ConnectError):
         err = _cause(exc, OSError)
