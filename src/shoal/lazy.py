@@ -10,7 +10,9 @@ or one frame whose raw bytes someone else is already fetching (``early``: a reco
 before the mount existed, see ``shoal.mount.early``; a failed one falls back to a request).
 Each frame being fetched has a future in ``_inflight``, so concurrent readers of one frame share one
 request.  Demand reads (``fetch``, ``ensure``) run in their own thread pool and wait at most
-``fetch_timeout`` seconds (then TransportError, EIO through FUSE); ``prefetch`` and ``readahead``
+``fetch_timeout`` seconds (then TransportError, EIO through FUSE; while the fetch given up on still
+hangs, further reads of its frames wait at most a quarter of that, 0.5 s at most: the kernel retries
+a failed read, and that retry must not double the wait); ``prefetch`` and ``readahead``
 run in a background pool.  A demand read that needs a frame whose background job has not started
 yet runs that job itself, so a long prefetch queue never delays a read.
 """
@@ -344,16 +346,19 @@ class LazySource:
         return [j for _, j in jobs]
 
     def _wait(self, futs: dict[int, Future[bytes]]) -> dict[int, bytes]:
-        """The frames' bytes, waiting at most ``fetch_timeout``; a read of a frame whose pending fetch a
-        read already gave up on (within the last ``fetch_timeout``) fails at once."""
+        """The frames' bytes, waiting at most ``fetch_timeout``; or only ``min(0.5, fetch_timeout / 4)`` when a
+        read already gave up on one of these fetches, still pending, within the last ``fetch_timeout``
+        (the kernel retries a failed read at once: the retry must not double the wait, yet a fetch that
+        answers now, e.g. a registry that was stopped and continued, still serves it)."""
         now = time.monotonic()
         with self._lock:
-            hopeless = [fi for fi, fut in futs.items() if not fut.done()
-                        and (g := self._gave_up.get(fi)) is not None and g[0] is fut and g[1] > now]
-        if hopeless:
-            raise self._timed_out(hopeless[0], "still ")
-        done, pending = wait_futures(list(futs.values()), timeout=self.fetch_timeout)
+            retried = [fi for fi, fut in futs.items() if not fut.done()
+                       and (g := self._gave_up.get(fi)) is not None and g[0] is fut and g[1] > now]
+        limit = min(0.5, self.fetch_timeout / 4) if retried else self.fetch_timeout
+        done, pending = wait_futures(list(futs.values()), timeout=limit)
         if pending:
+            if retried:
+                raise self._timed_out(retried[0], "still ")
             until = time.monotonic() + self.fetch_timeout
             with self._lock:
                 for old in [fi for fi, (f, t) in self._gave_up.items() if f.done() or t < now]:

@@ -239,7 +239,8 @@ def make_client(host: str, o: RegistryOptions) -> RegistryClient:
         return RegistryClient(
             host, tls_verify=o.tls_verify, ca_bundle=bundle, plain_http=o.plain_http, credentials=o.credentials,
             timeout=o.timeout, max_connections=max(8, 2 * o.concurrency), retries=o.retries, backoff=o.backoff,
-            range_concurrency=o.concurrency, min_rate=o.min_rate, monolithic_max=chunk, chunk_size=chunk if o.chunk_size else 2 * chunk,
+            range_concurrency=o.concurrency, min_rate=o.min_rate, monolithic_max=chunk,
+            chunk_size=chunk if o.chunk_size else 2 * chunk,
         )
     except OSError as exc:  # an unreadable CA bundle
         raise UsageError(f"cannot load CA certificates: {exc.strerror or exc}") from None
