@@ -53,9 +53,9 @@ def failure(exc: httpx.TransportError, what: str, url: str, deadline: Deadline |
             *, body: bool = False) -> TransportError:
     """The Shoal error for an httpx failure of request ``what`` to ``url`` (one line, no query string).
 
-    TLS failures and unresolvable names are final; a refused connection is retried 3 times (0.7-1.4 s
-    with the default backoff), a timeout or an exceeded deadline once, a lost connection as often as
-    the client retries anything.
+    TLS failures and unresolvable names are final; a refused connection is retried 3 times, 0.4 s
+    apart (a registry restarting), a timeout or an exceeded deadline once, a lost connection as often
+    as the client retries anything.
     """
     p = urlsplit(url)
     host, port = p.hostname or "?", p.port or (443 if p.scheme == "https" else 80)
@@ -75,7 +75,7 @@ def failure(exc: httpx.TransportError, what: str, url: str, deadline: Deadline |
             return Transient(f"cannot resolve {host} (temporary DNS failure)", retries=1)
         return TransportError(f"cannot resolve {host}")
     if _cause(exc, ConnectionRefusedError) is not None:
-        return Transient(f"connection refused by {host}:{port}", retries=3)
+        return Transient(f"connection refused by {host}:{port}", retries=3, after=0.4)
     if isinstance(exc, httpx.ConnectTimeout):
         return Transient(f"cannot connect to {host}:{port}: no answer (timed out)", retries=1)
     if timeout:
