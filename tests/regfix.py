@@ -403,6 +403,10 @@ class RegistryProxy:
     * ``faults``: list of ``(method, path_substring, status)``; each matching
       request consumes the first matching entry and gets that status
       (with ``Retry-After: 0`` for 429/503)
+    * ``trickle``: GETs whose path contains it get the upstream headers at once,
+      then the body one byte every ``trickle_delay`` seconds (a slow loris)
+    * ``stall``: requests whose path contains it are read and never answered
+    * ``corrupt_uploads``: this many PUT/PATCH bodies get a byte flipped on the way
     """
 
     upstream: str
@@ -414,8 +418,13 @@ class RegistryProxy:
     log: list[tuple[str, str, int]] = field(default_factory=list)
     ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range) of every blob GET with one
     redirect_log: list[dict[str, str]] = field(default_factory=list)
+    trickle: str | None = None
+    trickle_delay: float = 0.25
+    stall: str | None = None
+    corrupt_uploads: int = 0
 
     def __post_init__(self) -> None:
+        self._closing = threading.Event()
         u = urlsplit(self.upstream)
         self._up = (u.hostname or "127.0.0.1", int(u.port or 80))
         self._lock = threading.Lock()
@@ -425,8 +434,27 @@ class RegistryProxy:
         self._blobstore = ThreadedServer(self._serve_blobstore, host="127.0.0.2")
 
     def close(self) -> None:
+        self._closing.set()
         self._server.close()
         self._blobstore.close()
+
+    def _slow(self, req: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+        """Headers now, then the body a byte at a time (until the client gives up or we close)."""
+        req.send_response(status)
+        for k, v in headers:
+            req.send_header(k, v)
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        try:
+            req.wfile.flush()
+            for i in range(len(data)):
+                if self._closing.wait(self.trickle_delay):
+                    break
+                req.wfile.write(data[i:i + 1])
+                req.wfile.flush()
+        except OSError:
+            pass
+        req.close_connection = True
 
     def _forward(self, method: str, path: str, headers: dict[str, str], body: bytes
                  ) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -451,6 +479,16 @@ class RegistryProxy:
                     self.log.append((req.command, path, status))
                     extra = {"Retry-After": "0"} if status in (429, 503) else {}
                     return reply(req, status, b"", extra)
+        if self.stall is not None and self.stall in path:
+            with self._lock:
+                self.log.append((req.command, path, 0))
+            self._closing.wait(60)
+            req.close_connection = True
+            return None
+        if self.corrupt_uploads and req.command in ("PUT", "PATCH") and body:
+            with self._lock:
+                self.corrupt_uploads -= 1
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
         is_blob = "/blobs/sha256:" in path or "/blobs/sha512:" in path
         if self.redirect_blobs and is_blob and req.command in ("GET", "HEAD"):
             target = f"{self._blobstore.url}/store{path}?X-Sig=abc"
@@ -472,6 +510,8 @@ class RegistryProxy:
         out = [(k, v) for k, v in rheaders if k.lower() not in ("connection", "transfer-encoding", "content-length")]
         if self.ignore_range:
             out = [(k, v) for k, v in out if k.lower() != "accept-ranges"]
+        if self.trickle is not None and self.trickle in path and req.command == "GET" and data:
+            return self._slow(req, status, out, data)
         out.append(("Content-Length", dict((k.lower(), v) for k, v in rheaders).get("content-length", str(len(data)))
                     if req.command == "HEAD" else str(len(data))))
         reply(req, status, data, out)

@@ -10,7 +10,9 @@ or one frame whose raw bytes someone else is already fetching (``early``: a reco
 before the mount existed, see ``shoal.mount.early``; a failed one falls back to a request).
 Each frame being fetched has a future in ``_inflight``, so concurrent readers of one frame share one
 request.  Demand reads (``fetch``, ``ensure``) run in their own thread pool and wait at most
-``fetch_timeout`` seconds (then TransportError, EIO through FUSE); ``prefetch`` and ``readahead``
+``fetch_timeout`` seconds (then TransportError, EIO through FUSE; while the fetch given up on still
+hangs, further reads of its frames wait at most a quarter of that, 0.5 s at most: the kernel retries
+a failed read, and that retry must not double the wait); ``prefetch`` and ``readahead``
 run in a background pool.  A demand read that needs a frame whose background job has not started
 yet runs that job itself, so a long prefetch queue never delays a read.
 """
@@ -130,6 +132,9 @@ class LazySource:
         self._cached: set[int] | None = None  # frames known to be on this machine (scanned on first use)
         self._closed = False
         self._running = 0  # jobs between their request and their last future (under _idle)
+        # frame -> (the future a demand read gave up on, until when): the kernel retries a failed read at
+        # once, and that retry must not wait another fetch_timeout on the same hung request
+        self._gave_up: dict[int, tuple[Future[bytes], float]] = {}
         self._idle = threading.Condition(self._lock)
 
     # ---------------------------------------------------------------- FrameSource
@@ -342,17 +347,37 @@ class LazySource:
         return [j for _, j in jobs]
 
     def _wait(self, futs: dict[int, Future[bytes]]) -> dict[int, bytes]:
-        done, pending = wait_futures(list(futs.values()), timeout=self.fetch_timeout)
+        """The frames' bytes, waiting at most ``fetch_timeout``; or only ``min(0.5, fetch_timeout / 4)`` when a
+        read already gave up on one of these fetches, still pending, within the last ``fetch_timeout``
+        (the kernel retries a failed read at once: the retry must not double the wait, yet a fetch that
+        answers now, e.g. a registry that was stopped and continued, still serves it)."""
+        now = time.monotonic()
+        with self._lock:
+            retried = [fi for fi, fut in futs.items() if not fut.done()
+                       and (g := self._gave_up.get(fi)) is not None and g[0] is fut and g[1] > now]
+        limit = min(0.5, self.fetch_timeout / 4) if retried else self.fetch_timeout
+        done, pending = wait_futures(list(futs.values()), timeout=limit)
         if pending:
-            with self._stats.lock:
-                self._stats.timeouts += 1
-            fi = next(i for i, f in futs.items() if f in pending)
-            f = self.index.frames[fi]
-            msg = (f"no answer from {self.where} within {self.fetch_timeout:g}s for frame "
-                   f"{self._pack_of[f.pack]}@{f.offset} (registry unreachable?)")
-            log.error("%s", msg)
-            raise TransportError(msg)
+            if retried:
+                raise self._timed_out(retried[0], "still ")
+            until = time.monotonic() + self.fetch_timeout
+            with self._lock:
+                for old in [fi for fi, (f, t) in self._gave_up.items() if f.done() or t < now]:
+                    del self._gave_up[old]
+                for fi, fut in futs.items():
+                    if fut in pending:
+                        self._gave_up[fi] = (fut, until)
+            raise self._timed_out(next(i for i, f in futs.items() if f in pending), "")
         return {fi: fut.result() for fi, fut in futs.items()}
+
+    def _timed_out(self, fi: int, still: str) -> TransportError:
+        with self._stats.lock:
+            self._stats.timeouts += 1
+        f = self.index.frames[fi]
+        msg = (f"{still}no answer from {self.where} within {self.fetch_timeout:g}s for frame "
+               f"{self._pack_of[f.pack]}@{f.offset} (registry unreachable?)")
+        log.error("%s", msg)
+        return TransportError(msg)
 
     # ---------------------------------------------------------------- fetching
 

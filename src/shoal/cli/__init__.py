@@ -72,6 +72,8 @@ def cli(ctx: click.Context, store: str | None, verbose: int) -> None:
     """Shoal: chunked, deduplicated, lazily mountable container images."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="shoal: %(levelname)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # they log whole URLs and headers: presigned queries carry signatures
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = {"store": store}
 
 

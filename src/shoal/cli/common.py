@@ -136,6 +136,9 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Credentials file (default: $REGISTRY_AUTH_FILE, containers auth.json, "
                           "~/.docker/config.json)."),
         click.option("--retries", type=click.IntRange(0, 100), default=None, help="Retries per request (default 5)."),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     help="Seconds a registry request may wait for a byte, and its grace before it must average "
+                          "64 KiB/s (default 30)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -144,7 +147,7 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, cert_dir: str | None,
                   plain_http: bool | None, authfile: str | None, retries: int | None,
-                  concurrency: int | None = None) -> dict[str, object]:
+                  timeout: float | None = None, concurrency: int | None = None) -> dict[str, object]:
     """The transport options the ``registry_options`` flags describe (for new_source/new_destination)."""
     if authfile:
         os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(authfile)  # the credential lookup reads it
@@ -157,6 +160,8 @@ def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, c
         o["plain_http"] = plain_http
     if retries is not None:
         o["retries"] = retries
+    if timeout is not None:
+        o["timeout"] = timeout
     if concurrency:
         o["concurrency"] = concurrency
     return o

@@ -9,7 +9,7 @@ back to an equal reference.
 Options (``new_source(**opts)``/``new_destination(**opts)``/``delete(**opts)``; unknown keys are
 ignored, so one option dict can serve every transport): ``tls_verify``, ``ca_bundle``,
 ``cert_dir``, ``plain_http``, ``credentials`` (:class:`Credentials` or ``"user:password"``),
-``concurrency``, ``retries``, ``backoff``, ``timeout``, ``chunk_size`` (PATCH uploads above it),
+``concurrency``, ``retries``, ``backoff``, ``timeout``, ``min_rate``, ``chunk_size`` (PATCH uploads above it),
 and for destinations ``tags`` (extra tags written at ``commit()``).  The transfer itself
 (verification, resume, which blobs move) is the copier's; this module maps the transport contract
 onto :class:`RegistryClient`.
@@ -157,7 +157,8 @@ class RegistryOptions:
     concurrency: int = 8
     retries: int = 5
     backoff: float = 0.2
-    timeout: float = 30.0
+    timeout: float = 30.0  # connect and stall limit, and the grace of each request's deadline
+    min_rate: float = 64 * 1024  # bytes/s a request must average after its grace (registry/deadline.py)
     chunk_size: int | None = None  # blobs larger than this go up in PATCHes of this size (default 8 MiB)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
@@ -173,7 +174,7 @@ class RegistryOptions:
             if v:
                 kw[key] = os.fspath(cast(str, v))
         for key, typ2 in (("concurrency", int), ("retries", int), ("backoff", float), ("timeout", float),
-                          ("chunk_size", int)):
+                          ("min_rate", float), ("chunk_size", int)):
             v = opts.get(key)
             if v is not None:
                 kw[key] = _typed(key, v, typ2)
@@ -238,7 +239,8 @@ def make_client(host: str, o: RegistryOptions) -> RegistryClient:
         return RegistryClient(
             host, tls_verify=o.tls_verify, ca_bundle=bundle, plain_http=o.plain_http, credentials=o.credentials,
             timeout=o.timeout, max_connections=max(8, 2 * o.concurrency), retries=o.retries, backoff=o.backoff,
-            range_concurrency=o.concurrency, monolithic_max=chunk, chunk_size=chunk if o.chunk_size else 2 * chunk,
+            range_concurrency=o.concurrency, min_rate=o.min_rate, monolithic_max=chunk,
+            chunk_size=chunk if o.chunk_size else 2 * chunk,
         )
     except OSError as exc:  # an unreadable CA bundle
         raise UsageError(f"cannot load CA certificates: {exc.strerror or exc}") from None

@@ -12,16 +12,17 @@ import hashlib
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from typing import IO, TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
 from shoal.errors import FormatError, IntegrityError, TransportError, UsageError
 
 from .auth import merge_scopes
+from .responses import BodyLost, Transient, failure
 
 if TYPE_CHECKING:
     from .client import RegistryClient
@@ -35,14 +36,8 @@ _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 _HEX_LEN = {"sha256": 64, "sha512": 128}
 CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 READ_CHUNK = 256 * 1024
-
-
-class Transient(TransportError):
-    """A failure worth retrying (connection lost, 5xx, 429, upload session gone)."""
-
-
-class BodyLost(Transient):
-    """The connection dropped while a response body was being read."""
+RANGE_SLACK = 64 * 1024  # a range answer may be this much longer than asked (aligned servers), no more
+_TRANSIT_CODES = ("DIGEST_INVALID", "BLOB_UPLOAD_INVALID", "SIZE_INVALID")  # on a verified source: damage on the way
 
 
 def hasher(digest: str) -> Any:
@@ -71,18 +66,47 @@ def with_query(url: str, name: str, value: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{name}={quote(value, safe='')}"
 
 
+def iter_body(client: RegistryClient, resp: httpx.Response) -> Iterator[bytes]:
+    """The body of ``resp`` as it arrives, under its request's deadline; a failure raises BodyLost
+    (or a final error, see ``responses.failure``).  The one place bodies are read."""
+    dl = resp.extensions.get("shoal.deadline")
+    it = resp.iter_bytes()
+    while True:
+        try:
+            with dl.active() if dl is not None else nullcontext():
+                chunk = next(it)
+        except StopIteration:
+            return
+        except httpx.TransportError as e:
+            url = str(resp.request.url)
+            raise failure(e, f"{resp.request.method} {urlsplit(url).path}", url, dl, body=True) from None
+        client._count(fetched=len(chunk))
+        yield chunk
+
+
 def read_all(client: RegistryClient, resp: httpx.Response, limit: int | None) -> bytes:
+    """The body, but no more than about ``limit`` bytes (one chunk past it: the caller checks)."""
     buf = bytearray()
-    try:
-        for chunk in resp.iter_bytes():
-            buf += chunk
-            if limit is not None and len(buf) > limit:
-                break
-    except httpx.TransportError as e:
-        raise BodyLost(f"{client.host}: {type(e).__name__} while reading a response") from None
-    finally:
-        client._count(fetched=len(buf))
+    for chunk in iter_body(client, resp):
+        buf += chunk
+        if limit is not None and len(buf) > limit:
+            break
     return bytes(buf)
+
+
+def read_span(client: RegistryClient, resp: httpx.Response, skip: int, take: int) -> bytes:
+    """Bytes ``skip`` to ``skip + take`` of the body, streaming: never holds more than ``take`` (+ one
+    chunk), never reads past them.  A body that ends early raises BodyLost."""
+    buf = bytearray()
+    for chunk in iter_body(client, resp):
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        buf += chunk[skip:skip + take - len(buf)]
+        skip = 0
+        if len(buf) >= take:
+            return bytes(buf)
+    raise BodyLost(f"{client.host}: answer ended {take - len(buf)} bytes short")
 
 
 # -- reads ------------------------------------------------------------------
@@ -130,8 +154,7 @@ class BlobReader:
         self._it = self._chunks(resp, skip)
 
     def _chunks(self, resp: httpx.Response, skip: int) -> Iterator[bytes]:
-        for chunk in resp.iter_bytes():
-            self._c._count(fetched=len(chunk))
+        for chunk in iter_body(self._c, resp):
             if skip:
                 drop = min(skip, len(chunk))
                 chunk, skip = chunk[drop:], skip - drop
@@ -146,12 +169,14 @@ class BlobReader:
             except StopIteration:
                 self._finish()
                 return b""
-            except httpx.TransportError as e:
+            except BodyLost as e:
                 self._drop()
-                if self._resumes >= self._c.retries:
-                    raise TransportError(f"blob {self.repo}@{self.digest}: {type(e).__name__}") from None
+                cap = self._c.retries if e.retries is None else min(self._c.retries, e.retries)
+                if self._resumes >= cap:
+                    raise TransportError(f"blob {self.repo}@{self.digest}: {e}") from None
                 self._resumes += 1
-                log.debug("blob %s: %s at %d, resuming", self.digest, type(e).__name__, self.offset)
+                log.info("blob %s: %s at byte %d; resuming (%d of %d)", self.digest, e, self.offset,
+                         self._resumes, cap)
                 self._c._sleep(self._resumes)
                 self._open()
                 continue
@@ -236,47 +261,29 @@ def fetch_ranges(client: RegistryClient, repo: str, digest: str, ranges: Sequenc
             spans[-1].append(i)
         else:
             spans.append([off, off + ln, i])
-    full: list[bytes] = []  # the whole blob, once a server ignored Range
-    full_lock = threading.Lock()
     what = f"blob {repo}@{digest}"
 
     def fetch(start: int, end: int) -> bytes:
-        attempt = 0
-        while True:
-            try:
-                return fetch_once(start, end)
-            except BodyLost:
-                if attempt >= client.retries:
-                    raise
-                attempt += 1
-                client._sleep(attempt)
+        return client._retry(lambda: fetch_once(start, end), f"get range {start}-{end - 1} of {what}")
 
     def fetch_once(start: int, end: int) -> bytes:
-        if full:
-            return full[0][start:end]
+        """One request for ``blob[start:end]``: never holds or reads more than asked (+ RANGE_SLACK)."""
+        want = end - start
         resp = client._request("GET", f"/v2/{repo}/blobs/{digest}", scopes=scopes,
-                               headers={"Range": f"bytes={start}-{end - 1}"}, stream=True)
+                               headers={"Range": f"bytes={start}-{end - 1}"}, stream=True, retry=False)
         try:
             if resp.status_code == 206:
                 m = CONTENT_RANGE_RE.fullmatch(resp.headers.get("content-range", "").strip())
-                if not m or int(m.group(1)) > start or int(m.group(2)) < end - 1:
-                    raise TransportError(f"{what}: bad Content-Range for bytes {start}-{end - 1}")
-                first, last = int(m.group(1)), int(m.group(2))
-                body = read_all(client, resp, last - first + 1)
-                if len(body) != last - first + 1:
-                    raise TransportError(f"{what}: range answer length differs from Content-Range")
-                return body[start - first:end - first]
-            if resp.status_code == 200:
-                with full_lock:
-                    if not full:
-                        log.debug("%s ignores Range; slicing the full blob", client.host)
-                        body = read_all(client, resp, None)
-                        h = hasher(digest)
-                        h.update(body)
-                        if digest_of(h, digest) != digest:
-                            raise IntegrityError(f"{what}: content does not match its digest")
-                        full.append(body)
-                return full[0][start:end]
+                first, last = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+                if not m or first > start or last < end - 1 or last - first + 1 > want + RANGE_SLACK:
+                    raise TransportError(f"{what}: {client.host} answered bytes {start}-{end - 1} with "
+                                         f"Content-Range {resp.headers.get('content-range', '(none)')[:80]!r}")
+                return read_span(client, resp, start - first, want)
+            if resp.status_code == 200:  # Range ignored: stream up to the span, keep only the span
+                if not client._ranges_ignored:
+                    log.info("%s ignores Range: each range streams the blob up to its end", client.host)
+                client._ranges_ignored = True
+                return read_span(client, resp, start, want)
             if resp.status_code == 416:
                 raise UsageError(f"range {start}-{end - 1} outside {what}")
             raise client._error(resp, f"get range of {what}")
@@ -296,9 +303,8 @@ def fetch_ranges(client: RegistryClient, repo: str, digest: str, ranges: Sequenc
     if todo and (len(todo) == 1 or client._ranges_ignored):
         span = todo.pop(0)  # probe alone: avoids N full downloads from a Range-less server
         place(span, fetch(span[0], span[1]))
-        client._ranges_ignored = bool(full)
     workers = max(1, min(concurrency, len(todo)))
-    if workers == 1 or full:
+    if workers == 1 or client._ranges_ignored:
         for span in todo:
             place(span, fetch(span[0], span[1]))
     elif todo:
@@ -310,7 +316,6 @@ def fetch_ranges(client: RegistryClient, repo: str, digest: str, ranges: Sequenc
             if pending:
                 nxt = pending.pop(0)
                 futures.append(pool.submit(fetch, nxt[0], nxt[1]))
-        client._ranges_ignored = bool(full)
     return results
 
 
@@ -369,17 +374,11 @@ def put_blob(client: RegistryClient, repo: str, digest: str, data: BlobSource, s
     if check_exists and client.has_blob(repo, digest) is not None:
         return "exists"
     src = Source(data)
-    attempt = 0
     try:
-        while True:
-            try:
-                return _upload_once(client, repo, digest, src, size, mount_from)
-            except Transient:
-                if attempt >= client.retries or not src.rewindable:
-                    raise
-                attempt += 1
-                log.debug("upload of %s to %s failed, restarting (%d)", digest, repo, attempt)
-                client._sleep(attempt)
+        if not src.rewindable:
+            return _upload_once(client, repo, digest, src, size, mount_from)
+        return client._retry(lambda: _upload_once(client, repo, digest, src, size, mount_from),
+                             f"upload of {digest} to {repo}")  # each retry starts again from a fresh POST
     finally:
         src.close()
 
@@ -446,7 +445,7 @@ def _upload_once(client: RegistryClient, repo: str, digest: str, src: Source, si
     if resp.status_code not in (201, 204):
         if resp.status_code in (404, 416) or resp.status_code >= 500:
             raise _lost(client, resp, repo)
-        raise client._error(resp, f"finish upload to {repo}")
+        raise client._error(resp, f"finish upload to {repo}", transient_codes=_TRANSIT_CODES)
     claimed = resp.headers.get("docker-content-digest", "")
     if claimed and claimed != digest:
         raise IntegrityError(f"blob {digest}: registry stored digest {claimed}")

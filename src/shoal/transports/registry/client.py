@@ -16,11 +16,11 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -39,9 +39,7 @@ from .auth import Authenticator, repository_scope
 from .blobs import (
     BlobReader,
     BlobSource,
-    BodyLost,
     PutBlobResult,
-    Transient,
     check_digest,
     digest_of,
     fetch_ranges,
@@ -50,10 +48,11 @@ from .blobs import (
     read_all,
 )
 from .credentials import Credentials
+from .deadline import DEFAULT_MIN_RATE, Deadline
 from .referrers import put_referrer_tag_index, referrers, referrers_tag
+from .responses import Transient, failure, redact
 from .responses import one_line as _one_line
 from .responses import retry_after as _retry_after
-from .responses import tls_failure as _tls_failure
 from .transport import http_client
 
 __all__ = [
@@ -83,11 +82,13 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
-_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_RETRY_STATUSES = frozenset({408, 429, 499, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _MAX_REDIRECTS = 10
-_MAX_SMALL_BODY = 16 * 1024 * 1024  # cap on answers read whole (tags, errors, tokens)
+_MAX_SMALL_BODY = 16 * 1024 * 1024  # cap on answers read whole (tags, tokens)
+MAX_ERROR_BODY = 64 * 1024  # an error answer is read this far, for its message
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -149,6 +150,7 @@ class RegistryClient:
         chunk_size: int = 16 * 1024 * 1024,
         range_concurrency: int = 8,
         range_merge_gap: int = 64 * 1024,
+        min_rate: float = DEFAULT_MIN_RATE,
     ) -> None:
         host = host.strip().rstrip("/")
         if not host or "/" in host or "@" in host:
@@ -161,6 +163,7 @@ class RegistryClient:
         self.base_url = f"{'http' if self.plain_http else 'https'}://{self._api_host}"
         self._origin = self._origin_of(self.base_url)
         self.retries = max(0, retries)
+        self.timeout, self.min_rate = timeout, min_rate
         self.backoff, self.backoff_max = backoff, backoff_max
         self.monolithic_max, self.chunk_size = monolithic_max, max(1, chunk_size)
         self.range_concurrency, self.range_merge_gap = max(1, range_concurrency), max(0, range_merge_gap)
@@ -203,8 +206,8 @@ class RegistryClient:
             self.stats.bytes_sent += sent
             self.stats.retries += retries
 
-    def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
-        delay = _retry_after(resp) if resp is not None else None
+    def _sleep(self, attempt: int, after: float | None = None) -> None:
+        delay = after
         if delay is None:
             delay = min(self.backoff_max, self.backoff * (2 ** (attempt - 1))) * (0.5 + random.random() / 2)
         self._count(retries=1)
@@ -213,6 +216,23 @@ class RegistryClient:
     def _send_raw(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> httpx.Response:
         """Send without registry auth (token service); retried, body read."""
         return self._request(method, url, scopes=None, headers=headers, content=body)
+
+    def _retry(self, fn: Callable[[], _T], what: str) -> _T:
+        """``fn()``, again after a backoff while it raises :class:`Transient`: at most ``retries`` times,
+        or fewer when the failure says so (a refused connection, a timeout).  The one retry loop."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Transient as e:
+                cap = self.retries if e.retries is None else min(self.retries, e.retries)
+                if attempt >= cap:
+                    if attempt:
+                        log.info("%s: giving up after %d retries: %s", what, attempt, e)
+                    raise
+                attempt += 1
+                log.info("%s: %s; retry %d of %d", what, e, attempt, cap)
+                self._sleep(attempt, e.after)
 
     def _request(
         self,
@@ -225,16 +245,29 @@ class RegistryClient:
         stream: bool = False,
         retry: bool = True,
     ) -> httpx.Response:
-        """One logical request: auth, redirects (no credentials across hosts), retries.
+        """One logical request: auth, redirects (no credentials across hosts), retries (``retry``).
 
-        ``scopes=None`` means no registry auth at all.  The response is read
-        unless ``stream``; the caller checks its status.
+        ``scopes=None`` means no registry auth at all.  The response is read (at most 16 MiB) unless
+        ``stream``; the caller checks its status.  Without ``retry``, one attempt whose failures raise
+        :class:`Transient` (for the caller's own retry) and whose error answers are returned.
         """
         if not url.startswith(("http://", "https://")):
             url = self.base_url + url
-        attempt = auth_tries = redirects = 0
+
+        def attempt() -> httpx.Response:
+            return self._attempt(method, url, scopes, headers, content, stream, retry)
+
+        return self._retry(attempt, f"{method} {redact(url)}") if retry else attempt()
+
+    def _attempt(self, method: str, url: str, scopes: Sequence[str] | None, headers: dict[str, str] | None,
+                 content: bytes | None, stream: bool, raise_transient: bool) -> httpx.Response:
+        """One attempt of ``_request``, under one :class:`Deadline` (kept in the response's
+        ``extensions["shoal.deadline"]`` for the reads of its body)."""
+        auth_tries = 0
         auth = self.auth.header_for(scopes) if scopes is not None else None
         cur, cur_method, first_origin = url, method, self._origin_of(url)
+        seen: set[str] = set()
+        dl = Deadline(self.timeout, self.min_rate)
         while True:
             origin = self._origin_of(cur)
             same_origin = origin == self._origin
@@ -244,23 +277,18 @@ class RegistryClient:
             if auth and same_origin and scopes is not None:
                 hdrs["Authorization"] = auth
             path = urlsplit(cur).path
+            what = f"{cur_method} {path}"
             try:
                 req = self._http.build_request(cur_method, cur, headers=hdrs, content=content)
-                resp = self._http.send(req, stream=True)
+                with dl.active():
+                    resp = self._http.send(req, stream=True)
             except httpx.TransportError as e:
                 self._count(requests=1)
-                reason = _tls_failure(e)
-                if reason:
-                    raise TransportError(f"TLS handshake with {urlsplit(cur).netloc} failed: {reason}") from None
-                if retry and attempt < self.retries:
-                    attempt += 1
-                    log.debug("%s %s: %s, retry %d", cur_method, path, type(e).__name__, attempt)
-                    self._sleep(attempt)
-                    continue
-                raise Transient(f"{cur_method} {self.host}{path} failed: {type(e).__name__}") from None
+                raise failure(e, what, cur, dl) from None
+            resp.extensions["shoal.deadline"] = dl
             self._count(requests=1, sent=len(content or b""))
             status = resp.status_code
-            log.debug("%s %s -> %d", cur_method, path, status)
+            log.debug("%s %s -> %d", cur_method, redact(cur), status)
             if status == 401 and same_origin and scopes is not None:
                 resp.close()
                 if auth_tries >= 2:
@@ -270,28 +298,20 @@ class RegistryClient:
                 continue
             if status in _REDIRECTS and resp.headers.get("location"):
                 resp.close()
-                redirects += 1
-                if redirects > _MAX_REDIRECTS:
-                    raise TransportError(f"{method} {self.host}{urlsplit(url).path}: too many redirects")
+                seen.add(cur)
                 cur = urljoin(cur, resp.headers["location"])
+                if cur in seen or len(seen) > _MAX_REDIRECTS:
+                    kind = "a redirect loop" if cur in seen else f"more than {_MAX_REDIRECTS} redirects"
+                    raise TransportError(f"{method} {self.host}{urlsplit(url).path}: {kind} (at {redact(cur)})")
+                log.debug("redirected to %s", redact(cur))
                 if status == 303:
                     cur_method, content = "GET", None
                 continue
-            if status in _RETRY_STATUSES and retry and attempt < self.retries:
-                resp.close()
-                attempt += 1
-                log.debug("%s %s: HTTP %d, retry %d", cur_method, path, status, attempt)
-                self._sleep(attempt, resp)
-                continue
+            if status in _RETRY_STATUSES and raise_transient:
+                raise self._error(resp, what)
             if not stream:
                 try:
                     body = read_all(self, resp, _MAX_SMALL_BODY)
-                except BodyLost:
-                    if retry and attempt < self.retries:
-                        attempt += 1
-                        self._sleep(attempt)
-                        continue
-                    raise
                 finally:
                     resp.close()
                 if len(body) > _MAX_SMALL_BODY:
@@ -300,12 +320,16 @@ class RegistryClient:
                 return httpx.Response(status, headers=headers_out, content=body, request=resp.request)
             return resp
 
-    def _error(self, resp: httpx.Response, what: str) -> ShoalError:
-        """Map a registry error answer to Shoal's hierarchy (one line, no secrets)."""
+    def _error(self, resp: httpx.Response, what: str, transient_codes: Sequence[str] = ()) -> ShoalError:
+        """Map a registry error answer to Shoal's hierarchy (one line, no secrets); an answer with one
+        of ``transient_codes`` is :class:`Transient`.  At most ``MAX_ERROR_BODY`` bytes are read."""
         codes: list[str] = []
         detail = ""
         try:
-            body = resp.read()[:65536] if not resp.is_closed else resp.content[:65536]
+            try:
+                body = resp.content[:MAX_ERROR_BODY]
+            except httpx.ResponseNotRead:  # streamed: read no more than the cap
+                body = read_all(self, resp, MAX_ERROR_BODY)[:MAX_ERROR_BODY]
             doc = json.loads(body) if body else None
             if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
                 for err in doc["errors"]:
@@ -322,6 +346,8 @@ class RegistryClient:
             msg += f" {','.join(c for c in codes if c)}"
         if detail:
             msg += f" ({detail})"
+        if any(c in codes for c in transient_codes):
+            return Transient(msg + "; damaged on the way?")
         if status == 404 or "BLOB_UNKNOWN" in codes or "MANIFEST_BLOB_UNKNOWN" in codes:
             return NotFound(msg)
         if status in (401, 403):
@@ -331,7 +357,7 @@ class RegistryClient:
         if status == 413 or (status == 400 and codes):
             return FormatError(msg)
         if status in _RETRY_STATUSES:
-            return Transient(msg)
+            return Transient(msg, after=_retry_after(resp))
         return TransportError(msg)
 
     def _check_repo(self, repo: str) -> str:
@@ -394,29 +420,25 @@ class RegistryClient:
         """``(bytes, media_type, digest)``; verified when ``reference`` is a digest."""
         self._check_ref(reference)
         what = f"manifest {repo}:{reference}" if not _is_digest(reference) else f"manifest {repo}@{reference}"
-        attempt = 0
-        while True:
+
+        def once() -> tuple[httpx.Response, bytes]:
             resp = self._request(
                 "GET", f"/v2/{repo}/manifests/{reference}", scopes=self._pull(repo),
-                headers={"Accept": self._accept(accept)}, stream=True,
+                headers={"Accept": self._accept(accept)}, stream=True, retry=False,
             )
             try:
                 if resp.status_code != 200:
                     raise self._error(resp, f"get {what}")
                 if int(resp.headers.get("content-length") or 0) > MAX_MANIFEST_SIZE:
                     raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
-                data = read_all(self, resp, MAX_MANIFEST_SIZE)
-            except BodyLost:
-                if attempt >= self.retries:
-                    raise
-                attempt += 1
-                self._sleep(attempt)
-                continue
+                data = read_all(self, resp, MAX_MANIFEST_SIZE)  # stops once past the cap
             finally:
                 resp.close()
             if len(data) > MAX_MANIFEST_SIZE:
                 raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
-            break
+            return resp, data
+
+        resp, data = self._retry(once, f"get {what}")
         media_type = resp.headers.get("content-type", "").split(";")[0].strip()
         if not media_type or media_type in ("application/json", "application/octet-stream", "text/plain"):
             try:

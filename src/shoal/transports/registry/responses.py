@@ -1,14 +1,90 @@
-"""Reading a registry's answers: Retry-After, TLS failure reasons, one-line error text."""
+"""Reading a registry's answers and failures: the one map from httpx exceptions to Shoal errors
+(``failure``), which failures are worth retrying (``Transient`` and its retry cap), Retry-After, TLS
+failure reasons, one-line error text, and URLs fit for a log line (``redact``)."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["tls_failure", "one_line", "retry_after"]
+from shoal.errors import TransportError
+
+from .deadline import Deadline
+
+__all__ = ["Transient", "BodyLost", "failure", "redact", "tls_failure", "one_line", "retry_after"]
+
+
+class Transient(TransportError):
+    """A failure worth retrying: at most ``retries`` times (``None``: the client's ``retries``), after
+    ``after`` seconds when the server said so (Retry-After)."""
+
+    def __init__(self, message: str, *, retries: int | None = None, after: float | None = None) -> None:
+        super().__init__(message)
+        self.retries, self.after = retries, after
+
+
+class BodyLost(Transient):
+    """The connection dropped (or stalled) while a response body was being read."""
+
+
+def redact(url: str) -> str:
+    """``scheme://host/path`` of ``url``: no query (presigned URLs carry signatures), no userinfo."""
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.hostname or ''}{':' + str(p.port) if p.port else ''}{p.path}"
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def failure(exc: httpx.TransportError, what: str, url: str, deadline: Deadline | None,
+            *, body: bool = False) -> TransportError:
+    """The Shoal error for an httpx failure of request ``what`` to ``url`` (one line, no query string).
+
+    TLS failures and unresolvable names are final; a refused connection is retried 3 times, 0.4 s
+    apart (a registry restarting), a timeout or an exceeded deadline once, a lost connection as often
+    as the client retries anything.
+    """
+    p = urlsplit(url)
+    host, port = p.hostname or "?", p.port or (443 if p.scheme == "https" else 80)
+    reason = tls_failure(exc)
+    if reason:
+        return TransportError(f"TLS handshake with {host}:{port} failed: {reason}")
+    lost = BodyLost if body else Transient
+    timeout = isinstance(exc, httpx.TimeoutException)
+    if timeout and not isinstance(exc, httpx.ConnectTimeout) and deadline is not None and not deadline.received:
+        return lost(f"{what}: no answer from {host}:{port} (stalled)", retries=1)
+    if deadline is not None and deadline.expired:
+        return lost(f"{what}: {host}:{port} too slow (no complete answer within {deadline.budget:.0f}s, "
+                    f"under {deadline.min_rate / 1024:.0f} KiB/s)", retries=1)
+    gai = _cause(exc, socket.gaierror)
+    if gai is not None:
+        if getattr(gai, "errno", None) == socket.EAI_AGAIN:
+            return Transient(f"cannot resolve {host} (temporary DNS failure)", retries=1)
+        return TransportError(f"cannot resolve {host}")
+    if _cause(exc, ConnectionRefusedError) is not None:
+        return Transient(f"connection refused by {host}:{port}", retries=3, after=0.4)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return Transient(f"cannot connect to {host}:{port}: no answer (timed out)", retries=1)
+    if timeout:
+        return lost(f"{what}: {host}:{port} stalled (sent nothing for too long)", retries=1)
+    if isinstance(exc, httpx.ConnectError):
+        err = _cause(exc, OSError)
+        detail = one_line(getattr(err, "strerror", None) or type(exc).__name__, 80)
+        return Transient(f"cannot connect to {host}:{port}: {detail}", retries=2)
+    return lost(f"{what}: connection to {host}:{port} lost ({type(exc).__name__})")
 
 
 def tls_failure(exc: BaseException) -> str:

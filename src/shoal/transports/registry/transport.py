@@ -5,6 +5,8 @@ made), which a lazy mount or a loopback registry pays for nothing. ``http_client
 plain transport for ``http://`` and a ``LazyTLSTransport`` for ``https://`` that builds the verifying
 context on its first request (e.g. a plain-HTTP registry that redirects blob reads to an HTTPS CDN).
 When the environment names a proxy, the client is httpx's default one, which routes through it.
+Both mounted transports run their sockets through ``DeadlineBackend`` (deadline.py), which bounds
+every request's total network time; through a proxy only httpx's per-operation timeouts apply.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import os
 import ssl
 import threading
 
+import httpcore
 import httpx
+
+from .deadline import DeadlineBackend
 
 __all__ = ["LazyTLSTransport", "http_client"]
 
@@ -31,7 +36,7 @@ class LazyTLSTransport(httpx.BaseTransport):
     def _get(self) -> httpx.HTTPTransport:
         with self._lock:
             if self._transport is None:
-                self._transport = httpx.HTTPTransport(verify=self._verify, limits=self._limits)
+                self._transport = bounded_transport(self._verify, self._limits)
             return self._transport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -41,6 +46,19 @@ class LazyTLSTransport(httpx.BaseTransport):
         with self._lock:
             if self._transport is not None:
                 self._transport.close()
+
+
+def bounded_transport(verify: bool | ssl.SSLContext, limits: httpx.Limits) -> httpx.HTTPTransport:
+    """An ``httpx.HTTPTransport`` whose connection pool uses ``DeadlineBackend`` (httpx 0.28 has no
+    parameter for a network backend, so its pool is replaced by an equal one that has it)."""
+    ctx = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify)
+    transport = httpx.HTTPTransport(verify=ctx, limits=limits)
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=ctx, max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+        network_backend=DeadlineBackend(),
+    )
+    return transport
 
 
 def http_client(*, tls_verify: bool, ca_bundle: str | None, timeout: float, max_connections: int,
@@ -55,7 +73,7 @@ def http_client(*, tls_verify: bool, ca_bundle: str | None, timeout: float, max_
                             headers=headers)
     return httpx.Client(
         verify=False,  # the default transport is never used: both schemes are mounted below
-        mounts={"http://": httpx.HTTPTransport(verify=False, limits=limits),
+        mounts={"http://": bounded_transport(False, limits),
                 "https://": LazyTLSTransport(verify, limits)},
         timeout=httpx.Timeout(timeout),
         follow_redirects=False,
