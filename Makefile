@@ -1,6 +1,7 @@
 # Shoal — two commands do everything on a fresh Debian machine:
 #   make demo   installs what it needs, then runs Shoal's main job end to end
 #   make test   installs what it needs, then runs the whole test suite (.ci/run calls exactly this)
+#   make fuzz   the fuzz harnesses of tests/fuzz with a large budget (see README, Fuzzing)
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -8,7 +9,7 @@ SHOAL   := $(VENV)/bin/shoal
 APT_PKGS := docker-registry skopeo umoci runc fuse3 libfuse3-dev pkg-config debootstrap casync zstd pigz \
             squashfs-tools python3-venv attr curl
 
-.PHONY: demo test bench deps venv clean lint
+.PHONY: demo test fuzz bench deps venv clean lint
 
 deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -31,6 +32,11 @@ demo: deps venv
 
 test: deps venv
 	$(PY) -m pytest -n 2 --timeout=600 tests
+
+# the harnesses of tests/fuzz with a large budget (make test runs them briefly); FUZZ_EXAMPLES per harness
+FUZZ_EXAMPLES ?= 20000
+fuzz: deps venv
+	HYPOTHESIS_PROFILE=fuzz SHOAL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -n 2 --timeout=0 tests/fuzz
 
 bench: deps venv
 	for b in build pull series convert lazy fuse_read; do \

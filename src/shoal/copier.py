@@ -87,10 +87,15 @@ def descriptors_of(raw: bytes) -> list[BlobInfo]:
     doc = json_object(raw, "manifest")
     if doc.get("schemaVersion") != 2:
         raise FormatError("only schemaVersion 2 manifests are supported")
+    layers = doc.get("layers") or []
+    if not isinstance(layers, list):
+        raise FormatError("manifest layers must be a list")
     out = []
-    for d in [doc.get("config")] + list(doc.get("layers") or []):
-        if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
-            raise FormatError("manifest descriptor needs digest and size")
+    for d in [doc.get("config")] + layers:
+        size = d.get("size") if isinstance(d, dict) else None
+        if (not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(size, int)
+                or isinstance(size, bool) or size < 0):
+            raise FormatError("manifest descriptor needs digest and a non-negative size")
         out.append(BlobInfo(dg.validate(d["digest"]), d["size"], str(d.get("mediaType", ""))))
     return out
 

@@ -17,7 +17,7 @@ import tarfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Mapping, cast
 
 from shoal import mediatypes as mt
 from shoal.convert.stream import Budget, ConvertLimits, LayerStream
@@ -243,6 +243,9 @@ class LayerApplier:
         t = ti.type
         if t in _REGULAR:
             meta = _meta(ti, name)
+            if ti.sparse is not None:  # holes are spilled as zeros: they count against the limit (convert.md §6)
+                data = sum(n for _, n in cast("list[tuple[int, int]]", ti.sparse))
+                self.budget.take(max(0, ti.size - data), f"{what}: sparse file {show(name)}")
             f = tf.extractfile(ti)
             assert f is not None
             try:

@@ -16,21 +16,28 @@ from shoal import mediatypes as mt
 from shoal.errors import FormatError
 from shoal.format.index import FORMAT
 
-__all__ = ["json_object", "Descriptor", "ShoalManifest", "ImageConfig", "canonical_json", "build_manifest",
-           "parse_manifest",
+__all__ = ["json_value", "json_object", "Descriptor", "ShoalManifest", "ImageConfig", "canonical_json",
+           "build_manifest", "parse_manifest",
            "build_config", "parse_config", "MAX_MANIFEST_BYTES"]
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+def json_value(raw: bytes, what: str = "manifest") -> Any:
+    """Parse ``raw`` as JSON, or raise a one-line FormatError (also for nesting too deep to parse)."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # includes UnicodeDecodeError and over-long integers
+        raise FormatError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply") from None
 
 
 def json_object(raw: bytes, what: str = "manifest") -> dict[str, Any]:
     """Parse ``raw`` as a JSON object of at most 4 MiB, or raise a one-line FormatError."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise FormatError(f"{what} larger than 4 MiB")
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"{what} is not JSON: {exc}") from None
+    doc = json_value(raw, what)
     if not isinstance(doc, dict):
         raise FormatError(f"{what} must be a JSON object")
     return doc
@@ -109,10 +116,7 @@ def build_config(cfg: ImageConfig) -> bytes:
 
 
 def parse_config(raw: bytes) -> ImageConfig:
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"image config is not JSON: {exc}") from None
+    doc = json_value(raw, "image config")
     if not isinstance(doc, dict):
         raise FormatError("image config must be an object")
     sh_raw, conf_raw = doc.get("shoal"), doc.get("config")
@@ -151,10 +155,7 @@ def parse_manifest(raw: bytes, digest: str | None = None) -> ShoalManifest:
     actual = "sha256:" + hashlib.sha256(raw).hexdigest()
     if digest is not None and digest != actual:
         raise FormatError(f"manifest digest mismatch: expected {digest}, got {actual}")
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"manifest is not JSON: {exc}") from None
+    doc = json_value(raw, "manifest")
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise FormatError("manifest must be an object with schemaVersion 2")
     if not is_shoal(doc):

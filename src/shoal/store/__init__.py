@@ -25,8 +25,8 @@ from shoal.store.partial import PartialPacks
 
 __all__ = ["Store", "default_store_path", "normalize_ref", "new_image_name", "refuse_reserved", "RESERVED_NAMES"]
 
-_NAME = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 def normalize_ref(ref: str) -> str:
@@ -34,7 +34,7 @@ def normalize_ref(ref: str) -> str:
     name, sep, tag = ref.rpartition(":")
     if not sep or "/" in tag:
         name, tag = ref, "latest"
-    if not _NAME.match(name) or not _TAG.match(tag):
+    if not _NAME.fullmatch(name) or not _TAG.fullmatch(tag):  # fullmatch: "$" would allow a trailing newline
         raise UsageError(f"invalid image name {ref!r} (want NAME[:TAG], lowercase name)")
     return f"{name}:{tag}"
 

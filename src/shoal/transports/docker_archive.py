@@ -73,7 +73,7 @@ _DOMAIN_RE = re.compile(rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?")
 _PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"{_PATH_PART}(?:/{_PATH_PART})*")
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
-_INDEX_RE = re.compile(r"@([0-9]+)")
+_INDEX_RE = re.compile(r"@([0-9]{1,18})")  # bounded: int() refuses > 4300 digits
 
 
 def normalize_tagged(text: str) -> str:

@@ -53,7 +53,7 @@ _HEX_RE = re.compile(r"[0-9a-f]{64}")
 # image-spec annotations.md, as containers/image validates ref names
 _COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
 _REF_NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_INDEX_RE = re.compile(r"@([0-9]+)")
+_INDEX_RE = re.compile(r"@([0-9]{1,18})")  # bounded: int() refuses > 4300 digits
 
 
 # ------------------------------------------------------------------------------------- helpers
