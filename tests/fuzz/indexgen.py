@@ -6,7 +6,6 @@ as hand-written bytes, so the harnesses follow the index format as it changes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Any
 
@@ -17,7 +16,6 @@ from shoal.format import index as fidx
 from shoal.format.model import Entry, Frame, Index, Kind, parent_of, path_key
 
 T0 = 1_600_000_000_000_000_000
-_HAS_FILE_SHA = "sha256" in {f.name for f in dataclasses.fields(Entry)}
 _NAMES = [b"a", b"b", b"a.b", b"a-b", b"caf\xe9", b"new\nline", b"...", b"x" * 40, b"\xff"]
 
 # ------------------------------------------------------------------------------------ CBOR values
@@ -40,20 +38,6 @@ cbor_values = st.recursive(
 
 
 # ------------------------------------------------------------------------------------ indexes
-
-
-def _implied(e: Entry, ids: list[bytes]) -> Entry:
-    """While the index format carries a whole-file sha256 (format 1), give files the digest ``decode``
-    derives (the only chunk's id, or sha256 of nothing) or any 32 bytes; later formats have no such field."""
-    if not _HAS_FILE_SHA or e.kind != Kind.FILE:
-        return e
-    if len(e.chunks) == 1:
-        sha = ids[e.chunks[0]]
-    elif not e.chunks:
-        sha = hashlib.sha256(b"").digest()
-    else:
-        sha = hashlib.sha256(b"".join(ids[c] for c in e.chunks)).digest()
-    return dataclasses.replace(e, **{"sha256": sha})
 
 
 _xattrs = st.lists(st.tuples(st.sampled_from([b"user.a", b"user.b", b"security.capability"]),
@@ -104,8 +88,7 @@ def indexes(draw: st.DrawFn) -> Index:
             kind = Kind.FIFO
         if kind == Kind.FILE:
             chunks = tuple(draw(st.lists(st.integers(0, n_chunks - 1), max_size=3))) if n_chunks else ()
-            e = _implied(Entry(p, kind, mode, uid, gid, mtime, x, size=sum(lengths[c] for c in chunks),
-                               chunks=chunks), ids)
+            e = Entry(p, kind, mode, uid, gid, mtime, x, size=sum(lengths[c] for c in chunks), chunks=chunks)
             files.append(e)
         elif kind == Kind.HARDLINK:
             prim = draw(st.sampled_from(files))

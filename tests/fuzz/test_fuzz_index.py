@@ -83,14 +83,9 @@ def _compressed_mutants(draw: st.DrawFn) -> bytes:
     return ig.byte_mutation(draw, fidx.compress(fidx.encode(draw(ig.indexes()))))
 
 
-def _known_index_issue(raw: bytes) -> bool:
-    """``format: true`` decodes (True == 1): tests/fuzz/test_regressions.py, xfail until index.py is fixed."""
-    return cbor.decode(raw)["format"] is True
-
-
 def _decode_checked(raw: bytes) -> None:
     idx = only_shoal_errors(fidx.decode, raw)
-    if idx is not None and not _known_index_issue(raw):
+    if idx is not None:
         assert fidx.encode(idx) == raw, "index decoded from non-canonical bytes"
 
 
