@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from typing import BinaryIO
 from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError
-from shoal.format.manifest import json_object
+from shoal.format.manifest import json_loads, json_object
 from shoal.format.platform import Platform, choose, select
 from shoal.progress import NULL, Sink
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource
@@ -227,7 +226,7 @@ def _account(result: CopyResult, src: ImageSource, dst: ImageDestination) -> Non
 
 def _is_shoal(raw: bytes) -> bool:
     try:
-        doc = json.loads(raw)
+        doc = json_loads(raw)
     except ValueError:
         return False
     return isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE

@@ -83,3 +83,31 @@ def test_index_format_true_is_refused() -> None:
     doc["format"] = True
     with pytest.raises(FormatError):
         fidx.decode(cbor.encode(doc))
+
+
+@pytest.mark.parametrize("where", ["index.json", "manifest"])
+def test_deeply_nested_json_in_a_layout_is_one_error_line(tmp_path: Path, where: str) -> None:
+    """json.loads raises RecursionError (not ValueError) on ``[[[[...``: every JSON a source or the store
+    reads goes through ``json_loads``/``json_value``, so it is a malformed-input error, not an internal one."""
+    import hashlib
+    import json as _json
+    import subprocess
+    import sys as _sys
+
+    bomb = b"[" * 200_000 + b"]" * 200_000
+    lay = tmp_path / "lay"
+    (lay / "blobs" / "sha256").mkdir(parents=True)
+    (lay / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    if where == "index.json":
+        (lay / "index.json").write_bytes(bomb)
+    else:
+        d = hashlib.sha256(bomb).hexdigest()
+        (lay / "blobs" / "sha256" / d).write_bytes(bomb)
+        (lay / "index.json").write_text(_json.dumps({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + d, "size": len(bomb),
+            "annotations": {"org.opencontainers.image.ref.name": "x"}}]}))
+    p = subprocess.run([_sys.executable, "-c", "import sys; from shoal.cli import main; sys.exit(main())",
+                        "--store", str(tmp_path / "s"), "inspect", f"oci:{lay}:x"], capture_output=True, timeout=120)
+    err = p.stderr.decode()
+    assert p.returncode not in (0, 70), err
+    assert len(err.splitlines()) == 1 and err.startswith("shoal: error: ") and "internal" not in err, err

@@ -23,6 +23,15 @@ __all__ = ["json_value", "json_object", "Descriptor", "ShoalManifest", "ImageCon
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
+def json_loads(raw: str | bytes) -> Any:
+    """``json.loads``, with nesting too deep to parse raised as the ``ValueError`` callers already
+    handle (the C decoder raises ``RecursionError`` for a hostile ``[[[[...`` document)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def json_value(raw: bytes, what: str = "manifest") -> Any:
     """Parse ``raw`` as JSON, or raise a one-line FormatError (also for nesting too deep to parse)."""
     try:

@@ -33,6 +33,7 @@ from typing import Any
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, ShoalError
+from shoal.format.manifest import json_loads, json_value
 from shoal.format.model import Index
 from shoal.reader import FrameSource
 
@@ -96,7 +97,7 @@ class Profile:
         if len(raw) > MAX_PROFILE_BYTES:
             raise FormatError("profile larger than 16 MiB")
         try:
-            doc = json.loads(raw)
+            doc = json_loads(raw)
         except ValueError:
             raise FormatError("profile is not JSON") from None
         if not isinstance(doc, dict) or doc.get("mediaType") != mt.PROFILE or doc.get("format") != FORMAT:
@@ -185,7 +186,7 @@ def fetch_remote(client: Any, repo: str, image: str) -> Profile | None:
             raw, _, _ = client.get_manifest(repo, referrers_tag(image), [mt.OCI_INDEX])
         except NotFound:
             return []
-        doc = json.loads(raw)
+        doc = json_value(raw, "referrers index")
         entries = doc.get("manifests") if isinstance(doc, dict) else None
         return [e for e in entries or [] if isinstance(e, dict) and e.get("artifactType") == mt.PROFILE]
 
@@ -201,7 +202,7 @@ def fetch_remote(client: Any, repo: str, image: str) -> Profile | None:
         blob_desc: tuple[str, Any] | None = _blob_of(desc.get("annotations"))
         if blob_desc is None:
             raw, _, _ = client.get_manifest(repo, str(desc.get("digest")), [mt.OCI_MANIFEST])
-            doc = json.loads(raw)
+            doc = json_value(raw, "profile manifest")
             subject = doc.get("subject") if isinstance(doc, dict) else None
             if not isinstance(subject, dict) or subject.get("digest") != image:
                 raise FormatError("profile artifact has another subject")

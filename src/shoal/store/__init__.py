@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, UsageError
 from shoal.format import index as fidx
-from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, parse_manifest
+from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, json_loads, parse_manifest
 from shoal.format.model import Index
 from shoal.format.packing import decompress_frame
 from shoal.format.platform import Platform, choose, platform_json
@@ -127,7 +126,7 @@ class Store:
     def index_children(self, digest: str) -> list[tuple[dict[str, Any], str]]:
         """(platform, manifest digest) of each entry of the image index blob ``digest``."""
         try:
-            doc = json.loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
+            doc = json_loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
         except ValueError as exc:
             raise FormatError(f"image index {digest} is not JSON: {exc}") from None
         manifests = doc.get("manifests") if isinstance(doc, dict) else None
@@ -165,7 +164,7 @@ class Store:
 
     def is_shoal(self, digest: str) -> bool:
         try:
-            doc = json.loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
+            doc = json_loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
         except ValueError:
             return False
         return isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE
@@ -176,7 +175,7 @@ class Store:
         if depth > 4 or not self.layout.has(digest):
             return out
         try:
-            doc = json.loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
+            doc = json_loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
         except ValueError:
             return out
         if not isinstance(doc, dict):

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Iterator
 from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, StoreError, from_oserror
+from shoal.format.manifest import json_loads
 
 __all__ = ["Layout", "Batch", "hash_file", "pread_file", "unlinked_tempfile", "store_io"]
 
@@ -248,7 +249,7 @@ class Layout:
 
     def read_index(self) -> list[dict[str, Any]]:
         try:
-            doc = json.loads((self.root / "index.json").read_bytes())
+            doc = json_loads((self.root / "index.json").read_bytes())
         except FileNotFoundError:
             raise StoreError(f"{self.root} is not a store (no index.json)") from None
         except (ValueError, OSError) as exc:

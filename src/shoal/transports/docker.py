@@ -17,7 +17,6 @@ onto :class:`RegistryClient`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from urllib.parse import quote, urljoin
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, TransportError, UsageError
-from shoal.format.manifest import json_object
+from shoal.format.manifest import json_loads, json_object
 from shoal.format.platform import choose
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
 from shoal.transports.registry import Credentials, RegistryClient, RegistryStats
@@ -369,7 +368,7 @@ class DockerDestination(ImageDestination):
     def _referrer(self, raw: bytes, media: str, digest: str) -> None:
         """A manifest with ``subject``: keep the tag-schema referrers index where there is no referrers API."""
         try:
-            doc = json.loads(raw)
+            doc = json_loads(raw)
         except ValueError:
             return
         subject = doc.get("subject") if isinstance(doc, dict) else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -20,7 +19,7 @@ import zstandard
 from shoal import mediatypes as mt
 from shoal.errors import IntegrityError, NotFound
 from shoal.format import packing
-from shoal.format.manifest import MAX_MANIFEST_BYTES
+from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads, json_value
 from shoal.reader import Reader, StoreSource
 from shoal.store import Store, normalize_ref
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
@@ -76,7 +75,7 @@ class LocalSource(ImageSource):
         if digest is None:
             return raw, self.top_type
         try:
-            media = json.loads(raw).get("mediaType", mt.OCI_MANIFEST)
+            media = json_loads(raw).get("mediaType", mt.OCI_MANIFEST)
         except ValueError:
             media = mt.OCI_MANIFEST
         return raw, str(media)
@@ -157,7 +156,7 @@ class LocalDestination(ImageDestination):
         d, media, size = self._top
         desc: dict[str, object] = {"mediaType": media, "digest": d, "size": size}
         raw = self.store.layout.get(d)
-        doc = json.loads(raw)
+        doc = json_value(raw)
         if isinstance(doc, dict) and doc.get("artifactType"):
             desc["artifactType"] = doc["artifactType"]
         if isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE:

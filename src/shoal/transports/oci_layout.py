@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Iterator
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, HostileInput, IntegrityError, NotFound, StoreError, UsageError, from_oserror
+from shoal.format.manifest import json_loads
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
 
 __all__ = ["OciLayoutTransport", "OciLayoutReference", "OciLayoutSource", "OciLayoutDestination",
@@ -77,7 +78,7 @@ def sha256_of(data: bytes) -> str:
 
 def decode_json(raw: bytes, what: str) -> Any:
     try:
-        return json.loads(raw)
+        return json_loads(raw)
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"{what} is not valid JSON: {str(exc)[:120]}") from None
 
@@ -140,7 +141,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def guess_media_type(raw: bytes) -> str:
     """The manifest media type of ``raw``, as containers/image ``manifest.GuessMIMEType`` decides it."""
     try:
-        doc = json.loads(raw)
+        doc = json_loads(raw)
     except (ValueError, RecursionError):
         return ""
     if not isinstance(doc, dict):
@@ -168,7 +169,7 @@ def guess_media_type(raw: bytes) -> str:
 def manifest_children(raw: bytes) -> list[str]:
     """Every digest a manifest or index points at (config, layers, manifests, subject); [] if not JSON."""
     try:
-        doc = json.loads(raw)
+        doc = json_loads(raw)
     except (ValueError, RecursionError):
         return []
     if not isinstance(doc, dict):

@@ -12,7 +12,6 @@ Secrets are kept in memory only and never appear in messages or logs.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -24,6 +23,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 
 from shoal.errors import AuthError, TransportError
+from shoal.format.manifest import json_loads
 
 from .credentials import Credentials, load_credentials
 
@@ -289,7 +289,7 @@ class Authenticator:
             if len(body) > _TOKEN_MAX_BYTES:
                 raise TransportError(f"token service for {self.host} sent an oversized answer")
             try:
-                doc = json.loads(body)
+                doc = json_loads(body)
             except ValueError:
                 raise TransportError(f"token service for {self.host} sent malformed JSON") from None
             if not isinstance(doc, dict):

@@ -8,7 +8,6 @@ only).  Every blob or manifest fetched by digest is verified.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -34,6 +33,7 @@ from shoal.errors import (
     TransportError,
     UsageError,
 )
+from shoal.format.manifest import json_loads
 
 from .auth import Authenticator, repository_scope
 from .blobs import (
@@ -330,7 +330,7 @@ class RegistryClient:
                 body = resp.content[:MAX_ERROR_BODY]
             except httpx.ResponseNotRead:  # streamed: read no more than the cap
                 body = read_all(self, resp, MAX_ERROR_BODY)[:MAX_ERROR_BODY]
-            doc = json.loads(body) if body else None
+            doc = json_loads(body) if body else None
             if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
                 for err in doc["errors"]:
                     if isinstance(err, dict):
@@ -442,7 +442,7 @@ class RegistryClient:
         media_type = resp.headers.get("content-type", "").split(";")[0].strip()
         if not media_type or media_type in ("application/json", "application/octet-stream", "text/plain"):
             try:
-                doc = json.loads(data)
+                doc = json_loads(data)
                 media_type = str(doc.get("mediaType") or media_type) if isinstance(doc, dict) else media_type
             except ValueError:
                 pass
@@ -509,7 +509,7 @@ class RegistryClient:
 
     def _json(self, data: bytes, what: str) -> Any:
         try:
-            return json.loads(data)
+            return json_loads(data)
         except ValueError:
             raise FormatError(f"{what}: malformed JSON") from None
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.errors import AuthError, FormatError, UsageError
+from shoal.format.manifest import json_loads
 
 __all__ = [
     "Credentials",
@@ -122,7 +123,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not raw.strip():
         return {}
     try:
-        doc = json.loads(raw)
+        doc = json_loads(raw)
     except ValueError:
         raise FormatError(f"auth file {path} is not valid JSON") from None
     if not isinstance(doc, dict):
@@ -188,7 +189,7 @@ def _helper_get(name: str, host: str, server_urls: list[str]) -> Credentials | N
         if out is None or not out.strip():
             continue
         try:
-            doc = json.loads(out)
+            doc = json_loads(out)
         except ValueError:
             raise AuthError(f"credential helper docker-credential-{name} returned malformed output") from None
         if not isinstance(doc, dict):
