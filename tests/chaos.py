@@ -26,22 +26,30 @@ session ids masked, how many such requests came before)``, so thread interleavin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import json
 import os
 import random
 import re
 import secrets
+import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["ChaosProxy", "REQ_KINDS", "RESP_KINDS", "chaos_seed", "scaled", "stress_factor"]
+__all__ = ["ChaosProxy", "Forked", "Forker", "REQ_KINDS", "RESP_KINDS", "chaos_seed", "family_trees", "scaled",
+           "stress_factor"]
 
 REQ_KINDS = ("drop-req", "reset-req", "stall-req", "trunc-req", "flip-req")
 RESP_KINDS = ("drop-resp", "reset-resp", "stall-resp", "trunc-resp", "flip-resp")
@@ -236,11 +244,10 @@ class ChaosProxy:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def family_trees(root: Any, variants: int, seed: int = 11) -> list[Any]:
+def family_trees(root: Path, variants: int, seed: int = 11) -> list[Path]:
     """A base tree (~2.2 MB: 8 random 256 KB files, so 2-3 packs, and 40 small text files) and
     ``variants`` copies of it with a few files changed: they share most chunks and packs."""
     import shutil
-    from pathlib import Path
 
     import helpers
 
@@ -261,3 +268,91 @@ def family_trees(root: Any, variants: int, seed: int = 11) -> list[Any]:
         helpers.fix_times(t, 1_600_000_000_000_000_000)
         out.append(t)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- kill targets
+
+_ZYGOTE = r"""
+import json, os, sys
+import shoal.cli
+for _m in ("shoal.build", "shoal.convert", "shoal.copier", "shoal.pull", "shoal.transports.docker",
+           "shoal.transports.local", "shoal.transports.oci_layout", "shoal.store.maintenance", "shoal.unpack"):
+    __import__(_m)
+for line in sys.stdin:
+    errfile, argv = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            os.dup2(os.open(errfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+            try:
+                shoal.cli.main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    sys.stdout.write(f"{pid}\n")
+    sys.stdout.flush()
+    _, status = os.waitpid(pid, 0)
+    sys.stdout.write(f"{os.waitstatus_to_exitcode(status)}\n")
+    sys.stdout.flush()
+"""
+
+
+class Forker:
+    """A pre-imported ``shoal`` that forks one child per command: a real process running the real CLI
+    (``shoal.cli.main``) that can be SIGKILLed, minus the interpreter start-up of each run."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        env = dict(os.environ)
+        env.pop("SHOAL_STORE", None)
+        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env)
+        self.n = 0
+
+    def start(self, argv: list[str]) -> "Forked":
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.n += 1
+        err = self.workdir / f"forked-{self.n}.err"
+        self.proc.stdin.write((json.dumps([str(err), argv]) + "\n").encode())
+        self.proc.stdin.flush()
+        return Forked(self, int(self.proc.stdout.readline()), err)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+class Forked:
+    """One forked ``shoal`` run: ``poll()``, ``kill()``, ``wait() -> (exit code, stderr)`` like Popen."""
+
+    def __init__(self, forker: Forker, pid: int, err: Path) -> None:
+        self.forker, self.pid, self.err = forker, pid, err
+        self.fd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.fd], [], [], 0)[0]:
+            self.wait()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+
+    def wait(self) -> tuple[int, bytes]:
+        if self.returncode is None:
+            assert self.forker.proc.stdout is not None
+            self.returncode = int(self.forker.proc.stdout.readline())
+            os.close(self.fd)
+        return self.returncode, self.err.read_bytes() if self.err.exists() else b""
+
