@@ -196,11 +196,21 @@ def test_pulls_through_chaos(family: Family, tmp_path: Path) -> None:
 
 
 def test_concurrent_pulls_while_gc_loops(family: Family, tmp_path: Path) -> None:
-    """8 pulls of overlapping images into one store at once, while ``shoal gc`` runs in a loop."""
-    rounds = scaled(1, 5)
+    """8 pulls of overlapping images into one store at once, while ``shoal gc`` runs in a loop.
+
+    Even rounds: an empty store and 8 different images (whole packs, shared by several pulls).
+    Odd rounds: a store holding base:1 and each of 4 variants pulled twice at once (range reads:
+    two pulls fill, and promote, the same partial packs)."""
+    rounds = scaled(2, 10)
     for r in range(rounds):
         store = tmp_path / f"s{r}"
-        shoal(store, "images")
+        if r % 2:
+            transfer(f"docker://{family.reg.host}/{family.repo}:base", "base:1", store)
+            variants = [ref for ref in family.refs if ref != "base:1"]
+            refs = [variants[(i // 2 + 4 * (r // 2)) % len(variants)] for i in range(8)]
+        else:
+            Store.open(store)
+            refs = [family.refs[(i + r) % len(family.refs)] for i in range(8)]
         stop = threading.Event()
         gcs: list[subprocess.CompletedProcess[bytes]] = []
 
@@ -211,7 +221,6 @@ def test_concurrent_pulls_while_gc_loops(family: Family, tmp_path: Path) -> None
 
         t = threading.Thread(target=gc_loop, args=(store, stop, gcs), daemon=True)
         t.start()
-        refs = [family.refs[(i + r) % len(family.refs)] for i in range(8)]
         procs = [subprocess.Popen(helpers.shoal_cmd(store, "pull", "-j", "2",
                                                     f"docker://{family.reg.host}/{family.repo}:{ref.split(':')[0]}",
                                                     ref),
@@ -223,9 +232,10 @@ def test_concurrent_pulls_while_gc_loops(family: Family, tmp_path: Path) -> None
             assert p.returncode == 0, f"round {r}: pull of {ref}: {err.decode()[-2000:]}"
         bad_gc = [g for g in gcs if g.returncode != 0]
         assert len(gcs) >= 2 and not bad_gc, [g.stderr.decode() for g in bad_gc]
+        want = set(refs) | ({"base:1"} if r % 2 else set())
         rep = fsck_clean(store, 0)
-        assert rep.images == len(set(refs))
-        for ref in sorted(set(refs)):
+        assert rep.images == len(want)
+        for ref in sorted(want):
             assert digest_of(store, ref) == family.digests[ref]
             assert_exact(store, ref, family.trees[ref], tmp_path / f"out{r}-{ref.split(':')[0]}")
         # and a last gc, with nothing running, keeps every image whole
