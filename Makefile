@@ -34,7 +34,8 @@ test: deps venv
 	$(PY) -m pytest -n 2 --timeout=600 tests
 
 # SHOAL_STRESS=N multiplies the stress counts (default 1: 50 pushes + 50 pulls through the chaos proxy,
-# 40 kills per command, 5 rounds of concurrent pulls racing gc); SHOAL_CHAOS_SEED=S replays a seed.
+# 40 kills per command, 10 rounds of concurrent pulls racing gc); SHOAL_CHAOS_SEED=S replays a seed,
+# SHOAL_CHAOS_RATE=R sets the share of requests the chaos proxy hits with a fault.
 STRESS_TESTS := tests/integration/test_chaos.py tests/functional/test_kill_anywhere.py \
                 tests/integration/test_transfer_faults.py tests/functional/test_store_safety.py
 stress: deps venv

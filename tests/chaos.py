@@ -22,6 +22,7 @@ session ids masked, how many such requests came before)``, so thread interleavin
 
 ``scaled(ci, stress)``: ``ci`` normally; ``stress * N`` with ``SHOAL_STRESS=N`` (``make stress``).
 ``chaos_seed()``: ``$SHOAL_CHAOS_SEED`` or a fresh random seed (print it; tests put it in failures).
+``chaos_rate(default)``: ``$SHOAL_CHAOS_RATE`` (the share of requests that meet a fault) or ``default``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["ChaosProxy", "Forked", "Forker", "REQ_KINDS", "RESP_KINDS", "chaos_seed", "family_trees", "scaled",
-           "stress_factor"]
+__all__ = ["ChaosProxy", "Forked", "Forker", "REQ_KINDS", "RESP_KINDS", "chaos_rate", "chaos_seed", "family_trees",
+           "scaled", "stress_factor"]
 
 REQ_KINDS = ("drop-req", "reset-req", "stall-req", "trunc-req", "flip-req")
 RESP_KINDS = ("drop-resp", "reset-resp", "stall-resp", "trunc-resp", "flip-resp")
@@ -67,6 +68,11 @@ def stress_factor() -> int:
 def scaled(ci: int, stress: int) -> int:
     n = stress_factor()
     return ci if n == 0 else stress * n
+
+
+def chaos_rate(default: float) -> float:
+    env = os.environ.get("SHOAL_CHAOS_RATE")
+    return float(env) if env else default
 
 
 def chaos_seed() -> int:

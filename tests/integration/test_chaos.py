@@ -4,7 +4,8 @@ answers, both ways) in front of the real registry, and concurrent pulls racing `
 Every transfer must complete through retries or a re-run; nothing corrupt may be stored (``shoal fsck``
 clean), every image keeps its digest and unpacks to exactly its source tree.  A failed attempt must
 end in one ``shoal: error:`` line, never an internal error.  Counts scale with ``SHOAL_STRESS``
-(``make stress``); the seed is printed, and ``SHOAL_CHAOS_SEED`` replays it.
+(``make stress``); the seed is printed, and ``SHOAL_CHAOS_SEED`` replays it; ``SHOAL_CHAOS_RATE``
+sets the share of requests that meet a fault.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import helpers  # noqa: E402
-from chaos import ChaosProxy, chaos_seed, family_trees, scaled  # noqa: E402
+from chaos import ChaosProxy, chaos_rate, chaos_seed, family_trees, scaled  # noqa: E402
 from regfix import Registry, _need_registry  # noqa: E402
 from shoal.build import BuildOptions, build  # noqa: E402
 from shoal.copier import CopyOptions, CopyResult, copy  # noqa: E402
@@ -130,7 +131,7 @@ def test_pushes_through_chaos(family: Family, tmp_path: Path) -> None:
     seed = chaos_seed()
     print(f"chaos seed {seed} (replay: SHOAL_CHAOS_SEED={seed})")
     n = scaled(20, 50)
-    proxy = ChaosProxy(family.reg.url, seed, rate=0.15)
+    proxy = ChaosProxy(family.reg.url, seed, rate=chaos_rate(0.15))
     pushed: list[tuple[str, str]] = []
     tries = 0
     try:
@@ -165,7 +166,7 @@ def test_pulls_through_chaos(family: Family, tmp_path: Path) -> None:
     seed = chaos_seed()
     print(f"chaos seed {seed} (replay: SHOAL_CHAOS_SEED={seed})")
     n = scaled(20, 50)
-    proxy = ChaosProxy(family.reg.url, seed, rate=0.25)
+    proxy = ChaosProxy(family.reg.url, seed, rate=chaos_rate(0.25))
     shared = tmp_path / "shared"
     pulled: list[tuple[str, Path]] = []
     tries = 0
