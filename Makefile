@@ -2,6 +2,7 @@
 #   make demo   installs what it needs, then runs Shoal's main job end to end
 #   make test   installs what it needs, then runs the whole test suite (.ci/run calls exactly this)
 #   make fuzz   the fuzz harnesses of tests/fuzz with a large budget (see README, Fuzzing)
+#   make stress the fault tests (chaos proxy, registry restarts, SIGKILL, gc races) with large counts
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -9,7 +10,7 @@ SHOAL   := $(VENV)/bin/shoal
 APT_PKGS := docker-registry skopeo umoci runc fuse3 libfuse3-dev pkg-config debootstrap casync zstd pigz \
             squashfs-tools python3-venv attr curl
 
-.PHONY: demo test fuzz bench deps venv clean lint
+.PHONY: demo test fuzz stress bench deps venv clean lint
 
 deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -37,6 +38,14 @@ test: deps venv
 FUZZ_EXAMPLES ?= 20000
 fuzz: deps venv
 	HYPOTHESIS_PROFILE=fuzz SHOAL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -n 2 --timeout=0 tests/fuzz
+
+# SHOAL_STRESS=N multiplies the stress counts (default 1: 50 pushes + 50 pulls through the chaos proxy,
+# 40 kills per command, 10 rounds of concurrent pulls racing gc); SHOAL_CHAOS_SEED=S replays a seed,
+# SHOAL_CHAOS_RATE=R sets the share of requests the chaos proxy hits with a fault.
+STRESS_TESTS := tests/integration/test_chaos.py tests/functional/test_kill_anywhere.py \
+                tests/integration/test_transfer_faults.py tests/functional/test_store_safety.py
+stress: deps venv
+	SHOAL_STRESS=$${SHOAL_STRESS:-1} $(PY) -m pytest -n 2 --timeout=3600 -rA $(STRESS_TESTS)
 
 bench: deps venv
 	for b in build pull series convert lazy fuse_read; do \

@@ -255,3 +255,60 @@ def test_missing_pack_is_reported_by_the_first_fsck(small_image, tmp_path: Path)
     p = run_shoal(store_dir, "unpack", "img:1", tmp_path / "out", check=False)
     assert_one_line_error(p, "not in the store", "missing")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ partial packs
+
+
+def _complete_partial(store: Store, data: bytes, frame: int = 256 * 1024) -> str:
+    import hashlib
+
+    pack = "sha256:" + hashlib.sha256(data).hexdigest()
+    for off in range(0, len(data), frame):
+        store.partial.put_frame(pack, off, data[off : off + frame])
+    return pack
+
+
+def test_partial_pack_promoted_by_another_process_meanwhile(tmp_path: Path) -> None:
+    """Every frame is recorded but the partial file is gone: another process promoted the pack and
+    dropped it between this one's checks.  Not an error (it was an internal error, exit 70)."""
+    store = Store.open(tmp_path / "s")
+    data = os.urandom(1 << 20)
+    pack = _complete_partial(store, data)
+    store.partial.path(pack).unlink()
+    assert store.partial.try_promote(pack, len(data)) is False  # nothing to promote here, and no crash
+    store.layout.put(data)  # what the other process left
+    assert store.partial.try_promote(pack, len(data)) is True
+    assert not store.partial.path(pack).exists() and store.partial.present(pack) == 0
+
+
+def test_concurrent_promotions_of_one_partial_pack(tmp_path: Path) -> None:
+    """Four stores (as four pulls of one image would) promote the same complete partial pack at once."""
+    import threading
+
+    data = os.urandom(2 << 20)
+    for i in range(10):
+        root = tmp_path / f"s{i}"
+        stores = [Store.open(root) for _ in range(4)]
+        pack = _complete_partial(stores[0], data)
+        barrier = threading.Barrier(len(stores))
+        errors: list[BaseException] = []
+        results: list[bool] = []
+
+        def promote(s: Store, pack: str, barrier: threading.Barrier, results: list[bool],
+                    errors: list[BaseException]) -> None:
+            barrier.wait()
+            try:
+                results.append(s.partial.try_promote(pack, len(data)))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=promote, args=(s, pack, barrier, results, errors)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert all(results) and stores[0].layout.get(pack) == data
+        assert not stores[0].partial.path(pack).exists() and stores[0].partial.present(pack) == 0
+    assert _fsck(tmp_path / "s0")["ok"]

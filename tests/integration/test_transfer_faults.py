@@ -104,6 +104,15 @@ def assert_clean(store: Path) -> None:
     assert rep.ok, rep.errors
 
 
+def assert_same_image(want_store: Path, want_ref: str, got_store: Path, got_ref: str, tmp: Path) -> None:
+    """Same manifest digest (so same Merkle root), a clean store, and an unpack equal to the source's."""
+    want, got = Store.open(want_store).resolve(want_ref), Store.open(got_store).resolve(got_ref)
+    assert got.digest == want.digest and got.root == want.root
+    assert_clean(got_store)
+    helpers.assert_same_tree(helpers.tree_snapshot(_unpack(want_store, want_ref, tmp / "want")),
+                             helpers.tree_snapshot(_unpack(got_store, got_ref, tmp / "got")))
+
+
 def repo() -> str:
     return f"faults/{uuid.uuid4().hex[:10]}"
 
@@ -120,9 +129,9 @@ def test_pull_survives_a_registry_restart(registry_factory: RegFactory, big: Pat
     res = run(f"docker://{reg.host}/{r}:1", "big:1", s2, sink, backoff=0.3, retries=6)
     sink.join()
     assert sink.fired.is_set() and res.retries > 0
-    assert Store.open(s2).resolve("big:1").root == Store.open(big).resolve("big:1").root
+    assert res.digest == Store.open(big).resolve("big:1").digest
     assert res.bytes_fetched >= pack_bytes(big, "big:1")
-    assert_clean(s2)
+    assert_same_image(big, "big:1", s2, "big:1", tmp_path)
 
 
 @pytest.mark.parametrize("ref", ["big:1", "c:1"])  # whole packs; range reads after A
@@ -150,10 +159,8 @@ def test_interrupted_pull_resumes_without_refetching(registry_factory: RegFactor
     again = run(f"docker://{reg.host}/{r}:x", "x:1", s2)
     assert again.bytes_fetched < full.bytes_fetched
     assert again.chunks_fetched < full.chunks_fetched
-    assert Store.open(s2).resolve("x:1").root == Store.open(big).resolve(ref).root
-    assert_clean(s2)
-    helpers.assert_same_tree(helpers.tree_snapshot(_unpack(big, ref, tmp_path / "want")),
-                             helpers.tree_snapshot(_unpack(s2, "x:1", tmp_path / "got")))
+    assert again.digest == full.digest
+    assert_same_image(big, ref, s2, "x:1", tmp_path)
 
 
 def _unpack(store: Path, ref: str, dest: Path) -> Path:
@@ -174,10 +181,10 @@ def test_push_survives_a_registry_restart(registry_factory: RegFactory, big: Pat
     res = run("big:1", f"docker://{reg.host}/{r}:1", big, sink, backoff=0.3, retries=6, **kw)
     sink.join()
     assert sink.fired.is_set() and res.retries > 0
+    assert res.digest == Store.open(big).resolve("big:1").digest
     s2 = fresh_store(tmp_path)
-    run(f"docker://{reg.host}/{r}:1", "big:1", s2)
-    assert Store.open(s2).resolve("big:1").root == Store.open(big).resolve("big:1").root
-    assert_clean(s2)
+    run(f"docker://{reg.host}/{r}:1", "big:1", s2)  # straight from the registry, no proxy
+    assert_same_image(big, "big:1", s2, "big:1", tmp_path)
 
 
 def test_interrupted_push_resumes_without_resending(registry_factory: RegFactory,
@@ -195,10 +202,10 @@ def test_interrupted_push_resumes_without_resending(registry_factory: RegFactory
     assert res.blobs_skipped >= 1 and res.blobs_sent < 2 + len(m.packs)
     uploads = [p for meth, p, _ in proxy.log if meth == "PUT" and "/blobs/uploads/" in p]
     assert len(uploads) == res.blobs_sent
+    assert res.digest == m.digest
     s2 = fresh_store(tmp_path)
     run(f"docker://{reg.host}/{r}:1", "big:1", s2)
-    assert Store.open(s2).resolve("big:1").root == m.root
-    assert_clean(s2)
+    assert_same_image(big, "big:1", s2, "big:1", tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ lies and hiccups

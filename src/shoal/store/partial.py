@@ -24,9 +24,9 @@ import threading
 from pathlib import Path
 
 from shoal import digest as dg
-from shoal.errors import FrameConflict, NotFound, StoreError, from_oserror
+from shoal.errors import FrameConflict, IntegrityError, NotFound, StoreError, from_oserror
 from shoal.store.catalog import Catalog
-from shoal.store.layout import Layout, hash_file, pread_file, store_io
+from shoal.store.layout import Layout, pread_file, store_io
 
 __all__ = ["PartialPacks"]
 
@@ -92,13 +92,20 @@ class PartialPacks:
             self.supersede(pack)
             return True
         if self.catalog.frame_bytes(pack) != size:
-            return False
+            return self.layout.has(pack)
         p = self.path(pack)
-        if p.stat().st_size != size or hash_file(p) != pack:
+        try:
+            # another process may promote the same pack at the same time, and unlink this file once
+            # it has: an open descriptor still reads it whole, a missing file means it is done
+            with self._lock, open(p, "rb") as f:
+                if os.fstat(f.fileno()).st_size != size:
+                    raise IntegrityError(f"partial pack {pack} has the wrong size")
+                self.layout.put_stream(f, pack, size)  # verifies the digest before it becomes visible
+        except FileNotFoundError:
+            return self.layout.has(pack)
+        except IntegrityError:
             log.warning("partial pack %s is complete but does not verify; keeping frames only", pack)
             return False
-        with self._lock, open(p, "rb") as f:
-            self.layout.put_stream(f, pack, size)
         self.drop(pack)
         return True
 
