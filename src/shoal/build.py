@@ -37,7 +37,7 @@ __all__ = ["BuildOptions", "BuildResult", "TreeSource", "FileReader", "DirSource
 log = logging.getLogger(__name__)
 
 # Memory bounds (convert.md §5): file bytes read ahead of the main thread, and one file's window.
-_INFLIGHT_BYTES = 64 * 1024 * 1024
+_INFLIGHT_BYTES = 32 * 1024 * 1024
 _WINDOW = 4 * 1024 * 1024  # a file is read and chunked this many bytes at a time (chunking.md §2)
 _STREAM_QUEUE = 2  # windows of one large file ready ahead of the main thread
 _STREAMERS = 2  # large files read at once
@@ -262,8 +262,9 @@ class _ReuseLoc:
 
 @dataclass
 class _NewPack:
-    frames: list[tuple[int, Future[bytes], int]]  # frame index, compressed future, ulen
+    frames: list[tuple[int, Future[bytes], int]]  # frame index, compressed future, ulen; emptied once written
     future: Future[tuple[str, list[int], int]] | None = None
+    ulens: list[int] = field(default_factory=list)  # decompressed length of each frame
 
 
 class _Builder:
@@ -372,8 +373,9 @@ class _Builder:
             return
         self.cur_pack = None
         number = len(self.packs)
-        for pos, (fi, _, _) in enumerate(p.frames):
+        for pos, (fi, _, ulen) in enumerate(p.frames):
             self.new_frame_pack[fi] = (number, pos)
+            p.ulens.append(ulen)
         p.future = self.writer.submit(self._write_pack, p)
         self.packs.append(p)
         # bound the packs in flight (their frames stay in memory): wait for the oldest beyond the limit.
@@ -387,6 +389,7 @@ class _Builder:
     def _write_pack(self, p: _NewPack) -> tuple[str, list[int], int]:
         blobs = [f.result() for _, f, _ in p.frames]
         digest, size = self.store.layout.put_parts(blobs, batch=self.batch)
+        p.frames = []  # the compressed frames are on disk: let them go (they are the size of the image)
         return digest, [len(b) for b in blobs], size
 
     # ---------------------------------------------------------------- files
@@ -478,7 +481,7 @@ class _Builder:
         frames: list[Frame | None] = [None] * self.n_frames
         for fi, (number, pos) in self.new_frame_pack.items():
             clens = written[number][1]
-            frames[fi] = Frame(number, sum(clens[:pos]), clens[pos], self.packs[number].frames[pos][2])
+            frames[fi] = Frame(number, sum(clens[:pos]), clens[pos], self.packs[number].ulens[pos])
         reused_pos = {p: n_new + i for i, p in enumerate(self.reused_packs)}
         for fi, (pack, f) in self.reused_frame_recs.items():
             frames[fi] = Frame(reused_pos[pack], f.offset, f.clen, f.ulen)
