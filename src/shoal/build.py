@@ -122,6 +122,17 @@ class DirSource:
     def open(self, e: Entry) -> FileReader:
         return _DirFile(os.path.join(self.base, e.path))
 
+    def read(self, e: Entry) -> bytes:
+        """The whole file (for tools such as bench/series.py; the builder uses ``open``)."""
+        r = self.open(e)
+        try:
+            parts = []
+            while b := r.read(1 << 20):
+                parts.append(b)
+            return b"".join(parts)
+        finally:
+            r.close()
+
 
 class _DirFile:
     def __init__(self, path: bytes) -> None:
