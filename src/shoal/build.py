@@ -11,11 +11,12 @@ import collections
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import zstandard
 
@@ -31,11 +32,16 @@ from shoal.scan import scan
 from shoal.store import Store
 from shoal.store.layout import Batch
 
-__all__ = ["BuildOptions", "BuildResult", "TreeSource", "DirSource", "build", "build_tree"]
+__all__ = ["BuildOptions", "BuildResult", "TreeSource", "FileReader", "DirSource", "build", "build_tree"]
 
 log = logging.getLogger(__name__)
 
-_INFLIGHT_BYTES = 256 * 1024 * 1024
+# Memory bounds (convert.md §5): file bytes read ahead of the main thread, and one file's window.
+_INFLIGHT_BYTES = 32 * 1024 * 1024
+_WINDOW = 4 * 1024 * 1024  # a file is read and chunked this many bytes at a time (chunking.md §2)
+_STREAM_QUEUE = 2  # windows of one large file ready ahead of the main thread
+_STREAMERS = 2  # large files read at once
+_STREAM_BYTES = (_STREAM_QUEUE + 2) * _WINDOW  # what a large file in flight may hold
 _PENDING_PACKS = 8
 _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_FILES = 128
@@ -65,26 +71,42 @@ class BuildResult:
     skipped: tuple[bytes, ...] = ()
 
 
+# One window of a file: its bytes, and the chunks cut in them (id, offset in the window, length).
+_Piece = tuple[bytes, list[tuple[bytes, int, int]]]
+
+
 @dataclass
 class _Chunked:
-    data: bytes
-    chunks: list[tuple[bytes, int, int]]  # id, offset, length
+    """One file, chunked.  ``pieces`` yields its windows in order; once they are consumed, ``size`` is the
+    file's length (the bytes themselves went by in pieces)."""
+
+    pieces: Iterable[_Piece]
+    size: int = 0
 
 
 _tls = threading.local()
+
+
+class FileReader(Protocol):
+    """The bytes of one file: ``read(n)`` returns at most ``n`` bytes, ``b""`` at the end."""
+
+    def read(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class TreeSource(Protocol):
     """What ``build`` consumes: canonical entries, and the bytes of each FILE entry.
 
     ``entries`` are in canonical order (format.md §4.2) with Merkle digests and chunk lists
-    still empty; ``read`` may be called from worker threads, in any order.
+    still empty; ``open`` may be called from worker threads, in any order.  A file is read in
+    bounded windows, never whole.
     """
 
     entries: list[Entry]
     skipped: list[bytes]
 
-    def read(self, e: Entry) -> bytes: ...
+    def open(self, e: Entry) -> FileReader: ...
 
 
 class DirSource:
@@ -96,28 +118,130 @@ class DirSource:
         self.entries = tree.entries
         self.skipped = tree.skipped
 
+    def open(self, e: Entry) -> FileReader:
+        return _DirFile(os.path.join(self.base, e.path))
+
     def read(self, e: Entry) -> bytes:
-        path = os.path.join(self.base, e.path)
+        """The whole file (for tools such as bench/series.py; the builder uses ``open``)."""
+        r = self.open(e)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            parts = []
+            while b := r.read(1 << 20):
+                parts.append(b)
+            return b"".join(parts)
+        finally:
+            r.close()
+
+
+class _DirFile:
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+        try:
+            self.f = open(path, "rb")
         except OSError as exc:
             raise from_oserror(exc, "cannot read", path) from None
 
+    def read(self, n: int) -> bytes:
+        try:
+            return self.f.read(n)
+        except OSError as exc:
+            raise from_oserror(exc, "cannot read", self.path) from None
 
-def _chunk_file(source: TreeSource, e: Entry) -> _Chunked:
+    def close(self) -> None:
+        self.f.close()
+
+
+def _read_full(r: FileReader, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        b = r.read(n)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _windows(source: TreeSource, e: Entry, out: _Chunked) -> Iterator[_Piece]:
+    """Read and chunk one file a window at a time.  FastCDC decides a cut from at most ``max_size`` bytes
+    after the chunk's start, so every chunk of a window but the last is final; the last one (unless the
+    file ends there) is cut again at the start of the next window: the cuts are those of the whole file."""
     chunker = getattr(_tls, "chunker", None)
     if chunker is None:
         chunker = _tls.chunker = get_chunker()
-    data = source.read(e)
-    mv = memoryview(data)
     sha = hashlib.sha256
-    chunks = [(sha(mv[o : o + n]).digest(), o, n) for o, n in chunker.cut(mv)]
-    return _Chunked(data, chunks)
+    total = 0
+    r = source.open(e)
+    try:
+        carry = b""
+        eof = False
+        while not eof:
+            fresh = _read_full(r, _WINDOW - len(carry))
+            eof = len(fresh) < _WINDOW - len(carry)
+            buf = carry + fresh if carry else fresh
+            if not buf:
+                break
+            mv = memoryview(buf)
+            cuts = list(chunker.cut(mv))
+            if not eof:
+                last_off = cuts.pop()[0]
+                carry = buf[last_off:]
+            else:
+                last_off, carry = len(buf), b""
+            chunks = [(sha(mv[o : o + n]).digest(), o, n) for o, n in cuts]
+            total += last_off
+            yield buf, chunks
+    finally:
+        r.close()
+    out.size = total
 
 
 def _chunk_batch(source: TreeSource, batch: list[Entry]) -> list[_Chunked]:
-    return [_chunk_file(source, e) for e in batch]
+    """Small files (at most one window each), chunked in a worker."""
+    out = []
+    for e in batch:
+        c = _Chunked(())
+        c.pieces = list(_windows(source, e, c))
+        out.append(c)
+    return out
+
+
+class _Streamed:
+    """A large file chunked by a producer thread into a bounded queue of windows (``_STREAM_QUEUE``)."""
+
+    _END = object()
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.q: queue.Queue[object] = queue.Queue(_STREAM_QUEUE)
+        self.stop = stop
+
+    def _put(self, item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce(self, source: TreeSource, e: Entry, out: _Chunked) -> None:
+        try:
+            for piece in _windows(source, e, out):
+                if not self._put(piece):
+                    return
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator[_Piece]:
+        while True:
+            item = self.q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
 
 
 def _compress(parts: list[memoryview]) -> bytes:
@@ -139,8 +263,9 @@ class _ReuseLoc:
 
 @dataclass
 class _NewPack:
-    frames: list[tuple[int, Future[bytes], int]]  # frame index, compressed future, ulen
+    frames: list[tuple[int, Future[bytes], int]]  # frame index, compressed future, ulen; emptied once written
     future: Future[tuple[str, list[int], int]] | None = None
+    ulens: list[int] = field(default_factory=list)  # decompressed length of each frame
 
 
 class _Builder:
@@ -150,6 +275,9 @@ class _Builder:
         self.sink = sink
         self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="shoal-build")
         self.writer = ThreadPoolExecutor(2, thread_name_prefix="shoal-write")
+        # large files: their own threads, which block on a full queue (never the pool's, whose frames they'd wait for)
+        self.streamer = ThreadPoolExecutor(_STREAMERS, thread_name_prefix="shoal-stream")
+        self.stop = threading.Event()
         self.reuse: dict[bytes, _ReuseLoc] = {}
         # chunk table
         self.chunk_index: dict[bytes, int] = {}
@@ -246,8 +374,9 @@ class _Builder:
             return
         self.cur_pack = None
         number = len(self.packs)
-        for pos, (fi, _, _) in enumerate(p.frames):
+        for pos, (fi, _, ulen) in enumerate(p.frames):
             self.new_frame_pack[fi] = (number, pos)
+            p.ulens.append(ulen)
         p.future = self.writer.submit(self._write_pack, p)
         self.packs.append(p)
         # bound the packs in flight (their frames stay in memory): wait for the oldest beyond the limit.
@@ -261,24 +390,30 @@ class _Builder:
     def _write_pack(self, p: _NewPack) -> tuple[str, list[int], int]:
         blobs = [f.result() for _, f, _ in p.frames]
         digest, size = self.store.layout.put_parts(blobs, batch=self.batch)
+        p.frames = []  # the compressed frames are on disk: let them go (they are the size of the image)
         return digest, [len(b) for b in blobs], size
 
     # ---------------------------------------------------------------- files
 
     def chunked_files(self, source: TreeSource) -> Iterator[_Chunked]:
         """Chunk the FILE entries in parallel, yielding results in canonical order, bounded in memory.
-        Small files travel in batches so a task costs more than its scheduling."""
+        Small files travel in batches so a task costs more than its scheduling; a file larger than a
+        window streams through a bounded queue, so no file is ever in memory whole."""
         batches: list[list[Entry]] = [[]]
         size = 0
         for e in source.entries:
             if e.kind != Kind.FILE:
                 continue
-            if batches[-1] and (size + e.size > _BATCH_BYTES or len(batches[-1]) >= _BATCH_FILES):
+            big = e.size > _WINDOW
+            if batches[-1] and (big or size + e.size > _BATCH_BYTES or len(batches[-1]) >= _BATCH_FILES):
                 batches.append([])
                 size = 0
             batches[-1].append(e)
             size += e.size
-        q: collections.deque[tuple[Future[list[_Chunked]], int]] = collections.deque()
+            if big:
+                batches.append([])
+                size = 0
+        q: collections.deque[tuple[Future[list[_Chunked]] | _Chunked, int]] = collections.deque()
         inflight = 0
         it = iter(b for b in batches if b)
         done = False
@@ -288,14 +423,33 @@ class _Builder:
                 if batch is None:
                     done = True
                     break
+                if len(batch) == 1 and batch[0].size > _WINDOW:
+                    c = _Chunked(())
+                    stream = _Streamed(self.stop)
+                    c.pieces = stream
+                    self.streamer.submit(stream.produce, source, batch[0], c)
+                    q.append((c, _STREAM_BYTES))
+                    inflight += _STREAM_BYTES
+                    continue
                 nbytes = sum(e.size for e in batch)
                 q.append((self.pool.submit(_chunk_batch, source, batch), nbytes))
                 inflight += nbytes
             if not q:
                 return
-            fut, nbytes = q.popleft()
+            item, nbytes = q.popleft()
             inflight -= nbytes
-            yield from fut.result()
+            if isinstance(item, _Chunked):
+                yield item
+            else:
+                yield from item.result()
+
+    def add_file(self, c: _Chunked) -> tuple[int, ...]:
+        """Add the chunks of one file, window by window; its chunk indexes."""
+        refs: list[int] = []
+        for data, chunks in c.pieces:
+            mv = memoryview(data)
+            refs.extend(self.add_chunk(cid, mv[o : o + n]) for cid, o, n in chunks)
+        return tuple(refs)
 
     def run(self, tree: TreeSource, t0: float) -> BuildResult:
         total = sum(e.size for e in tree.entries if e.kind == Kind.FILE)
@@ -307,13 +461,12 @@ class _Builder:
         for e in tree.entries:
             if e.kind == Kind.FILE:
                 c = next(results)
-                mv = memoryview(c.data)
-                refs = tuple(self.add_chunk(cid, mv[o : o + n]) for cid, o, n in c.chunks)
+                refs = self.add_file(c)
                 self.refs += len(refs)
-                bytes_in += len(c.data)
+                bytes_in += c.size
                 e = Entry(e.path, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs,
-                          size=len(c.data), chunks=refs)
-                self.sink.advance("build", len(c.data))
+                          size=c.size, chunks=refs)
+                self.sink.advance("build", c.size)
             entries.append(e)
         self.close_frame()
         self.close_pack()
@@ -329,7 +482,7 @@ class _Builder:
         frames: list[Frame | None] = [None] * self.n_frames
         for fi, (number, pos) in self.new_frame_pack.items():
             clens = written[number][1]
-            frames[fi] = Frame(number, sum(clens[:pos]), clens[pos], self.packs[number].frames[pos][2])
+            frames[fi] = Frame(number, sum(clens[:pos]), clens[pos], self.packs[number].ulens[pos])
         reused_pos = {p: n_new + i for i, p in enumerate(self.reused_packs)}
         for fi, (pack, f) in self.reused_frame_recs.items():
             frames[fi] = Frame(reused_pos[pack], f.offset, f.clen, f.ulen)
@@ -362,7 +515,9 @@ class _Builder:
         return self.store.layout.put(data, batch=self.batch)
 
     def close(self) -> None:
+        self.stop.set()
         self.batch.abort()
+        self.streamer.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.writer.shutdown(wait=True, cancel_futures=True)
 

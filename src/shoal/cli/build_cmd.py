@@ -18,7 +18,12 @@ from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, pr
               help="Clamp mtimes to this time (reproducible-builds.org); default $SOURCE_DATE_EPOCH.")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
               help="Worker threads (default: 2 x cores; never changes the output).")
-@click.option("--arch", default=None, help="Image architecture (default: this machine's).")
+@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+              help="Image platform, or 'host' for this machine's (default: linux and the architecture of the "
+                   "tree's /bin/sh, else linux/amd64; never this machine's unless asked).")
+@click.option("--os", "os_name", default=None, help="Image OS (overrides --platform's).")
+@click.option("--arch", default=None, help="Image architecture (overrides --platform's).")
+@click.option("--variant", default=None, help="Image architecture variant, e.g. v8 (overrides --platform's).")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for containers of this image.")
 @click.option("--entrypoint", default=None, help="Entrypoint, shell-quoted.")
 @click.option("--cmd", default=None, help="Default command, shell-quoted.")
@@ -28,16 +33,18 @@ from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, pr
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], source_date_epoch: int | None,
-          workers: int | None, arch: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
+          workers: int | None, platform: str | None, os_name: str | None, arch: str | None,
+          variant: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
           workdir: str | None, user: str | None, label: tuple[str, ...], as_json: bool) -> None:
     """Chunk, dedup, pack and index SOURCE into the store as REF."""
     from shoal.build import BuildOptions
     from shoal.build import build as do_build
     from shoal.format.manifest import ImageConfig
-    from shoal.format.platform import host_arch
+    from shoal.scan import build_platform
     from shoal.store import new_image_name
 
     ref = new_image_name(ref)
+    plat = build_platform(source, platform, os_name, arch, variant)
     default_path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     conf: dict[str, object] = {"Env": list(env) or [default_path]}
     if entrypoint:
@@ -51,7 +58,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
         conf["Labels"] = dict(kv.split("=", 1) for kv in label if "=" in kv)
     opts = BuildOptions(
         workers=workers or 2 * (os.cpu_count() or 1), source_date_epoch=source_date_epoch, reuse=reuse,
-        config=ImageConfig(architecture=arch or host_arch(), config=conf),
+        config=ImageConfig(architecture=plat.architecture, os=plat.os, variant=plat.variant, config=conf),
     )
     store = open_store(ctx)
     keep_freed_memory()

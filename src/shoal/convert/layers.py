@@ -23,9 +23,10 @@ from shoal import mediatypes as mt
 from shoal.convert.stream import Budget, ConvertLimits, LayerStream
 from shoal.convert.tree import ConvertedTree, Inode, Meta, Node, Spill, Tree, show, split_path
 from shoal.errors import FormatError, HostileInput
+from shoal.format.metadata import MODE_BITS, keep_xattr, recorded_xattrs
 from shoal.format.model import Kind
 
-__all__ = ["LayerApplier", "LayerResult", "LAYER_TYPES", "WHITEOUT", "OPAQUE", "IGNORED_XATTRS"]
+__all__ = ["LayerApplier", "LayerResult", "LAYER_TYPES", "WHITEOUT", "OPAQUE"]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ LAYER_TYPES = frozenset({
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
 _AUFS_META = b".wh..wh."  # .wh..wh.plnk, .wh..wh.aufs, .wh..wh.orph: AUFS bookkeeping, skipped
-# Host-specific xattrs never carried into an image (as umoci): convert.md §4.6.
-IGNORED_XATTRS = frozenset({b"security.selinux", b"system.nfs4_acl"})
-_IGNORED_PREFIX = b"trusted.overlay."
 MAX_XATTRS_BYTES = 64 * 1024  # format.md §4.3
 _U32 = 1 << 32
 _PAX_TIME = re.compile(r"^(-?)([0-9]+)(?:\.([0-9]*))?$")
@@ -113,19 +111,23 @@ def _pax_time(value: str, name: bytes) -> int:
 
 
 def _xattrs(pax: Mapping[str, str], name: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """The xattrs of a PAX header that an image records (format.md §4.7: the same rule as ``build``).
+    ``SCHILY.acl.*`` records (POSIX ACLs) are not xattrs here and are dropped like the
+    ``system.posix_acl_*`` attributes."""
     found: dict[bytes, bytes] = {}
     for k, v in pax.items():
         if k.startswith("LIBARCHIVE.xattr."):
             try:
                 key = urllib.parse.unquote_to_bytes(k[17:])
+                if not keep_xattr(key):
+                    continue
                 found.setdefault(key, base64.b64decode(v + "=" * (-len(v) % 4), validate=True))
             except ValueError:
                 raise FormatError(f"{show(name)}: malformed {k[:60]} header") from None
     for k, v in pax.items():
         if k.startswith("SCHILY.xattr."):
             found[_b(k[13:])] = _b(v)  # SCHILY wins over LIBARCHIVE (they should agree)
-    out = tuple(sorted((k, v) for k, v in found.items()
-                       if k and k not in IGNORED_XATTRS and not k.startswith(_IGNORED_PREFIX)))
+    out = recorded_xattrs(found.items())
     if sum(len(k) + len(v) for k, v in out) > MAX_XATTRS_BYTES:
         raise HostileInput(f"{show(name)}: more than {MAX_XATTRS_BYTES} bytes of xattrs")
     return out
@@ -137,7 +139,7 @@ def _meta(ti: tarfile.TarInfo, name: bytes) -> Meta:
         raise HostileInput(f"{show(name)}: uid/gid {uid}/{gid} out of range")
     pax = ti.pax_headers
     mtime = _pax_time(pax["mtime"], name) if "mtime" in pax else int(ti.mtime) * 1_000_000_000
-    return Meta(ti.mode & 0o7777, uid, gid, mtime, _xattrs(pax, name))
+    return Meta(ti.mode & MODE_BITS, uid, gid, mtime, _xattrs(pax, name))
 
 
 def _rdev(ti: tarfile.TarInfo, name: bytes) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from shoal.errors import FormatError, HostileInput, StoreError, from_oserror
 from shoal.format.model import Entry, Kind
 from shoal.store.layout import unlinked_tempfile
 
-__all__ = ["Meta", "Spill", "Tree", "ConvertedTree", "split_path", "show", "IMPLICIT_DIR", "MAX_PATH"]
+__all__ = ["Meta", "Spill", "SpillFile", "Tree", "ConvertedTree", "split_path", "show", "IMPLICIT_DIR", "MAX_PATH"]
 
 MAX_PATH = 4096  # format.md §4.2
 XattrList = tuple[tuple[bytes, bytes], ...]
@@ -103,6 +103,26 @@ class Spill:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class SpillFile:
+    """One file's bytes in the spill, read in pieces (a ``shoal.build.FileReader``)."""
+
+    def __init__(self, spill: Spill, off: int, size: int) -> None:
+        self.spill = spill
+        self.pos = off
+        self.end = off + size
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.end - self.pos)
+        if n <= 0:
+            return b""
+        data = self.spill.pread(self.pos, n)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        pass
 
 
 class Inode:
@@ -296,6 +316,10 @@ class ConvertedTree:
     def read(self, e: Entry) -> bytes:
         off, size = self.files[e.path]
         return self.spill.pread(off, size)
+
+    def open(self, e: Entry) -> "SpillFile":
+        off, size = self.files[e.path]
+        return SpillFile(self.spill, off, size)
 
     @property
     def file_bytes(self) -> int:
