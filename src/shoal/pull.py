@@ -21,7 +21,7 @@ import hashlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from shoal import mediatypes as mt
 from shoal.errors import FrameConflict, IntegrityError
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["pull_into_store", "plan_frames"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def plan_frames(idx: Index, have_chunk: set[bytes], has_pack: Callable[[str], bool]) -> dict[int, list[int]]:
@@ -114,6 +115,9 @@ class _Puller:
         return rows
 
     def pack(self, item: tuple[int, list[int]]) -> None:
+        _again(lambda: self._pack(item), f"pack {item[0]}")
+
+    def _pack(self, item: tuple[int, list[int]]) -> None:
         pi, frames = item
         pack = "sha256:" + self.idx.packs[pi].hex()
         size = self.sizes[pack]
@@ -148,8 +152,31 @@ class _Puller:
         self.store.partial.try_promote(pack, size)
 
 
+_ATTEMPTS = 3  # bytes damaged in transit fail verification; nothing of them was kept, so fetch again
+
+
+def _again(fn: Callable[[], T], what: str) -> T:
+    """``fn()``, again up to ``_ATTEMPTS`` times if what it fetched failed verification.  A source that
+    keeps serving bad bytes (a lying index, a corrupt blob) still fails, after a bounded number of tries."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return fn()
+        except FrameConflict:
+            raise
+        except IntegrityError as exc:
+            if attempt == _ATTEMPTS - 1:
+                raise
+            log.info("%s: %s; fetching it again", what, exc)
+    raise AssertionError("unreachable")
+
+
 def _whole_pack(src: ImageSource, store: "Store", pack: str, size: int, batch: Batch | None) -> int:
-    """GET a whole pack; ``put_stream`` verifies size and digest before it can become visible."""
+    """GET a whole pack (again if it arrives damaged); ``put_stream`` verifies size and digest before it
+    can become visible."""
+    return _again(lambda: _whole_pack_once(src, store, pack, size, batch), pack)
+
+
+def _whole_pack_once(src: ImageSource, store: "Store", pack: str, size: int, batch: Batch | None) -> int:
     stream, _ = src.get_blob(BlobInfo(pack, size, mt.PACK))
     try:
         store.layout.put_stream(stream, pack, size, batch=batch)

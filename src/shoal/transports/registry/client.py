@@ -480,14 +480,18 @@ class RegistryClient:
         if len(data) > MAX_MANIFEST_SIZE:
             raise FormatError(f"manifest for {repo} exceeds {MAX_MANIFEST_SIZE} bytes")
         digest = _manifest_digest(data, reference, f"manifest for {repo}@{reference}")
-        resp = self._request(
-            "PUT", f"/v2/{repo}/manifests/{reference}", scopes=self._push(repo),
-            headers={"Content-Type": media_type}, content=bytes(data),
-        )
-        if resp.status_code not in (200, 201, 202):
-            raise self._error(resp, f"put manifest {repo}:{reference}")
-        claimed = resp.headers.get("docker-content-digest", "")
-        if claimed and claimed.split(":")[0] == digest.split(":")[0] and claimed != digest:
+        for _ in range(3):  # bytes damaged in transit: the registry stored (and tagged) other bytes
+            resp = self._request(
+                "PUT", f"/v2/{repo}/manifests/{reference}", scopes=self._push(repo),
+                headers={"Content-Type": media_type}, content=bytes(data),
+            )
+            if resp.status_code not in (200, 201, 202):
+                raise self._error(resp, f"put manifest {repo}:{reference}")
+            claimed = resp.headers.get("docker-content-digest", "")
+            if not claimed or claimed.split(":")[0] != digest.split(":")[0] or claimed == digest:
+                break
+            log.info("put manifest %s:%s: registry stored digest %s; sending it again", repo, reference, claimed)
+        else:
             raise IntegrityError(f"put manifest {repo}:{reference}: registry stored digest {claimed}")
         return digest
 
