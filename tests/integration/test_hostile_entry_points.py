@@ -47,9 +47,10 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS / "functional"))
 sys.path.insert(0, str(TESTS / "mount"))
 
-import helpers  # noqa: E402
 import test_hostile_images as hi  # noqa: E402
 from mountkit import mounts_under, teardown_mounts  # noqa: E402
+
+import helpers  # noqa: E402
 from regfix import Registry, registry  # noqa: E402,F401
 from shoal.format import index as fidx  # noqa: E402
 from shoal.format.model import Entry, Frame  # noqa: E402
