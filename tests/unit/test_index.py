@@ -245,8 +245,6 @@ def test_hand_built_merkle_records_equal_the_generic_encoding(seed: int) -> None
 def test_a_million_copies_of_one_frame_record_cost_one_frame() -> None:
     """A hostile frame table repeating one record is checked and built once per distinct record (the
     mount of such an index took minutes): every copy decodes to the same Frame object."""
-    from shoal.format.model import Entry, Frame, Kind
-
     data = b"z" * 1000
     cid = hashlib.sha256(data).digest()
     n = 1_000_000
