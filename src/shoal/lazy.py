@@ -523,9 +523,11 @@ class LazySource:
             have: set[int] = set()
             ids = self.index.chunk_ids
             local = set(self.store.catalog.locate(ids))
+            # one look per pack, not per frame: an index may hold a million frame records of one pack
+            whole = {pi for pi, p in enumerate(self._pack_of) if self.store.layout.has(p)}
             for fi, f in enumerate(self.index.frames):
                 cis = self._chunks_of.get(fi, [])
-                if (cis and all(ids[ci] in local for ci in cis)) or self.store.layout.has(self._pack_of[f.pack]):
+                if f.pack in whole or (cis and all(ids[ci] in local for ci in cis)):
                     have.add(fi)
             with self._lock:
                 if self._cached is None:

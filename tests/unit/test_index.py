@@ -240,3 +240,15 @@ def test_hand_built_merkle_records_equal_the_generic_encoding(seed: int) -> None
         want = hashlib.sha256(cbor.encode([fidx._DIR_TAG, fidx.meta_record(e),
                                            [fidx.child_record(x, idx.chunk_ids) for x in idx.entries[:5]]])).digest()
         assert fidx._dir_digest(e, kids) == want
+
+
+def test_a_million_copies_of_one_frame_record_cost_one_frame() -> None:
+    """A hostile frame table repeating one record is checked and built once per distinct record (the
+    mount of such an index took minutes): every copy decodes to the same Frame object."""
+    data = b"z" * 1000
+    cid = hashlib.sha256(data).digest()
+    n = 1_000_000
+    entries = [Entry(b"", Kind.DIR, 0o755, 0, 0, 0), Entry(b"f", Kind.FILE, 0o644, 0, 0, 0, size=1000, chunks=(0,))]
+    idx = fidx.make_index(entries, [cid], [0], [0], [1000], [Frame(0, 0, 20, 1000)] * n, [bytes(32)])
+    got = fidx.decode(fidx.encode(idx))
+    assert len(got.frames) == n and len({id(f) for f in got.frames}) == 1

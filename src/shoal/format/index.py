@@ -310,10 +310,7 @@ def decode(raw: bytes) -> Index:
     ids = tuple(ids_raw[i * 32 : i * 32 + 32] for i in range(n))
     if len(set(ids)) != n:
         raise FormatError("index: duplicate chunk ids")
-    frames = tuple(Frame(*t) for t in FRAMEREC.iter_unpack(frames_raw))
-    for f in frames:
-        if f.pack >= len(packs) or not 0 < f.ulen <= FRAME_MAX or not 0 < f.clen <= FRAME_MAX + 4096:
-            raise FormatError("index: bad frame record")
+    frames = _frames(frames_raw, len(packs))
     cf, co, cl = [], [], []
     for fi, off, ln in CHUNKLOC.iter_unpack(locs_raw):
         if fi >= len(frames) or not 0 < ln <= MAX_CHUNK or off + ln > frames[fi].ulen:
@@ -334,6 +331,22 @@ def decode(raw: bytes) -> Index:
     if recomputed[0].digest != root:
         raise FormatError("index: root digest mismatch")
     return Index(tuple(entries), ids, tuple(cf), tuple(co), lengths, frames, tuple(packs), root)
+
+
+def _frames(raw: bytes, n_packs: int) -> tuple[Frame, ...]:
+    """The frame table, each distinct record checked and made once: a hostile index of a million copies
+    of one record costs a dict lookup per copy, not a validation and an object."""
+    made: dict[tuple[int, int, int, int], Frame] = {}
+    out = []
+    for t in FRAMEREC.iter_unpack(raw):
+        f = made.get(t)
+        if f is None:
+            pack, _, clen, ulen = t
+            if pack >= n_packs or not 0 < ulen <= FRAME_MAX or not 0 < clen <= FRAME_MAX + 4096:
+                raise FormatError("index: bad frame record")
+            f = made[t] = Frame(*t)
+        out.append(f)
+    return tuple(out)
 
 
 def _check_tree(entries: list[Entry]) -> None:
