@@ -231,8 +231,10 @@ class CorruptOneRange(RegistryProxy):
         return status, rheaders, data
 
 
-def test_corrupted_range_is_a_digest_mismatch_and_never_stored(registry_factory: RegFactory, big: Path,
-                                                               tmp_path: Path) -> None:
+def test_corrupted_range_is_never_stored_and_is_fetched_again(registry_factory: RegFactory, big: Path,
+                                                              tmp_path: Path) -> None:
+    """A range damaged once in transit fails chunk verification, is not stored, and is fetched again
+    (pull.py: 3 tries); a registry that keeps corrupting fails (next test)."""
     reg = registry_factory()
     r = repo()
     run("a:1", f"docker://{reg.host}/{r}:a", big)
@@ -241,17 +243,13 @@ def test_corrupted_range_is_a_digest_mismatch_and_never_stored(registry_factory:
     try:
         s2 = fresh_store(tmp_path)
         run(f"docker://{reg.host}/{r}:a", "a:1", s2)
-        p = shoal(s2, "pull", f"docker://{proxy.host}/{r}:c", "c:1", "-j", "1", check=False)
-        msg = helpers.assert_one_line_error(p, "digest mismatch")
-        assert proxy.flips == 1 and "verification" in msg
+        p = shoal(s2, "-v", "pull", f"docker://{proxy.host}/{r}:c", "c:1", "-j", "1")
+        assert proxy.flips == 1
+        assert b"fetching it again" in p.stderr and b"verification" in p.stderr, p.stderr[-2000:]
     finally:
         proxy.close()
-    with pytest.raises(NotFound):
-        Store.open(s2).resolve("c:1")
-    assert_clean(s2)  # every frame the store holds verifies
-    shoal(s2, "pull", f"docker://{reg.host}/{r}:c", "c:1")
     assert Store.open(s2).resolve("c:1").root == Store.open(big).resolve("c:1").root
-    assert_clean(s2)
+    assert_clean(s2)  # every frame the store holds verifies
 
 
 def test_corrupting_registry_gives_one_clear_error(registry_factory: RegFactory,
