@@ -29,7 +29,7 @@ from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
 from shoal.progress import Sink
 from shoal.reader import decompress_frame
-from shoal.store.layout import Batch
+from shoal.store.layout import Batch, pread_file
 from shoal.transports.base import BlobInfo, ImageSource
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ class _Puller:
         self.by_frame: dict[int, list[int]] = {}
         for ci, fi in enumerate(idx.chunk_frames):
             self.by_frame.setdefault(fi, []).append(ci)
+        self.frames_of: dict[int, list[int]] = {}  # pack index -> its frames that hold chunks of this index
+        for fi in self.by_frame:
+            self.frames_of.setdefault(idx.frames[fi].pack, []).append(fi)
 
     def count(self, nbytes: int, chunks: int) -> None:
         with self.lock:
@@ -114,18 +117,33 @@ class _Puller:
             rows.append((self.idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, o, n))
         return rows
 
-    def pack(self, item: tuple[int, list[int]]) -> None:
-        _again(lambda: self._pack(item), f"pack {item[0]}")
+    def verify_whole(self, pi: int) -> None:
+        """Hash every chunk this index claims in pack ``pi``, just fetched whole (its digest checked), from
+        the file it was written to, while other packs are still arriving.  A failure here is the index
+        lying about a pack whose bytes are right: it is not fetched again."""
+        pack = "sha256:" + self.idx.packs[pi].hex()
+        path = (self.batch.pending(pack) if self.batch is not None else None) or self.store.layout.path(pack)
+        for fi in self.frames_of.get(pi, []):
+            f = self.idx.frames[fi]
+            self.verify_frame(fi, pread_file(path, f.offset, f.clen, f"frame {pack}@{f.offset}"), pack)
+            with self.lock:
+                self.verified.add(fi)
 
-    def _pack(self, item: tuple[int, list[int]]) -> None:
+    def pack(self, item: tuple[int, list[int]]) -> None:
         pi, frames = item
         pack = "sha256:" + self.idx.packs[pi].hex()
         size = self.sizes[pack]
-        info = BlobInfo(pack, size, mt.PACK)
         if sum(self.idx.frames[fi].clen for fi in frames) == size and not self.store.partial.present(pack):
             _whole_pack(self.src, self.store, pack, size, self.batch)
+            self.verify_whole(pi)
             self.count(size, sum(len(self.by_frame.get(fi, [])) for fi in frames))
             return
+        _again(lambda: self._ranges(pi, frames), pack)
+
+    def _ranges(self, pi: int, frames: list[int]) -> None:
+        pack = "sha256:" + self.idx.packs[pi].hex()
+        size = self.sizes[pack]
+        info = BlobInfo(pack, size, mt.PACK)
         ranges = _merge(self.idx, frames)
         datas = self.src.get_blob_ranges(info, [(off, ln) for off, ln, _ in ranges])
         for (off, ln, fis), data in zip(ranges, datas):
@@ -150,6 +168,11 @@ class _Puller:
                     self.verified.add(fi)
             self.count(ln, sum(len(self.by_frame.get(fi, [])) for fi in fis))
         self.store.partial.try_promote(pack, size)
+
+
+def _then(fut: "Future[int]", fn: Callable[[int], None], arg: int) -> None:
+    fut.result()
+    fn(arg)
 
 
 _ATTEMPTS = 3  # bytes damaged in transit fail verification; nothing of them was kept, so fetch again
@@ -223,12 +246,18 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
         sink.start("pull", total)
         puller = _Puller(src, dst, idx, sizes, sink, result)
         puller.batch = batch
+        # each early pack is checked against the index as soon as it is in (FIFO: every fetch this waits
+        # for was submitted, and so started, before it)
+        pack_index = {"sha256:" + p.hex(): i for i, p in enumerate(idx.packs)}
+        checks = [pool.submit(_then, fut, puller.verify_whole, pack_index[d]) for d, fut in early.items()]
         for _ in pool.map(puller.pack, sorted(need.items())):
             pass
         if early:
             in_early = {i for i, p in enumerate(idx.packs) if "sha256:" + p.hex() in early}
             for fut in early.values():
                 puller.count(fut.result(), 0)
+            for chk in checks:
+                chk.result()
             result.chunks_fetched += sum(1 for fi in idx.chunk_frames if idx.frames[fi].pack in in_early)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -236,7 +265,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
         # verified, so even a pull that failed half way keeps them and a retry resumes after them
         batch.commit()
     sink.finish("pull")
-    store.register_chunks(m, idx, verified=puller.verified)  # hashes every chunk of the whole packs
+    store.register_chunks(m, idx, verified=puller.verified)  # hashes what the pull did not already
     dst.put_manifest(raw, mt.OCI_MANIFEST, None)
     store.tag(dst.ref.name, m)  # what dst.commit() does, minus decoding the index and registering it again
     result.digest = m.digest

@@ -321,17 +321,25 @@ class Batch:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._pending: list[tuple[Path, Path]] = []
+        self._by_name: dict[str, Path] = {}
         self._lock = threading.Lock()
         self.added_bytes = 0
 
     def add(self, tmp: Path, final: Path, size: int) -> None:
         with self._lock:
             self._pending.append((tmp, final))
+            self._by_name[final.name] = tmp
             self.added_bytes += size
+
+    def pending(self, digest: str) -> Path | None:
+        """Where blob ``digest`` is while it waits for ``commit`` (verified, not yet visible), if it is."""
+        with self._lock:
+            return self._by_name.get(digest.partition(":")[2])
 
     def commit(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
+            self._by_name.clear()
         if not pending:
             return
         _syncfs(self.layout.tmp)
@@ -343,6 +351,7 @@ class Batch:
     def abort(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
+            self._by_name.clear()
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
 
