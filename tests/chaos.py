@@ -49,7 +49,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
+
 __all__ = ["ChaosProxy", "Forked", "Forker", "REQ_KINDS", "RESP_KINDS", "chaos_rate", "chaos_seed", "family_trees",
+           "isolated_auth",
            "scaled", "stress_factor"]
 
 REQ_KINDS = ("drop-req", "reset-req", "stall-req", "trunc-req", "flip-req")
@@ -362,3 +365,11 @@ class Forked:
             os.close(self.fd)
         return self.returncode, self.err.read_bytes() if self.err.exists() else b""
 
+
+
+@pytest.fixture(autouse=True)
+def isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials from this machine's files (import it into a test module to apply it there)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for v in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG"):
+        monkeypatch.delenv(v, raising=False)

@@ -103,6 +103,9 @@ class _Puller:
     def verify_frame(self, fi: int, raw: bytes, pack: str) -> list[tuple[bytes, str, int, int, int, int, int]]:
         """Check every chunk of frame ``fi`` in ``raw``; return its catalogue rows."""
         f = self.idx.frames[fi]
+        if len(raw) != f.clen:  # a frame record that runs past the end of its pack
+            raise IntegrityError(f"frame at offset {f.offset} of pack {pack} is truncated: {len(raw)} bytes where "
+                                 f"the index says {f.clen} (the frame runs past the end of the pack)")
         try:
             data = decompress_frame(raw, f, f"{pack}@{f.offset}")
         except IntegrityError as exc:  # corrupted bytes usually break the zstd frame before any chunk hash

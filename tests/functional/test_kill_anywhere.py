@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from convtools import Tar, write_layout  # noqa: E402
 
 import helpers  # noqa: E402
-from chaos import Forked, Forker, chaos_seed, family_trees, scaled  # noqa: E402
+from chaos import Forked, Forker, chaos_seed, family_trees, isolated_auth, scaled  # noqa: E402,F401
 from regfix import Registry, _need_registry  # noqa: E402
 from shoal.build import BuildOptions, build  # noqa: E402
 from shoal.convert import convert  # noqa: E402
@@ -39,13 +39,6 @@ from shoal.store.maintenance import fsck  # noqa: E402
 from shoal.transports.base import parse_reference  # noqa: E402
 
 KILLS_PER_COMMAND = scaled(10, 40)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for v in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG"):
-        monkeypatch.delenv(v, raising=False)
 
 
 @dataclass(frozen=True)

@@ -132,14 +132,15 @@ def byte_mutation(draw: st.DrawFn, data: bytes) -> bytes:
     return bytes(buf)
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def doc_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (keys and indices) into a JSON or CBOR document, the empty one included."""
     out = [prefix]
     if isinstance(doc, list):
         for i, v in enumerate(doc):
-            out += _paths(v, prefix + (i,))
+            out += doc_paths(v, prefix + (i,))
     elif isinstance(doc, dict):
         for k, v in doc.items():
-            out += _paths(v, prefix + (k,))
+            out += doc_paths(v, prefix + (k,))
     return out
 
 
@@ -167,7 +168,7 @@ def cbor_mutation(draw: st.DrawFn, doc: Any) -> Any:
     """A CBOR-level edit of a decoded document: another type or value somewhere, an entry duplicated or
     removed, a huge integer, a deep nesting, a map key added or dropped."""
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(_paths(doc)))
+        path = draw(st.sampled_from(doc_paths(doc)))
         node = _get(doc, path)
         op = draw(st.sampled_from(["replace", "dup", "remove", "huge", "nest", "key", "slice"]))
         if op == "replace":

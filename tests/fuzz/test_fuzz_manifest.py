@@ -14,6 +14,7 @@ from typing import Any
 from fuzzkit import budget, only_shoal_errors
 from hypothesis import given
 from hypothesis import strategies as st
+from indexgen import doc_paths
 
 from shoal import mediatypes as mt
 from shoal.convert import importer
@@ -59,22 +60,13 @@ def _seeds() -> list[Any]:
 SEEDS = _seeds()
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, prefix + (i,))
-    elif isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, prefix + (k,))
-    return out
 
 
 @st.composite
 def mutated_docs(draw: st.DrawFn) -> Any:
     doc = json.loads(json.dumps(draw(st.sampled_from(SEEDS))))  # a private copy
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(_paths(doc)))
+        path = draw(st.sampled_from(doc_paths(doc)))
         parent, node = None, doc
         for p in path:
             parent, node = node, node[p]

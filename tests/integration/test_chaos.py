@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import helpers  # noqa: E402
-from chaos import ChaosProxy, chaos_rate, chaos_seed, family_trees, scaled  # noqa: E402
+from chaos import ChaosProxy, chaos_rate, chaos_seed, family_trees, isolated_auth, scaled  # noqa: E402,F401
 from regfix import Registry, _need_registry  # noqa: E402
 from shoal.build import BuildOptions, build  # noqa: E402
 from shoal.copier import CopyOptions, CopyResult, copy  # noqa: E402
@@ -37,13 +37,6 @@ from shoal.transports.base import parse_reference  # noqa: E402
 from shoal.unpack import unpack  # noqa: E402
 
 MAX_ATTEMPTS = 12
-
-
-@pytest.fixture(autouse=True)
-def _isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for v in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG"):
-        monkeypatch.delenv(v, raising=False)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import zstandard
@@ -48,7 +48,7 @@ sys.path.insert(0, str(TESTS / "functional"))
 sys.path.insert(0, str(TESTS / "mount"))
 
 import test_hostile_images as hi  # noqa: E402
-from mountkit import mounts_under, teardown_mounts  # noqa: E402
+from mountkit import mounts_under, run_dir_fixture  # noqa: E402,F401
 
 import helpers  # noqa: E402
 from regfix import Registry, registry  # noqa: E402,F401
@@ -332,17 +332,6 @@ def world(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> World
         _push(registry.port, f"hostile/{c.name}", "1", blobs, m.raw)
         _oci_archive(base / f"{c.name}.tar", blobs, m.raw, "1")
     return World(base, sentinel, base / "src", registry.host)
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    d = tmp_path / "run"
-    d.mkdir()
-    monkeypatch.setenv("SHOAL_RUN_DIR", str(d))
-    try:
-        yield d
-    finally:
-        teardown_mounts(d, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- running

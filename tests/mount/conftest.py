@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from mountkit import teardown_mounts
+from mountkit import run_dir_fixture  # noqa: F401  (the run_dir fixture every mount test uses)
 
 
 def _fuse_ok() -> str | None:
@@ -36,17 +35,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "tests/mount/" in str(item.fspath) and {"run_dir", "mnt", "sample"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.skip(reason=_why))
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    d = tmp_path / "run"
-    d.mkdir()
-    monkeypatch.setenv("SHOAL_RUN_DIR", str(d))
-    try:
-        yield d
-    finally:
-        teardown_mounts(d, tmp_path)
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+import pytest
 
 import helpers
 
@@ -42,6 +44,19 @@ def teardown_mounts(run_dir: Path, *roots: Path) -> None:
 def shoal(store: Path | None, *args: str | os.PathLike[str], check: bool = True,
           **kw: object) -> subprocess.CompletedProcess[bytes]:
     return helpers.run_shoal(store, *args, check=check, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(name="run_dir")
+def run_dir_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """This test's own ``SHOAL_RUN_DIR``; teardown kills its daemons and unmounts everything under
+    ``tmp_path``, even when the test failed."""
+    d = tmp_path / "run"
+    d.mkdir()
+    monkeypatch.setenv("SHOAL_RUN_DIR", str(d))
+    try:
+        yield d
+    finally:
+        teardown_mounts(d, tmp_path)
 
 
 def state_of(run_dir: Path) -> dict[str, object]:
