@@ -130,6 +130,7 @@ class LazySource:
         self._demand: ThreadPoolExecutor | None = None
         self._background: ThreadPoolExecutor | None = None
         self._cached: set[int] | None = None  # frames known to be on this machine (scanned on first use)
+        self._stored: set[int] = set()  # frames this source fetched and stored (a claim skips them)
         self._closed = False
         self._running = 0  # jobs between their request and their last future (under _idle)
         # frame -> (the future a demand read gave up on, until when): the kernel retries a failed read at
@@ -153,7 +154,10 @@ class LazySource:
             raise NotFound(f"no frame at {pack}@{offset} in this image")
         if self._all_chunks_local(fi):
             raise NotFound("frame not cached, but its chunks are: read them by id")
-        return self._wait({fi: self._claim([fi], demand=True)[fi]})[fi]
+        fut = self._claim([fi], demand=True).get(fi)
+        if fut is None:  # another reader's fetch stored it between the look above and the claim
+            return self.store.read_frame(pack, offset, length)
+        return self._wait({fi: fut})[fi]
 
     def find_chunk(self, cid: bytes) -> bytes | None:
         return StoreSource(self.store).find_chunk(cid)
@@ -284,7 +288,9 @@ class LazySource:
     # ---------------------------------------------------------------- planning and waiting
 
     def _claim(self, frames: list[int], demand: bool) -> dict[int, Future[bytes]]:
-        """A future for each frame: an in-flight one, or a new job's.  New jobs (and not yet started
+        """A future for each frame: an in-flight one, or a new job's; none for a frame this source has
+        stored meanwhile (it is local now: under the same lock ``_finish`` records it before it leaves
+        the in-flight table, so no frame is fetched twice).  New jobs (and not yet started
         background jobs a demand read needs) are submitted to the demand or background pool."""
         out: dict[int, Future[bytes]] = {}
         steal: list[_Job] = []
@@ -293,6 +299,8 @@ class LazySource:
                 raise SourceClosed("the lazy source was closed")
             fresh = []
             for fi in frames:
+                if fi in self._stored:  # stored by another reader since the caller looked: read it locally
+                    continue
                 hit = self._inflight.get(fi)
                 if hit is None:
                     fresh.append(fi)
@@ -488,6 +496,7 @@ class LazySource:
         with self._stats.lock:
             self._stats.frames_fetched += len(stored)
         with self._lock:
+            self._stored.update(stored)
             if self._cached is not None:
                 self._cached.update(stored)
             for fi in job.frames:
