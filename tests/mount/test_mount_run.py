@@ -87,12 +87,20 @@ def test_run_keeps_container_without_rm(debian_store: Path, run_dir: Path) -> No
     _clean(run_dir)
 
 
-def test_run_chroot_fallback(debian_store: Path, run_dir: Path, tmp_path: Path) -> None:
+def test_a_missing_runtime_is_an_error_not_a_chroot(debian_store: Path, run_dir: Path, tmp_path: Path) -> None:
+    """A misspelled --runtime used to fall back to a chroot silently (all capabilities, host PID namespace,
+    host /dev): now it fails before anything is mounted, and the chroot needs --unsafe-chroot."""
+    p = shoal(debian_store, "run", "--rm", "--runtime", "no-such-runtime", "debian:12", "true", check=False,
+              stdin=open(os.devnull, "rb"))
+    line = helpers.assert_one_line_error(p, "no-such-runtime")
+    assert p.returncode == 3 and "not found" in line and "--unsafe-chroot" in line
+    assert not mounts_under(run_dir)
     vol = tmp_path / "vol"
     vol.mkdir()
-    p = shoal(debian_store, "run", "--rm", "--runtime", "no-such-runtime", "-e", "A=1", "-v", f"{vol}:/data",
-              "debian:12", "sh", "-c", "echo $A > /data/a; echo out; exit 4", check=False, stdin=open(os.devnull, "rb"))
+    p = shoal(debian_store, "run", "--rm", "--runtime", "no-such-runtime", "--unsafe-chroot", "-e", "A=1", "-v",
+              f"{vol}:/data", "debian:12", "sh", "-c", "echo $A > /data/a; echo out; exit 4", check=False,
+              stdin=open(os.devnull, "rb"))
     assert p.returncode == 4 and p.stdout == b"out\n"
-    assert b"chroot" in p.stderr and p.stderr.count(b"\n") == 1
+    assert b"unsafe-chroot" in p.stderr and p.stderr.count(b"\n") == 1
     assert (vol / "a").read_bytes() == b"1\n"
     _clean(run_dir)

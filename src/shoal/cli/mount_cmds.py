@@ -142,6 +142,9 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 @click.option("--entrypoint", default=None, help="Override the image's entrypoint ('' removes it).")
 @click.option("-t/-T", "--tty/--no-tty", "tty", default=None, help="Allocate a terminal (default: if stdin is one).")
 @click.option("--runtime", default="runc", envvar="SHOAL_RUNTIME", show_default=True, help="OCI runtime binary.")
+@click.option("--unsafe-chroot", is_flag=True,
+              help="UNSAFE: if the runtime is missing, run in a bare chroot with no isolation at all (every "
+                   "capability, the host's PID namespace and devices). Without it a missing runtime is an error.")
 @click.option("--prefetch", type=click.Choice(["auto", "none", "all"]), default="auto", show_default=True,
               help=_PREFETCH_HELP)
 @_remote_options
@@ -150,7 +153,7 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 @click.pass_context
 def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...], volumes: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, tty: bool | None, runtime: str,
-        prefetch: str, ref: str, command: tuple[str, ...], **kw: Any) -> None:
+        unsafe_chroot: bool, prefetch: str, ref: str, command: tuple[str, ...], **kw: Any) -> None:
     """Run a container of REF (NAME:TAG or docker://...; CMD replaces the image's Cmd); exits with its code."""
     from shoal.mount.run import RunOptions
     from shoal.mount.run import run as do_run
@@ -159,7 +162,8 @@ def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...],
         command = command[1:]
     open_opts = _open_options(ctx, kw, prefetch)
     opts = RunOptions(command=command, env=env, volumes=volumes, name=name, rm=rm, entrypoint=entrypoint,
-                      workdir=workdir, user=user, runtime=runtime, tty=tty, prefetch=prefetch)
+                      workdir=workdir, user=user, runtime=runtime, unsafe_chroot=unsafe_chroot, tty=tty,
+                      prefetch=prefetch)
     ctx.exit(do_run(ref, opts, _store(ctx), open_opts))
 
 

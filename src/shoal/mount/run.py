@@ -2,8 +2,8 @@
 
 The container's stdin, stdout and stderr are this process's own, passed through untouched (no
 terminal unless stdin is a TTY); the return value is the container's exit code.  Shoal's own
-messages go to the log (stderr).  Without runc, a chroot in a private mount namespace is used,
-with a warning: it isolates nothing else.
+messages go to the log (stderr).  A missing runtime is an error; only with ``--unsafe-chroot`` does a
+chroot in a private mount namespace stand in, with a warning: it isolates nothing else.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class RunOptions:
     workdir: str | None = None
     user: str | None = None
     runtime: str = "runc"
+    unsafe_chroot: bool = False  # no runtime: a bare chroot, no isolation (only when asked, by this name)
     tty: bool | None = None  # None: a terminal iff stdin is a TTY
     prefetch: str = "auto"
     timeout: float | None = None  # stop the container after this many seconds (exit code 124)
@@ -112,9 +113,21 @@ def _host_binds(binds: list[Bind]) -> list[Bind]:
     return extra + binds
 
 
+def find_runtime(opts: RunOptions) -> str | None:
+    """The OCI runtime's path; None only with ``unsafe_chroot``.  A missing or misspelled runtime is an
+    error before anything is mounted, never a silent fall back to a chroot (which would give the
+    container every capability, the host's PID namespace, ``/dev`` and a writable ``/sys``)."""
+    found = shutil.which(opts.runtime)
+    if found is None and not opts.unsafe_chroot:
+        raise NotFound(f"OCI runtime {opts.runtime!r} not found in PATH (install runc, or name one with --runtime; "
+                       "--unsafe-chroot runs without any isolation)")
+    return found
+
+
 def _check_run(opts: RunOptions) -> str:
     if os.geteuid() != 0:
         raise PermissionDenied("shoal run needs root (overlay mount and container runtime)")
+    find_runtime(opts)
     name = opts.name or f"shoal-{secrets.token_hex(6)}"
     if not _NAME.match(name):
         raise UsageError(f"bad container name {name!r} (letters, digits, '_', '.', '-')")
@@ -150,10 +163,11 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
         # after the mount: /etc/passwd and /etc/group are read through it (fetched, prefetched, recorded)
         proc = container_process(image, opts, name, terminal, str(rootfs))
         (bundle / "config.json").write_text(json.dumps(build_spec(proc, name, binds), indent=1))
-        runtime = shutil.which(opts.runtime)
+        runtime = find_runtime(opts)
         started = True
         if runtime is None:
-            log.warning("%s not found: running in a chroot instead (no pid, ipc or uts isolation)", opts.runtime)
+            log.warning("--unsafe-chroot: %s not found, running in a bare chroot with no isolation (every "
+                        "capability, the host's PID namespace and devices)", opts.runtime)
             return _run_chroot(str(rootfs), proc, binds, opts.timeout)
         return _run_runtime(runtime, bundle, name, terminal, opts.timeout)
     finally:
