@@ -56,17 +56,32 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
 @click.option("--foreground", is_flag=True, help="Serve in this process until unmounted or interrupted.")
 @click.option("--prefetch", type=click.Choice(["auto", "none", "all"]), default="auto", show_default=True,
               help=_PREFETCH_HELP)
+@click.option("--allow-other", is_flag=True,
+              help="Let other users enter the mount (default: only you). Read-only mounts; a --writable "
+                   "overlay is reachable by file permissions.")
+@click.option("--suid", is_flag=True,
+              help="WARNING: honour the image's setuid/setgid bits (default nosuid): with --allow-other or "
+                   "--writable, any local user may run the image's setuid-root programs as root.")
+@click.option("--dev", is_flag=True,
+              help="WARNING: honour the image's device nodes (default nodev): a device node in an image "
+                   "gives whoever can reach it access to that host device.")
+@click.option("--trusted-image", is_flag=True, help="All three above: only for an image you would run as root.")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount's state as JSON.")
 @_remote_options
 @click.pass_context
 def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, foreground: bool, prefetch: str,
-          as_json: bool, **kw: Any) -> None:
-    """Mount image REF (NAME:TAG or docker://...) read-only (or --writable) at MOUNTPOINT, reading lazily."""
+          allow_other: bool, suid: bool, dev: bool, trusted_image: bool, as_json: bool, **kw: Any) -> None:
+    """Mount image REF (NAME:TAG or docker://...) read-only (or --writable) at MOUNTPOINT, reading lazily.
+
+    The mount is nosuid and nodev, and only you may enter it, unless --allow-other, --suid, --dev (or
+    --trusted-image) say otherwise."""
     from shoal.mount.daemon import MountOptions
     from shoal.mount.daemon import mount as do_mount
 
     open_opts = _open_options(ctx, kw, prefetch)
-    opts = MountOptions(writable=writable, foreground=foreground, prefetch=prefetch)
+    opts = MountOptions(writable=writable, foreground=foreground, prefetch=prefetch,
+                        allow_other=allow_other or trusted_image, suid=suid or trusted_image,
+                        dev=dev or trusted_image)
 
     def live(exc: BaseException | None) -> None:
         if exc is None:

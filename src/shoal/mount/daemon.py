@@ -48,6 +48,16 @@ class MountOptions:
     ready_timeout: float = 120.0
     cleanup: tuple[str, ...] = ()  # more directories to remove when this mount goes away
     record_to: str | None = None  # write the frames served, in first-touch order, here at exit (shoal profile)
+    # opt-ins, all off by default (an image is untrusted): other users may enter the mount, its setuid
+    # bits and device nodes take effect.  They apply to what the mount point shows: the overlay when
+    # writable (whose FUSE lower stays private, nosuid and nodev), else the FUSE file system.
+    allow_other: bool = False
+    suid: bool = False
+    dev: bool = False
+
+    def opt_ins(self) -> list[str]:
+        return [name for name, on in (("allow_other", self.allow_other), ("suid", self.suid), ("dev", self.dev))
+                if on]
 
 
 @dataclass(frozen=True)
@@ -356,7 +366,7 @@ class _Server:
                 nursery.start_soon(self._prefetch, phases)
             if self.opts.writable:
                 await trio.to_thread.run_sync(ms.mount_overlay, str(self.paths.lower), str(self.paths.upper),
-                                              str(self.paths.work), self.mp)
+                                              str(self.paths.work), self.mp, self.opts.suid, self.opts.dev)
                 self.overlay = True
             self.st.ready = True
             self.save()
@@ -461,7 +471,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
                        lower=str(paths.lower) if opts.writable else mp,
                        upper=str(paths.upper) if opts.writable else "", work=str(paths.work) if opts.writable else "",
                        log=str(paths.log), prefetch=opts.prefetch, started_at=time.time(),
-                       cleanup=list(opts.cleanup))
+                       cleanup=list(opts.cleanup), options=opts.opt_ins())
     server = _Server(image, mp, opts, paths, st, notify)
     if opts.writable:
         _prepare_writable(image, paths, mp)
@@ -469,7 +479,8 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
     fuse_up = ok = False
     try:
         try:
-            pyfuse3.init(server.fs, st.lower, fuse_options())
+            pyfuse3.init(server.fs, st.lower, fuse_options() if opts.writable else
+                         fuse_options(opts.allow_other, opts.suid, opts.dev))
         except RuntimeError as exc:
             raise StoreError(f"cannot mount FUSE at {st.lower}: {exc}") from None
         fuse_up = True

@@ -47,17 +47,18 @@ __all__ = ["ShoalFS", "ServeStats", "MountReader", "FUSE_OPTIONS", "fuse_options
 
 log = logging.getLogger(__name__)
 
-# fsname/subtype show up in /proc/self/mountinfo as "shoal" / "fuse.shoal".
+# fsname/subtype show up in /proc/self/mountinfo as "shoal" / "fuse.shoal".  libfuse mounts nosuid,nodev
+# unless "suid"/"dev" are given, and only the mounting user may enter without "allow_other": an image is
+# untrusted, so a mount gives none of these unless asked (docs/spec/mount.md §1, like podman's defaults).
 FUSE_OPTIONS = frozenset({"fsname=shoal", "subtype=shoal", "ro", "default_permissions"})
-# As root: every user may read (containers run as any uid), and an image's setuid binaries and
-# device nodes behave as in an unpacked tree.  Unprivileged mounts get none of these.
-ROOT_OPTIONS = frozenset({"allow_other", "dev", "suid"})
 _READ_ERRNOS = frozenset({errno.EIO, errno.EINTR, errno.EAGAIN, errno.ENOMEM, errno.EACCES, errno.ETIMEDOUT,
                           errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
-def fuse_options() -> set[str]:
-    return set(FUSE_OPTIONS | (ROOT_OPTIONS if os.geteuid() == 0 else frozenset()))
+def fuse_options(allow_other: bool = False, suid: bool = False, dev: bool = False) -> set[str]:
+    """The FUSE mount options: read-only, nosuid, nodev and private to the mounting user, unless asked."""
+    extra = {name for name, on in (("allow_other", allow_other), ("suid", suid), ("dev", dev)) if on}
+    return set(FUSE_OPTIONS) | extra
 
 
 _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_IFLNK,

@@ -148,6 +148,9 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
     terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
     bundle = bundle_dir(name)
     bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # the root is mounted suid and dev (an image's setuid binaries work in the container, as under
+    # podman): only because no one but root can reach it
+    os.chmod(bundle.parent, 0o700)
     try:
         bundle.mkdir()
     except FileExistsError:
@@ -157,8 +160,9 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
     mounted = False
     try:
         rootfs.mkdir()
-        daemon.start(image, str(rootfs), daemon.MountOptions(writable=True, prefetch=opts.prefetch,
-                                                             cleanup=(str(bundle),), record_to=opts.record_to))
+        daemon.start(image, str(rootfs), daemon.MountOptions(writable=True, suid=True, dev=True,
+                                                             prefetch=opts.prefetch, cleanup=(str(bundle),),
+                                                             record_to=opts.record_to))
         mounted = True
         # after the mount: /etc/passwd and /etc/group are read through it (fetched, prefetched, recorded)
         proc = container_process(image, opts, name, terminal, str(rootfs))

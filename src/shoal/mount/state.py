@@ -101,6 +101,7 @@ class MountState:
     start_time: int  # /proc/<pid>/stat field 22: tells a live daemon from a reused pid
     writable: bool
     lower: str  # where the FUSE file system is mounted (== mountpoint unless writable)
+    options: list[str] = field(default_factory=list)  # opt-ins given: allow_other, suid, dev
     upper: str = ""
     work: str = ""
     log: str = ""
@@ -257,13 +258,18 @@ def umount(path: str, lazy: bool = False, fuse: bool = False) -> bool:
     return True
 
 
-def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
-    """Mount a kernel overlayfs of ``lower`` (read-only) and ``upper`` at ``target``."""
+_MS_NOSUID, _MS_NODEV = 2, 4
+
+
+def mount_overlay(lower: str, upper: str, work: str, target: str, suid: bool = False, dev: bool = False) -> None:
+    """Mount a kernel overlayfs of ``lower`` (read-only) and ``upper`` at ``target``: nosuid and nodev
+    unless asked (``shoal run`` asks, for a root only root can reach)."""
     for p in (lower, upper, work):
         if any(c in p for c in ",:\\\n"):
             raise StoreError(f"overlay paths may not contain ',', ':' or '\\\\': {p}")
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
-    rc = _lib().mount(b"shoal", os.fsencode(target), b"overlay", 0, opts)
+    flags = (0 if suid else _MS_NOSUID) | (0 if dev else _MS_NODEV)
+    rc = _lib().mount(b"shoal", os.fsencode(target), b"overlay", flags, opts)
     if rc != 0:
         e = ctypes.get_errno()
         if e == errno.EPERM:
