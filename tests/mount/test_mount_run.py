@@ -104,3 +104,27 @@ def test_a_missing_runtime_is_an_error_not_a_chroot(debian_store: Path, run_dir:
     assert b"unsafe-chroot" in p.stderr and p.stderr.count(b"\n") == 1
     assert (vol / "a").read_bytes() == b"1\n"
     _clean(run_dir)
+
+
+def test_run_defaults_are_podmans(debian_store: Path, run_dir: Path) -> None:
+    """Inspected from inside: no new privileges, seccomp filter mode, podman's capability set (no NET_RAW,
+    MKNOD, AUDIT_WRITE), a pids limit, read-only /proc/sys; the opt-outs change exactly that."""
+    needs_runc()
+    script = ("grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; "
+              "echo 1 > /proc/sys/kernel/hostname 2>/dev/null || echo sys-ro")
+    p = shoal(debian_store, "run", "--rm", "debian:12", "sh", "-c", script, stdin=open(os.devnull, "rb"))
+    got = dict(line.split(":\t") for line in p.stdout.decode().splitlines() if ":\t" in line)
+    assert got == {"NoNewPrivs": "1", "Seccomp": "2", "CapEff": "00000000800405fb"}, p.stdout  # podman's 11 caps
+    assert b"sys-ro" in p.stdout
+    spec_caps = int(got["CapEff"], 16)
+    for bit in (13, 27, 29):  # CAP_NET_RAW, CAP_MKNOD, CAP_AUDIT_WRITE
+        assert not spec_caps & (1 << bit)
+    p = shoal(debian_store, "run", "--rm", "--security-opt", "seccomp=unconfined", "--cap-drop", "all",
+              "--cap-add", "net_raw", "debian:12", "sh", "-c", script, stdin=open(os.devnull, "rb"))
+    got = dict(line.split(":\t") for line in p.stdout.decode().splitlines() if ":\t" in line)
+    assert got == {"NoNewPrivs": "1", "Seccomp": "0", "CapEff": f"{1 << 13:016x}"}, p.stdout
+    p = shoal(debian_store, "run", "--rm", "--security-opt", "seccomp=/no/such.json", "debian:12", "true",
+              check=False, stdin=open(os.devnull, "rb"))
+    helpers.assert_one_line_error(p, "seccomp profile")
+    assert p.returncode == 3 and not mounts_under(run_dir)
+    _clean(run_dir)

@@ -101,11 +101,37 @@ def test_build_spec_shape() -> None:
     assert p["user"] == {"uid": 1000, "gid": 1001, "additionalGids": [29]}
     assert p["capabilities"]["effective"] == [] and "CAP_CHOWN" in p["capabilities"]["bounding"]
     kinds = {n["type"] for n in spec["linux"]["namespaces"]}
-    assert kinds == {"pid", "ipc", "uts", "mount"}  # no network namespace: the host's network
+    assert kinds == {"pid", "ipc", "uts", "mount", "cgroup"}  # no network namespace yet: the host's network
+    assert p["noNewPrivileges"] is True and spec["linux"]["resources"]["pids"] == {"limit": 2048}
+    assert not {"CAP_NET_RAW", "CAP_MKNOD", "CAP_AUDIT_WRITE"} & set(p["capabilities"]["bounding"])  # podman's set
+    assert "seccomp" not in spec["linux"]  # only when given
     dests = [m["destination"] for m in spec["mounts"]]
     for d in ("/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/dst"):
         assert d in dests
     assert spec["mounts"][-1]["options"] == ["rbind", "rprivate", "ro"]
+
+
+def test_seccomp_profile_resolves_containers_common_rules_for_arch_and_caps() -> None:
+    from shoal.mount import seccomp
+
+    doc = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+           "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86"]}],
+           "syscalls": [
+               {"names": ["read"], "action": "SCMP_ACT_ALLOW", "includes": {}, "excludes": {}},
+               {"names": ["arch_prctl"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["amd64"]}},
+               {"names": ["s390_only"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["s390x"]}},
+               {"names": ["mount"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
+               {"names": ["chroot"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_CHROOT"]}},
+               {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                "excludes": {"caps": ["CAP_AUDIT_WRITE"]}, "args": [{"index": 0, "value": 16, "op": "SCMP_CMP_EQ"}]},
+           ]}
+    got = seccomp.oci_profile(doc, ["CAP_SYS_CHROOT"], machine="x86_64")
+    assert got["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"] and got["defaultErrnoRet"] == 38
+    assert [r["names"][0] for r in got["syscalls"]] == ["read", "arch_prctl", "chroot", "socket"]
+    assert got["syscalls"][-1] == {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                                   "args": [{"index": 0, "value": 16, "op": "SCMP_CMP_EQ"}]}
+    with_audit = seccomp.oci_profile(doc, ["CAP_AUDIT_WRITE"], machine="aarch64")
+    assert [r["names"][0] for r in with_audit["syscalls"]] == ["read"] and "architectures" not in with_audit
 
 
 def test_split_scheme_and_openers(monkeypatch: pytest.MonkeyPatch) -> None:

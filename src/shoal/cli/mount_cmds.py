@@ -157,6 +157,12 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 @click.option("--entrypoint", default=None, help="Override the image's entrypoint ('' removes it).")
 @click.option("-t/-T", "--tty/--no-tty", "tty", default=None, help="Allocate a terminal (default: if stdin is one).")
 @click.option("--runtime", default="runc", envvar="SHOAL_RUNTIME", show_default=True, help="OCI runtime binary.")
+@click.option("--security-opt", "security_opt", multiple=True, metavar="seccomp=unconfined|FILE",
+              help="Seccomp profile (default: containers-common's, as podman).")
+@click.option("--cap-add", multiple=True, metavar="CAP", help="Add a capability to podman's default set.")
+@click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability ('all': every one).")
+@click.option("--pids-limit", type=click.IntRange(min=0), default=2048, show_default=True,
+              help="Most processes the container may run (0: no limit).")
 @click.option("--unsafe-chroot", is_flag=True,
               help="UNSAFE: if the runtime is missing, run in a bare chroot with no isolation at all (every "
                    "capability, the host's PID namespace and devices). Without it a missing runtime is an error.")
@@ -168,6 +174,7 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 @click.pass_context
 def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...], volumes: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, tty: bool | None, runtime: str,
+        security_opt: tuple[str, ...], cap_add: tuple[str, ...], cap_drop: tuple[str, ...], pids_limit: int,
         unsafe_chroot: bool, prefetch: str, ref: str, command: tuple[str, ...], **kw: Any) -> None:
     """Run a container of REF (NAME:TAG or docker://...; CMD replaces the image's Cmd); exits with its code."""
     from shoal.mount.run import RunOptions
@@ -178,7 +185,8 @@ def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...],
     open_opts = _open_options(ctx, kw, prefetch)
     opts = RunOptions(command=command, env=env, volumes=volumes, name=name, rm=rm, entrypoint=entrypoint,
                       workdir=workdir, user=user, runtime=runtime, unsafe_chroot=unsafe_chroot, tty=tty,
-                      prefetch=prefetch)
+                      prefetch=prefetch, security_opt=security_opt, cap_add=cap_add, cap_drop=cap_drop,
+                      pids_limit=pids_limit)
     ctx.exit(do_run(ref, opts, _store(ctx), open_opts))
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Callable
+from typing import Any, Callable
 
 from shoal.errors import NotFound, PermissionDenied, UsageError
 from shoal.format.model import Kind
@@ -30,6 +30,8 @@ from shoal.mount import daemon
 from shoal.mount import state as ms
 from shoal.mount.image import OpenedImage, OpenOptions, StorePath, open_image
 from shoal.mount.runtime_spec import (
+    CAPABILITIES,
+    PIDS_LIMIT,
     Bind,
     ProcessSpec,
     build_spec,
@@ -62,6 +64,10 @@ class RunOptions:
     user: str | None = None
     runtime: str = "runc"
     unsafe_chroot: bool = False  # no runtime: a bare chroot, no isolation (only when asked, by this name)
+    security_opt: tuple[str, ...] = ()  # podman's spelling: seccomp=unconfined|FILE
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()  # "all" drops every capability
+    pids_limit: int = PIDS_LIMIT  # 0: none
     tty: bool | None = None  # None: a terminal iff stdin is a TTY
     prefetch: str = "auto"
     timeout: float | None = None  # stop the container after this many seconds (exit code 124)
@@ -113,6 +119,40 @@ def _host_binds(binds: list[Bind]) -> list[Bind]:
     return extra + binds
 
 
+def capabilities(opts: RunOptions) -> list[str]:
+    """podman's default set, then ``--cap-drop`` (``all`` drops every one), then ``--cap-add``."""
+    def norm(c: str) -> str:
+        c = c.strip().upper()
+        if not re.fullmatch(r"[A-Z_]+", c):
+            raise UsageError(f"bad capability {c!r}")
+        return c if c.startswith("CAP_") or c == "ALL" else "CAP_" + c
+
+    drop = {norm(c) for c in opts.cap_drop}
+    caps = [] if "ALL" in drop else [c for c in CAPABILITIES if c not in drop]
+    for c in map(norm, opts.cap_add):
+        if c == "ALL":
+            raise UsageError("--cap-add all is not supported: name the capabilities")
+        if c not in caps:
+            caps.append(c)
+    return caps
+
+
+def seccomp_for(opts: RunOptions, caps: list[str]) -> dict[str, Any] | None:
+    """The ``linux.seccomp`` object: containers-common's profile by default, ``--security-opt
+    seccomp=FILE`` for another, ``seccomp=unconfined`` for none."""
+    from shoal.mount import seccomp
+
+    path: str = str(seccomp.DEFAULT_PROFILE)
+    for o in opts.security_opt:
+        key, sep, value = o.partition("=")
+        if key != "seccomp" or not sep or not value:
+            raise UsageError(f"unsupported --security-opt {o!r} (seccomp=unconfined|FILE)")
+        path = value
+    if path == "unconfined":
+        return None
+    return seccomp.oci_profile(seccomp.load_profile(path), caps)
+
+
 def find_runtime(opts: RunOptions) -> str | None:
     """The OCI runtime's path; None only with ``unsafe_chroot``.  A missing or misspelled runtime is an
     error before anything is mounted, never a silent fall back to a chroot (which would give the
@@ -144,6 +184,8 @@ def run(ref: str, opts: RunOptions = RunOptions(), store_root: StorePath = None,
 def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
     """Run a container of an opened image; return its exit code."""
     name = _check_run(opts)
+    caps = capabilities(opts)
+    sec = seccomp_for(opts, caps)  # before anything is mounted: a bad profile or option fails first
     binds = _host_binds([parse_volume(v) for v in opts.volumes])
     terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
     bundle = bundle_dir(name)
@@ -166,7 +208,8 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
         mounted = True
         # after the mount: /etc/passwd and /etc/group are read through it (fetched, prefetched, recorded)
         proc = container_process(image, opts, name, terminal, str(rootfs))
-        (bundle / "config.json").write_text(json.dumps(build_spec(proc, name, binds), indent=1))
+        spec = build_spec(proc, name, binds, caps=caps, seccomp=sec, pids_limit=opts.pids_limit)
+        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         runtime = find_runtime(opts)
         started = True
         if runtime is None:

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import os
 import posixpath
+import resource
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from shoal.errors import UsageError
 
 __all__ = ["Bind", "ProcessSpec", "UserIds", "build_spec", "resolve_user", "parse_volume", "container_env",
-           "container_args", "DEFAULT_PATH", "CAPABILITIES"]
+           "container_args", "DEFAULT_PATH", "CAPABILITIES", "PIDS_LIMIT"]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Docker's default capability set.
-CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-                "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-                "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+# podman's default capability set (containers.conf default_capabilities): Docker's without CAP_MKNOD,
+# CAP_NET_RAW (packet sockets: sniffing the host's loopback traffic) and CAP_AUDIT_WRITE.
+CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
+                "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_CHROOT")
+PIDS_LIMIT = 2048  # podman's default pids_limit: a fork bomb stops here
+NOFILE = 1048576  # podman's RLIMIT_NOFILE for rootful containers, or the host's hard limit if lower
 
 _MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
            "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi")
@@ -189,10 +192,27 @@ def _mounts(binds: Sequence[Bind]) -> list[dict[str, Any]]:
     return m
 
 
-def build_spec(proc: ProcessSpec, hostname: str, binds: Sequence[Bind], rootfs: str = "rootfs") -> dict[str, Any]:
-    """An OCI runtime-spec 1.0.2 config.json document."""
-    caps = list(CAPABILITIES)
+def build_spec(proc: ProcessSpec, hostname: str, binds: Sequence[Bind], rootfs: str = "rootfs", *,
+               caps: Sequence[str] = CAPABILITIES, seccomp: dict[str, Any] | None = None,
+               pids_limit: int | None = PIDS_LIMIT) -> dict[str, Any]:
+    """An OCI runtime-spec 1.0.2 config.json document: podman's defaults for a rootful container
+    (its capabilities, ``noNewPrivileges``, the seccomp filter given, a pids limit, its own cgroup
+    namespace), with the host's network."""
+    caps = list(caps)
     mine = caps if proc.user.uid == 0 else []
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+    resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if pids_limit:
+        resources["pids"] = {"limit": pids_limit}
+    linux: dict[str, Any] = {
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "resources": resources,
+        "maskedPaths": list(_MASKED),
+        "readonlyPaths": list(_READONLY),
+    }
+    if seccomp is not None:
+        linux["seccomp"] = seccomp
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -203,15 +223,11 @@ def build_spec(proc: ProcessSpec, hostname: str, binds: Sequence[Bind], rootfs: 
             "env": list(proc.env),
             "cwd": proc.cwd,
             "capabilities": {"bounding": caps, "effective": mine, "permitted": mine},
-            "noNewPrivileges": False,
+            "noNewPrivileges": True,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
         },
         "root": {"path": rootfs, "readonly": False},
         "hostname": hostname,
         "mounts": _mounts(binds),
-        "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "maskedPaths": list(_MASKED),
-            "readonlyPaths": list(_READONLY),
-        },
+        "linux": linux,
     }

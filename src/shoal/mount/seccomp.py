@@ -1,0 +1,80 @@
+"""The default seccomp profile of ``shoal run``: podman's, from containers-common (docs/spec/mount.md §4).
+
+``/usr/share/containers/seccomp.json`` (Debian's golang-github-containers-common, which skopeo and
+podman pull in) is containers/common's own format: rules carry ``includes``/``excludes`` by
+architecture and capability.  ``oci_profile`` resolves them for this machine's architecture and the
+container's capabilities into the OCI runtime-spec ``linux.seccomp`` object, as containers/common
+does, so the container gets the filter a rootful ``podman run`` gets.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Collection
+
+from shoal.errors import FormatError, NotFound, from_oserror
+from shoal.format.manifest import json_value
+
+__all__ = ["DEFAULT_PROFILE", "load_profile", "oci_profile"]
+
+DEFAULT_PROFILE = Path("/usr/share/containers/seccomp.json")
+
+# uname -m -> the Go architecture names containers-common's profile uses in ``includes.arches``
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
+           "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+_SCMP_ARCH = {"amd64": "SCMP_ARCH_X86_64", "arm64": "SCMP_ARCH_AARCH64", "arm": "SCMP_ARCH_ARM",
+              "386": "SCMP_ARCH_X86", "ppc64le": "SCMP_ARCH_PPC64LE", "s390x": "SCMP_ARCH_S390X",
+              "riscv64": "SCMP_ARCH_RISCV64"}
+_RULE_KEYS = ("names", "action", "args", "errnoRet")
+
+
+def load_profile(path: Path | str = DEFAULT_PROFILE) -> dict[str, Any]:
+    """The profile document at ``path``; NotFound with what to install if it is missing."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"seccomp profile {path} not found (apt-get install golang-github-containers-common, or "
+                       "--security-opt seccomp=FILE; seccomp=unconfined runs without one)") from None
+    except OSError as exc:
+        raise from_oserror(exc, "cannot read the seccomp profile", path) from None
+    doc = json_value(raw, f"seccomp profile {path}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("syscalls"), list) or "defaultAction" not in doc:
+        raise FormatError(f"seccomp profile {path} has no defaultAction or syscalls list")
+    return doc
+
+
+def _listed(x: Any) -> list[str]:
+    return [str(v) for v in x] if isinstance(x, list) else []
+
+
+def oci_profile(doc: dict[str, Any], caps: Collection[str], machine: str | None = None) -> dict[str, Any]:
+    """``doc`` resolved for this architecture and ``caps`` (``CAP_*`` names) into ``linux.seccomp``."""
+    goarch = _GOARCH.get(machine or platform.machine() or os.uname().machine, "")
+    native = _SCMP_ARCH.get(goarch, "")
+    arches: list[str] = []
+    for entry in doc.get("archMap") or []:
+        if isinstance(entry, dict) and entry.get("architecture") == native:
+            arches = [native, *_listed(entry.get("subArchitectures"))]
+    have = set(caps)
+    rules = []
+    for rule in doc["syscalls"]:
+        if not isinstance(rule, dict) or not _listed(rule.get("names")):
+            continue
+        inc_raw, exc_raw = rule.get("includes"), rule.get("excludes")
+        inc: dict[str, Any] = inc_raw if isinstance(inc_raw, dict) else {}
+        exc: dict[str, Any] = exc_raw if isinstance(exc_raw, dict) else {}
+        if _listed(inc.get("arches")) and goarch not in _listed(inc.get("arches")):
+            continue
+        if not set(_listed(inc.get("caps"))) <= have:
+            continue
+        if goarch in _listed(exc.get("arches")) or set(_listed(exc.get("caps"))) & have:
+            continue
+        rules.append({k: rule[k] for k in _RULE_KEYS if k in rule})
+    out: dict[str, Any] = {"defaultAction": doc["defaultAction"], "syscalls": rules}
+    if "defaultErrnoRet" in doc:
+        out["defaultErrnoRet"] = doc["defaultErrnoRet"]
+    if arches:
+        out["architectures"] = arches
+    return out
