@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from shoal.errors import NotFound, PermissionDenied, UsageError
 from shoal.format.model import Kind
-from shoal.mount import daemon
+from shoal.mount import daemon, seccomp
 from shoal.mount import state as ms
 from shoal.mount.image import OpenedImage, OpenOptions, StorePath, open_image
 from shoal.mount.runtime_spec import (
@@ -140,8 +140,6 @@ def capabilities(opts: RunOptions) -> list[str]:
 def seccomp_for(opts: RunOptions, caps: list[str]) -> dict[str, Any] | None:
     """The ``linux.seccomp`` object: containers-common's profile by default, ``--security-opt
     seccomp=FILE`` for another, ``seccomp=unconfined`` for none."""
-    from shoal.mount import seccomp
-
     path: str = str(seccomp.DEFAULT_PROFILE)
     for o in opts.security_opt:
         key, sep, value = o.partition("=")
