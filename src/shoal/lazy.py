@@ -20,7 +20,6 @@ yet runs that job itself, so a long prefetch queue never delays a read.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import threading
 import time
@@ -33,6 +32,7 @@ from shoal import mediatypes as mt
 from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
+from shoal.format.packing import bad_chunk
 from shoal.reader import StoreSource, decompress_frame
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageSource
@@ -462,14 +462,13 @@ class LazySource:
             plain = decompress_frame(raw, f, f"{pack}@{f.offset}")
         except IntegrityError as exc:
             self._bad(f"frame {pack}@{f.offset} from {self.where} is corrupt (digest mismatch: {exc}); not cached")
-        rows = []
-        for ci in self._chunks_of.get(fi, []):
-            o, n = self.index.chunk_offsets[ci], self.index.chunk_lengths[ci]
-            if hashlib.sha256(plain[o : o + n]).digest() != self.index.chunk_ids[ci]:
-                self._bad(f"chunk sha256:{self.index.chunk_ids[ci].hex()} of frame {pack}@{f.offset} from "
-                          f"{self.where} failed verification (digest mismatch); not cached")
-            rows.append((self.index.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, o, n))
-        return rows
+        idx, cis = self.index, self._chunks_of.get(fi, [])
+        bad = bad_chunk(idx, plain, cis)
+        if bad is not None:
+            self._bad(f"chunk sha256:{idx.chunk_ids[bad].hex()} of frame {pack}@{f.offset} from "
+                      f"{self.where} failed verification (digest mismatch); not cached")
+        return [(idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[ci], idx.chunk_lengths[ci])
+                for ci in cis]
 
     def _bad(self, msg: str) -> None:
         with self._stats.lock:

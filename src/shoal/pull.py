@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +26,7 @@ from shoal import mediatypes as mt
 from shoal.errors import FrameConflict, IntegrityError
 from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
+from shoal.format.packing import bad_chunk
 from shoal.progress import Sink
 from shoal.reader import decompress_frame
 from shoal.store.layout import Batch, pread_file
@@ -111,14 +111,14 @@ class _Puller:
         except IntegrityError as exc:  # corrupted bytes usually break the zstd frame before any chunk hash
             raise IntegrityError(f"frame at offset {f.offset} of pack {pack} failed verification (digest mismatch: "
                                  f"{exc}); nothing from it was stored") from None
-        rows = []
-        for ci in self.by_frame.get(fi, []):
-            o, n = self.idx.chunk_offsets[ci], self.idx.chunk_lengths[ci]
-            if hashlib.sha256(data[o : o + n]).digest() != self.idx.chunk_ids[ci]:
-                raise IntegrityError(f"chunk sha256:{self.idx.chunk_ids[ci].hex()} from pack {pack} failed "
-                                     "verification (digest mismatch); nothing from it was stored")
-            rows.append((self.idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, o, n))
-        return rows
+        cis = self.by_frame.get(fi, [])
+        bad = bad_chunk(self.idx, data, cis)
+        if bad is not None:
+            raise IntegrityError(f"chunk sha256:{self.idx.chunk_ids[bad].hex()} from pack {pack} failed "
+                                 "verification (digest mismatch); nothing from it was stored")
+        idx = self.idx
+        return [(idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[ci], idx.chunk_lengths[ci])
+                for ci in cis]
 
     def verify_whole(self, pi: int) -> None:
         """Hash every chunk this index claims in pack ``pi``, just fetched whole (its digest checked), from

@@ -5,6 +5,7 @@ binary and a world-writable device node in the image."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -65,52 +66,39 @@ def _open_device(path: Path) -> subprocess.CompletedProcess[str]:
     return _as_nobody("/bin/sh", "-c", f"/usr/bin/head -c 1 '{path}' > /dev/null && echo opened")
 
 
-def test_default_mount_is_nosuid_nodev_and_private(image: Path, run_dir: Path, mp: Path) -> None:
-    shoal(image, "mount", "sec:1", mp)
+@contextlib.contextmanager
+def _mounted(image: Path, mp: Path, *flags: str) -> Iterator[tuple[set[str], str, bool]]:
+    """Mount ``sec:1`` with ``flags``; yield (mount options, ``id -u`` of the setuid-root binary run by
+    uid 65534 (or its error), whether uid 65534 could open the device node); unmount."""
+    shoal(image, "mount", "sec:1", mp, *flags)
     try:
-        opts = _options(mp)
-        assert {"ro", "nosuid", "nodev"} <= opts and "allow_other" not in opts, opts
-        assert (mp / "bin" / "id").stat().st_mode & 0o4000  # the bit is shown, it just does nothing
-        p = _as_nobody("stat", str(mp / "bin" / "id"))
-        assert p.returncode != 0 and "Permission denied" in p.stderr, p  # another user cannot even look
+        p = _as_nobody(str(mp / "bin" / "id"), "-u")
+        ran = p.stdout.strip() if p.returncode == 0 else p.stderr
+        yield _options(mp), ran, "opened" in _open_device(mp / "dev" / "mem0").stdout
     finally:
         shoal(None, "umount", mp)
+
+
+def test_default_mount_is_nosuid_nodev_and_private(image: Path, run_dir: Path, mp: Path) -> None:
+    with _mounted(image, mp) as (opts, ran, opened):
+        assert {"ro", "nosuid", "nodev"} <= opts and "allow_other" not in opts, opts
+        assert "Permission denied" in ran and not opened  # another user cannot even enter
+        assert (mp / "bin" / "id").stat().st_mode & 0o4000  # the bit is shown, it just does nothing
 
 
 def test_allow_other_lets_users_read_but_not_gain_privilege(image: Path, run_dir: Path, mp: Path) -> None:
-    shoal(image, "mount", "sec:1", mp, "--allow-other")
-    try:
-        opts = _options(mp)
+    with _mounted(image, mp, "--allow-other") as (opts, ran, opened):
         assert {"nosuid", "nodev", "allow_other"} <= opts, opts
-        p = _as_nobody(str(mp / "bin" / "id"), "-u")
-        assert p.returncode == 0 and p.stdout.strip() == "65534", p  # setuid root: not honoured
-        p = _open_device(mp / "dev" / "mem0")
-        assert p.returncode != 0 and "opened" not in p.stdout, p
-    finally:
-        shoal(None, "umount", mp)
+        assert ran == "65534" and not opened  # setuid root and the device: not honoured
 
 
 def test_trusted_image_opts_in_to_exactly_suid_dev_and_allow_other(image: Path, run_dir: Path, mp: Path) -> None:
-    shoal(image, "mount", "sec:1", mp, "--trusted-image")
-    try:
-        opts = _options(mp)
+    with _mounted(image, mp, "--trusted-image") as (opts, ran, opened):
         assert "allow_other" in opts and "nosuid" not in opts and "nodev" not in opts, opts
-        p = _as_nobody(str(mp / "bin" / "id"), "-u")
-        assert p.returncode == 0 and p.stdout.strip() == "0", p  # what the flags give up, shown
-        p = _open_device(mp / "dev" / "mem0")
-        assert p.returncode == 0 and "opened" in p.stdout, p
-    finally:
-        shoal(None, "umount", mp)
+        assert ran == "0" and opened  # what the flags give up, shown
 
 
 def test_writable_overlay_is_nosuid_nodev_by_default(image: Path, run_dir: Path, mp: Path) -> None:
-    shoal(image, "mount", "sec:1", mp, "--writable")
-    try:
-        opts = _options(mp)
+    with _mounted(image, mp, "--writable") as (opts, ran, opened):
         assert {"nosuid", "nodev"} <= opts, opts
-        p = _as_nobody(str(mp / "bin" / "id"), "-u")
-        assert p.returncode == 0 and p.stdout.strip() == "65534", p
-        p = _open_device(mp / "dev" / "mem0")
-        assert p.returncode != 0 and "opened" not in p.stdout, p
-    finally:
-        shoal(None, "umount", mp)
+        assert ran == "65534" and not opened

@@ -77,11 +77,11 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
     --trusted-image) say otherwise."""
     from shoal.mount.daemon import MountOptions
     from shoal.mount.daemon import mount as do_mount
+    from shoal.mount.state import Exposure
 
     open_opts = _open_options(ctx, kw, prefetch)
-    opts = MountOptions(writable=writable, foreground=foreground, prefetch=prefetch,
-                        allow_other=allow_other or trusted_image, suid=suid or trusted_image,
-                        dev=dev or trusted_image)
+    expose = Exposure(allow_other or trusted_image, suid or trusted_image, dev or trusted_image)
+    opts = MountOptions(writable=writable, foreground=foreground, prefetch=prefetch, expose=expose)
 
     def live(exc: BaseException | None) -> None:
         if exc is None:

@@ -8,15 +8,18 @@ of similar trees share most packs byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from typing import Iterable
 
 import zstandard
 
 from shoal.errors import IntegrityError
+from shoal.format.model import Index
 
 __all__ = [
     "FRAME_MIN", "FRAME_SPAN", "FRAME_MAX", "PACK_MIN", "PACK_SPAN", "PACK_MAX",
-    "ZSTD_LEVEL", "decompress_frame", "frame_full", "frame_ends_after", "pack_full", "pack_ends_after",
+    "ZSTD_LEVEL", "decompress_frame", "bad_chunk", "frame_full", "frame_ends_after", "pack_full", "pack_ends_after",
 ]
 
 KiB = 1024
@@ -95,3 +98,14 @@ def decompress_frame(data: bytes, ulen: int, where: str) -> bytes:
     if len(out) != ulen:
         raise IntegrityError(f"corrupt frame at {where}: {len(out)} bytes instead of {ulen}")
     return out
+
+
+def bad_chunk(idx: Index, data: bytes, chunks: Iterable[int]) -> int | None:
+    """The first of ``chunks`` (indices into ``idx``) whose bytes in the decompressed frame ``data`` do
+    not hash to its id, or None: the check every path makes before it serves, stores or catalogues."""
+    mv = memoryview(data)
+    for ci in chunks:
+        o = idx.chunk_offsets[ci]
+        if hashlib.sha256(mv[o : o + idx.chunk_lengths[ci]]).digest() != idx.chunk_ids[ci]:
+            return ci
+    return None

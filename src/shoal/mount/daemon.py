@@ -28,6 +28,7 @@ from shoal.errors import NotFound, PermissionDenied, ShoalError, StoreError, Usa
 from shoal.format.model import Index
 from shoal.mount import state as ms
 from shoal.mount.image import CountingSource, OpenedImage, OpenOptions, StorePath, open_image
+from shoal.mount.state import MountOptions
 
 __all__ = ["MountOptions", "MountStatus", "mount", "start", "serve", "umount", "status"]
 
@@ -35,29 +36,6 @@ log = logging.getLogger(__name__)
 
 PREFETCH_MODES = ("auto", "none", "all")
 Notify = Callable[[BaseException | None], None]
-
-
-@dataclass(frozen=True)
-class MountOptions:
-    writable: bool = False
-    foreground: bool = False
-    prefetch: str = "auto"  # auto: the image's recorded profile (if any); all: every frame; none
-    cache_frames: int = 64  # decompressed frames the Reader keeps in memory (<= 1 MiB each)
-    min_tasks: int = 4  # idle pyfuse3 reader tasks kept: with 1, tasks churn and a request costs 2x (mount.md §2)
-    max_tasks: int = 32  # concurrent FUSE requests
-    ready_timeout: float = 120.0
-    cleanup: tuple[str, ...] = ()  # more directories to remove when this mount goes away
-    record_to: str | None = None  # write the frames served, in first-touch order, here at exit (shoal profile)
-    # opt-ins, all off by default (an image is untrusted): other users may enter the mount, its setuid
-    # bits and device nodes take effect.  They apply to what the mount point shows: the overlay when
-    # writable (whose FUSE lower stays private, nosuid and nodev), else the FUSE file system.
-    allow_other: bool = False
-    suid: bool = False
-    dev: bool = False
-
-    def opt_ins(self) -> list[str]:
-        return [name for name, on in (("allow_other", self.allow_other), ("suid", self.suid), ("dev", self.dev))
-                if on]
 
 
 @dataclass(frozen=True)
@@ -366,7 +344,7 @@ class _Server:
                 nursery.start_soon(self._prefetch, phases)
             if self.opts.writable:
                 await trio.to_thread.run_sync(ms.mount_overlay, str(self.paths.lower), str(self.paths.upper),
-                                              str(self.paths.work), self.mp, self.opts.suid, self.opts.dev)
+                                              str(self.paths.work), self.mp, self.opts.expose)
                 self.overlay = True
             self.st.ready = True
             self.save()
@@ -471,7 +449,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
                        lower=str(paths.lower) if opts.writable else mp,
                        upper=str(paths.upper) if opts.writable else "", work=str(paths.work) if opts.writable else "",
                        log=str(paths.log), prefetch=opts.prefetch, started_at=time.time(),
-                       cleanup=list(opts.cleanup), options=opts.opt_ins())
+                       cleanup=list(opts.cleanup), options=opts.expose.names())
     server = _Server(image, mp, opts, paths, st, notify)
     if opts.writable:
         _prepare_writable(image, paths, mp)
@@ -479,8 +457,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
     fuse_up = ok = False
     try:
         try:
-            pyfuse3.init(server.fs, st.lower, fuse_options() if opts.writable else
-                         fuse_options(opts.allow_other, opts.suid, opts.dev))
+            pyfuse3.init(server.fs, st.lower, fuse_options(ms.PRIVATE if opts.writable else opts.expose))
         except RuntimeError as exc:
             raise StoreError(f"cannot mount FUSE at {st.lower}: {exc}") from None
         fuse_up = True

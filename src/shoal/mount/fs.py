@@ -41,9 +41,10 @@ import trio
 
 from shoal.errors import IntegrityError, NotFound, ShoalError
 from shoal.format.model import Entry, Index, Kind, parent_of
+from shoal.mount.state import PRIVATE, Exposure
 from shoal.reader import Reader
 
-__all__ = ["ShoalFS", "ServeStats", "MountReader", "FUSE_OPTIONS", "fuse_options"]
+__all__ = ["ShoalFS", "ServeStats", "MountReader", "FUSE_OPTIONS", "Exposure", "fuse_options"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,9 @@ _READ_ERRNOS = frozenset({errno.EIO, errno.EINTR, errno.EAGAIN, errno.ENOMEM, er
                           errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
-def fuse_options(allow_other: bool = False, suid: bool = False, dev: bool = False) -> set[str]:
+def fuse_options(expose: Exposure = PRIVATE) -> set[str]:
     """The FUSE mount options: read-only, nosuid, nodev and private to the mounting user, unless asked."""
-    extra = {name for name, on in (("allow_other", allow_other), ("suid", suid), ("dev", dev)) if on}
-    return set(FUSE_OPTIONS) | extra
+    return set(FUSE_OPTIONS) | set(expose.names())
 
 
 _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_IFLNK,

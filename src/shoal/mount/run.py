@@ -200,7 +200,7 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
     mounted = False
     try:
         rootfs.mkdir()
-        daemon.start(image, str(rootfs), daemon.MountOptions(writable=True, suid=True, dev=True,
+        daemon.start(image, str(rootfs), daemon.MountOptions(writable=True, expose=ms.Exposure(suid=True, dev=True),
                                                              prefetch=opts.prefetch, cleanup=(str(bundle),),
                                                              record_to=opts.record_to))
         mounted = True

@@ -30,9 +30,11 @@ from typing import Any
 
 from shoal.errors import PermissionDenied, ShoalError, StoreError, UsageError
 
-__all__ = ["MountState", "MountPaths", "run_dir", "mount_id", "paths_for", "load_state", "save_state",
-           "list_states", "remove_state", "proc_start_time", "pid_alive", "mounts", "is_mounted",
-           "umount", "mount_overlay", "canonical_mountpoint", "MountBusy"]
+__all__ = [
+    "MountState", "MountOptions", "Exposure", "PRIVATE", "MountPaths", "run_dir", "mount_id", "paths_for",
+    "load_state", "save_state", "list_states", "remove_state", "proc_start_time", "pid_alive", "mounts",
+    "is_mounted", "umount", "mount_overlay", "canonical_mountpoint", "MountBusy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -258,17 +260,49 @@ def umount(path: str, lazy: bool = False, fuse: bool = False) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """What a mount gives beyond its mounting user, all off by default (an image is untrusted): other
+    users may enter it, its setuid bits and its device nodes take effect (docs/spec/mount.md §2)."""
+
+    allow_other: bool = False
+    suid: bool = False
+    dev: bool = False
+
+    def names(self) -> list[str]:
+        """The mount options these opt-ins are, as libfuse and mount(8) spell them."""
+        return [n for n, on in (("allow_other", self.allow_other), ("suid", self.suid), ("dev", self.dev)) if on]
+
+
+PRIVATE = Exposure()  # the default: nothing beyond the mounting user
+
 _MS_NOSUID, _MS_NODEV = 2, 4
 
 
-def mount_overlay(lower: str, upper: str, work: str, target: str, suid: bool = False, dev: bool = False) -> None:
+@dataclass(frozen=True)
+class MountOptions:
+    """How ``shoal mount``/``run`` mount an image (the daemon serves by these)."""
+
+    writable: bool = False
+    foreground: bool = False
+    prefetch: str = "auto"  # auto: the image's recorded profile (if any); all: every frame; none
+    cache_frames: int = 64  # decompressed frames the Reader keeps in memory (<= 1 MiB each)
+    min_tasks: int = 4  # idle pyfuse3 reader tasks kept: with 1, tasks churn and a request costs 2x (mount.md §2)
+    max_tasks: int = 32  # concurrent FUSE requests
+    ready_timeout: float = 120.0
+    cleanup: tuple[str, ...] = ()  # more directories to remove when this mount goes away
+    record_to: str | None = None  # write the frames served, in first-touch order, here at exit (shoal profile)
+    expose: Exposure = PRIVATE  # for what the mount point shows: the overlay if writable, else FUSE
+
+
+def mount_overlay(lower: str, upper: str, work: str, target: str, expose: Exposure = PRIVATE) -> None:
     """Mount a kernel overlayfs of ``lower`` (read-only) and ``upper`` at ``target``: nosuid and nodev
     unless asked (``shoal run`` asks, for a root only root can reach)."""
     for p in (lower, upper, work):
         if any(c in p for c in ",:\\\n"):
             raise StoreError(f"overlay paths may not contain ',', ':' or '\\\\': {p}")
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
-    flags = (0 if suid else _MS_NOSUID) | (0 if dev else _MS_NODEV)
+    flags = (0 if expose.suid else _MS_NOSUID) | (0 if expose.dev else _MS_NODEV)
     rc = _lib().mount(b"shoal", os.fsencode(target), b"overlay", flags, opts)
     if rc != 0:
         e = ctypes.get_errno()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from shoal.errors import FormatError, IntegrityError, NotFound, UsageError
 from shoal.format import index as fidx
 from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, json_loads, parse_manifest
 from shoal.format.model import Index
-from shoal.format.packing import decompress_frame
+from shoal.format.packing import bad_chunk, decompress_frame
 from shoal.format.platform import Platform, choose, platform_json
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
@@ -243,11 +242,10 @@ class Store:
         pack = "sha256:" + idx.packs[f.pack].hex()
         where = f"{pack}@{f.offset}"
         data = decompress_frame(self.read_frame(pack, f.offset, f.clen), f.ulen, where)
-        for ci in chunks:
-            o, n = idx.chunk_offsets[ci], idx.chunk_lengths[ci]
-            if hashlib.sha256(data[o : o + n]).digest() != idx.chunk_ids[ci]:
-                raise IntegrityError(f"the index claims chunk sha256:{idx.chunk_ids[ci].hex()} in frame {where}, "
-                                     "but the bytes there hash otherwise (digest mismatch); nothing was recorded")
+        bad = bad_chunk(idx, data, chunks)
+        if bad is not None:
+            raise IntegrityError(f"the index claims chunk sha256:{idx.chunk_ids[bad].hex()} in frame {where}, "
+                                 "but the bytes there hash otherwise (digest mismatch); nothing was recorded")
 
     def tag(self, ref: str, m: ShoalManifest) -> None:
         self.layout.set_ref(new_image_name(ref), {"mediaType": mt.OCI_MANIFEST, "digest": m.digest,
