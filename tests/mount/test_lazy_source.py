@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -192,16 +193,20 @@ def test_after_fork_uses_new_connections(pushed: dict[str, Any], registry: Regis
     src = _lazy(registry.host, pushed, tmp_path / "store")
     f0, f1 = idx.frames[0], idx.frames[-1]
     src.fetch("sha256:" + idx.packs[f0.pack].hex(), f0.offset, f0.clen)  # the parent has a live connection
+    # the daemon's protocol (mount/daemon.py): before_fork ends the worker threads (one may still be
+    # storing f0) and drops every sqlite connection, whose per-process lock state a child must not inherit
+    src.before_fork()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
+            signal.alarm(120)  # a hang in the child fails the test, not the suite's timeout
             os.close(r)
             old_remote, old_store = src.remote, src.store
             src.after_fork()
             data = src.fetch("sha256:" + idx.packs[f1.pack].hex(), f1.offset, f1.clen)
-            src.close()  # lets the fetch store what it verified
+            src.close(timeout=60)  # lets the fetch store what it verified (slow on a loaded machine)
             doc = {"new_remote": src.remote is not old_remote, "new_store": src.store is not old_store,
                    "sha": hashlib.sha256(data).hexdigest()}
             os.write(w, json.dumps(doc).encode())
@@ -209,6 +214,7 @@ def test_after_fork_uses_new_connections(pushed: dict[str, Any], registry: Regis
         finally:
             os._exit(code)
     os.close(w)
+    src.after_fork_parent()
     with os.fdopen(r, "rb") as fr:
         doc = json.loads(fr.read() or b"{}")
     _, status = os.waitpid(pid, 0)
@@ -313,6 +319,7 @@ def _child_prefetch(src: Any, frames: list[int]) -> dict[str, Any]:
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
+            signal.alarm(120)  # a hang in the child fails the test, not the suite's timeout
             os.close(r)
             src.after_fork()
             n = src.prefetch(frames)

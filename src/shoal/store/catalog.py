@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from shoal.errors import NoSpace, ShoalError, StoreError, from_oserror
+from shoal.store import forkgate
 
 __all__ = ["Catalog", "ChunkLocation"]
 
@@ -76,21 +77,22 @@ class Catalog:
         sibling lock file makes the first opener do it while the others wait.
         """
         lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise from_oserror(exc, "cannot open the catalogue lock", lock_path, store=True) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            conn = self._conn()
+        with forkgate.held():
             try:
-                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(_SCHEMA)
-            except sqlite3.Error as exc:
-                raise sqlite_error(exc, "cannot open the catalogue", self.path) from None
-        finally:
-            os.close(fd)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise from_oserror(exc, "cannot open the catalogue lock", lock_path, store=True) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                conn = self._conn()
+                try:
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        conn.execute("PRAGMA journal_mode=WAL")
+                    conn.executescript(_SCHEMA)
+                except sqlite3.Error as exc:
+                    raise sqlite_error(exc, "cannot open the catalogue", self.path) from None
+            finally:
+                os.close(fd)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

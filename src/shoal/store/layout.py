@@ -79,7 +79,7 @@ class Layout:
     @contextlib.contextmanager
     def lock(self, name: str, exclusive: bool) -> Iterator[None]:
         with store_io("cannot lock the store"):
-            fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from shoal import digest as dg
 from shoal.errors import FrameConflict, IntegrityError, NotFound, ShoalError, StoreError, from_oserror
+from shoal.store import forkgate
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout, pread_file, store_io
 
@@ -55,25 +56,26 @@ class PartialPacks:
         refused with ``FrameConflict`` and nothing is written.  An flock on the partial file makes the
         check and the write one step across processes."""
         p = self.path(pack)
-        try:
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise from_oserror(exc, f"cannot write partial pack {pack}", p, store=True) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            overlap = self.catalog.frames_overlapping(pack, offset, len(data))
-            if overlap:
-                if overlap == [(offset, len(data))] and os.pread(fd, len(data), offset) == data:
-                    return
-                raise FrameConflict(f"pack {pack}: bytes {offset}+{len(data)} differ from a verified frame "
-                                    "another image stored there; not overwritten")
-            os.pwrite(fd, data, offset)
-            os.fdatasync(fd)
-            self.catalog.add_frame(pack, offset, len(data))
-        except OSError as exc:
-            raise from_oserror(exc, f"cannot write partial pack {pack}", p, store=True) from None
-        finally:
-            os.close(fd)
+        with forkgate.held():  # a child forked meanwhile would keep the flock for its whole life
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise from_oserror(exc, f"cannot write partial pack {pack}", p, store=True) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                overlap = self.catalog.frames_overlapping(pack, offset, len(data))
+                if overlap:
+                    if overlap == [(offset, len(data))] and os.pread(fd, len(data), offset) == data:
+                        return
+                    raise FrameConflict(f"pack {pack}: bytes {offset}+{len(data)} differ from a verified frame "
+                                        "another image stored there; not overwritten")
+                os.pwrite(fd, data, offset)
+                os.fdatasync(fd)
+                self.catalog.add_frame(pack, offset, len(data))
+            except OSError as exc:
+                raise from_oserror(exc, f"cannot write partial pack {pack}", p, store=True) from None
+            finally:
+                os.close(fd)
 
     def read(self, pack: str, offset: int, length: int) -> bytes:
         if not self.catalog.has_frame(pack, offset):
