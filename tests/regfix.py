@@ -269,6 +269,9 @@ class Registry:
     auth: str = "none"  # "none" | "htpasswd" | "token"
     relative_urls: bool = False
     tls: bool = False  # serve HTTPS with a self-signed cert; ``ca_bundle`` is its path
+    tls_cert: tuple[Path, Path] | None = None  # serve HTTPS with this (cert, key) instead (implies tls)
+    client_ca: Path | None = None  # require a client certificate issued by this CA (http.tls.clientcas)
+    bind: str = "127.0.0.1"  # the address to listen on (and ``host``)
     port: int = 0
     username: str = TEST_USER
     password: str = TEST_PASSWORD
@@ -276,20 +279,22 @@ class Registry:
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
-        self.port = self.port or free_port()
+        self.port = self.port or free_port(self.bind)
         self.storage = self.workdir / "storage"
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yml"
         self.log_path = self.workdir / "registry.log"
         self.ca_bundle: Path | None = None
         self._tls_key: Path | None = None
-        if self.tls:
+        if self.tls_cert is not None:
+            self.tls, (self.ca_bundle, self._tls_key) = True, self.tls_cert
+        elif self.tls:
             self.ca_bundle, self._tls_key = make_tls_cert(self.workdir)
         self.config_path.write_text(self._config())
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -310,12 +315,14 @@ storage:
     uploadpurging:
       enabled: false
 http:
-  addr: 127.0.0.1:{self.port}
+  addr: {self.bind}:{self.port}
   secret: shoal-test-secret-{self.port}
   relativeurls: {str(self.relative_urls).lower()}
 """
         if self.tls:
             cfg += f"  tls:\n    certificate: {self.ca_bundle}\n    key: {self._tls_key}\n"
+            if self.client_ca is not None:
+                cfg += f"    clientcas:\n      - {self.client_ca}\n"
         if self.auth == "htpasswd":
             import bcrypt
 
@@ -346,9 +353,12 @@ http:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()[-2000:]}")
             try:
-                conn = (http.client.HTTPSConnection("127.0.0.1", self.port, timeout=1,
+                if self.client_ca is not None:  # no client certificate here: listening is enough
+                    socket.create_connection((self.bind, self.port), timeout=1).close()
+                    return
+                conn = (http.client.HTTPSConnection(self.bind, self.port, timeout=1,
                                                     context=ssl._create_unverified_context())
-                        if self.tls else http.client.HTTPConnection("127.0.0.1", self.port, timeout=1))
+                        if self.tls else http.client.HTTPConnection(self.bind, self.port, timeout=1))
                 conn.request("GET", "/v2/")
                 status = conn.getresponse().status
                 conn.close()

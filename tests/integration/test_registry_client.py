@@ -104,11 +104,13 @@ def test_parse_www_authenticate() -> None:
     assert referrers_tag("sha256:" + "ab" * 32) == "sha256-" + "ab" * 32
 
 
-def test_scheme_selection() -> None:
-    for host, scheme in [("localhost:5000", "http"), ("127.0.0.1", "http"), ("[::1]:5000", "http"),
-                         ("registry.example", "https"), ("10.0.0.1:5000", "https")]:
+def test_scheme_selection(registry: Registry) -> None:
+    for host in ("localhost:5000", "127.0.0.1", "[::1]:5000", "registry.example", "10.0.0.1:5000"):
         with RegistryClient(host, lookup_credentials=False) as c:
-            assert c.base_url == f"{scheme}://{host}"
+            assert c.base_url == f"https://{host}"  # a loopback host: until its first request finds out
+    with RegistryClient(registry.host, lookup_credentials=False) as c:
+        c.ping()
+        assert c.base_url == f"http://{registry.host}"  # a plain-HTTP loopback registry
     with RegistryClient("registry.example", plain_http=True, lookup_credentials=False) as c:
         assert c.base_url == "http://registry.example"
     with RegistryClient("docker.io", lookup_credentials=False) as c:

@@ -125,13 +125,16 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """TLS, credentials and concurrency options shared by every command that talks to a registry."""
     opts = [
         click.option("--tls-verify", type=_BOOL, default=True, show_default=True, metavar="BOOL",
-                     help="Verify registry TLS certificates."),
+                     help="Verify registry TLS certificates; false also lets a registry answer in plain HTTP."),
         click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="PEM file of CA certificates to trust instead of the system's."),
+                     help="PEM file of CA certificates, added to the system's trust store."),
         click.option("--cert-dir", type=click.Path(exists=True, file_okay=False), default=None,
-                     help="Directory of *.crt CA certificates (as skopeo; default /etc/containers/certs.d/HOST)."),
+                     help="Directory of *.crt CA certificates, added to the system's trust store, and of a client "
+                          "certificate NAME.cert with NAME.key (as skopeo; default /etc/containers/certs.d/HOST, "
+                          "then /etc/docker/certs.d/HOST)."),
         click.option("--plain-http", type=_BOOL, default=None, is_flag=False, flag_value=True, metavar="[BOOL]",
-                     help="Use plain HTTP (default: only for loopback registries; =false forces HTTPS)."),
+                     help="Use plain HTTP (default: HTTPS; a loopback registry that does not speak TLS gets HTTP; "
+                          "=false forces HTTPS)."),
         click.option("--authfile", type=click.Path(dir_okay=False), default=None, envvar="REGISTRY_AUTH_FILE",
                      help="Credentials file (default: $REGISTRY_AUTH_FILE, containers auth.json, "
                           "~/.docker/config.json)."),

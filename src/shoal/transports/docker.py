@@ -23,7 +23,6 @@ import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, urljoin
 
@@ -151,7 +150,7 @@ class RegistryOptions:
     tls_verify: bool = True
     ca_bundle: str | None = None
     cert_dir: str | None = None
-    plain_http: bool | None = None  # None: plain http for loopback hosts only
+    plain_http: bool | None = None  # None: https, found out for loopback hosts and with tls_verify=False
     credentials: Credentials | None = None
     concurrency: int = 8
     retries: int = 5
@@ -205,47 +204,16 @@ def _typed(key: str, v: object, typ: type) -> Any:
     raise UsageError(f"option {key} has an invalid value")
 
 
-def _cert_dir_bundle(cert_dir: str) -> str | None:
-    """Concatenate the ``*.crt`` CA files of a skopeo/docker cert dir into one bundle (temp file)."""
-    d = Path(cert_dir)
-    if not d.is_dir():
-        raise UsageError(f"certificate directory {cert_dir} does not exist")
-    pems = sorted(d.glob("*.crt"))
-    if not pems:
-        return None
-    fd, path = tempfile.mkstemp(prefix="shoal-ca-", suffix=".pem")
-    with os.fdopen(fd, "wb") as f:
-        for p in pems:
-            f.write(p.read_bytes().rstrip(b"\n") + b"\n")
-    return path
-
-
 def make_client(host: str, o: RegistryOptions) -> RegistryClient:
-    """A RegistryClient for ``host`` with ``o``; CAs from ``cert_dir`` or /etc/{containers,docker}/certs.d."""
-    cert_dir = o.cert_dir
-    if cert_dir is None and o.ca_bundle is None:
-        for base in ("/etc/containers/certs.d", "/etc/docker/certs.d"):
-            if os.path.isdir(os.path.join(base, host)):
-                cert_dir = os.path.join(base, host)
-                break
-    bundle, tmp = o.ca_bundle, None
-    if bundle is None and cert_dir is not None:
-        bundle = tmp = _cert_dir_bundle(cert_dir)
-    if bundle is not None and not os.path.isfile(bundle):
-        raise UsageError(f"CA bundle {bundle} does not exist")
+    """A RegistryClient for ``host`` with ``o``: the system's CAs plus ``ca_bundle`` and the ``*.crt`` of
+    ``cert_dir`` or /etc/{containers,docker}/certs.d/HOST, and a client certificate from there (registry/tls.py)."""
     chunk = o.chunk_size or 8 * 1024 * 1024
-    try:
-        return RegistryClient(
-            host, tls_verify=o.tls_verify, ca_bundle=bundle, plain_http=o.plain_http, credentials=o.credentials,
-            timeout=o.timeout, max_connections=max(8, 2 * o.concurrency), retries=o.retries, backoff=o.backoff,
-            range_concurrency=o.concurrency, min_rate=o.min_rate, monolithic_max=chunk,
-            chunk_size=chunk if o.chunk_size else 2 * chunk,
-        )
-    except OSError as exc:  # an unreadable CA bundle
-        raise UsageError(f"cannot load CA certificates: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            os.unlink(tmp)  # the SSL context has loaded it
+    return RegistryClient(
+        host, tls_verify=o.tls_verify, ca_bundle=o.ca_bundle, cert_dir=o.cert_dir, plain_http=o.plain_http,
+        credentials=o.credentials, timeout=o.timeout, max_connections=max(8, 2 * o.concurrency), retries=o.retries,
+        backoff=o.backoff, range_concurrency=o.concurrency, min_rate=o.min_rate, monolithic_max=chunk,
+        chunk_size=chunk if o.chunk_size else 2 * chunk,
+    )
 
 
 # ------------------------------------------------------------------------------------------ source

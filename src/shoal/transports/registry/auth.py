@@ -148,7 +148,7 @@ class Authenticator:
         credentials: Credentials | None = None,
         *,
         lookup: bool = True,
-        secure: bool = True,
+        secure: Callable[[], bool] = lambda: True,  # is the registry itself on https (once it is known)
     ) -> None:
         self.host = host
         self._send = send
@@ -251,7 +251,7 @@ class Authenticator:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise AuthError(f"{self.host} advertises an invalid token realm")
             creds = self.credentials()
-            if creds is not None and parts.scheme == "http" and self._secure and not _is_loopback(parts.hostname):
+            if creds is not None and parts.scheme == "http" and self._secure() and not _is_loopback(parts.hostname):
                 raise AuthError(f"refusing to send credentials for {self.host} to a plain-http token realm")
             service = ch.params.get("service")
             started = time.monotonic()

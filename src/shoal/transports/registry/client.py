@@ -53,7 +53,8 @@ from .referrers import put_referrer_tag_index, referrers, referrers_tag
 from .responses import Transient, failure, redact
 from .responses import one_line as _one_line
 from .responses import retry_after as _retry_after
-from .transport import http_client
+from .tls import TLSOptions, tls_context
+from .transport import Endpoint, http_client
 
 __all__ = [
     "RegistryClient",
@@ -84,7 +85,6 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 _RETRY_STATUSES = frozenset({408, 429, 499, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _MAX_REDIRECTS = 10
 _MAX_SMALL_BODY = 16 * 1024 * 1024  # cap on answers read whole (tags, tokens)
 MAX_ERROR_BODY = 64 * 1024  # an error answer is read this far, for its message
@@ -138,6 +138,7 @@ class RegistryClient:
         *,
         tls_verify: bool = True,
         ca_bundle: str | None = None,
+        cert_dir: str | None = None,
         plain_http: bool | None = None,
         credentials: Credentials | None = None,
         timeout: float = 30.0,
@@ -157,11 +158,7 @@ class RegistryClient:
             raise UsageError(f"invalid registry host {host[:80]!r}")
         self.host = host
         self._api_host = "registry-1.docker.io" if host in ("docker.io", "index.docker.io") else host
-        hostname = urlsplit(f"//{self._api_host}").hostname or ""
-        loopback = hostname in _LOOPBACK or hostname.startswith("127.")
-        self.plain_http = loopback if plain_http is None else plain_http
-        self.base_url = f"{'http' if self.plain_http else 'https'}://{self._api_host}"
-        self._origin = self._origin_of(self.base_url)
+        self._endpoint = Endpoint(self._api_host, plain_http=plain_http, tls_verify=tls_verify, timeout=timeout)
         self.retries = max(0, retries)
         self.timeout, self.min_rate = timeout, min_rate
         self.backoff, self.backoff_max = backoff, backoff_max
@@ -169,15 +166,19 @@ class RegistryClient:
         self.range_concurrency, self.range_merge_gap = max(1, range_concurrency), max(0, range_merge_gap)
         self.stats = RegistryStats()
         self._stats_lock = threading.Lock()
-        self._http = http_client(tls_verify=tls_verify, ca_bundle=ca_bundle, timeout=timeout,
-                                 max_connections=max_connections,
+        tls = tls_context(host, TLSOptions(tls_verify, ca_bundle, cert_dir))  # tls.py: roots + extras
+        self._http = http_client(tls=tls, timeout=timeout, max_connections=max_connections,
                                  headers={"User-Agent": "shoal", "Accept-Encoding": "identity"})
         self.auth = Authenticator(
-            host, self._send_raw, credentials, lookup=lookup_credentials, secure=not self.plain_http
+            host, self._send_raw, credentials, lookup=lookup_credentials, secure=lambda: not self._endpoint.plain_http
         )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._ranges_ignored = False
+
+    @property
+    def base_url(self) -> str:  # ``scheme://host`` as last chosen: a loopback or insecure host's first request
+        return self._endpoint.base_url  # finds out its scheme (transport.Endpoint)
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
@@ -251,13 +252,12 @@ class RegistryClient:
         ``stream``; the caller checks its status.  Without ``retry``, one attempt whose failures raise
         :class:`Transient` (for the caller's own retry) and whose error answers are returned.
         """
-        if not url.startswith(("http://", "https://")):
-            url = self.base_url + url
+        def attempt() -> httpx.Response:  # the scheme of a relative url is found (once) in the attempt
+            full = url if url.startswith(("http://", "https://")) else self._endpoint.resolve() + url
+            return self._attempt(method, full, scopes, headers, content, stream, retry)
 
-        def attempt() -> httpx.Response:
-            return self._attempt(method, url, scopes, headers, content, stream, retry)
-
-        return self._retry(attempt, f"{method} {redact(url)}") if retry else attempt()
+        shown = redact(url) if "://" in url else self.host + url
+        return self._retry(attempt, f"{method} {shown}") if retry else attempt()
 
     def _attempt(self, method: str, url: str, scopes: Sequence[str] | None, headers: dict[str, str] | None,
                  content: bytes | None, stream: bool, raise_transient: bool) -> httpx.Response:
@@ -270,7 +270,7 @@ class RegistryClient:
         dl = Deadline(self.timeout, self.min_rate)
         while True:
             origin = self._origin_of(cur)
-            same_origin = origin == self._origin
+            same_origin = origin == self._origin_of(self._endpoint.base_url)
             hdrs = dict(headers or {})
             if origin != first_origin:  # never forward credentials to another host
                 hdrs.pop("Authorization", None)
@@ -284,7 +284,7 @@ class RegistryClient:
                     resp = self._http.send(req, stream=True)
             except httpx.TransportError as e:
                 self._count(requests=1)
-                raise failure(e, what, cur, dl) from None
+                raise self._endpoint.explain(failure(e, what, cur, dl), cur) from None
             resp.extensions["shoal.deadline"] = dl
             self._count(requests=1, sent=len(content or b""))
             status = resp.status_code
