@@ -14,11 +14,25 @@ from shoal.cli.common import registry_opts as _common
 
 
 def _creds(text: str | None) -> object:
+    """``--creds USER[:PASS]``: without ``:PASS`` the password comes from a prompt on a terminal, else
+    from one line of standard input (as ``--password-stdin``), so it need not be on the command line.
+    A password given there is masked in this process's ``/proc/PID/cmdline`` at once (and so in a
+    mount daemon forked later): ``shoal.mount.proctitle``."""
     if text is None:
         return None
+    from shoal.errors import UsageError
+    from shoal.mount.proctitle import scrub_argv
+
     user, sep, pw = text.partition(":")
-    if not sep:
+    if sep:
+        scrub_argv()
+    elif sys.stdin.isatty():
         pw = click.prompt(f"Password for {user}", hide_input=True, err=True)
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+        if not pw:
+            raise UsageError(f"no password for {user} on standard input (give USER:PASS, or the password "
+                             "as one line of standard input)")
     from shoal.transports.registry import Credentials
 
     return Credentials(user, pw)
@@ -183,6 +197,10 @@ def login(ctx: click.Context, /, registry: str, username: str | None, password: 
     from shoal.transports.docker import RegistryOptions, make_client
     from shoal.transports.registry import Credentials, default_auth_file, store_credentials
 
+    if password is not None:
+        from shoal.mount.proctitle import scrub_argv
+
+        scrub_argv(passwords=("--password", "-p"))
     host = _host(registry)
     opts = _common(ctx, **kw)
     authfile = os.environ.get("REGISTRY_AUTH_FILE") if kw.get("authfile") else None
