@@ -133,8 +133,9 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--plain-http", type=_BOOL, default=None, is_flag=False, flag_value=True, metavar="[BOOL]",
                      help="Use plain HTTP (default: only for loopback registries; =false forces HTTPS)."),
         click.option("--authfile", type=click.Path(dir_okay=False), default=None, envvar="REGISTRY_AUTH_FILE",
-                     help="Credentials file (default: $REGISTRY_AUTH_FILE, containers auth.json, "
-                          "~/.docker/config.json)."),
+                     help="Primary credentials file, as podman's (default: $REGISTRY_AUTH_FILE, else "
+                          "$XDG_RUNTIME_DIR/containers/auth.json or /run/containers/$UID/auth.json); then "
+                          "~/.config/containers/auth.json, ~/.docker/config.json, ~/.dockercfg are read."),
         click.option("--retries", type=click.IntRange(0, 100), default=None, help="Retries per request (default 5)."),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
                      help="Seconds a registry request may wait for a byte, and its grace before it must average "

@@ -12,6 +12,8 @@ from shoal.cli.common import emit_json, human, platform_option, progress_sink
 from shoal.cli.common import registry_options as _registry_options
 from shoal.cli.common import registry_opts as _common
 
+CREDS_HELP = "Registry credentials (else the auth files); USER alone: the password from a prompt or stdin."
+
 
 def _creds(text: str | None) -> object:
     """``--creds USER[:PASS]``: without ``:PASS`` the password comes from a prompt on a terminal, else
@@ -103,7 +105,7 @@ def copy(ctx: click.Context, /, src: str, dst: str, src_creds: str | None, dest_
 @click.command()
 @click.argument("name")
 @click.argument("dst")
-@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @click.option("--additional-tag", "tags", multiple=True, metavar="TAG", help="Also tag the pushed image with TAG.")
 @_copy_options
 @click.pass_context
@@ -123,7 +125,7 @@ def push(ctx: click.Context, /, name: str, dst: str, creds: str | None, tags: tu
 @click.command()
 @click.argument("src")
 @click.argument("name", required=False)
-@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @_copy_options
 @click.pass_context
 def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, concurrency: int,
@@ -155,7 +157,7 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
 
 @click.command()
 @click.argument("ref")
-@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @_registry_options
 @click.pass_context
 def delete(ctx: click.Context, /, ref: str, creds: str | None, **kw: Any) -> None:
