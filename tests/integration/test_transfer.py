@@ -132,14 +132,17 @@ def repo_name(prefix: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No credentials from this machine's files: HOME in tmp, no XDG or docker config dirs.
+    """No credentials from this machine's files: HOME and XDG_RUNTIME_DIR in tmp (else root's primary
+    file is /run/containers/0/auth.json), no XDG config or docker config dirs; returns where login writes.
 
     (Not $REGISTRY_AUTH_FILE: docker-registry reads REGISTRY_* variables as its own configuration.)
     """
-    auth = tmp_path / "home" / ".config" / "containers" / "auth.json"
+    (tmp_path / "xdg-run").mkdir()
+    auth = tmp_path / "xdg-run" / "containers" / "auth.json"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg-run"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     monkeypatch.delenv("DOCKER_CONFIG", raising=False)
     return auth
 

@@ -136,8 +136,9 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Use plain HTTP (default: HTTPS; a loopback registry that does not speak TLS gets HTTP; "
                           "=false forces HTTPS)."),
         click.option("--authfile", type=click.Path(dir_okay=False), default=None, envvar="REGISTRY_AUTH_FILE",
-                     help="Credentials file (default: $REGISTRY_AUTH_FILE, containers auth.json, "
-                          "~/.docker/config.json)."),
+                     help="Primary credentials file, as podman's (default: $REGISTRY_AUTH_FILE, else "
+                          "$XDG_RUNTIME_DIR/containers/auth.json or /run/containers/$UID/auth.json); then "
+                          "~/.config/containers/auth.json, ~/.docker/config.json, ~/.dockercfg are read."),
         click.option("--retries", type=click.IntRange(0, 100), default=None, help="Retries per request (default 5)."),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
                      help="Seconds a registry request may wait for a byte, and its grace before it must average "

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from shoal.cli.common import emit_json, human, platform_option, registry_options, registry_opts
+from shoal.cli.transfer_cmds import CREDS_HELP
 
 if TYPE_CHECKING:
     from shoal.mount.image import OpenOptions
@@ -24,7 +25,7 @@ _PREFETCH_HELP = ("Fetch ahead (docker:// images): the recorded profile (auto), 
 def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options for reaching docker:// images: registry TLS/auth options, --creds, --fetch-timeout, --platform."""
     opts = [
-        click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file)."),
+        click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP),
         click.option("--fetch-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
                      metavar="SECONDS", help="A read waiting longer than this for the registry fails with EIO."),
         platform_option("Image of an image index to use (default: this machine's platform)."),

@@ -12,13 +12,29 @@ from shoal.cli.common import emit_json, human, platform_option, progress_sink
 from shoal.cli.common import registry_options as _registry_options
 from shoal.cli.common import registry_opts as _common
 
+CREDS_HELP = "Registry credentials (else the auth files); USER alone: the password from a prompt or stdin."
+
 
 def _creds(text: str | None) -> object:
+    """``--creds USER[:PASS]``: without ``:PASS`` the password comes from a prompt on a terminal, else
+    from one line of standard input (as ``--password-stdin``), so it need not be on the command line.
+    A password given there is masked in this process's ``/proc/PID/cmdline`` at once (and so in a
+    mount daemon forked later): ``shoal.mount.proctitle``."""
     if text is None:
         return None
+    from shoal.errors import UsageError
+    from shoal.mount.proctitle import scrub_argv
+
     user, sep, pw = text.partition(":")
-    if not sep:
+    if sep:
+        scrub_argv()
+    elif sys.stdin.isatty():
         pw = click.prompt(f"Password for {user}", hide_input=True, err=True)
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+        if not pw:
+            raise UsageError(f"no password for {user} on standard input (give USER:PASS, or the password "
+                             "as one line of standard input)")
     from shoal.transports.registry import Credentials
 
     return Credentials(user, pw)
@@ -89,7 +105,7 @@ def copy(ctx: click.Context, /, src: str, dst: str, src_creds: str | None, dest_
 @click.command()
 @click.argument("name")
 @click.argument("dst")
-@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @click.option("--additional-tag", "tags", multiple=True, metavar="TAG", help="Also tag the pushed image with TAG.")
 @_copy_options
 @click.pass_context
@@ -109,7 +125,7 @@ def push(ctx: click.Context, /, name: str, dst: str, creds: str | None, tags: tu
 @click.command()
 @click.argument("src")
 @click.argument("name", required=False)
-@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @_copy_options
 @click.pass_context
 def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, concurrency: int,
@@ -141,7 +157,7 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
 
 @click.command()
 @click.argument("ref")
-@click.option("--creds", default=None, metavar="USER[:PASS]", help="Registry credentials (else the auth file).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @_registry_options
 @click.pass_context
 def delete(ctx: click.Context, /, ref: str, creds: str | None, **kw: Any) -> None:
@@ -183,6 +199,10 @@ def login(ctx: click.Context, /, registry: str, username: str | None, password: 
     from shoal.transports.docker import RegistryOptions, make_client
     from shoal.transports.registry import Credentials, default_auth_file, store_credentials
 
+    if password is not None:
+        from shoal.mount.proctitle import scrub_argv
+
+        scrub_argv(passwords=("--password", "-p"))
     host = _host(registry)
     opts = _common(ctx, **kw)
     authfile = os.environ.get("REGISTRY_AUTH_FILE") if kw.get("authfile") else None

@@ -204,6 +204,9 @@ def _daemon_child(image: OpenedImage, mp: str, opts: MountOptions, wfd: int) -> 
     os.chdir("/")
     os.umask(0o022)
     _setup_daemon_logging()
+    from shoal.mount.proctitle import scrub_argv
+
+    scrub_argv()  # the CLI did so when it read --creds; a daemon lives long: never show a secret in ps
     # a source holding connections or threads re-creates them here (FrameSource contract, mount.md §5)
     after_fork = getattr(image.source, "after_fork", None)
     if callable(after_fork):

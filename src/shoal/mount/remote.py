@@ -50,7 +50,7 @@ def registry_options(ref: DockerReference, options: OpenOptions) -> dict[str, ob
 
     reg: dict[str, object] = dict(options.registry)
     if reg.get("credentials") is None:
-        creds = load_credentials(ref.host)
+        creds = load_credentials(ref.host, ref.repo)  # per-repository keys first (containers-auth.json(5))
         if creds is not None:
             reg["credentials"] = creds
     if reg.get("timeout") is None:

@@ -35,6 +35,7 @@ __all__ = [
     "merge_scopes",
     "parse_www_authenticate",
     "repository_scope",
+    "scope_repository",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,21 @@ def repository_scope(repo: str, actions: str) -> str:
     return f"repository:{repo}:{actions}"
 
 
+def scope_repository(scopes: Iterable[str]) -> str | None:
+    """The repository a request's scopes are about: the one pushed to, else the first one named
+    (a cross-repository mount also asks to pull from its source)."""
+    repos: list[tuple[str, str]] = []
+    for scope in scopes:
+        for s in scope.split():
+            rtype, _, rest = s.partition(":")
+            name, sep, actions = rest.rpartition(":")
+            if rtype == "repository" and sep and name:
+                repos.append((name, actions))
+    pushed = [name for name, actions in repos if "push" in actions.split(",")]
+    names = pushed or [name for name, _ in repos]
+    return names[0] if names else None
+
+
 def merge_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
     """Union of scopes, combining the actions of one resource; sorted, stable."""
     acc: dict[str, list[str]] = {}
@@ -154,6 +170,7 @@ class Authenticator:
         self._send = send
         self._creds = credentials
         self._lookup = lookup and credentials is None
+        self._found: dict[str | None, Credentials | None] = {}  # looked up, per repository
         self._secure = secure
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
@@ -163,19 +180,23 @@ class Authenticator:
         self.token_fetches = 0
 
     # -- credentials -------------------------------------------------------
-    def credentials(self) -> Credentials | None:
-        with self._lock:
-            if self._lookup:
-                self._lookup = False
-                self._creds = load_credentials(self.host)
+    def credentials(self, scopes: Sequence[str] = ()) -> Credentials | None:
+        """The given credentials, else those the auth files hold for the repository ``scopes`` name
+        (per-repository keys, containers-auth.json(5)), looked up once per repository."""
+        if not self._lookup:
             return self._creds
+        repo = scope_repository(scopes)
+        with self._lock:
+            if repo not in self._found:
+                self._found[repo] = load_credentials(self.host, repo)
+            return self._found[repo]
 
     # -- proactive ---------------------------------------------------------
     def header_for(self, scopes: Sequence[str]) -> str | None:
         """The Authorization value to send before any challenge, if known."""
         if self._scheme == "basic":
-            creds = self.credentials()
-            return creds.basic_header() if creds else None
+            creds = self.credentials(scopes)
+            return creds.basic_header() if creds and (creds.username or creds.password) else None
         if self._scheme == "bearer":
             key = merge_scopes(scopes)
             cached = self._cached(key)
@@ -223,7 +244,10 @@ class Authenticator:
         if basic is not None:
             with self._lock:
                 self._scheme = "basic"
-            creds = self.credentials()
+            creds = self.credentials(scopes)
+            if creds is not None and creds.identity_token and not (creds.username or creds.password):
+                raise AuthError(f"{self.host} asks for a username and password (Basic), but its saved "
+                                "credentials are an identity token, which only a token service accepts")
             if creds is None or not (creds.username or creds.password):
                 raise AuthError(f"{self.host} requires authentication and no credentials were found")
             header = creds.basic_header()
@@ -233,7 +257,7 @@ class Authenticator:
         raise AuthError(f"{self.host} answered 401 without a usable authentication challenge")
 
     def denied(self, scopes: Sequence[str]) -> AuthError:
-        who = "anonymous access" if self.credentials() is None else "access"
+        who = "anonymous access" if self.credentials(scopes) is None else "access"
         what = " ".join(scopes) or "the registry"
         return AuthError(f"{who} to {what} on {self.host} denied")
 
@@ -250,7 +274,7 @@ class Authenticator:
             parts = urlsplit(realm)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise AuthError(f"{self.host} advertises an invalid token realm")
-            creds = self.credentials()
+            creds = self.credentials(scopes)
             if creds is not None and parts.scheme == "http" and self._secure() and not _is_loopback(parts.hostname):
                 raise AuthError(f"refusing to send credentials for {self.host} to a plain-http token realm")
             service = ch.params.get("service")

@@ -1,21 +1,27 @@
-"""Registry credentials: docker ``config.json`` and containers ``auth.json``.
+"""Registry credentials: containers ``auth.json``, docker ``config.json`` and ``~/.dockercfg``.
 
-Lookup order (first hit wins):
+Files, in the order containers/image reads them (containers-auth.json(5); pkg/docker/config
+``getAuthFilePaths``/``getPathToAuth``); the first file with credentials for the host wins:
 
-1. ``$REGISTRY_AUTH_FILE``
-2. ``${XDG_RUNTIME_DIR}/containers/auth.json``
-3. ``~/.config/containers/auth.json``
-4. ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``
+1. the primary (read/write) file: ``--authfile`` / ``$REGISTRY_AUTH_FILE`` if given, else
+   ``${XDG_RUNTIME_DIR}/containers/auth.json``, else ``/run/containers/$UID/auth.json`` (where
+   root's podman writes); a ``$XDG_RUNTIME_DIR`` that does not exist is skipped with a warning
+2. ``${XDG_CONFIG_HOME:-~/.config}/containers/auth.json``
+3. ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``
+4. ``~/.dockercfg`` (legacy: a top-level map of hosts, no ``auths`` key, no helpers)
 
-Inside one file: ``credHelpers[host]`` (helper program), then a non-empty
-``auths`` entry (base64 ``auth``, ``username``/``password`` or
-``identitytoken``), then ``credsStore`` (helper program).  Helpers are
-``docker-credential-<name> get|store|erase`` speaking JSON on stdin/stdout.
+Inside one file: ``credHelpers[host]`` (helper program), then the most specific ``auths`` key for
+the repository being accessed: for ``HOST/a/b/c`` the keys ``HOST/a/b/c``, ``HOST/a/b``, ``HOST/a``,
+then ``HOST`` (containers-auth.json(5) "matched in its hierarchical order"; URL-style keys such as
+``https://index.docker.io/v1/`` count as host keys), each a base64 ``auth``, ``username``/``password``
+or ``identitytoken``; then ``credsStore`` (docker's default helper).  Helpers are
+``docker-credential-<name> get|store|erase`` speaking JSON on stdin/stdout; a ``get`` answering
+``Username: "<token>"`` hands back an identity token (an OAuth2 refresh token), as docker reads it.
 
-Writing (login/logout) goes to ``$REGISTRY_AUTH_FILE`` if set, else to the
-first auth.json of the list above whose directory can be used, atomically
-(temporary file + rename, mode 0600).  Secrets never appear in exceptions
-or logs.
+Writing (login/logout) goes to the primary file (podman's ``--authfile`` default), or, for a
+user who has neither ``$XDG_RUNTIME_DIR`` nor a ``/run/containers/$UID`` directory, to the
+``XDG_CONFIG_HOME`` file (read second), atomically (temporary file + rename, mode 0600).  Secrets
+never appear in exceptions or logs.
 """
 
 from __future__ import annotations
@@ -86,30 +92,68 @@ def _key_path(key: str) -> str:
     return parts[1].strip("/") if len(parts) == 2 else ""
 
 
-def auth_file_candidates() -> list[Path]:
-    """Every file consulted by :func:`load_credentials`, in order."""
-    out: list[Path] = []
-    env = os.environ.get("REGISTRY_AUTH_FILE")
-    if env:
-        out.append(Path(env))
+def _runtime_auth_file() -> Path | None:
+    """``${XDG_RUNTIME_DIR}/containers/auth.json`` or ``/run/containers/$UID/auth.json``; ``None`` when
+    ``$XDG_RUNTIME_DIR`` names a directory that does not exist (containers/image warns and skips it)."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        out.append(Path(xdg) / "containers" / "auth.json")
-    out.append(Path.home() / ".config" / "containers" / "auth.json")
+        if not os.path.isdir(xdg):
+            _warn_once(f"{xdg} set by $XDG_RUNTIME_DIR does not exist: its containers/auth.json is not read")
+            return None
+        return Path(xdg) / "containers" / "auth.json"
+    return Path(f"/run/containers/{os.getuid()}/auth.json")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning("%s", msg)
+
+
+def _config_auth_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "containers" / "auth.json"
+
+
+def _auth_files() -> list[tuple[Path, bool]]:
+    """``(path, legacy format)`` of every file consulted by :func:`load_credentials`, in order."""
+    out: list[tuple[Path, bool]] = []
+    env = os.environ.get("REGISTRY_AUTH_FILE")
+    primary = Path(env) if env else _runtime_auth_file()
+    if primary is not None:
+        out.append((primary, False))
+    out.append((_config_auth_file(), False))
     docker_dir = os.environ.get("DOCKER_CONFIG")
-    out.append(Path(docker_dir) / "config.json" if docker_dir else Path.home() / ".docker" / "config.json")
-    return out
+    out.append((Path(docker_dir) / "config.json" if docker_dir else Path.home() / ".docker" / "config.json", False))
+    out.append((Path.home() / ".dockercfg", True))
+    unique: list[tuple[Path, bool]] = []
+    for item in out:  # --authfile may name one of the others
+        if all(item[0] != p for p, _ in unique):
+            unique.append(item)
+    return unique
+
+
+def auth_file_candidates() -> list[Path]:
+    """Every file consulted by :func:`load_credentials`, in order."""
+    return [p for p, _ in _auth_files()]
 
 
 def default_auth_file() -> Path:
-    """Where login writes when no path is given (podman-compatible)."""
+    """Where login writes when no path is given: podman's primary file (see the module text)."""
     env = os.environ.get("REGISTRY_AUTH_FILE")
     if env:
         return Path(env)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
-        return Path(xdg) / "containers" / "auth.json"
-    return Path.home() / ".config" / "containers" / "auth.json"
+    if xdg and not os.path.isdir(xdg):
+        raise UsageError(f"{xdg} set by $XDG_RUNTIME_DIR does not exist; create it or unset XDG_RUNTIME_DIR")
+    runtime = _runtime_auth_file()
+    assert runtime is not None
+    if xdg or os.getuid() == 0 or os.access(runtime.parent, os.W_OK):
+        return runtime
+    return _config_auth_file()  # an unprivileged user without a runtime directory: the next file read
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -210,7 +254,28 @@ def _server_urls(host: str) -> list[str]:
     return [host, f"https://{host}"]
 
 
-def _lookup_in(doc: dict[str, Any], path: Path, host: str, repo: str | None) -> Credentials | None:
+def _entry_for(auths: dict[str, Any], path: Path, host: str, repo: str | None) -> Credentials | None:
+    """The credentials of the most specific key of ``auths`` for ``host/repo`` (containers-auth.json(5):
+    ``host/a/b``, ``host/a``, then ``host``; keys with a path match only exactly)."""
+    wanted = [""]
+    if repo:
+        parts = repo.strip("/").split("/")
+        wanted = ["/".join(parts[:i]) for i in range(len(parts), 0, -1)] + [""]
+    found: dict[str, Credentials] = {}
+    for key, entry in auths.items():
+        k = str(key)
+        ns = _key_path(k)
+        if normalize_host(k) != host or ns not in wanted:
+            continue
+        creds = _decode_entry(entry, path)
+        if creds is not None and (ns not in found or k.lower() == host):  # an exact host key before aliases
+            found[ns] = creds
+    return next((found[ns] for ns in wanted if ns in found), None)
+
+
+def _lookup_in(doc: dict[str, Any], path: Path, host: str, repo: str | None, legacy: bool) -> Credentials | None:
+    if legacy:  # ~/.dockercfg: the whole file is the "auths" map, host keys only
+        return _entry_for(doc, path, host, None)
     helpers = doc.get("credHelpers")
     if isinstance(helpers, dict):
         for key, name in helpers.items():
@@ -218,19 +283,9 @@ def _lookup_in(doc: dict[str, Any], path: Path, host: str, repo: str | None) -> 
                 return _helper_get(name, host, _server_urls(host))
     auths = doc.get("auths")
     if isinstance(auths, dict):
-        # most specific namespace first (containers-auth.json allows host/ns keys)
-        best: tuple[int, Credentials] | None = None
-        for key, entry in auths.items():
-            if normalize_host(str(key)) != host:
-                continue
-            ns = _key_path(str(key))
-            if ns and not (repo and (repo == ns or repo.startswith(ns + "/"))):
-                continue
-            creds = _decode_entry(entry, path)
-            if creds is not None and (best is None or len(ns) > best[0]):
-                best = (len(ns), creds)
-        if best is not None:
-            return best[1]
+        creds = _entry_for(auths, path, host, repo)
+        if creds is not None:
+            return creds
     store = doc.get("credsStore")
     if isinstance(store, str) and store:
         return _helper_get(store, host, _server_urls(host))
@@ -238,15 +293,16 @@ def _lookup_in(doc: dict[str, Any], path: Path, host: str, repo: str | None) -> 
 
 
 def load_credentials(host: str, repo: str | None = None) -> Credentials | None:
-    """Credentials for ``host`` (``registry:port``) or ``None`` for anonymous."""
+    """Credentials for repository ``repo`` (``org/app``; ``None``: host keys only) on ``host``
+    (``registry:port``), or ``None`` for anonymous access."""
     h = normalize_host(host)
-    for path in auth_file_candidates():
+    for path, legacy in _auth_files():
         doc = _read_json(path)
         if doc is None:
             continue
-        creds = _lookup_in(doc, path, h, repo)
+        creds = _lookup_in(doc, path, h, repo, legacy)
         if creds is not None:
-            log.debug("credentials for %s from %s", h, path)
+            log.debug("credentials for %s%s from %s", h, f"/{repo}" if repo else "", path)
             return creds
     return None
 

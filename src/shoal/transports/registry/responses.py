@@ -35,7 +35,7 @@ class BodyLost(Transient):
 def redact(url: str) -> str:
     """``scheme://host/path`` of ``url``: no query (presigned URLs carry signatures), no userinfo."""
     p = urlsplit(url)
-    return f"{p.scheme}://{p.hostname or ''}{':' + str(p.port) if p.port else ''}{p.path}"
+    return f"{p.scheme}://{p.netloc.rpartition('@')[2]}{p.path}"  # no fragment either; [v6] keeps brackets
 
 
 def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
