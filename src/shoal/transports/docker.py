@@ -273,17 +273,11 @@ class PullEndpoint:
     mirror: bool = False
 
 
-def _blocked(name: str, o: RegistryOptions) -> None:
-    reg = load_registries_conf(o.registries_conf).find(name)
-    if reg is not None and reg.blocked:
-        raise UsageError(f"registry {reg.prefix} is blocked in {reg.origin}")
-
-
 def _push_options(ref: DockerReference, o: RegistryOptions) -> RegistryOptions:
     """A destination (or delete) is the reference itself: its ``[[registry]]``'s blocked and insecure only."""
-    name = f"{ref.host}/{ref.repo}"
-    _blocked(name, o)
-    reg = load_registries_conf(o.registries_conf).find(name)
+    reg = load_registries_conf(o.registries_conf).find(f"{ref.host}/{ref.repo}")
+    if reg is not None and reg.blocked:
+        raise UsageError(f"registry {reg.prefix} is blocked in {reg.origin}")
     return replace(o, tls_verify=False) if reg is not None and reg.insecure else o
 
 
