@@ -277,6 +277,8 @@ class Registry:
     password: str = TEST_PASSWORD
     token_server: TokenServer | None = None
     proc: subprocess.Popen[bytes] | None = None
+    proxy_remote: str | None = None  # a pull-through cache (distribution's proxy mode) of this URL
+    access_log: bool = False  # one line per request in ``log_path`` (``requests()`` reads them)
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port(self.bind)
@@ -305,7 +307,7 @@ class Registry:
 log:
   level: error
   accesslog:
-    disabled: true
+    disabled: {str(not self.access_log).lower()}
 storage:
   filesystem:
     rootdirectory: {self.storage}
@@ -323,6 +325,8 @@ http:
             cfg += f"  tls:\n    certificate: {self.ca_bundle}\n    key: {self._tls_key}\n"
             if self.client_ca is not None:
                 cfg += f"    clientcas:\n      - {self.client_ca}\n"
+        if self.proxy_remote:
+            cfg += f"proxy:\n  remoteurl: {self.proxy_remote}\n"
         if self.auth == "htpasswd":
             import bcrypt
 
@@ -338,6 +342,13 @@ http:
         elif self.auth != "none":
             raise ValueError(self.auth)
         return cfg
+
+    def requests(self) -> list[str]:
+        """``METHOD /path`` of each request in the access log (``access_log=True``), oldest first."""
+        import re
+
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [f"{m[1]} {m[2]}" for m in re.finditer(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/', text)]
 
     def start(self, timeout: float = 15.0) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -143,6 +143,9 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
                      help="Seconds a registry request may wait for a byte, and its grace before it must average "
                           "64 KiB/s (default 30)."),
+        click.option("--registries-conf", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="registries.conf to use instead of the system's (default: $CONTAINERS_REGISTRIES_CONF, "
+                          "~/.config/containers/registries.conf, /etc/containers/registries.conf)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -151,7 +154,8 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, cert_dir: str | None,
                   plain_http: bool | None, authfile: str | None, retries: int | None,
-                  timeout: float | None = None, concurrency: int | None = None) -> dict[str, object]:
+                  timeout: float | None = None, concurrency: int | None = None,
+                  registries_conf: str | None = None) -> dict[str, object]:
     """The transport options the ``registry_options`` flags describe (for new_source/new_destination)."""
     if authfile:
         os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(authfile)  # the credential lookup reads it
@@ -168,4 +172,6 @@ def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, c
         o["timeout"] = timeout
     if concurrency:
         o["concurrency"] = concurrency
+    if registries_conf:
+        o["registries_conf"] = os.path.abspath(registries_conf)  # the mount daemon changes directory
     return o

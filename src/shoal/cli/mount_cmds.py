@@ -44,7 +44,8 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
     fetch_timeout = kw.pop("fetch_timeout")
     platform = kw.pop("platform")
     reg = registry_opts(ctx, **{k: kw.pop(k) for k in ("tls_verify", "ca_bundle", "cert_dir", "plain_http",
-                                                        "authfile", "retries", "timeout")})
+                                                        "authfile", "retries", "timeout",
+                                                        "registries_conf")})
     if creds is not None:
         reg["credentials"] = _creds(creds)
     return OpenOptions(registry=reg, fetch_timeout=fetch_timeout, platform=platform, prefetch=prefetch)

@@ -138,8 +138,9 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
     from shoal.transports.local import LocalReference
 
     ref = parse_reference(src)
-    if isinstance(ref, LocalReference):
-        raise UsageError(f"pull takes a remote or layout reference, not the store image {src!r}")
+    if isinstance(ref, LocalReference):  # a short name: podman's resolution (aliases, search registries)
+        _pull_short(ctx, src, name, creds, concurrency, platform, as_json, kw)
+        return
     if name is None:
         if not isinstance(ref, DockerReference):
             raise UsageError("give a NAME[:TAG] for the store when pulling from a non-registry source")
@@ -153,6 +154,37 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())  # like podman pull: an image index gives this machine's image
     _run_copy(ctx, src, name, common, _creds(creds), None, (), platform, concurrency, as_json, "pulled")
+
+
+def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | None, concurrency: int,
+                platform: str | None, as_json: bool, kw: dict[str, Any]) -> None:
+    """``shoal pull SHORTNAME [NAME]``: each candidate of the short name in order (the next one when a
+    registry is down or lacks the image); stored as NAME, default the short name itself."""
+    from shoal.errors import NotFound, ShoalError, TransportError, UsageError
+    from shoal.format.platform import Platform
+    from shoal.store import refuse_reserved
+    from shoal.transports.docker import short_name_candidates
+
+    cands = short_name_candidates(src, kw.get("registries_conf"))
+    if cands is None:
+        raise UsageError(f"pull takes a remote or layout reference, not the store image {src!r}")
+    base = src.partition("@")[0]
+    if name is None:
+        name = base if base.rfind(":") > base.rfind("/") else f"{base}:{cands[0].tag or 'latest'}"
+    refuse_reserved(name)
+    common = _common(ctx, concurrency=concurrency, **kw)
+    platform = platform or str(Platform.host())
+    err: ShoalError | None = None
+    for ref in cands:
+        try:
+            _run_copy(ctx, str(ref), name, common, _creds(creds), None, (), platform, concurrency, as_json, "pulled")
+            return
+        except (NotFound, TransportError) as exc:
+            if len(cands) == 1:
+                raise
+            err = exc
+    assert err is not None
+    raise type(err)(f"short name {src!r}: no candidate could be pulled ({', '.join(map(str, cands))}); last: {err}")
 
 
 @click.command()

@@ -114,10 +114,15 @@ def _open_docker(rest: str, store_root: StorePath, options: OpenOptions) -> Open
             if early is not None:
                 adopted = {fi: fut for fi, (p, off, _) in zip(found, prof.frames)
                            if (fut := early.futures.get((m.packs[p].digest, off))) is not None}
+    fresh.follow(src)  # the daemon reads from the endpoint (mirror) that served the manifest
     spares = [fresh]
 
     def reopen() -> DockerSource:
-        return spares.pop() if spares else ref.new_source(**reg)
+        if spares:
+            return spares.pop()
+        again = ref.new_source(**reg)
+        again.follow(src)
+        return again
 
     source = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
                         where=f"{ref.host}/{ref.repo}", early=adopted)
@@ -178,7 +183,7 @@ def _profile(src: DockerSource, store: Store, ref: DockerReference, m: ShoalMani
     ``early``, its frames not yet in the store are requested at once."""
     prof = load_local(store.root, m.digest, len(m.packs))
     if prof is None:
-        prof = fetch_remote(src.client, ref.repo, m.digest)
+        prof = fetch_remote(src.client, src.repo, m.digest)
         if prof is not None and prof.pack_count != len(m.packs):
             log.warning("ignoring the registry's profile of %s: it names %d packs, the image has %d", m.digest,
                         prof.pack_count, len(m.packs))

@@ -10,7 +10,15 @@ Options (``new_source(**opts)``/``new_destination(**opts)``/``delete(**opts)``; 
 ignored, so one option dict can serve every transport): ``tls_verify``, ``ca_bundle``,
 ``cert_dir``, ``plain_http``, ``credentials`` (:class:`Credentials` or ``"user:password"``),
 ``concurrency``, ``retries``, ``backoff``, ``timeout``, ``min_rate``, ``chunk_size`` (PATCH uploads above it),
-and for destinations ``tags`` (extra tags written at ``commit()``).  The transfer itself
+``registries_conf`` (a registries.conf replacing the system one), and for destinations ``tags`` (extra
+tags written at ``commit()``).
+
+containers-registries.conf(5) applies as in containers/image (registry/sysregistries.py): a source
+tries the ``[[registry.mirror]]`` endpoints in order, then the primary location (the matched prefix
+rewritten); the first that serves the manifest serves the blobs, and a blob read that fails there tries
+the others (everything is verified by digest, so any endpoint will do).  ``insecure`` endpoints are
+reached with ``tls_verify=False``; ``blocked`` registries are refused for pulls, pushes and deletes;
+destinations go to the reference itself, never a mirror or a rewritten location.  The transfer itself
 (verification, resume, which blobs move) is the copier's; this module maps the transport contract
 onto :class:`RegistryClient`.
 """
@@ -21,21 +29,24 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, cast
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import quote, urljoin
 
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, NotFound, TransportError, UsageError
+from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError, TransportError, UsageError
 from shoal.format.manifest import json_loads, json_object
 from shoal.format.platform import choose
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
 from shoal.transports.registry import Credentials, RegistryClient, RegistryStats
 from shoal.transports.registry.auth import merge_scopes, repository_scope
+from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
-           "parse_docker", "open_remote_image", "make_client"]
+           "parse_docker", "open_remote_image", "make_client", "PullEndpoint", "pull_endpoints",
+           "short_name_candidates"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,7 @@ _PATH_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)  # Go's \w: ASCII only
 _DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
 _MAX_NAME = 255
+_T = TypeVar("_T")
 
 
 class DockerTransport(Transport):
@@ -88,15 +100,15 @@ class DockerReference(ImageReference):
         return DockerReference(self.host, self.repo, tag, None)
 
     def new_source(self, **opts: object) -> "DockerSource":
-        return DockerSource(self, make_client(self.host, RegistryOptions.from_opts(opts)))
+        return DockerSource(self, pull_endpoints(self, RegistryOptions.from_opts(opts)))
 
     def new_destination(self, **opts: object) -> "DockerDestination":
-        o = RegistryOptions.from_opts(opts)
+        o = _push_options(self, RegistryOptions.from_opts(opts))
         return DockerDestination(self, make_client(self.host, o), o.tags)
 
     def delete(self, **opts: object) -> None:
         """Delete the manifest the reference names (every tag pointing at it goes, as in skopeo)."""
-        with make_client(self.host, RegistryOptions.from_opts(opts)) as client:
+        with make_client(self.host, _push_options(self, RegistryOptions.from_opts(opts))) as client:
             digest = self.digest
             if digest is None:
                 info = client.head_manifest(self.repo, self.reference)
@@ -159,6 +171,7 @@ class RegistryOptions:
     min_rate: float = 64 * 1024  # bytes/s a request must average after its grace (registry/deadline.py)
     chunk_size: int | None = None  # blobs larger than this go up in PATCHes of this size (default 8 MiB)
     tags: tuple[str, ...] = field(default_factory=tuple)
+    registries_conf: str | None = None  # replaces the system registries.conf (its drop-ins still apply)
 
     @classmethod
     def from_opts(cls, opts: Mapping[str, object]) -> "RegistryOptions":
@@ -167,7 +180,7 @@ class RegistryOptions:
             v = opts.get(key)
             if v is not None:
                 kw[key] = _typed(key, v, typ)
-        for key in ("ca_bundle", "cert_dir"):
+        for key in ("ca_bundle", "cert_dir", "registries_conf"):
             v = opts.get(key)
             if v:
                 kw[key] = os.fspath(cast(str, v))
@@ -216,38 +229,164 @@ def make_client(host: str, o: RegistryOptions) -> RegistryClient:
     )
 
 
+# ------------------------------------------------------------------------------------------ registries.conf
+
+
+@dataclass(frozen=True)
+class PullEndpoint:
+    """One place to pull an image from: ``ref`` is the image there, ``options`` how to reach it."""
+
+    ref: DockerReference
+    options: RegistryOptions
+    mirror: bool = False
+
+
+def _push_options(ref: DockerReference, o: RegistryOptions) -> RegistryOptions:
+    """A destination (or delete) is the reference itself: its ``[[registry]]``'s blocked and insecure only."""
+    reg = load_registries_conf(o.registries_conf).find(f"{ref.host}/{ref.repo}")
+    if reg is not None and reg.blocked:
+        raise UsageError(f"registry {reg.prefix} is blocked in {reg.origin}")
+    return replace(o, tls_verify=False) if reg is not None and reg.insecure else o
+
+
+def pull_endpoints(ref: DockerReference, o: RegistryOptions) -> tuple[PullEndpoint, ...]:
+    """Where to pull ``ref`` from, in order (mirrors, then the primary), per registries.conf.
+
+    ``credentials`` given in ``o`` go only to endpoints on the reference's own host; the others look
+    theirs up in the auth files.  A mirror on a blocked registry is left out."""
+    conf = load_registries_conf(o.registries_conf)
+    name = f"{ref.host}/{ref.repo}"
+    reg, sources = conf.pull_sources(name, ref.digest is not None)
+    if reg is not None and reg.blocked:
+        raise UsageError(f"registry {reg.prefix} is blocked in {reg.origin}")
+    out = []
+    for s in sources:
+        if reg is None:
+            r = ref
+        else:
+            r = parse_docker("//" + s.name + (f"@{ref.digest}" if ref.digest else f":{ref.tag or 'latest'}"))
+        if s.mirror:
+            mreg = conf.find(f"{r.host}/{r.repo}")
+            if mreg is not None and mreg.blocked:
+                log.info("skipping mirror %s of %s: its registry is blocked in %s", r.host, name, mreg.origin)
+                continue
+        ro = o
+        if s.insecure:
+            ro = replace(ro, tls_verify=False)
+        if r.host != ref.host and ro.credentials is not None:
+            ro = replace(ro, credentials=None)
+        out.append(PullEndpoint(r, ro, s.mirror))
+    return tuple(out)
+
+
 # ------------------------------------------------------------------------------------------ source
+
+# what makes a pull move on to the next endpoint: it is down, refuses us, or has not got the image
+_NEXT_ENDPOINT = (TransportError, NotFound, IntegrityError)
 
 
 class DockerSource(ImageSource):
-    def __init__(self, ref: DockerReference, client: RegistryClient) -> None:
+    """An image in a registry, pulled from the first of ``endpoints`` (mirrors, then the primary) that
+    serves its manifest; blob reads stay there, and try the other endpoints when that one fails."""
+
+    def __init__(self, ref: DockerReference, endpoints: Sequence[PullEndpoint]) -> None:
+        if not endpoints:
+            raise UsageError(f"no registry to pull {ref} from (every mirror is blocked)")
         self.ref = ref
-        self.client = client
-        self.stats: RegistryStats = client.stats
+        self.endpoints = tuple(endpoints)
+        self._clients: dict[int, RegistryClient] = {}
+        self._lock = threading.Lock()
+        self._active = 0
         self._top: tuple[bytes, str] | None = None
 
+    @property
+    def client(self) -> RegistryClient:
+        """The client of the endpoint in use."""
+        return self._client(self._active)
+
+    @property
+    def repo(self) -> str:
+        """The repository at the endpoint in use (the reference's own, unless a prefix was rewritten)."""
+        return self.endpoints[self._active].ref.repo
+
+    @property
+    def stats(self) -> RegistryStats:
+        with self._lock:
+            clients = list(self._clients.values())
+        total = RegistryStats()
+        for c in clients:
+            total.requests += c.stats.requests
+            total.bytes_fetched += c.stats.bytes_fetched
+            total.bytes_sent += c.stats.bytes_sent
+            total.retries += c.stats.retries
+        return total
+
+    def follow(self, other: "DockerSource") -> None:
+        """Start at the endpoint ``other`` uses (a mount daemon's fresh source: where the manifest came from)."""
+        if other.endpoints == self.endpoints:
+            self._active = other._active
+
+    def _client(self, i: int) -> RegistryClient:
+        with self._lock:
+            c = self._clients.get(i)
+            if c is None:
+                ep = self.endpoints[i]
+                c = self._clients[i] = make_client(ep.ref.host, ep.options)
+            return c
+
     def close(self) -> None:
-        self.client.close()
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            c.close()
+
+    def _try(self, fn: "Callable[[RegistryClient, str], _T]", order: Sequence[int], what: str) -> "_T":
+        """``fn(client, repo)`` at each endpoint of ``order`` until one answers; the last error if none does."""
+        err: ShoalError | None = None
+        for i in order:
+            ep = self.endpoints[i]
+            try:
+                out = fn(self._client(i), ep.ref.repo)
+            except _NEXT_ENDPOINT as exc:
+                if len(order) == 1:
+                    raise
+                log.info("%s from %s/%s failed (%s); trying the next source", what, ep.ref.host, ep.ref.repo, exc)
+                err = exc
+                continue
+            if i != self._active or err is not None or (ep.mirror and what == "manifest"):
+                log.info("%s of %s served by %s/%s%s", what, self.ref, ep.ref.host, ep.ref.repo,
+                         " (mirror)" if ep.mirror else "")
+            self._active = i
+            return out
+        assert err is not None
+        raise err
+
+    def _any(self) -> list[int]:
+        a = self._active
+        return [a] + [i for i in range(len(self.endpoints)) if i != a]
 
     def get_manifest(self, digest: str | None = None) -> tuple[bytes, str]:
         if digest is None:
             if self._top is None:  # fetched once: a tag that moves mid-copy must not mix two images
-                raw, media, _ = self.client.get_manifest(self.ref.repo, self.ref.reference)
+                raw, media, _ = self._try(lambda c, repo: c.get_manifest(repo, self.ref.reference),
+                                          range(len(self.endpoints)), "manifest")
                 self._top = (raw, media)
             return self._top
-        raw, media, _ = self.client.get_manifest(self.ref.repo, digest)
+        raw, media, _ = self._try(lambda c, repo: c.get_manifest(repo, digest), self._any(), "manifest")
         return raw, media
 
     def get_blob(self, info: BlobInfo) -> tuple[BinaryIO, int]:
-        reader = self.client.open_blob_stream(self.ref.repo, info.digest, size=info.size if info.size >= 0 else None)
+        size_hint = info.size if info.size >= 0 else None
+        reader = self._try(lambda c, repo: c.open_blob_stream(repo, info.digest, size=size_hint), self._any(),
+                           "blob")
         size = reader.size if reader.size is not None else info.size
         return cast(BinaryIO, reader), size
 
     def get_blob_ranges(self, info: BlobInfo, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return self.client.get_blob_ranges(self.ref.repo, info.digest, ranges)
+        return self._try(lambda c, repo: c.get_blob_ranges(repo, info.digest, ranges), self._any(), "blob ranges")
 
     def has_blob(self, info: BlobInfo) -> bool:
-        return self.client.has_blob(self.ref.repo, info.digest) is not None
+        return self.client.has_blob(self.repo, info.digest) is not None
 
 
 # ------------------------------------------------------------------------------------------ destination
@@ -409,3 +548,26 @@ def _small_blob(src: ImageSource, d: dict[str, Any]) -> bytes:
     stream, _ = src.get_blob(BlobInfo(str(d["digest"]), size, str(d.get("mediaType", ""))))
     with stream:
         return stream.read()
+
+
+# ------------------------------------------------------------------------------------------ short names
+
+
+def short_name_candidates(text: str, registries_conf: str | None = None) -> tuple[DockerReference, ...] | None:
+    """The ``docker://`` references to try for ``text`` when it is a short name (``busybox``,
+    ``team/app:1.2``, ``app@sha256:...``: no registry host), in order; None when it is not one.
+
+    Podman's resolution without a prompt (registry/sysregistries.py ``resolve_short_name``): an alias
+    from registries.conf(.d) or short-name-aliases.conf, else the unqualified-search-registries
+    (``enforcing`` refuses more than one).  Explicit ``docker://`` references never come here."""
+    from shoal.transports.registry.sysregistries import is_short_name, resolve_short_name
+
+    name, at, digest = text.partition("@")
+    suffix = f"@{digest}" if at else ""
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        name, suffix = name[:colon], name[colon:] + suffix
+    if not is_short_name(name):
+        return None
+    names, _ = resolve_short_name(name, load_registries_conf(registries_conf))
+    return tuple(parse_docker("//" + n + suffix) for n in names)
