@@ -128,3 +128,98 @@ def test_run_defaults_are_podmans(debian_store: Path, run_dir: Path) -> None:
     helpers.assert_one_line_error(p, "seccomp profile")
     assert p.returncode == 3 and not mounts_under(run_dir)
     _clean(run_dir)
+
+
+def _host_address() -> str | None:
+    """An address of this machine that is not loopback (``hostname -I``), or None."""
+    import subprocess
+
+    p = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False)
+    return next((a for a in p.stdout.split() if "." in a and not a.startswith("127.")), None)
+
+
+def test_run_network_is_its_own(debian_store: Path, run_dir: Path) -> None:
+    """podman's network defaults: the container's own namespace; no packet sockets (no CAP_NET_RAW), so
+    it cannot sniff the host's loopback traffic; outbound connections through slirp4netns or pasta, but
+    not to the host's loopback; --network none and host on request."""
+    import socket
+    import threading
+
+    needs_runc()
+    if shutil.which("slirp4netns") is None and shutil.which("pasta") is None:
+        pytest.skip("neither slirp4netns nor pasta is installed")
+    addr = _host_address()
+    served: list[bytes] = []
+    lsn = socket.socket()
+    lsn.bind(("0.0.0.0", 0))  # the host's loopback and its other addresses
+    lsn.listen(4)
+    port = lsn.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = lsn.accept()
+            except OSError:
+                return
+            with c:
+                served.append(c.recv(100))
+
+    threading.Thread(target=serve, daemon=True).start()
+    host_ns = os.readlink("/proc/self/ns/net")
+    script = ("readlink /proc/self/ns/net; ls /sys/class/net | tr '\\n' ' '; echo; "
+              "perl -MSocket -e 'socket(S, 17, 3, 0) and print \"packet-socket\\n\" or print \"no-packet: $!\\n\"'; "
+              f"timeout 5 bash -c 'echo via-loopback > /dev/tcp/127.0.0.1/{port}' 2>/dev/null || echo lo-refused; "
+              f"timeout 5 bash -c 'echo via-gateway > /dev/tcp/10.0.2.2/{port}' 2>/dev/null || echo gw-refused; ")
+    if addr is not None:
+        script += f"timeout 10 bash -c 'echo outbound > /dev/tcp/{addr}/{port}' && echo out-ok"
+    try:
+        p = shoal(debian_store, "run", "--rm", "debian:12", "sh", "-c", script, stdin=open(os.devnull, "rb"))
+        lines = p.stdout.decode().splitlines()
+        assert lines[0].startswith("net:[") and lines[0] != host_ns, p.stdout
+        assert "lo" in lines[1].split() and len(lines[1].split()) == 2, p.stdout  # lo and the tap device
+        assert lines[2].startswith("no-packet: Operation not permitted"), p.stdout
+        assert "lo-refused" in lines and "gw-refused" in lines, p.stdout
+        assert b"via-loopback\n" not in served and b"via-gateway\n" not in served
+        if addr is not None:
+            assert "out-ok" in lines and b"outbound\n" in served, (p.stdout, served)
+        if shutil.which("pasta") is not None:  # pasta copies the host's address: no outbound check here
+            p = shoal(debian_store, "run", "--rm", "--network", "pasta", "debian:12", "sh", "-c",
+                      "readlink /proc/self/ns/net; " + script.split("; ", 3)[3].rsplit("timeout 10", 1)[0],
+                      stdin=open(os.devnull, "rb"))
+            lines = p.stdout.decode().splitlines()
+            assert lines[0] != host_ns and "lo-refused" in lines, p.stdout
+            assert b"via-loopback\n" not in served
+        p = shoal(debian_store, "run", "--rm", "--network", "none", "debian:12", "sh", "-c",
+                  "readlink /proc/self/ns/net; ls /sys/class/net | tr '\\n' ' '", stdin=open(os.devnull, "rb"))
+        ns, devs = p.stdout.decode().splitlines()
+        assert ns != host_ns and devs.split() == ["lo"], p.stdout
+        p = shoal(debian_store, "run", "--rm", "--network", "host", "debian:12", "readlink", "/proc/self/ns/net",
+                  stdin=open(os.devnull, "rb"))
+        assert p.stdout.decode().strip() == host_ns
+        p = shoal(debian_store, "run", "--rm", "--network", "bridge", "debian:12", "true", check=False,
+                  stdin=open(os.devnull, "rb"))
+        assert p.returncode == 2 and b"bridge" in p.stderr
+    finally:
+        lsn.close()
+    _clean(run_dir)
+
+
+def test_run_pids_limit_stops_a_fork_bomb(debian_store: Path, run_dir: Path) -> None:
+    """A fork loop meets the pids limit inside the container (EAGAIN), not the host's process table."""
+    needs_runc()
+    bomb = ("my $n = 0; my @k; while ($n < 500) { my $p = fork; if (!defined $p) { print \"stopped $n $!\\n\"; last }"
+            " if ($p == 0) { sleep 30; exit 0 } push @k, $p; $n++ } kill 9, @k; print \"forked $n\\n\"")
+    p = shoal(debian_store, "run", "--rm", "--pids-limit", "40", "debian:12", "perl", "-e", bomb,
+              stdin=open(os.devnull, "rb"))
+    lines = p.stdout.decode().splitlines()
+    assert lines[0] == "stopped 39 Resource temporarily unavailable" and lines[1] == "forked 39", p.stdout
+    _clean(run_dir)
+
+
+def test_run_read_only_root(debian_store: Path, run_dir: Path) -> None:
+    needs_runc()
+    script = "touch /etc/x 2>/dev/null || echo root-ro; touch /tmp/x /run/x /var/tmp/x && echo scratch-rw"
+    p = shoal(debian_store, "run", "--rm", "--read-only", "debian:12", "sh", "-c", script,
+              stdin=open(os.devnull, "rb"))
+    assert p.stdout.decode().split() == ["root-ro", "scratch-rw"], p.stdout
+    _clean(run_dir)

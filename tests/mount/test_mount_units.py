@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_build_spec_shape() -> None:
     assert p["user"] == {"uid": 1000, "gid": 1001, "additionalGids": [29]}
     assert p["capabilities"]["effective"] == [] and "CAP_CHOWN" in p["capabilities"]["bounding"]
     kinds = {n["type"] for n in spec["linux"]["namespaces"]}
-    assert kinds == {"pid", "ipc", "uts", "mount", "cgroup"}  # no network namespace yet: the host's network
+    assert kinds == {"pid", "ipc", "uts", "mount", "cgroup"}  # no netns given: the host's network (--network host)
     assert p["noNewPrivileges"] is True and spec["linux"]["resources"]["pids"] == {"limit": 2048}
     assert not {"CAP_NET_RAW", "CAP_MKNOD", "CAP_AUDIT_WRITE"} & set(p["capabilities"]["bounding"])  # podman's set
     assert "seccomp" not in spec["linux"]  # only when given
@@ -109,6 +110,28 @@ def test_build_spec_shape() -> None:
     for d in ("/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/dst"):
         assert d in dests
     assert spec["mounts"][-1]["options"] == ["rbind", "rprivate", "ro"]
+    spec = build_spec(proc, "host", [], netns="/run/x/netns", read_only=True)
+    assert {"type": "network", "path": "/run/x/netns"} in spec["linux"]["namespaces"]
+    assert spec["root"]["readonly"] is True
+    tmpfs = {m["destination"] for m in spec["mounts"] if m["type"] == "tmpfs"}
+    assert {"/tmp", "/var/tmp", "/run"} <= tmpfs
+
+
+def test_network_mode_is_checked_before_anything_runs() -> None:
+    from shoal.errors import NotFound, UsageError
+    from shoal.mount import netns
+
+    with pytest.raises(UsageError, match="bridge"):
+        netns.check_network("bridge")
+    assert netns.check_network("host") == "host" and netns.check_network("none") == "none"
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = "/nonexistent"
+    try:
+        with pytest.raises(NotFound, match="slirp4netns is not installed"):
+            netns.check_network("slirp4netns")
+        assert netns.check_network("auto") == "none"  # with a warning: loopback only, never the host's network
+    finally:
+        os.environ["PATH"] = old
 
 
 def test_seccomp_profile_resolves_containers_common_rules_for_arch_and_caps() -> None:

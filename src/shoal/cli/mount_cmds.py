@@ -165,6 +165,13 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 @click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability ('all': every one).")
 @click.option("--pids-limit", type=click.IntRange(min=0), default=2048, show_default=True,
               help="Most processes the container may run (0: no limit).")
+@click.option("--network", "--net", "network", type=click.Choice(["auto", "slirp4netns", "pasta", "none", "host"]),
+              default="auto", show_default=True,
+              help="The container's network: its own namespace with outbound access through slirp4netns or "
+                   "pasta (auto: whichever is installed; the host's loopback stays out of reach), 'none' "
+                   "(loopback only), or 'host' (the host's network: every host socket in reach).")
+@click.option("--read-only", is_flag=True,
+              help="Mount the container's root read-only (tmpfs on /tmp, /var/tmp and /run, as podman).")
 @click.option("--unsafe-chroot", is_flag=True,
               help="UNSAFE: if the runtime is missing, run in a bare chroot with no isolation at all (every "
                    "capability, the host's PID namespace and devices). Without it a missing runtime is an error.")
@@ -177,7 +184,8 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...], volumes: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, tty: bool | None, runtime: str,
         security_opt: tuple[str, ...], cap_add: tuple[str, ...], cap_drop: tuple[str, ...], pids_limit: int,
-        unsafe_chroot: bool, prefetch: str, ref: str, command: tuple[str, ...], **kw: Any) -> None:
+        network: str, read_only: bool, unsafe_chroot: bool, prefetch: str, ref: str, command: tuple[str, ...],
+        **kw: Any) -> None:
     """Run a container of REF (NAME:TAG or docker://...; CMD replaces the image's Cmd); exits with its code."""
     from shoal.mount.run import RunOptions
     from shoal.mount.run import run as do_run
@@ -188,7 +196,7 @@ def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...],
     opts = RunOptions(command=command, env=env, volumes=volumes, name=name, rm=rm, entrypoint=entrypoint,
                       workdir=workdir, user=user, runtime=runtime, unsafe_chroot=unsafe_chroot, tty=tty,
                       prefetch=prefetch, security_opt=security_opt, cap_add=cap_add, cap_drop=cap_drop,
-                      pids_limit=pids_limit)
+                      pids_limit=pids_limit, network=network, read_only=read_only)
     ctx.exit(do_run(ref, opts, _store(ctx), open_opts))
 
 

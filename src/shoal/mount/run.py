@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from shoal.errors import NotFound, PermissionDenied, UsageError
 from shoal.format.model import Kind
-from shoal.mount import daemon, seccomp
+from shoal.mount import daemon, netns, seccomp
 from shoal.mount import state as ms
 from shoal.mount.image import OpenedImage, OpenOptions, StorePath, open_image
 from shoal.mount.runtime_spec import (
@@ -68,6 +68,8 @@ class RunOptions:
     cap_add: tuple[str, ...] = ()
     cap_drop: tuple[str, ...] = ()  # "all" drops every capability
     pids_limit: int = PIDS_LIMIT  # 0: none
+    network: str = "auto"  # podman's --network: auto|slirp4netns|pasta|none|host (mount/netns.py)
+    read_only: bool = False  # a read-only root, with tmpfs on /tmp, /var/tmp and /run
     tty: bool | None = None  # None: a terminal iff stdin is a TTY
     prefetch: str = "auto"
     timeout: float | None = None  # stop the container after this many seconds (exit code 124)
@@ -112,10 +114,13 @@ def container_process(image: OpenedImage, opts: RunOptions, hostname: str, termi
     return ProcessSpec(container_args(conf, opts.command, opts.entrypoint), env, cwd, user, terminal)
 
 
-def _host_binds(binds: list[Bind]) -> list[Bind]:
-    """With the host's network, the host's resolver and hosts files (read-only), as Docker does."""
+def _host_binds(binds: list[Bind], resolv: str | None = None) -> list[Bind]:
+    """The host's hosts file, and its resolver file or ``resolv`` (a file of the bundle written for the
+    container's own network), read-only, as podman does."""
     taken = {b.destination for b in binds}
     extra = [Bind(p, p, True) for p in ("/etc/resolv.conf", "/etc/hosts") if p not in taken and os.path.isfile(p)]
+    if resolv is not None:
+        extra = [Bind(resolv, b.destination, True) if b.destination == "/etc/resolv.conf" else b for b in extra]
     return extra + binds
 
 
@@ -166,6 +171,7 @@ def _check_run(opts: RunOptions) -> str:
     if os.geteuid() != 0:
         raise PermissionDenied("shoal run needs root (overlay mount and container runtime)")
     find_runtime(opts)
+    netns.check_network(opts.network)
     name = opts.name or f"shoal-{secrets.token_hex(6)}"
     if not _NAME.match(name):
         raise UsageError(f"bad container name {name!r} (letters, digits, '_', '.', '-')")
@@ -184,7 +190,8 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
     name = _check_run(opts)
     caps = capabilities(opts)
     sec = seccomp_for(opts, caps)  # before anything is mounted: a bad profile or option fails first
-    binds = _host_binds([parse_volume(v) for v in opts.volumes])
+    binds = [parse_volume(v) for v in opts.volumes]
+    network = netns.check_network(opts.network)
     terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
     bundle = bundle_dir(name)
     bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -198,6 +205,7 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
     rootfs = bundle / "rootfs"
     started = False
     mounted = False
+    net: netns.ContainerNetwork | None = None
     try:
         rootfs.mkdir()
         daemon.start(image, str(rootfs), daemon.MountOptions(writable=True, expose=ms.Exposure(suid=True, dev=True),
@@ -206,16 +214,25 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
         mounted = True
         # after the mount: /etc/passwd and /etc/group are read through it (fetched, prefetched, recorded)
         proc = container_process(image, opts, name, terminal, str(rootfs))
-        spec = build_spec(proc, name, binds, caps=caps, seccomp=sec, pids_limit=opts.pids_limit)
-        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         runtime = find_runtime(opts)
-        started = True
         if runtime is None:
+            started = True
             log.warning("--unsafe-chroot: %s not found, running in a bare chroot with no isolation (every "
                         "capability, the host's PID namespace and devices)", opts.runtime)
-            return _run_chroot(str(rootfs), proc, binds, opts.timeout)
+            return _run_chroot(str(rootfs), proc, _host_binds(binds), opts.timeout)
+        net = netns.open_network(network, bundle)
+        resolv = None
+        if net.resolv is not None:
+            (bundle / "resolv.conf").write_text(net.resolv)
+            resolv = str(bundle / "resolv.conf")
+        spec = build_spec(proc, name, _host_binds(binds, resolv), caps=caps, seccomp=sec,
+                          pids_limit=opts.pids_limit, netns=net.path, read_only=opts.read_only)
+        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+        started = True
         return _run_runtime(runtime, bundle, name, terminal, opts.timeout)
     finally:
+        if net is not None:
+            net.close()
         if opts.rm or not started:
             _remove(bundle, rootfs, mounted)
         else:

@@ -3,7 +3,8 @@
 The process comes from the image config the way Docker reads it: args are Entrypoint + Cmd
 (a command given on the command line replaces Cmd), Env is merged with ``-e``, WorkingDir is the
 cwd, and User (``name``, ``uid``, ``name:group``, ``uid:gid``) is resolved through the image's own
-/etc/passwd and /etc/group.  Namespaces: pid, ipc, uts and mount; the network is the host's.
+/etc/passwd and /etc/group.  Namespaces: pid, ipc, uts, mount, cgroup, and the network namespace ``mount/netns.py`` made
+(or the host's network with ``--network host``).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def container_args(config: Mapping[str, Any], command: Sequence[str], entrypoint
     return args
 
 
-def _mounts(binds: Sequence[Bind]) -> list[dict[str, Any]]:
+def _mounts(binds: Sequence[Bind], read_only: bool = False) -> list[dict[str, Any]]:
     m: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -186,6 +187,9 @@ def _mounts(binds: Sequence[Bind]) -> list[dict[str, Any]]:
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
     ]
+    if read_only:  # podman's --read-only-tmpfs (its default): the usual scratch places stay writable
+        m += [{"destination": d, "type": "tmpfs", "source": "tmpfs",
+               "options": ["rw", "rprivate", "nosuid", "nodev", "tmpcopyup"]} for d in ("/tmp", "/var/tmp", "/run")]
     for b in binds:
         m.append({"destination": b.destination, "type": "bind", "source": b.source,
                   "options": ["rbind", "rprivate", "ro" if b.readonly else "rw"]})
@@ -194,10 +198,11 @@ def _mounts(binds: Sequence[Bind]) -> list[dict[str, Any]]:
 
 def build_spec(proc: ProcessSpec, hostname: str, binds: Sequence[Bind], rootfs: str = "rootfs", *,
                caps: Sequence[str] = CAPABILITIES, seccomp: dict[str, Any] | None = None,
-               pids_limit: int | None = PIDS_LIMIT) -> dict[str, Any]:
+               pids_limit: int | None = PIDS_LIMIT, netns: str | None = None,
+               read_only: bool = False) -> dict[str, Any]:
     """An OCI runtime-spec 1.0.2 config.json document: podman's defaults for a rootful container
     (its capabilities, ``noNewPrivileges``, the seccomp filter given, a pids limit, its own cgroup
-    namespace), with the host's network."""
+    namespace), in the network namespace pinned at ``netns`` (None: the host's network)."""
     caps = list(caps)
     mine = caps if proc.user.uid == 0 else []
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -206,7 +211,8 @@ def build_spec(proc: ProcessSpec, hostname: str, binds: Sequence[Bind], rootfs: 
     if pids_limit:
         resources["pids"] = {"limit": pids_limit}
     linux: dict[str, Any] = {
-        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+        + ([{"type": "network", "path": netns}] if netns is not None else []),
         "resources": resources,
         "maskedPaths": list(_MASKED),
         "readonlyPaths": list(_READONLY),
@@ -226,8 +232,8 @@ def build_spec(proc: ProcessSpec, hostname: str, binds: Sequence[Bind], rootfs: 
             "noNewPrivileges": True,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
         },
-        "root": {"path": rootfs, "readonly": False},
+        "root": {"path": rootfs, "readonly": read_only},
         "hostname": hostname,
-        "mounts": _mounts(binds),
+        "mounts": _mounts(binds, read_only),
         "linux": linux,
     }
