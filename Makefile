@@ -1,6 +1,7 @@
 # Shoal — two commands do everything on a fresh Debian machine:
 #   make demo   installs what it needs, then runs Shoal's main job end to end
-#   make test   installs what it needs, then runs the whole test suite (.ci/run calls exactly this)
+#   make test   installs what it needs, runs the gates (make lint: mypy --strict, ruff, import layers),
+#               then the whole test suite (.ci/run calls exactly this)
 #   make fuzz   the fuzz harnesses of tests/fuzz with a large budget (see README, Fuzzing)
 #   make stress the fault tests (chaos proxy, registry restarts, SIGKILL, gc races) with large counts
 
@@ -31,7 +32,13 @@ venv: $(VENV)/.installed
 demo: deps venv
 	PATH=$(abspath $(VENV))/bin:$$PATH ./scripts/demo.sh
 
-test: deps venv
+# the gates first (seconds): types, style, and the import layers of pyproject.toml [tool.importlinter]
+lint: venv
+	$(PY) -m mypy --strict src
+	$(PY) -m ruff check src tests
+	$(VENV)/bin/lint-imports --no-cache
+
+test: deps venv lint
 	$(PY) -m pytest -n 2 --timeout=600 tests
 
 # the harnesses of tests/fuzz with a large budget (make test runs them briefly); FUZZ_EXAMPLES per harness

@@ -25,7 +25,7 @@ class ChunkParams:
     normalization: int
 
 
-# docs/spec/chunking.md §2
+# docs/spec/chunking.md, the parameter table
 PARAMS_V1 = ChunkParams(min_size=16 * 1024, avg_size=64 * 1024, max_size=256 * 1024, normalization=1)
 
 

@@ -1,4 +1,4 @@
-"""The container's network for ``shoal run`` (docs/spec/mount.md §4.2), as podman gives a container.
+"""The container's network for ``shoal run`` (docs/spec/mount.md §4), as podman gives a container.
 
 ``--network`` takes podman's values:
 

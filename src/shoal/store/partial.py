@@ -1,4 +1,4 @@
-"""Partially present packs: frames fetched by range reads, kept at their pack offsets (docs/spec/store.md §5).
+"""Partially present packs: frames fetched by range reads, kept at their pack offsets (docs/spec/store.md §3).
 
 A pull or a lazy mount fetches only the frames holding chunks the store lacks.
 Those frames are written into ``partial/<hex>``, a sparse file laid out like
