@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,12 +78,23 @@ def test_build_errors(tmp_path: Path) -> None:
     p = run_shoal(tmp_path / "s", "build", tmp_path / "t", "UPPER:case", check=False)
     assert_one_line_error(p, "invalid image name")
     assert p.returncode == 2
-    # a file that cannot be read: one line, and no tag
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
-    os.chmod(tmp_path / "t" / "a", 0)
-    p = run_shoal(tmp_path / "s", "build", tmp_path / "t", "x:1", check=False)
-    assert_one_line_error(p, "cannot read")
+    # a file that cannot be read: one line, and no tag (root reads everything: as root, through an
+    # unprivileged user, in a directory under /tmp it can traverse)
+    d = Path(tempfile.mkdtemp(prefix="shoal-cli-", dir="/tmp"))
+    try:
+        os.chmod(d, 0o755)
+        write_tree(d / "t", {"a": b"x", "b": b"y"})
+        os.chmod(d / "t" / "a", 0)
+        user = None
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "65534:65534", str(d)], check=True)
+            user = 65534
+        p = run_shoal(d / "s", "build", d / "t", "x:1", check=False, user=user)
+        assert_one_line_error(p, "cannot read", "permission denied")
+        assert p.returncode == 8
+        assert b"x:1" not in run_shoal(d / "s", "images", user=user).stdout
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_store_that_is_not_a_store(tmp_path: Path) -> None:
