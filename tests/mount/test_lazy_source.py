@@ -76,7 +76,8 @@ def test_fetch_verifies_caches_and_coalesces(pushed: dict[str, Any], registry: R
         t.join(30)
     assert got == [want] * 8
     assert len(_range_gets(proxy)) == 1  # eight readers, one request
-    helpers_wait(lambda: src.store.has_frame(pack, f.offset), 10)  # served once verified, then persisted
+    # served once verified, then persisted: the frame, then its chunks' catalogue rows (what fetch looks for)
+    helpers_wait(lambda: src._catalogued_here(fi), 10)
     assert src.fetch(pack, f.offset, f.clen) == want  # now from the store
     s = src.stats
     assert (s.requests, s.frames_fetched, s.frames_cached, s.bytes_cached) == (1, 1, 1, f.clen)
