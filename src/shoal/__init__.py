@@ -20,7 +20,7 @@ import sys
 TYPE_CHECKING = False
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of the index (shoal.format.index.FORMAT; `shoal inspect --json` format_version)
 
 # public name -> module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
