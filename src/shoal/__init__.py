@@ -6,7 +6,7 @@ The public Python API (docs/api.md)::
 
     shoal.build("rootfs/", "app:1", store="store/")
     shoal.copy("app:1", "oci:/tmp/layout:app", store="store/")
-    with_file = shoal.open_image("app:1", store="store/").read_bytes("/etc/hostname")
+    motd = shoal.open_image("app:1", store="store/").read_bytes("/etc/motd")
 
 Everything listed in ``__all__`` is imported on first use, so ``import shoal`` loads nothing else:
 no HTTP, FUSE or compression code until a function needs it.  ``shoal.build``, ``shoal.pull``,
