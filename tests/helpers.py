@@ -541,3 +541,62 @@ def validate_oci(doc: Any, schema_name: str) -> None:
     validator = jsonschema.Draft4Validator(docs[schema_name], registry=registry,
                                            format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
     validator.validate(doc)
+
+
+# ---------------------------------------------------------------------------------------------- --json shapes
+
+JSON_DOC = REPO / "docs" / "cli-json.md"
+JSON_OPEN_KEYS = frozenset({"kinds", "config", "stats"})  # open objects (docs/cli-json.md, Conventions)
+
+
+@functools.lru_cache(maxsize=1)
+def json_shapes() -> dict[str, list[Any]]:
+    """docs/cli-json.md's examples: ``{command: [example documents]}``, from each ``### `shoal CMD ...```
+    heading (``copy``, ``push`` and ``pull`` share one section) and the ```json blocks under it."""
+    import re
+
+    shapes: dict[str, list[Any]] = {}
+    cmds: list[str] = []
+    for part in re.split(r"^### ", JSON_DOC.read_text(), flags=re.M)[1:]:
+        heading = part.split("\n", 1)[0]
+        cmds = re.findall(r"`shoal ([a-z]+)", heading)
+        for block in re.findall(r"```json\n(.*?)```", part, re.S):
+            for c in cmds:
+                shapes.setdefault(c, []).append(json.loads(block))
+    return shapes
+
+
+def _json_type(v: Any) -> str:
+    return {bool: "bool", int: "number", float: "number", str: "str", list: "list", dict: "dict"}.get(
+        type(v), "null")
+
+
+def _shape_errors(got: Any, want: Any, where: str) -> list[str]:
+    if _json_type(got) != _json_type(want):
+        return [f"{where}: {_json_type(got)} {got!r:.60}, want {_json_type(want)}"]
+    if isinstance(want, dict):
+        if where.rsplit(".", 1)[-1] in JSON_OPEN_KEYS:
+            return []
+        if set(got) != set(want):
+            return [f"{where}: keys {sorted(set(got) - set(want))} not documented, "
+                    f"{sorted(set(want) - set(got))} missing"]
+        return [e for k in want for e in _shape_errors(got[k], want[k], f"{where}.{k}")]
+    if isinstance(want, list) and want:
+        errs: list[str] = []
+        for i, item in enumerate(got):
+            options = [_shape_errors(item, w, f"{where}[{i}]") for w in want]
+            if all(options):
+                errs += min(options, key=len)
+        return errs
+    return []
+
+
+def check_json_shape(command: str, doc: Any) -> None:
+    """``doc`` (a parsed ``shoal COMMAND --json`` document) has ``"schema": 1`` and the keys and JSON types of
+    one of docs/cli-json.md's examples for COMMAND (a list's items each match one of the example's items)."""
+    examples = json_shapes().get(command)
+    assert examples, f"docs/cli-json.md documents no --json shape for shoal {command}"
+    assert isinstance(doc, dict) and doc.get("schema") == 1, f"{command}: not a schema 1 object: {doc!r:.200}"
+    tries = [_shape_errors(doc, ex, command) for ex in examples]
+    best = min(tries, key=len)
+    assert not best, f"shoal {command} --json differs from docs/cli-json.md:\n" + "\n".join(best[:20])

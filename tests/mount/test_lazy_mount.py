@@ -46,7 +46,7 @@ def remote(sample: dict[str, object], registry: Registry) -> str:
 
 def _stats(mnt: Path) -> dict[str, Any]:
     time.sleep(1.2)  # the daemon publishes its counters every second
-    rows = json.loads(shoal(None, "status", "--json", mnt).stdout)
+    rows = json.loads(shoal(None, "status", "--json", mnt).stdout)["mounts"]
     assert len(rows) == 1 and rows[0]["alive"] and rows[0]["mounted"]
     s = rows[0]["stats"]
     assert isinstance(s, dict)

@@ -47,7 +47,7 @@ def debian_remote(debian_rootfs: Path, registry: Registry, tmp_path_factory: pyt
 
 def _stats(mnt: Path) -> dict[str, Any]:
     time.sleep(1.2)
-    rows = json.loads(shoal(None, "status", "--json", mnt).stdout)
+    rows = json.loads(shoal(None, "status", "--json", mnt).stdout)["mounts"]
     assert len(rows) == 1
     s = rows[0]["stats"]
     assert isinstance(s, dict)
@@ -95,6 +95,7 @@ def test_profile_then_prefetch_auto(debian_remote: dict[str, Any], mnt: Path, ru
     out = p.stdout.decode().splitlines()
     assert out[0] == "hi"  # the workload's own output comes through
     summary = json.loads(out[1])
+    helpers.check_json_shape("profile", summary)
     assert summary["exit_code"] == 0 and summary["image"] == m.digest and summary["pushed"]
     assert 0 < summary["frames"] < len(idx.frames) and 0 < summary["bytes"] < summary["image_bytes"] / 4
     local = Path(summary["local"])

@@ -18,7 +18,7 @@ import helpers
 def _stats(mnt: Path) -> dict[str, int]:
     import json
 
-    rows = [r for r in json.loads(shoal(None, "status", "--json").stdout) if r["mountpoint"] == str(mnt)]
+    rows = [r for r in json.loads(shoal(None, "status", "--json").stdout)["mounts"] if r["mountpoint"] == str(mnt)]
     return rows[0]["stats"] if rows and rows[0].get("stats") else {}
 
 
@@ -149,7 +149,7 @@ def test_status_counters_and_prefetch(sample: dict[str, object], mnt: Path, run_
     shoal(store, "mount", "--prefetch", "all", sample["ref"], mnt)
     data = (mnt / "sub" / "rand11").read_bytes()
     time.sleep(1.3)  # the daemon publishes its counters every second
-    rows = json.loads(shoal(None, "status", "--json").stdout)
+    rows = json.loads(shoal(None, "status", "--json").stdout)["mounts"]
     assert len(rows) == 1
     row = rows[0]
     assert row["alive"] and row["mounted"] and row["name"] == "sample:1" and row["mountpoint"] == str(mnt)
@@ -164,7 +164,7 @@ def test_status_counters_and_prefetch(sample: dict[str, object], mnt: Path, run_
     human = shoal(None, "status", mnt).stdout.decode()
     assert str(mnt) in human and "alive" in human and "served" in human
     shoal(store, "umount", mnt)
-    assert json.loads(shoal(None, "status", "--json").stdout) == []
+    assert json.loads(shoal(None, "status", "--json").stdout)["mounts"] == []
 
 
 def test_generated_tree_through_fuse(generated_image: tuple[Path, str, object],

@@ -110,7 +110,7 @@ def test_umount_after_daemon_died(sample: dict[str, object], mnt: Path, run_dir:
     with pytest.raises(OSError) as ei:
         os.listdir(mnt)
     assert ei.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
-    rows = json.loads(shoal(None, "status", "--json").stdout)
+    rows = json.loads(shoal(None, "status", "--json").stdout)["mounts"]
     assert rows[0]["alive"] is False and rows[0]["mounted"] is True
     helpers.assert_one_line_error(shoal(store, "mount", sample["ref"], mnt, check=False), "dead", "umount")
     p = shoal(store, "umount", mnt)
@@ -223,7 +223,7 @@ def test_corrupt_pack_byte_gives_eio_and_others_read(sample: dict[str, object], 
     lines = [ln for ln in log.splitlines() if "digest mismatch" in ln]
     assert lines and "/sub/rand09" in lines[0] and "EIO" in lines[0], log[-2000:]
     time.sleep(1.2)
-    s = json.loads(shoal(None, "status", "--json").stdout)[0]["stats"]
+    s = json.loads(shoal(None, "status", "--json").stdout)["mounts"][0]["stats"]
     assert s["integrity_errors"] >= 2
     shoal(store, "umount", mnt)
 

@@ -79,7 +79,7 @@ def test_run_keeps_container_without_rm(debian_store: Path, run_dir: Path) -> No
     assert p.stdout == b""
     rootfs = run_dir / "containers" / "kept" / "rootfs"
     assert (rootfs / "root" / "file").read_bytes() == b"state\n"
-    rows = json.loads(shoal(None, "status", "--json").stdout)
+    rows = json.loads(shoal(None, "status", "--json").stdout)["mounts"]
     assert [r["mountpoint"] for r in rows] == [str(rootfs)] and rows[0]["writable"]
     helpers.assert_one_line_error(shoal(debian_store, "run", "--name", "kept", "debian:12", "true", check=False),
                                   "kept")

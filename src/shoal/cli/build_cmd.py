@@ -71,7 +71,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
             "new_chunks": r.new_chunks, "packs": r.packs, "new_packs": r.new_packs,
             "stored_bytes": r.stored_bytes, "added_bytes": r.added_bytes, "seconds": round(r.seconds, 3),
             "mb_per_s": round(r.bytes_in / max(r.seconds, 1e-9) / 1e6, 1),
-            "skipped": [p.decode("utf-8", "backslashreplace") for p in r.skipped],
+            "skipped": ["/" + p.decode("utf-8", "backslashreplace").lstrip("/") for p in r.skipped],
         })
         return
     click.echo(f"{ref} {r.manifest.digest}")

@@ -31,8 +31,12 @@ def keep_freed_memory() -> None:
         pass
 
 
-def emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, sort_keys=True))
+JSON_SCHEMA = 1  # the version of every --json shape (docs/cli-json.md); bumped when one changes incompatibly
+
+
+def emit_json(doc: dict[str, Any]) -> None:
+    """Print a command's ``--json`` document: one object, with ``"schema": JSON_SCHEMA`` (docs/cli-json.md)."""
+    click.echo(json.dumps({"schema": JSON_SCHEMA, **doc}, sort_keys=True))
 
 
 def human(n: float) -> str:

@@ -20,7 +20,7 @@ from shoal.cli.common import (
     show_path,
 )
 from shoal.format.manifest import ShoalManifest
-from shoal.format.model import Index
+from shoal.format.model import Entry, Index
 from shoal.reader import FrameSource
 
 
@@ -117,7 +117,7 @@ def inspect(ctx: click.Context, /, ref: str, platform: str | None, as_json: bool
     for e in idx.entries:
         kinds[e.kind.name.lower()] = kinds.get(e.kind.name.lower(), 0) + 1
     doc = {
-        "ref": ref, "digest": m.digest, "root": m.root, "format": m.format, "size": m.size,
+        "ref": ref, "digest": m.digest, "root": m.root, "format": "shoal", "format_version": m.format, "size": m.size,
         "files": idx.files, "entries": len(idx.entries), "kinds": kinds, "bytes": idx.logical_bytes,
         "chunks": len(idx.chunk_ids), "frames": len(idx.frames), "packs": len(m.packs),
         "index_size": m.index.size, "pack_bytes": sum(p.size for p in m.packs),
@@ -162,10 +162,11 @@ def _long(e, idx) -> str:  # type: ignore[no-untyped-def]
 @click.argument("path", required=False, default="/")
 @click.option("-l", "long", is_flag=True, help="Long listing.")
 @click.option("-R", "recursive", is_flag=True, help="List subdirectories recursively.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, every entry's metadata (-l implied).")
 @platform_option(_PLATFORM_HELP)
 @registry_options
 @click.pass_context
-def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, platform: str | None,
+def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, as_json: bool, platform: str | None,
        **kw: Any) -> None:
     """List PATH (default /) of REF from the index alone (for docker://, only the index is fetched)."""
     from shoal.errors import NotFound
@@ -177,12 +178,39 @@ def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, 
     if e is None:
         raise NotFound(f"no such path in {ref}: /{show_path(p).lstrip('/')}")
     out = sys.stdout
+    listing: list[dict[str, Any]] = []
     todo = [e] if e.kind != Kind.DIR else list(idx.children(p))
     while todo:
         c = todo.pop(0)
-        out.write((_long(c, idx) if long else "/" + show_path(c.path)) + "\n")
+        if as_json:
+            listing.append(_entry_json(c, idx))
+        else:
+            out.write((_long(c, idx) if long else "/" + show_path(c.path)) + "\n")
         if recursive and c.kind == Kind.DIR:
             todo[0:0] = idx.children(c.path)
+    if as_json:
+        emit_json({"ref": ref, "path": _abs(p), "listing": listing})
+
+
+def _abs(p: bytes) -> str:
+    """A path of an image in JSON: absolute, undecodable bytes as \\x escapes (docs/cli-json.md)."""
+    return "/" + show_path(p).lstrip("/")
+
+
+def _entry_json(e: Entry, idx: Index) -> dict[str, Any]:
+    """One entry of ``ls --json`` (docs/cli-json.md)."""
+    from shoal.format.model import Kind
+
+    size = e.size
+    if e.kind == Kind.HARDLINK:
+        target = idx.lookup(e.target)
+        size = target.size if target else 0
+    link = e.kind in (Kind.SYMLINK, Kind.HARDLINK)
+    dev = e.kind in (Kind.CHAR, Kind.BLOCK)
+    return {"path": _abs(e.path), "kind": e.kind.name.lower(), "mode": e.mode, "uid": e.uid,
+            "gid": e.gid, "size": size, "mtime_ns": e.mtime_ns,
+            "target": (_abs(e.target) if e.kind == Kind.HARDLINK else show_path(e.target)) if link else None,
+            "rdev": list(e.rdev) if dev else None}
 
 
 @click.command()
@@ -219,8 +247,8 @@ def diff(ctx: click.Context, ref_a: str, ref_b: str, as_json: bool) -> None:
     if as_json:
         emit_json({
             "a": ma.digest, "b": mb.digest, "same": r.same,
-            "added": [show_path(p) for p in r.added], "removed": [show_path(p) for p in r.removed],
-            "changed": [show_path(p) for p in r.changed], "new_chunks": r.new_chunks, "new_bytes": r.new_bytes,
+            "added": [_abs(p) for p in r.added], "removed": [_abs(p) for p in r.removed],
+            "changed": [_abs(p) for p in r.changed], "new_chunks": r.new_chunks, "new_bytes": r.new_bytes,
             "fetch_bytes": r.fetch_bytes, "fetch_frames": r.fetch_frames,
         })
         return

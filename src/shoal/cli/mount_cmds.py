@@ -133,14 +133,14 @@ def _row(d: dict[str, Any]) -> str:
 
 @click.command()
 @click.argument("mountpoint", required=False, type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, the mounts under \"mounts\".")
 def status(mountpoint: str | None, as_json: bool) -> None:
     """Show shoal mounts: image, daemon, and bytes served and fetched."""
     from shoal.mount.daemon import status as do_status
 
     rows = [s.to_json() for s in do_status(mountpoint)]
     if as_json:
-        emit_json(rows)
+        emit_json({"mounts": rows})
         return
     if not rows:
         click.echo("no shoal mounts", err=True)
