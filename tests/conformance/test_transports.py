@@ -23,7 +23,7 @@ import pytest
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, HostileInput, IntegrityError, NotFound, ShoalError, UsageError
-from shoal.transports.base import BlobInfo, ImageReference, ImageSource, parse_reference
+from shoal.transports.base import BlobInfo, ImageReference, ImageSource, SystemContext, parse_reference
 
 
 def sha(data: bytes) -> str:
@@ -451,10 +451,10 @@ def test_archive_size_cap(kind: Kind, tmp_path: Path) -> None:
     ref = parse_reference(kind.ref(tmp_path, "v1"))
     write_image(ref, small_image())
     with pytest.raises(HostileInput, match="more than 100 bytes"):
-        ref.new_source(max_size=100)
+        ref.new_source(SystemContext(max_size=100))
     with pytest.raises(HostileInput, match="more than 2 members"):
-        ref.new_source(max_members=2)
-    ref.new_source(max_size=1 << 20).close()
+        ref.new_source(SystemContext(max_members=2))
+    ref.new_source(SystemContext(max_size=1 << 20)).close()
 
 
 @pytest.mark.parametrize("kind", ARCHIVES, ids=[k.name for k in ARCHIVES])

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, UsageError, from_oserror
-from shoal.transports.base import BlobInfo, ImageReference, ImageSource, Transport, register
+from shoal.transports.base import BlobInfo, ImageReference, ImageSource, SystemContext, Transport, register
 from shoal.transports.oci_archive import (
     READ_ERRORS,
     ArchiveLimits,
@@ -132,15 +132,13 @@ class DockerArchiveReference(ImageReference):
             return f"{self.path}:@{self.index}"
         return f"{self.path}:{self.name}" if self.name else self.path
 
-    def new_source(self, **opts: object) -> "DockerArchiveSource":
-        t = opts.get("tmpdir")
-        return DockerArchiveSource(self, ArchiveLimits.from_opts(opts), str(t) if t else None)
+    def new_source(self, ctx: SystemContext | None = None) -> "DockerArchiveSource":
+        return DockerArchiveSource(self, ArchiveLimits.of(ctx), ctx.tmpdir if ctx is not None else None)
 
-    def new_destination(self, **opts: object) -> "DockerArchiveDestination":
+    def new_destination(self, ctx: SystemContext | None = None) -> "DockerArchiveDestination":
         if self.index >= 0:
             raise UsageError(f"{self}: a destination cannot be an index position (@{self.index})")
-        t = opts.get("tmpdir")
-        return DockerArchiveDestination(self, ArchiveLimits.from_opts(opts), str(t) if t else None)
+        return DockerArchiveDestination(self, ArchiveLimits.of(ctx), ctx.tmpdir if ctx is not None else None)
 
 
 # ------------------------------------------------------------------------------------- source
