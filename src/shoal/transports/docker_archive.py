@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, UsageError, from_oserror
 from shoal.transports.base import BlobInfo, ImageReference, ImageSource, SystemContext, Transport, register
+from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.oci_archive import (
     READ_ERRORS,
     ArchiveLimits,
@@ -72,7 +73,6 @@ _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_RE = re.compile(rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?")
 _PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"{_PATH_PART}(?:/{_PATH_PART})*")
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _INDEX_RE = re.compile(r"@([0-9]{1,18})")  # bounded: int() refuses > 4300 digits
 
 
