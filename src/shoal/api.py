@@ -87,7 +87,11 @@ def _with_store(options: CopyOptions | None, store: StrPath | None) -> CopyOptio
     root = _root(store)
     if root is None:
         return o
-    return dataclasses.replace(o, src_opts={"store": root, **o.src_opts}, dst_opts={"store": root, **o.dst_opts})
+    from shoal.transports.context import as_context
+
+    src, dst = as_context(o.src_opts), as_context(o.dst_opts)
+    return dataclasses.replace(o, src_opts=src.replace(store=src.store or root),
+                               dst_opts=dst.replace(store=dst.store or root))
 
 
 def copy(src: str, dst: str, *, store: StrPath | None = None, options: CopyOptions | None = None,
@@ -134,6 +138,7 @@ def pull(src: str, name: str | None = None, *, store: StrPath | None = None, opt
     from shoal.format.platform import Platform
     from shoal.store import refuse_reserved
     from shoal.transports.base import ImageReference, parse_reference
+    from shoal.transports.context import as_context
     from shoal.transports.docker import DockerReference, short_name_candidates
 
     o = options or CopyOptions()
@@ -142,7 +147,7 @@ def pull(src: str, name: str | None = None, *, store: StrPath | None = None, opt
     ref = parse_reference(src)
     cands: tuple[ImageReference, ...] = (ref,)
     if ref.transport.name == "":  # a short name
-        conf = o.src_opts.get("registries_conf")
+        conf = as_context(o.src_opts).registries_conf
         short = short_name_candidates(src, None if conf is None else str(conf))
         if short is None:
             raise UsageError(f"pull takes a remote or layout reference, not the store image {src!r}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from shoal import digest as dg
@@ -23,6 +24,7 @@ from shoal.format.manifest import json_loads, json_object
 from shoal.format.platform import Platform, choose, select
 from shoal.progress import NULL, Sink
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource
+from shoal.transports.context import SystemContext, as_context
 
 __all__ = ["CopyOptions", "CopyResult", "copy", "DigestingReader", "descriptors_of"]
 
@@ -33,8 +35,9 @@ log = logging.getLogger(__name__)
 class CopyOptions:
     concurrency: int = 8
     platform: str | None = None  # os/arch[/variant]: copy only that image of an index (``choose``); None: all
-    src_opts: dict[str, object] = field(default_factory=dict)
-    dst_opts: dict[str, object] = field(default_factory=dict)
+    # how to reach each side; a mapping of SystemContext field names is accepted (unknown keys refused)
+    src_opts: SystemContext | Mapping[str, object] = SystemContext()
+    dst_opts: SystemContext | Mapping[str, object] = SystemContext()
 
 
 @dataclass
@@ -181,10 +184,10 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
     """Copy an image from ``src_ref`` to ``dst_ref``; see the module docstring for the guarantees."""
     opts = opts or CopyOptions()
     t0 = time.monotonic()
-    with src_ref.new_source(**opts.src_opts) as src:
+    with src_ref.new_source(as_context(opts.src_opts)) as src:
         from shoal.transports.local import LocalDestination
 
-        with dst_ref.new_destination(**opts.dst_opts) as dst:
+        with dst_ref.new_destination(as_context(opts.dst_opts)) as dst:
             raw, media = src.get_manifest()
             if _is_index(raw, media):
                 platform = opts.platform

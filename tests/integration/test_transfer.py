@@ -31,13 +31,13 @@ from regfix import (  # noqa: E402,F401
 from shoal.build import BuildOptions, build  # noqa: E402
 from shoal.copier import CopyOptions, CopyResult, copy  # noqa: E402
 from shoal.errors import NotFound, UsageError  # noqa: E402
-from shoal.format import index as fidx  # noqa: E402
 from shoal.reader import Reader, StoreSource  # noqa: E402
 from shoal.store import Store  # noqa: E402
 from shoal.store.maintenance import fsck  # noqa: E402
 from shoal.transports.base import parse_reference  # noqa: E402
-from shoal.transports.docker import DockerReference, open_remote_image  # noqa: E402
+from shoal.transports.docker import DockerReference  # noqa: E402
 from shoal.transports.registry import RegistryClient  # noqa: E402
+from shoal.transports.resolve import resolve_image  # noqa: E402
 
 __all__ = ["basic_registry", "proxy_factory", "registry", "registry_factory", "token_registry",
            "_token_registry_session"]
@@ -232,9 +232,11 @@ def test_push_pull_inspect_delete(registry: Registry, proxy_factory: Callable[..
     assert again["blobs_sent"] == 0 and again["bytes_sent"] < 4096
 
     # inspect without pulling packs
-    raw, cfg, index_blob = open_remote_image(f"docker://{registry.host}/{repo}:stable")
-    assert raw == m.raw and len(index_blob) == m.index.size and cfg
-    assert "sha256:" + fidx.decode(fidx.decompress(index_blob)).root.hex() == m.root
+    ref = parse_reference(f"docker://{registry.host}/{repo}:stable")
+    with ref.new_source() as src:
+        res = resolve_image(src, ref)
+    assert res.raw == m.raw and res.config and res.index is not None
+    assert "sha256:" + res.index.root.hex() == m.root
 
     # pull into a fresh store (default name), unpack, same tree; fsck clean
     s2 = fresh_store(tmp_path)

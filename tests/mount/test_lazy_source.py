@@ -50,9 +50,11 @@ def _lazy(host: str, pushed: dict[str, Any], store_dir: Path, **kw: Any) -> Any:
     from shoal.transports.docker import parse_docker
 
     ref = parse_docker(f"//{host}/{pushed['repo']}:1")
-    opts: dict[str, object] = {"retries": kw.pop("retries", 5), "timeout": kw.pop("timeout", 30.0)}
-    return LazySource(Store.open(store_dir), ref.new_source(**opts), pushed["manifest"], pushed["index"],
-                      reopen=lambda: ref.new_source(**opts), where=host, **kw)
+    from shoal.transports.context import SystemContext
+
+    opts = SystemContext(retries=kw.pop("retries", 5), timeout=kw.pop("timeout", 30.0))
+    return LazySource(Store.open(store_dir), ref.new_source(opts), pushed["manifest"], pushed["index"],
+                      reopen=lambda: ref.new_source(opts), where=host, **kw)
 
 
 def _range_gets(proxy: RegistryProxy) -> list[str]:

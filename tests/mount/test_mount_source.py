@@ -1,4 +1,4 @@
-"""The mount against a non-local FrameSource plugged in through ``register_opener``: a stalled fetch
+"""The mount against a non-local FrameSource (the local image's, wrapped in the daemon's open): a stalled fetch
 does not block other requests; the source's own stats and bulk prefetch are used."""
 
 from __future__ import annotations
@@ -56,11 +56,17 @@ class Slow:
     def after_fork(self):
         self.inner.after_fork()
 
-def opener(rest, store):
-    img = mi.open_image(rest, store)
-    return dataclasses.replace(img, source=Slow(img.source), local=False, name="slow://" + rest)
+from shoal.mount import daemon
+_open = mi.open_image
 
-mi.register_opener("slow", opener)
+def opener(ref, store=None, options=None):
+    if not ref.startswith("slow://"):
+        return _open(ref, store, options)
+    rest = ref[len("slow://"):]
+    img = _open(rest, store, options)
+    return dataclasses.replace(img, source=Slow(img.source), local=False, name=ref)
+
+daemon.open_image = opener  # the mount's open, wrapped: every other reference goes through as usual
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.errors import UsageError
+from shoal.errors import NotFound, UsageError
 from shoal.mount import image as mimage
 from shoal.mount import state as ms
 from shoal.mount.runtime_spec import (
@@ -157,21 +157,14 @@ def test_seccomp_profile_resolves_containers_common_rules_for_arch_and_caps() ->
     assert [r["names"][0] for r in with_audit["syscalls"]] == ["read"] and "architectures" not in with_audit
 
 
-def test_split_scheme_and_openers(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert mimage.split_scheme("debian:12") == ("", "debian:12")
-    assert mimage.split_scheme("docker://reg:5000/a/b:c") == ("docker", "reg:5000/a/b:c")
-    with pytest.raises(UsageError, match="nosuch://"):
-        mimage.open_image("nosuch://x/y:z")
-    seen = []
-
-    def opener(ref: str, store: object) -> mimage.OpenedImage:
-        seen.append((ref, store))
-        raise UsageError("stop here")
-
-    monkeypatch.setitem(mimage._OPENERS, "test", opener)
-    with pytest.raises(UsageError, match="stop here"):
-        mimage.open_image("test://a/b", "/s")
-    assert seen == [("a/b", "/s")]
+def test_open_image_takes_every_transport_through_the_one_parser(tmp_path: Path) -> None:
+    # no scheme registry of its own: a malformed or unknown reference is parse_reference's UsageError
+    with pytest.raises(UsageError, match="invalid"):
+        mimage.open_image("nosuch://x/y:z", str(tmp_path / "s"))
+    with pytest.raises(UsageError, match="tag"):
+        mimage.open_image("docker://x/y:t\u00e9g", str(tmp_path / "s"))
+    with pytest.raises(NotFound):
+        mimage.open_image(f"oci:{tmp_path}/none:x", str(tmp_path / "s"))
 
 
 def test_counting_source() -> None:

@@ -103,7 +103,7 @@ def test_docker_endpoints(home: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="blocked"):
         pull_endpoints(parse_docker("//x.wild.org/y"), o)
     with pytest.raises(UsageError, match="blocked"):
-        parse_docker("//x.wild.org/y").new_destination(registries_conf=str(p))
+        parse_docker("//x.wild.org/y").new_destination(RegistryOptions(registries_conf=str(p)))
 
 
 def test_dropins_override_in_name_order(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import click
 
 from shoal.progress import NULL, Sink
 from shoal.store import Store
+
+if TYPE_CHECKING:
+    from shoal.transports.context import SystemContext
 
 
 def open_store(ctx: click.Context) -> Store:
@@ -159,23 +162,23 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, cert_dir: str | None,
                   plain_http: bool | None, authfile: str | None, retries: int | None,
                   timeout: float | None = None, concurrency: int | None = None,
-                  registries_conf: str | None = None) -> dict[str, object]:
-    """The transport options the ``registry_options`` flags describe (for new_source/new_destination)."""
-    if authfile:
-        os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(authfile)  # the credential lookup reads it
-    o: dict[str, object] = {"tls_verify": tls_verify, "store": ctx.obj.get("store") if ctx.obj else None}
-    if ca_bundle:
-        o["ca_bundle"] = ca_bundle
-    if cert_dir:
-        o["cert_dir"] = cert_dir
-    if plain_http is not None:
-        o["plain_http"] = plain_http
+                  registries_conf: str | None = None, platform: str | None = None) -> "SystemContext":
+    """The ``SystemContext`` the ``registry_options`` flags describe, built once per command and given
+    to every ``new_source``/``new_destination``/``open_image``.  Paths are made absolute: the mount
+    daemon changes its directory to /."""
+    from shoal.transports.context import SystemContext
+
+    def absolute(p: str | None) -> str | None:
+        return os.path.abspath(p) if p else None
+
+    o: dict[str, Any] = {}
     if retries is not None:
         o["retries"] = retries
     if timeout is not None:
         o["timeout"] = timeout
     if concurrency:
         o["concurrency"] = concurrency
-    if registries_conf:
-        o["registries_conf"] = os.path.abspath(registries_conf)  # the mount daemon changes directory
-    return o
+    store = ctx.obj.get("store") if ctx.obj else None
+    return SystemContext(store=absolute(store), platform=platform, auth_file=absolute(authfile),
+                         tls_verify=tls_verify, ca_bundle=absolute(ca_bundle), cert_dir=absolute(cert_dir),
+                         plain_http=plain_http, registries_conf=absolute(registries_conf), **o)

@@ -46,7 +46,7 @@ def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], p
     local = dst_ref.name if isinstance(dst_ref, LocalReference) else _local_name(dst_ref)
     store = open_store(ctx)
     keep_freed_memory()
-    with progress_sink(as_json) as sink, src_ref.new_source(**opts) as source:
+    with progress_sink(as_json) as sink, src_ref.new_source(opts) as source:
         r = do_convert(source, store, local, platform=platform, reuse=reuse, source_date_epoch=source_date_epoch,
                        sink=sink)
     pushed = None
@@ -90,7 +90,7 @@ def export(ctx: click.Context, /, ref: str, dst: str, compression: str, platform
 
     dst_ref = parse_reference(dst)
     store = open_store(ctx)
-    with progress_sink(as_json) as sink, dst_ref.new_destination(**registry_opts(ctx, **kw)) as dest:
+    with progress_sink(as_json) as sink, dst_ref.new_destination(registry_opts(ctx, **kw)) as dest:
         r = do_export(store, ref, dest, compression, platform=platform, sink=sink)
     if as_json:
         emit_json({"ref": ref, "dst": str(dst_ref), "digest": r.digest, "media_type": r.media_type,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import stat
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import click
 
@@ -19,56 +20,25 @@ from shoal.cli.common import (
     registry_opts,
     show_path,
 )
-from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Entry, Index
-from shoal.reader import FrameSource
+
+if TYPE_CHECKING:
+    from shoal.mount.image import OpenedImage
+    from shoal.transports.context import SystemContext
+    from shoal.transports.resolve import ResolvedImage
 
 
-@dataclass
-class _Image:
-    manifest: ShoalManifest
-    index: Index
-    config: bytes
-    source: FrameSource  # where pack bytes come from (local store, or range reads on a registry)
+@contextlib.contextmanager
+def _load(ctx: click.Context, ref: str, sc: "SystemContext") -> Iterator["OpenedImage"]:
+    """REF through the one open-image layer (any transport; a classic image is converted into the
+    store, untagged), read with plain range reads: only manifest, config and index up front."""
+    from shoal.mount.image import OpenOptions, open_image
 
-
-class _RemoteFrames:
-    """Range reads on a remote image's packs, uncached (``cat`` of a docker:// image)."""
-
-    def __init__(self, ref: str, opts: dict[str, object]) -> None:
-        from shoal.transports.base import parse_reference
-
-        self.src = parse_reference(ref).new_source(**opts)
-
-    def fetch(self, pack: str, offset: int, length: int) -> bytes:
-        from shoal import mediatypes as mt
-        from shoal.transports.base import BlobInfo
-
-        return self.src.get_blob_ranges(BlobInfo(pack, -1, mt.PACK), [(offset, length)])[0]
-
-
-def _load(ctx: click.Context, ref: str, platform: str | None = None, opts: dict[str, object] | None = None) -> _Image:
-    """A store image (NAME:TAG) or a registry one (docker://...), fetching only manifest, config and index."""
-    from shoal.errors import FormatError
-    from shoal.format import index as fidx
-    from shoal.format.manifest import parse_manifest
-    from shoal.reader import StoreSource
-
-    if ref.startswith("docker://"):
-        from shoal.transports.docker import open_remote_image
-
-        o = dict(opts or {})
-        raw, config, blob = open_remote_image(ref, platform, **o)
-        if not blob:
-            raise FormatError(f"{ref} is a classic image, not a Shoal image (see `shoal convert`)")
-        m = parse_manifest(raw)
-        idx = fidx.decode(fidx.decompress(blob))
-        if "sha256:" + idx.root.hex() != m.root:
-            raise FormatError("index root differs from the manifest's annotation")
-        return _Image(m, idx, config, _RemoteFrames(ref, o))
-    store = open_store(ctx)
-    m = store.resolve(ref, platform)
-    return _Image(m, store.load_index(m), store.layout.get(m.config.digest), StoreSource(store))
+    img = open_image(ref, None, OpenOptions(context=sc, lazy=False, profile=False, prefetch="none"))
+    try:
+        yield img
+    finally:
+        img.close()
 
 
 _PLATFORM_HELP = "Image of an image index to use (default: this machine's platform)."
@@ -104,22 +74,46 @@ def images(ctx: click.Context, as_json: bool) -> None:
 @click.argument("ref")
 @platform_option(_PLATFORM_HELP)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--raw", is_flag=True, help="Write the manifest (or image index) exactly as stored, as skopeo's --raw.")
+@click.option("--config", "config", is_flag=True,
+              help="Write the image's config (with --raw: the blob exactly as stored), as skopeo's --config.")
 @registry_options
 @click.pass_context
-def inspect(ctx: click.Context, /, ref: str, platform: str | None, as_json: bool, **kw: Any) -> None:
-    """Show digest, Merkle root, format, sizes and counts of REF (NAME:TAG or docker://...; no pack is read)."""
+def inspect(ctx: click.Context, /, ref: str, platform: str | None, as_json: bool, raw: bool, config: bool,
+            **kw: Any) -> None:
+    """Show digest, Merkle root, format, sizes and counts of REF (any transport; no pack or layer is read).
+
+    A classic (tar layer) image is shown as such (format classic: its layers and config)."""
+    from shoal.transports.base import parse_reference
+    from shoal.transports.resolve import resolve_image
+
+    sc = registry_opts(ctx, platform=platform, **kw)
+    r = parse_reference(ref)
+    with r.new_source(sc) as src:
+        res = resolve_image(src, r, sc.platform, with_index=not (raw or config))
+    if config:
+        out = res.config if raw else (json.dumps(json.loads(res.config), indent=4) + "\n").encode()
+        sys.stdout.buffer.write(out)
+        sys.stdout.buffer.flush()
+        return
+    if raw:
+        sys.stdout.buffer.write(res.top)
+        sys.stdout.buffer.flush()
+        return
+    if res.manifest is None or res.index is None:
+        _inspect_classic(ref, res, as_json)
+        return
     from shoal.format.manifest import parse_config
 
-    img = _load(ctx, ref, platform, registry_opts(ctx, **kw))
-    m, idx = img.manifest, img.index
-    cfg = parse_config(img.config)
+    m, idx = res.manifest, res.index
+    cfg = parse_config(res.config)
     kinds: dict[str, int] = {}
     for e in idx.entries:
         kinds[e.kind.name.lower()] = kinds.get(e.kind.name.lower(), 0) + 1
     doc = {
-        "ref": ref, "digest": m.digest, "root": m.root, "format": "shoal", "format_version": m.format, "size": m.size,
-        "files": idx.files, "entries": len(idx.entries), "kinds": kinds, "bytes": idx.logical_bytes,
-        "chunks": len(idx.chunk_ids), "frames": len(idx.frames), "packs": len(m.packs),
+        "ref": ref, "digest": m.digest, "root": m.root, "format": "shoal", "format_version": m.format,
+        "size": m.size, "files": idx.files, "entries": len(idx.entries), "kinds": kinds,
+        "bytes": idx.logical_bytes, "chunks": len(idx.chunk_ids), "frames": len(idx.frames), "packs": len(m.packs),
         "index_size": m.index.size, "pack_bytes": sum(p.size for p in m.packs),
         "architecture": cfg.architecture, "os": cfg.os, "config": cfg.config,
     }
@@ -133,6 +127,25 @@ def inspect(ctx: click.Context, /, ref: str, platform: str | None, as_json: bool
     click.echo(f"Tree:         {idx.files} files, {len(idx.entries)} entries, {human(idx.logical_bytes)}")
     click.echo(f"Chunks:       {len(idx.chunk_ids)} in {len(idx.frames)} frames")
     click.echo("Kinds:        " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+
+
+def _inspect_classic(ref: str, res: "ResolvedImage", as_json: bool) -> None:
+    from shoal.format.manifest import json_object
+
+    cfg = json_object(res.config)
+    conf = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+    layers = res.layers()
+    size = sum(d.get("size", 0) for d in layers if isinstance(d.get("size"), int))
+    plat = "/".join(str(cfg.get(k)) for k in ("os", "architecture", "variant") if cfg.get(k))
+    if as_json:
+        emit_json({"ref": ref, "digest": res.digest, "format": "classic", "media_type": res.media_type,
+                   "layers": len(layers), "size": size, "architecture": cfg.get("architecture"), "os": cfg.get("os"),
+                   "config": conf})
+        return
+    click.echo(f"Image:        {ref}\nDigest:       {res.digest}")
+    click.echo("Format:       classic (tar layers; `shoal convert` makes a Shoal image of it)")
+    click.echo(f"Platform:     {plat}")
+    click.echo(f"Size:         {human(size)} in {len(layers)} layers")
 
 
 def _long(e, idx) -> str:  # type: ignore[no-untyped-def]
@@ -168,11 +181,12 @@ def _long(e, idx) -> str:  # type: ignore[no-untyped-def]
 @click.pass_context
 def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, as_json: bool, platform: str | None,
        **kw: Any) -> None:
-    """List PATH (default /) of REF from the index alone (for docker://, only the index is fetched)."""
+    """List PATH (default /) of REF from the index alone (any transport; for docker://, only the index is fetched)."""
     from shoal.errors import NotFound
     from shoal.format.model import Kind
 
-    idx = _load(ctx, ref, platform, registry_opts(ctx, **kw)).index
+    with _load(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img:
+        idx = img.index
     p = _path_arg(path)
     e = idx.lookup(p)
     if e is None:
@@ -220,33 +234,35 @@ def _entry_json(e: Entry, idx: Index) -> dict[str, Any]:
 @registry_options
 @click.pass_context
 def cat(ctx: click.Context, /, ref: str, path: str, platform: str | None, **kw: Any) -> None:
-    """Write the bytes of file PATH of REF to stdout (every chunk verified; docker:// reads ranges)."""
+    """Write the bytes of file PATH of REF to stdout (any transport; every chunk verified; docker:// reads ranges)."""
     from shoal.reader import Reader
 
-    img = _load(ctx, ref, platform, registry_opts(ctx, **kw))
-    reader = Reader(img.index, img.source)
-    e = reader.file_entry(_path_arg(path))
-    out = sys.stdout.buffer
-    for data in reader.iter_file(e):
-        out.write(data)
-    out.flush()
+    with _load(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img:
+        reader = Reader(img.index, img.source)
+        e = reader.file_entry(_path_arg(path))
+        out = sys.stdout.buffer
+        for data in reader.iter_file(e):
+            out.write(data)
+        out.flush()
 
 
 @click.command()
 @click.argument("ref_a")
 @click.argument("ref_b")
 @click.option("--json", "as_json", is_flag=True)
+@platform_option(_PLATFORM_HELP)
+@registry_options
 @click.pass_context
-def diff(ctx: click.Context, ref_a: str, ref_b: str, as_json: bool) -> None:
-    """Paths added, removed and changed from REF_A to REF_B, and what a pull of REF_B would fetch."""
+def diff(ctx: click.Context, /, ref_a: str, ref_b: str, as_json: bool, platform: str | None, **kw: Any) -> None:
+    """Paths added, removed and changed from REF_A to REF_B (any transports), and what a pull of REF_B would fetch."""
     from shoal.diff import diff as do_diff
 
-    ia, ib = _load(ctx, ref_a), _load(ctx, ref_b)
-    ma, a, mb, b = ia.manifest, ia.index, ib.manifest, ib.index
-    r = do_diff(a, b)
+    sc = registry_opts(ctx, platform=platform, **kw)
+    with _load(ctx, ref_a, sc) as ia, _load(ctx, ref_b, sc) as ib:
+        r = do_diff(ia.index, ib.index)
     if as_json:
         emit_json({
-            "a": ma.digest, "b": mb.digest, "same": r.same,
+            "a": ia.digest, "b": ib.digest, "same": r.same,
             "added": [_abs(p) for p in r.added], "removed": [_abs(p) for p in r.removed],
             "changed": [_abs(p) for p in r.changed], "new_chunks": r.new_chunks, "new_bytes": r.new_bytes,
             "fetch_bytes": r.fetch_bytes, "fetch_frames": r.fetch_frames,

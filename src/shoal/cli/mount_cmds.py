@@ -43,12 +43,11 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
     creds = kw.pop("creds")
     fetch_timeout = kw.pop("fetch_timeout")
     platform = kw.pop("platform")
-    reg = registry_opts(ctx, **{k: kw.pop(k) for k in ("tls_verify", "ca_bundle", "cert_dir", "plain_http",
-                                                        "authfile", "retries", "timeout",
-                                                        "registries_conf")})
+    sc = registry_opts(ctx, platform=platform, **{k: kw.pop(k) for k in (
+        "tls_verify", "ca_bundle", "cert_dir", "plain_http", "authfile", "retries", "timeout", "registries_conf")})
     if creds is not None:
-        reg["credentials"] = _creds(creds)
-    return OpenOptions(registry=reg, fetch_timeout=fetch_timeout, platform=platform, prefetch=prefetch)
+        sc = sc.replace(credentials=_creds(creds))
+    return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch)
 
 
 @click.command()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -12,10 +11,12 @@ from shoal.cli.common import emit_json, human, platform_option, progress_sink
 from shoal.cli.common import registry_options as _registry_options
 from shoal.cli.common import registry_opts as _common
 
+if TYPE_CHECKING:
+    from shoal.transports.context import SystemContext
 CREDS_HELP = "Registry credentials (else the auth files); USER alone: the password from a prompt or stdin."
 
 
-def _creds(text: str | None) -> object:
+def _creds(text: str | None) -> Any:
     """``--creds USER[:PASS]``: without ``:PASS`` the password comes from a prompt on a terminal, else
     from one line of standard input (as ``--password-stdin``), so it need not be on the command line.
     A password given there is masked in this process's ``/proc/PID/cmdline`` at once (and so in a
@@ -40,21 +41,17 @@ def _creds(text: str | None) -> object:
     return Credentials(user, pw)
 
 
-def _run_copy(ctx: click.Context, src: str, dst: str, common: dict[str, object], src_creds: object,
-              dst_creds: object, tags: tuple[str, ...], platform: str | None, concurrency: int,
+def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", src_creds: Any,
+              dst_creds: Any, tags: tuple[str, ...], platform: str | None, concurrency: int,
               as_json: bool, verb: str) -> None:
     from shoal.copier import CopyOptions, copy
     from shoal.transports.base import parse_reference
 
     src_ref, dst_ref = parse_reference(src), parse_reference(dst)
-    src_opts = dict(common)
-    dst_opts = dict(common)
-    if src_creds is not None:
-        src_opts["credentials"] = src_creds
-    if dst_creds is not None:
-        dst_opts["credentials"] = dst_creds
+    src_opts = common.replace(credentials=src_creds) if src_creds is not None else common
+    dst_opts = common.replace(credentials=dst_creds) if dst_creds is not None else common
     if tags:
-        dst_opts["tags"] = list(tags)
+        dst_opts = dst_opts.replace(tags=tuple(tags))
     opts = CopyOptions(concurrency=concurrency, platform=platform, src_opts=src_opts, dst_opts=dst_opts)
     with progress_sink(as_json) as sink:
         r = copy(src_ref, dst_ref, opts, sink)
@@ -199,8 +196,8 @@ def delete(ctx: click.Context, /, ref: str, creds: str | None, **kw: Any) -> Non
     r = parse_reference(ref)
     opts = _common(ctx, **kw)
     if creds is not None:
-        opts["credentials"] = _creds(creds)
-    r.delete(**opts)
+        opts = opts.replace(credentials=_creds(creds))
+    r.delete(opts)
     click.echo(f"deleted {r}")
 
 
@@ -228,7 +225,7 @@ def login(ctx: click.Context, /, registry: str, username: str | None, password: 
           **kw: Any) -> None:
     """Check credentials against REGISTRY and save them in the auth file (docker/podman format)."""
     from shoal.errors import UsageError
-    from shoal.transports.docker import RegistryOptions, make_client
+    from shoal.transports.docker import make_client
     from shoal.transports.registry import Credentials, default_auth_file, store_credentials
 
     if password is not None:
@@ -237,7 +234,6 @@ def login(ctx: click.Context, /, registry: str, username: str | None, password: 
         scrub_argv(passwords=("--password", "-p"))
     host = _host(registry)
     opts = _common(ctx, **kw)
-    authfile = os.environ.get("REGISTRY_AUTH_FILE") if kw.get("authfile") else None
     if username is None:
         if not sys.stdin.isatty():
             raise UsageError("give --username (no terminal to ask on)")
@@ -248,11 +244,9 @@ def login(ctx: click.Context, /, registry: str, username: str | None, password: 
         if not sys.stdin.isatty():
             raise UsageError("give --password-stdin (no terminal to ask on)")
         password = click.prompt("Password", hide_input=True, err=True)
-    opts["credentials"] = Credentials(username, password)
-    ro = RegistryOptions.from_opts(opts)
-    with make_client(host, ro) as client:
+    with make_client(host, opts.replace(credentials=Credentials(username, password))) as client:
         client.ping()
-    path = store_credentials(host, username, password, authfile or default_auth_file())
+    path = store_credentials(host, username, password, default_auth_file(opts.auth_file))
     click.echo(f"Login succeeded: credentials for {host} saved in {path}")
 
 

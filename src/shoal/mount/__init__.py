@@ -3,6 +3,6 @@
 Nothing here is imported by ``shoal --help``; pyfuse3 and trio load only when a mount is served.
 """
 
-from shoal.mount.image import CountingSource, OpenedImage, open_image, register_opener
+from shoal.mount.image import CountingSource, OpenedImage, open_image
 
-__all__ = ["OpenedImage", "open_image", "register_opener", "CountingSource"]
+__all__ = ["OpenedImage", "open_image", "CountingSource"]

@@ -1,32 +1,42 @@
-"""Turn an image reference into what a mount serves: index, frame source and runtime config.
+"""Turn any image reference into what a reader or a mount serves: index, frame source and runtime config.
 
-``open_image(ref, store, options)`` is the one entry point used by ``mount``, ``run`` and
-``profile``.  A reference is a local ``NAME[:TAG]`` in the store, or ``scheme://...`` served by an
-opener registered with ``register_opener`` (``docker://`` is ``shoal.mount.remote``, registered
-on first use): an opener returns an ``OpenedImage`` whose ``source`` is any ``FrameSource``; the
-FUSE adapter never knows where bytes come from.
+``open_image(ref, store_root, options)`` is the one open-image layer: ``ls``, ``cat``, ``diff`` and
+``unpack`` use it as ``mount``, ``run`` and ``profile`` do.  ``ref`` is parsed by the one grammar
+(``shoal.transports.base.parse_reference``), and every transport is served:
 
-``CountingSource`` wraps any source to count what the mount fetched (``shoal status``).
+- a store ``NAME[:TAG]``: frames from the store (complete packs, partial packs, chunks by id);
+- ``docker://``: for a mount (``OpenOptions.lazy``), ``shoal.mount.remote``: metadata now, packs
+  lazily through a ``LazySource`` that caches verified frames in the store; for a one-shot read
+  (``lazy=False``), plain range reads, the store untouched;
+- ``oci:``, ``oci-archive:``, ``dir:``, ``docker-archive:``: the index read through the transport
+  (``shoal.transports.resolve``), frames as ranges of its pack blobs (``SourceFrames``);
+- a classic (tar layer) image from any transport: converted (``shoal.convert``) into the store,
+  *untagged* (``shoal gc`` reclaims it; a later open dedups against it), then served from there.
+
+How to reach the image (auth file, TLS, registries.conf, store, platform) is the ``SystemContext``
+in ``OpenOptions.context`` (transports/context.py).  The FUSE adapter never knows where bytes come
+from.  ``CountingSource`` wraps any source to count what the mount fetched (``shoal status``).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import dataclasses
+import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from shoal.errors import UsageError
-from shoal.format.manifest import ImageConfig, parse_config
+from shoal.format.manifest import ImageConfig, ShoalManifest, parse_config
 from shoal.format.model import Index
 from shoal.reader import FrameSource, StoreSource
+from shoal.transports.base import ImageReference, parse_reference
+from shoal.transports.context import SystemContext
 
-__all__ = ["OpenedImage", "OpenOptions", "Opener", "open_image", "register_opener", "split_scheme",
-           "CountingSource", "FetchStats", "LocalStoreSource"]
+__all__ = ["OpenedImage", "OpenOptions", "open_image", "CountingSource", "FetchStats", "LocalStoreSource"]
+
+log = logging.getLogger(__name__)
 
 StorePath = str | os.PathLike[str] | None
 
@@ -38,6 +48,8 @@ class OpenedImage:
     ``prefetch`` lists frame indices worth fetching ahead of any read (a recorded start-up
     profile, in the order it was recorded); empty when none is known.  ``--prefetch auto``
     fetches exactly these.  ``local`` is true when every frame is already on this machine.
+    ``classic`` is the digest of the classic image this one was converted from ("" if none).
+    Call ``close()`` when done reading (a one-shot read's transport source).
     """
 
     ref: str  # as the user gave it
@@ -48,25 +60,32 @@ class OpenedImage:
     config: ImageConfig
     prefetch: tuple[int, ...] = ()
     local: bool = True
+    manifest: ShoalManifest | None = None
+    classic: str = ""
+    closer: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
 
 
 @dataclass(frozen=True)
 class OpenOptions:
-    """How to reach a remote image.  ``registry`` holds the ``docker://`` transport options
-    (``tls_verify``, ``ca_bundle``, ``cert_dir``, ``plain_http``, ``credentials``, ``retries``, ...;
-    see transports/docker.py); ``fetch_timeout`` bounds how long a read waits for the network
-    before it fails with EIO; ``profile`` looks up a recorded start-up profile for ``--prefetch auto``."""
+    """How to open an image.  ``context`` says how to reach it (``SystemContext``: auth file, TLS,
+    registries.conf, store, platform); ``fetch_timeout`` bounds how long a mount's read waits for the
+    network before it fails with EIO; ``profile`` looks up a recorded start-up profile for
+    ``--prefetch auto``; ``lazy`` (mounts) serves ``docker://`` images through the store's frame
+    cache, ``lazy=False`` (one-shot reads) with plain range reads."""
 
-    registry: Mapping[str, object] = field(default_factory=dict)
+    context: SystemContext = SystemContext()
     fetch_timeout: float = 30.0
-    platform: str | None = None  # os/arch[/variant] of an image index's image (default: this machine's)
     profile: bool = True
     prefetch: str = "auto"  # the mount's --prefetch: auto and all start the profile's range reads at once
+    lazy: bool = True
 
-
-# (reference without its "scheme://" prefix, store directory or None, options) -> OpenedImage.
-# An opener that takes two parameters is called without the options.
-Opener = Callable[[str, StorePath, OpenOptions], OpenedImage]
+    @property
+    def platform(self) -> str | None:  # os/arch[/variant] of an image index's image (default: this machine's)
+        return self.context.platform
 
 
 class LocalStoreSource:
@@ -108,56 +127,69 @@ class LocalStoreSource:
             self._inner = None
 
 
-def _open_local(ref: str, store_root: StorePath, options: OpenOptions | None = None) -> OpenedImage:
-    from shoal.store import Store, normalize_ref
+def _open_store(ctx: SystemContext) -> Any:
+    from shoal.store import Store
 
-    # absolute: the mount daemon changes its directory to /
-    store = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root)))
-    m = store.resolve(ref, options.platform if options is not None else None)  # an index: its host image
+    return Store.open(ctx.store)
+
+
+def _from_store(ref: str, name: str, store: Any, m: ShoalManifest, classic: str = "") -> OpenedImage:
     index = store.load_index(m)
     config = parse_config(store.layout.get(m.config.digest))
     # every frame is local: a recorded profile has nothing to fetch ahead
-    return OpenedImage(ref=ref, name=normalize_ref(ref), digest=m.digest, index=index,
-                       source=LocalStoreSource(str(store.root)), config=config, local=True)
+    return OpenedImage(ref=ref, name=name, digest=m.digest, index=index, source=LocalStoreSource(str(store.root)),
+                       config=config, local=True, manifest=m, classic=classic)
 
 
-_OPENERS: dict[str, Callable[..., OpenedImage]] = {"": _open_local}
-# built-in schemes, imported on first use so that a local mount never loads HTTP code
-_BUILTIN = {"docker": "shoal.mount.remote"}
+def open_image(ref: str | ImageReference, store_root: StorePath = None,
+               options: OpenOptions | None = None) -> OpenedImage:
+    """Resolve ``ref`` (any transport) to (index, frame source, config, profile); see the module text.
+    ``store_root``, if given, replaces the context's store.  Raises UsageError for a malformed
+    reference, NotFound for unknown images, FormatError/IntegrityError for bad ones."""
+    from shoal.transports.resolve import SourceFrames, resolve_image
+
+    o = options or OpenOptions()
+    ctx = o.context
+    # absolute: the mount daemon changes its directory to /
+    store = ctx.store if store_root is None else os.fspath(store_root)
+    ctx = ctx.replace(store=os.path.abspath(store) if store else None)
+    r = parse_reference(ref) if isinstance(ref, str) else ref
+    text = ref if isinstance(ref, str) else str(ref)
+    kind = r.transport.name
+    if kind == "":  # the store: its own resolution (tags, image indexes, partial packs)
+        st = _open_store(ctx)
+        return _from_store(text, str(r), st, st.resolve(r.details(), ctx.platform))
+    if kind == "docker" and o.lazy:  # frames cached in the store as they are read
+        from shoal.mount.remote import open_docker
+
+        lazy = open_docker(r, ctx, o)
+        if lazy is not None:
+            return dataclasses.replace(lazy, ref=text)
+    src = r.new_source(ctx)
+    try:
+        res = resolve_image(src, r, ctx.platform)
+        if res.manifest is None or res.index is None:
+            return _open_classic(text, r, src, ctx)
+    except BaseException:
+        src.close()
+        raise
+    return OpenedImage(ref=text, name=str(r), digest=res.digest, index=res.index, source=SourceFrames(src),
+                       config=parse_config(res.config), local=kind != "docker", manifest=res.manifest,
+                       closer=src.close)
 
 
-def register_opener(scheme: str, opener: Callable[..., OpenedImage]) -> None:
-    """Serve references ``scheme://...`` with ``opener(rest, store_root[, options])``."""
-    _OPENERS[scheme] = opener
+def _open_classic(text: str, r: ImageReference, src: Any, ctx: SystemContext) -> OpenedImage:
+    """A classic image: converted into the store, untagged, then read from there."""
+    from shoal.convert import convert
+    from shoal.format.platform import Platform
 
-
-def _takes_options(opener: Callable[..., OpenedImage]) -> bool:
-    params = [p for p in inspect.signature(opener).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
-    return len(params) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
-
-
-def split_scheme(ref: str) -> tuple[str, str]:
-    """``"docker://a/b:c"`` -> ``("docker", "a/b:c")``; ``"name:tag"`` -> ``("", "name:tag")``."""
-    scheme, sep, rest = ref.partition("://")
-    if not sep:
-        return "", ref
-    return scheme, rest
-
-
-def open_image(ref: str, store_root: StorePath = None, options: OpenOptions | None = None) -> OpenedImage:
-    """Resolve ``ref`` to (index, frame source, config, profile).  Raises UsageError for unknown
-    schemes, NotFound for unknown images, FormatError/IntegrityError for bad ones."""
-    scheme, rest = split_scheme(ref)
-    if scheme not in _OPENERS and scheme in _BUILTIN:
-        importlib.import_module(_BUILTIN[scheme])  # registers itself
-    opener = _OPENERS.get(scheme)
-    if opener is None:
-        known = ", ".join(f"{s}://" for s in sorted(set(_OPENERS) | set(_BUILTIN)) if s) or "none"
-        raise UsageError(f"cannot mount {scheme}:// references (local NAME:TAG works; other schemes: {known})")
-    if _takes_options(opener):
-        return opener(rest, store_root, options or OpenOptions())
-    return opener(rest, store_root)
+    st = _open_store(ctx)
+    log.info("%s is a classic image: converting it into the store %s (untagged)", r, st.root)
+    try:
+        res = convert(src, st, None, platform=ctx.platform or Platform.host())
+    finally:
+        src.close()
+    return _from_store(text, str(r), st, st.manifest(res.digest), classic=res.source_digest)
 
 
 # ---------------------------------------------------------------------------------------------- counting

@@ -29,13 +29,16 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, ShoalError
 from shoal.format.manifest import json_loads, json_value
 from shoal.format.model import Index
 from shoal.reader import FrameSource
+
+if TYPE_CHECKING:
+    from shoal.transports.context import SystemContext
 
 __all__ = ["Profile", "RecordingSource", "ProfileResult", "load_local", "save_local", "fetch_remote",
            "push_remote", "record", "local_path"]
@@ -228,7 +231,7 @@ def _blob_of(annotations: Any) -> tuple[str, int] | None:
     return (digest, int(size)) if digest.startswith("sha256:") and size.isdigit() else None
 
 
-def push_remote(ref_text: str, opts: dict[str, object], prof: Profile) -> str:
+def push_remote(ref_text: str, opts: "SystemContext | None", prof: Profile) -> str:
     """Push ``prof`` as a referrer artifact of its image into the repository of ``ref_text``
     (``docker://...``); return the artifact manifest's digest."""
     from shoal.transports.base import BlobInfo, parse_reference
@@ -238,7 +241,7 @@ def push_remote(ref_text: str, opts: dict[str, object], prof: Profile) -> str:
     if not isinstance(ref, DockerReference):
         raise FormatError(f"{ref_text!r} is not a docker:// reference")
     blob = prof.encode()
-    with ref.new_destination(**opts) as dst:
+    with ref.new_destination(opts) as dst:
         assert isinstance(dst, DockerDestination)
         info = dst.client.head_manifest(ref.repo, prof.image)
         if info is None:
@@ -333,8 +336,9 @@ def record(ref: str, seconds: float, run_opts: Any, open_opts: Any, store_root: 
 
     from shoal.mount import run as mrun
     from shoal.mount import state as ms
-    from shoal.mount.image import open_image, split_scheme
+    from shoal.mount.image import open_image
     from shoal.store import Store
+    from shoal.transports.base import parse_reference
 
     image = open_image(ref, store_root, dataclasses.replace(open_opts, profile=False))
     rec_dir = ms.run_dir() / "profiles"
@@ -353,8 +357,8 @@ def record(ref: str, seconds: float, run_opts: Any, open_opts: Any, store_root: 
     root = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root))).root
     path = save_local(root, prof)
     pushed = None
-    if push and split_scheme(ref)[0] == "docker":
-        pushed = push_remote(ref, dict(open_opts.registry), prof)
+    if push and parse_reference(ref).transport.name == "docker":
+        pushed = push_remote(ref, open_opts.context, prof)
     total = sum(f.clen for f in idx.frames)
     log.info("profile of %s: %d frames, %d of %d bytes", image.digest, len(frames), prof.nbytes, total)
     return ProfileResult(prof, code, str(path), pushed, total)

@@ -19,7 +19,6 @@ connections or sqlite handle (``LazySource.after_fork``).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -30,10 +29,11 @@ from shoal.format.manifest import ShoalManifest, json_object, parse_config, pars
 from shoal.format.platform import choose
 from shoal.lazy import LazySource
 from shoal.mount.early import EarlyFetch
-from shoal.mount.image import OpenedImage, OpenOptions, StorePath, register_opener
+from shoal.mount.image import OpenedImage, OpenOptions
 from shoal.mount.profile import Profile, fetch_remote, load_local, save_local
 from shoal.store import Store
-from shoal.transports.base import BlobInfo
+from shoal.transports.base import BlobInfo, ImageReference
+from shoal.transports.context import SystemContext
 from shoal.transports.docker import DockerReference, DockerSource, parse_docker
 
 __all__ = ["open_docker", "registry_options"]
@@ -43,45 +43,49 @@ log = logging.getLogger(__name__)
 _MAX_META = 256 * 1024 * 1024  # config and index blobs are read whole
 
 
-def registry_options(ref: DockerReference, options: OpenOptions) -> dict[str, object]:
-    """The transport options a mount's source is made with: the caller's, plus resolved credentials and
-    a per-request timeout no longer than ``fetch_timeout`` (so a dead registry frees its threads)."""
+def registry_options(ref: DockerReference, ctx: SystemContext, fetch_timeout: float) -> SystemContext:
+    """The context a mount's source is made with: the caller's, plus resolved credentials (from
+    ``ctx.auth_file`` first) and a per-request timeout no longer than ``fetch_timeout`` (so a dead
+    registry frees its threads)."""
     from shoal.transports.registry import load_credentials
 
-    reg: dict[str, object] = dict(options.registry)
-    if reg.get("credentials") is None:
-        creds = load_credentials(ref.host, ref.repo)  # per-repository keys first (containers-auth.json(5))
+    if ctx.credentials is None:
+        # per-repository keys first (containers-auth.json(5))
+        creds = load_credentials(ref.host, ref.repo, ctx.auth_file)
         if creds is not None:
-            reg["credentials"] = creds
-    if reg.get("timeout") is None:
-        reg["timeout"] = float(min(30.0, max(1.0, options.fetch_timeout)))
-    return reg
+            ctx = ctx.replace(credentials=creds)
+    return ctx.replace(timeout=min(ctx.timeout, max(1.0, fetch_timeout)))
 
 
-def open_docker(rest: str, store_root: StorePath, options: OpenOptions) -> OpenedImage:
+def open_docker(ref: ImageReference, ctx: SystemContext, options: OpenOptions) -> OpenedImage | None:
+    """A lazily served ``docker://`` image, or None when it is a classic image (``open_image`` then
+    converts it)."""
     # Decoding the index is CPU-bound and holds the GIL in 5 ms slices; the threads fetching the
     # profile and its frames meanwhile need it for a moment per response.  Shorter slices let them in.
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, 0.0005))
     try:
-        return _open_docker(rest, store_root, options)
+        return _open_docker(parse_docker(ref.details()), ctx, options)
     finally:
         sys.setswitchinterval(old)
 
 
-def _open_docker(rest: str, store_root: StorePath, options: OpenOptions) -> OpenedImage:
-    ref = parse_docker("//" + rest)
+def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions) -> OpenedImage | None:
     if options.fetch_timeout <= 0:
         raise UsageError("--fetch-timeout must be positive")
-    reg = registry_options(ref, options)
-    store = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root)))
-    src = ref.new_source(**reg)
+    reg = registry_options(ref, ctx, options.fetch_timeout)
+    store = Store.open(ctx.store)
+    src = ref.new_source(reg)
     pool = ThreadPoolExecutor(4, thread_name_prefix="shoal-open")
     # the mount daemon's own client, made while we wait for the network (loading CA certificates
     # takes ~0.1 s); it is never used before the fork, so it holds no connection the parent shares
-    spare = pool.submit(ref.new_source, **reg)
+    spare = pool.submit(ref.new_source, reg)
     try:
-        raw = _manifest(src, store, options.platform)
+        raw = _manifest(src, store, ctx.platform)
+        if raw is None:
+            src.close()
+            spare.result().close()
+            return None
         m = parse_manifest(raw)
         meta = [pool.submit(_blob, src, store, d) for d in (m.config, m.index)]
         early_wanted = options.prefetch in ("auto", "all")
@@ -120,18 +124,19 @@ def _open_docker(rest: str, store_root: StorePath, options: OpenOptions) -> Open
     def reopen() -> DockerSource:
         if spares:
             return spares.pop()
-        again = ref.new_source(**reg)
+        again = ref.new_source(reg)
         again.follow(src)
         return again
 
     source = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
                         where=f"{ref.host}/{ref.repo}", early=adopted)
-    return OpenedImage(ref="docker://" + rest, name=str(ref), digest=m.digest, index=index, source=source,
-                       config=config, prefetch=frames, local=False)
+    return OpenedImage(ref=str(ref), name=str(ref), digest=m.digest, index=index, source=source,
+                       config=config, prefetch=frames, local=False, manifest=m)
 
 
-def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes:
-    """The Shoal manifest ``src`` names (a local copy when the reference is a digest we hold)."""
+def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes | None:
+    """The Shoal manifest ``src`` names (a local copy when the reference is a digest we hold); None
+    for a classic image."""
     digest = src.ref.digest
     if digest is not None and store.layout.has(digest):
         raw = store.layout.get(digest)
@@ -143,8 +148,7 @@ def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes:
         raw = _child(src, doc, platform)
         doc = json_object(raw)
     if doc.get("artifactType") != mt.ARTIFACT_TYPE:
-        raise FormatError(f"{src.ref} is not a Shoal image (convert it first: shoal copy {src.ref} NAME:TAG "
-                          "then shoal push)")
+        return None
     return raw
 
 
@@ -208,5 +212,3 @@ def _profile(src: DockerSource, store: Store, ref: DockerReference, m: ShoalMani
         want.append((d.digest, off, clen))
     return prof, EarlyFetch(src, {p.digest: p.size for p in m.packs}, want) if want else None
 
-
-register_opener("docker", open_docker)

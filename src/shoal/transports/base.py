@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from shoal.errors import NotFound, UsageError
+from shoal.transports.context import SystemContext
 
 __all__ = ["ImageReference", "ImageSource", "ImageDestination", "Transport", "TRANSPORTS", "register",
-           "parse_reference", "BlobInfo"]
+           "parse_reference", "BlobInfo", "SystemContext"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,13 @@ class ImageReference(abc.ABC):
         return f"{self.transport.name}:{self.details()}" if self.transport.name else self.details()
 
     @abc.abstractmethod
-    def new_source(self, **opts: object) -> "ImageSource": ...
+    def new_source(self, ctx: SystemContext | None = None) -> "ImageSource":
+        """A source reading the image, reached as ``ctx`` says (default ``SystemContext()``)."""
 
     @abc.abstractmethod
-    def new_destination(self, **opts: object) -> "ImageDestination": ...
+    def new_destination(self, ctx: SystemContext | None = None) -> "ImageDestination": ...
 
-    def delete(self, **opts: object) -> None:
+    def delete(self, ctx: SystemContext | None = None) -> None:
         raise UsageError(f"{self.transport.name}: deleting images is not supported")
 
 

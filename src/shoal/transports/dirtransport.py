@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.errors import FormatError, NotFound, UsageError, from_oserror
-from shoal.transports.base import ImageReference, Transport, register
+from shoal.transports.base import ImageReference, SystemContext, Transport, register
 from shoal.transports.oci_layout import (
     BlobFileDestination,
     BlobFileSource,
@@ -63,10 +63,10 @@ class DirReference(ImageReference):
     def details(self) -> str:
         return self.path
 
-    def new_source(self, **opts: object) -> "DirSource":
+    def new_source(self, ctx: SystemContext | None = None) -> "DirSource":
         return DirSource(Path(self.path))
 
-    def new_destination(self, **opts: object) -> "DirDestination":
+    def new_destination(self, ctx: SystemContext | None = None) -> "DirDestination":
         return DirDestination(Path(self.path))
 
 

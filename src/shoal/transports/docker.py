@@ -6,12 +6,12 @@ without a registry host is on Docker Hub (``docker.io``), and a one-component Hu
 skopeo 1.9 does).  ``str(ref)`` is the familiar form (``docker://busybox:latest``), which parses
 back to an equal reference.
 
-Options (``new_source(**opts)``/``new_destination(**opts)``/``delete(**opts)``; unknown keys are
-ignored, so one option dict can serve every transport): ``tls_verify``, ``ca_bundle``,
-``cert_dir``, ``plain_http``, ``credentials`` (:class:`Credentials` or ``"user:password"``),
-``concurrency``, ``retries``, ``backoff``, ``timeout``, ``min_rate``, ``chunk_size`` (PATCH uploads above it),
-``registries_conf`` (a registries.conf replacing the system one), and for destinations ``tags`` (extra
-tags written at ``commit()``).
+Options: the ``SystemContext`` (transports/context.py) given to ``new_source``/``new_destination``/
+``delete``: ``auth_file`` (``--authfile``: replaces the primary auth file), ``credentials``,
+``tls_verify``, ``ca_bundle``, ``cert_dir``, ``plain_http``, ``concurrency``, ``retries``, ``backoff``,
+``timeout``, ``min_rate``, ``chunk_size`` (PATCH uploads above it), ``registries_conf`` (a
+registries.conf replacing the system one), and for destinations ``tags`` (extra tags written at
+``commit()``).
 
 containers-registries.conf(5) applies as in containers/image (registry/sysregistries.py): a source
 tries the ``[[registry.mirror]]`` endpoints in order, then the primary location (the matched prefix
@@ -26,26 +26,33 @@ onto :class:`RegistryClient`.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import quote, urljoin
 
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError, TransportError, UsageError
-from shoal.format.manifest import json_loads, json_object
-from shoal.format.platform import choose
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
-from shoal.transports.registry import Credentials, RegistryClient, RegistryStats
+from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError, UsageError
+from shoal.format.manifest import json_loads
+from shoal.transports.base import (
+    BlobInfo,
+    ImageDestination,
+    ImageReference,
+    ImageSource,
+    SystemContext,
+    Transport,
+    register,
+)
+from shoal.transports.context import TAG_RE as _TAG_RE
+from shoal.transports.registry import RegistryClient, RegistryStats
 from shoal.transports.registry.auth import merge_scopes, repository_scope
 from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
-           "parse_docker", "open_remote_image", "make_client", "PullEndpoint", "pull_endpoints",
+           "parse_docker", "make_client", "PullEndpoint", "pull_endpoints",
            "short_name_candidates"]
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,6 @@ _HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"
 _DOMAIN_COMP = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_RE = re.compile(rf"(?:{_DOMAIN_COMP}(?:\.{_DOMAIN_COMP})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
 _PATH_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)  # Go's \w: ASCII only
 _DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
 _MAX_NAME = 255
 _T = TypeVar("_T")
@@ -99,16 +105,16 @@ class DockerReference(ImageReference):
     def with_tag(self, tag: str) -> "DockerReference":
         return DockerReference(self.host, self.repo, tag, None)
 
-    def new_source(self, **opts: object) -> "DockerSource":
-        return DockerSource(self, pull_endpoints(self, RegistryOptions.from_opts(opts)))
+    def new_source(self, ctx: SystemContext | None = None) -> "DockerSource":
+        return DockerSource(self, pull_endpoints(self, ctx or SystemContext()))
 
-    def new_destination(self, **opts: object) -> "DockerDestination":
-        o = _push_options(self, RegistryOptions.from_opts(opts))
+    def new_destination(self, ctx: SystemContext | None = None) -> "DockerDestination":
+        o = _push_options(self, ctx or SystemContext())
         return DockerDestination(self, make_client(self.host, o), o.tags)
 
-    def delete(self, **opts: object) -> None:
+    def delete(self, ctx: SystemContext | None = None) -> None:
         """Delete the manifest the reference names (every tag pointing at it goes, as in skopeo)."""
-        with make_client(self.host, _push_options(self, RegistryOptions.from_opts(opts))) as client:
+        with make_client(self.host, _push_options(self, ctx or SystemContext())) as client:
             digest = self.digest
             if digest is None:
                 info = client.head_manifest(self.repo, self.reference)
@@ -157,67 +163,12 @@ def parse_docker(details: str) -> DockerReference:
 # ------------------------------------------------------------------------------------------ options
 
 
-@dataclass(frozen=True)
-class RegistryOptions:
-    tls_verify: bool = True
-    ca_bundle: str | None = None
-    cert_dir: str | None = None
-    plain_http: bool | None = None  # None: https, found out for loopback hosts and with tls_verify=False
-    credentials: Credentials | None = None
-    concurrency: int = 8
-    retries: int = 5
-    backoff: float = 0.2
-    timeout: float = 30.0  # connect and stall limit, and the grace of each request's deadline
-    min_rate: float = 64 * 1024  # bytes/s a request must average after its grace (registry/deadline.py)
-    chunk_size: int | None = None  # blobs larger than this go up in PATCHes of this size (default 8 MiB)
-    tags: tuple[str, ...] = field(default_factory=tuple)
-    registries_conf: str | None = None  # replaces the system registries.conf (its drop-ins still apply)
-
-    @classmethod
-    def from_opts(cls, opts: Mapping[str, object]) -> "RegistryOptions":
-        kw: dict[str, Any] = {}
-        for key, typ in (("tls_verify", bool), ("plain_http", bool)):
-            v = opts.get(key)
-            if v is not None:
-                kw[key] = _typed(key, v, typ)
-        for key in ("ca_bundle", "cert_dir", "registries_conf"):
-            v = opts.get(key)
-            if v:
-                kw[key] = os.fspath(cast(str, v))
-        for key, typ2 in (("concurrency", int), ("retries", int), ("backoff", float), ("timeout", float),
-                          ("min_rate", float), ("chunk_size", int)):
-            v = opts.get(key)
-            if v is not None:
-                kw[key] = _typed(key, v, typ2)
-        creds = opts.get("credentials")
-        if isinstance(creds, str):
-            user, sep, pw = creds.partition(":")
-            if not user:
-                raise UsageError("credentials must look like USER:PASSWORD")
-            creds = Credentials(user, pw)
-        if creds is not None and not isinstance(creds, Credentials):
-            raise UsageError("credentials must be USER:PASSWORD")
-        kw["credentials"] = creds
-        tags = opts.get("tags") or ()
-        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and _TAG_RE.fullmatch(t) for t in tags):
-            raise UsageError("tags must be a list of valid tags")
-        kw["tags"] = tuple(tags)
-        return cls(**kw)
+#: The options of this transport are the ``SystemContext``'s (transports/context.py); the old name stays
+#: for callers that spell it so.
+RegistryOptions = SystemContext
 
 
-def _typed(key: str, v: object, typ: type) -> Any:
-    if typ is bool:
-        if isinstance(v, bool):
-            return v
-        raise UsageError(f"option {key} must be true or false")
-    if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    if typ is int and isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "retries" else 1):
-        return v
-    raise UsageError(f"option {key} has an invalid value")
-
-
-def make_client(host: str, o: RegistryOptions) -> RegistryClient:
+def make_client(host: str, o: SystemContext) -> RegistryClient:
     """A RegistryClient for ``host`` with ``o``: the system's CAs plus ``ca_bundle`` and the ``*.crt`` of
     ``cert_dir`` or /etc/{containers,docker}/certs.d/HOST, and a client certificate from there (registry/tls.py)."""
     chunk = o.chunk_size or 8 * 1024 * 1024
@@ -225,7 +176,7 @@ def make_client(host: str, o: RegistryOptions) -> RegistryClient:
         host, tls_verify=o.tls_verify, ca_bundle=o.ca_bundle, cert_dir=o.cert_dir, plain_http=o.plain_http,
         credentials=o.credentials, timeout=o.timeout, max_connections=max(8, 2 * o.concurrency), retries=o.retries,
         backoff=o.backoff, range_concurrency=o.concurrency, min_rate=o.min_rate, monolithic_max=chunk,
-        chunk_size=chunk if o.chunk_size else 2 * chunk,
+        chunk_size=chunk if o.chunk_size else 2 * chunk, auth_file=o.auth_file,
     )
 
 
@@ -237,11 +188,11 @@ class PullEndpoint:
     """One place to pull an image from: ``ref`` is the image there, ``options`` how to reach it."""
 
     ref: DockerReference
-    options: RegistryOptions
+    options: SystemContext
     mirror: bool = False
 
 
-def _push_options(ref: DockerReference, o: RegistryOptions) -> RegistryOptions:
+def _push_options(ref: DockerReference, o: SystemContext) -> SystemContext:
     """A destination (or delete) is the reference itself: its ``[[registry]]``'s blocked and insecure only."""
     reg = load_registries_conf(o.registries_conf).find(f"{ref.host}/{ref.repo}")
     if reg is not None and reg.blocked:
@@ -249,7 +200,7 @@ def _push_options(ref: DockerReference, o: RegistryOptions) -> RegistryOptions:
     return replace(o, tls_verify=False) if reg is not None and reg.insecure else o
 
 
-def pull_endpoints(ref: DockerReference, o: RegistryOptions) -> tuple[PullEndpoint, ...]:
+def pull_endpoints(ref: DockerReference, o: SystemContext) -> tuple[PullEndpoint, ...]:
     """Where to pull ``ref`` from, in order (mirrors, then the primary), per registries.conf.
 
     ``credentials`` given in ``o`` go only to endpoints on the reference's own host; the others look
@@ -499,55 +450,6 @@ class DockerDestination(ImageDestination):
 
 
 # ------------------------------------------------------------------------------------------ remote inspection
-
-
-def open_remote_image(ref_text: str, platform: str | None = None, **opts: object) -> tuple[bytes, bytes, bytes]:
-    """(manifest, config, index blob) of a ``docker://`` image, without fetching any pack.
-
-    An image index resolves to its image for ``platform`` (``os/arch[/variant]``; default this
-    machine's) by ``shoal.format.platform.choose`` (NotFound if it has none; a Shoal child wins over a
-    classic one of the same platform).  For a classic (non-Shoal) image the index is ``b""``.
-    Config and index are verified against their descriptors.
-    """
-    from shoal.transports.base import parse_reference
-
-    ref = parse_reference(ref_text)
-    if not isinstance(ref, DockerReference):
-        raise UsageError(f"{ref_text!r} is not a docker:// reference")
-    with ref.new_source(**opts) as src:
-        raw, media = src.get_manifest()
-        doc = json_object(raw)
-        if media in mt.INDEX_TYPES or "manifests" in doc:
-            raw, doc = _pick_child(src, doc, platform, ref_text)
-        cfg = doc.get("config")
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("digest"), str) or not isinstance(cfg.get("size"), int):
-            raise FormatError(f"manifest of {ref} has no valid config descriptor")
-        config = _small_blob(src, cfg)
-        layers = doc.get("layers") or []
-        index = b""
-        if (doc.get("artifactType") == mt.ARTIFACT_TYPE and layers and isinstance(layers[0], dict)
-                and layers[0].get("mediaType") == mt.INDEX):
-            index = _small_blob(src, layers[0])
-        return raw, config, index
-
-
-def _pick_child(src: ImageSource, doc: dict[str, Any], platform: str | None, what: str
-                ) -> tuple[bytes, dict[str, Any]]:
-    kid = choose(doc.get("manifests"), platform, what, prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
-    raw, _ = src.get_manifest(str(kid["digest"]))
-    return raw, json_object(raw)
-
-
-_MAX_SMALL_BLOB = 256 * 1024 * 1024
-
-
-def _small_blob(src: ImageSource, d: dict[str, Any]) -> bytes:
-    size = d.get("size")
-    if not isinstance(size, int) or size < 0 or size > _MAX_SMALL_BLOB:
-        raise FormatError(f"descriptor {str(d.get('digest'))[:80]} has an invalid or oversized size")
-    stream, _ = src.get_blob(BlobInfo(str(d["digest"]), size, str(d.get("mediaType", ""))))
-    with stream:
-        return stream.read()
 
 
 # ------------------------------------------------------------------------------------------ short names

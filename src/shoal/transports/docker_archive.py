@@ -37,7 +37,8 @@ from typing import Any, BinaryIO
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, UsageError, from_oserror
-from shoal.transports.base import BlobInfo, ImageReference, ImageSource, Transport, register
+from shoal.transports.base import BlobInfo, ImageReference, ImageSource, SystemContext, Transport, register
+from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.oci_archive import (
     READ_ERRORS,
     ArchiveLimits,
@@ -72,7 +73,6 @@ _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_RE = re.compile(rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?")
 _PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"{_PATH_PART}(?:/{_PATH_PART})*")
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _INDEX_RE = re.compile(r"@([0-9]{1,18})")  # bounded: int() refuses > 4300 digits
 
 
@@ -132,15 +132,13 @@ class DockerArchiveReference(ImageReference):
             return f"{self.path}:@{self.index}"
         return f"{self.path}:{self.name}" if self.name else self.path
 
-    def new_source(self, **opts: object) -> "DockerArchiveSource":
-        t = opts.get("tmpdir")
-        return DockerArchiveSource(self, ArchiveLimits.from_opts(opts), str(t) if t else None)
+    def new_source(self, ctx: SystemContext | None = None) -> "DockerArchiveSource":
+        return DockerArchiveSource(self, ArchiveLimits.of(ctx), ctx.tmpdir if ctx is not None else None)
 
-    def new_destination(self, **opts: object) -> "DockerArchiveDestination":
+    def new_destination(self, ctx: SystemContext | None = None) -> "DockerArchiveDestination":
         if self.index >= 0:
             raise UsageError(f"{self}: a destination cannot be an index position (@{self.index})")
-        t = opts.get("tmpdir")
-        return DockerArchiveDestination(self, ArchiveLimits.from_opts(opts), str(t) if t else None)
+        return DockerArchiveDestination(self, ArchiveLimits.of(ctx), ctx.tmpdir if ctx is not None else None)
 
 
 # ------------------------------------------------------------------------------------- source

@@ -22,7 +22,15 @@ from shoal.format import packing
 from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads, json_value
 from shoal.reader import Reader, StoreSource
 from shoal.store import Store, normalize_ref
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
+from shoal.transports.base import (
+    BlobInfo,
+    ImageDestination,
+    ImageReference,
+    ImageSource,
+    SystemContext,
+    Transport,
+    register,
+)
 
 __all__ = ["LocalReference", "LocalTransport"]
 
@@ -45,18 +53,17 @@ class LocalReference(ImageReference):
     def details(self) -> str:
         return self.name
 
-    def store(self, opts: dict[str, object]) -> Store:
-        root = opts.get("store")
-        return Store.open(str(root) if root else None)
+    def store(self, ctx: SystemContext | None = None) -> Store:
+        return Store.open(ctx.store if ctx is not None else None)
 
-    def new_source(self, **opts: object) -> "LocalSource":
-        return LocalSource(self, self.store(opts))
+    def new_source(self, ctx: SystemContext | None = None) -> "LocalSource":
+        return LocalSource(self, self.store(ctx))
 
-    def new_destination(self, **opts: object) -> "LocalDestination":
-        return LocalDestination(self, self.store(opts))
+    def new_destination(self, ctx: SystemContext | None = None) -> "LocalDestination":
+        return LocalDestination(self, self.store(ctx))
 
-    def delete(self, **opts: object) -> None:
-        self.store(opts).untag(self.name)
+    def delete(self, ctx: SystemContext | None = None) -> None:
+        self.store(ctx).untag(self.name)
 
 
 class LocalSource(ImageSource):

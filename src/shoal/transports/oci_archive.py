@@ -16,8 +16,8 @@ REF has the syntax and meaning of ``oci:PATH[:REF]`` (see ``oci_layout``).
 The tar plumbing here (``plain_tar``, ``TarIndex``: a checked, in-place index of an archive's members;
 ``write_tar``: the deterministic writer) is shared with ``docker_archive``.
 
-Options (``new_source`` / ``new_destination`` keyword arguments): ``max_size`` (bytes extracted),
-``max_members``, ``tmpdir`` (where temp directories go).
+Options (the ``SystemContext`` fields it reads): ``max_size`` (bytes extracted), ``max_members``,
+``tmpdir`` (where temp directories go).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any, BinaryIO, Iterable, Iterator, cast
 
 import zstandard
 
-from shoal.errors import FormatError, HostileInput, NotFound, StoreError, UsageError, from_oserror
-from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, Transport, register
+from shoal.errors import FormatError, HostileInput, NotFound, StoreError, from_oserror
+from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, SystemContext, Transport, register
 from shoal.transports.oci_layout import (
     MAX_JSON,
     LayoutPathReference,
@@ -70,17 +70,13 @@ class ArchiveLimits:
     max_members: int = 1_000_000
 
     @classmethod
-    def from_opts(cls, opts: dict[str, object]) -> "ArchiveLimits":
-        d = cls()
-        size, members = opts.get("max_size", d.max_size), opts.get("max_members", d.max_members)
-        if not isinstance(size, int) or not isinstance(members, int):
-            raise UsageError("max_size and max_members must be integers")
-        return cls(size, members)
+    def of(cls, ctx: SystemContext | None) -> "ArchiveLimits":
+        return cls() if ctx is None else cls(ctx.max_size, ctx.max_members)
 
 
-def _tmpdir(opts: dict[str, object], default: Path | None = None) -> str | None:
-    t = opts.get("tmpdir")
-    return str(t) if t else (str(default) if default else None)
+def _tmpdir(ctx: SystemContext | None, default: Path | None = None) -> str | None:
+    t = ctx.tmpdir if ctx is not None else None
+    return t if t else (str(default) if default else None)
 
 
 def make_tempdir(prefix: str, where: str | None) -> Path:
@@ -363,12 +359,12 @@ TRANSPORT = register(OciArchiveTransport())
 class OciArchiveReference(LayoutPathReference):
     transport = TRANSPORT
 
-    def new_source(self, **opts: object) -> "OciArchiveSource":
-        return OciArchiveSource(self, ArchiveLimits.from_opts(opts), _tmpdir(opts))
+    def new_source(self, ctx: SystemContext | None = None) -> "OciArchiveSource":
+        return OciArchiveSource(self, ArchiveLimits.of(ctx), _tmpdir(ctx))
 
-    def new_destination(self, **opts: object) -> "OciArchiveDestination":
+    def new_destination(self, ctx: SystemContext | None = None) -> "OciArchiveDestination":
         self._check_destination()
-        return OciArchiveDestination(self, _tmpdir(opts, Path(self.path).parent))
+        return OciArchiveDestination(self, _tmpdir(ctx, Path(self.path).parent))
 
 
 class OciArchiveSource(ImageSource):

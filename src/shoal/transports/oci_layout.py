@@ -38,7 +38,15 @@ from typing import Any, BinaryIO, Iterator
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, HostileInput, IntegrityError, NotFound, StoreError, UsageError, from_oserror
 from shoal.format.manifest import json_loads
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
+from shoal.transports.base import (
+    BlobInfo,
+    ImageDestination,
+    ImageReference,
+    ImageSource,
+    SystemContext,
+    Transport,
+    register,
+)
 
 __all__ = ["OciLayoutTransport", "OciLayoutReference", "OciLayoutSource", "OciLayoutDestination",
            "Descriptor", "LayoutRef", "parse_layout_ref", "BlobFileSource", "BlobFileDestination",
@@ -243,14 +251,14 @@ TRANSPORT = register(OciLayoutTransport())
 class OciLayoutReference(LayoutPathReference):
     transport = TRANSPORT
 
-    def new_source(self, **opts: object) -> "OciLayoutSource":
+    def new_source(self, ctx: SystemContext | None = None) -> "OciLayoutSource":
         return OciLayoutSource(Path(self.path), self.name, self.index)
 
-    def new_destination(self, **opts: object) -> "OciLayoutDestination":
+    def new_destination(self, ctx: SystemContext | None = None) -> "OciLayoutDestination":
         self._check_destination()
         return OciLayoutDestination(Path(self.path), self.name)
 
-    def delete(self, **opts: object) -> None:
+    def delete(self, ctx: SystemContext | None = None) -> None:
         """Remove the entry from ``index.json``, then the blobs only it reached (as skopeo does)."""
         root = Path(self.path)
         with _index_lock(root):

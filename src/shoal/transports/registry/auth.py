@@ -165,11 +165,13 @@ class Authenticator:
         *,
         lookup: bool = True,
         secure: Callable[[], bool] = lambda: True,  # is the registry itself on https (once it is known)
+        auth_file: str | None = None,  # --authfile: replaces the primary auth file (credentials.py)
     ) -> None:
         self.host = host
         self._send = send
         self._creds = credentials
         self._lookup = lookup and credentials is None
+        self._auth_file = auth_file
         self._found: dict[str | None, Credentials | None] = {}  # looked up, per repository
         self._secure = secure
         self._lock = threading.Lock()
@@ -188,7 +190,7 @@ class Authenticator:
         repo = scope_repository(scopes)
         with self._lock:
             if repo not in self._found:
-                self._found[repo] = load_credentials(self.host, repo)
+                self._found[repo] = load_credentials(self.host, repo, self._auth_file)
             return self._found[repo]
 
     # -- proactive ---------------------------------------------------------

@@ -152,6 +152,7 @@ class RegistryClient:
         range_concurrency: int = 8,
         range_merge_gap: int = 64 * 1024,
         min_rate: float = DEFAULT_MIN_RATE,
+        auth_file: str | None = None,
     ) -> None:
         host = host.strip().rstrip("/")
         if not host or "/" in host or "@" in host:
@@ -169,9 +170,8 @@ class RegistryClient:
         tls = tls_context(host, TLSOptions(tls_verify, ca_bundle, cert_dir))  # tls.py: roots + extras
         self._http = http_client(tls=tls, timeout=timeout, max_connections=max_connections,
                                  headers={"User-Agent": "shoal", "Accept-Encoding": "identity"})
-        self.auth = Authenticator(
-            host, self._send_raw, credentials, lookup=lookup_credentials, secure=lambda: not self._endpoint.plain_http
-        )
+        self.auth = Authenticator(host, self._send_raw, credentials, lookup=lookup_credentials,
+                                  secure=lambda: not self._endpoint.plain_http, auth_file=auth_file)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._ranges_ignored = False

@@ -118,10 +118,11 @@ def _config_auth_file() -> Path:
     return Path(base) / "containers" / "auth.json"
 
 
-def _auth_files() -> list[tuple[Path, bool]]:
-    """``(path, legacy format)`` of every file consulted by :func:`load_credentials`, in order."""
+def _auth_files(auth_file: str | os.PathLike[str] | None = None) -> list[tuple[Path, bool]]:
+    """``(path, legacy format)`` of every file consulted by :func:`load_credentials`, in order;
+    ``auth_file`` (``--authfile``) replaces the primary file, as ``$REGISTRY_AUTH_FILE`` does."""
     out: list[tuple[Path, bool]] = []
-    env = os.environ.get("REGISTRY_AUTH_FILE")
+    env = os.fspath(auth_file) if auth_file else os.environ.get("REGISTRY_AUTH_FILE")
     primary = Path(env) if env else _runtime_auth_file()
     if primary is not None:
         out.append((primary, False))
@@ -136,14 +137,14 @@ def _auth_files() -> list[tuple[Path, bool]]:
     return unique
 
 
-def auth_file_candidates() -> list[Path]:
+def auth_file_candidates(auth_file: str | os.PathLike[str] | None = None) -> list[Path]:
     """Every file consulted by :func:`load_credentials`, in order."""
-    return [p for p, _ in _auth_files()]
+    return [p for p, _ in _auth_files(auth_file)]
 
 
-def default_auth_file() -> Path:
+def default_auth_file(auth_file: str | os.PathLike[str] | None = None) -> Path:
     """Where login writes when no path is given: podman's primary file (see the module text)."""
-    env = os.environ.get("REGISTRY_AUTH_FILE")
+    env = os.fspath(auth_file) if auth_file else os.environ.get("REGISTRY_AUTH_FILE")
     if env:
         return Path(env)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -292,11 +293,13 @@ def _lookup_in(doc: dict[str, Any], path: Path, host: str, repo: str | None, leg
     return None
 
 
-def load_credentials(host: str, repo: str | None = None) -> Credentials | None:
+def load_credentials(host: str, repo: str | None = None,
+                     auth_file: str | os.PathLike[str] | None = None) -> Credentials | None:
     """Credentials for repository ``repo`` (``org/app``; ``None``: host keys only) on ``host``
-    (``registry:port``), or ``None`` for anonymous access."""
+    (``registry:port``), or ``None`` for anonymous access.  ``auth_file`` (``--authfile``, the
+    ``SystemContext``'s) replaces the primary file."""
     h = normalize_host(host)
-    for path, legacy in _auth_files():
+    for path, legacy in _auth_files(auth_file):
         doc = _read_json(path)
         if doc is None:
             continue
