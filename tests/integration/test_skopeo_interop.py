@@ -26,7 +26,7 @@ from test_transfer import build_image, fresh_store, make_tree, shoal  # noqa: E4
 import helpers  # noqa: E402
 from regfix import Registry, registry, registry_factory  # noqa: E402,F401
 from shoal.store import Store  # noqa: E402
-from shoal.transports.base import TRANSPORTS  # noqa: E402
+from shoal.transports.base import all_transports  # noqa: E402
 from shoal.transports.registry import RegistryClient  # noqa: E402
 
 __all__ = ["registry", "registry_factory"]
@@ -75,7 +75,7 @@ def layout_blobs(layout: Path) -> dict[str, bytes]:
 def into_store(src: str, store: Path, name: str, via: Registry, tmp: str) -> None:
     """Get ``src`` (an oci: layout skopeo wrote) into the store: Shoal's oci: transport if it exists, else
     skopeo pushes it to a registry first."""
-    if "oci" in TRANSPORTS:
+    if "oci" in all_transports():
         shoal(store, "copy", src, name)
     else:
         skopeo_copy(src, f"docker://{via.host}/{tmp}")
@@ -152,7 +152,7 @@ def test_shoal_copies_a_classic_image_byte_identically(registry: Registry,
     shoal(None, "copy", f"docker://{registry.host}/interop/classic:1", f"docker://{reg2.host}/c/classic:1")
     assert remote_digest(reg2.host, "c/classic", "1") == digest
     # registry -> layout: same manifest digest, same blobs as a skopeo copy of it
-    if "oci" not in TRANSPORTS:
+    if "oci" not in all_transports():
         pytest.skip("shoal's oci: transport is not there yet")
     out, ref_layout = tmp_path / "out", tmp_path / "ref"
     shoal(None, "copy", f"docker://{reg2.host}/c/classic:1", f"oci:{out}:c")

@@ -16,14 +16,27 @@ Contracts (every implementation honours them; tests/conformance runs the same su
 from __future__ import annotations
 
 import abc
+import importlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from shoal.errors import NotFound, UsageError
 from shoal.transports.context import SystemContext
 
-__all__ = ["ImageReference", "ImageSource", "ImageDestination", "Transport", "TRANSPORTS", "register",
-           "parse_reference", "BlobInfo", "SystemContext"]
+__all__ = [
+    "ImageReference",
+    "ImageSource",
+    "ImageDestination",
+    "Transport",
+    "TRANSPORTS",
+    "BUILTIN",
+    "register",
+    "transport_named",
+    "all_transports",
+    "parse_reference",
+    "BlobInfo",
+    "SystemContext",
+]
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,12 @@ class Transport(abc.ABC):
     def parse(self, details: str) -> ImageReference: ...
 
 
-TRANSPORTS: dict[str, Transport] = {}
+TRANSPORTS: dict[str, Transport] = {}  # the transports loaded so far (all of them after all_transports())
+
+# transport name -> the module that registers it, imported on first use, so that reading a local
+# image never loads the HTTP stack (docs/transports.md)
+BUILTIN: dict[str, str] = {"": "local", "oci": "oci_layout", "oci-archive": "oci_archive",
+                           "docker-archive": "docker_archive", "dir": "dirtransport", "docker": "docker"}
 
 
 def register(t: Transport) -> Transport:
@@ -143,16 +161,31 @@ def register(t: Transport) -> Transport:
     return t
 
 
+def transport_named(name: str) -> Transport | None:
+    """The transport called ``name`` ("" is the local store), loading a built-in one on first use."""
+    t = TRANSPORTS.get(name)
+    if t is None and name in BUILTIN:
+        importlib.import_module(f"shoal.transports.{BUILTIN[name]}")
+        t = TRANSPORTS.get(name)
+    return t
+
+
+def all_transports() -> dict[str, Transport]:
+    """Every transport, the built-in ones loaded."""
+    for name in BUILTIN:
+        transport_named(name)
+    return TRANSPORTS
+
+
 def parse_reference(text: str) -> ImageReference:
     """``transport:details``; text without a known transport prefix is a local store NAME[:TAG]."""
-    from shoal import transports  # noqa: F401  (registers the built-in transports)
-
     name, sep, rest = text.partition(":")
-    if sep and name in TRANSPORTS and name != "":
+    t = transport_named(name) if sep and name else None
+    if t is not None:
         if name == "docker" and not rest.startswith("//"):
             raise UsageError(f"invalid reference {text!r}: docker references look like docker://HOST/REPO:TAG")
-        return TRANSPORTS[name].parse(rest)
-    local = TRANSPORTS.get("")
+        return t.parse(rest)
+    local = transport_named("")
     if local is None:
         raise UsageError(f"unknown transport in {text!r}")
     return local.parse(text)

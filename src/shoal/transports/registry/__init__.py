@@ -2,27 +2,63 @@
 
 from __future__ import annotations
 
-from .auth import Authenticator, Challenge, parse_www_authenticate
-from .blobs import BlobReader, PutBlobResult
-from .client import (
-    DEFAULT_MANIFEST_ACCEPT,
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    MAX_MANIFEST_SIZE,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    ManifestInfo,
-    RegistryClient,
-    RegistryStats,
-    referrers_tag,
-)
-from .credentials import (
-    Credentials,
-    default_auth_file,
-    erase_credentials,
-    load_credentials,
-    store_credentials,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .auth import Authenticator, Challenge, parse_www_authenticate
+    from .blobs import BlobReader, PutBlobResult
+    from .client import (
+        DEFAULT_MANIFEST_ACCEPT,
+        DOCKER_MANIFEST,
+        DOCKER_MANIFEST_LIST,
+        MAX_MANIFEST_SIZE,
+        OCI_INDEX,
+        OCI_MANIFEST,
+        ManifestInfo,
+        RegistryClient,
+        RegistryStats,
+        referrers_tag,
+    )
+    from .credentials import (
+        Credentials,
+        default_auth_file,
+        erase_credentials,
+        load_credentials,
+        store_credentials,
+    )
+
+# name -> submodule: loaded on first use, so that a credentials lookup never imports the HTTP client
+_LAZY = {
+    "Authenticator": "auth",
+    "BlobReader": "blobs",
+    "Challenge": "auth",
+    "Credentials": "credentials",
+    "DEFAULT_MANIFEST_ACCEPT": "client",
+    "DOCKER_MANIFEST": "client",
+    "DOCKER_MANIFEST_LIST": "client",
+    "MAX_MANIFEST_SIZE": "client",
+    "ManifestInfo": "client",
+    "OCI_INDEX": "client",
+    "OCI_MANIFEST": "client",
+    "PutBlobResult": "blobs",
+    "RegistryClient": "client",
+    "RegistryStats": "client",
+    "default_auth_file": "credentials",
+    "erase_credentials": "credentials",
+    "load_credentials": "credentials",
+    "parse_www_authenticate": "auth",
+    "referrers_tag": "client",
+    "store_credentials": "credentials",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+
 
 __all__ = [
     "Authenticator",
