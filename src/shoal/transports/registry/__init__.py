@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .auth import Authenticator, Challenge, parse_www_authenticate
-from .blobs import BlobReader, PutBlobResult
+from .blobs import BlobReader
 from .client import (
     DEFAULT_MANIFEST_ACCEPT,
     DOCKER_MANIFEST,
@@ -23,6 +23,7 @@ from .credentials import (
     load_credentials,
     store_credentials,
 )
+from .uploads import PutBlobResult
 
 __all__ = [
     "Authenticator",
