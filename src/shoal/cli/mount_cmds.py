@@ -37,7 +37,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto") -> "OpenOptions":
     """Pop the remote options out of ``kw`` and make OpenOptions of them."""
-    from shoal.cli.transfer_cmds import _creds
+    from shoal.cli.transfer_cmds import parse_creds
     from shoal.mount.image import OpenOptions
 
     creds = kw.pop("creds")
@@ -47,7 +47,7 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
                                                         "authfile", "retries", "timeout",
                                                         "registries_conf")})
     if creds is not None:
-        reg["credentials"] = _creds(creds)
+        reg["credentials"] = parse_creds(creds)
     return OpenOptions(registry=reg, fetch_timeout=fetch_timeout, platform=platform, prefetch=prefetch)
 
 

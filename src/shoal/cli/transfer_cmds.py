@@ -40,6 +40,9 @@ def _creds(text: str | None) -> object:
     return Credentials(user, pw)
 
 
+parse_creds = _creds  # the public name, for the other command modules (mount_cmds)
+
+
 def _run_copy(ctx: click.Context, src: str, dst: str, common: dict[str, object], src_creds: object,
               dst_creds: object, tags: tuple[str, ...], platform: str | None, concurrency: int,
               as_json: bool, verb: str) -> None:
