@@ -55,6 +55,11 @@ def release_sqlite() -> None:
     gc.collect()
 
 
+def keep_inherited(obj: object) -> None:
+    """In a forked child: keep ``obj``, inherited from the parent, alive and never closed (see above)."""
+    _INHERITED.append(obj)
+
+
 @dataclass
 class LazyStats:
     """Counters of one lazy source (``shoal status`` shows them under ``stats.source``)."""

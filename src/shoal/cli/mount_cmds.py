@@ -37,7 +37,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto") -> "OpenOptions":
     """Pop the remote options out of ``kw`` and make OpenOptions of them."""
-    from shoal.cli.transfer_cmds import _creds
+    from shoal.cli.transfer_cmds import parse_creds
     from shoal.mount.image import OpenOptions
 
     creds = kw.pop("creds")
@@ -46,7 +46,7 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
     sc = registry_opts(ctx, platform=platform, **{k: kw.pop(k) for k in (
         "tls_verify", "ca_bundle", "cert_dir", "plain_http", "authfile", "retries", "timeout", "registries_conf")})
     if creds is not None:
-        sc = sc.replace(credentials=_creds(creds))
+        sc = sc.replace(credentials=parse_creds(creds))
     return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch)
 
 

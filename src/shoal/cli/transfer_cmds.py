@@ -41,6 +41,9 @@ def _creds(text: str | None) -> Any:
     return Credentials(user, pw)
 
 
+parse_creds = _creds  # the public name, for the other command modules (mount_cmds)
+
+
 def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", src_creds: Any,
               dst_creds: Any, tags: tuple[str, ...], platform: str | None, concurrency: int,
               as_json: bool, verb: str) -> None:

@@ -120,10 +120,10 @@ class LocalStoreSource:
         release_sqlite()
 
     def after_fork(self) -> None:
-        from shoal.lazy import _INHERITED
+        from shoal.lazy import keep_inherited
 
         if self._inner is not None:  # never close the parent's sqlite connection in the child
-            _INHERITED.append(self._inner)
+            keep_inherited(self._inner)
             self._inner = None
 
 

@@ -32,9 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
-from urllib.parse import quote, urljoin
 
-from shoal import mediatypes as mt
 from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError, UsageError
 from shoal.format.manifest import json_loads
 from shoal.transports.base import (
@@ -48,7 +46,6 @@ from shoal.transports.base import (
 )
 from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.registry import RegistryClient, RegistryStats
-from shoal.transports.registry.auth import merge_scopes, repository_scope
 from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
@@ -353,6 +350,7 @@ class DockerDestination(ImageDestination):
         self.stats: RegistryStats = client.stats
         self._top: tuple[bytes, str] | None = None
         self.mounted = 0
+        self._mounted_lock = threading.Lock()
         self.digest = ""  # of the top manifest, once committed
 
     def close(self) -> None:
@@ -371,25 +369,11 @@ class DockerDestination(ImageDestination):
 
     def _mount(self, digest: str, from_repo: str) -> bool:
         """Cross-repository mount; True if the registry linked the blob (201)."""
-        c = self.client
-        scopes = merge_scopes([repository_scope(self.ref.repo, "pull,push"), repository_scope(from_repo, "pull")])
-        url = f"/v2/{self.ref.repo}/blobs/uploads/?mount={quote(digest, safe='')}&from={quote(from_repo, safe='')}"
-        resp = c._request("POST", url, scopes=scopes, headers={"Content-Length": "0"}, retry=True)
-        if resp.status_code == 201:
-            with c._stats_lock:
-                self.mounted += 1
-            return True
-        if resp.status_code == 202 and resp.headers.get("location"):  # an upload session instead: drop it
-            loc = urljoin(str(resp.request.url), resp.headers["location"])
-            try:
-                c._request("DELETE", loc, scopes=scopes, retry=False).close()
-            except TransportError:
-                pass
+        if not self.client.mount_blob(self.ref.repo, digest, from_repo):
             return False
-        if resp.status_code in (401, 403, 404, 405):  # no permission on the source, or mounts unsupported
-            log.debug("mount of %s from %s: HTTP %d", digest, from_repo, resp.status_code)
-            return False
-        raise c._error(resp, f"mount {digest} into {self.ref.repo}")
+        with self._mounted_lock:
+            self.mounted += 1
+        return True
 
     def put_blob(self, stream: BinaryIO, info: BlobInfo) -> None:
         # Spool first: the copier's stream is verified at EOF before anything is committed, and an upload
@@ -432,7 +416,7 @@ class DockerDestination(ImageDestination):
         subject = doc.get("subject") if isinstance(doc, dict) else None
         if not isinstance(subject, dict) or not isinstance(subject.get("digest"), str):
             return
-        if self._has_referrers_api(subject["digest"]):
+        if self.client.has_referrers_api(self.ref.repo, subject["digest"]):
             return
         desc: dict[str, Any] = {"mediaType": media, "digest": digest, "size": len(raw)}
         at = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
@@ -441,12 +425,6 @@ class DockerDestination(ImageDestination):
         if isinstance(doc.get("annotations"), dict):
             desc["annotations"] = doc["annotations"]
         self.client.put_referrer_tag_index(self.ref.repo, subject["digest"], desc)
-
-    def _has_referrers_api(self, subject: str) -> bool:
-        c = self.client
-        resp = c._request("GET", f"/v2/{self.ref.repo}/referrers/{subject}", scopes=c._pull(self.ref.repo),
-                          headers={"Accept": mt.OCI_INDEX})
-        return resp.status_code == 200 and resp.headers.get("content-type", "").startswith(mt.OCI_INDEX)
 
 
 # ------------------------------------------------------------------------------------------ remote inspection

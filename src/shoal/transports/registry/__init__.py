@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .auth import Authenticator, Challenge, parse_www_authenticate
-    from .blobs import BlobReader, PutBlobResult
+    from .blobs import BlobReader
     from .client import (
         DEFAULT_MANIFEST_ACCEPT,
         DOCKER_MANIFEST,
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         load_credentials,
         store_credentials,
     )
+    from .uploads import PutBlobResult
 
 # name -> submodule: loaded on first use, so that a credentials lookup never imports the HTTP client
 _LAZY = {
@@ -41,7 +42,7 @@ _LAZY = {
     "ManifestInfo": "client",
     "OCI_INDEX": "client",
     "OCI_MANIFEST": "client",
-    "PutBlobResult": "blobs",
+    "PutBlobResult": "uploads",
     "RegistryClient": "client",
     "RegistryStats": "client",
     "default_auth_file": "credentials",

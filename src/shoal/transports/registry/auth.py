@@ -279,54 +279,61 @@ class Authenticator:
             creds = self.credentials(scopes)
             if creds is not None and parts.scheme == "http" and self._secure() and not _is_loopback(parts.hostname):
                 raise AuthError(f"refusing to send credentials for {self.host} to a plain-http token realm")
-            service = ch.params.get("service")
             started = time.monotonic()
-            headers = {"Accept": "application/json"}
-            if creds is not None and creds.identity_token:
-                form: list[tuple[str, str]] = [
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", creds.identity_token),
-                    ("client_id", "shoal"),
-                ]
-                if service:
-                    form.append(("service", service))
-                form.extend(("scope", s) for s in scopes)
-                headers["Content-Type"] = "application/x-www-form-urlencoded"
-                resp = self._send("POST", realm, headers, urlencode(form).encode())
-            else:
-                query: list[tuple[str, str]] = []
-                if service:
-                    query.append(("service", service))
-                query.extend(("scope", s) for s in scopes)
-                if creds is not None and creds.username:
-                    query.append(("account", creds.username))
-                    headers["Authorization"] = creds.basic_header()
-                sep = "&" if parts.query else "?"
-                url = realm + (sep + urlencode(query) if query else "")
-                resp = self._send("GET", url, headers, None)
+            resp = self._ask_token(realm, ch.params.get("service"), scopes, creds)
             self.token_fetches += 1
-            if resp.status_code in (401, 403):
-                if creds is None:
-                    raise AuthError(f"token service for {self.host} refused anonymous access")
-                raise AuthError(f"authentication to {self.host} failed: username or password refused")
-            if resp.status_code != 200:
-                raise TransportError(f"token service for {self.host} answered HTTP {resp.status_code}")
-            body = resp.content
-            if len(body) > _TOKEN_MAX_BYTES:
-                raise TransportError(f"token service for {self.host} sent an oversized answer")
-            try:
-                doc = json_loads(body)
-            except ValueError:
-                raise TransportError(f"token service for {self.host} sent malformed JSON") from None
-            if not isinstance(doc, dict):
-                raise TransportError(f"token service for {self.host} sent malformed JSON")
-            token = doc.get("token") or doc.get("access_token")
-            if not isinstance(token, str) or not token:
-                raise TransportError(f"token service for {self.host} sent no token")
-            ttl = doc.get("expires_in")
-            ttl_s = float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else DEFAULT_TOKEN_TTL
+            token, ttl_s = self._token_of(resp, creds)
             margin = min(_TOKEN_MARGIN, ttl_s / 10)
             with self._lock:
                 self._tokens[scopes] = (token, started + ttl_s - margin)
             log.debug("token for %s scopes=%s ttl=%.0fs", self.host, " ".join(scopes) or "-", ttl_s)
             return token
+
+    def _ask_token(self, realm: str, service: str | None, scopes: tuple[str, ...],
+                   creds: Credentials | None) -> httpx.Response:
+        """The token service's answer: a refresh-token POST for an identity token, else a GET (with
+        basic auth when there are credentials)."""
+        headers = {"Accept": "application/json"}
+        if creds is not None and creds.identity_token:
+            form: list[tuple[str, str]] = [
+                ("grant_type", "refresh_token"),
+                ("refresh_token", creds.identity_token),
+                ("client_id", "shoal"),
+            ]
+            if service:
+                form.append(("service", service))
+            form.extend(("scope", s) for s in scopes)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            return self._send("POST", realm, headers, urlencode(form).encode())
+        query: list[tuple[str, str]] = []
+        if service:
+            query.append(("service", service))
+        query.extend(("scope", s) for s in scopes)
+        if creds is not None and creds.username:
+            query.append(("account", creds.username))
+            headers["Authorization"] = creds.basic_header()
+        sep = "&" if urlsplit(realm).query else "?"
+        return self._send("GET", realm + (sep + urlencode(query) if query else ""), headers, None)
+
+    def _token_of(self, resp: httpx.Response, creds: Credentials | None) -> tuple[str, float]:
+        """The token and its lifetime (seconds) in a token service's answer."""
+        if resp.status_code in (401, 403):
+            if creds is None:
+                raise AuthError(f"token service for {self.host} refused anonymous access")
+            raise AuthError(f"authentication to {self.host} failed: username or password refused")
+        if resp.status_code != 200:
+            raise TransportError(f"token service for {self.host} answered HTTP {resp.status_code}")
+        body = resp.content
+        if len(body) > _TOKEN_MAX_BYTES:
+            raise TransportError(f"token service for {self.host} sent an oversized answer")
+        try:
+            doc = json_loads(body)
+        except ValueError:
+            raise TransportError(f"token service for {self.host} sent malformed JSON") from None
+        if not isinstance(doc, dict):
+            raise TransportError(f"token service for {self.host} sent malformed JSON")
+        token = doc.get("token") or doc.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise TransportError(f"token service for {self.host} sent no token")
+        ttl = doc.get("expires_in")
+        return token, float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else DEFAULT_TOKEN_TTL

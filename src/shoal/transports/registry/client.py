@@ -3,6 +3,13 @@
 One :class:`RegistryClient` per registry host.  It is thread-safe (one
 keep-alive connection pool, shared token cache) and quiet (``logging``
 only).  Every blob or manifest fetched by digest is verified.
+
+Besides the registry operations, the client has a small public surface that
+blobs.py, uploads.py, referrers.py and the docker transport build on
+(docs/transports-registry.md §The client's surface): ``request`` (one attempt,
+no retries), ``retrying`` (the one retry/backoff/resume loop), ``error_for``
+(an error answer as a Shoal error; the mapping is responses.py's),
+``scopes``, ``count``, ``executor`` and ``ranges_ignored``.
 """
 
 from __future__ import annotations
@@ -24,37 +31,18 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from shoal.errors import (
-    AuthError,
-    FormatError,
-    IntegrityError,
-    NotFound,
-    ShoalError,
-    TransportError,
-    UsageError,
-)
+from shoal.errors import FormatError, IntegrityError, ShoalError, TransportError, UsageError
 from shoal.format.manifest import json_loads
 
 from .auth import Authenticator, repository_scope
-from .blobs import (
-    BlobReader,
-    BlobSource,
-    PutBlobResult,
-    check_digest,
-    digest_of,
-    fetch_ranges,
-    hasher,
-    put_blob,
-    read_all,
-)
+from .blobs import BlobReader, check_digest, digest_of, fetch_ranges, hasher, read_all
 from .credentials import Credentials
 from .deadline import DEFAULT_MIN_RATE, Deadline
-from .referrers import put_referrer_tag_index, referrers, referrers_tag
-from .responses import Transient, failure, redact
-from .responses import one_line as _one_line
-from .responses import retry_after as _retry_after
+from .referrers import has_referrers_api, put_referrer_tag_index, referrers, referrers_tag
+from .responses import MAX_ERROR_BODY, RETRY_STATUSES, Attempts, Transient, answer_error, failure, redact
 from .tls import TLSOptions, tls_context
 from .transport import Endpoint, http_client
+from .uploads import BlobSource, PutBlobResult, mount_blob, put_blob
 
 __all__ = [
     "RegistryClient",
@@ -83,11 +71,9 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
-_RETRY_STATUSES = frozenset({408, 429, 499, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 10
 _MAX_SMALL_BODY = 16 * 1024 * 1024  # cap on answers read whole (tags, tokens)
-MAX_ERROR_BODY = 64 * 1024  # an error answer is read this far, for its message
 _T = TypeVar("_T")
 
 
@@ -127,6 +113,10 @@ def _manifest_digest(data: bytes, reference: str, what: str) -> str:
             raise IntegrityError(f"{what}: content does not match its digest")
         return digest
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _StoredOther(Transient):
+    """The registry stored a manifest with another digest than the bytes sent: damaged on the way."""
 
 
 class RegistryClient:
@@ -174,7 +164,7 @@ class RegistryClient:
                                   secure=lambda: not self._endpoint.plain_http, auth_file=auth_file)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._ranges_ignored = False
+        self.ranges_ignored = False  # a server answered a Range request with the whole blob (blobs.py)
 
     @property
     def base_url(self) -> str:  # ``scheme://host`` as last chosen: a loopback or insecure host's first request
@@ -193,6 +183,82 @@ class RegistryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- the public surface the rest of the package builds on ---------------
+    def count(self, *, requests: int = 0, fetched: int = 0, sent: int = 0, retries: int = 0) -> None:
+        """Add to :attr:`stats` (thread-safe)."""
+        with self._stats_lock:
+            self.stats.requests += requests
+            self.stats.bytes_fetched += fetched
+            self.stats.bytes_sent += sent
+            self.stats.retries += retries
+
+    def scopes(self, repo: str, actions: str = "pull") -> tuple[str, ...]:
+        """The token scopes for ``actions`` (``pull``, ``pull,push``, ``delete``) on ``repo``; refuses
+        an invalid repository name (UsageError)."""
+        if len(repo) > 255 or not _REPO_RE.fullmatch(repo):
+            raise UsageError(f"invalid repository name {repo[:80]!r}")
+        return (repository_scope(repo, actions),)
+
+    def executor(self) -> ThreadPoolExecutor:
+        """The client's worker pool (``range_concurrency`` threads, made on first use)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.range_concurrency, thread_name_prefix="shoal-reg")
+            return self._pool
+
+    def retrying(self, fn: Callable[[], _T], what: str, *, on: type[Transient] = Transient,
+                 attempts: Attempts | None = None) -> _T:
+        """``fn()``, again after a backoff while it raises ``on`` (:class:`Transient` or a subclass):
+        at most ``retries`` times, or fewer when the failure says so (a refused connection, a
+        timeout), after Retry-After when the server gave one.  ``attempts`` shares one budget between
+        calls (a resumed blob read); by default each call has its own.  The one retry loop."""
+        used = attempts if attempts is not None else Attempts()
+        while True:
+            try:
+                return fn()
+            except on as e:
+                cap = self.retries if e.retries is None else min(self.retries, e.retries)
+                if used.used >= cap:
+                    if used.used:
+                        log.info("%s: giving up after %d retries: %s", what, used.used, e)
+                    raise
+                used.used += 1
+                log.info("%s: %s; retry %d of %d", what, e, used.used, cap)
+                delay = e.after
+                if delay is None:
+                    delay = min(self.backoff_max, self.backoff * 2 ** (used.used - 1)) * (0.5 + random.random() / 2)
+                self.count(retries=1)
+                time.sleep(min(delay, 60.0))
+
+    def request(self, method: str, url: str, *, scopes: Sequence[str] | None,
+                headers: dict[str, str] | None = None, content: bytes | None = None,
+                stream: bool = False) -> httpx.Response:
+        """One attempt of one request, without retries: auth (``scopes=None``: none at all; ``()``:
+        the registry's base), redirects (credentials never follow to another host), a
+        :class:`Deadline` (kept in ``extensions["shoal.deadline"]`` for the reads of a streamed body).
+
+        A network failure, and an answer worth retrying (408, 429, 5xx), raise :class:`Transient`
+        (see :meth:`retrying`); every other answer is returned for the caller to check, read whole
+        (at most 16 MiB) unless ``stream``.  ``url`` is a path on the registry or a full URL."""
+        full = url if url.startswith(("http://", "https://")) else self._endpoint.resolve() + url
+        return self._attempt(method, full, scopes, headers, content, stream)
+
+    def error_for(self, resp: httpx.Response, what: str, transient_codes: Sequence[str] = ()) -> ShoalError:
+        """The Shoal error for error answer ``resp`` to ``what`` (responses.answer_error: one line, no
+        secrets; ``transient_codes`` make it :class:`Transient`).  Reads at most ``MAX_ERROR_BODY``
+        bytes of it and closes it."""
+        body = b""
+        try:
+            try:
+                body = resp.content[:MAX_ERROR_BODY]
+            except httpx.ResponseNotRead:  # streamed: read no more than the cap
+                body = read_all(self, resp, MAX_ERROR_BODY)[:MAX_ERROR_BODY]
+        except (TransportError, httpx.StreamError):  # decoration only: the status decides the error
+            pass
+        finally:
+            resp.close()
+        return answer_error(resp, body, self.host, what, transient_codes)
+
     # -- HTTP core ---------------------------------------------------------
     @staticmethod
     def _origin_of(url: str) -> tuple[str, str, int | None]:
@@ -200,69 +266,20 @@ class RegistryClient:
         port = p.port or (443 if p.scheme == "https" else 80)
         return (p.scheme, (p.hostname or "").lower(), port)
 
-    def _count(self, *, requests: int = 0, fetched: int = 0, sent: int = 0, retries: int = 0) -> None:
-        with self._stats_lock:
-            self.stats.requests += requests
-            self.stats.bytes_fetched += fetched
-            self.stats.bytes_sent += sent
-            self.stats.retries += retries
-
-    def _sleep(self, attempt: int, after: float | None = None) -> None:
-        delay = after
-        if delay is None:
-            delay = min(self.backoff_max, self.backoff * (2 ** (attempt - 1))) * (0.5 + random.random() / 2)
-        self._count(retries=1)
-        time.sleep(min(delay, 60.0))
+    def _call(self, method: str, url: str, *, scopes: Sequence[str] | None, headers: dict[str, str] | None = None,
+              content: bytes | None = None) -> httpx.Response:
+        """:meth:`request`, retried; the answer read whole."""
+        shown = redact(url) if "://" in url else self.host + url
+        return self.retrying(lambda: self.request(method, url, scopes=scopes, headers=headers, content=content),
+                             f"{method} {shown}")
 
     def _send_raw(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> httpx.Response:
         """Send without registry auth (token service); retried, body read."""
-        return self._request(method, url, scopes=None, headers=headers, content=body)
-
-    def _retry(self, fn: Callable[[], _T], what: str) -> _T:
-        """``fn()``, again after a backoff while it raises :class:`Transient`: at most ``retries`` times,
-        or fewer when the failure says so (a refused connection, a timeout).  The one retry loop."""
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except Transient as e:
-                cap = self.retries if e.retries is None else min(self.retries, e.retries)
-                if attempt >= cap:
-                    if attempt:
-                        log.info("%s: giving up after %d retries: %s", what, attempt, e)
-                    raise
-                attempt += 1
-                log.info("%s: %s; retry %d of %d", what, e, attempt, cap)
-                self._sleep(attempt, e.after)
-
-    def _request(
-        self,
-        method: str,
-        url: str,
-        *,
-        scopes: Sequence[str] | None,
-        headers: dict[str, str] | None = None,
-        content: bytes | None = None,
-        stream: bool = False,
-        retry: bool = True,
-    ) -> httpx.Response:
-        """One logical request: auth, redirects (no credentials across hosts), retries (``retry``).
-
-        ``scopes=None`` means no registry auth at all.  The response is read (at most 16 MiB) unless
-        ``stream``; the caller checks its status.  Without ``retry``, one attempt whose failures raise
-        :class:`Transient` (for the caller's own retry) and whose error answers are returned.
-        """
-        def attempt() -> httpx.Response:  # the scheme of a relative url is found (once) in the attempt
-            full = url if url.startswith(("http://", "https://")) else self._endpoint.resolve() + url
-            return self._attempt(method, full, scopes, headers, content, stream, retry)
-
-        shown = redact(url) if "://" in url else self.host + url
-        return self._retry(attempt, f"{method} {shown}") if retry else attempt()
+        return self._call(method, url, scopes=None, headers=headers, content=body)
 
     def _attempt(self, method: str, url: str, scopes: Sequence[str] | None, headers: dict[str, str] | None,
-                 content: bytes | None, stream: bool, raise_transient: bool) -> httpx.Response:
-        """One attempt of ``_request``, under one :class:`Deadline` (kept in the response's
-        ``extensions["shoal.deadline"]`` for the reads of its body)."""
+                 content: bytes | None, stream: bool) -> httpx.Response:
+        """:meth:`request` on a full URL, following redirects under one :class:`Deadline`."""
         auth_tries = 0
         auth = self.auth.header_for(scopes) if scopes is not None else None
         cur, cur_method, first_origin = url, method, self._origin_of(url)
@@ -276,19 +293,8 @@ class RegistryClient:
                 hdrs.pop("Authorization", None)
             if auth and same_origin and scopes is not None:
                 hdrs["Authorization"] = auth
-            path = urlsplit(cur).path
-            what = f"{cur_method} {path}"
-            try:
-                req = self._http.build_request(cur_method, cur, headers=hdrs, content=content)
-                with dl.active():
-                    resp = self._http.send(req, stream=True)
-            except httpx.TransportError as e:
-                self._count(requests=1)
-                raise self._endpoint.explain(failure(e, what, cur, dl), cur) from None
-            resp.extensions["shoal.deadline"] = dl
-            self._count(requests=1, sent=len(content or b""))
+            resp = self._send(cur_method, cur, hdrs, content, dl)
             status = resp.status_code
-            log.debug("%s %s -> %d", cur_method, redact(cur), status)
             if status == 401 and same_origin and scopes is not None:
                 resp.close()
                 if auth_tries >= 2:
@@ -297,73 +303,51 @@ class RegistryClient:
                 auth = self.auth.handle_401(resp, scopes, hdrs.get("Authorization"))
                 continue
             if status in _REDIRECTS and resp.headers.get("location"):
-                resp.close()
-                seen.add(cur)
-                cur = urljoin(cur, resp.headers["location"])
-                if cur in seen or len(seen) > _MAX_REDIRECTS:
-                    kind = "a redirect loop" if cur in seen else f"more than {_MAX_REDIRECTS} redirects"
-                    raise TransportError(f"{method} {self.host}{urlsplit(url).path}: {kind} (at {redact(cur)})")
-                log.debug("redirected to %s", redact(cur))
+                cur = self._redirect(resp, cur, seen, method, url)
                 if status == 303:
                     cur_method, content = "GET", None
                 continue
-            if status in _RETRY_STATUSES and raise_transient:
-                raise self._error(resp, what)
-            if not stream:
-                try:
-                    body = read_all(self, resp, _MAX_SMALL_BODY)
-                finally:
-                    resp.close()
-                if len(body) > _MAX_SMALL_BODY:
-                    raise FormatError(f"{cur_method} {self.host}{path}: answer exceeds {_MAX_SMALL_BODY} bytes")
-                headers_out = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
-                return httpx.Response(status, headers=headers_out, content=body, request=resp.request)
-            return resp
+            if status in RETRY_STATUSES:
+                raise self.error_for(resp, f"{cur_method} {urlsplit(cur).path}")
+            return resp if stream else self._read_small(resp)
 
-    def _error(self, resp: httpx.Response, what: str, transient_codes: Sequence[str] = ()) -> ShoalError:
-        """Map a registry error answer to Shoal's hierarchy (one line, no secrets); an answer with one
-        of ``transient_codes`` is :class:`Transient`.  At most ``MAX_ERROR_BODY`` bytes are read."""
-        codes: list[str] = []
-        detail = ""
+    def _send(self, method: str, url: str, headers: dict[str, str], content: bytes | None,
+              dl: Deadline) -> httpx.Response:
+        """One HTTP exchange (its body not read yet); a network failure as Shoal's error (responses.failure)."""
         try:
-            try:
-                body = resp.content[:MAX_ERROR_BODY]
-            except httpx.ResponseNotRead:  # streamed: read no more than the cap
-                body = read_all(self, resp, MAX_ERROR_BODY)[:MAX_ERROR_BODY]
-            doc = json_loads(body) if body else None
-            if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
-                for err in doc["errors"]:
-                    if isinstance(err, dict):
-                        codes.append(str(err.get("code", "")))
-                        detail = detail or _one_line(str(err.get("message", "")))
-        except Exception:  # decoration only: the status decides the error
-            pass
+            req = self._http.build_request(method, url, headers=headers, content=content)
+            with dl.active():
+                resp = self._http.send(req, stream=True)
+        except httpx.TransportError as e:
+            self.count(requests=1)
+            raise self._endpoint.explain(failure(e, f"{method} {urlsplit(url).path}", url, dl), url) from None
+        resp.extensions["shoal.deadline"] = dl
+        self.count(requests=1, sent=len(content or b""))
+        log.debug("%s %s -> %d", method, redact(url), resp.status_code)
+        return resp
+
+    def _redirect(self, resp: httpx.Response, cur: str, seen: set[str], method: str, url: str) -> str:
+        """Where redirect ``resp`` (an answer to ``cur``) points; refuses a loop or too many hops."""
+        resp.close()
+        seen.add(cur)
+        nxt = urljoin(cur, resp.headers["location"])
+        if nxt in seen or len(seen) > _MAX_REDIRECTS:
+            kind = "a redirect loop" if nxt in seen else f"more than {_MAX_REDIRECTS} redirects"
+            raise TransportError(f"{method} {self.host}{urlsplit(url).path}: {kind} (at {redact(nxt)})")
+        log.debug("redirected to %s", redact(nxt))
+        return nxt
+
+    def _read_small(self, resp: httpx.Response) -> httpx.Response:
+        """``resp`` with its body read (at most ``_MAX_SMALL_BODY``)."""
+        try:
+            body = read_all(self, resp, _MAX_SMALL_BODY)
         finally:
             resp.close()
-        status = resp.status_code
-        msg = f"{what}: {self.host} answered HTTP {status}"
-        if codes:
-            msg += f" {','.join(c for c in codes if c)}"
-        if detail:
-            msg += f" ({detail})"
-        if any(c in codes for c in transient_codes):
-            return Transient(msg + "; damaged on the way?")
-        if status == 404 or "BLOB_UNKNOWN" in codes or "MANIFEST_BLOB_UNKNOWN" in codes:
-            return NotFound(msg)
-        if status in (401, 403):
-            return AuthError(msg)
-        if "DIGEST_INVALID" in codes or "SIZE_INVALID" in codes:
-            return IntegrityError(msg)
-        if status == 413 or (status == 400 and codes):
-            return FormatError(msg)
-        if status in _RETRY_STATUSES:
-            return Transient(msg, after=_retry_after(resp))
-        return TransportError(msg)
-
-    def _check_repo(self, repo: str) -> str:
-        if len(repo) > 255 or not _REPO_RE.fullmatch(repo):
-            raise UsageError(f"invalid repository name {repo[:80]!r}")
-        return repo
+        if len(body) > _MAX_SMALL_BODY:
+            what = f"{resp.request.method} {self.host}{resp.request.url.path}"
+            raise FormatError(f"{what}: answer exceeds {_MAX_SMALL_BODY} bytes")
+        headers_out = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
+        return httpx.Response(resp.status_code, headers=headers_out, content=body, request=resp.request)
 
     def _check_ref(self, reference: str) -> str:
         if _is_digest(reference):
@@ -372,29 +356,23 @@ class RegistryClient:
             raise UsageError(f"invalid tag {reference[:80]!r}")
         return reference
 
-    def _pull(self, repo: str) -> tuple[str, ...]:
-        return (repository_scope(self._check_repo(repo), "pull"),)
-
-    def _push(self, repo: str) -> tuple[str, ...]:
-        return (repository_scope(self._check_repo(repo), "pull,push"),)
-
     # -- registry ----------------------------------------------------------
     def ping(self) -> None:
         """Check that the host speaks the distribution API (and that credentials work)."""
-        resp = self._request("GET", "/v2/", scopes=())
+        resp = self._call("GET", "/v2/", scopes=())
         if resp.status_code != 200:
-            raise self._error(resp, "ping")
+            raise self.error_for(resp, "ping")
 
     def list_tags(self, repo: str, *, page_size: int | None = None) -> list[str]:
         """Every tag of ``repo``, following ``Link: rel="next"`` pagination."""
-        scopes = self._pull(repo)
+        scopes = self.scopes(repo)
         url = f"/v2/{repo}/tags/list" + (f"?n={int(page_size)}" if page_size else "")
         tags: list[str] = []
         seen: set[str] = set()
         while url:
-            resp = self._request("GET", url, scopes=scopes)
+            resp = self._call("GET", url, scopes=scopes)
             if resp.status_code != 200:
-                raise self._error(resp, f"list tags of {repo}")
+                raise self.error_for(resp, f"list tags of {repo}")
             try:
                 doc = resp.json()
                 page = doc.get("tags") or []
@@ -422,13 +400,13 @@ class RegistryClient:
         what = f"manifest {repo}:{reference}" if not _is_digest(reference) else f"manifest {repo}@{reference}"
 
         def once() -> tuple[httpx.Response, bytes]:
-            resp = self._request(
-                "GET", f"/v2/{repo}/manifests/{reference}", scopes=self._pull(repo),
-                headers={"Accept": self._accept(accept)}, stream=True, retry=False,
+            resp = self.request(
+                "GET", f"/v2/{repo}/manifests/{reference}", scopes=self.scopes(repo),
+                headers={"Accept": self._accept(accept)}, stream=True,
             )
             try:
                 if resp.status_code != 200:
-                    raise self._error(resp, f"get {what}")
+                    raise self.error_for(resp, f"get {what}")
                 if int(resp.headers.get("content-length") or 0) > MAX_MANIFEST_SIZE:
                     raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
                 data = read_all(self, resp, MAX_MANIFEST_SIZE)  # stops once past the cap
@@ -438,7 +416,7 @@ class RegistryClient:
                 raise FormatError(f"{what} exceeds {MAX_MANIFEST_SIZE} bytes")
             return resp, data
 
-        resp, data = self._retry(once, f"get {what}")
+        resp, data = self.retrying(once, f"get {what}")
         media_type = resp.headers.get("content-type", "").split(";")[0].strip()
         if not media_type or media_type in ("application/json", "application/octet-stream", "text/plain"):
             try:
@@ -456,14 +434,12 @@ class RegistryClient:
     def head_manifest(self, repo: str, reference: str, accept: Sequence[str] = ()) -> ManifestInfo | None:
         """Descriptor of a manifest, or ``None`` if it does not exist."""
         self._check_ref(reference)
-        resp = self._request(
-            "HEAD", f"/v2/{repo}/manifests/{reference}", scopes=self._pull(repo),
-            headers={"Accept": self._accept(accept)},
-        )
+        resp = self._call("HEAD", f"/v2/{repo}/manifests/{reference}", scopes=self.scopes(repo),
+                          headers={"Accept": self._accept(accept)})
         if resp.status_code == 404:
             return None
         if resp.status_code != 200:
-            raise self._error(resp, f"head manifest {repo}:{reference}")
+            raise self.error_for(resp, f"head manifest {repo}:{reference}")
         digest = resp.headers.get("docker-content-digest", "")
         size = resp.headers.get("content-length", "")
         media_type = resp.headers.get("content-type", "").split(";")[0].strip()
@@ -480,52 +456,51 @@ class RegistryClient:
         if len(data) > MAX_MANIFEST_SIZE:
             raise FormatError(f"manifest for {repo} exceeds {MAX_MANIFEST_SIZE} bytes")
         digest = _manifest_digest(data, reference, f"manifest for {repo}@{reference}")
-        for _ in range(3):  # bytes damaged in transit: the registry stored (and tagged) other bytes
-            resp = self._request(
-                "PUT", f"/v2/{repo}/manifests/{reference}", scopes=self._push(repo),
-                headers={"Content-Type": media_type}, content=bytes(data),
-            )
+        what = f"put manifest {repo}:{reference}"
+
+        def once() -> None:
+            resp = self._call("PUT", f"/v2/{repo}/manifests/{reference}", scopes=self.scopes(repo, "pull,push"),
+                              headers={"Content-Type": media_type}, content=bytes(data))
             if resp.status_code not in (200, 201, 202):
-                raise self._error(resp, f"put manifest {repo}:{reference}")
+                raise self.error_for(resp, what)
             claimed = resp.headers.get("docker-content-digest", "")
-            if not claimed or claimed.split(":")[0] != digest.split(":")[0] or claimed == digest:
-                break
-            log.info("put manifest %s:%s: registry stored digest %s; sending it again", repo, reference, claimed)
-        else:
-            raise IntegrityError(f"put manifest {repo}:{reference}: registry stored digest {claimed}")
+            if claimed and claimed.split(":")[0] == digest.split(":")[0] and claimed != digest:
+                raise _StoredOther(f"{what}: registry stored digest {claimed}", retries=2, after=0.0)
+
+        try:  # bytes damaged in transit: the registry stored (and tagged) other bytes; send them again
+            self.retrying(once, what, on=_StoredOther)
+        except _StoredOther as e:
+            raise IntegrityError(str(e)) from None
         return digest
 
     def delete_manifest(self, repo: str, digest: str) -> None:
         check_digest(digest)
-        scopes = (repository_scope(self._check_repo(repo), "delete"),)
-        resp = self._request("DELETE", f"/v2/{repo}/manifests/{digest}", scopes=scopes)
+        resp = self._call("DELETE", f"/v2/{repo}/manifests/{digest}", scopes=self.scopes(repo, "delete"))
         if resp.status_code not in (200, 202, 204):
-            raise self._error(resp, f"delete manifest {repo}@{digest}")
+            raise self.error_for(resp, f"delete manifest {repo}@{digest}")
 
     # -- referrers (referrers.py) ------------------------------------------
     def referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
         """Descriptors of manifests whose ``subject`` is ``digest``: the referrers API, else the tag schema."""
         return referrers(self, repo, digest, artifact_type)
 
+    def has_referrers_api(self, repo: str, digest: str) -> bool:
+        """Whether the registry serves the referrers API (else the tag schema stands in for it)."""
+        return has_referrers_api(self, repo, digest)
+
     def put_referrer_tag_index(self, repo: str, subject_digest: str, descriptor: dict[str, Any]) -> str:
         """Append ``descriptor`` to the tag-schema referrers index of ``subject_digest``."""
         return put_referrer_tag_index(self, repo, subject_digest, descriptor)
-
-    def _json(self, data: bytes, what: str) -> Any:
-        try:
-            return json_loads(data)
-        except ValueError:
-            raise FormatError(f"{what}: malformed JSON") from None
 
     # -- blobs: read -------------------------------------------------------
     def has_blob(self, repo: str, digest: str) -> int | None:
         """Size of the blob if the registry has it, else ``None``."""
         check_digest(digest)
-        resp = self._request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes=self._pull(repo))
+        resp = self._call("HEAD", f"/v2/{repo}/blobs/{digest}", scopes=self.scopes(repo))
         if resp.status_code == 404:
             return None
         if resp.status_code != 200:
-            raise self._error(resp, f"head blob {repo}@{digest}")
+            raise self.error_for(resp, f"head blob {repo}@{digest}")
         length = resp.headers.get("content-length", "")
         return int(length) if length.isdigit() else 0
 
@@ -569,12 +544,6 @@ class RegistryClient:
         """
         return fetch_ranges(self, repo, digest, ranges, concurrency or self.range_concurrency)
 
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.range_concurrency, thread_name_prefix="shoal-reg")
-            return self._pool
-
     # -- blobs: write ------------------------------------------------------
     def put_blob(self, repo: str, digest: str, data_or_file: BlobSource, size: int, *,
                  mount_from: str | None = None, check_exists: bool = True) -> PutBlobResult:
@@ -590,10 +559,13 @@ class RegistryClient:
         """
         return put_blob(self, repo, digest, data_or_file, size, mount_from, check_exists)
 
+    def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount of ``digest`` from ``from_repo`` into ``repo``; True if the registry
+        linked it, False if it cannot or will not (an upload session it offers instead is dropped)."""
+        return mount_blob(self, repo, digest, from_repo)
 
     def delete_blob(self, repo: str, digest: str) -> None:
         check_digest(digest)
-        scopes = (repository_scope(self._check_repo(repo), "delete"),)
-        resp = self._request("DELETE", f"/v2/{repo}/blobs/{digest}", scopes=scopes)
+        resp = self._call("DELETE", f"/v2/{repo}/blobs/{digest}", scopes=self.scopes(repo, "delete"))
         if resp.status_code not in (200, 202, 204):
-            raise self._error(resp, f"delete blob {repo}@{digest}")
+            raise self.error_for(resp, f"delete blob {repo}@{digest}")

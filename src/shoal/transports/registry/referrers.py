@@ -1,12 +1,16 @@
 """OCI referrers: the referrers API, with the tag-schema fallback (``<alg>-<hex>``) that registries
-without it (distribution 2.8) need.  Functions over a RegistryClient; the client exposes them as methods."""
+without it (distribution 2.8) need.  Functions over a RegistryClient's public surface; the client exposes
+them as methods."""
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from shoal.errors import FormatError, NotFound, UsageError
+from shoal.format.manifest import json_loads
 
 from .blobs import check_digest, with_query
 
@@ -22,30 +26,55 @@ def referrers_tag(digest: str) -> str:
     return f"{algo[:32]}-{hexpart[:64]}"
 
 
+def _json(data: bytes, what: str) -> Any:
+    try:
+        return json_loads(data)
+    except ValueError:
+        raise FormatError(f"{what}: malformed JSON") from None
+
+
+def probe(client: RegistryClient, repo: str, digest: str, artifact_type: str | None = None) -> httpx.Response | None:
+    """The referrers API's answer for ``digest`` (an image index, read), or ``None`` when the registry
+    has no referrers API (it answers 400, 404 or 405, or 200 with something else).  The one place
+    the API is asked."""
+    check_digest(digest)
+    url = f"/v2/{repo}/referrers/{digest}"
+    if artifact_type:
+        url = with_query(url, "artifactType", artifact_type)
+    resp = client.retrying(lambda: client.request("GET", url, scopes=client.scopes(repo),
+                                                  headers={"Accept": OCI_INDEX}),
+                           f"GET {client.host}{url.split('?')[0]}")
+    if resp.status_code == 200 and resp.headers.get("content-type", "").startswith(OCI_INDEX):
+        return resp
+    if resp.status_code in (200, 404, 400, 405):
+        return None
+    raise client.error_for(resp, f"referrers of {repo}@{digest}")
+
+
+def has_referrers_api(client: RegistryClient, repo: str, digest: str) -> bool:
+    """See :meth:`RegistryClient.has_referrers_api`."""
+    return probe(client, repo, digest) is not None
+
+
 def referrers(client: RegistryClient, repo: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
     """Descriptors of manifests whose ``subject`` is ``digest``.
 
     Uses the referrers API and falls back to the ``<alg>-<hex>`` tag schema.
     """
-    check_digest(digest)
-    url = f"/v2/{repo}/referrers/{digest}"
-    if artifact_type:
-        url = with_query(url, "artifactType", artifact_type)
-    resp = client._request("GET", url, scopes=client._pull(repo), headers={"Accept": OCI_INDEX})
-    if resp.status_code == 200 and resp.headers.get("content-type", "").startswith(OCI_INDEX):
-        doc: Any = client._json(resp.content, f"referrers of {repo}@{digest}")
+    what = f"referrers of {repo}@{digest}"
+    resp = probe(client, repo, digest, artifact_type)
+    if resp is not None:
+        doc: Any = _json(resp.content, what)
         filtered = "artifactType" in resp.headers.get("oci-filters-applied", "")
-    elif resp.status_code in (200, 404, 400, 405):
+    else:
         try:
             data, _, _ = client.get_manifest(repo, referrers_tag(digest), [OCI_INDEX])
         except NotFound:
             return []
-        doc, filtered = client._json(data, f"referrers of {repo}@{digest}"), False
-    else:
-        raise client._error(resp, f"referrers of {repo}@{digest}")
+        doc, filtered = _json(data, what), False
     manifests = doc.get("manifests") if isinstance(doc, dict) else None
     if not isinstance(manifests, list):
-        raise FormatError(f"referrers of {repo}@{digest}: not an image index")
+        raise FormatError(f"{what}: not an image index")
     out = [m for m in manifests if isinstance(m, dict)]
     if artifact_type and not filtered:
         out = [m for m in out if m.get("artifactType") == artifact_type]
@@ -63,7 +92,7 @@ def put_referrer_tag_index(client: RegistryClient, repo: str, subject_digest: st
     tag = referrers_tag(subject_digest)
     try:
         data, media_type, current = client.get_manifest(repo, tag, [OCI_INDEX])
-        doc = client._json(data, f"referrers index {repo}:{tag}")
+        doc = _json(data, f"referrers index {repo}:{tag}")
         if media_type != OCI_INDEX or not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
             raise FormatError(f"{repo}:{tag} exists and is not an OCI image index")
     except NotFound:

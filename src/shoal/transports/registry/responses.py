@@ -1,22 +1,31 @@
 """Reading a registry's answers and failures: the one map from httpx exceptions to Shoal errors
-(``failure``), which failures are worth retrying (``Transient`` and its retry cap), Retry-After, TLS
-failure reasons, one-line error text, and URLs fit for a log line (``redact``)."""
+(``failure``), the one map from error answers to Shoal errors (``answer_error``), which failures are
+worth retrying (``Transient``, its retry cap, and ``Attempts``, a budget shared by the calls of one
+operation), Retry-After, TLS failure reasons, one-line error text, and URLs fit for a log line
+(``redact``)."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import httpx
 
-from shoal.errors import TransportError
+from shoal.errors import AuthError, FormatError, IntegrityError, NotFound, ShoalError, TransportError
+from shoal.format.manifest import json_loads
 
 from .deadline import Deadline
 
-__all__ = ["Transient", "BodyLost", "failure", "redact", "tls_failure", "one_line", "retry_after"]
+__all__ = ["Transient", "BodyLost", "Attempts", "failure", "answer_error", "redact", "tls_failure", "one_line",
+           "retry_after", "RETRY_STATUSES", "MAX_ERROR_BODY"]
+
+RETRY_STATUSES = frozenset({408, 429, 499, 500, 502, 503, 504})
+MAX_ERROR_BODY = 64 * 1024  # an error answer is read this far, for its message
 
 
 class Transient(TransportError):
@@ -30,6 +39,14 @@ class Transient(TransportError):
 
 class BodyLost(Transient):
     """The connection dropped (or stalled) while a response body was being read."""
+
+
+@dataclass
+class Attempts:
+    """The retries one operation has used, when several calls retry as one (a blob read resumed after
+    each dropped connection shares one budget for its whole body)."""
+
+    used: int = 0
 
 
 def redact(url: str) -> str:
@@ -117,3 +134,46 @@ def retry_after(resp: httpx.Response) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+
+
+def _error_doc(body: bytes) -> tuple[list[str], str]:
+    """The error codes and the first message of a distribution-spec error body (``{"errors": [...]}``)."""
+    codes: list[str] = []
+    detail = ""
+    try:
+        doc = json_loads(body) if body else None
+    except ValueError:  # decoration only: the status decides the error
+        return codes, detail
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    for err in errors if isinstance(errors, list) else ():
+        if isinstance(err, dict):
+            codes.append(str(err.get("code", "")))
+            detail = detail or one_line(str(err.get("message", "")))
+    return codes, detail
+
+
+def answer_error(resp: httpx.Response, body: bytes, host: str, what: str,
+                 transient_codes: Sequence[str] = ()) -> ShoalError:
+    """The Shoal error for an error answer of ``host`` (status and up to ``MAX_ERROR_BODY`` bytes of
+    ``body``) to request ``what``: one line, no secrets.  An answer carrying one of ``transient_codes``,
+    or a status worth retrying, is :class:`Transient`."""
+    codes, detail = _error_doc(body)
+    status = resp.status_code
+    msg = f"{what}: {host} answered HTTP {status}"
+    if codes:
+        msg += f" {','.join(c for c in codes if c)}"
+    if detail:
+        msg += f" ({detail})"
+    if any(c in codes for c in transient_codes):
+        return Transient(msg + "; damaged on the way?")
+    if status == 404 or "BLOB_UNKNOWN" in codes or "MANIFEST_BLOB_UNKNOWN" in codes:
+        return NotFound(msg)
+    if status in (401, 403):
+        return AuthError(msg)
+    if "DIGEST_INVALID" in codes or "SIZE_INVALID" in codes:
+        return IntegrityError(msg)
+    if status == 413 or (status == 400 and codes):
+        return FormatError(msg)
+    if status in RETRY_STATUSES:
+        return Transient(msg, after=retry_after(resp))
+    return TransportError(msg)

@@ -202,22 +202,25 @@ def _registry(path: str, d: object) -> Registry:
     raw_mirrors = d.get("mirror", [])
     if not isinstance(raw_mirrors, list):
         raise _bad(path, f"{what}: mirror must be an array of tables ([[registry.mirror]])")
-    mirrors = []
-    for m in raw_mirrors:
-        if not isinstance(m, dict):
-            raise _bad(path, f"{what}: each [[registry.mirror]] must be a table")
-        bad = set(m) - _MIRROR_KEYS
-        if bad:
-            raise _bad(path, f"{what}: unknown [[registry.mirror]] key {sorted(bad)[0][:40]!r}")
-        mloc = _location(path, m.get("location", ""), f"{what}: mirror location")
-        pfm = m.get("pull-from-mirror", "")
-        if pfm not in ("",) + PULL_FROM_MIRROR:
-            raise _bad(path, f"{what}: unsupported pull-from-mirror value {str(pfm)[:40]!r} for mirror {mloc!r}")
-        if by_digest and pfm:
-            raise _bad(path, f"{what}: mirror-by-digest-only and a mirror's pull-from-mirror cannot both be set")
-        mirrors.append(Endpoint(mloc, _bool(path, m, "insecure", f"mirror {mloc!r}"), str(pfm)))
+    mirrors = tuple(_mirror(path, m, what, by_digest) for m in raw_mirrors)
     return Registry(prefix, loc, _bool(path, d, "insecure", what), _bool(path, d, "blocked", what), by_digest,
-                    tuple(mirrors), path)
+                    mirrors, path)
+
+
+def _mirror(path: str, m: object, what: str, by_digest: bool) -> Endpoint:
+    """One ``[[registry.mirror]]`` of registry ``what``."""
+    if not isinstance(m, dict):
+        raise _bad(path, f"{what}: each [[registry.mirror]] must be a table")
+    bad = set(m) - _MIRROR_KEYS
+    if bad:
+        raise _bad(path, f"{what}: unknown [[registry.mirror]] key {sorted(bad)[0][:40]!r}")
+    mloc = _location(path, m.get("location", ""), f"{what}: mirror location")
+    pfm = m.get("pull-from-mirror", "")
+    if pfm not in ("",) + PULL_FROM_MIRROR:
+        raise _bad(path, f"{what}: unsupported pull-from-mirror value {str(pfm)[:40]!r} for mirror {mloc!r}")
+    if by_digest and pfm:
+        raise _bad(path, f"{what}: mirror-by-digest-only and a mirror's pull-from-mirror cannot both be set")
+    return Endpoint(mloc, _bool(path, m, "insecure", f"mirror {mloc!r}"), str(pfm))
 
 
 def _v1(path: str, doc: dict[str, Any]) -> tuple[list[Registry], list[str]] | None:
