@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _load(ctx: click.Context, ref: str, sc: "SystemContext") -> Iterator["OpenedImage"]:
+def load_image(ctx: click.Context, ref: str, sc: "SystemContext") -> Iterator["OpenedImage"]:
     """REF through the one open-image layer (any transport; a classic image is converted into the
     store, untagged), read with plain range reads: only manifest, config and index up front."""
     from shoal.mount.image import OpenOptions, open_image
@@ -185,7 +185,7 @@ def ls(ctx: click.Context, /, ref: str, path: str, long: bool, recursive: bool, 
     from shoal.errors import NotFound
     from shoal.format.model import Kind
 
-    with _load(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img:
+    with load_image(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img:
         idx = img.index
     p = _path_arg(path)
     e = idx.lookup(p)
@@ -237,7 +237,7 @@ def cat(ctx: click.Context, /, ref: str, path: str, platform: str | None, **kw: 
     """Write the bytes of file PATH of REF to stdout (any transport; every chunk verified; docker:// reads ranges)."""
     from shoal.reader import Reader
 
-    with _load(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img:
+    with load_image(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img:
         reader = Reader(img.index, img.source)
         e = reader.file_entry(_path_arg(path))
         out = sys.stdout.buffer
@@ -258,7 +258,7 @@ def diff(ctx: click.Context, /, ref_a: str, ref_b: str, as_json: bool, platform:
     from shoal.diff import diff as do_diff
 
     sc = registry_opts(ctx, platform=platform, **kw)
-    with _load(ctx, ref_a, sc) as ia, _load(ctx, ref_b, sc) as ib:
+    with load_image(ctx, ref_a, sc) as ia, load_image(ctx, ref_b, sc) as ib:
         r = do_diff(ia.index, ib.index)
     if as_json:
         emit_json({

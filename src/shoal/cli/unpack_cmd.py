@@ -20,13 +20,13 @@ from shoal.cli.common import emit_json, human, platform_option, progress_sink, r
 def unpack(ctx: click.Context, /, ref: str, dest: str, workers: int | None, platform: str | None, as_json: bool,
            **kw: Any) -> None:
     """Materialize REF's tree (any transport) in DEST (new or empty), metadata exact."""
-    from shoal.cli.image_cmds import _load
+    from shoal.cli.image_cmds import load_image
     from shoal.reader import Reader
     from shoal.unpack import UnpackOptions
     from shoal.unpack import unpack as do_unpack
 
     opts = UnpackOptions() if workers is None else UnpackOptions(workers=workers)
-    with _load(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img, progress_sink(as_json) as sink:
+    with load_image(ctx, ref, registry_opts(ctx, platform=platform, **kw)) as img, progress_sink(as_json) as sink:
         r = do_unpack(img.index, Reader(img.index, img.source), dest, opts, sink)
     if as_json:
         emit_json({"entries": r.entries, "files": r.files, "bytes": r.bytes, "seconds": round(r.seconds, 3)})
