@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from shoal.errors import FormatError
+from shoal.errors import FormatError, HostileInput
 
 __all__ = ["ALGO", "sha256", "to_str", "from_str", "hex_of", "validate"]
 
@@ -28,7 +28,8 @@ def to_str(raw: bytes) -> str:
 def validate(digest: str) -> str:
     """Return ``digest`` if it is a well-formed sha256 digest string, else raise."""
     if not isinstance(digest, str) or not _RE.fullmatch(digest):
-        raise FormatError(f"not a sha256 digest: {str(digest)[:80]!r}")
+        bad = HostileInput if isinstance(digest, str) and "/" in digest else FormatError  # a path in disguise
+        raise bad(f"not a sha256 digest: {str(digest)[:80]!r}")
     return digest
 
 

@@ -46,6 +46,7 @@ from shoal.transports.base import (
 )
 from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.registry import RegistryClient, RegistryStats
+from shoal.transports.registry.blobs import check_digest
 from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
@@ -320,6 +321,7 @@ class DockerSource(ImageSource):
                                           range(len(self.endpoints)), "manifest")
                 self._top = (raw, media)
             return self._top
+        check_digest(digest)  # a child's digest from an index: never a tag, never a path
         raw, media, _ = self._try(lambda c, repo: c.get_manifest(repo, digest), self._any(), "manifest")
         return raw, media
 
@@ -385,6 +387,9 @@ class DockerDestination(ImageDestination):
                     break
                 spool.write(b)
             size = spool.tell()
+            if info.size >= 0 and size != info.size:  # as every transport: the announced size binds too
+                raise IntegrityError(f"blob {info.digest}: {size} bytes where {info.size} were announced; "
+                                     "not uploaded")
             spool.seek(0)
             # the copier asked try_reuse_blob (a HEAD) just before: don't ask again
             self.client.put_blob(self.ref.repo, info.digest, cast(BinaryIO, spool), size, check_exists=False)

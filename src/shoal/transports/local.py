@@ -77,7 +77,7 @@ class LocalSource(ImageSource):
         self.top_type = str(desc.get("mediaType", mt.OCI_MANIFEST))
 
     def get_manifest(self, digest: str | None = None) -> tuple[bytes, str]:
-        d = digest or self.top
+        d = self.top if digest is None else digest  # "" is a malformed digest, not the top manifest
         raw = self.store.layout.get(d, limit=MAX_MANIFEST_BYTES)
         if digest is None:
             return raw, self.top_type

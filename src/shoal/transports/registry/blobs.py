@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from shoal.errors import FormatError, IntegrityError, TransportError, UsageError
+from shoal.errors import FormatError, HostileInput, IntegrityError, TransportError, UsageError
 
 from .responses import Attempts, BodyLost, failure
 
@@ -44,8 +44,8 @@ def hasher(digest: str) -> Any:
 
 
 def check_digest(digest: str) -> str:
-    if not _DIGEST_RE.fullmatch(digest):
-        raise UsageError(f"malformed digest {digest[:80]!r}")
+    if not _DIGEST_RE.fullmatch(digest):  # from a manifest or a caller: never part of a URL path
+        raise (HostileInput if "/" in digest else FormatError)(f"malformed digest {digest[:80]!r}")
     hasher(digest)
     return digest
 
