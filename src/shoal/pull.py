@@ -11,8 +11,12 @@
 4. Every chunk is hashed before its location enters the catalogue: frames of whole packs are
    decompressed and checked by ``Store.register_chunks``.  An index that lies about a chunk is
    refused, and nothing it claims is recorded.
-5. The tag is written last.  An interrupted pull resumes: chunks already catalogued and whole
-   packs already stored are not fetched again.
+5. The manifest goes to the destination's ``put_manifest`` last, and the copier's ``commit()`` tags it.
+   An interrupted pull resumes: chunks already catalogued and whole packs already stored are not
+   fetched again.
+
+``StorePull`` is the local store destination's ``PartialPull`` capability (transports/base.py): the
+copier reaches it through ``ImageDestination.partial_pull()``, never by naming the transport.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from shoal import mediatypes as mt
@@ -30,14 +35,12 @@ from shoal.format.packing import bad_chunk
 from shoal.progress import Sink
 from shoal.reader import decompress_frame
 from shoal.store.layout import Batch, pread_file
-from shoal.transports.base import BlobInfo, ImageSource
+from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, PartialPull, PartialPullResult
 
 if TYPE_CHECKING:
-    from shoal.copier import CopyOptions, CopyResult
     from shoal.store import Store
-    from shoal.transports.local import LocalDestination
 
-__all__ = ["pull_into_store", "plan_frames"]
+__all__ = ["StorePull", "plan_frames"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,12 +77,18 @@ def _merge(idx: Index, frames: list[int]) -> list[tuple[int, int, list[int]]]:
     return out
 
 
+@dataclass
+class _Tally:
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    blobs_skipped: int = 0
+
+
 class _Puller:
-    def __init__(self, src: ImageSource, dst: "LocalDestination", idx: Index, sizes: dict[str, int],
-                 sink: Sink, result: "CopyResult") -> None:
+    def __init__(self, src: ImageSource, store: "Store", idx: Index, sizes: dict[str, int],
+                 sink: Sink, result: _Tally) -> None:
         self.src = src
-        self.dst = dst
-        self.store = dst.store
+        self.store = store
         self.idx = idx
         self.sizes = sizes
         self.sink = sink
@@ -211,27 +220,37 @@ def _whole_pack_once(src: ImageSource, store: "Store", pack: str, size: int, bat
     return size
 
 
-def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts: "CopyOptions",
-                    sink: Sink) -> "CopyResult":
-    from shoal.copier import CopyResult, DigestingReader
+class StorePull(PartialPull):
+    """The local store's partial pull: ``dst`` is the store's destination, ``registered(digest)`` tells it
+    that the image's chunks are catalogued already (so its ``commit()`` does not decode the index again)."""
 
-    result = CopyResult()
+    def __init__(self, store: "Store", dst: ImageDestination, registered: Callable[[str], None]) -> None:
+        self.store = store
+        self.dst = dst
+        self.registered = registered
+
+    def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink) -> PartialPullResult:
+        t = _pull(src, raw, self.store, concurrency, sink, self.registered)
+        self.dst.put_manifest(raw, mt.OCI_MANIFEST, None)
+        return PartialPullResult(t.bytes_fetched, t.chunks_fetched, t.blobs_skipped)
+
+
+def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: Sink,
+          registered: Callable[[str], None]) -> _Tally:
+    result = _Tally()
     m = parse_manifest(raw)
-    store = dst.store
     for d in (m.config, m.index):
-        info = BlobInfo(d.digest, d.size, d.media_type)
         if not store.layout.has(d.digest):
-            stream, _ = src.get_blob(info)
-            reader = DigestingReader(stream, info)
+            stream, _ = src.get_blob(BlobInfo(d.digest, d.size, d.media_type))
             try:
-                store.layout.put_stream(reader, d.digest, d.size)  # type: ignore[arg-type]
+                store.layout.put_stream(stream, d.digest, d.size)  # verifies size and digest before it is visible
             finally:
-                reader.close()
+                stream.close()
             result.bytes_fetched += d.size
         else:
             result.blobs_skipped += 1
     batch = Batch(store.layout)
-    pool = ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="shoal-pull")
+    pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="shoal-pull")
     early: dict[str, Future[int]] = {}
     try:
         if store.catalog.empty() and not store.partial.packs():
@@ -247,7 +266,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
         total = sum(idx.frames[fi].clen for frames in need.values() for fi in frames)
         total += sum(sizes[d] for d in early)
         sink.start("pull", total)
-        puller = _Puller(src, dst, idx, sizes, sink, result)
+        puller = _Puller(src, store, idx, sizes, sink, result)
         puller.batch = batch
         # each early pack is checked against the index as soon as it is in (FIFO: every fetch this waits
         # for was submitted, and so started, before it)
@@ -269,10 +288,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
         batch.commit()
     sink.finish("pull")
     store.register_chunks(m, idx, verified=puller.verified)  # hashes what the pull did not already
-    dst.put_manifest(raw, mt.OCI_MANIFEST, None)
-    store.tag(dst.ref.name, m)  # what dst.commit() does, minus decoding the index and registering it again
-    result.digest = m.digest
-    result.media_type = mt.OCI_MANIFEST
+    registered(m.digest)
     result.blobs_skipped += len(m.packs) - len(need)
     log.info("pulled %s: %d bytes in %d chunks", m.digest, result.bytes_fetched, result.chunks_fetched)
     return result

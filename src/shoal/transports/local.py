@@ -4,7 +4,8 @@ As a source it serves the store's blobs; a pack that is only partly present
 (a pull fetched just the frames the store lacked) is rebuilt byte-exactly by
 recompressing the missing frames from chunks the store holds elsewhere, and
 refused if that does not reproduce the pack's digest.
-As a destination it writes verified blobs and tags at ``commit()``.
+As a destination it writes verified blobs and tags at ``commit()``, and offers the chunk-level
+``partial_pull()`` capability (pull.py): a Shoal image fetches only the frames the store lacks.
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ from shoal import mediatypes as mt
 from shoal.errors import IntegrityError, NotFound
 from shoal.format import packing
 from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads, json_value
+from shoal.pull import StorePull
 from shoal.reader import Reader, StoreSource
 from shoal.store import Store, normalize_ref
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
+from shoal.transports.base import (
+    BlobInfo,
+    ImageDestination,
+    ImageReference,
+    ImageSource,
+    PartialPull,
+    Transport,
+    register,
+)
 
 __all__ = ["LocalReference", "LocalTransport"]
 
@@ -133,6 +143,10 @@ class LocalDestination(ImageDestination):
         self._lock = store.layout.writing()
         self._lock.__enter__()
         self._top: tuple[str, str, int] | None = None
+        self._registered: set[str] = set()  # manifests whose chunks a partial pull catalogued already
+
+    def partial_pull(self) -> PartialPull:
+        return StorePull(self.store, self, self._registered.add)
 
     def close(self) -> None:
         if self._lock is not None:
@@ -159,6 +173,6 @@ class LocalDestination(ImageDestination):
         doc = json_value(raw)
         if isinstance(doc, dict) and doc.get("artifactType"):
             desc["artifactType"] = doc["artifactType"]
-        if isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE:
+        if isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE and d not in self._registered:
             self.store.register_chunks(self.store.manifest(d))
         self.store.layout.set_ref(self.ref.name, desc)
