@@ -33,11 +33,11 @@ from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
 from shoal.format.packing import bad_chunk
-from shoal.reader import StoreSource, decompress_frame
+from shoal.reader import FrameSource, StoreSource, decompress_frame
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageSource
 
-__all__ = ["LazySource", "LazyStats"]
+__all__ = ["LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 # per-process lock bookkeeping that a child would wrongly trust (then the parent, exiting, deletes the
 # WAL index under the child's feet: "disk I/O error").
 _INHERITED: list[object] = []
+
+
+def keep_inherited(obj: object) -> None:
+    """Keep ``obj``, inherited across a fork, alive and untouched for the child's lifetime (see above)."""
+    _INHERITED.append(obj)
 
 
 def release_sqlite() -> None:
@@ -90,7 +95,7 @@ class SourceClosed(TransportError):
     """The lazy source was closed (the mount is going away)."""
 
 
-class LazySource:
+class LazySource(FrameSource):
     """A FrameSource for Reader that fetches missing frames from ``remote`` and caches them in ``store``.
 
     ``reopen`` makes a fresh remote for ``after_fork`` (a forked mount daemon must not share the
@@ -163,6 +168,10 @@ class LazySource:
         return StoreSource(self.store).find_chunk(cid)
 
     @property
+    def fetches_ahead(self) -> bool:
+        return True
+
+    @property
     def store(self) -> Store:
         """The local store, opened again after ``before_fork`` closed it."""
         st = self._store
@@ -199,7 +208,7 @@ class LazySource:
     def after_fork(self) -> None:
         """In a forked mount daemon: a new sqlite connection, new HTTP connections, new pools and locks."""
         if self._store is not None:  # before_fork was not called: leave the inherited one alone
-            _INHERITED.append(self._store)
+            keep_inherited(self._store)
             self._store = None
         if self._handover is not None:
             self._early = self._handover.receive()
@@ -207,7 +216,7 @@ class LazySource:
         else:
             self._early = {}  # the threads fetching them stayed in the parent
         if self._reopen is not None:
-            _INHERITED.append(self.remote)
+            keep_inherited(self.remote)
             self.remote = self._reopen()
         self._init_runtime()
         self._stats.lock = threading.Lock()

@@ -8,11 +8,12 @@ its sha256 before a byte of it is returned.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import collections
 import hashlib
 import threading
-from typing import Iterator, Protocol
+from typing import Iterator
 
 from shoal.errors import IntegrityError, NotFound, UsageError
 from shoal.format import packing
@@ -20,15 +21,122 @@ from shoal.format.model import Entry, Frame, Index, Kind
 from shoal.store import Store
 from shoal.store.layout import Layout
 
-__all__ = ["FrameSource", "LayoutSource", "StoreSource", "Reader", "decompress_frame"]
+__all__ = ["FrameSource", "ForwardingSource", "LayoutSource", "StoreSource", "Reader", "decompress_frame"]
 
 
-class FrameSource(Protocol):
+class FrameSource(abc.ABC):
+    """Where frames come from: the contract between a Reader (and the mount) and a source (mount.md §1).
+
+    Only ``fetch`` is required.  Every other hook has a default that does nothing (or answers None /
+    False), and the Reader and the mount call them directly: a source overrides what it needs.
+    """
+
+    @abc.abstractmethod
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
-        """The ``length`` compressed bytes at ``offset`` of pack blob ``pack`` (unverified)."""
+        """The ``length`` compressed bytes at ``offset`` of pack blob ``pack`` (unverified); NotFound if
+        this source does not hold that frame."""
+
+    def find_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk by id (verified by the Reader), for a frame ``fetch`` raised NotFound for because the
+        store holds its chunks elsewhere; None (default) if unknown."""
+        return None
+
+    # ------------------------------------------------------------ fetching ahead (a remote source)
+
+    @property
+    def fetches_ahead(self) -> bool:
+        """True if ``ensure`` and ``readahead`` do something: the mount only plans them then (default False)."""
+        return False
+
+    def ensure(self, frames: list[int]) -> None:  # noqa: B027 - optional hook
+        """Make frame indices ``frames`` local in one batch before a read that needs all of them."""
+
+    def readahead(self, frames: list[int]) -> None:  # noqa: B027
+        """Start fetching ``frames`` in the background; never blocks, never raises."""
+
+    def prefetch(self, frames: list[int]) -> int | None:
+        """Fetch ``frames`` in bulk and return the bytes fetched; None (default): no bulk path, the caller
+        fetches them one by one."""
+        return None
+
+    # ------------------------------------------------------------ figures (shoal status)
+
+    def cached_chunks(self) -> int | None:
+        """How many chunks of the image are on this machine; None (default): the caller counts."""
+        return None
+
+    @property
+    def stats(self) -> object | None:
+        """The source's own counters, a dataclass of numbers (``stats.source`` in status); default None."""
+        return None
+
+    # ------------------------------------------------------------ life cycle (the mount daemon forks)
+
+    def before_fork(self) -> None:  # noqa: B027
+        """In the parent, before the mount daemon forks: close sqlite handles, end thread pools."""
+
+    def after_fork_parent(self) -> None:  # noqa: B027
+        """In the parent, after the fork (e.g. hand frames still being fetched to the daemon)."""
+
+    def handover_wait(self, timeout: float | None = None) -> None:  # noqa: B027
+        """In the parent: wait until the daemon holds what was handed over (at most ``timeout``)."""
+
+    def after_fork(self) -> None:  # noqa: B027
+        """In the forked daemon: make new connections, pools and locks; never close inherited ones."""
+
+    def close(self) -> None:  # noqa: B027
+        """Stop background work (the mount is going away)."""
 
 
-class LayoutSource:
+class ForwardingSource(FrameSource):
+    """A wrapper around ``inner`` that forwards every hook to it; a subclass overrides what it adds."""
+
+    def __init__(self, inner: FrameSource) -> None:
+        self.inner = inner
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        return self.inner.fetch(pack, offset, length)
+
+    def find_chunk(self, cid: bytes) -> bytes | None:
+        return self.inner.find_chunk(cid)
+
+    @property
+    def fetches_ahead(self) -> bool:
+        return self.inner.fetches_ahead
+
+    def ensure(self, frames: list[int]) -> None:
+        self.inner.ensure(frames)
+
+    def readahead(self, frames: list[int]) -> None:
+        self.inner.readahead(frames)
+
+    def prefetch(self, frames: list[int]) -> int | None:
+        return self.inner.prefetch(frames)
+
+    def cached_chunks(self) -> int | None:
+        return self.inner.cached_chunks()
+
+    @property
+    def stats(self) -> object | None:
+        return self.inner.stats
+
+    def before_fork(self) -> None:
+        self.inner.before_fork()
+
+    def after_fork_parent(self) -> None:
+        self.inner.after_fork_parent()
+
+    def handover_wait(self, timeout: float | None = None) -> None:
+        self.inner.handover_wait(timeout)
+
+    def after_fork(self) -> None:
+        self.inner.after_fork()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class LayoutSource(FrameSource):
     """Frames from complete packs in an OCI layout."""
 
     def __init__(self, layout: Layout) -> None:
@@ -38,7 +146,7 @@ class LayoutSource:
         return self.layout.read_range(pack, offset, length)
 
 
-class StoreSource:
+class StoreSource(FrameSource):
     """Frames from the local store: complete packs, partial packs, and — for a frame the store
     never fetched because it already held its chunks elsewhere — any chunk by id via the catalogue."""
 
@@ -115,8 +223,7 @@ class Reader:
         try:
             data = memoryview(self.frame(fi))[off : off + ln]
         except NotFound:
-            find = getattr(self.source, "find_chunk", None)
-            alt = find(idx.chunk_ids[ci]) if find is not None else None
+            alt = self.source.find_chunk(idx.chunk_ids[ci])
             if alt is None:
                 raise
             data = memoryview(alt)

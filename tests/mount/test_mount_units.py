@@ -20,6 +20,7 @@ from shoal.mount.runtime_spec import (
     parse_volume,
     resolve_user,
 )
+from shoal.reader import FrameSource
 
 PASSWD = b"""root:x:0:0:root:/root:/bin/bash
 daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
@@ -175,7 +176,7 @@ def test_split_scheme_and_openers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_counting_source() -> None:
-    class Src:
+    class Src(FrameSource):
         def fetch(self, pack: str, offset: int, length: int) -> bytes:
             return b"x" * length
 

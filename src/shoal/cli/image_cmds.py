@@ -32,7 +32,7 @@ class _Image:
     source: FrameSource  # where pack bytes come from (local store, or range reads on a registry)
 
 
-class _RemoteFrames:
+class _RemoteFrames(FrameSource):
     """Range reads on a remote image's packs, uncached (``cat`` of a docker:// image)."""
 
     def __init__(self, ref: str, opts: dict[str, object]) -> None:

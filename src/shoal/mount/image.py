@@ -23,7 +23,7 @@ from typing import Any, Callable
 from shoal.errors import UsageError
 from shoal.format.manifest import ImageConfig, parse_config
 from shoal.format.model import Index
-from shoal.reader import FrameSource, StoreSource
+from shoal.reader import ForwardingSource, FrameSource, StoreSource
 
 __all__ = ["OpenedImage", "OpenOptions", "Opener", "open_image", "register_opener", "split_scheme",
            "CountingSource", "FetchStats", "LocalStoreSource"]
@@ -69,7 +69,7 @@ class OpenOptions:
 Opener = Callable[[str, StorePath, OpenOptions], OpenedImage]
 
 
-class LocalStoreSource:
+class LocalStoreSource(FrameSource):
     """Frames from the local store (complete packs, partial packs, chunks by id: ``StoreSource``).
 
     ``before_fork`` closes the store's sqlite connection and ``after_fork`` opens a new one, so the
@@ -101,10 +101,10 @@ class LocalStoreSource:
         release_sqlite()
 
     def after_fork(self) -> None:
-        from shoal.lazy import _INHERITED
+        from shoal.lazy import keep_inherited
 
         if self._inner is not None:  # never close the parent's sqlite connection in the child
-            _INHERITED.append(self._inner)
+            keep_inherited(self._inner)
             self._inner = None
 
 
@@ -171,12 +171,12 @@ class FetchStats:
     frames: set[tuple[str, int]] = field(default_factory=set)  # distinct (pack, offset) fetched
 
 
-class CountingSource:
-    """A FrameSource that forwards to ``inner`` and counts requests, bytes and time."""
+class CountingSource(ForwardingSource):
+    """A FrameSource that forwards to ``inner`` and counts requests, bytes and time (``counts``)."""
 
     def __init__(self, inner: FrameSource) -> None:
-        self.inner = inner
-        self.stats = FetchStats()
+        super().__init__(inner)
+        self.counts = FetchStats()
         self._lock = threading.Lock()
 
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
@@ -184,24 +184,19 @@ class CountingSource:
         data = self.inner.fetch(pack, offset, length)
         dt = time.monotonic() - t0
         with self._lock:
-            s = self.stats
+            s = self.counts
             s.fetches += 1
             s.bytes += len(data)
             s.seconds += dt
             s.frames.add((pack, offset))
         return data
 
-    def find_chunk(self, cid: bytes) -> bytes | None:
-        """A chunk by id, for a frame the store never held because it had the chunks elsewhere."""
-        find = getattr(self.inner, "find_chunk", None)
-        return find(cid) if find is not None else None
-
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            s = self.stats
+            s = self.counts
             return {"fetches": s.fetches, "bytes_fetched": s.bytes, "fetch_seconds": round(s.seconds, 6),
                     "frames_fetched": len(s.frames)}
 
     def fetched_frames(self) -> set[tuple[str, int]]:
         with self._lock:
-            return set(self.stats.frames)
+            return set(self.counts.frames)

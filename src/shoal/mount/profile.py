@@ -35,7 +35,7 @@ from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, ShoalError
 from shoal.format.manifest import json_loads, json_value
 from shoal.format.model import Index
-from shoal.reader import FrameSource
+from shoal.reader import ForwardingSource, FrameSource
 
 __all__ = ["Profile", "RecordingSource", "ProfileResult", "load_local", "save_local", "fetch_remote",
            "push_remote", "record", "local_path"]
@@ -263,11 +263,11 @@ def push_remote(ref_text: str, opts: dict[str, object], prof: Profile) -> str:
 # ---------------------------------------------------------------------------------------------- recording
 
 
-class RecordingSource:
+class RecordingSource(ForwardingSource):
     """Forwards to ``inner`` and records each frame's first request (``frames()``, in order)."""
 
     def __init__(self, inner: FrameSource, index: Index) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._frame_of = {("sha256:" + index.packs[f.pack].hex(), f.offset): i for i, f in enumerate(index.frames)}
         self._order: list[int] = []
         self._seen: set[int] = set()
@@ -281,10 +281,6 @@ class RecordingSource:
                     self._seen.add(fi)
                     self._order.append(fi)
         return self.inner.fetch(pack, offset, length)
-
-    def find_chunk(self, cid: bytes) -> bytes | None:
-        find = getattr(self.inner, "find_chunk", None)
-        return find(cid) if find is not None else None
 
     def frames(self) -> list[int]:
         with self._lock:
