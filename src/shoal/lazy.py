@@ -32,8 +32,8 @@ from shoal import mediatypes as mt
 from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
-from shoal.format.packing import bad_chunk
-from shoal.reader import FrameSource, StoreSource, decompress_frame
+from shoal.format.packing import verify_frame
+from shoal.reader import FrameSource, StoreSource
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageSource
 
@@ -120,9 +120,6 @@ class LazySource(FrameSource):
         self._frame_of: dict[tuple[str, int], int] = {
             (self._pack_of[f.pack], f.offset): fi for fi, f in enumerate(index.frames)
         }
-        self._chunks_of: dict[int, list[int]] = {}
-        for ci, fi in enumerate(index.chunk_frames):
-            self._chunks_of.setdefault(fi, []).append(ci)
         self._early: dict[int, Future[bytes]] = dict(early or {})  # frame -> raw bytes being fetched elsewhere
         self._handover: Any = None  # a shoal.mount.early.Handover across the daemon's fork
         self._init_runtime()
@@ -292,7 +289,7 @@ class LazySource(FrameSource):
         return self._stats
 
     def cached_chunks(self) -> int:
-        return sum(len(self._chunks_of.get(fi, ())) for fi in self._cached_set())
+        return sum(len(self.index.frame_chunks(fi)) for fi in self._cached_set())
 
     # ---------------------------------------------------------------- planning and waiting
 
@@ -468,11 +465,10 @@ class LazySource(FrameSource):
         f = self.index.frames[fi]
         pack = self._pack_of[f.pack]
         try:
-            plain = decompress_frame(raw, f, f"{pack}@{f.offset}")
+            _, bad = verify_frame(self.index, fi, raw, f"{pack}@{f.offset}")
         except IntegrityError as exc:
             self._bad(f"frame {pack}@{f.offset} from {self.where} is corrupt (digest mismatch: {exc}); not cached")
-        idx, cis = self.index, self._chunks_of.get(fi, [])
-        bad = bad_chunk(idx, plain, cis)
+        idx, cis = self.index, self.index.frame_chunks(fi)
         if bad is not None:
             self._bad(f"chunk sha256:{idx.chunk_ids[bad].hex()} of frame {pack}@{f.offset} from "
                       f"{self.where} failed verification (digest mismatch); not cached")
@@ -543,7 +539,7 @@ class LazySource(FrameSource):
             # one look per pack, not per frame: an index may hold a million frame records of one pack
             whole = {pi for pi, p in enumerate(self._pack_of) if self.store.layout.has(p)}
             for fi, f in enumerate(self.index.frames):
-                cis = self._chunks_of.get(fi, [])
+                cis = self.index.frame_chunks(fi)
                 if f.pack in whole or (cis and all(ids[ci] in local for ci in cis)):
                     have.add(fi)
             with self._lock:
@@ -558,13 +554,13 @@ class LazySource(FrameSource):
         at the same offset with other bytes is never read in its place)."""
         f = self.index.frames[fi]
         pack = self._pack_of[f.pack]
-        ids = [self.index.chunk_ids[ci] for ci in self._chunks_of.get(fi, [])]
+        ids = [self.index.chunk_ids[ci] for ci in self.index.frame_chunks(fi)]
         locs = self.store.catalog.locate(ids)
         return bool(ids) and all((loc := locs.get(c)) is not None and loc.pack == pack and loc.frame_off == f.offset
                                  for c in ids)
 
     def _all_chunks_local(self, fi: int) -> bool:
-        ids = [self.index.chunk_ids[ci] for ci in self._chunks_of.get(fi, [])]
+        ids = [self.index.chunk_ids[ci] for ci in self.index.frame_chunks(fi)]
         return bool(ids) and len(self.store.catalog.locate(ids)) == len(ids)
 
 

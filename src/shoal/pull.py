@@ -31,9 +31,8 @@ from shoal import mediatypes as mt
 from shoal.errors import FrameConflict, IntegrityError
 from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
-from shoal.format.packing import bad_chunk
+from shoal.format.packing import verify_frame
 from shoal.progress import Sink
-from shoal.reader import decompress_frame
 from shoal.store.layout import Batch, pread_file
 from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, PartialPull, PartialPullResult
 
@@ -48,12 +47,9 @@ T = TypeVar("T")
 
 def plan_frames(idx: Index, have_chunk: set[bytes], has_pack: Callable[[str], bool]) -> dict[int, list[int]]:
     """pack index -> sorted frame indices the store must fetch."""
-    by_frame: dict[int, list[int]] = {}
-    for ci, fi in enumerate(idx.chunk_frames):
-        by_frame.setdefault(fi, []).append(ci)
     need: dict[int, list[int]] = {}
     for fi, f in enumerate(idx.frames):
-        cis = by_frame.get(fi, [])
+        cis = idx.frame_chunks(fi)
         if all(idx.chunk_ids[c] in have_chunk for c in cis):
             continue
         if has_pack("sha256:" + idx.packs[f.pack].hex()):
@@ -96,9 +92,7 @@ class _Puller:
         self.lock = threading.Lock()
         self.batch: Batch | None = None
         self.verified: set[int] = set()  # frames whose chunks were checked against this index
-        self.by_frame: dict[int, list[int]] = {}
-        for ci, fi in enumerate(idx.chunk_frames):
-            self.by_frame.setdefault(fi, []).append(ci)
+        self.by_frame = idx.chunks_by_frame()
         self.frames_of: dict[int, list[int]] = {}  # pack index -> its frames that hold chunks of this index
         for fi in self.by_frame:
             self.frames_of.setdefault(idx.frames[fi].pack, []).append(fi)
@@ -112,16 +106,12 @@ class _Puller:
     def verify_frame(self, fi: int, raw: bytes, pack: str) -> list[tuple[bytes, str, int, int, int, int, int]]:
         """Check every chunk of frame ``fi`` in ``raw``; return its catalogue rows."""
         f = self.idx.frames[fi]
-        if len(raw) != f.clen:  # a frame record that runs past the end of its pack
-            raise IntegrityError(f"frame at offset {f.offset} of pack {pack} is truncated: {len(raw)} bytes where "
-                                 f"the index says {f.clen} (the frame runs past the end of the pack)")
         try:
-            data = decompress_frame(raw, f, f"{pack}@{f.offset}")
+            _, bad = verify_frame(self.idx, fi, raw, f"{pack}@{f.offset}")
         except IntegrityError as exc:  # corrupted bytes usually break the zstd frame before any chunk hash
             raise IntegrityError(f"frame at offset {f.offset} of pack {pack} failed verification (digest mismatch: "
                                  f"{exc}); nothing from it was stored") from None
-        cis = self.by_frame.get(fi, [])
-        bad = bad_chunk(self.idx, data, cis)
+        cis = self.idx.frame_chunks(fi)
         if bad is not None:
             raise IntegrityError(f"chunk sha256:{self.idx.chunk_ids[bad].hex()} from pack {pack} failed "
                                  "verification (digest mismatch); nothing from it was stored")
@@ -148,7 +138,7 @@ class _Puller:
         if sum(self.idx.frames[fi].clen for fi in frames) == size and not self.store.partial.present(pack):
             _whole_pack(self.src, self.store, pack, size, self.batch)
             self.verify_whole(pi)
-            self.count(size, sum(len(self.by_frame.get(fi, [])) for fi in frames))
+            self.count(size, sum(len(self.idx.frame_chunks(fi)) for fi in frames))
             return
         _again(lambda: self._ranges(pi, frames), pack)
 
@@ -178,7 +168,7 @@ class _Puller:
                 self.store.catalog.add(rows)  # verified just above: a resumed pull skips these chunks
                 with self.lock:
                     self.verified.add(fi)
-            self.count(ln, sum(len(self.by_frame.get(fi, [])) for fi in fis))
+            self.count(ln, sum(len(self.idx.frame_chunks(fi)) for fi in fis))
         self.store.partial.try_promote(pack, size)
 
 

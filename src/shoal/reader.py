@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import bisect
 import collections
-import hashlib
 import threading
 from typing import Iterator
 
@@ -21,7 +20,7 @@ from shoal.format.model import Entry, Frame, Index, Kind
 from shoal.store import Store
 from shoal.store.layout import Layout
 
-__all__ = ["FrameSource", "ForwardingSource", "LayoutSource", "StoreSource", "Reader", "decompress_frame"]
+__all__ = ["FrameSource", "ForwardingSource", "LayoutSource", "StoreSource", "Reader"]
 
 
 class FrameSource(abc.ABC):
@@ -164,14 +163,9 @@ class StoreSource(FrameSource):
             raw = self.store.read_frame(loc.pack, loc.frame_off, loc.frame_clen)
         except NotFound:
             return None
-        data = decompress_frame(raw, Frame(0, loc.frame_off, loc.frame_clen, loc.frame_ulen),
-                                f"{loc.pack}@{loc.frame_off}")
+        data = packing.open_frame(raw, Frame(0, loc.frame_off, loc.frame_clen, loc.frame_ulen),
+                                  f"{loc.pack}@{loc.frame_off}")
         return data[loc.off : loc.off + loc.length]
-
-
-def decompress_frame(data: bytes, f: Frame, where: str) -> bytes:
-    """Decompress one frame, refusing anything that is not exactly ``f.ulen`` bytes (format.md §4.6)."""
-    return packing.decompress_frame(data, f.ulen, where)
 
 
 class Reader:
@@ -206,7 +200,7 @@ class Reader:
         try:
             f = self.index.frames[fi]
             pack = self.pack_digest(f.pack)
-            data = decompress_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
+            data = packing.open_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
             with self._lock:
                 self._cache[fi] = data
                 while len(self._cache) > self._cache_max:
@@ -218,20 +212,21 @@ class Reader:
             busy.set()
 
     def chunk(self, ci: int) -> memoryview:
+        """Chunk ``ci``, checked against its id the first time it is read (``packing.chunk_ok``, the check
+        every path makes)."""
         idx = self.index
         fi, off, ln = idx.chunk_frames[ci], idx.chunk_offsets[ci], idx.chunk_lengths[ci]
         try:
-            data = memoryview(self.frame(fi))[off : off + ln]
+            frame = self.frame(fi)
         except NotFound:
             alt = self.source.find_chunk(idx.chunk_ids[ci])
             if alt is None:
                 raise
-            data = memoryview(alt)
-            if hashlib.sha256(data).digest() != idx.chunk_ids[ci]:
+            if len(alt) != ln or not packing.chunk_ok(alt, 0, ln, idx.chunk_ids[ci]):
                 raise IntegrityError(f"chunk sha256:{idx.chunk_ids[ci].hex()} failed verification") from None
-            return data
+            return memoryview(alt)
         if ci not in self._verified:
-            if hashlib.sha256(data).digest() != idx.chunk_ids[ci]:
+            if not packing.chunk_ok(frame, off, ln, idx.chunk_ids[ci]):
                 with self._lock:
                     self._cache.pop(fi, None)
                 f = idx.frames[fi]
@@ -239,7 +234,7 @@ class Reader:
                     f"chunk sha256:{idx.chunk_ids[ci].hex()} in pack {self.pack_digest(f.pack)} failed verification"
                 )
             self._verified.add(ci)
-        return data
+        return memoryview(frame)[off : off + ln]
 
     # ---------------------------------------------------------------- files
 

@@ -34,7 +34,6 @@ __all__ = ["Layout", "Batch", "hash_file", "pread_file", "unlinked_tempfile", "s
 log = logging.getLogger(__name__)
 
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
-MAX_MANIFEST = 4 * 1024 * 1024
 
 
 @contextlib.contextmanager

@@ -113,9 +113,6 @@ class LocalSource(ImageSource):
             raise NotFound(f"blob {info.digest} is not in the store")
         reader = Reader(idx, StoreSource(self.store))
         frames = sorted((f.offset, fi) for fi, f in enumerate(idx.frames) if f.pack == pi)
-        by_frame: dict[int, list[int]] = {}
-        for ci, fi in enumerate(idx.chunk_frames):
-            by_frame.setdefault(fi, []).append(ci)
         cctx = zstandard.ZstdCompressor(level=packing.ZSTD_LEVEL, write_checksum=False, write_content_size=True)
         out = bytearray()
         for off, fi in frames:
@@ -126,7 +123,7 @@ class LocalSource(ImageSource):
                 out += self.store.partial.read(info.digest, off, f.clen)
                 continue
             plain = bytearray(f.ulen)
-            for ci in by_frame.get(fi, []):
+            for ci in idx.frame_chunks(fi):
                 o = idx.chunk_offsets[ci]
                 plain[o : o + idx.chunk_lengths[ci]] = reader.chunk(ci)
             out += cctx.compress(bytes(plain))

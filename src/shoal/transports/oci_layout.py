@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Iterator
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, HostileInput, IntegrityError, NotFound, StoreError, UsageError, from_oserror
-from shoal.format.manifest import json_loads
+from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, Transport, register
 
 __all__ = ["OciLayoutTransport", "OciLayoutReference", "OciLayoutSource", "OciLayoutDestination",
@@ -47,7 +47,7 @@ __all__ = ["OciLayoutTransport", "OciLayoutReference", "OciLayoutSource", "OciLa
 
 log = logging.getLogger(__name__)
 
-MAX_JSON = 4 * 1024 * 1024  # manifests, indexes and configs: the registry cap (docs/transports.md)
+MAX_JSON = MAX_MANIFEST_BYTES  # manifests, indexes and configs: the one cap (format/manifest.py)
 LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 _CHUNK = 1 << 20
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
