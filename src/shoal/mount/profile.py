@@ -13,7 +13,8 @@ It is stored *beside* the image, never in its blobs:
 
 ``RecordingSource`` records first touches at the FrameSource level (below the Reader's frame cache,
 above the store and the network), so read-ahead and prefetch never pollute a recording.
-``record`` runs a workload on a lazy mount (``shoal run``'s machinery) and saves the result.
+``shoal.mount.record`` runs a workload on a lazy mount (``shoal run``'s machinery) and saves the result;
+it lives above ``run``, so this module imports nothing of the mount's upper layers (the daemon uses it).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import io
 import json
 import logging
 import os
-import secrets
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,8 @@ from shoal.format.manifest import json_loads, json_value
 from shoal.format.model import Index
 from shoal.reader import ForwardingSource, FrameSource
 
-__all__ = ["Profile", "RecordingSource", "ProfileResult", "load_local", "save_local", "fetch_remote",
-           "push_remote", "record", "local_path"]
+__all__ = ["Profile", "RecordingSource", "load_local", "save_local", "fetch_remote", "push_remote", "local_path",
+           "write_recording", "read_recording"]
 
 log = logging.getLogger(__name__)
 
@@ -305,52 +305,3 @@ def read_recording(path: str) -> list[int]:
     if not isinstance(frames, list) or not all(isinstance(x, int) for x in frames):
         raise ShoalError("the mount daemon left a malformed recording")
     return frames
-
-
-# ---------------------------------------------------------------------------------------------- shoal profile
-
-
-@dataclass(frozen=True)
-class ProfileResult:
-    profile: Profile
-    exit_code: int  # the workload's (124 if it was stopped after --seconds)
-    local: str  # where the profile was saved
-    pushed: str | None = None  # the referrer artifact's digest, for docker:// images
-    frame_bytes_total: int = 0  # compressed bytes of the whole image
-    notes: list[str] = field(default_factory=list)
-
-
-def record(ref: str, seconds: float, run_opts: Any, open_opts: Any, store_root: Any = None,
-           push: bool = True) -> ProfileResult:
-    """Run ``run_opts.command`` (or the image's) on a lazy mount of ``ref`` for at most ``seconds``,
-    record the frames it read, save the profile locally and, for ``docker://`` references, push it."""
-    import dataclasses
-    import time
-
-    from shoal.mount import run as mrun
-    from shoal.mount import state as ms
-    from shoal.mount.image import open_image, split_scheme
-    from shoal.store import Store
-
-    image = open_image(ref, store_root, dataclasses.replace(open_opts, profile=False))
-    rec_dir = ms.run_dir() / "profiles"
-    rec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    rec = str(rec_dir / f"{secrets.token_hex(8)}.json")
-    opts = dataclasses.replace(run_opts, rm=True, prefetch="none", timeout=seconds, record_to=rec)
-    t0 = time.monotonic()
-    try:
-        code = mrun.run_image(image, opts)
-        frames = read_recording(rec)
-    finally:
-        Path(rec).unlink(missing_ok=True)
-    elapsed = time.monotonic() - t0
-    idx = image.index
-    prof = Profile.of_frames(image.digest, idx, frames, elapsed, tuple(opts.command) if opts.command else ())
-    root = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root))).root
-    path = save_local(root, prof)
-    pushed = None
-    if push and split_scheme(ref)[0] == "docker":
-        pushed = push_remote(ref, dict(open_opts.registry), prof)
-    total = sum(f.clen for f in idx.frames)
-    log.info("profile of %s: %d frames, %d of %d bytes", image.digest, len(frames), prof.nbytes, total)
-    return ProfileResult(prof, code, str(path), pushed, total)
