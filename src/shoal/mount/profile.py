@@ -25,13 +25,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shoal import mediatypes as mt
+from shoal.atomicfile import Durability, write_atomic
 from shoal.errors import FormatError, NotFound, ShoalError
 from shoal.format.manifest import json_loads, json_value
 from shoal.format.model import Index
@@ -153,16 +153,7 @@ def save_local(store_root: str | os.PathLike[str], prof: Profile) -> Path:
     """Write the profile atomically (temp file, fsync, rename); return its path."""
     p = local_path(store_root, prof.image)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(prof.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(p, prof.encode(), durability=Durability.FILE, mode=0o600)
     return p
 
 
@@ -289,10 +280,7 @@ class RecordingSource(ForwardingSource):
 
 def write_recording(path: str, frames: list[int]) -> None:
     """The daemon's hand-over of a recording (atomic: temp file, rename)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"frames": frames}, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"frames": frames}).encode(), durability=Durability.PROCESS)
 
 
 def read_recording(path: str) -> list[int]:
