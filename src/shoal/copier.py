@@ -3,8 +3,9 @@
 - Blobs first, manifests after them, the top manifest last, then ``commit()``.
 - A blob the destination already has (or can mount from the source repository) is never sent.
 - Every byte is verified against its descriptor's digest and size while it streams.
-- A Shoal image pulled into the local store takes the chunk-level path (``pull.py``): only the
-  frames holding chunks the store lacks are fetched, with HTTP range reads.
+- A Shoal image copied to a destination that offers ``partial_pull()`` (the local store: ``pull.py``)
+  takes that chunk-level path: only the frames holding chunks the destination lacks are fetched, with
+  HTTP range reads; then ``commit()`` as for any copy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
@@ -23,7 +24,7 @@ from shoal.errors import FormatError, IntegrityError
 from shoal.format.manifest import json_loads, json_object
 from shoal.format.platform import Platform, choose, select
 from shoal.progress import NULL, Sink
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource
+from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, PartialPull
 from shoal.transports.context import SystemContext, as_context
 
 __all__ = ["CopyOptions", "CopyResult", "copy", "DigestingReader", "descriptors_of"]
@@ -141,7 +142,7 @@ class _Copier:
         stream, _ = self.src.get_blob(info)
         reader = DigestingReader(stream, info)
         try:
-            self.dst.put_blob(reader, info)  # type: ignore[arg-type]
+            self.dst.put_blob(cast(BinaryIO, reader), info)  # it has what destinations use: read() and close()
             while reader.read(1 << 20):  # a destination that stopped early still gets the stream verified
                 pass
         finally:
@@ -185,8 +186,6 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
     opts = opts or CopyOptions()
     t0 = time.monotonic()
     with src_ref.new_source(as_context(opts.src_opts)) as src:
-        from shoal.transports.local import LocalDestination
-
         with dst_ref.new_destination(as_context(opts.dst_opts)) as dst:
             raw, media = src.get_manifest()
             if _is_index(raw, media):
@@ -195,10 +194,9 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
                     platform = str(Platform.host())  # like skopeo: a one-image format gets this machine's image
                 if platform is not None:
                     raw, media = _one_platform(src_ref, src, raw, platform)
-            if isinstance(dst, LocalDestination) and _is_shoal(raw):
-                from shoal.pull import pull_into_store
-
-                result = pull_into_store(src, raw, dst, opts, sink)
+            partial = dst.partial_pull() if _is_shoal(raw) else None
+            if partial is not None:
+                result = _partial(partial, src, dst, raw, opts, sink)
             else:
                 sink.start("copy", None)  # a pull reports its own task, "pull", with a known total
                 try:
@@ -208,6 +206,16 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
             _account(result, src, dst)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _partial(partial: PartialPull, src: ImageSource, dst: ImageDestination, raw: bytes, opts: CopyOptions,
+             sink: Sink) -> CopyResult:
+    """A Shoal image through the destination's chunk-level capability, then ``commit()``."""
+    got = partial.pull(src, raw, opts.concurrency, sink)  # ends with dst.put_manifest(raw)
+    dst.commit()
+    return CopyResult(digest="sha256:" + hashlib.sha256(raw).hexdigest(), media_type=mt.OCI_MANIFEST,
+                      blobs_skipped=got.blobs_skipped, bytes_fetched=got.bytes_fetched,
+                      chunks_fetched=got.chunks_fetched)
 
 
 def _account(result: CopyResult, src: ImageSource, dst: ImageDestination) -> None:

@@ -7,7 +7,7 @@ store, so any other image holding the same chunks reuses them.
 
 Fetches are *jobs*: one range request covering one or more frames that sit back to back in a pack,
 or one frame whose raw bytes someone else is already fetching (``early``: a recorded profile fetched
-before the mount existed, see ``shoal.mount.early``; a failed one falls back to a request).
+before the mount existed, see ``shoal.early``; a failed one falls back to a request).
 Each frame being fetched has a future in ``_inflight``, so concurrent readers of one frame share one
 request.  Demand reads (``fetch``, ``ensure``) run in their own thread pool and wait at most
 ``fetch_timeout`` seconds (then TransportError, EIO through FUSE; while the fetch given up on still
@@ -26,18 +26,19 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from shoal import mediatypes as mt
+from shoal.early import Handover
 from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
-from shoal.format.packing import bad_chunk
-from shoal.reader import StoreSource, decompress_frame
+from shoal.format.packing import verify_frame
+from shoal.reader import FrameSource, StoreSource
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageSource
 
-__all__ = ["LazySource", "LazyStats"]
+__all__ = ["LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,15 @@ log = logging.getLogger(__name__)
 _INHERITED: list[object] = []
 
 
+def keep_inherited(obj: object) -> None:
+    """Keep ``obj``, inherited across a fork, alive and untouched for the child's lifetime (see above)."""
+    _INHERITED.append(obj)
+
+
 def release_sqlite() -> None:
     """Collect unreachable objects now, so that sqlite connections dropped by threads that ended are
     closed before a fork (a thread's ``threading.local`` slots go with it)."""
     gc.collect()
-
-
-def keep_inherited(obj: object) -> None:
-    """In a forked child: keep ``obj``, inherited from the parent, alive and never closed (see above)."""
-    _INHERITED.append(obj)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class SourceClosed(TransportError):
     """The lazy source was closed (the mount is going away)."""
 
 
-class LazySource:
+class LazySource(FrameSource):
     """A FrameSource for Reader that fetches missing frames from ``remote`` and caches them in ``store``.
 
     ``reopen`` makes a fresh remote for ``after_fork`` (a forked mount daemon must not share the
@@ -120,11 +121,8 @@ class LazySource:
         self._frame_of: dict[tuple[str, int], int] = {
             (self._pack_of[f.pack], f.offset): fi for fi, f in enumerate(index.frames)
         }
-        self._chunks_of: dict[int, list[int]] = {}
-        for ci, fi in enumerate(index.chunk_frames):
-            self._chunks_of.setdefault(fi, []).append(ci)
         self._early: dict[int, Future[bytes]] = dict(early or {})  # frame -> raw bytes being fetched elsewhere
-        self._handover: Any = None  # a shoal.mount.early.Handover across the daemon's fork
+        self._handover: Handover | None = None  # the early frames, across the daemon's fork
         self._init_runtime()
         self._stats = LazyStats(frames_total=len(index.frames), bytes_total=sum(self.sizes.values()))
 
@@ -168,6 +166,10 @@ class LazySource:
         return StoreSource(self.store).find_chunk(cid)
 
     @property
+    def fetches_ahead(self) -> bool:
+        return True
+
+    @property
     def store(self) -> Store:
         """The local store, opened again after ``before_fork`` closed it."""
         st = self._store
@@ -186,8 +188,6 @@ class LazySource:
         self._store = None
         release_sqlite()
         if self._early:
-            from shoal.mount.early import Handover
-
             self._handover = Handover(self._early)
 
     def after_fork_parent(self) -> None:
@@ -204,7 +204,7 @@ class LazySource:
     def after_fork(self) -> None:
         """In a forked mount daemon: a new sqlite connection, new HTTP connections, new pools and locks."""
         if self._store is not None:  # before_fork was not called: leave the inherited one alone
-            _INHERITED.append(self._store)
+            keep_inherited(self._store)
             self._store = None
         if self._handover is not None:
             self._early = self._handover.receive()
@@ -212,7 +212,7 @@ class LazySource:
         else:
             self._early = {}  # the threads fetching them stayed in the parent
         if self._reopen is not None:
-            _INHERITED.append(self.remote)
+            keep_inherited(self.remote)
             self.remote = self._reopen()
         self._init_runtime()
         self._stats.lock = threading.Lock()
@@ -288,7 +288,7 @@ class LazySource:
         return self._stats
 
     def cached_chunks(self) -> int:
-        return sum(len(self._chunks_of.get(fi, ())) for fi in self._cached_set())
+        return sum(len(self.index.frame_chunks(fi)) for fi in self._cached_set())
 
     # ---------------------------------------------------------------- planning and waiting
 
@@ -464,11 +464,10 @@ class LazySource:
         f = self.index.frames[fi]
         pack = self._pack_of[f.pack]
         try:
-            plain = decompress_frame(raw, f, f"{pack}@{f.offset}")
+            _, bad = verify_frame(self.index, fi, raw, f"{pack}@{f.offset}")
         except IntegrityError as exc:
             self._bad(f"frame {pack}@{f.offset} from {self.where} is corrupt (digest mismatch: {exc}); not cached")
-        idx, cis = self.index, self._chunks_of.get(fi, [])
-        bad = bad_chunk(idx, plain, cis)
+        idx, cis = self.index, self.index.frame_chunks(fi)
         if bad is not None:
             self._bad(f"chunk sha256:{idx.chunk_ids[bad].hex()} of frame {pack}@{f.offset} from "
                       f"{self.where} failed verification (digest mismatch); not cached")
@@ -539,7 +538,7 @@ class LazySource:
             # one look per pack, not per frame: an index may hold a million frame records of one pack
             whole = {pi for pi, p in enumerate(self._pack_of) if self.store.layout.has(p)}
             for fi, f in enumerate(self.index.frames):
-                cis = self._chunks_of.get(fi, [])
+                cis = self.index.frame_chunks(fi)
                 if f.pack in whole or (cis and all(ids[ci] in local for ci in cis)):
                     have.add(fi)
             with self._lock:
@@ -554,13 +553,13 @@ class LazySource:
         at the same offset with other bytes is never read in its place)."""
         f = self.index.frames[fi]
         pack = self._pack_of[f.pack]
-        ids = [self.index.chunk_ids[ci] for ci in self._chunks_of.get(fi, [])]
+        ids = [self.index.chunk_ids[ci] for ci in self.index.frame_chunks(fi)]
         locs = self.store.catalog.locate(ids)
         return bool(ids) and all((loc := locs.get(c)) is not None and loc.pack == pack and loc.frame_off == f.offset
                                  for c in ids)
 
     def _all_chunks_local(self, fi: int) -> bool:
-        ids = [self.index.chunk_ids[ci] for ci in self._chunks_of.get(fi, [])]
+        ids = [self.index.chunk_ids[ci] for ci in self.index.frame_chunks(fi)]
         return bool(ids) and len(self.store.catalog.locate(ids)) == len(ids)
 
 

@@ -11,8 +11,12 @@
 4. Every chunk is hashed before its location enters the catalogue: frames of whole packs are
    decompressed and checked by ``Store.register_chunks``.  An index that lies about a chunk is
    refused, and nothing it claims is recorded.
-5. The tag is written last.  An interrupted pull resumes: chunks already catalogued and whole
-   packs already stored are not fetched again.
+5. The manifest goes to the destination's ``put_manifest`` last, and the copier's ``commit()`` tags it.
+   An interrupted pull resumes: chunks already catalogued and whole packs already stored are not
+   fetched again.
+
+``StorePull`` is the local store destination's ``PartialPull`` capability (transports/base.py): the
+copier reaches it through ``ImageDestination.partial_pull()``, never by naming the transport.
 """
 
 from __future__ import annotations
@@ -20,24 +24,22 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from shoal import mediatypes as mt
 from shoal.errors import FrameConflict, IntegrityError
 from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
-from shoal.format.packing import bad_chunk
+from shoal.format.packing import verify_frame
 from shoal.progress import Sink
-from shoal.reader import decompress_frame
 from shoal.store.layout import Batch, pread_file
-from shoal.transports.base import BlobInfo, ImageSource
+from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, PartialPull, PartialPullResult
 
 if TYPE_CHECKING:
-    from shoal.copier import CopyOptions, CopyResult
     from shoal.store import Store
-    from shoal.transports.local import LocalDestination
 
-__all__ = ["pull_into_store", "plan_frames"]
+__all__ = ["StorePull", "plan_frames"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,12 +47,9 @@ T = TypeVar("T")
 
 def plan_frames(idx: Index, have_chunk: set[bytes], has_pack: Callable[[str], bool]) -> dict[int, list[int]]:
     """pack index -> sorted frame indices the store must fetch."""
-    by_frame: dict[int, list[int]] = {}
-    for ci, fi in enumerate(idx.chunk_frames):
-        by_frame.setdefault(fi, []).append(ci)
     need: dict[int, list[int]] = {}
     for fi, f in enumerate(idx.frames):
-        cis = by_frame.get(fi, [])
+        cis = idx.frame_chunks(fi)
         if all(idx.chunk_ids[c] in have_chunk for c in cis):
             continue
         if has_pack("sha256:" + idx.packs[f.pack].hex()):
@@ -74,12 +73,18 @@ def _merge(idx: Index, frames: list[int]) -> list[tuple[int, int, list[int]]]:
     return out
 
 
+@dataclass
+class _Tally:
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    blobs_skipped: int = 0
+
+
 class _Puller:
-    def __init__(self, src: ImageSource, dst: "LocalDestination", idx: Index, sizes: dict[str, int],
-                 sink: Sink, result: "CopyResult") -> None:
+    def __init__(self, src: ImageSource, store: "Store", idx: Index, sizes: dict[str, int],
+                 sink: Sink, result: _Tally) -> None:
         self.src = src
-        self.dst = dst
-        self.store = dst.store
+        self.store = store
         self.idx = idx
         self.sizes = sizes
         self.sink = sink
@@ -87,9 +92,7 @@ class _Puller:
         self.lock = threading.Lock()
         self.batch: Batch | None = None
         self.verified: set[int] = set()  # frames whose chunks were checked against this index
-        self.by_frame: dict[int, list[int]] = {}
-        for ci, fi in enumerate(idx.chunk_frames):
-            self.by_frame.setdefault(fi, []).append(ci)
+        self.by_frame = idx.chunks_by_frame()
         self.frames_of: dict[int, list[int]] = {}  # pack index -> its frames that hold chunks of this index
         for fi in self.by_frame:
             self.frames_of.setdefault(idx.frames[fi].pack, []).append(fi)
@@ -103,16 +106,12 @@ class _Puller:
     def verify_frame(self, fi: int, raw: bytes, pack: str) -> list[tuple[bytes, str, int, int, int, int, int]]:
         """Check every chunk of frame ``fi`` in ``raw``; return its catalogue rows."""
         f = self.idx.frames[fi]
-        if len(raw) != f.clen:  # a frame record that runs past the end of its pack
-            raise IntegrityError(f"frame at offset {f.offset} of pack {pack} is truncated: {len(raw)} bytes where "
-                                 f"the index says {f.clen} (the frame runs past the end of the pack)")
         try:
-            data = decompress_frame(raw, f, f"{pack}@{f.offset}")
+            _, bad = verify_frame(self.idx, fi, raw, f"{pack}@{f.offset}")
         except IntegrityError as exc:  # corrupted bytes usually break the zstd frame before any chunk hash
             raise IntegrityError(f"frame at offset {f.offset} of pack {pack} failed verification (digest mismatch: "
                                  f"{exc}); nothing from it was stored") from None
-        cis = self.by_frame.get(fi, [])
-        bad = bad_chunk(self.idx, data, cis)
+        cis = self.idx.frame_chunks(fi)
         if bad is not None:
             raise IntegrityError(f"chunk sha256:{self.idx.chunk_ids[bad].hex()} from pack {pack} failed "
                                  "verification (digest mismatch); nothing from it was stored")
@@ -139,7 +138,7 @@ class _Puller:
         if sum(self.idx.frames[fi].clen for fi in frames) == size and not self.store.partial.present(pack):
             _whole_pack(self.src, self.store, pack, size, self.batch)
             self.verify_whole(pi)
-            self.count(size, sum(len(self.by_frame.get(fi, [])) for fi in frames))
+            self.count(size, sum(len(self.idx.frame_chunks(fi)) for fi in frames))
             return
         _again(lambda: self._ranges(pi, frames), pack)
 
@@ -169,7 +168,7 @@ class _Puller:
                 self.store.catalog.add(rows)  # verified just above: a resumed pull skips these chunks
                 with self.lock:
                     self.verified.add(fi)
-            self.count(ln, sum(len(self.by_frame.get(fi, [])) for fi in fis))
+            self.count(ln, sum(len(self.idx.frame_chunks(fi)) for fi in fis))
         self.store.partial.try_promote(pack, size)
 
 
@@ -211,27 +210,37 @@ def _whole_pack_once(src: ImageSource, store: "Store", pack: str, size: int, bat
     return size
 
 
-def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts: "CopyOptions",
-                    sink: Sink) -> "CopyResult":
-    from shoal.copier import CopyResult, DigestingReader
+class StorePull(PartialPull):
+    """The local store's partial pull: ``dst`` is the store's destination, ``registered(digest)`` tells it
+    that the image's chunks are catalogued already (so its ``commit()`` does not decode the index again)."""
 
-    result = CopyResult()
+    def __init__(self, store: "Store", dst: ImageDestination, registered: Callable[[str], None]) -> None:
+        self.store = store
+        self.dst = dst
+        self.registered = registered
+
+    def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink) -> PartialPullResult:
+        t = _pull(src, raw, self.store, concurrency, sink, self.registered)
+        self.dst.put_manifest(raw, mt.OCI_MANIFEST, None)
+        return PartialPullResult(t.bytes_fetched, t.chunks_fetched, t.blobs_skipped)
+
+
+def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: Sink,
+          registered: Callable[[str], None]) -> _Tally:
+    result = _Tally()
     m = parse_manifest(raw)
-    store = dst.store
     for d in (m.config, m.index):
-        info = BlobInfo(d.digest, d.size, d.media_type)
         if not store.layout.has(d.digest):
-            stream, _ = src.get_blob(info)
-            reader = DigestingReader(stream, info)
+            stream, _ = src.get_blob(BlobInfo(d.digest, d.size, d.media_type))
             try:
-                store.layout.put_stream(reader, d.digest, d.size)  # type: ignore[arg-type]
+                store.layout.put_stream(stream, d.digest, d.size)  # verifies size and digest before it is visible
             finally:
-                reader.close()
+                stream.close()
             result.bytes_fetched += d.size
         else:
             result.blobs_skipped += 1
     batch = Batch(store.layout)
-    pool = ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="shoal-pull")
+    pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="shoal-pull")
     early: dict[str, Future[int]] = {}
     try:
         if store.catalog.empty() and not store.partial.packs():
@@ -247,7 +256,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
         total = sum(idx.frames[fi].clen for frames in need.values() for fi in frames)
         total += sum(sizes[d] for d in early)
         sink.start("pull", total)
-        puller = _Puller(src, dst, idx, sizes, sink, result)
+        puller = _Puller(src, store, idx, sizes, sink, result)
         puller.batch = batch
         # each early pack is checked against the index as soon as it is in (FIFO: every fetch this waits
         # for was submitted, and so started, before it)
@@ -269,10 +278,7 @@ def pull_into_store(src: ImageSource, raw: bytes, dst: "LocalDestination", opts:
         batch.commit()
     sink.finish("pull")
     store.register_chunks(m, idx, verified=puller.verified)  # hashes what the pull did not already
-    dst.put_manifest(raw, mt.OCI_MANIFEST, None)
-    store.tag(dst.ref.name, m)  # what dst.commit() does, minus decoding the index and registering it again
-    result.digest = m.digest
-    result.media_type = mt.OCI_MANIFEST
+    registered(m.digest)
     result.blobs_skipped += len(m.packs) - len(need)
     log.info("pulled %s: %d bytes in %d chunks", m.digest, result.bytes_fetched, result.chunks_fetched)
     return result

@@ -8,11 +8,11 @@ its sha256 before a byte of it is returned.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import collections
-import hashlib
 import threading
-from typing import Iterator, Protocol
+from typing import Iterator
 
 from shoal.errors import IntegrityError, NotFound, UsageError
 from shoal.format import packing
@@ -20,15 +20,122 @@ from shoal.format.model import Entry, Frame, Index, Kind
 from shoal.store import Store
 from shoal.store.layout import Layout
 
-__all__ = ["FrameSource", "LayoutSource", "StoreSource", "Reader", "decompress_frame"]
+__all__ = ["FrameSource", "ForwardingSource", "LayoutSource", "StoreSource", "Reader"]
 
 
-class FrameSource(Protocol):
+class FrameSource(abc.ABC):
+    """Where frames come from: the contract between a Reader (and the mount) and a source (mount.md §1).
+
+    Only ``fetch`` is required.  Every other hook has a default that does nothing (or answers None /
+    False), and the Reader and the mount call them directly: a source overrides what it needs.
+    """
+
+    @abc.abstractmethod
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
-        """The ``length`` compressed bytes at ``offset`` of pack blob ``pack`` (unverified)."""
+        """The ``length`` compressed bytes at ``offset`` of pack blob ``pack`` (unverified); NotFound if
+        this source does not hold that frame."""
+
+    def find_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk by id (verified by the Reader), for a frame ``fetch`` raised NotFound for because the
+        store holds its chunks elsewhere; None (default) if unknown."""
+        return None
+
+    # ------------------------------------------------------------ fetching ahead (a remote source)
+
+    @property
+    def fetches_ahead(self) -> bool:
+        """True if ``ensure`` and ``readahead`` do something: the mount only plans them then (default False)."""
+        return False
+
+    def ensure(self, frames: list[int]) -> None:  # noqa: B027 - optional hook
+        """Make frame indices ``frames`` local in one batch before a read that needs all of them."""
+
+    def readahead(self, frames: list[int]) -> None:  # noqa: B027
+        """Start fetching ``frames`` in the background; never blocks, never raises."""
+
+    def prefetch(self, frames: list[int]) -> int | None:
+        """Fetch ``frames`` in bulk and return the bytes fetched; None (default): no bulk path, the caller
+        fetches them one by one."""
+        return None
+
+    # ------------------------------------------------------------ figures (shoal status)
+
+    def cached_chunks(self) -> int | None:
+        """How many chunks of the image are on this machine; None (default): the caller counts."""
+        return None
+
+    @property
+    def stats(self) -> object | None:
+        """The source's own counters, a dataclass of numbers (``stats.source`` in status); default None."""
+        return None
+
+    # ------------------------------------------------------------ life cycle (the mount daemon forks)
+
+    def before_fork(self) -> None:  # noqa: B027
+        """In the parent, before the mount daemon forks: close sqlite handles, end thread pools."""
+
+    def after_fork_parent(self) -> None:  # noqa: B027
+        """In the parent, after the fork (e.g. hand frames still being fetched to the daemon)."""
+
+    def handover_wait(self, timeout: float | None = None) -> None:  # noqa: B027
+        """In the parent: wait until the daemon holds what was handed over (at most ``timeout``)."""
+
+    def after_fork(self) -> None:  # noqa: B027
+        """In the forked daemon: make new connections, pools and locks; never close inherited ones."""
+
+    def close(self) -> None:  # noqa: B027
+        """Stop background work (the mount is going away)."""
 
 
-class LayoutSource:
+class ForwardingSource(FrameSource):
+    """A wrapper around ``inner`` that forwards every hook to it; a subclass overrides what it adds."""
+
+    def __init__(self, inner: FrameSource) -> None:
+        self.inner = inner
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        return self.inner.fetch(pack, offset, length)
+
+    def find_chunk(self, cid: bytes) -> bytes | None:
+        return self.inner.find_chunk(cid)
+
+    @property
+    def fetches_ahead(self) -> bool:
+        return self.inner.fetches_ahead
+
+    def ensure(self, frames: list[int]) -> None:
+        self.inner.ensure(frames)
+
+    def readahead(self, frames: list[int]) -> None:
+        self.inner.readahead(frames)
+
+    def prefetch(self, frames: list[int]) -> int | None:
+        return self.inner.prefetch(frames)
+
+    def cached_chunks(self) -> int | None:
+        return self.inner.cached_chunks()
+
+    @property
+    def stats(self) -> object | None:
+        return self.inner.stats
+
+    def before_fork(self) -> None:
+        self.inner.before_fork()
+
+    def after_fork_parent(self) -> None:
+        self.inner.after_fork_parent()
+
+    def handover_wait(self, timeout: float | None = None) -> None:
+        self.inner.handover_wait(timeout)
+
+    def after_fork(self) -> None:
+        self.inner.after_fork()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class LayoutSource(FrameSource):
     """Frames from complete packs in an OCI layout."""
 
     def __init__(self, layout: Layout) -> None:
@@ -38,7 +145,7 @@ class LayoutSource:
         return self.layout.read_range(pack, offset, length)
 
 
-class StoreSource:
+class StoreSource(FrameSource):
     """Frames from the local store: complete packs, partial packs, and — for a frame the store
     never fetched because it already held its chunks elsewhere — any chunk by id via the catalogue."""
 
@@ -56,14 +163,9 @@ class StoreSource:
             raw = self.store.read_frame(loc.pack, loc.frame_off, loc.frame_clen)
         except NotFound:
             return None
-        data = decompress_frame(raw, Frame(0, loc.frame_off, loc.frame_clen, loc.frame_ulen),
-                                f"{loc.pack}@{loc.frame_off}")
+        data = packing.open_frame(raw, Frame(0, loc.frame_off, loc.frame_clen, loc.frame_ulen),
+                                  f"{loc.pack}@{loc.frame_off}")
         return data[loc.off : loc.off + loc.length]
-
-
-def decompress_frame(data: bytes, f: Frame, where: str) -> bytes:
-    """Decompress one frame, refusing anything that is not exactly ``f.ulen`` bytes (format.md §4.6)."""
-    return packing.decompress_frame(data, f.ulen, where)
 
 
 class Reader:
@@ -98,7 +200,7 @@ class Reader:
         try:
             f = self.index.frames[fi]
             pack = self.pack_digest(f.pack)
-            data = decompress_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
+            data = packing.open_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
             with self._lock:
                 self._cache[fi] = data
                 while len(self._cache) > self._cache_max:
@@ -110,21 +212,21 @@ class Reader:
             busy.set()
 
     def chunk(self, ci: int) -> memoryview:
+        """Chunk ``ci``, checked against its id the first time it is read (``packing.chunk_ok``, the check
+        every path makes)."""
         idx = self.index
         fi, off, ln = idx.chunk_frames[ci], idx.chunk_offsets[ci], idx.chunk_lengths[ci]
         try:
-            data = memoryview(self.frame(fi))[off : off + ln]
+            frame = self.frame(fi)
         except NotFound:
-            find = getattr(self.source, "find_chunk", None)
-            alt = find(idx.chunk_ids[ci]) if find is not None else None
+            alt = self.source.find_chunk(idx.chunk_ids[ci])
             if alt is None:
                 raise
-            data = memoryview(alt)
-            if hashlib.sha256(data).digest() != idx.chunk_ids[ci]:
+            if len(alt) != ln or not packing.chunk_ok(alt, 0, ln, idx.chunk_ids[ci]):
                 raise IntegrityError(f"chunk sha256:{idx.chunk_ids[ci].hex()} failed verification") from None
-            return data
+            return memoryview(alt)
         if ci not in self._verified:
-            if hashlib.sha256(data).digest() != idx.chunk_ids[ci]:
+            if not packing.chunk_ok(frame, off, ln, idx.chunk_ids[ci]):
                 with self._lock:
                     self._cache.pop(fi, None)
                 f = idx.frames[fi]
@@ -132,7 +234,7 @@ class Reader:
                     f"chunk sha256:{idx.chunk_ids[ci].hex()} in pack {self.pack_digest(f.pack)} failed verification"
                 )
             self._verified.add(ci)
-        return data
+        return memoryview(frame)[off : off + ln]
 
     # ---------------------------------------------------------------- files
 

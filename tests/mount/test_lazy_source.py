@@ -304,7 +304,7 @@ def test_profile_local_and_referrer(pushed: dict[str, Any], registry: Registry, 
 
 
 def _early_source(proxy: RegistryProxy, pushed: dict[str, Any], store_dir: Path, frames: list[int]) -> Any:
-    from shoal.mount.early import EarlyFetch
+    from shoal.early import EarlyFetch
 
     src = _lazy(proxy.host, pushed, store_dir)
     idx = pushed["index"]

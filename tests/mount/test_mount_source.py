@@ -16,11 +16,13 @@ from mountkit import pid_alive, state_of, wait_for
 import helpers
 
 # A shoal CLI with a "slow://" scheme: the local image, served through a source whose fetches wait
-# while the gate file exists, that keeps its own stats and has a bulk prefetch.
+# while the gate file exists, that keeps its own stats and has a bulk prefetch (a ForwardingSource: every
+# other hook goes to the local source it wraps).
 WRAPPER = r'''
 import dataclasses, os, sys, threading, time
 from shoal.mount import image as mi
 from shoal.cli import main
+from shoal.reader import ForwardingSource
 
 GATE = os.environ["SLOW_GATE"]
 
@@ -30,11 +32,15 @@ class SlowStats:
     requests: int = 0
     prefetch_calls: int = 0
 
-class Slow:
+class Slow(ForwardingSource):
     def __init__(self, inner):
-        self.inner = inner
-        self.stats = SlowStats()
+        super().__init__(inner)
+        self.counts = SlowStats()
         self.lock = threading.Lock()
+
+    @property
+    def stats(self):
+        return self.counts
 
     def fetch(self, pack, offset, length):
         deadline = time.monotonic() + 60
@@ -42,19 +48,14 @@ class Slow:
             time.sleep(0.01)
         data = self.inner.fetch(pack, offset, length)
         with self.lock:
-            self.stats.bytes_fetched += len(data)
-            self.stats.requests += 1
+            self.counts.bytes_fetched += len(data)
+            self.counts.requests += 1
         return data
 
     def prefetch(self, frames):
-        self.stats.prefetch_calls += 1
+        self.counts.prefetch_calls += 1
         return 0
 
-    def find_chunk(self, cid):
-        return self.inner.find_chunk(cid)
-
-    def after_fork(self):
-        self.inner.after_fork()
 
 from shoal.mount import daemon
 _open = mi.open_image

@@ -20,6 +20,7 @@ from shoal.mount.runtime_spec import (
     parse_volume,
     resolve_user,
 )
+from shoal.reader import FrameSource
 
 PASSWD = b"""root:x:0:0:root:/root:/bin/bash
 daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
@@ -168,7 +169,7 @@ def test_open_image_takes_every_transport_through_the_one_parser(tmp_path: Path)
 
 
 def test_counting_source() -> None:
-    class Src:
+    class Src(FrameSource):
         def fetch(self, pack: str, offset: int, length: int) -> bytes:
             return b"x" * length
 

@@ -10,11 +10,11 @@ import pytest
 
 from shoal.build import build
 from shoal.errors import ShoalError
-from shoal.reader import LayoutSource, Reader
+from shoal.reader import FrameSource, LayoutSource, Reader
 from shoal.store import Store
 
 
-class _SlowCountingSource:
+class _SlowCountingSource(FrameSource):
     """Frames from a layout, each fetch slowed down and counted; the first ``fail`` fetches raise."""
 
     def __init__(self, inner: LayoutSource, fail: int = 0) -> None:

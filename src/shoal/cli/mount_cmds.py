@@ -218,7 +218,7 @@ def profile(ctx: click.Context, /, seconds: float, env: tuple[str, ...], workdir
             **kw: Any) -> None:
     """Run CMD (or the image's command) on a lazy mount of REF, record which frames it reads first, and
     store that start-up profile beside the image (locally, and as a referrer artifact for docker://)."""
-    from shoal.mount.profile import record
+    from shoal.mount.record import record
     from shoal.mount.run import RunOptions
 
     if command and command[0] == "--":

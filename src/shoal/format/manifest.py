@@ -20,6 +20,7 @@ __all__ = ["json_value", "json_object", "Descriptor", "ShoalManifest", "ImageCon
            "build_manifest", "parse_manifest",
            "build_config", "parse_config", "MAX_MANIFEST_BYTES"]
 
+#: The one cap on manifests, indexes and configs, wherever they are read (registry, OCI layout, store).
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 

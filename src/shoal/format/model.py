@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -67,6 +68,22 @@ class Index:
     root: bytes
     _by_path: dict[bytes, int] = field(default_factory=dict, repr=False, compare=False)
     _children: dict[bytes, list[Entry]] = field(default_factory=dict, repr=False, compare=False)
+    _by_frame: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
+
+    def chunks_by_frame(self) -> Mapping[int, tuple[int, ...]]:
+        """Frame index -> the chunk indices the index places in it, in chunk order (only frames that hold
+        chunks).  The one inversion of ``chunk_frames``, built once per index."""
+        if not self._by_frame and self.chunk_frames:
+            built: dict[int, list[int]] = {}
+            for ci, fi in enumerate(self.chunk_frames):
+                built.setdefault(fi, []).append(ci)
+            done = {fi: tuple(cis) for fi, cis in built.items()}
+            self._by_frame.update(done)  # one C-level update of int keys: no thread sees it half built
+        return self._by_frame
+
+    def frame_chunks(self, fi: int) -> tuple[int, ...]:
+        """The chunk indices in frame ``fi`` (empty if none)."""
+        return self.chunks_by_frame().get(fi, ())
 
     def lookup(self, path: bytes) -> Entry | None:
         if not self._by_path:

@@ -15,11 +15,12 @@ from typing import Iterable
 import zstandard
 
 from shoal.errors import IntegrityError
-from shoal.format.model import Index
+from shoal.format.model import Frame, Index
 
 __all__ = [
     "FRAME_MIN", "FRAME_SPAN", "FRAME_MAX", "PACK_MIN", "PACK_SPAN", "PACK_MAX",
-    "ZSTD_LEVEL", "decompress_frame", "bad_chunk", "frame_full", "frame_ends_after", "pack_full", "pack_ends_after",
+    "ZSTD_LEVEL", "decompress_frame", "open_frame", "verify_frame", "chunk_ok", "bad_chunk",
+    "frame_full", "frame_ends_after", "pack_full", "pack_ends_after",
 ]
 
 KiB = 1024
@@ -100,12 +101,36 @@ def decompress_frame(data: bytes, ulen: int, where: str) -> bytes:
     return out
 
 
+def open_frame(raw: bytes, f: Frame, where: str) -> bytes:
+    """Frame ``f`` decompressed from its compressed bytes ``raw``: exactly ``f.clen`` bytes in (a frame
+    record that runs past the end of its pack is refused), exactly ``f.ulen`` out (``decompress_frame``)."""
+    if len(raw) != f.clen:
+        raise IntegrityError(f"corrupt frame at {where}: {len(raw)} compressed bytes where the index says {f.clen} "
+                             "(the frame runs past the end of its pack?)")
+    return decompress_frame(raw, f.ulen, where)
+
+
+def chunk_ok(data: bytes | memoryview, off: int, length: int, cid: bytes) -> bool:
+    """True if bytes ``[off, off+length)`` of the decompressed frame ``data`` lie inside it and hash to ``cid``."""
+    if off < 0 or length < 0 or off + length > len(data):
+        return False
+    return hashlib.sha256(memoryview(data)[off : off + length]).digest() == cid
+
+
 def bad_chunk(idx: Index, data: bytes, chunks: Iterable[int]) -> int | None:
     """The first of ``chunks`` (indices into ``idx``) whose bytes in the decompressed frame ``data`` do
     not hash to its id, or None: the check every path makes before it serves, stores or catalogues."""
-    mv = memoryview(data)
     for ci in chunks:
-        o = idx.chunk_offsets[ci]
-        if hashlib.sha256(mv[o : o + idx.chunk_lengths[ci]]).digest() != idx.chunk_ids[ci]:
+        if not chunk_ok(data, idx.chunk_offsets[ci], idx.chunk_lengths[ci], idx.chunk_ids[ci]):
             return ci
     return None
+
+
+def verify_frame(idx: Index, fi: int, raw: bytes, where: str,
+                 chunks: Iterable[int] | None = None) -> tuple[bytes, int | None]:
+    """The one frame check (pull, lazy mount, store registration, fsck; the Reader makes the same two
+    steps, hashing each chunk as it is first read): frame ``fi`` of ``idx`` opened from ``raw``
+    (``open_frame``: IntegrityError if the frame itself is corrupt) and the first of ``chunks``
+    (default: every chunk the index places in it) that does not hash to its id, or None."""
+    data = open_frame(raw, idx.frames[fi], where)
+    return data, bad_chunk(idx, data, idx.frame_chunks(fi) if chunks is None else chunks)

@@ -61,9 +61,7 @@ def mount(ref: str, mountpoint: str, opts: MountOptions = MountOptions(), store_
         serve(image, mountpoint, opts, notify)
         return None
     st = start(image, mountpoint, opts)
-    wait = getattr(image.source, "handover_wait", None)
-    if callable(wait):  # return once the daemon holds what was fetched ahead for it
-        wait()
+    image.source.handover_wait()  # return once the daemon holds what was fetched ahead for it
     return st
 
 
@@ -93,9 +91,7 @@ def start(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     # a source holding sqlite handles or threads closes them now (FrameSource contract, mount.md §1)
-    before_fork = getattr(image.source, "before_fork", None)
-    if callable(before_fork):
-        before_fork()
+    image.source.before_fork()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -109,9 +105,7 @@ def start(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
         finally:
             os._exit(code)
     os.close(w)
-    after = getattr(image.source, "after_fork_parent", None)
-    if callable(after):  # e.g. hand frames that are still being fetched to the daemon
-        after()
+    image.source.after_fork_parent()  # e.g. hand frames that are still being fetched to the daemon
     os.waitpid(pid, 0)
     try:
         reply = _read_reply(r, opts.ready_timeout)
@@ -208,9 +202,7 @@ def _daemon_child(image: OpenedImage, mp: str, opts: MountOptions, wfd: int) -> 
 
     scrub_argv()  # the CLI did so when it read --creds; a daemon lives long: never show a secret in ps
     # a source holding connections or threads re-creates them here (FrameSource contract, mount.md §5)
-    after_fork = getattr(image.source, "after_fork", None)
-    if callable(after_fork):
-        after_fork()
+    image.source.after_fork()
     sent = False
 
     def notify(exc: BaseException | None) -> None:
@@ -295,9 +287,9 @@ class _Server:
 
     def _chunks_cached(self) -> int:
         idx: Index = self.image.index
-        cached = getattr(self.image.source, "cached_chunks", None)
-        if callable(cached):
-            return int(cached())
+        cached = self.image.source.cached_chunks()
+        if cached is not None:
+            return cached
         if self.image.local:
             return len(idx.chunk_ids)
         if self._frame_of is None or self._per_frame is None:
@@ -307,7 +299,7 @@ class _Server:
 
     def _source_stats(self) -> dict[str, int | float]:
         """The frame source's own counters (e.g. a lazy source's network bytes), if it keeps a dataclass."""
-        st = getattr(self.image.source, "stats", None)
+        st = self.image.source.stats
         if st is None or not dataclasses.is_dataclass(st):
             return {}
         vals = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
@@ -413,10 +405,10 @@ class _Server:
         requests in parallel), else frame by frame.  Prefetch never takes the mount down."""
         idx = self.image.index
         t0 = time.monotonic()
-        bulk = getattr(self.image.source, "prefetch", None)
         try:
-            if callable(bulk):
-                n = bulk(frames)
+            bulk = self.image.source.prefetch(frames)
+            if bulk is not None:
+                n = bulk
                 self.prefetched += len(frames)
             else:
                 n = 0
@@ -492,12 +484,10 @@ def _finish_source(server: _Server, opts: MountOptions) -> None:
             write_recording(opts.record_to, server.recorder.frames())
         except OSError as exc:
             log.error("cannot write the recording to %s: %s", opts.record_to, exc.strerror)
-    close = getattr(server.image.source, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception as exc:  # the mount is going away anyway
-            log.warning("closing the frame source: %s", exc)
+    try:
+        server.image.source.close()
+    except Exception as exc:  # the mount is going away anyway
+        log.warning("closing the frame source: %s", exc)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

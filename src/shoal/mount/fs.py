@@ -10,8 +10,8 @@ reads for a lazy image).  Nothing here touches the network or the store.
   and ``open`` sets ``keep_cache`` so the kernel page cache keeps file data across opens.
 - Data reads run in a worker thread (``trio.to_thread``) so one slow fetch never blocks other
   requests; a read whose frames are all in the Reader's memory cache is answered inline.
-- With a lazy source (``hooks`` with ``ensure``/``readahead``), a read that needs several frames
-  fetches them in one parallel batch, and queues the frames holding the next bytes of the same file
+- With a source that fetches ahead (``hooks.fetches_ahead``), a read that needs several frames
+  fetches them in one parallel batch (``ensure``), and queues the frames holding the next bytes of the same file
   for a background fetch that the read does not wait for.  The window adapts per file: 4 MiB after
   a first read at offset 0 (an executable being mapped, a file read from the start), doubling up to
   8 MiB while reads stay sequential, and 256 KiB (about the next frame) after a jump.
@@ -42,7 +42,7 @@ import trio
 from shoal.errors import IntegrityError, NotFound, ShoalError
 from shoal.format.model import Entry, Index, Kind, parent_of
 from shoal.mount.state import PRIVATE, Exposure
-from shoal.reader import Reader
+from shoal.reader import FrameSource, Reader
 
 __all__ = ["ShoalFS", "ServeStats", "MountReader", "FUSE_OPTIONS", "Exposure", "fuse_options"]
 
@@ -169,11 +169,12 @@ class ShoalFS(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, reader: MountReader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None,
-                 hooks: object = None, push: bool = True) -> None:
+                 hooks: FrameSource | None = None, push: bool = True) -> None:
         super().__init__()
         self.reader = reader
-        self._ensure: Callable[[list[int]], None] | None = getattr(hooks, "ensure", None)
-        self._readahead: Callable[[list[int]], None] | None = getattr(hooks, "readahead", None)
+        ahead = hooks if hooks is not None and hooks.fetches_ahead else None  # plan ensure/readahead for it
+        self._ensure: Callable[[list[int]], None] | None = ahead.ensure if ahead else None
+        self._readahead: Callable[[list[int]], None] | None = ahead.readahead if ahead else None
         self._window: dict[int, tuple[int, int]] = {}  # entry -> (where a sequential read continues, window)
         self.index: Index = reader.index
         self.timeout = timeout

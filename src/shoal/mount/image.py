@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from shoal.format.manifest import ImageConfig, ShoalManifest, parse_config
 from shoal.format.model import Index
-from shoal.reader import FrameSource, StoreSource
+from shoal.reader import ForwardingSource, FrameSource, StoreSource
 from shoal.transports.base import ImageReference, parse_reference
 from shoal.transports.context import SystemContext
 
@@ -88,7 +88,7 @@ class OpenOptions:
         return self.context.platform
 
 
-class LocalStoreSource:
+class LocalStoreSource(FrameSource):
     """Frames from the local store (complete packs, partial packs, chunks by id: ``StoreSource``).
 
     ``before_fork`` closes the store's sqlite connection and ``after_fork`` opens a new one, so the
@@ -203,12 +203,12 @@ class FetchStats:
     frames: set[tuple[str, int]] = field(default_factory=set)  # distinct (pack, offset) fetched
 
 
-class CountingSource:
-    """A FrameSource that forwards to ``inner`` and counts requests, bytes and time."""
+class CountingSource(ForwardingSource):
+    """A FrameSource that forwards to ``inner`` and counts requests, bytes and time (``counts``)."""
 
     def __init__(self, inner: FrameSource) -> None:
-        self.inner = inner
-        self.stats = FetchStats()
+        super().__init__(inner)
+        self.counts = FetchStats()
         self._lock = threading.Lock()
 
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
@@ -216,24 +216,19 @@ class CountingSource:
         data = self.inner.fetch(pack, offset, length)
         dt = time.monotonic() - t0
         with self._lock:
-            s = self.stats
+            s = self.counts
             s.fetches += 1
             s.bytes += len(data)
             s.seconds += dt
             s.frames.add((pack, offset))
         return data
 
-    def find_chunk(self, cid: bytes) -> bytes | None:
-        """A chunk by id, for a frame the store never held because it had the chunks elsewhere."""
-        find = getattr(self.inner, "find_chunk", None)
-        return find(cid) if find is not None else None
-
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            s = self.stats
+            s = self.counts
             return {"fetches": s.fetches, "bytes_fetched": s.bytes, "fetch_seconds": round(s.seconds, 6),
                     "frames_fetched": len(s.frames)}
 
     def fetched_frames(self) -> set[tuple[str, int]]:
         with self._lock:
-            return set(self.stats.frames)
+            return set(self.counts.frames)

@@ -2,7 +2,7 @@
 
 A profile is bound to one image manifest digest.  It names each frame as (pack, offset, clen): the
 pack's position among the manifest's packs and the frame's byte range in it, so a mount can start the
-range reads from the manifest alone, before the index is even downloaded (``shoal.mount.early``).
+range reads from the manifest alone, before the index is even downloaded (``shoal.early``).
 It is stored *beside* the image, never in its blobs:
 
 - locally as ``STORE/profiles/<manifest hex>.json`` (written atomically; ``gc`` and ``fsck`` ignore it);
@@ -13,7 +13,8 @@ It is stored *beside* the image, never in its blobs:
 
 ``RecordingSource`` records first touches at the FrameSource level (below the Reader's frame cache,
 above the store and the network), so read-ahead and prefetch never pollute a recording.
-``record`` runs a workload on a lazy mount (``shoal run``'s machinery) and saves the result.
+``shoal.mount.record`` runs a workload on a lazy mount (``shoal run``'s machinery) and saves the result;
+it lives above ``run``, so this module imports nothing of the mount's upper layers (the daemon uses it).
 """
 
 from __future__ import annotations
@@ -24,24 +25,23 @@ import io
 import json
 import logging
 import os
-import secrets
-import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal import mediatypes as mt
+from shoal.atomicfile import Durability, write_atomic
 from shoal.errors import FormatError, NotFound, ShoalError
 from shoal.format.manifest import json_loads, json_value
 from shoal.format.model import Index
-from shoal.reader import FrameSource
+from shoal.reader import ForwardingSource, FrameSource
 
 if TYPE_CHECKING:
     from shoal.transports.context import SystemContext
 
-__all__ = ["Profile", "RecordingSource", "ProfileResult", "load_local", "save_local", "fetch_remote",
-           "push_remote", "record", "local_path"]
+__all__ = ["Profile", "RecordingSource", "load_local", "save_local", "fetch_remote", "push_remote", "local_path",
+           "write_recording", "read_recording"]
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +156,7 @@ def save_local(store_root: str | os.PathLike[str], prof: Profile) -> Path:
     """Write the profile atomically (temp file, fsync, rename); return its path."""
     p = local_path(store_root, prof.image)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(prof.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(p, prof.encode(), durability=Durability.FILE, mode=0o600)
     return p
 
 
@@ -266,11 +257,11 @@ def push_remote(ref_text: str, opts: "SystemContext | None", prof: Profile) -> s
 # ---------------------------------------------------------------------------------------------- recording
 
 
-class RecordingSource:
+class RecordingSource(ForwardingSource):
     """Forwards to ``inner`` and records each frame's first request (``frames()``, in order)."""
 
     def __init__(self, inner: FrameSource, index: Index) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._frame_of = {("sha256:" + index.packs[f.pack].hex(), f.offset): i for i, f in enumerate(index.frames)}
         self._order: list[int] = []
         self._seen: set[int] = set()
@@ -285,10 +276,6 @@ class RecordingSource:
                     self._order.append(fi)
         return self.inner.fetch(pack, offset, length)
 
-    def find_chunk(self, cid: bytes) -> bytes | None:
-        find = getattr(self.inner, "find_chunk", None)
-        return find(cid) if find is not None else None
-
     def frames(self) -> list[int]:
         with self._lock:
             return list(self._order)
@@ -296,10 +283,7 @@ class RecordingSource:
 
 def write_recording(path: str, frames: list[int]) -> None:
     """The daemon's hand-over of a recording (atomic: temp file, rename)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"frames": frames}, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"frames": frames}).encode(), durability=Durability.PROCESS)
 
 
 def read_recording(path: str) -> list[int]:
@@ -312,53 +296,3 @@ def read_recording(path: str) -> list[int]:
     if not isinstance(frames, list) or not all(isinstance(x, int) for x in frames):
         raise ShoalError("the mount daemon left a malformed recording")
     return frames
-
-
-# ---------------------------------------------------------------------------------------------- shoal profile
-
-
-@dataclass(frozen=True)
-class ProfileResult:
-    profile: Profile
-    exit_code: int  # the workload's (124 if it was stopped after --seconds)
-    local: str  # where the profile was saved
-    pushed: str | None = None  # the referrer artifact's digest, for docker:// images
-    frame_bytes_total: int = 0  # compressed bytes of the whole image
-    notes: list[str] = field(default_factory=list)
-
-
-def record(ref: str, seconds: float, run_opts: Any, open_opts: Any, store_root: Any = None,
-           push: bool = True) -> ProfileResult:
-    """Run ``run_opts.command`` (or the image's) on a lazy mount of ``ref`` for at most ``seconds``,
-    record the frames it read, save the profile locally and, for ``docker://`` references, push it."""
-    import dataclasses
-    import time
-
-    from shoal.mount import run as mrun
-    from shoal.mount import state as ms
-    from shoal.mount.image import open_image
-    from shoal.store import Store
-    from shoal.transports.base import parse_reference
-
-    image = open_image(ref, store_root, dataclasses.replace(open_opts, profile=False))
-    rec_dir = ms.run_dir() / "profiles"
-    rec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    rec = str(rec_dir / f"{secrets.token_hex(8)}.json")
-    opts = dataclasses.replace(run_opts, rm=True, prefetch="none", timeout=seconds, record_to=rec)
-    t0 = time.monotonic()
-    try:
-        code = mrun.run_image(image, opts)
-        frames = read_recording(rec)
-    finally:
-        Path(rec).unlink(missing_ok=True)
-    elapsed = time.monotonic() - t0
-    idx = image.index
-    prof = Profile.of_frames(image.digest, idx, frames, elapsed, tuple(opts.command) if opts.command else ())
-    root = Store.open(None if store_root is None else os.path.abspath(os.fspath(store_root))).root
-    path = save_local(root, prof)
-    pushed = None
-    if push and parse_reference(ref).transport.name == "docker":
-        pushed = push_remote(ref, open_opts.context, prof)
-    total = sum(f.clen for f in idx.frames)
-    log.info("profile of %s: %d frames, %d of %d bytes", image.digest, len(frames), prof.nbytes, total)
-    return ProfileResult(prof, code, str(path), pushed, total)

@@ -24,11 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from shoal import mediatypes as mt
+from shoal.early import EarlyFetch
 from shoal.errors import FormatError, TransportError, UsageError
 from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
 from shoal.format.platform import choose
 from shoal.lazy import LazySource
-from shoal.mount.early import EarlyFetch
 from shoal.mount.image import OpenedImage, OpenOptions
 from shoal.mount.profile import Profile, fetch_remote, load_local, save_local
 from shoal.store import Store

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.atomicfile import Durability, write_atomic
 from shoal.errors import PermissionDenied, ShoalError, StoreError, UsageError
 
 __all__ = [
@@ -125,9 +126,7 @@ class MountState:
 
 def save_state(path: Path, st: MountState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(st.to_json(), sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(st.to_json(), sort_keys=True).encode(), durability=Durability.PROCESS)
 
 
 def load_state(path: Path) -> MountState | None:

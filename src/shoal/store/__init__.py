@@ -15,7 +15,7 @@ from shoal.errors import FormatError, IntegrityError, NotFound, UsageError
 from shoal.format import index as fidx
 from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, json_loads, parse_manifest
 from shoal.format.model import Index
-from shoal.format.packing import bad_chunk, decompress_frame
+from shoal.format.packing import verify_frame
 from shoal.format.platform import Platform, choose, platform_json
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
@@ -212,9 +212,10 @@ class Store:
         idx = idx or self.load_index(m)
         known = self.catalog.locate(idx.chunk_ids)
         by_frame: dict[int, list[int]] = {}
-        for ci, cid in enumerate(idx.chunk_ids):
-            if cid not in known:
-                by_frame.setdefault(idx.chunk_frames[ci], []).append(ci)
+        for fi, cis in idx.chunks_by_frame().items():
+            new = [ci for ci in cis if idx.chunk_ids[ci] not in known]
+            if new:
+                by_frame[fi] = new
         todo: list[int] = []
         present: list[int] = []
         for fi in by_frame:
@@ -241,8 +242,7 @@ class Store:
         f = idx.frames[fi]
         pack = "sha256:" + idx.packs[f.pack].hex()
         where = f"{pack}@{f.offset}"
-        data = decompress_frame(self.read_frame(pack, f.offset, f.clen), f.ulen, where)
-        bad = bad_chunk(idx, data, chunks)
+        _, bad = verify_frame(idx, fi, self.read_frame(pack, f.offset, f.clen), where, chunks)
         if bad is not None:
             raise IntegrityError(f"the index claims chunk sha256:{idx.chunk_ids[bad].hex()} in frame {where}, "
                                  "but the bytes there hash otherwise (digest mismatch); nothing was recorded")

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Iterator
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
+from shoal.atomicfile import Durability, fsync_dir, write_atomic
 from shoal.errors import FormatError, IntegrityError, NotFound, StoreError, from_oserror
 from shoal.format.manifest import json_loads
 
@@ -34,7 +35,6 @@ __all__ = ["Layout", "Batch", "hash_file", "pread_file", "unlinked_tempfile", "s
 log = logging.getLogger(__name__)
 
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
-MAX_MANIFEST = 4 * 1024 * 1024
 
 
 @contextlib.contextmanager
@@ -44,14 +44,6 @@ def store_io(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise from_oserror(exc, what, store=True) from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Layout:
@@ -198,7 +190,7 @@ class Layout:
         return expected
 
     def sync(self) -> None:
-        _fsync_dir(self.blobs)
+        fsync_dir(self.blobs)
 
     def get(self, digest: str, limit: int | None = None) -> bytes:
         """Read a whole blob and verify it."""
@@ -230,17 +222,9 @@ class Layout:
     # ---------------------------------------------------------------- index.json
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
-            _fsync_dir(path.parent)
+            write_atomic(path, data, durability=Durability.FULL)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise from_oserror(exc, f"cannot write {path.name}", path, store=True) from None
 
     def _write_index(self, manifests: list[dict[str, Any]]) -> None:
@@ -346,7 +330,7 @@ class Batch:
         with store_io("cannot publish blobs"):
             for tmp, final in pending:
                 os.rename(tmp, final)
-            _fsync_dir(self.layout.blobs)
+            fsync_dir(self.layout.blobs)
 
     def abort(self) -> None:
         with self._lock:

@@ -11,6 +11,10 @@ Contracts (every implementation honours them; tests/conformance runs the same su
   copier skip blobs that are already there; ``put_blob`` must not make a blob visible until all of
   it has arrived and matches its digest; nothing written before a failed ``commit()`` may become
   visible under the reference (blobs may remain, as garbage). Destinations must be closed.
+- A destination may offer a **partial pull** (``partial_pull()``, like containers/image's
+  ``SupportsPutBlobPartial``): for a Shoal image the copier hands it the source and the manifest,
+  it fetches only the frames the destination lacks and ``put_manifest``s the manifest, and the copier
+  then calls ``commit()`` as for any copy.  The copier names no concrete transport.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from shoal.errors import NotFound, UsageError
+from shoal.progress import Sink
 from shoal.transports.context import SystemContext
 
 __all__ = [
@@ -36,6 +41,8 @@ __all__ = [
     "parse_reference",
     "BlobInfo",
     "SystemContext",
+    "PartialPull",
+    "PartialPullResult",
 ]
 
 
@@ -139,6 +146,32 @@ class ImageDestination(abc.ABC):
 
     def commit(self) -> None:  # noqa: B027
         """Make the image visible under the reference."""
+
+    def partial_pull(self) -> "PartialPull | None":
+        """This destination's chunk-level pull of Shoal images, or None (the default): whole blobs only."""
+        return None
+
+
+@dataclass(frozen=True)
+class PartialPullResult:
+    """What a partial pull moved: payload bytes and chunks fetched, packs it did not need to fetch."""
+
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    blobs_skipped: int = 0
+
+
+class PartialPull(abc.ABC):
+    """A destination capability: pull a Shoal image fetching only what the destination lacks.
+
+    ``pull`` reads the config, index and needed frames from ``src``, verifies every byte it keeps, and
+    ends with the destination's own ``put_manifest(raw, ...)``; the copier then calls ``commit()``, the
+    one path that makes the image visible under the reference.
+    """
+
+    @abc.abstractmethod
+    def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink) -> PartialPullResult:
+        """Pull the Shoal image whose manifest is ``raw`` (as the copier read it) from ``src``."""
 
 
 class Transport(abc.ABC):

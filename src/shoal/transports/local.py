@@ -4,7 +4,8 @@ As a source it serves the store's blobs; a pack that is only partly present
 (a pull fetched just the frames the store lacked) is rebuilt byte-exactly by
 recompressing the missing frames from chunks the store holds elsewhere, and
 refused if that does not reproduce the pack's digest.
-As a destination it writes verified blobs and tags at ``commit()``.
+As a destination it writes verified blobs and tags at ``commit()``, and offers the chunk-level
+``partial_pull()`` capability (pull.py): a Shoal image fetches only the frames the store lacks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shoal import mediatypes as mt
 from shoal.errors import IntegrityError, NotFound
 from shoal.format import packing
 from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads, json_value
+from shoal.pull import StorePull
 from shoal.reader import Reader, StoreSource
 from shoal.store import Store, normalize_ref
 from shoal.transports.base import (
@@ -27,6 +29,7 @@ from shoal.transports.base import (
     ImageDestination,
     ImageReference,
     ImageSource,
+    PartialPull,
     SystemContext,
     Transport,
     register,
@@ -110,9 +113,6 @@ class LocalSource(ImageSource):
             raise NotFound(f"blob {info.digest} is not in the store")
         reader = Reader(idx, StoreSource(self.store))
         frames = sorted((f.offset, fi) for fi, f in enumerate(idx.frames) if f.pack == pi)
-        by_frame: dict[int, list[int]] = {}
-        for ci, fi in enumerate(idx.chunk_frames):
-            by_frame.setdefault(fi, []).append(ci)
         cctx = zstandard.ZstdCompressor(level=packing.ZSTD_LEVEL, write_checksum=False, write_content_size=True)
         out = bytearray()
         for off, fi in frames:
@@ -123,7 +123,7 @@ class LocalSource(ImageSource):
                 out += self.store.partial.read(info.digest, off, f.clen)
                 continue
             plain = bytearray(f.ulen)
-            for ci in by_frame.get(fi, []):
+            for ci in idx.frame_chunks(fi):
                 o = idx.chunk_offsets[ci]
                 plain[o : o + idx.chunk_lengths[ci]] = reader.chunk(ci)
             out += cctx.compress(bytes(plain))
@@ -140,6 +140,10 @@ class LocalDestination(ImageDestination):
         self._lock = store.layout.writing()
         self._lock.__enter__()
         self._top: tuple[str, str, int] | None = None
+        self._registered: set[str] = set()  # manifests whose chunks a partial pull catalogued already
+
+    def partial_pull(self) -> PartialPull:
+        return StorePull(self.store, self, self._registered.add)
 
     def close(self) -> None:
         if self._lock is not None:
@@ -166,6 +170,6 @@ class LocalDestination(ImageDestination):
         doc = json_value(raw)
         if isinstance(doc, dict) and doc.get("artifactType"):
             desc["artifactType"] = doc["artifactType"]
-        if isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE:
+        if isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE and d not in self._registered:
             self.store.register_chunks(self.store.manifest(d))
         self.store.layout.set_ref(self.ref.name, desc)

@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from shoal import atomicfile
 from shoal import mediatypes as mt
+from shoal.atomicfile import Durability, fsync_dir
 from shoal.errors import FormatError, HostileInput, IntegrityError, NotFound, StoreError, UsageError, from_oserror
-from shoal.format.manifest import json_loads
+from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads
 from shoal.transports.base import (
     BlobInfo,
     ImageDestination,
@@ -55,7 +57,7 @@ __all__ = ["OciLayoutTransport", "OciLayoutReference", "OciLayoutSource", "OciLa
 
 log = logging.getLogger(__name__)
 
-MAX_JSON = 4 * 1024 * 1024  # manifests, indexes and configs: the registry cap (docs/transports.md)
+MAX_JSON = MAX_MANIFEST_BYTES  # manifests, indexes and configs: the one cap (format/manifest.py)
 LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 _CHUNK = 1 << 20
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
@@ -118,30 +120,10 @@ def read_small(path: Path, what: str, limit: int = MAX_JSON) -> bytes:
     return data
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file beside it, fsync, rename, fsync the directory."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        atomicfile.write_atomic(path, data, durability=Durability.FULL)
     except OSError as exc:
         raise from_oserror(exc, f"cannot write {path}", "", store=True) from None
 
@@ -542,7 +524,7 @@ class OciLayoutDestination(BlobFileDestination):
         top = self._top
         if top is None:
             raise UsageError(f"oci:{self.root}: commit() before put_manifest()")
-        _fsync_dir(self.blobs)
+        fsync_dir(self.blobs)
         entry: dict[str, Any] = {"mediaType": top.media_type, "digest": top.digest, "size": top.size}
         if self.name:
             entry["annotations"] = {mt.ANN_REF_NAME: self.name}

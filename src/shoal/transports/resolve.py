@@ -24,6 +24,7 @@ from shoal.format import index as fidx
 from shoal.format.manifest import ShoalManifest, json_object, parse_manifest
 from shoal.format.model import Index
 from shoal.format.platform import choose
+from shoal.reader import FrameSource
 from shoal.transports.base import BlobInfo, ImageReference, ImageSource
 
 __all__ = ["ResolvedImage", "resolve_image", "decode_index", "SourceFrames", "FORMAT_SHOAL", "FORMAT_CLASSIC"]
@@ -120,7 +121,7 @@ def resolve_image(src: ImageSource, ref: ImageReference, platform: str | None = 
     return ResolvedImage(ref, top, top_media, raw, _sha(raw), media, config, manifest, index)
 
 
-class SourceFrames:
+class SourceFrames(FrameSource):
     """A frame source over any ``ImageSource``: each frame is one range of its pack blob
     (``get_blob_ranges``), unverified here (the reader verifies every chunk)."""
 

@@ -32,7 +32,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from shoal.errors import FormatError, IntegrityError, ShoalError, TransportError, UsageError
-from shoal.format.manifest import json_loads
+from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads
 
 from .auth import Authenticator, repository_scope
 from .blobs import BlobReader, check_digest, digest_of, fetch_ranges, hasher, read_all
@@ -66,7 +66,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DEFAULT_MANIFEST_ACCEPT = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+MAX_MANIFEST_SIZE = MAX_MANIFEST_BYTES  # the one cap (format/manifest.py)
 
 _REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
