@@ -513,8 +513,10 @@ def test_non_shoal_manifest_refused(tmp_path: Path) -> None:
     raw = ('{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"%s","digest":"%s","size":2},'
            '"layers":[]}' % (mt.OCI_MANIFEST, mt.OCI_CONFIG, cfg)).encode()
     d = store.layout.put(raw)
-    store.layout.set_ref("oci:1", {"mediaType": mt.OCI_MANIFEST, "digest": d, "size": len(raw)})
-    assert_one_line_error(run_shoal(tmp_path / "s", "ls", "oci:1", check=False), "not a shoal image")
+    store.layout.set_ref("plain:1", {"mediaType": mt.OCI_MANIFEST, "digest": d, "size": len(raw)})
+    p = run_shoal(tmp_path / "s", "ls", "plain:1", check=False)
+    assert_one_line_error(p, "not a shoal image")
+    assert p.returncode == 4
 
 
 def test_logical_size_bomb_is_contained(tmp_path: Path) -> None:
