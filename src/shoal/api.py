@@ -270,6 +270,6 @@ def unmount(mountpoint: StrPath, *, lazy: bool = False, timeout: float = 10.0) -
 
     Raises NotFound (not a shoal mount), UsageError (busy; ``MountBusy``).
     """
-    from shoal.mount.daemon import umount
+    from shoal.mount.control import umount
 
     return umount(os.fspath(mountpoint), lazy=lazy, timeout=timeout)

@@ -103,7 +103,7 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def umount(mountpoint: str, lazy: bool, timeout: float) -> None:
     """Unmount a shoal mount (overlay and FUSE), stop its daemon and remove its state."""
-    from shoal.mount.daemon import umount as do_umount
+    from shoal.mount.control import umount as do_umount
 
     do_umount(mountpoint, lazy=lazy, timeout=timeout)
 
@@ -135,7 +135,7 @@ def _row(d: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, the mounts under \"mounts\".")
 def status(mountpoint: str | None, as_json: bool) -> None:
     """Show shoal mounts: image, daemon, and bytes served and fetched."""
-    from shoal.mount.daemon import status as do_status
+    from shoal.mount.control import status as do_status
 
     rows = [s.to_json() for s in do_status(mountpoint)]
     if as_json:

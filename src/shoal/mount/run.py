@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from shoal.errors import NotFound, PermissionDenied, UsageError
 from shoal.format.model import Kind
-from shoal.mount import daemon, netns, seccomp
+from shoal.mount import control, daemon, netns, seccomp
 from shoal.mount import state as ms
 from shoal.mount.image import OpenedImage, OpenOptions, StorePath, open_image
 from shoal.mount.runtime_spec import (
@@ -242,10 +242,10 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
 def _remove(bundle: Path, rootfs: Path, mounted: bool) -> None:
     if mounted:
         try:
-            daemon.umount(str(rootfs))
+            control.umount(str(rootfs))
         except ms.MountBusy:
             log.warning("%s is still busy; detaching it", rootfs)
-            daemon.umount(str(rootfs), lazy=True)
+            control.umount(str(rootfs), lazy=True)
         except NotFound:
             pass
     if not any(m == str(rootfs) or m.startswith(str(bundle) + "/") for m in ms.mounts()):
