@@ -16,11 +16,14 @@ def snapshotter(address: str, root: str | None) -> None:
     """Serve containerd's snapshots API (proxy plugin) with overlayfs semantics; Shoal images lazily."""
     from pathlib import Path
 
+    from shoal.snapshotter.remote import RemoteMounts
     from shoal.snapshotter.server import serve
     from shoal.snapshotter.service import Service
 
     if root is None:
         root = ("/var/lib/shoal-snapshotter" if os.geteuid() == 0
                 else os.path.expanduser("~/.local/share/shoal-snapshotter"))
-    svc = Service(Path(root).absolute())
+    rootp = Path(root).absolute()
+    remote = RemoteMounts(rootp)
+    svc = Service(rootp, remote.mount, remote.release)
     serve(svc, address)
