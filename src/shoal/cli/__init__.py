@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("shoal.cli.convert_cmds", "export", "Export a Shoal image as a classic one-layer OCI image."),
     "delete": ("shoal.cli.transfer_cmds", "delete", "Delete an image from a registry."),
     "login": ("shoal.cli.transfer_cmds", "login", "Check and save credentials for a registry."),
+    "snapshotter": ("shoal.cli.snapshotter_cmd", "snapshotter", "Serve containerd's snapshots API."),
     "logout": ("shoal.cli.transfer_cmds", "logout", "Remove saved credentials for a registry."),
 }
 

@@ -1,0 +1,79 @@
+"""Remote (lazy) layers: a layer labelled ``containerd.io/snapshot/shoal.image`` is served by a lazy
+mount of that Shoal image instead of being downloaded (docs/containerd.md, docs/spec/oci-mapping.md §4).
+
+The mount is made by ``shoal mount`` in a child process whose FUSE daemon detaches, so the mounts
+outlive the gRPC server (a snapshotter restart keeps running containers) and no FUSE daemon is
+forked from a process with gRPC threads.  Credentials and registries.conf are ``shoal mount``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from shoal.errors import TransportError, UsageError
+
+__all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
+
+log = logging.getLogger(__name__)
+
+SHOAL_IMAGE_LABEL = "containerd.io/snapshot/shoal.image"  # the Shoal manifest digest (oci-mapping.md §4)
+REF_LABELS = ("containerd.io/snapshot/remote/stargz.reference",  # ctr-remote image rpull
+              "containerd.io/snapshot/cri.image-ref")  # CRI PullImage with disable_snapshot_annotations = false
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def repository(ref: str) -> str:
+    """``host/name`` of ``host/name:tag`` or ``host/name@digest``."""
+    ref = ref.removeprefix("docker://").split("@", 1)[0]
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    return ref[:colon] if colon > slash else ref
+
+
+class RemoteMounts:
+    """Lazy mounts of whole Shoal images under ``<root>/mounts/<manifest hex>``."""
+
+    def __init__(self, root: Path, shoal: list[str] | None = None) -> None:
+        self.dir = root / "mounts"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shoal = shoal or [sys.executable, "-c", "from shoal.cli import main; main()"]
+
+    def mount(self, labels: dict[str, str]) -> str:
+        digest = labels.get(SHOAL_IMAGE_LABEL, "")
+        if not digest:
+            return ""  # an ordinary layer: containerd fetches and applies it
+        if not _DIGEST.match(digest):
+            raise UsageError(f"label {SHOAL_IMAGE_LABEL}={digest!r} is not a sha256 digest")
+        ref = next((labels[k] for k in REF_LABELS if labels.get(k)), "")
+        if not ref:
+            return ""  # no reference to fetch from (ctr images pull): the stub layer is applied
+        from shoal.mount.state import is_mounted
+
+        mp = self.dir / digest.removeprefix("sha256:")
+        if is_mounted(str(mp)):
+            return str(mp)
+        mp.mkdir(exist_ok=True)
+        src = f"docker://{repository(ref)}@{digest}"
+        log.info("mounting %s lazily at %s", src, mp)
+        p = subprocess.run([*self.shoal, "mount", "--trusted-image", src, str(mp)], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=300)
+        if p.returncode != 0:
+            err = (p.stderr.strip().splitlines() or ["no message"])[-1]
+            raise TransportError(f"lazy mount of {src} failed: {err}")
+        return str(mp)
+
+    def release(self, mountpoint: str) -> None:
+        log.info("releasing lazy mount %s", mountpoint)
+        p = subprocess.run([*self.shoal, "umount", "--lazy", mountpoint], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60)
+        if p.returncode != 0:
+            log.warning("umount %s: %s", mountpoint, p.stderr.strip())
+        try:
+            os.rmdir(mountpoint)
+        except OSError:
+            pass

@@ -1,0 +1,206 @@
+"""The snapshotter's operations, with the overlay semantics of containerd's overlayfs snapshotter.
+
+gRPC lives in ``server.py``; this module knows directories, mounts and metadata only.  Mount table
+(docs/containerd.md): an active snapshot without parents is ``bind <fs> rw,rbind``; with parents
+``overlay workdir=,upperdir=,lowerdir=`` (nearest parent first); a view of one layer ``bind ro``,
+of several an ``overlay lowerdir=`` only.  A remote parent (a lazily mounted Shoal image) ends the
+lower chain with its FUSE mount, which holds the whole image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.errors import NotFound, UsageError
+from shoal.snapshotter import filters
+from shoal.snapshotter.meta import (
+    KIND_ACTIVE,
+    KIND_COMMITTED,
+    KIND_VIEW,
+    FailedPrecondition,
+    MetaStore,
+    Snapshot,
+    SnapshotExists,
+)
+
+__all__ = ["Mount", "Usage", "Service", "TARGET_LABEL"]
+
+log = logging.getLogger(__name__)
+
+TARGET_LABEL = "containerd.io/snapshot.ref"
+
+
+@dataclass(frozen=True)
+class Mount:
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int
+    inodes: int
+
+
+# (target label value, labels) -> FUSE mount point of the image, or "" when the layer is not remote
+RemoteMounter = Callable[[dict[str, str]], str]
+RemoteReleaser = Callable[[str], None]
+
+
+def _du(path: Path) -> Usage:
+    """Disk usage of a local directory (an upper dir; never a FUSE tree)."""
+    size = inodes = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            inodes += 1
+            size += st.st_blocks * 512
+    return Usage(size, inodes)
+
+
+class Service:
+    def __init__(self, root: Path, mount_remote: RemoteMounter | None = None,
+                 release_remote: RemoteReleaser | None = None) -> None:
+        self.root = root
+        self.meta = MetaStore(root)
+        (root / "snapshots").mkdir(parents=True, exist_ok=True)
+        self._mount_remote = mount_remote
+        self._release_remote = release_remote
+
+    def close(self) -> None:
+        self.meta.close()
+
+    def _dir(self, s: Snapshot) -> Path:
+        return self.root / "snapshots" / str(s.id)
+
+    def _lowers(self, parents: list[Snapshot]) -> list[str]:
+        out: list[str] = []
+        for p in parents:
+            if p.remote:
+                out.append(p.remote)
+                break
+            out.append(str(self._dir(p) / "fs"))
+        return out
+
+    def mounts(self, key: str) -> list[Mount]:
+        s = self.meta.get(key)
+        if s.kind == KIND_COMMITTED:
+            raise FailedPrecondition(f"snapshot {key} is committed: it has no mounts")
+        lowers = self._lowers(self.meta.chain(key))
+        d = self._dir(s)
+        if s.kind == KIND_ACTIVE:
+            if not lowers:
+                return [Mount("bind", str(d / "fs"), ("rw", "rbind"))]
+            return [Mount("overlay", "overlay", (f"workdir={d / 'work'}", f"upperdir={d / 'fs'}",
+                                                 f"lowerdir={':'.join(lowers)}"))]
+        if not lowers:
+            return [Mount("bind", str(d / "fs"), ("ro", "rbind"))]
+        if len(lowers) == 1:
+            return [Mount("bind", lowers[0], ("ro", "rbind"))]
+        return [Mount("overlay", "overlay", (f"lowerdir={':'.join(lowers)}",))]
+
+    def _create(self, key: str, parent: str, kind: int, labels: dict[str, str]) -> list[Mount]:
+        s = self.meta.create(key, parent, kind, labels)
+        d = self._dir(s)
+        try:
+            if d.exists():  # a leftover of an id sqlite reused after a crash
+                shutil.rmtree(d)
+            (d / "fs").mkdir(parents=True, mode=0o755)
+            if kind == KIND_ACTIVE:
+                (d / "work").mkdir(mode=0o711)
+        except BaseException:
+            self.meta.remove(key)
+            raise
+        return self.mounts(key)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.meta.get(key)
+        except NotFound:
+            return False
+        return True
+
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        target = labels.get(TARGET_LABEL, "")
+        if target and self._mount_remote is not None:
+            if self._exists(target):
+                raise SnapshotExists(f"target snapshot {target} already exists")
+            mp = self._mount_remote(labels)
+            if mp:
+                try:
+                    self.meta.create(target, parent, KIND_COMMITTED, labels, remote=mp)
+                except SnapshotExists:
+                    pass
+                raise SnapshotExists(f"target snapshot {target} already exists (served lazily from {mp})")
+        return self._create(key, parent, KIND_ACTIVE, labels)
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(key, parent, KIND_VIEW, labels)
+
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        s = self.meta.get(key)
+        u = _du(self._dir(s) / "fs")
+        self.meta.commit(key, name, labels, u.size, u.inodes)
+
+    def stat(self, key: str) -> Snapshot:
+        return self.meta.get(key)
+
+    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+        s = self.meta.get(key)
+        if not paths:
+            new = dict(labels)
+        else:
+            new = dict(s.labels)
+            for p in paths:
+                if p == "labels":
+                    new = dict(labels)
+                elif p.startswith("labels."):
+                    k = p[len("labels."):]
+                    if k in labels:
+                        new[k] = labels[k]
+                    else:
+                        new.pop(k, None)
+                else:
+                    raise UsageError(f"cannot update field {p!r} of snapshot {key}")
+        return self.meta.set_labels(key, new)
+
+    def list(self, filter_texts: list[str]) -> list[Snapshot]:
+        fs = [filters.parse(t) for t in filter_texts if t.strip()]
+        out = []
+        for s in self.meta.all():
+            kind = {KIND_VIEW: "view", KIND_ACTIVE: "active", KIND_COMMITTED: "committed"}.get(s.kind, "")
+            if filters.match_any(fs, {"name": s.key, "parent": s.parent, "kind": kind}, s.labels):
+                out.append(s)
+        return out
+
+    def usage(self, key: str) -> Usage:
+        s = self.meta.get(key)
+        if s.kind == KIND_ACTIVE and not s.remote:
+            return _du(self._dir(s) / "fs")
+        return Usage(s.size, s.inodes)  # committed and remote: from metadata, never a walk
+
+    def remove(self, key: str) -> None:
+        s = self.meta.remove(key)
+        shutil.rmtree(self._dir(s), ignore_errors=True)
+        if s.remote and self.meta.remote_users(s.remote) == 0 and self._release_remote is not None:
+            self._release_remote(s.remote)
+
+    def cleanup(self) -> None:
+        ids = self.meta.ids()
+        for d in (self.root / "snapshots").iterdir():
+            if not (d.name.isdigit() and int(d.name) in ids):
+                log.info("cleanup: removing %s", d)
+                shutil.rmtree(d, ignore_errors=True)

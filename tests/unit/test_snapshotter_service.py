@@ -1,0 +1,80 @@
+"""shoal snapshotter's semantics over its real gRPC socket, without containerd (issue 11; docs/containerd.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from shoal.snapshotter import filters  # noqa: E402
+from shoal.snapshotter.proto import snapshots_pb2 as pb  # noqa: E402
+from shoal.snapshotter.proto import snapshots_pb2_grpc  # noqa: E402
+from shoal.snapshotter.server import make_server  # noqa: E402
+from shoal.snapshotter.service import Service  # noqa: E402
+
+
+@pytest.fixture()
+def stub(tmp_path: Path) -> Iterator[Any]:
+    svc = Service(tmp_path / "root")
+    sock = str(tmp_path / "s.sock")
+    server = make_server(svc, sock)
+    server.start()
+    ch = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        yield snapshots_pb2_grpc.SnapshotsStub(ch)
+    finally:
+        ch.close()
+        server.stop(0).wait()
+        svc.close()
+
+
+def _code(fn: Any, req: Any) -> Any:
+    with pytest.raises(grpc.RpcError) as ei:
+        r = fn(req)
+        if not hasattr(r, "ListFields"):
+            list(r)
+    return ei.value.code()
+
+
+def test_lifecycle_and_mounts(stub: Any, tmp_path: Path) -> None:
+    m = stub.Prepare(pb.PrepareSnapshotRequest(key="a", labels={"x": "1"})).mounts
+    assert [(x.type, list(x.options)) for x in m] == [("bind", ["rw", "rbind"])]
+    (Path(m[0].source) / "f").write_text("hello")
+    stub.Commit(pb.CommitSnapshotRequest(name="A", key="a"))
+    assert stub.Stat(pb.StatSnapshotRequest(key="A")).info.kind == pb.COMMITTED
+    assert stub.Usage(pb.UsageRequest(key="A")).inodes == 1
+    m = stub.Prepare(pb.PrepareSnapshotRequest(key="b", parent="A")).mounts
+    assert m[0].type == "overlay" and m[0].options[2].startswith("lowerdir=")
+    v = stub.View(pb.ViewSnapshotRequest(key="v", parent="A")).mounts
+    assert (v[0].type, list(v[0].options)) == ("bind", ["ro", "rbind"])
+    assert _code(stub.Prepare, pb.PrepareSnapshotRequest(key="b")) == grpc.StatusCode.ALREADY_EXISTS
+    assert _code(stub.Prepare, pb.PrepareSnapshotRequest(key="c", parent="nope")) == grpc.StatusCode.NOT_FOUND
+    assert _code(stub.Prepare, pb.PrepareSnapshotRequest(key="c", parent="b")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(stub.Commit, pb.CommitSnapshotRequest(name="V", key="v")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(stub.Remove, pb.RemoveSnapshotRequest(key="A")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(stub.Mounts, pb.MountsRequest(key="A")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(stub.Stat, pb.StatSnapshotRequest(key="zz")) == grpc.StatusCode.NOT_FOUND
+    info = pb.Info(name="A", labels={"y": "2"})
+    req = pb.UpdateSnapshotRequest(info=info)
+    req.update_mask.paths.append("labels.y")
+    assert dict(stub.Update(req).info.labels) == {"y": "2"}  # commit took its labels from Commit (none)
+    names = [i.name for r in stub.List(pb.ListSnapshotsRequest(filters=['labels."y"==2,kind==committed']))
+             for i in r.info]
+    assert names == ["A"]
+    assert sorted(i.name for r in stub.List(pb.ListSnapshotsRequest()) for i in r.info) == ["A", "b", "v"]
+    for k in ("b", "v", "A"):
+        stub.Remove(pb.RemoveSnapshotRequest(key=k))
+    (tmp_path / "root" / "snapshots" / "999").mkdir()
+    stub.Cleanup(pb.CleanupRequest())
+    assert list((tmp_path / "root" / "snapshots").iterdir()) == []
+
+
+def test_filter_syntax() -> None:
+    f = [filters.parse('labels."containerd.io/snapshot.ref"==sha256:ab,parent=="p q"')]
+    assert filters.match_any(f, {"parent": "p q"}, {"containerd.io/snapshot.ref": "sha256:ab"})
+    assert not filters.match_any(f, {"parent": "p"}, {"containerd.io/snapshot.ref": "sha256:ab"})
+    assert filters.match_any([filters.parse("labels.a"), filters.parse("name~=^x")], {"name": "xy"}, {})
