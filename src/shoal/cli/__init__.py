@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "delete": ("shoal.cli.transfer_cmds", "delete", "Delete an image from a registry."),
     "login": ("shoal.cli.transfer_cmds", "login", "Check and save credentials for a registry."),
     "logout": ("shoal.cli.transfer_cmds", "logout", "Remove saved credentials for a registry."),
+    "store": ("shoal.cli.als_cmd", "store", "Serve the store to other engines (store serve: podman's layer store)."),
 }
 
 
