@@ -2,8 +2,8 @@
 
 The mount is started by a fresh process running ``shoal mount --suid --dev REF MOUNTPOINT``
 (Shoal's own lazy mount, as ``shoal run`` mounts a container root): its daemon forks, so it must
-not be forked from the store's FUSE process, which holds pyfuse3's session and trio's loop.  A mount that is already live (e.g. left by an
-earlier ``shoal store serve``) is reused.
+not be forked from the store's FUSE process, which holds pyfuse3's session and trio's loop.
+A mount that is already live (e.g. left by an earlier ``shoal store serve``) is reused.
 """
 
 from __future__ import annotations
