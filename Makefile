@@ -8,8 +8,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SHOAL   := $(VENV)/bin/shoal
-APT_PKGS := docker-registry skopeo umoci runc fuse3 libfuse3-dev pkg-config debootstrap casync zstd pigz slirp4netns passt \
-            squashfs-tools python3-venv attr curl time containerd stargz-snapshotter
+APT_PKGS := docker-registry skopeo umoci runc fuse3 podman libfuse3-dev pkg-config debootstrap casync zstd pigz \
+            slirp4netns passt squashfs-tools python3-venv attr curl time containerd stargz-snapshotter
 
 .PHONY: demo test fuzz stress bench deps venv clean lint
 

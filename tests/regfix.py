@@ -516,7 +516,10 @@ class RegistryProxy:
             with self._lock:
                 self.log.append((req.command, path, 307))
             return reply(req, 307, b"", {"Location": target})
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("connection", "content-length")}
+        headers: dict[str, str] = {}
+        for k, v in req.headers.items():  # a repeated header (podman sends one Accept per type) is joined
+            if k.lower() not in ("connection", "content-length"):
+                headers[k] = f"{headers[k]}, {v}" if k in headers else v
         if self.ignore_range and is_blob:
             headers = {k: v for k, v in headers.items() if k.lower() != "range"}
         status, rheaders, data = self._forward(req.command, path, headers, body)

@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "login": ("shoal.cli.transfer_cmds", "login", "Check and save credentials for a registry."),
     "snapshotter": ("shoal.cli.snapshotter_cmd", "snapshotter", "Serve containerd's snapshots API."),
     "logout": ("shoal.cli.transfer_cmds", "logout", "Remove saved credentials for a registry."),
+    "store": ("shoal.cli.als_cmd", "store", "Serve the store to other engines (store serve: podman's layer store)."),
 }
 
 

@@ -177,7 +177,7 @@ def parse_manifest(raw: bytes, digest: str | None = None) -> ShoalManifest:
     descs = [Descriptor.from_json(layer) for layer in layers]
     if descs[0].media_type != mt.INDEX or any(d.media_type != mt.PACK for d in descs[1:]):
         raise FormatError("Shoal manifest layers must be the index, then packs")
-    if config.media_type != mt.CONFIG:
+    if config.media_type not in (mt.CONFIG, mt.OCI_CONFIG):  # OCI's: what podman accepts (docs/podman.md)
         raise FormatError(f"unexpected config media type {config.media_type!r}")
     ann = doc.get("annotations") or {}
     if not isinstance(ann, dict):

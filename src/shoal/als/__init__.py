@@ -1,0 +1,1 @@
+"""podman / CRI-O additional layer store over lazy Shoal mounts (docs/podman.md)."""

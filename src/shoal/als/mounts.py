@@ -1,0 +1,65 @@
+"""One lazy Shoal mount per image (by manifest digest), started on first use (docs/podman.md).
+
+The mount is started by a fresh process running ``shoal mount --suid --dev REF MOUNTPOINT``
+(Shoal's own lazy mount, as ``shoal run`` mounts a container root): its daemon forks, so it must
+not be forked from the store's FUSE process, which holds pyfuse3's session and trio's loop.
+A mount that is already live (e.g. left by an earlier ``shoal store serve``) is reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from shoal.errors import ShoalError
+from shoal.mount import control
+from shoal.mount import state as ms
+
+__all__ = ["Mounts"]
+
+log = logging.getLogger(__name__)
+
+
+class Mounts:
+    def __init__(self, root: Path, store: str | None, timeout: float = 120.0) -> None:
+        self.root = root
+        self.store = store
+        self.timeout = timeout
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.started: list[str] = []
+
+    def path_for(self, manifest_digest: str) -> str:
+        return str(self.root / manifest_digest.split(":", 1)[-1])
+
+    def ensure(self, mount_ref: str, manifest_digest: str) -> str:
+        """The mount point of ``mount_ref``, mounting it first if it is not live."""
+        mp = self.path_for(manifest_digest)
+        with self._guard:
+            lock = self._locks.setdefault(mp, threading.Lock())
+        with lock:
+            if ms.mounts().get(mp) == "fuse.shoal":
+                return mp
+            os.makedirs(mp, exist_ok=True)
+            cmd = [sys.executable, "-c", "import sys; from shoal.cli import main; sys.exit(main())"]
+            cmd += (["--store", self.store] if self.store else []) + ["mount", "--suid", "--dev", mount_ref, mp]
+            log.info("mounting %s at %s", mount_ref, mp)
+            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=self.timeout)
+            if p.returncode != 0:
+                msg = p.stderr.decode(errors="replace").strip().splitlines()
+                raise ShoalError(f"lazy mount of {mount_ref} failed: {msg[-1] if msg else p.returncode}")
+            self.started.append(mp)
+            return mp
+
+    def close(self) -> None:
+        """Unmount what this store mounted (lazily: a running container keeps its files)."""
+        for mp in self.started:
+            try:
+                control.umount(mp, lazy=True)
+            except ShoalError as exc:
+                log.warning("unmounting %s: %s", mp, exc)
+        self.started.clear()
