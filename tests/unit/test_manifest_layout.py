@@ -59,7 +59,7 @@ def test_config_round_trip_and_schema() -> None:
     (lambda d: d.update(artifactType="application/x"), "not a shoal image"),
     (lambda d: d.update(layers=[]), "no layers"),
     (lambda d: d["layers"].reverse(), "index, then packs"),
-    (lambda d: d["config"].update(mediaType=mt.OCI_CONFIG), "config media type"),
+    (lambda d: d["config"].update(mediaType="application/vnd.example.config+json"), "config media type"),
     (lambda d: d["annotations"].update({mt.ANN_FORMAT: "1"}), "format"),
     (lambda d: d["annotations"].update({mt.ANN_ROOT: "md5:00"}), "digest"),
     (lambda d: d["layers"][1].update(size=-1), "size"),
