@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +20,10 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from containerd_fix import NS, Containerd, gets, push_view  # noqa: E402
+from containerd_fix import tiny_tree as _tiny_tree  # noqa: E402
+
 from helpers import run_shoal  # noqa: E402
 from regfix import Registry, registry_factory  # noqa: E402,F401
 from shoal.snapshotter.view import OCI_MANIFEST, containerd_view  # noqa: E402
@@ -31,100 +32,8 @@ pytestmark = pytest.mark.skipif(
     shutil.which("containerd") is None or shutil.which("ctr") is None or os.geteuid() != 0,
     reason="needs root and containerd (apt-get install containerd)")
 
-SHOAL = str(Path(sys.executable).parent / "shoal")
-NS = "shoaltest"
-
-
-def _tiny_tree(root: Path) -> None:
-    """/bin/sh (dash) and the libraries it loads: enough for ``sh -c 'echo …'``."""
-    out = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True, check=True).stdout
-    libs = [p for line in out.splitlines() for p in line.split() if p.startswith("/")]
-    for src in ["/bin/dash", *libs]:
-        dst = root / src.lstrip("/")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(os.path.realpath(src), dst)
-    (root / "bin" / "dash").rename(root / "bin" / "sh")
-    for d in ("proc", "sys", "dev", "etc", "tmp"):
-        (root / d).mkdir(exist_ok=True)
-
-
-class Containerd:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.sock = work / "cd" / "containerd.sock"
-        self.snap_sock = work / "snap" / "shoal.sock"
-        self.snap_root = work / "snap" / "root"
-        (work / "cd").mkdir(parents=True)
-        (work / "snap").mkdir(parents=True)
-        self.config = work / "cd" / "config.toml"
-        self.config.write_text(f"""version = 2
-root = "{work}/cd/lib"
-state = "{work}/cd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{self.sock}"
-[ttrpc]
-  address = "{self.sock}.ttrpc"
-[proxy_plugins.shoal]
-  type = "snapshot"
-  address = "{self.snap_sock}"
-""")
-        self.snap: subprocess.Popen[bytes] | None = None
-        self.cd: subprocess.Popen[bytes] | None = None
-
-    def start_snapshotter(self) -> None:
-        env = dict(os.environ, SHOAL_STORE=str(self.work / "store"))
-        self.snap = subprocess.Popen([SHOAL, "-vv", "snapshotter", "--address", str(self.snap_sock),
-                                      "--root", str(self.snap_root)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.work / "snap.log", "ab"))
-        _wait(lambda: self.snap_sock.exists(), "snapshotter socket")
-
-    def start(self) -> None:
-        self.start_snapshotter()
-        self.cd = subprocess.Popen(["containerd", "--config", str(self.config)], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=open(self.work / "containerd.log", "ab"))
-        _wait(lambda: subprocess.run(["ctr", "-a", str(self.sock), "version"], capture_output=True).returncode == 0,
-              "containerd")
-
-    def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(["ctr", "-a", str(self.sock), "-n", NS, *args], capture_output=True, text=True,
-                           timeout=timeout)
-        if check and p.returncode != 0:
-            raise AssertionError(f"ctr {' '.join(args)} exited {p.returncode}: {p.stderr}\n"
-                                 f"snapshotter log: {(self.work / 'snap.log').read_text()[-3000:]}")
-        return p
-
-    def stop(self) -> None:
-        for p in (self.cd, self.snap):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        for pid in os.listdir("/proc"):  # shims of this containerd (their command line has our socket)
-            if pid.isdigit():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"containerd-shim" in cmd and str(self.sock).encode() in cmd:
-                    os.kill(int(pid), signal.SIGKILL)
-        for line in reversed(Path("/proc/mounts").read_text().splitlines()):
-            mp = line.split()[1]
-            if mp.startswith(str(self.work)):
-                subprocess.run(["umount", "-l", mp], capture_output=True)
-        shutil.rmtree(f"/run/containerd/runc/{NS}", ignore_errors=True)
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not come up in {timeout} s")
+_push_view = push_view
+_gets = gets
 
 
 @pytest.fixture()
@@ -163,29 +72,6 @@ def test_classic_image_through_the_shoal_snapshotter(containerd: Containerd,
     left = containerd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout.strip().splitlines()
     assert left[1:] == []
     assert sorted(os.listdir(containerd.snap_root / "snapshots")) == []
-
-
-def _push_view(reg: Registry, repo: str, shoal_tag: str, tag: str) -> str:
-    """Push the containerd view (oci-mapping.md §4) of ``repo:shoal_tag`` as ``repo:tag``."""
-    base = f"http://{reg.host}/v2/{repo}"
-    with httpx.Client() as c:
-        r = c.get(f"{base}/manifests/{shoal_tag}", headers={"Accept": OCI_MANIFEST})
-        r.raise_for_status()
-        shoal_digest = r.headers["Docker-Content-Digest"]
-        cfg = c.get(f"{base}/blobs/{json.loads(r.content)['config']['digest']}").content
-        view = containerd_view(shoal_digest, cfg)
-        for digest, blob in view.blobs().items():
-            loc = c.post(f"{base}/blobs/uploads/").raise_for_status().headers["Location"]
-            sep = "&" if "?" in loc else "?"
-            c.put(f"{loc}{sep}digest={digest}", content=blob).raise_for_status()
-        c.put(f"{base}/manifests/{tag}", content=view.manifest,
-              headers={"Content-Type": OCI_MANIFEST}).raise_for_status()
-    return shoal_digest
-
-
-def _gets(reg: Registry) -> list[tuple[str, int]]:
-    text = reg.log_path.read_text(errors="replace")
-    return [(m[1], int(m[2])) for m in re.finditer(r'"GET (\S+) HTTP/[\d.]+" (\d+)', text)]
 
 
 @pytest.mark.skipif(shutil.which("ctr-remote") is None, reason="needs ctr-remote (apt-get install stargz-snapshotter)")
