@@ -8,6 +8,7 @@ directory is cleaned up.
 # ruff: noqa: F811  (pytest fixtures imported from regfix are redefined as parameters)
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from containerd_fix import NS, Containerd, gets, push_view  # noqa: E402
+from containerd_fix import NS, Containerd, gets, mounts_under, pids_with, push_view, tiny_tree, wait_for  # noqa: E402
 from containerd_fix import tiny_tree as _tiny_tree  # noqa: E402
 
 from helpers import run_shoal  # noqa: E402
@@ -114,3 +115,84 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     # removing the image releases the lazy mount
     containerd.ctr("images", "rm", "--sync", ref)
     assert str(mp) not in Path("/proc/mounts").read_text()
+
+
+def _running(cd: Containerd, task: str) -> bool:
+    return any(line.split()[:1] == [task] and "RUNNING" in line for line in cd.ctr("tasks", "ls").stdout.splitlines())
+
+
+@pytest.mark.skipif(shutil.which("ctr-remote") is None, reason="needs ctr-remote (apt-get install stargz-snapshotter)")
+def test_snapshotter_restart_and_cleanup_with_credentials(tmp_path: Path,
+                                                          registry_factory: Callable[..., Registry],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 item 3 with an htpasswd registry: SIGKILL the gRPC server while a container runs;
+    the container keeps running (its FUSE daemon is a separate process); a restarted snapshotter
+    (same --root) still knows the old snapshots and serves new containers, mounting a new image
+    with the credentials of ``shoal pull`` ($REGISTRY_AUTH_FILE); a lazy mount lost while it was
+    down is mounted again on start; image removal + containerd's GC leave no mount and no daemon."""
+    reg = registry_factory(auth="htpasswd", access_log=True)
+    creds = (reg.username, reg.password)
+    authfile = tmp_path / "auth.json"
+    token = base64.b64encode(f"{reg.username}:{reg.password}".encode()).decode()
+    authfile.write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(authfile))
+    store = tmp_path / "store"
+    digests = {}
+    for name in ("one", "two"):
+        tree = tmp_path / f"tree-{name}"
+        tiny_tree(tree, extra=("/usr/bin/sleep",))
+        (tree / "etc" / "name").write_text(name + "\n")
+        run_shoal(store, "build", tree, f"{name}:1")
+        run_shoal(store, "push", f"{name}:1", f"docker://{reg.host}/{name}:shoal")
+        digests[name] = push_view(reg, name, "shoal", "1", auth=creds)
+    ref1, ref2 = f"{reg.host}/one:1", f"{reg.host}/two:1"
+    mp1, mp2 = (tmp_path / "c" / "snap" / "root" / "mounts" / digests[n].removeprefix("sha256:")
+                for n in ("one", "two"))
+    cd = Containerd(tmp_path / "c", snap_env={"REGISTRY_AUTH_FILE": str(authfile)})
+    user = f"--user={reg.username}:{reg.password}"
+    try:
+        cd.start()
+        cd.rpull(ref1, user)
+        cd.ctr("run", "-d", "--snapshotter", "shoal", ref1, "sleeper", "/usr/bin/sleep", "30")
+        wait_for(lambda: _running(cd, "sleeper"), "the sleeper task")
+        cd.kill_snapshotter()
+        # the container keeps running and its rootfs is still served by the FUSE daemon
+        assert _running(cd, "sleeper")
+        out = cd.ctr("tasks", "exec", "--exec-id", "e1", "sleeper", "/bin/sh", "-c",
+                     "echo alive; read n </etc/name; echo $n")
+        assert out.stdout.split() == ["alive", "one"]
+        cd.start_snapshotter()
+        wait_for(lambda: cd.ctr("snapshots", "--snapshotter", "shoal", "ls", check=False).returncode == 0,
+                 "containerd reconnecting to the snapshotter")
+        snaps = cd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout
+        assert "sleeper" in snaps and "Committed" in snaps, snaps
+        # a new container of the old image, and a new image mounted with the auth file's credentials
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref1, "t1", "/bin/sh", "-c", "read n </etc/name; echo $n")
+        assert out.stdout.strip() == "one"
+        cd.rpull(ref2, user)
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref2, "t2", "/bin/sh", "-c", "read n </etc/name; echo $n")
+        assert out.stdout.strip() == "two"
+        assert any(s == 206 and "/two/blobs/" in p for p, s in gets(reg)), gets(reg)
+        # a lazy mount lost while the snapshotter is down (a reboot, a dead daemon) comes back on start
+        cd.ctr("tasks", "kill", "-s", "KILL", "sleeper")
+        wait_for(lambda: not _running(cd, "sleeper"), "the sleeper to stop")
+        cd.ctr("tasks", "rm", "sleeper")
+        cd.ctr("containers", "rm", "sleeper")
+        cd.kill_snapshotter()
+        subprocess.run(["umount", "-l", str(mp1)], check=True)
+        wait_for(lambda: pids_with(str(mp1)) == [], "the FUSE daemon of the first image to exit")
+        cd.start_snapshotter()
+        assert mounts_under(str(mp1)) == [str(mp1)], (cd.work / "snap.log").read_text()[-2000:]
+        wait_for(lambda: cd.ctr("snapshots", "--snapshotter", "shoal", "ls", check=False).returncode == 0,
+                 "containerd reconnecting to the snapshotter")
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref1, "t3", "/bin/sh", "-c", "read n </etc/name; echo $n")
+        assert out.stdout.strip() == "one"
+        # image removal and containerd's GC release every lazy mount and its daemon
+        cd.ctr("images", "rm", "--sync", ref1, ref2)
+        cd.ctr("content", "prune", "references")
+        for mp in (mp1, mp2):
+            assert mounts_under(str(mp)) == [], cd.log_tail()
+            wait_for(lambda m=mp: pids_with(str(m)) == [], f"the FUSE daemon of {mp} to exit", timeout=10)  # type: ignore[misc]
+        assert cd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout.strip().splitlines()[1:] == []
+    finally:
+        cd.stop()
