@@ -8,14 +8,12 @@ directory is cleaned up.
 # ruff: noqa: F811  (pytest fixtures imported from regfix are redefined as parameters)
 from __future__ import annotations
 
+import base64
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +21,10 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from containerd_fix import NS, Containerd, gets, mounts_under, pids_with, push_view, tiny_tree, wait_for  # noqa: E402
+from containerd_fix import tiny_tree as _tiny_tree  # noqa: E402
+
 from helpers import run_shoal  # noqa: E402
 from regfix import Registry, registry_factory  # noqa: E402,F401
 from shoal.snapshotter.view import OCI_MANIFEST, containerd_view  # noqa: E402
@@ -31,100 +33,8 @@ pytestmark = pytest.mark.skipif(
     shutil.which("containerd") is None or shutil.which("ctr") is None or os.geteuid() != 0,
     reason="needs root and containerd (apt-get install containerd)")
 
-SHOAL = str(Path(sys.executable).parent / "shoal")
-NS = "shoaltest"
-
-
-def _tiny_tree(root: Path) -> None:
-    """/bin/sh (dash) and the libraries it loads: enough for ``sh -c 'echo …'``."""
-    out = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True, check=True).stdout
-    libs = [p for line in out.splitlines() for p in line.split() if p.startswith("/")]
-    for src in ["/bin/dash", *libs]:
-        dst = root / src.lstrip("/")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(os.path.realpath(src), dst)
-    (root / "bin" / "dash").rename(root / "bin" / "sh")
-    for d in ("proc", "sys", "dev", "etc", "tmp"):
-        (root / d).mkdir(exist_ok=True)
-
-
-class Containerd:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.sock = work / "cd" / "containerd.sock"
-        self.snap_sock = work / "snap" / "shoal.sock"
-        self.snap_root = work / "snap" / "root"
-        (work / "cd").mkdir(parents=True)
-        (work / "snap").mkdir(parents=True)
-        self.config = work / "cd" / "config.toml"
-        self.config.write_text(f"""version = 2
-root = "{work}/cd/lib"
-state = "{work}/cd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{self.sock}"
-[ttrpc]
-  address = "{self.sock}.ttrpc"
-[proxy_plugins.shoal]
-  type = "snapshot"
-  address = "{self.snap_sock}"
-""")
-        self.snap: subprocess.Popen[bytes] | None = None
-        self.cd: subprocess.Popen[bytes] | None = None
-
-    def start_snapshotter(self) -> None:
-        env = dict(os.environ, SHOAL_STORE=str(self.work / "store"))
-        self.snap = subprocess.Popen([SHOAL, "-vv", "snapshotter", "--address", str(self.snap_sock),
-                                      "--root", str(self.snap_root)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.work / "snap.log", "ab"))
-        _wait(lambda: self.snap_sock.exists(), "snapshotter socket")
-
-    def start(self) -> None:
-        self.start_snapshotter()
-        self.cd = subprocess.Popen(["containerd", "--config", str(self.config)], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=open(self.work / "containerd.log", "ab"))
-        _wait(lambda: subprocess.run(["ctr", "-a", str(self.sock), "version"], capture_output=True).returncode == 0,
-              "containerd")
-
-    def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(["ctr", "-a", str(self.sock), "-n", NS, *args], capture_output=True, text=True,
-                           timeout=timeout)
-        if check and p.returncode != 0:
-            raise AssertionError(f"ctr {' '.join(args)} exited {p.returncode}: {p.stderr}\n"
-                                 f"snapshotter log: {(self.work / 'snap.log').read_text()[-3000:]}")
-        return p
-
-    def stop(self) -> None:
-        for p in (self.cd, self.snap):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        for pid in os.listdir("/proc"):  # shims of this containerd (their command line has our socket)
-            if pid.isdigit():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"containerd-shim" in cmd and str(self.sock).encode() in cmd:
-                    os.kill(int(pid), signal.SIGKILL)
-        for line in reversed(Path("/proc/mounts").read_text().splitlines()):
-            mp = line.split()[1]
-            if mp.startswith(str(self.work)):
-                subprocess.run(["umount", "-l", mp], capture_output=True)
-        shutil.rmtree(f"/run/containerd/runc/{NS}", ignore_errors=True)
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not come up in {timeout} s")
+_push_view = push_view
+_gets = gets
 
 
 @pytest.fixture()
@@ -163,29 +73,6 @@ def test_classic_image_through_the_shoal_snapshotter(containerd: Containerd,
     left = containerd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout.strip().splitlines()
     assert left[1:] == []
     assert sorted(os.listdir(containerd.snap_root / "snapshots")) == []
-
-
-def _push_view(reg: Registry, repo: str, shoal_tag: str, tag: str) -> str:
-    """Push the containerd view (oci-mapping.md §4) of ``repo:shoal_tag`` as ``repo:tag``."""
-    base = f"http://{reg.host}/v2/{repo}"
-    with httpx.Client() as c:
-        r = c.get(f"{base}/manifests/{shoal_tag}", headers={"Accept": OCI_MANIFEST})
-        r.raise_for_status()
-        shoal_digest = r.headers["Docker-Content-Digest"]
-        cfg = c.get(f"{base}/blobs/{json.loads(r.content)['config']['digest']}").content
-        view = containerd_view(shoal_digest, cfg)
-        for digest, blob in view.blobs().items():
-            loc = c.post(f"{base}/blobs/uploads/").raise_for_status().headers["Location"]
-            sep = "&" if "?" in loc else "?"
-            c.put(f"{loc}{sep}digest={digest}", content=blob).raise_for_status()
-        c.put(f"{base}/manifests/{tag}", content=view.manifest,
-              headers={"Content-Type": OCI_MANIFEST}).raise_for_status()
-    return shoal_digest
-
-
-def _gets(reg: Registry) -> list[tuple[str, int]]:
-    text = reg.log_path.read_text(errors="replace")
-    return [(m[1], int(m[2])) for m in re.finditer(r'"GET (\S+) HTTP/[\d.]+" (\d+)', text)]
 
 
 @pytest.mark.skipif(shutil.which("ctr-remote") is None, reason="needs ctr-remote (apt-get install stargz-snapshotter)")
@@ -228,3 +115,84 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     # removing the image releases the lazy mount
     containerd.ctr("images", "rm", "--sync", ref)
     assert str(mp) not in Path("/proc/mounts").read_text()
+
+
+def _running(cd: Containerd, task: str) -> bool:
+    return any(line.split()[:1] == [task] and "RUNNING" in line for line in cd.ctr("tasks", "ls").stdout.splitlines())
+
+
+@pytest.mark.skipif(shutil.which("ctr-remote") is None, reason="needs ctr-remote (apt-get install stargz-snapshotter)")
+def test_snapshotter_restart_and_cleanup_with_credentials(tmp_path: Path,
+                                                          registry_factory: Callable[..., Registry],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 item 3 with an htpasswd registry: SIGKILL the gRPC server while a container runs;
+    the container keeps running (its FUSE daemon is a separate process); a restarted snapshotter
+    (same --root) still knows the old snapshots and serves new containers, mounting a new image
+    with the credentials of ``shoal pull`` ($REGISTRY_AUTH_FILE); a lazy mount lost while it was
+    down is mounted again on start; image removal + containerd's GC leave no mount and no daemon."""
+    reg = registry_factory(auth="htpasswd", access_log=True)
+    creds = (reg.username, reg.password)
+    authfile = tmp_path / "auth.json"
+    token = base64.b64encode(f"{reg.username}:{reg.password}".encode()).decode()
+    authfile.write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(authfile))
+    store = tmp_path / "store"
+    digests = {}
+    for name in ("one", "two"):
+        tree = tmp_path / f"tree-{name}"
+        tiny_tree(tree, extra=("/usr/bin/sleep",))
+        (tree / "etc" / "name").write_text(name + "\n")
+        run_shoal(store, "build", tree, f"{name}:1")
+        run_shoal(store, "push", f"{name}:1", f"docker://{reg.host}/{name}:shoal")
+        digests[name] = push_view(reg, name, "shoal", "1", auth=creds)
+    ref1, ref2 = f"{reg.host}/one:1", f"{reg.host}/two:1"
+    mp1, mp2 = (tmp_path / "c" / "snap" / "root" / "mounts" / digests[n].removeprefix("sha256:")
+                for n in ("one", "two"))
+    cd = Containerd(tmp_path / "c", snap_env={"REGISTRY_AUTH_FILE": str(authfile)})
+    user = f"--user={reg.username}:{reg.password}"
+    try:
+        cd.start()
+        cd.rpull(ref1, user)
+        cd.ctr("run", "-d", "--snapshotter", "shoal", ref1, "sleeper", "/usr/bin/sleep", "30")
+        wait_for(lambda: _running(cd, "sleeper"), "the sleeper task")
+        cd.kill_snapshotter()
+        # the container keeps running and its rootfs is still served by the FUSE daemon
+        assert _running(cd, "sleeper")
+        out = cd.ctr("tasks", "exec", "--exec-id", "e1", "sleeper", "/bin/sh", "-c",
+                     "echo alive; read n </etc/name; echo $n")
+        assert out.stdout.split() == ["alive", "one"]
+        cd.start_snapshotter()
+        wait_for(lambda: cd.ctr("snapshots", "--snapshotter", "shoal", "ls", check=False).returncode == 0,
+                 "containerd reconnecting to the snapshotter")
+        snaps = cd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout
+        assert "sleeper" in snaps and "Committed" in snaps, snaps
+        # a new container of the old image, and a new image mounted with the auth file's credentials
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref1, "t1", "/bin/sh", "-c", "read n </etc/name; echo $n")
+        assert out.stdout.strip() == "one"
+        cd.rpull(ref2, user)
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref2, "t2", "/bin/sh", "-c", "read n </etc/name; echo $n")
+        assert out.stdout.strip() == "two"
+        assert any(s == 206 and "/two/blobs/" in p for p, s in gets(reg)), gets(reg)
+        # a lazy mount lost while the snapshotter is down (a reboot, a dead daemon) comes back on start
+        cd.ctr("tasks", "kill", "-s", "KILL", "sleeper")
+        wait_for(lambda: not _running(cd, "sleeper"), "the sleeper to stop")
+        cd.ctr("tasks", "rm", "sleeper")
+        cd.ctr("containers", "rm", "sleeper")
+        cd.kill_snapshotter()
+        subprocess.run(["umount", "-l", str(mp1)], check=True)
+        wait_for(lambda: pids_with(str(mp1)) == [], "the FUSE daemon of the first image to exit")
+        cd.start_snapshotter()
+        assert mounts_under(str(mp1)) == [str(mp1)], (cd.work / "snap.log").read_text()[-2000:]
+        wait_for(lambda: cd.ctr("snapshots", "--snapshotter", "shoal", "ls", check=False).returncode == 0,
+                 "containerd reconnecting to the snapshotter")
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref1, "t3", "/bin/sh", "-c", "read n </etc/name; echo $n")
+        assert out.stdout.strip() == "one"
+        # image removal and containerd's GC release every lazy mount and its daemon
+        cd.ctr("images", "rm", "--sync", ref1, ref2)
+        cd.ctr("content", "prune", "references")
+        for mp in (mp1, mp2):
+            assert mounts_under(str(mp)) == [], cd.log_tail()
+            wait_for(lambda m=mp: pids_with(str(m)) == [], f"the FUSE daemon of {mp} to exit", timeout=10)  # type: ignore[misc]
+        assert cd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout.strip().splitlines()[1:] == []
+    finally:
+        cd.stop()

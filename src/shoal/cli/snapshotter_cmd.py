@@ -26,4 +26,5 @@ def snapshotter(address: str, root: str | None) -> None:
     rootp = Path(root).absolute()
     remote = RemoteMounts(rootp)
     svc = Service(rootp, remote.mount, remote.release)
+    svc.reattach()  # lazy mounts of a previous run: found again, or mounted again (after a reboot)
     serve(svc, address)

@@ -56,7 +56,12 @@ class RemoteMounts:
 
         mp = self.dir / digest.removeprefix("sha256:")
         if is_mounted(str(mp)):
-            return str(mp)
+            try:
+                os.stat(mp)
+                return str(mp)
+            except OSError as e:  # its FUSE daemon is gone (ENOTCONN): mount it again
+                log.warning("lazy mount %s is dead (%s); mounting it again", mp, e)
+                subprocess.run(["umount", "-l", str(mp)], capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
         mp.mkdir(exist_ok=True)
         src = f"docker://{repository(ref)}@{digest}"
         log.info("mounting %s lazily at %s", src, mp)

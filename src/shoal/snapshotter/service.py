@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.errors import NotFound, UsageError
+from shoal.errors import NotFound, ShoalError, UsageError
 from shoal.snapshotter import filters
 from shoal.snapshotter.meta import (
     KIND_ACTIVE,
@@ -82,6 +82,32 @@ class Service:
 
     def close(self) -> None:
         self.meta.close()
+
+    def reattach(self) -> list[str]:
+        """Make sure every lazy mount that metadata records is mounted (on start, before serving).
+
+        A restart of the gRPC server alone leaves the FUSE daemons running, so this finds their
+        mounts and does nothing; after a reboot or a dead daemon it mounts the image again from the
+        labels the remote snapshot was committed with.  Returns the mount points it could not serve.
+        """
+        if self._mount_remote is None:
+            return []
+        failed: list[str] = []
+        done: set[str] = set()
+        for s in self.meta.all():
+            if not s.remote or s.remote in done:
+                continue
+            done.add(s.remote)
+            try:
+                mp = self._mount_remote(s.labels)
+            except ShoalError as e:
+                log.warning("cannot re-attach the lazy mount %s of snapshot %s: %s", s.remote, s.key, e)
+                failed.append(s.remote)
+                continue
+            if mp != s.remote:
+                log.warning("snapshot %s: lazy mount %s re-attached at %s", s.key, s.remote, mp or "(nowhere)")
+                failed.append(s.remote)
+        return failed
 
     def _dir(self, s: Snapshot) -> Path:
         return self.root / "snapshots" / str(s.id)
