@@ -67,6 +67,7 @@ class Sample:
     seconds: float  # to the first byte of output
     bytes: int  # through the proxy by then
     requests: int
+    pull: float  # of which the pull (rpull or images pull)
 
 
 # ------------------------------------------------------------------------------------ the peer daemon
@@ -288,6 +289,7 @@ def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, 
     b0, r0 = link.bytes, link.requests
     t0 = time.perf_counter()
     run(cmds[0], env=node.env())
+    tp = time.perf_counter()
     p = subprocess.Popen(cmds[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                          env=node.env())
     assert p.stdout is not None
@@ -298,12 +300,12 @@ def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, 
     if p.returncode != 0 or got + rest != b"1\n":
         raise SystemExit(f"{mode}: {' '.join(cmds[1])} failed ({p.returncode}): {(got + rest)[:200]!r} "
                          f"{err.decode(errors='replace')[-2000:]}")
-    return Sample(t1 - t0, b1 - b0, r1 - r0)
+    return Sample(t1 - t0, b1 - b0, r1 - r0, tp - t0)
 
 
 def median(samples: list[Sample]) -> Sample:
     return Sample(statistics.median(s.seconds for s in samples), int(statistics.median(s.bytes for s in samples)),
-                  int(statistics.median(s.requests for s in samples)))
+                  int(statistics.median(s.requests for s in samples)), statistics.median(s.pull for s in samples))
 
 
 def main() -> None:
@@ -312,7 +314,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="cold runs per mode and link (the median is shown)")
     ap.add_argument("--mbit", type=float, default=100.0)
     ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--modes", default=",".join(MODES), help="a subset, comma-separated (for diagnosis)")
     args = ap.parse_args()
+    modes = [m for m in MODES if m in args.modes.split(",")]
     for tool in ("containerd", "ctr", "ctr-remote", "runc", "umoci", "skopeo", "docker-registry"):
         if not shutil.which(tool):
             sys.exit(f"bench/containerd.py needs {tool} (apt-get install containerd runc stargz-snapshotter "
@@ -342,26 +346,30 @@ def main() -> None:
                                      (f"{args.mbit:g} Mbit/s + {args.latency_ms:g} ms/request", args.mbit,
                                       args.latency_ms)):
             with Throttle(f"http://{reg.host}", mbit, lat) as t:
-                samples: dict[str, list[Sample]] = {m: [] for m in MODES}
+                samples: dict[str, list[Sample]] = {m: [] for m in modes}
                 for _ in range(args.reps):
-                    for mode in MODES:
+                    for mode in modes:
                         n += 1
                         samples[mode].append(cold_run(node, mode, t.host, refs, t.link, n))
                 node.stop()
             results[link_name] = {m: median(s) for m, s in samples.items()}
-            raw = "; ".join(f"{m} " + " ".join(f"{s.seconds:.2f}" for s in samples[m]) for m in MODES)
-            print(f"  [{link_name}] every run, s: {raw}")
+            raw = "; ".join(f"{m} " + " ".join(f"{s.seconds:.2f} ({s.pull:.2f})" for s in samples[m]) for m in modes)
+            print(f"  [{link_name}] every run, s to output (of which pull): {raw}")
+        if modes != list(MODES):
+            return
         print("time to first output of `python3 -c 'print(1)'` and bytes fetched by then (lower is better)")
         for link_name, res in results.items():
             s, o, z = res["shoal"], res["overlayfs"], res["stargz"]
             print(f"  link: {link_name}")
             row("shoal snapshotter (ctr-remote rpull + run)", f"{s.seconds:.2f} s",
-                f"{s.bytes / 1e6:.2f} MB, {s.requests} requests")
+                f"{s.bytes / 1e6:.2f} MB, {s.requests} requests; pull {s.pull:.2f} s")
             row("overlayfs, classic (ctr pull + run)", f"{o.seconds:.2f} s",
-                f"{o.bytes / 1e6:.2f} MB, {o.requests} requests; shoal: {s.seconds / o.seconds:.3f}x the time, "
+                f"{o.bytes / 1e6:.2f} MB, {o.requests} requests; pull {o.pull:.2f} s; "
+                f"shoal: {s.seconds / o.seconds:.3f}x the time, "
                 f"{s.bytes / o.bytes:.3f}x the bytes")
             row("stargz snapshotter, optimized eStargz", f"{z.seconds:.2f} s",
-                f"{z.bytes / 1e6:.2f} MB, {z.requests} requests; shoal: {s.seconds / z.seconds:.2f}x the time, "
+                f"{z.bytes / 1e6:.2f} MB, {z.requests} requests; pull {z.pull:.2f} s; "
+                f"shoal: {s.seconds / z.seconds:.2f}x the time, "
                 f"{s.bytes / z.bytes:.2f}x the bytes (goal < 1, < 1)")
     finally:
         node.stop()
