@@ -72,7 +72,9 @@ def make_handler(upstream: str, link: Link, latency: float) -> type[BaseHTTPRequ
             for k, v in resp.getheaders():
                 if k.lower() not in HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            # a HEAD answer keeps the upstream's length (containerd sizes manifests and blobs by it)
+            self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                             else str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 for i in range(0, len(data), 64 * 1024):

@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""Lazy start under containerd: time to a container's first output and registry bytes fetched by then,
+Shoal's snapshotter against overlayfs with the classic image and against the stargz snapshotter with
+optimized eStargz, all of the same tree, measured in one run.
+
+Usage: python bench/containerd.py [--tree DIR] [--reps N] [--mbit 100] [--latency-ms 20]
+
+The tree is debootstrap minbase bookworm + python3 + git (cached in $SHOAL_BENCH_CACHE).  One loopback
+docker-registry (its storage cached in $SHOAL_BENCH_CACHE/containerd/registry) holds:
+- the classic image: one gzip layer made by umoci from the tree, pushed with skopeo (made once);
+- the optimized eStargz image: ``ctr-remote image optimize --oci --period 10 --entrypoint
+  '["python3","-c","print(1)"]'`` of the classic one (made once; ../shared/recipes/estargz-peer.md §4);
+- the Shoal image: ``shoal build`` + ``shoal push`` (every run), its containerd view
+  (docs/spec/oci-mapping.md §4) and a ``shoal profile`` of the workload pushed as a referrer (the
+  counterpart of eStargz's optimization; the snapshotter's ``shoal mount`` uses it, ``--prefetch auto``).
+Every client reaches the registry through bench/throttle.py: on "loopback" with no limit and no added
+latency (it only counts), then at ``--mbit`` + ``--latency-ms`` per request.
+
+The stargz snapshotter daemon (0.12.0) is built on demand, offline, from bench/peers/stargz-grpc/main.go
+and Debian's library sources into $SHOAL_BENCH_CACHE/stargz-grpc (needs golang-go and
+golang-github-containerd-stargz-snapshotter-dev); its defaults apply (background fetch on, which
+starts after 5 s without reads, so after the output).
+
+Each run is cold: a fresh containerd root and state, a fresh snapshotter root (Shoal: and store cache),
+``sync`` and ``echo 3 > /proc/sys/vm/drop_caches``, then, timed to the first byte on the container's
+stdout (ctr, not CRI; namespace ``shoalbench``):
+- shoal:     ``ctr-remote image rpull --plain-http --snapshotter shoal REF`` + ``ctr run --snapshotter shoal``
+- overlayfs: ``ctr images pull --plain-http REF`` + ``ctr run`` (the classic image)
+- stargz:    ``ctr-remote image rpull --plain-http REF`` + ``ctr run --snapshotter stargz`` (optimized eStargz)
+Bytes are every response body (and request body) that crossed the proxy by then: manifests, configs,
+blobs, ranges, referrers.  The modes alternate within each repetition; the median is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CACHE, rootfs, row, sh, tree_bytes  # noqa: E402
+from pull import SKOPEO_HTTP, Registry  # noqa: E402
+from throttle import Throttle  # noqa: E402
+
+SHOAL = shutil.which("shoal") or str(Path(sys.executable).parent / "shoal")
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CMD = ["python3", "-c", "print(1)"]
+NS = "shoalbench"
+HERE = Path(__file__).parent
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+STUB_MEDIA_TYPE = "application/vnd.oci.image.layer.shoal.v1"
+MODES = ("shoal", "overlayfs", "stargz")
+
+
+@dataclass(frozen=True)
+class Sample:
+    seconds: float  # to the first byte of output
+    bytes: int  # through the proxy by then
+    requests: int
+    pull: float  # of which the pull (rpull or images pull)
+
+
+# ------------------------------------------------------------------------------------ the peer daemon
+
+
+def stargz_daemon() -> Path:
+    """containerd-stargz-grpc built from bench/peers/stargz-grpc/main.go (offline, GOPATH mode), cached."""
+    d = CACHE / "stargz-grpc"
+    binary = d / "bin" / "containerd-stargz-grpc"
+    src = HERE / "peers" / "stargz-grpc" / "main.go"
+    built = d / "gobuild" / "src" / "stargz-grpc" / "main.go"
+    if binary.exists() and built.exists() and built.read_bytes() == src.read_bytes():
+        return binary
+    lib = Path("/usr/share/gocode/src/github.com/containerd/stargz-snapshotter")
+    if not shutil.which("go") or not lib.is_dir():
+        sys.exit("the stargz peer needs: apt-get install golang-go golang-github-containerd-stargz-snapshotter-dev")
+    print("[setup] go build containerd-stargz-grpc (1-3 min) ...", file=sys.stderr)
+    built.parent.mkdir(parents=True, exist_ok=True)
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, built)
+    env = {**os.environ, "GOPATH": f"{d / 'gobuild'}:/usr/share/gocode", "GO111MODULE": "off", "GOFLAGS": "",
+           "GOPROXY": "off", "GOCACHE": str(d / "gocache")}
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=built.parent, env=env, check=True)
+    return binary
+
+
+# ------------------------------------------------------------------------------------ private containerd
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"{what} did not come up in {timeout:g} s")
+
+
+class Node:
+    """containerd 1.6 with proxy plugins ``shoal`` and ``stargz``, and at most one of those daemons,
+    all under ``root``; ``reset`` makes everything cold (../shared/recipes/estargz-peer.md §5)."""
+
+    def __init__(self, root: Path, stargz: Path) -> None:
+        self.root, self.stargz = root, stargz
+        self.sock = root / "cd" / "containerd.sock"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs = root.parent / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    def _config(self) -> Path:
+        cfg = self.root / "cd" / "config.toml"
+        cfg.write_text(f"""version = 2
+root = "{self.root}/cd/lib"
+state = "{self.root}/cd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{self.sock}"
+[ttrpc]
+  address = "{self.sock}.ttrpc"
+[proxy_plugins.shoal]
+  type = "snapshot"
+  address = "{self.root}/snap/shoal.sock"
+[proxy_plugins.stargz]
+  type = "snapshot"
+  address = "{self.root}/sgz/stargz.sock"
+""")
+        return cfg
+
+    def _log(self, name: str) -> Any:
+        return open(self.logs / name, "ab")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SHOAL_STORE": str(self.root / "store"), "SHOAL_RUN_DIR": str(self.root / "run")}
+
+    def start(self, snapshotter: str | None) -> None:
+        for d in ("cd", "snap", "sgz"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        if snapshotter == "shoal":
+            sock = self.root / "snap" / "shoal.sock"
+            self.procs.append(subprocess.Popen(
+                [SHOAL, "snapshotter", "--address", str(sock), "--root", str(self.root / "snap" / "root")],
+                env=self.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log("shoal.log")))
+            _wait(sock.exists, "shoal snapshotter")
+        elif snapshotter == "stargz":
+            sock = self.root / "sgz" / "stargz.sock"
+            self.procs.append(subprocess.Popen(
+                [str(self.stargz), "--address", str(sock), "--root", str(self.root / "sgz" / "lib"),
+                 "--log-level", "info"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log("stargz.log")))
+            _wait(sock.exists, "stargz snapshotter")
+        self.procs.append(subprocess.Popen(["containerd", "--config", str(self._config())], stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=self._log("containerd.log")))
+        _wait(lambda: subprocess.run(["ctr", "-a", str(self.sock), "version"], capture_output=True).returncode == 0,
+              "containerd")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):  # containerd first, then the snapshotter
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.procs = []
+        for pid in os.listdir("/proc"):  # shims of this containerd (their command line has our socket)
+            if pid.isdigit():
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"containerd-shim" in cmd and str(self.sock).encode() in cmd:
+                    os.kill(int(pid), signal.SIGKILL)
+        umount_all(self.root)
+        shutil.rmtree(f"/run/containerd/runc/{NS}", ignore_errors=True)
+
+    def reset(self, snapshotter: str | None) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.start(snapshotter)
+
+    def ctr(self, *args: str) -> list[str]:
+        return ["ctr", "-a", str(self.sock), "-n", NS, *args]
+
+    def ctr_remote(self, *args: str) -> list[str]:
+        return ["ctr-remote", "-a", str(self.sock), "-n", NS, *args]
+
+
+def umount_all(root: Path) -> None:
+    for _ in range(3):
+        with open("/proc/self/mountinfo") as f:
+            mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(root) + "/")]
+        if not mps:
+            return
+        for mp in sorted(mps, key=len, reverse=True):
+            if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------ images
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    p = subprocess.run(cmd, capture_output=True, **kw)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.decode(errors='replace')[-2000:]}")
+    return p
+
+
+def peer_images(tree: Path, reg: Registry, node: Node, work: Path) -> None:
+    """The classic image and its optimized eStargz, made once into the cached registry storage."""
+    mark = CACHE / "containerd" / ".images-complete"
+    if mark.exists():
+        return
+    print("[setup] classic image (umoci) ...", file=sys.stderr)
+    lay, b1 = work / "classic", work / "classic-bundle"
+    sh(f"umoci init --layout {lay} && umoci new --image {lay}:py && umoci unpack --image {lay}:py {b1}")
+    sh(f"rmdir {b1}/rootfs && cp -a {tree} {b1}/rootfs && umoci repack --image {lay}:py {b1}")
+    sh(f"umoci config --image {lay}:py --config.env {PATH_ENV} --config.cmd /bin/sh")
+    sh(f"skopeo copy -q {' '.join(SKOPEO_HTTP)} oci:{lay}:py docker://{reg.host}/classic/py:1")
+    shutil.rmtree(b1)
+    print("[setup] optimized eStargz (ctr-remote image optimize, 1-6 min) ...", file=sys.stderr)
+    node.reset(None)
+    src, dst = f"{reg.host}/classic/py:1", f"{reg.host}/esgz/py:opt"
+    run(node.ctr("content", "fetch", "--plain-http", src))
+    run(node.ctr_remote("image", "optimize", "--oci", "--period", "10", "--entrypoint", json.dumps(CMD), src, dst),
+        timeout=1800)
+    run(node.ctr("images", "push", "--plain-http", dst))
+    node.stop()
+    mark.touch()
+
+
+def shoal_image(tree: Path, reg: Registry, work: Path) -> str:
+    """Build and push the Shoal image, publish its containerd view, record a profile; the view's ref."""
+    import httpx
+
+    from shoal.snapshotter.view import containerd_view
+
+    store = work / "s0"
+    env = {**os.environ, "SHOAL_RUN_DIR": str(work / "run0")}
+    run([SHOAL, "--store", str(store), "build", str(tree), "py:1", "--env", PATH_ENV, "--cmd", "python3"])
+    run([SHOAL, "--store", str(store), "push", "py:1", f"docker://{reg.host}/shoal/py:1"])
+    base = f"http://{reg.host}/v2/shoal/py"
+    with httpx.Client() as c:
+        r = c.get(f"{base}/manifests/1", headers={"Accept": OCI_MANIFEST}).raise_for_status()
+        if json.loads(r.content)["layers"][0]["mediaType"] == STUB_MEDIA_TYPE:  # `shoal push` published it
+            tag = "1"
+        else:  # publish it the way tests/integration/test_containerd.py does
+            tag = "ctr"
+            cfg = c.get(f"{base}/blobs/{json.loads(r.content)['config']['digest']}").raise_for_status().content
+            view = containerd_view(r.headers["Docker-Content-Digest"], cfg)
+            for digest, blob in view.blobs().items():
+                loc = c.post(f"{base}/blobs/uploads/").raise_for_status().headers["Location"]
+                c.put(f"{loc}{'&' if '?' in loc else '?'}digest={digest}", content=blob).raise_for_status()
+            c.put(f"{base}/manifests/{tag}", content=view.manifest,
+                  headers={"Content-Type": OCI_MANIFEST}).raise_for_status()
+    run([SHOAL, "--store", str(work / "prof"), "profile", "--json", f"docker://{reg.host}/shoal/py:1", "--", *CMD],
+        env=env, stdin=subprocess.DEVNULL)
+    umount_all(work)
+    return f"shoal/py:{tag}"
+
+
+# ------------------------------------------------------------------------------------ one cold run
+
+
+def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, n: int) -> Sample:
+    ref = f"{host}/{refs[mode]}"
+    node.reset(mode if mode != "overlayfs" else None)
+    if mode == "shoal":
+        cmds = [node.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "shoal", ref),
+                node.ctr("run", "--rm", "--snapshotter", "shoal", ref, f"b{n}", *CMD)]
+    elif mode == "stargz":
+        cmds = [node.ctr_remote("image", "rpull", "--plain-http", ref),
+                node.ctr("run", "--rm", "--snapshotter", "stargz", ref, f"b{n}", *CMD)]
+    else:
+        cmds = [node.ctr("images", "pull", "--plain-http", ref), node.ctr("run", "--rm", ref, f"b{n}", *CMD)]
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    b0, r0 = link.bytes, link.requests
+    t0 = time.perf_counter()
+    run(cmds[0], env=node.env())
+    tp = time.perf_counter()
+    p = subprocess.Popen(cmds[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         env=node.env())
+    assert p.stdout is not None
+    got = os.read(p.stdout.fileno(), 1)
+    t1 = time.perf_counter()
+    b1, r1 = link.bytes, link.requests
+    rest, err = p.communicate(timeout=120)
+    if p.returncode != 0 or got + rest != b"1\n":
+        raise SystemExit(f"{mode}: {' '.join(cmds[1])} failed ({p.returncode}): {(got + rest)[:200]!r} "
+                         f"{err.decode(errors='replace')[-2000:]}")
+    return Sample(t1 - t0, b1 - b0, r1 - r0, tp - t0)
+
+
+def median(samples: list[Sample]) -> Sample:
+    return Sample(statistics.median(s.seconds for s in samples), int(statistics.median(s.bytes for s in samples)),
+                  int(statistics.median(s.requests for s in samples)), statistics.median(s.pull for s in samples))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tree", type=Path, default=None)
+    ap.add_argument("--reps", type=int, default=3, help="cold runs per mode and link (the median is shown)")
+    ap.add_argument("--mbit", type=float, default=100.0)
+    ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--modes", default=",".join(MODES), help="a subset, comma-separated (for diagnosis)")
+    args = ap.parse_args()
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    for tool in ("containerd", "ctr", "ctr-remote", "runc", "umoci", "skopeo", "docker-registry"):
+        if not shutil.which(tool):
+            sys.exit(f"bench/containerd.py needs {tool} (apt-get install containerd runc stargz-snapshotter "
+                     "umoci skopeo docker-registry)")
+    if os.geteuid() != 0:
+        sys.exit("bench/containerd.py needs root")
+    tree = args.tree or rootfs("bookworm-py", ("python3", "git"))
+    stargz = stargz_daemon()
+    (CACHE / "containerd").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="shoal-bench-containerd-", dir="/var/tmp"))
+    run_dirs_before = Path("/run/containerd").exists()
+    reg = Registry(CACHE / "containerd")  # storage persists: the peers' images are made once
+    node = Node(work / "node", stargz)
+    try:
+        peer_images(tree, reg, node, work)
+        refs = {"shoal": shoal_image(tree, reg, work), "overlayfs": "classic/py:1", "stargz": "esgz/py:opt"}
+        sizes = {}
+        for mode, ref in (("overlayfs", refs["overlayfs"]), ("stargz", refs["stargz"])):
+            out = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/{ref}"]).stdout
+            sizes[mode] = sum(x["size"] for x in json.loads(out)["layers"])
+        print(f"tree {tree}: {tree_bytes(tree) / 1e6:.1f} MB, {os.cpu_count()} cores; classic layer "
+              f"{sizes['overlayfs'] / 1e6:.1f} MB, optimized eStargz layer {sizes['stargz'] / 1e6:.1f} MB; "
+              f"ctr (not CRI), cold runs (fresh roots, page cache dropped), median of {args.reps}")
+        results: dict[str, dict[str, Sample]] = {}
+        n = 0
+        for link_name, mbit, lat in (("loopback", 1e6, 0.0),
+                                     (f"{args.mbit:g} Mbit/s + {args.latency_ms:g} ms/request", args.mbit,
+                                      args.latency_ms)):
+            with Throttle(f"http://{reg.host}", mbit, lat) as t:
+                samples: dict[str, list[Sample]] = {m: [] for m in modes}
+                for _ in range(args.reps):
+                    for mode in modes:
+                        n += 1
+                        samples[mode].append(cold_run(node, mode, t.host, refs, t.link, n))
+                node.stop()
+            results[link_name] = {m: median(s) for m, s in samples.items()}
+            raw = "; ".join(f"{m} " + " ".join(f"{s.seconds:.2f} ({s.pull:.2f})" for s in samples[m]) for m in modes)
+            print(f"  [{link_name}] every run, s to output (of which pull): {raw}")
+        if modes != list(MODES):
+            return
+        print("time to first output of `python3 -c 'print(1)'` and bytes fetched by then (lower is better)")
+        for link_name, res in results.items():
+            s, o, z = res["shoal"], res["overlayfs"], res["stargz"]
+            print(f"  link: {link_name}")
+            row("shoal snapshotter (ctr-remote rpull + run)", f"{s.seconds:.2f} s",
+                f"{s.bytes / 1e6:.2f} MB, {s.requests} requests; pull {s.pull:.2f} s")
+            row("overlayfs, classic (ctr pull + run)", f"{o.seconds:.2f} s",
+                f"{o.bytes / 1e6:.2f} MB, {o.requests} requests; pull {o.pull:.2f} s; "
+                f"shoal: {s.seconds / o.seconds:.3f}x the time, "
+                f"{s.bytes / o.bytes:.3f}x the bytes")
+            row("stargz snapshotter, optimized eStargz", f"{z.seconds:.2f} s",
+                f"{z.bytes / 1e6:.2f} MB, {z.requests} requests; pull {z.pull:.2f} s; "
+                f"shoal: {s.seconds / z.seconds:.2f}x the time, "
+                f"{s.bytes / z.bytes:.2f}x the bytes (goal < 1, < 1)")
+    finally:
+        node.stop()
+        reg.close()
+        shutil.rmtree(work, ignore_errors=True)
+        if not run_dirs_before:
+            for d in ("/run/containerd/runc", "/run/containerd/io.containerd.runtime.v2.task", "/run/containerd"):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+
+
+if __name__ == "__main__":
+    main()
