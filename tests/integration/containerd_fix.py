@@ -25,7 +25,7 @@ from regfix import Registry  # noqa: E402
 from shoal.snapshotter.view import OCI_MANIFEST, containerd_view  # noqa: E402
 
 SHOAL = str(Path(sys.executable).parent / "shoal")
-NS = "shoaltest"
+NS = f"shoaltest-{os.getpid()}"  # one per test process: xdist workers must not share runc state
 CRI_NS = "k8s.io"
 
 
