@@ -24,6 +24,7 @@ from shoal.format import index as fidx
 from shoal.format.manifest import ShoalManifest, json_object, parse_manifest
 from shoal.format.model import Index
 from shoal.format.platform import choose
+from shoal.format.runtime_view import for_readers
 from shoal.reader import FrameSource
 from shoal.transports.base import BlobInfo, ImageReference, ImageSource
 
@@ -104,7 +105,7 @@ def resolve_image(src: ImageSource, ref: ImageReference, platform: str | None = 
     top, top_media = src.get_manifest()
     raw, media = top, top_media
     if _is_index(top, top_media):
-        kid = choose(json_object(top).get("manifests"), platform, str(ref),
+        kid = choose(for_readers(json_object(top).get("manifests")), platform, str(ref),
                      prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
         digest = str(kid["digest"])
         raw, media = src.get_manifest(digest)
