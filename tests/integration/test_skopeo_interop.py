@@ -183,5 +183,12 @@ def test_skopeo_without_all_moves_only_the_runtime_view(registry: Registry, shoa
     m = Store.open(store).resolve("a:1")
     shoal(store, "push", "a:1", f"docker://{registry.host}/interop/view:1")
     skopeo_copy(f"docker://{registry.host}/interop/view:1", f"docker://{registry.host}/interop/viewonly:1")
-    p = shoal(fresh_store(tmp_path), "pull", f"docker://{registry.host}/interop/viewonly:1", check=False)
-    helpers.assert_one_line_error(p, "runtime view", m.digest, "--all")
+    for args in (("pull", f"docker://{registry.host}/interop/viewonly:1"),
+                 ("inspect", f"docker://{registry.host}/interop/viewonly:1")):
+        p = shoal(fresh_store(tmp_path), *args, check=False)
+        line = helpers.assert_one_line_error(p)
+        assert "is the runtime view of the Shoal image " + m.digest in line and "--all" in line, line
+    # where the repository holds the Shoal manifest, the view named by digest stands for it
+    view = remote_digest(registry.host, "interop/viewonly", "1")
+    out = shoal(None, "inspect", "--json", f"docker://{registry.host}/interop/view@{view}").stdout
+    assert json.loads(out)["digest"] == m.digest

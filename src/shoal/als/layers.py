@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from shoal.errors import NotFound, UsageError
-from shoal.format.manifest import ShoalManifest, json_loads
-from shoal.format.runtime_view import stub_layer, view_of
+from shoal.format.manifest import ShoalManifest
+from shoal.format.runtime_view import stub_layer
 from shoal.transports.base import parse_reference
 from shoal.transports.context import SystemContext
 
@@ -98,8 +98,6 @@ class Resolver:
             res = resolve_image(src, r, self.ctx.platform)
         finally:
             src.close()
-        if res.manifest is None and "@" in ref and _view_of(res.raw):  # a view named by digest: its image
-            return self._fetch(f"{_repository(ref)}@{_view_of(res.raw)}")
         if res.manifest is None or res.index is None:
             raise NotFound(f"{ref} is not a Shoal image")
         return res.manifest, res.index.logical_bytes
@@ -140,10 +138,3 @@ def _has(m: ShoalManifest, digest: str) -> bool:
 
 def _sha(b: bytes) -> str:
     return "sha256:" + hashlib.sha256(b).hexdigest()
-
-
-def _view_of(raw: bytes) -> str | None:
-    try:
-        return view_of(json_loads(raw))
-    except ValueError:
-        return None
