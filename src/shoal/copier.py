@@ -6,11 +6,17 @@
 - A Shoal image copied to a destination that offers ``partial_pull()`` (the local store: ``pull.py``)
   takes that chunk-level path: only the frames holding chunks the destination lacks are fetched, with
   HTTP range reads; then ``commit()`` as for any copy.
+- To a destination that wants it (a registry), a Shoal image is tagged as an image index that lists, per
+  platform, its runtime view and then the Shoal manifest (docs/spec/oci-mapping.md §4); an index that
+  already lists a view of an image gets no second one.  To any other destination such an index goes
+  without its views: the Shoal manifest itself (one image, so a pull takes the chunk-level path) or the
+  Shoal image index it was made from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import time
 from collections.abc import Mapping
@@ -20,9 +26,19 @@ from typing import BinaryIO, cast
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError
-from shoal.format.manifest import json_loads, json_object
+from shoal.errors import FormatError, IntegrityError, NotFound
+from shoal.format.manifest import canonical_json, json_loads, json_object
 from shoal.format.platform import Platform, choose, select
+from shoal.format.runtime_view import (
+    ANN_VIEW_OF,
+    RuntimeView,
+    config_platform,
+    for_readers,
+    is_view_entry,
+    runtime_index,
+    runtime_view,
+    view_of,
+)
 from shoal.progress import NULL, Sink
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, PartialPull
 from shoal.transports.context import SystemContext, as_context
@@ -39,6 +55,8 @@ class CopyOptions:
     # how to reach each side; a mapping of SystemContext field names is accepted (unknown keys refused)
     src_opts: SystemContext | Mapping[str, object] = SystemContext()
     dst_opts: SystemContext | Mapping[str, object] = SystemContext()
+    # a registry destination: tag a Shoal image as an index with its runtime view (oci-mapping.md §4)
+    runtime_view: bool = True
 
 
 @dataclass
@@ -118,7 +136,8 @@ def _is_index(raw: bytes, media: str) -> bool:
 
 def _one_platform(src_ref: ImageReference, src: ImageSource, raw: bytes, platform: str) -> tuple[bytes, str]:
     """The image of the index ``raw`` for ``platform`` by the one rule (``choose``), verified."""
-    kid = choose(json_object(raw, "image index").get("manifests"), platform, str(src_ref))
+    kid = choose(for_readers(json_object(raw, "image index").get("manifests")), platform, str(src_ref),
+                 prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
     d = str(kid["digest"])
     craw, cmedia = src.get_manifest(d)
     _Copier.check(craw, d)
@@ -134,6 +153,7 @@ class _Copier:
         self.opts = opts
         self.sink = sink
         self.result = CopyResult()
+        self.views: dict[str, RuntimeView] = {}  # by view manifest digest: children made here, not in src
 
     def blob(self, info: BlobInfo) -> None:
         if self.dst.try_reuse_blob(info, self.src_ref):
@@ -151,10 +171,12 @@ class _Copier:
         self.result.bytes_sent += reader.n
         self.sink.advance("copy", reader.n)
 
-    def manifest(self, raw: bytes, media: str, digest: str | None) -> None:
-        blobs = descriptors_of(raw)
+    def blobs(self, raw: bytes) -> None:
         with ThreadPoolExecutor(max(1, self.opts.concurrency), thread_name_prefix="shoal-copy") as pool:
-            list(pool.map(self.blob, blobs))
+            list(pool.map(self.blob, descriptors_of(raw)))
+
+    def manifest(self, raw: bytes, media: str, digest: str | None) -> None:
+        self.blobs(raw)
         self.dst.put_manifest(raw, media, digest)
 
     def run(self, raw: bytes, media: str) -> CopyResult:
@@ -162,10 +184,21 @@ class _Copier:
         top = "sha256:" + hashlib.sha256(raw).hexdigest()
         media = media or str(json_object(raw, "manifest").get("mediaType", ""))
         if _is_index(raw, media):
+            kids: list[tuple[bytes, str, str]] = []
             for d, m in _children(raw):
+                if d in self.views:
+                    kids.append((self.views[d].manifest, mt.OCI_MANIFEST, d))
+                    continue
                 craw, cmedia = self.src.get_manifest(d)
                 self.check(craw, d)
-                self.manifest(craw, cmedia or m, d)
+                kids.append((craw, cmedia or m, d))
+            for craw, _, d in kids:  # every blob first, then the children, the index last
+                if d in self.views:
+                    self.view_blobs(self.views[d])
+                else:
+                    self.blobs(craw)
+            for craw, cmedia, d in kids:
+                self.dst.put_manifest(craw, cmedia, d)
             self.dst.put_manifest(raw, media, None)
         else:
             self.manifest(raw, media, None)
@@ -173,6 +206,17 @@ class _Copier:
         self.result.digest = top
         self.result.media_type = media
         return self.result
+
+    def view_blobs(self, view: RuntimeView) -> None:
+        """The config and stub blobs of a runtime view made by this copy."""
+        for digest, data in view.blobs().items():
+            info = BlobInfo(digest, len(data), "")
+            if self.dst.try_reuse_blob(info, None):
+                self.result.blobs_skipped += 1
+                continue
+            self.dst.put_blob(io.BytesIO(data), info)
+            self.result.blobs_sent += 1
+            self.result.bytes_sent += len(data)
 
     @staticmethod
     def check(raw: bytes, digest: str) -> None:
@@ -194,13 +238,20 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
                     platform = str(Platform.host())  # like skopeo: a one-image format gets this machine's image
                 if platform is not None:
                     raw, media = _one_platform(src_ref, src, raw, platform)
+            views_wanted = dst.runtime_view and opts.runtime_view
+            if not views_wanted:
+                raw, media = _without_views(src_ref, src, raw, media)
             partial = dst.partial_pull() if _is_shoal(raw) else None
             if partial is not None:
                 result = _partial(partial, src, dst, raw, opts, sink)
             else:
+                copier = _Copier(src_ref, src, dst, opts, sink)
+                if views_wanted:
+                    raw, media, views = _with_views(src, raw, media)
+                    copier.views = {v.digest: v for v in views}
                 sink.start("copy", None)  # a pull reports its own task, "pull", with a known total
                 try:
-                    result = _Copier(src_ref, src, dst, opts, sink).run(raw, media)
+                    result = copier.run(raw, media)
                 finally:
                     sink.finish("copy")
             _account(result, src, dst)
@@ -241,3 +292,72 @@ def _is_shoal(raw: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(doc, dict) and doc.get("artifactType") == mt.ARTIFACT_TYPE
+
+
+def _config(src: ImageSource, raw: bytes) -> bytes:
+    """The config blob of the manifest ``raw``, verified against its descriptor."""
+    info = descriptors_of(raw)[0]
+    if info.size > 4 << 20:
+        raise FormatError(f"config {info.digest} is too large ({info.size} bytes)")
+    stream, _ = src.get_blob(info)
+    reader = DigestingReader(stream, info)
+    chunks = []
+    try:
+        while b := reader.read(1 << 16):  # to EOF: DigestingReader checks size and digest there
+            chunks.append(b)
+    finally:
+        reader.close()
+    return b"".join(chunks)
+
+
+def _with_views(src: ImageSource, raw: bytes, media: str) -> tuple[bytes, str, list[RuntimeView]]:
+    """``raw`` as a registry tags it: a Shoal manifest becomes an index [its view, itself]; an index gets
+    a view before each Shoal entry that has none yet; anything else is unchanged."""
+    doc = json_object(raw, "manifest")
+    if not _is_index(raw, media):
+        if doc.get("artifactType") != mt.ARTIFACT_TYPE:
+            return raw, media, []
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        cfg = _config(src, raw)
+        view = runtime_view(digest, cfg)
+        return runtime_index(None, {digest: view}, (raw, config_platform(cfg))), mt.OCI_INDEX, [view]
+    entries = [e for e in doc.get("manifests") or [] if isinstance(e, dict)]
+    have = {e["annotations"][ANN_VIEW_OF] for e in entries if is_view_entry(e)}
+    views: dict[str, RuntimeView] = {}
+    for e in entries:
+        d = e.get("digest")
+        if e.get("artifactType") == mt.ARTIFACT_TYPE and isinstance(d, str) and d not in have and d not in views:
+            craw, _ = src.get_manifest(d)
+            _Copier.check(craw, d)
+            views[d] = runtime_view(d, _config(src, craw))
+    if not views:
+        return raw, media, []
+    return runtime_index(doc, views), mt.OCI_INDEX, list(views.values())
+
+
+def _without_views(src_ref: ImageReference, src: ImageSource, raw: bytes, media: str) -> tuple[bytes, str]:
+    """An index ``_with_views`` made, as it was before: the one Shoal manifest it wraps, or the Shoal
+    image index (the same bytes when it was canonical); a runtime view alone: its Shoal manifest from the
+    same source (NotFound, clearly, if the source lacks it); anything else unchanged."""
+    doc = json_object(raw, "manifest")
+    if not _is_index(raw, media):
+        target = view_of(doc)
+        if target is None:
+            return raw, media
+        try:
+            craw, cmedia = src.get_manifest(target)
+        except NotFound:
+            raise NotFound(f"{src_ref} is the runtime view of the Shoal image {target}, which it does not hold "
+                           "(copy the whole image index, e.g. skopeo copy --all)") from None
+        _Copier.check(craw, target)
+        return craw, cmedia or mt.OCI_MANIFEST
+    entries = doc.get("manifests")
+    shown = for_readers(entries)
+    if shown is entries:
+        return raw, media
+    if len(shown) == 1 and shown[0].get("artifactType") == mt.ARTIFACT_TYPE:
+        d = str(shown[0]["digest"])
+        craw, cmedia = src.get_manifest(d)
+        _Copier.check(craw, d)
+        return craw, cmedia or mt.OCI_MANIFEST
+    return canonical_json({**doc, "manifests": shown}), mt.OCI_INDEX

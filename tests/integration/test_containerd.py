@@ -25,16 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from containerd_fix import NS, Containerd, gets, mounts_under, pids_with, push_view, tiny_tree, wait_for  # noqa: E402
 from containerd_fix import tiny_tree as _tiny_tree  # noqa: E402
 
-from helpers import run_shoal  # noqa: E402
+from helpers import run_shoal, validate_oci  # noqa: E402
 from regfix import Registry, registry_factory  # noqa: E402,F401
-from shoal.snapshotter.view import OCI_MANIFEST, containerd_view  # noqa: E402
+from shoal.mediatypes import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST  # noqa: E402
+from shoal.snapshotter.view import STUB_MEDIA_TYPE  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     shutil.which("containerd") is None or shutil.which("ctr") is None or os.geteuid() != 0,
     reason="needs root and containerd (apt-get install containerd)")
 
 _push_view = push_view
-_gets = gets
 
 
 @pytest.fixture()
@@ -75,6 +75,29 @@ def test_classic_image_through_the_shoal_snapshotter(containerd: Containerd,
     assert sorted(os.listdir(containerd.snap_root / "snapshots")) == []
 
 
+def _published(reg: Registry, repo: str, tag: str) -> tuple[str, dict, dict]:  # type: ignore[type-arg]
+    """What ``shoal push`` wrote at ``repo:tag`` (oci-mapping.md §4): an image index listing the runtime
+    view first, then the Shoal manifest.  Returns (Shoal manifest digest, Shoal manifest, view manifest)."""
+    base = f"http://{reg.host}/v2/{repo}"
+    with httpx.Client() as c:
+        r = c.get(f"{base}/manifests/{tag}", headers={"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"})
+        r.raise_for_status()
+        index = json.loads(r.content)
+        assert index["mediaType"] == OCI_INDEX, index
+        validate_oci(index, "image-index-schema")
+        view_e, shoal_e = index["manifests"]
+        assert shoal_e["artifactType"] == ARTIFACT_TYPE and view_e["platform"]["os"] == "linux"
+        assert shoal_e["platform"] == {"architecture": "unknown", "os": "unknown"}  # no runtime takes it
+        docs = [json.loads(c.get(f"{base}/manifests/{e['digest']}", headers={"Accept": OCI_MANIFEST})
+                           .raise_for_status().content) for e in (shoal_e, view_e)]
+    for d in docs:
+        validate_oci(d, "image-manifest-schema")
+    return shoal_e["digest"], docs[0], docs[1]
+
+
+_gets = gets
+
+
 @pytest.mark.skipif(shutil.which("ctr-remote") is None, reason="needs ctr-remote (apt-get install stargz-snapshotter)")
 def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
                                  registry_factory: Callable[..., Registry]) -> None:
@@ -83,10 +106,11 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     _tiny_tree(tree)
     store = tmp_path / "store"
     run_shoal(store, "build", tree, "tiny:1")
-    run_shoal(store, "push", "tiny:1", f"docker://{reg.host}/app:shoal")
-    shoal_digest = _push_view(reg, "app", "shoal", "1")
-    packs = {d["digest"] for d in json.loads(httpx.get(f"http://{reg.host}/v2/app/manifests/shoal",
-                                                       headers={"Accept": OCI_MANIFEST}).content)["layers"][1:]}
+    run_shoal(store, "push", "tiny:1", f"docker://{reg.host}/app:1")  # the tag runtimes pull
+    shoal_digest, shoal_doc, view_doc = _published(reg, "app", "1")
+    packs = {d["digest"] for d in shoal_doc["layers"][1:]}
+    (stub,) = view_doc["layers"]
+    assert stub["mediaType"] == STUB_MEDIA_TYPE
     assert packs
     ref = f"{reg.host}/app:1"
     # without the Shoal snapshotter (overlayfs): a fast, clear failure, and no pack is fetched
@@ -96,6 +120,7 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     assert ("failed to get stream processor for application/vnd.oci.image.layer.shoal.v1: "
             "no processor for media-type") in p.stderr, p.stderr
     assert not any(d in path for path, _ in _gets(reg)[before:] for d in packs)
+    assert not any(shoal_digest in path for path, _ in _gets(reg)[before:])  # not even the Shoal manifest
     containerd.ctr("images", "rm", "--sync", ref)
     before = len(_gets(reg))
     p = subprocess.run(["ctr-remote", "-a", str(containerd.sock), "-n", NS, "image", "rpull", "--plain-http",
@@ -110,8 +135,7 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     assert whole == [], gets  # packs are read by range (206) only, never whole
     assert any(st == 206 for _, st in gets), gets
     # the stub layer was never downloaded
-    assert not any(path.endswith(json.loads(containerd_view(shoal_digest, b"{}").manifest)["layers"][0]["digest"])
-                   for path, _ in gets)
+    assert not any(path.endswith(stub["digest"]) for path, _ in gets)
     # removing the image releases the lazy mount
     containerd.ctr("images", "rm", "--sync", ref)
     assert str(mp) not in Path("/proc/mounts").read_text()

@@ -66,18 +66,23 @@ def _podman_env(d: Path, host: str) -> dict[str, str]:
             "CONTAINERS_CONF": str(d / "containers.conf"), "CONTAINERS_REGISTRIES_CONF": str(d / "registries.conf")}
 
 
-def _oci_config_tag(reg: Registry, repo: str, tag: str, new_tag: str) -> dict[str, object]:
-    """Tag the Shoal manifest again with OCI's config media type (the only change podman needs)."""
-    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-    with urllib.request.urlopen(urllib.request.Request(f"{reg.url}/v2/{repo}/manifests/{tag}", headers=accept)) as r:
-        doc = json.loads(r.read())
-    doc["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json"
-    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    req = urllib.request.Request(f"{reg.url}/v2/{repo}/manifests/{new_tag}", data=raw, method="PUT",
-                                 headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+def _get(reg: Registry, repo: str, ref: str, accept: str) -> dict[str, object]:
+    req = urllib.request.Request(f"{reg.url}/v2/{repo}/manifests/{ref}", headers={"Accept": accept})
     with urllib.request.urlopen(req) as r:
-        assert r.status == 201
-    return doc  # type: ignore[no-any-return]
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+def _published(reg: Registry, repo: str, tag: str) -> tuple[dict[str, object], dict[str, object]]:
+    """What ``shoal push`` wrote at the tag (oci-mapping.md §4): an index of the runtime view (listed
+    first, podman takes it) and the Shoal manifest.  Returns (Shoal manifest, view manifest)."""
+    index = _get(reg, repo, tag, "application/vnd.oci.image.index.v1+json")
+    helpers.validate_oci(index, "image-index-schema")
+    view_e, shoal_e = index["manifests"]  # type: ignore[misc]
+    assert shoal_e["artifactType"] == "application/vnd.shoal.image.v1", index
+    docs = [_get(reg, repo, e["digest"], "application/vnd.oci.image.manifest.v1+json") for e in (shoal_e, view_e)]
+    for d in docs:
+        helpers.validate_oci(d, "image-manifest-schema")
+    return docs[0], docs[1]
 
 
 @pytest.fixture
@@ -93,7 +98,7 @@ def setup(tmp_path: Path, registry_factory, proxy_factory, monkeypatch: pytest.M
     _tree(tree)
     helpers.run_shoal(store, "build", tree, "app:1")
     helpers.run_shoal(store, "push", "app:1", f"docker://{reg.host}/app:1")
-    doc = _oci_config_tag(reg, "app", "1", "oci")
+    doc, view = _published(reg, "app", "1")
     env = _podman_env(pod, proxy.host)
     env["SHOAL_RUN_DIR"] = str(run_dir)
     log = open(tmp_path / "als.log", "wb")  # noqa: SIM115
@@ -104,7 +109,7 @@ def setup(tmp_path: Path, registry_factory, proxy_factory, monkeypatch: pytest.M
         while str((pod / "als").resolve()) not in _mounts_under(tmp_path):
             assert serve.poll() is None and time.monotonic() < deadline, (tmp_path / "als.log").read_text()
             time.sleep(0.05)
-        yield {"proxy": proxy, "env": env, "doc": doc, "pod": pod, "log": tmp_path / "als.log"}
+        yield {"proxy": proxy, "env": env, "doc": doc, "view": view, "pod": pod, "log": tmp_path / "als.log"}
     finally:
         subprocess.run([PODMAN, "system", "reset", "-f"], env=env, capture_output=True, timeout=60)  # type: ignore[list-item]
         serve.send_signal(signal.SIGTERM)
@@ -121,25 +126,20 @@ def setup(tmp_path: Path, registry_factory, proxy_factory, monkeypatch: pytest.M
 
 
 def test_podman_pulls_and_runs_a_shoal_image_lazily(setup: dict) -> None:  # type: ignore[type-arg]
-    env, proxy, doc = setup["env"], setup["proxy"], setup["doc"]
+    env, proxy, doc, view = setup["env"], setup["proxy"], setup["doc"], setup["view"]
     host = proxy.host
 
-    # the manifest Shoal writes by default: podman refuses its config media type, before any blob
-    p = subprocess.run([PODMAN, "pull", f"{host}/app:1"], env=env, capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
-    assert p.returncode != 0
-    assert ('unsupported image-specific operation on artifact with type "application/vnd.shoal.config.v1+json"'
-            in p.stderr), p.stderr
-
-    p = subprocess.run([PODMAN, "--log-level=debug", "pull", f"{host}/app:oci"], env=env, capture_output=True,  # type: ignore[list-item]
+    # the tag `shoal push` wrote: podman takes the runtime view, whose one (stub) layer the store serves
+    p = subprocess.run([PODMAN, "--log-level=debug", "pull", f"{host}/app:1"], env=env, capture_output=True,  # type: ignore[list-item]
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]
+    (stub,) = [ly["digest"] for ly in view["layers"]]  # type: ignore[index]
+    assert f"Skipping blob {stub} (already present)" in p.stderr, p.stderr[-3000:]
     layers = [ly["digest"] for ly in doc["layers"]]  # type: ignore[index]
-    for digest in layers:
-        assert f"Skipping blob {digest} (already present)" in p.stderr, p.stderr[-3000:]
     assert "GC doesn't seem to be supported" not in p.stderr  # the use/rmdir hints were answered ENOENT
 
     # (podman 4.3 sometimes waits 10-20 s for conmon on the first container of a fresh state: not Shoal)
-    p = subprocess.run([PODMAN, "run", "--rm", f"{host}/app:oci", "/bin/sh", "-c", "read x < /etc/greeting; echo $x"],  # type: ignore[list-item]
+    p = subprocess.run([PODMAN, "run", "--rm", f"{host}/app:1", "/bin/sh", "-c", "read x < /etc/greeting; echo $x"],  # type: ignore[list-item]
                        env=env, capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout) == (0, "hello from shoal\n"), p.stderr + setup["log"].read_text()
 
@@ -158,3 +158,4 @@ def test_podman_pulls_and_runs_a_shoal_image_lazily(setup: dict) -> None:  # typ
     pack_bytes = sum(ly["size"] for ly in doc["layers"][1:])  # type: ignore[index]
     assert fetched < pack_bytes / 3, (fetched, pack_bytes)
     assert any(g.endswith(index) for g in gets)
+    assert not any(g.endswith(stub) for g in gets)  # the stub is never downloaded

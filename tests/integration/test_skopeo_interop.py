@@ -50,8 +50,8 @@ def run(*cmd: str) -> bytes:
     return p.stdout
 
 
-def skopeo_copy(src: str, dst: str) -> None:
-    run("skopeo", "copy", "-q", *PLAIN, src, dst)
+def skopeo_copy(src: str, dst: str, *opts: str) -> None:
+    run("skopeo", "copy", "-q", *PLAIN, *opts, src, dst)
 
 
 def remote_digest(host: str, repo: str, tag: str) -> str:
@@ -96,9 +96,18 @@ def test_skopeo_moves_a_shoal_image(registry: Registry, registry_factory: Callab
     m = Store.open(store).resolve("a:1")
     reg2 = registry_factory()
     shoal(store, "push", "a:1", f"docker://{registry.host}/interop/shoal:1")
-    # registry -> registry with skopeo: the manifest stays the same bytes
-    skopeo_copy(f"docker://{registry.host}/interop/shoal:1", f"docker://{reg2.host}/moved/shoal:2")
-    assert remote_digest(reg2.host, "moved/shoal", "2") == m.digest
+    # the tag is an image index: the runtime view, then the Shoal manifest (oci-mapping.md §4)
+    tagged = remote_digest(registry.host, "interop/shoal", "1")
+    # registry -> registry with skopeo --all (as for any multi-image index): the manifests stay the same
+    # bytes; skopeo 1.9 writes the index again (its key order, without the entries' artifactType)
+    skopeo_copy(f"docker://{registry.host}/interop/shoal:1", f"docker://{reg2.host}/moved/shoal:2", "--all")
+    with RegistryClient(registry.host, lookup_credentials=False) as c:
+        before = json.loads(c.get_manifest("interop/shoal", "1")[0])
+    with RegistryClient(reg2.host, lookup_credentials=False) as c:
+        after = json.loads(c.get_manifest("moved/shoal", "2")[0])
+    assert [e["digest"] for e in after["manifests"]] == [e["digest"] for e in before["manifests"]]
+    assert before["manifests"][1]["digest"] == m.digest
+    moved = remote_digest(reg2.host, "moved/shoal", "2")
     s2 = fresh_store(tmp_path)
     shoal(s2, "pull", f"docker://{reg2.host}/moved/shoal:2", "got:1")
     assert Store.open(s2).resolve("got:1").root == m.root
@@ -108,10 +117,9 @@ def test_skopeo_moves_a_shoal_image(registry: Registry, registry_factory: Callab
 
     # registry -> oci: layout with skopeo, then into Shoal
     layout = tmp_path / "layout"
-    skopeo_copy(f"docker://{reg2.host}/moved/shoal:2", f"oci:{layout}:v1")
+    skopeo_copy(f"docker://{reg2.host}/moved/shoal:2", f"oci:{layout}:v1", "--all")
     entry = layout_entry(layout, "v1")
-    assert entry["digest"] == m.digest
-    assert entry.get("artifactType") in (None, "application/vnd.shoal.image.v1")
+    assert entry["digest"] in (tagged, moved)
     s3 = fresh_store(tmp_path)
     into_store(f"oci:{layout}:v1", s3, "fromoci:1", registry, "interop/via-oci:1")
     assert Store.open(s3).resolve("fromoci:1").root == m.root
@@ -165,3 +173,22 @@ def test_shoal_copies_a_classic_image_byte_identically(registry: Registry,
     # skopeo reads back what Shoal wrote
     skopeo_copy(f"docker://{reg2.host}/c/back:2", f"oci:{tmp_path / 'final'}:f")
     assert layout_entry(tmp_path / "final", "f")["digest"] == digest
+
+
+def test_skopeo_without_all_moves_only_the_runtime_view(registry: Registry, shoal_image: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """skopeo's default copies this machine's entry of an index: the runtime view, not the Shoal image;
+    ``shoal pull`` of it says so in one line."""
+    store, _ = shoal_image
+    m = Store.open(store).resolve("a:1")
+    shoal(store, "push", "a:1", f"docker://{registry.host}/interop/view:1")
+    skopeo_copy(f"docker://{registry.host}/interop/view:1", f"docker://{registry.host}/interop/viewonly:1")
+    for args in (("pull", f"docker://{registry.host}/interop/viewonly:1"),
+                 ("inspect", f"docker://{registry.host}/interop/viewonly:1")):
+        p = shoal(fresh_store(tmp_path), *args, check=False)
+        line = helpers.assert_one_line_error(p)
+        assert "is the runtime view of the Shoal image " + m.digest in line and "--all" in line, line
+    # where the repository holds the Shoal manifest, the view named by digest stands for it
+    view = remote_digest(registry.host, "interop/viewonly", "1")
+    out = shoal(None, "inspect", "--json", f"docker://{registry.host}/interop/view@{view}").stdout
+    assert json.loads(out)["digest"] == m.digest

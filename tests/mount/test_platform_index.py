@@ -103,6 +103,22 @@ def test_inspect_ls_cat_pick_the_host(images: dict[str, Any]) -> None:
     assert p.returncode == 2 and "invalid platform 'linux'" in helpers.assert_one_line_error(p)
 
 
+def test_the_registry_index_has_a_runtime_view_per_platform(images: dict[str, Any], registry: Registry) -> None:
+    """oci-mapping.md §4.1: before each Shoal entry its view, with the platform; the Shoal entry hidden."""
+    from shoal.transports.registry import RegistryClient
+
+    with RegistryClient(registry.host, lookup_credentials=False) as c:
+        index = json.loads(c.get_manifest("plat/app", "1")[0])
+        helpers.validate_oci(index, "image-index-schema")
+        entries = index["manifests"]
+        assert len(entries) == 4
+        for view, shoal_e, arch in zip(entries[::2], entries[1::2], ("arm64", "amd64")):
+            assert view["annotations"]["dev.shoal.image"] == shoal_e["digest"] == images["digests"][arch]
+            assert view["platform"]["architecture"] == arch
+            assert shoal_e["platform"] == {"architecture": "unknown", "os": "unknown"}
+            helpers.validate_oci(c.get_manifest("plat/app", view["digest"])[0], "image-manifest-schema")
+
+
 def test_pull_unpack_and_the_local_index(images: dict[str, Any], tmp_path: Path) -> None:
     st = tmp_path / "st"
     doc = json.loads(shoal(st, "pull", "--json", images["app"], "app:1").stdout)

@@ -5,11 +5,14 @@ for every layer of a manifest it pulls.  A Shoal manifest's layers are the index
 (docs/spec/oci-mapping.md §1), so the mapping is:
 
 - the **index** layer's ``diff`` is the image's whole tree: a lazy Shoal mount of the image;
-- each **pack** layer's ``diff`` is empty (its bytes are reached through the index layer's mount).
+- each **pack** layer's ``diff`` is empty (its bytes are reached through the index layer's mount);
+- the **stub** layer of the image's runtime view (oci-mapping.md §4: what ``shoal push`` lists first at the
+  tag, so podman pulls it) is the image's whole tree too.
 
 ``info`` tells c/storage the layer's digests and sizes.  ``diff-digest`` (the layer's "DiffID")
 cannot be the sha256 of an uncompressed tar, since there is none: the index layer's is the image's
-Merkle root (the same tree gives the same layer), a pack layer's is the digest of an empty tar.
+Merkle root (the same tree gives the same layer), a pack layer's is the digest of an empty tar; the
+stub's is its own digest (an uncompressed tar), the diff id the view's config lists.
 Resolution goes through Shoal's docker:// code with the usual credentials (as ``shoal pull``).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
@@ -26,6 +30,7 @@ from enum import Enum
 
 from shoal.errors import NotFound, UsageError
 from shoal.format.manifest import ShoalManifest
+from shoal.format.runtime_view import stub_layer
 from shoal.transports.base import parse_reference
 from shoal.transports.context import SystemContext
 
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 #: sha256 of 1024 zero bytes: the DiffID of an empty tar layer (Docker's "empty layer").
 EMPTY_TAR_DIGEST = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 DIGEST_RE = re.compile(rb"^sha256:[0-9a-f]{64}$")
+_COMPRESSION_NONE = 0
 _COMPRESSION_ZSTD = 4  # containers/storage pkg/archive Compression: Uncompressed 0, Bzip2 1, Gzip 2, Xz 3, Zstd 4
 
 
@@ -106,7 +112,12 @@ class Resolver:
                 self._cache[ref] = cached
         m, tree_bytes = cached
         mount_ref = f"docker://{_repository(ref)}@{m.digest}"
-        if digest == m.index.digest:
+        stub = stub_layer(m.digest)
+        if digest == _sha(stub):
+            info = {"compressed-diff-digest": digest, "compressed-size": len(stub), "diff-digest": digest,
+                    "diff-size": tree_bytes, "compression": _COMPRESSION_NONE}
+            kind = LayerKind.TREE
+        elif digest == m.index.digest:
             info = {"compressed-diff-digest": digest, "compressed-size": m.index.size, "diff-digest": m.root,
                     "diff-size": tree_bytes, "compression": _COMPRESSION_ZSTD}
             kind = LayerKind.TREE
@@ -121,4 +132,9 @@ class Resolver:
 
 
 def _has(m: ShoalManifest, digest: str) -> bool:
-    return digest == m.index.digest or any(p.digest == digest for p in m.packs)
+    return (digest in (m.index.digest, _sha(stub_layer(m.digest)))
+            or any(p.digest == digest for p in m.packs))
+
+
+def _sha(b: bytes) -> str:
+    return "sha256:" + hashlib.sha256(b).hexdigest()

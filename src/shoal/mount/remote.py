@@ -28,6 +28,7 @@ from shoal.early import EarlyFetch
 from shoal.errors import FormatError, TransportError, UsageError
 from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
 from shoal.format.platform import choose
+from shoal.format.runtime_view import for_readers
 from shoal.lazy import LazySource
 from shoal.mount.image import OpenedImage, OpenOptions
 from shoal.mount.profile import Profile, fetch_remote, load_local, save_local
@@ -162,7 +163,7 @@ def _is_manifest(raw: bytes) -> bool:
 def _child(src: DockerSource, doc: dict[str, Any], platform: str | None) -> bytes:
     """The index's image for ``platform`` (default this machine's) by the one rule; a Shoal child wins
     over a classic one of the same platform."""
-    kid = choose(doc.get("manifests"), platform, str(src.ref),
+    kid = choose(for_readers(doc.get("manifests")), platform, str(src.ref),
                  prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
     raw, _ = src.get_manifest(str(kid["digest"]))  # verified against its digest
     return raw

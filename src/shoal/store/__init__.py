@@ -17,6 +17,7 @@ from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, json_loads,
 from shoal.format.model import Index
 from shoal.format.packing import verify_frame
 from shoal.format.platform import Platform, choose, platform_json
+from shoal.format.runtime_view import for_readers
 from shoal.store.catalog import Catalog
 from shoal.store.layout import Layout
 from shoal.store.partial import PartialPacks
@@ -131,7 +132,8 @@ class Store:
         manifests = doc.get("manifests") if isinstance(doc, dict) else None
         if not isinstance(manifests, list) or not all(isinstance(d, dict) for d in manifests):
             raise FormatError(f"image index {digest} has no valid manifests list")
-        return [(platform_json(d.get("platform")), dg.validate(str(d.get("digest")))) for d in manifests]
+        # a registry's index lists runtime views: each stands for its Shoal manifest (oci-mapping.md §4)
+        return [(platform_json(d.get("platform")), dg.validate(str(d.get("digest")))) for d in for_readers(manifests)]
 
     def resolve(self, ref: str, platform: str | Platform | None = None) -> ShoalManifest:
         """The one Shoal manifest ``ref`` names: a manifest tag's, or an image index's image for

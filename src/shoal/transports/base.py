@@ -118,6 +118,9 @@ class ImageSource(abc.ABC):
 class ImageDestination(abc.ABC):
     #: False for formats that hold one image (docker-archive): the copier then picks one platform.
     supports_index: bool = True
+    #: True for registries: the copier tags a Shoal image as an image index that lists its runtime view
+    #: first (containerd, podman) and the Shoal manifest (oci-mapping.md §4).
+    runtime_view: bool = False
 
     def __enter__(self) -> "ImageDestination":
         return self

@@ -345,6 +345,8 @@ class DockerSource(ImageSource):
 class DockerDestination(ImageDestination):
     """Blobs go up as they come (HEAD first, then mount or upload); the tagged manifest at ``commit()``."""
 
+    runtime_view = True  # a Shoal image is tagged as an index with its runtime view (oci-mapping.md §4)
+
     def __init__(self, ref: DockerReference, client: RegistryClient, tags: tuple[str, ...] = ()) -> None:
         self.ref = ref
         self.client = client

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError
+from shoal.errors import FormatError, IntegrityError, NotFound
 from shoal.format import index as fidx
 from shoal.format.manifest import ShoalManifest, json_object, parse_manifest
 from shoal.format.model import Index
 from shoal.format.platform import choose
+from shoal.format.runtime_view import for_readers, view_of
 from shoal.reader import FrameSource
 from shoal.transports.base import BlobInfo, ImageReference, ImageSource
 
@@ -104,7 +105,7 @@ def resolve_image(src: ImageSource, ref: ImageReference, platform: str | None = 
     top, top_media = src.get_manifest()
     raw, media = top, top_media
     if _is_index(top, top_media):
-        kid = choose(json_object(top).get("manifests"), platform, str(ref),
+        kid = choose(for_readers(json_object(top).get("manifests")), platform, str(ref),
                      prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
         digest = str(kid["digest"])
         raw, media = src.get_manifest(digest)
@@ -112,6 +113,16 @@ def resolve_image(src: ImageSource, ref: ImageReference, platform: str | None = 
             raise IntegrityError(f"manifest {digest} of {ref} does not match its digest")
         media = str(kid.get("mediaType") or media)
     doc = json_object(raw)
+    target = view_of(doc)
+    if target is not None:  # a runtime view alone (e.g. skopeo copy without --all): its Shoal manifest
+        try:
+            raw, media = src.get_manifest(target)
+        except NotFound:
+            raise NotFound(f"{ref} is the runtime view of the Shoal image {target}, which it does not hold "
+                           "(copy the whole image index, e.g. skopeo copy --all)") from None
+        if _sha(raw) != target:
+            raise IntegrityError(f"manifest {target} of {ref} does not match its digest")
+        doc = json_object(raw)
     config = _blob(src, doc.get("config"), f"config of {ref}")
     manifest = index = None
     if doc.get("artifactType") == mt.ARTIFACT_TYPE:
