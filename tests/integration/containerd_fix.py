@@ -22,7 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from regfix import Registry  # noqa: E402
-from shoal.snapshotter.view import OCI_MANIFEST, containerd_view  # noqa: E402
+from shoal.mediatypes import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST  # noqa: E402
 
 SHOAL = str(Path(sys.executable).parent / "shoal")
 NS = f"shoaltest-{os.getpid()}"  # one per test process: xdist workers must not share runc state
@@ -158,26 +158,24 @@ state = "{work}/cd/state"
             pass
 
 
-def push_view(reg: Registry, repo: str, shoal_tag: str, tag: str, auth: tuple[str, str] | None = None) -> str:
-    """Push the containerd view (oci-mapping.md §4) of ``repo:shoal_tag`` as ``repo:tag``."""
+def published(reg: Registry, repo: str, tag: str, auth: tuple[str, str] | None = None) -> tuple[str, str]:
+    """What ``shoal push`` wrote at ``repo:tag`` (oci-mapping.md §4), an image index: the digests of the
+    Shoal manifest and of the runtime view's stub layer."""
     base = f"http://{reg.host}/v2/{repo}"
     with httpx.Client(auth=auth) as c:
-        r = c.get(f"{base}/manifests/{shoal_tag}", headers={"Accept": OCI_MANIFEST})
+        r = c.get(f"{base}/manifests/{tag}", headers={"Accept": OCI_INDEX})
         r.raise_for_status()
-        shoal_digest = r.headers["Docker-Content-Digest"]
-        cfg = c.get(f"{base}/blobs/{json.loads(r.content)['config']['digest']}").content
-        view = containerd_view(shoal_digest, cfg)
-        for digest, blob in view.blobs().items():
-            loc = c.post(f"{base}/blobs/uploads/").raise_for_status().headers["Location"]
-            sep = "&" if "?" in loc else "?"
-            c.put(f"{loc}{sep}digest={digest}", content=blob).raise_for_status()
-        c.put(f"{base}/manifests/{tag}", content=view.manifest,
-              headers={"Content-Type": OCI_MANIFEST}).raise_for_status()
-    return shoal_digest
+        entries = json.loads(r.content)["manifests"]
+        shoal = next(e["digest"] for e in entries if e.get("artifactType") == ARTIFACT_TYPE)
+        view = next(e["digest"] for e in entries if e.get("artifactType") != ARTIFACT_TYPE)
+        r = c.get(f"{base}/manifests/{view}", headers={"Accept": OCI_MANIFEST})
+        r.raise_for_status()
+        return shoal, json.loads(r.content)["layers"][0]["digest"]
 
 
-def pack_digests(reg: Registry, repo: str, shoal_tag: str, auth: tuple[str, str] | None = None) -> set[str]:
-    r = httpx.get(f"http://{reg.host}/v2/{repo}/manifests/{shoal_tag}", headers={"Accept": OCI_MANIFEST}, auth=auth)
+def pack_digests(reg: Registry, repo: str, shoal_digest: str, auth: tuple[str, str] | None = None) -> set[str]:
+    r = httpx.get(f"http://{reg.host}/v2/{repo}/manifests/{shoal_digest}", headers={"Accept": OCI_MANIFEST},
+                  auth=auth)
     return {d["digest"] for d in json.loads(r.content)["layers"][1:]}
 
 

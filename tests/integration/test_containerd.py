@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from containerd_fix import NS, Containerd, gets, mounts_under, pids_with, push_view, tiny_tree, wait_for  # noqa: E402
+from containerd_fix import NS, Containerd, gets, mounts_under, pids_with, published, tiny_tree, wait_for  # noqa: E402
 from containerd_fix import tiny_tree as _tiny_tree  # noqa: E402
 
 from helpers import run_shoal, validate_oci  # noqa: E402
@@ -34,7 +34,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("containerd") is None or shutil.which("ctr") is None or os.geteuid() != 0,
     reason="needs root and containerd (apt-get install containerd)")
 
-_push_view = push_view
 
 
 @pytest.fixture()
@@ -167,8 +166,8 @@ def test_snapshotter_restart_and_cleanup_with_credentials(tmp_path: Path,
         tiny_tree(tree, extra=("/usr/bin/sleep",))
         (tree / "etc" / "name").write_text(name + "\n")
         run_shoal(store, "build", tree, f"{name}:1")
-        run_shoal(store, "push", f"{name}:1", f"docker://{reg.host}/{name}:shoal")
-        digests[name] = push_view(reg, name, "shoal", "1", auth=creds)
+        run_shoal(store, "push", f"{name}:1", f"docker://{reg.host}/{name}:1")
+        digests[name] = published(reg, name, "1", auth=creds)[0]
     ref1, ref2 = f"{reg.host}/one:1", f"{reg.host}/two:1"
     mp1, mp2 = (tmp_path / "c" / "snap" / "root" / "mounts" / digests[n].removeprefix("sha256:")
                 for n in ("one", "two"))

@@ -9,7 +9,6 @@ pod and a container in it, and reads the container's CRI log.
 # ruff: noqa: F811  (pytest fixtures imported from regfix are redefined as parameters)
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from containerd_fix import Containerd, gets, mounts_under, pack_digests, pids_with, push_view, tiny_tree  # noqa: E402
+from containerd_fix import Containerd, gets, mounts_under, pack_digests, pids_with, published, tiny_tree  # noqa: E402
 
 from cri import CriClient  # noqa: E402
 from helpers import run_shoal  # noqa: E402
@@ -96,12 +95,9 @@ def test_cri_runs_a_shoal_image_lazily(cri_env: tuple[Containerd, CriClient, Reg
     tiny_tree(tree)
     store = tmp_path / "store"
     run_shoal(store, "build", tree, "tiny:1")
-    run_shoal(store, "push", "tiny:1", f"docker://{reg.host}/app:shoal")
-    shoal_digest = push_view(reg, "app", "shoal", "1")
-    packs = pack_digests(reg, "app", "shoal")
-    stub = json.loads(__import__("httpx").get(
-        f"http://{reg.host}/v2/app/manifests/1",
-        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).content)["layers"][0]["digest"]
+    run_shoal(store, "push", "tiny:1", f"docker://{reg.host}/app:1")  # the tag runtimes pull
+    shoal_digest, stub = published(reg, "app", "1")
+    packs = pack_digests(reg, "app", shoal_digest)
     ref = f"{reg.host}/app:1"
     before = len(gets(reg))
 
