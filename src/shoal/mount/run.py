@@ -171,7 +171,8 @@ def _check_run(opts: RunOptions) -> str:
     if os.geteuid() != 0:
         raise PermissionDenied("shoal run needs root (overlay mount and container runtime)")
     find_runtime(opts)
-    netns.check_network(opts.network)
+    if opts.network not in netns.NETWORKS:  # run_image checks the rest (installed tools) before mounting
+        raise UsageError(f"unsupported --network {opts.network!r} ({', '.join(netns.NETWORKS)})")
     name = opts.name or f"shoal-{secrets.token_hex(6)}"
     if not _NAME.match(name):
         raise UsageError(f"bad container name {name!r} (letters, digits, '_', '.', '-')")
