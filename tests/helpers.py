@@ -600,3 +600,19 @@ def check_json_shape(command: str, doc: Any) -> None:
     tries = [_shape_errors(doc, ex, command) for ex in examples]
     best = min(tries, key=len)
     assert not best, f"shoal {command} --json differs from docs/cli-json.md:\n" + "\n".join(best[:20])
+
+
+def published_shoal_digest(host: str, repo: str, reference: str) -> str:
+    """The Shoal manifest that ``shoal push`` published at ``repo:reference`` (a tag or digest) of the
+    plain-HTTP registry ``host``: the Shoal entry of the image index it writes (oci-mapping.md §4), or
+    the manifest itself when the reference names one."""
+    import httpx
+
+    from shoal.mediatypes import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST
+
+    r = httpx.get(f"http://{host}/v2/{repo}/manifests/{reference}", headers={"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"})
+    r.raise_for_status()
+    doc = json.loads(r.content)
+    if doc.get("mediaType") == OCI_INDEX:
+        return str(next(e["digest"] for e in doc["manifests"] if e.get("artifactType") == ARTIFACT_TYPE))
+    return r.headers["Docker-Content-Digest"]
