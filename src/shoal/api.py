@@ -134,12 +134,17 @@ def pull(src: str, name: str | None = None, *, store: StrPath | None = None, opt
     TransportError / AuthError; else as ``copy``.
     """
     from shoal.copier import CopyOptions
-    from shoal.errors import NotFound, ShoalError, TransportError, UsageError
+    from shoal.errors import UsageError
     from shoal.format.platform import Platform
     from shoal.store import refuse_reserved
     from shoal.transports.base import ImageReference, parse_reference
     from shoal.transports.context import as_context
-    from shoal.transports.docker import DockerReference, short_name_candidates
+    from shoal.transports.docker import (
+        DockerReference,
+        first_candidate,
+        short_name_candidates,
+        short_name_store_name,
+    )
 
     o = options or CopyOptions()
     if o.platform is None:  # like podman pull: an image index gives this machine's image
@@ -153,8 +158,7 @@ def pull(src: str, name: str | None = None, *, store: StrPath | None = None, opt
             raise UsageError(f"pull takes a remote or layout reference, not the store image {src!r}")
         cands = short
         if name is None:
-            base = src.partition("@")[0]
-            name = base if base.rfind(":") > base.rfind("/") else f"{base}:{short[0].tag or 'latest'}"
+            name = short_name_store_name(src, short[0])
     elif name is None:
         if not isinstance(ref, DockerReference):
             raise UsageError("give a NAME[:TAG] for the store when pulling from a non-registry source")
@@ -163,16 +167,8 @@ def pull(src: str, name: str | None = None, *, store: StrPath | None = None, opt
     refuse_reserved(name)
     if parse_reference(name).transport.name != "":
         raise UsageError(f"pull stores into the local store: want NAME[:TAG], not {name!r}")
-    err: ShoalError | None = None
-    for c in cands:
-        try:
-            return copy(str(c), name, store=store, options=o, progress=progress)
-        except (NotFound, TransportError) as exc:
-            if len(cands) == 1:
-                raise
-            err = exc
-    assert err is not None
-    raise type(err)(f"short name {src!r}: no candidate could be pulled ({', '.join(map(str, cands))}); last: {err}")
+    store_name = name
+    return first_candidate(src, cands, lambda c: copy(str(c), store_name, store=store, options=o, progress=progress))
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -26,13 +26,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mount"))
+
+from mountkit import run_dir_fixture  # noqa: E402,F401  (the run_dir fixture)
 
 import helpers  # noqa: E402
 from regfix import Registry, RegistryProxy, basic_registry, proxy_factory  # noqa: E402,F401
@@ -223,19 +225,11 @@ def test_creds_user_reads_the_password_from_stdin(pushed: Path, basic_registry: 
 
 
 @pytest.fixture()
-def mount_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The mount tests' own run dir (daemons killed and mounts detached at teardown)."""
-    from mountkit import teardown_mounts
-
+def mount_env(run_dir: Path) -> Path:
+    """mountkit's own run dir (daemons killed and mounts detached at teardown), for root with /dev/fuse."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("mount tests need root and /dev/fuse")
-    d = tmp_path / "run"
-    d.mkdir()
-    monkeypatch.setenv("SHOAL_RUN_DIR", str(d))
-    try:
-        yield d
-    finally:
-        teardown_mounts(d, tmp_path)
+    return run_dir
 
 
 def test_mount_daemon_shows_no_secret(pushed: Path, basic_registry: Registry, env: Env, tmp_path: Path,

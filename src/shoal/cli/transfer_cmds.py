@@ -160,31 +160,20 @@ def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | Non
                 platform: str | None, as_json: bool, kw: dict[str, Any]) -> None:
     """``shoal pull SHORTNAME [NAME]``: each candidate of the short name in order (the next one when a
     registry is down or lacks the image); stored as NAME, default the short name itself."""
-    from shoal.errors import NotFound, ShoalError, TransportError, UsageError
+    from shoal.errors import UsageError
     from shoal.format.platform import Platform
     from shoal.store import refuse_reserved
-    from shoal.transports.docker import short_name_candidates
+    from shoal.transports.docker import first_candidate, short_name_candidates, short_name_store_name
 
     cands = short_name_candidates(src, kw.get("registries_conf"))
     if cands is None:
         raise UsageError(f"pull takes a remote or layout reference, not the store image {src!r}")
-    base = src.partition("@")[0]
-    if name is None:
-        name = base if base.rfind(":") > base.rfind("/") else f"{base}:{cands[0].tag or 'latest'}"
-    refuse_reserved(name)
+    store_name = name or short_name_store_name(src, cands[0])
+    refuse_reserved(store_name)
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())
-    err: ShoalError | None = None
-    for ref in cands:
-        try:
-            _run_copy(ctx, str(ref), name, common, _creds(creds), None, (), platform, concurrency, as_json, "pulled")
-            return
-        except (NotFound, TransportError) as exc:
-            if len(cands) == 1:
-                raise
-            err = exc
-    assert err is not None
-    raise type(err)(f"short name {src!r}: no candidate could be pulled ({', '.join(map(str, cands))}); last: {err}")
+    first_candidate(src, cands, lambda ref: _run_copy(ctx, str(ref), store_name, common, _creds(creds), None, (),
+                                                      platform, concurrency, as_json, "pulled"))
 
 
 @click.command()

@@ -458,3 +458,26 @@ def short_name_candidates(text: str, registries_conf: str | None = None) -> tupl
         return None
     names, _ = resolve_short_name(name, load_registries_conf(registries_conf))
     return tuple(parse_docker("//" + n + suffix) for n in names)
+
+
+def short_name_store_name(text: str, first: DockerReference) -> str:
+    """The store name a pull of short name ``text`` gets by default: the short name itself, with the
+    tag of its first candidate when it names none."""
+    base = text.partition("@")[0]
+    return base if base.rfind(":") > base.rfind("/") else f"{base}:{first.tag or 'latest'}"
+
+
+def first_candidate(text: str, cands: Sequence[ImageReference], attempt: Callable[[ImageReference], _T]) -> _T:
+    """``attempt(c)`` for each candidate of short name ``text`` in order, the next one when a registry is
+    down or lacks the image (as podman pull); the last failure, naming every candidate, when none works."""
+    err: ShoalError | None = None
+    for c in cands:
+        try:
+            return attempt(c)
+        except (NotFound, TransportError) as exc:
+            if len(cands) == 1:
+                raise
+            err = exc
+    if err is None:
+        raise NotFound(f"short name {text!r} has no candidate")
+    raise type(err)(f"short name {text!r}: no candidate could be pulled ({', '.join(map(str, cands))}); last: {err}")
