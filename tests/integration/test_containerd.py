@@ -129,6 +129,8 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     assert out.stdout.strip() == "hello-lazy"
     mp = containerd.snap_root / "mounts" / shoal_digest.removeprefix("sha256:")
     assert str(mp) in Path("/proc/mounts").read_text()
+    # the lazy mounts are suid,dev and allow_other (any container uid): only root may reach them
+    assert os.stat(mp.parent).st_mode & 0o777 == 0o700 and os.stat(containerd.snap_root).st_mode & 0o077 == 0
     gets = _gets(reg)[before:]
     whole = [(path, st) for path, st in gets if st == 200 and any(d in path for d in packs)]
     assert whole == [], gets  # packs are read by range (206) only, never whole

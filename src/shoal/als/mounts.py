@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 class Mounts:
     def __init__(self, root: Path, store: str | None, timeout: float = 120.0) -> None:
         self.root = root
+        # the mounts are suid and dev (images' setuid binaries work in containers): root only
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.chmod(root, 0o700)
         self.store = store
         self.timeout = timeout
         self._locks: dict[str, threading.Lock] = {}

@@ -11,6 +11,7 @@ usage is answered from metadata, never by walking the mount.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -76,7 +77,8 @@ class MetaStore:
     """The snapshot table; every method is one transaction, serialized by a lock (gRPC threads)."""
 
     def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)  # its mounts are suid,dev and allow_other: no other user may reach them
         self.path = root / "metadata.db"
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

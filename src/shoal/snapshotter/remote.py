@@ -40,7 +40,8 @@ class RemoteMounts:
 
     def __init__(self, root: Path, shoal: list[str] | None = None) -> None:
         self.dir = root / "mounts"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)  # the mounts are --trusted-image (suid, dev): root only, as containerd's own
         self.shoal = shoal or [sys.executable, "-c", "from shoal.cli import main; main()"]
 
     def mount(self, labels: dict[str, str]) -> str:

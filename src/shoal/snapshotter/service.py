@@ -76,7 +76,7 @@ class Service:
                  release_remote: RemoteReleaser | None = None) -> None:
         self.root = root
         self.meta = MetaStore(root)
-        (root / "snapshots").mkdir(parents=True, exist_ok=True)
+        (root / "snapshots").mkdir(parents=True, exist_ok=True, mode=0o700)
         self._mount_remote = mount_remote
         self._release_remote = release_remote
 
