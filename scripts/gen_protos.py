@@ -9,6 +9,11 @@ Two steps, both deterministic:
     strips gogoproto (the weak import, ``option (gogoproto.…)`` lines, ``[(gogoproto.…)]`` field
     options) and flattens the mount.proto import.  Only package, service and field numbers go on the
     wire, so the stripped files are wire-identical.
+``--vendor-cri API_PROTO``  copies from kubernetes' cri-api ``pkg/apis/runtime/v1/api.proto`` (its
+    licence header kept) the three messages the CRI keychain decodes (``ImageSpec``, ``AuthConfig``,
+    ``PullImageRequest`` without its ``sandbox_config``, which is skipped as an unknown field) into
+    ``cri_api.proto``, under the package ``shoal.snapshotter.cri``: message package names are not on
+    the wire, and a distinct one cannot clash with a full ``runtime.v1`` in the same process.
 (default)             runs grpc_tools.protoc on the vendored files and writes ``*_pb2.py``,
     ``*_pb2.pyi`` and ``*_pb2_grpc.py`` next to them (``--out DIR`` writes under DIR instead; the
     unit test tests/unit/test_snapshotter_protos.py regenerates into a temp dir and compares).
@@ -27,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PROTO_PKG = "shoal/snapshotter/proto"
-FILES = ("mount.proto", "snapshots.proto")
+FILES = ("mount.proto", "snapshots.proto", "cri_api.proto")
 VENDOR = {"types/mount.proto": "mount.proto", "services/snapshots/v1/snapshots.proto": "snapshots.proto"}
 
 _GOGO_IMPORT = re.compile(r'^import weak "gogoproto/gogo.proto";\n', re.M)
@@ -50,6 +55,27 @@ def vendor(api_dir: Path) -> None:
         (SRC / PROTO_PKG / name).write_text(header + strip(text))
 
 
+CRI_MESSAGES = ("ImageSpec", "AuthConfig", "PullImageRequest")
+_CRI_DROP = re.compile(r"^\s*// Config of the PodSandbox[^\n]*\n\s*PodSandboxConfig sandbox_config = 3;\n", re.M)
+
+
+def cri_extract(text: str) -> str:
+    """The licence header and :data:`CRI_MESSAGES` of the CRI ``api.proto``."""
+    header = re.match(r"\s*(/\*.*?\*/)\n", text, re.S)
+    if header is None:
+        raise SystemExit("no licence header in the CRI proto")
+    out = [header.group(1), "",
+           "// Vendored from kubernetes/cri-api pkg/apis/runtime/v1/api.proto by scripts/gen_protos.py:",
+           "// only the messages the CRI keychain decodes (PullImageRequest.sandbox_config left out).",
+           'syntax = "proto3";', "", "package shoal.snapshotter.cri;", ""]
+    for name in CRI_MESSAGES:
+        m = re.search(rf"^message {name} {{\n.*?^}}\n", text, re.S | re.M)
+        if m is None:
+            raise SystemExit(f"no message {name} in the CRI proto")
+        out.append(_CRI_DROP.sub("", m.group(0)))
+    return "\n".join(out)
+
+
 def generate(out: Path) -> None:
     import grpc_tools
     from grpc_tools import protoc
@@ -66,10 +92,13 @@ def generate(out: Path) -> None:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vendor", type=Path, metavar="API_DIR")
+    ap.add_argument("--vendor-cri", type=Path, metavar="API_PROTO")
     ap.add_argument("--out", type=Path, default=SRC)
     ns = ap.parse_args(argv)
     if ns.vendor is not None:
         vendor(ns.vendor)
+    if ns.vendor_cri is not None:
+        (SRC / PROTO_PKG / "cri_api.proto").write_text(cri_extract(ns.vendor_cri.read_text()))
     generate(ns.out)
     return 0
 

@@ -3,7 +3,9 @@ mount of that Shoal image instead of being downloaded (docs/containerd.md, docs/
 
 The mount is made by ``shoal mount`` in a child process whose FUSE daemon detaches, so the mounts
 outlive the gRPC server (a snapshotter restart keeps running containers) and no FUSE daemon is
-forked from a process with gRPC threads.  Credentials and registries.conf are ``shoal mount``'s.
+forked from a process with gRPC threads.  Credentials and registries.conf are ``shoal mount``'s; when
+the CRI keychain (:mod:`shoal.snapshotter.keychain`) holds credentials for the repository, its file
+is the mount's ``--authfile`` (so no secret is on a command line).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from shoal.errors import TransportError, UsageError
+from shoal.snapshotter.keychain import Keychain
 
 __all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
 
@@ -38,11 +41,12 @@ def repository(ref: str) -> str:
 class RemoteMounts:
     """Lazy mounts of whole Shoal images under ``<root>/mounts/<manifest hex>``."""
 
-    def __init__(self, root: Path, shoal: list[str] | None = None) -> None:
+    def __init__(self, root: Path, shoal: list[str] | None = None, keychain: Keychain | None = None) -> None:
         self.dir = root / "mounts"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)  # the mounts are --trusted-image (suid, dev): root only, as containerd's own
         self.shoal = shoal or [sys.executable, "-c", "from shoal.cli import main; main()"]
+        self.keychain = keychain
 
     def mount(self, labels: dict[str, str]) -> str:
         digest = labels.get(SHOAL_IMAGE_LABEL, "")
@@ -65,8 +69,10 @@ class RemoteMounts:
                 subprocess.run(["umount", "-l", str(mp)], capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
         mp.mkdir(exist_ok=True)
         src = f"docker://{repository(ref)}@{digest}"
-        log.info("mounting %s lazily at %s", src, mp)
-        p = subprocess.run([*self.shoal, "mount", "--trusted-image", src, str(mp)], capture_output=True,
+        authfile = self.keychain.authfile_for(ref) if self.keychain is not None else None
+        auth = ["--authfile", str(authfile)] if authfile is not None else []
+        log.info("mounting %s lazily at %s%s", src, mp, " with the CRI keychain's credentials" if auth else "")
+        p = subprocess.run([*self.shoal, "mount", "--trusted-image", *auth, src, str(mp)], capture_output=True,
                            text=True, stdin=subprocess.DEVNULL, timeout=300)
         if p.returncode != 0:
             err = (p.stderr.strip().splitlines() or ["no message"])[-1]

@@ -131,7 +131,9 @@ def _wrap(name: str, fn: Callable[[Any, Any], Any], streaming: bool) -> Callable
     return call
 
 
-def make_server(svc: Service, address: str) -> Any:
+def make_server(svc: Service, address: str, extra: tuple[Any, ...] = (), workers: int = 8) -> Any:
+    """The gRPC server of ``svc`` on the unix socket ``address``; ``extra`` generic handlers (the CRI
+    image-service proxy) are served on the same socket."""
     h = _Handlers(svc)
     handlers = {}
     for name, (req_t, streaming) in _RPCS.items():
@@ -139,8 +141,8 @@ def make_server(svc: Service, address: str) -> Any:
         make = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
         handlers[name] = make(fn, request_deserializer=req_t.FromString,
                               response_serializer=lambda m: m.SerializeToString())
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers), *extra))
     if os.path.exists(address):
         os.unlink(address)  # a stale socket of a previous run
     Path(address).parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +150,10 @@ def make_server(svc: Service, address: str) -> Any:
     return server
 
 
-def serve(svc: Service, address: str, ready: Callable[[], None] | None = None) -> None:
+def serve(svc: Service, address: str, ready: Callable[[], None] | None = None, extra: tuple[Any, ...] = (),
+          workers: int = 8) -> None:
     """Serve until SIGTERM/SIGINT; the FUSE mounts of remote snapshots live on in their daemons."""
-    server = make_server(svc, address)
+    server = make_server(svc, address, extra, workers)
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
