@@ -12,19 +12,31 @@ import click
 @click.option("--root", default=None, metavar="DIR",
               help="Snapshot directories and metadata (default /var/lib/shoal-snapshotter as root, "
                    "else ~/.local/share/shoal-snapshotter).")
-def snapshotter(address: str, root: str | None) -> None:
+@click.option("--store", "store", default=None, type=click.Path(file_okay=False), metavar="DIR",
+              help="The Shoal store the lazy mounts cache frames in (default: shoal's --store, $SHOAL_STORE, "
+                   "/var/lib/shoal as root, else ~/.local/share/shoal).")
+@click.pass_context
+def snapshotter(ctx: click.Context, address: str, root: str | None, store: str | None) -> None:
     """Serve containerd's snapshots API (proxy plugin) with overlayfs semantics; Shoal images lazily."""
     from pathlib import Path
 
+    from shoal.snapshotter.cache import StoreCache
     from shoal.snapshotter.remote import RemoteMounts
     from shoal.snapshotter.server import serve
     from shoal.snapshotter.service import Service
+    from shoal.store import default_store_path
 
     if root is None:
         root = ("/var/lib/shoal-snapshotter" if os.geteuid() == 0
                 else os.path.expanduser("~/.local/share/shoal-snapshotter"))
     rootp = Path(root).absolute()
-    remote = RemoteMounts(rootp)
+    store = store or (ctx.obj or {}).get("store")
+    cache = StoreCache(Path(store or default_store_path()).absolute())
+    remote = RemoteMounts(rootp, cache=cache)
     svc = Service(rootp, remote.mount, remote.release)
     svc.reattach()  # lazy mounts of a previous run: found again, or mounted again (after a reboot)
-    serve(svc, address)
+    remote.sweep({s.remote for s in svc.list([]) if s.remote})  # images released while it was down
+    try:
+        serve(svc, address)
+    finally:
+        cache.close()

@@ -3,7 +3,9 @@ mount of that Shoal image instead of being downloaded (docs/containerd.md, docs/
 
 The mount is made by ``shoal mount`` in a child process whose FUSE daemon detaches, so the mounts
 outlive the gRPC server (a snapshotter restart keeps running containers) and no FUSE daemon is
-forked from a process with gRPC threads.  Credentials and registries.conf are ``shoal mount``'s.
+forked from a process with gRPC threads.  Credentials and registries.conf are ``shoal mount``'s; its
+store is the snapshotter's ``--store``, where ``cache.StoreCache`` tags each mounted image and
+collects its data when the last snapshot goes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from shoal.errors import TransportError, UsageError
+from shoal.snapshotter.cache import StoreCache
 
 __all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
 
@@ -38,11 +41,14 @@ def repository(ref: str) -> str:
 class RemoteMounts:
     """Lazy mounts of whole Shoal images under ``<root>/mounts/<manifest hex>``."""
 
-    def __init__(self, root: Path, shoal: list[str] | None = None) -> None:
+    def __init__(self, root: Path, shoal: list[str] | None = None, cache: StoreCache | None = None) -> None:
         self.dir = root / "mounts"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)  # the mounts are --trusted-image (suid, dev): root only, as containerd's own
         self.shoal = shoal or [sys.executable, "-c", "from shoal.cli import main; main()"]
+        self.cache = cache
+        if cache is not None:
+            self.shoal = [*self.shoal, "--store", str(cache.root)]
 
     def mount(self, labels: dict[str, str]) -> str:
         digest = labels.get(SHOAL_IMAGE_LABEL, "")
@@ -53,9 +59,17 @@ class RemoteMounts:
         ref = next((labels[k] for k in REF_LABELS if labels.get(k)), "")
         if not ref:
             return ""  # no reference to fetch from (ctr images pull): the stub layer is applied
+        mp = self.dir / digest.removeprefix("sha256:")
+        if self.cache is None:
+            return self._mount(mp, ref, digest)
+        with self.cache.mounting():  # no gc of the store until the image is tagged
+            out = self._mount(mp, ref, digest)
+            self.cache.pin(digest)
+        return out
+
+    def _mount(self, mp: Path, ref: str, digest: str) -> str:
         from shoal.mount.state import is_mounted
 
-        mp = self.dir / digest.removeprefix("sha256:")
         if is_mounted(str(mp)):
             try:
                 os.stat(mp)
@@ -83,3 +97,14 @@ class RemoteMounts:
             os.rmdir(mountpoint)
         except OSError:
             pass
+        if self.cache is not None:  # its tag, then what of it no other image uses, off the gRPC thread
+            self.cache.release("sha256:" + Path(mountpoint).name)
+
+    def sweep(self, live: set[str]) -> None:
+        """Release the store data of tagged images that no snapshot uses (a snapshotter that died
+        between removing the last snapshot and collecting)."""
+        if self.cache is None:
+            return
+        for digest in self.cache.pinned():
+            if str(self.dir / digest.removeprefix("sha256:")) not in live:
+                self.cache.release(digest)
