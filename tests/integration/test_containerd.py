@@ -285,3 +285,51 @@ def test_snapshotter_restart_and_cleanup_with_credentials(tmp_path: Path,
         assert cd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout.strip().splitlines()[1:] == []
     finally:
         cd.stop()
+
+
+@pytest.mark.skipif(shutil.which("ctr-remote") is None or shutil.which("runc") is None,
+                    reason="needs ctr-remote (apt-get install stargz-snapshotter) and runc")
+def test_recorded_profile_is_prefetched_on_the_containerd_path(containerd: Containerd, tmp_path: Path,
+                                                                registry_factory: Callable[..., Registry]) -> None:
+    """``shoal profile`` pushes a start-up profile as a referrer of the image; the snapshotter's lazy
+    mount finds it and fetches its frames before the container reads anything."""
+    from shoal.mount.profile import Profile
+
+    reg = registry_factory(access_log=True)
+    tree = tmp_path / "tree"
+    _tiny_tree(tree)
+    store = tmp_path / "store"
+    run_shoal(store, "build", tree, "tiny:1")
+    run_shoal(store, "push", "tiny:1", f"docker://{reg.host}/prof:1")
+    ref = f"{reg.host}/prof:1"
+    workload = ("/bin/sh", "-c", "echo hello-profile")
+    p = run_shoal(tmp_path / "pstore", "profile", "--json", f"docker://{ref}", "--", *workload,
+                  stdin=subprocess.DEVNULL)
+    summary = json.loads(p.stdout.decode().splitlines()[-1])
+    assert summary["pushed"] and summary["frames"] > 0, summary
+    m = Store.open(store).resolve("tiny:1")
+    prof = Profile.decode(Path(summary["local"]).read_bytes(), m.digest, len(m.packs))
+    before = len(gets(reg))
+    containerd.rpull(ref)
+    mp = containerd.snap_root / "mounts" / m.digest.removeprefix("sha256:")
+    pulled = gets(reg)[before:]
+    assert any("/prof/manifests/sha256-" in path for path, _ in pulled), pulled  # the referrers lookup
+
+    def stats() -> dict:  # type: ignore[type-arg]
+        rows = json.loads(run_shoal(None, "status", "--json", mp).stdout)["mounts"]
+        return rows[0]["stats"]  # type: ignore[no-any-return]
+
+    wait_for(lambda: stats().get("prefetch_state") == "done", "the profile's prefetch")
+    s = stats()
+    assert s["profile_frames"] == s["prefetched_frames"] == len(prof.frames) and s["reads"] == 0, s
+    assert s["source"]["early_frames"] == len(prof.frames), s  # fetched while the mount started
+    held = _store_holds(containerd.work / "store").frames
+    assert {(m.packs[pi].digest, off) for pi, off, _ in prof.frames} <= held
+    ranges = len([1 for path, st in gets(reg) if st == 206])
+    out = containerd.ctr("run", "--snapshotter", "shoal", "--rm", ref, "t1", *workload)
+    assert out.stdout.strip() == "hello-profile"
+    # the container read what the profile held: no range read of a pack while it ran
+    assert len([1 for path, st in gets(reg) if st == 206]) == ranges, gets(reg)[before:]
+    assert _store_holds(containerd.work / "store").profiles == {f"{m.digest.removeprefix('sha256:')}.json"}
+    containerd.ctr("images", "rm", "--sync", ref)  # the cached profile goes with the image's data
+    _wait_empty(lambda: _store_holds(containerd.work / "store").problems(), "the store to empty")
