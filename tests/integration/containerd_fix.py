@@ -74,12 +74,14 @@ def mounts_under(prefix: str) -> list[str]:
 
 
 class Containerd:
-    def __init__(self, work: Path, cri_config: str = "", snap_env: dict[str, str] | None = None) -> None:
+    def __init__(self, work: Path, cri_config: str = "", snap_env: dict[str, str] | None = None,
+                 snap_args: tuple[str, ...] = ()) -> None:
         self.work = work
         self.sock = work / "cd" / "containerd.sock"
         self.snap_sock = work / "snap" / "shoal.sock"
         self.snap_root = work / "snap" / "root"
         self.snap_env = snap_env or {}
+        self.snap_args = snap_args
         (work / "cd").mkdir(parents=True)
         (work / "snap").mkdir(parents=True)
         self.config = work / "cd" / "config.toml"
@@ -103,7 +105,7 @@ state = "{work}/cd/state"
         if self.snap_sock.exists():
             self.snap_sock.unlink()
         self.snap = subprocess.Popen([SHOAL, "-vv", "snapshotter", "--address", str(self.snap_sock),
-                                      "--root", str(self.snap_root)], env=env,
+                                      "--root", str(self.snap_root), *self.snap_args], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.work / "snap.log", "ab"))
         wait_for(lambda: self.snap_sock.exists(), "snapshotter socket")
 

@@ -333,3 +333,33 @@ def test_recorded_profile_is_prefetched_on_the_containerd_path(containerd: Conta
     assert _store_holds(containerd.work / "store").profiles == {f"{m.digest.removeprefix('sha256:')}.json"}
     containerd.ctr("images", "rm", "--sync", ref)  # the cached profile goes with the image's data
     _wait_empty(lambda: _store_holds(containerd.work / "store").problems(), "the store to empty")
+
+
+@pytest.mark.skipif(shutil.which("ctr-remote") is None, reason="needs ctr-remote (apt-get install stargz-snapshotter)")
+def test_hosts_toml_mirror_serves_the_lazy_mounts_range_reads(tmp_path: Path,
+                                                               registry_factory: Callable[..., Registry]) -> None:
+    """``--hosts-dir`` (containerd's config_path): DIR/<host>/hosts.toml names a pull-through mirror B of
+    the image's registry A; the lazy mount reads its ranges from B, A serves no range."""
+    a = registry_factory(access_log=True)
+    tree = tmp_path / "tree"
+    _tiny_tree(tree)
+    store = tmp_path / "store"
+    run_shoal(store, "build", tree, "tiny:1")
+    run_shoal(store, "push", "tiny:1", f"docker://{a.host}/app:1")
+    b = registry_factory(proxy_remote=a.url, access_log=True)
+    hosts = tmp_path / "certs.d"
+    (hosts / a.host).mkdir(parents=True)
+    (hosts / a.host / "hosts.toml").write_text(f'server = "http://{a.host}"\n[host."http://{b.host}"]\n'
+                                               '  capabilities = ["pull", "resolve"]\n')
+    cd = Containerd(tmp_path / "c", snap_args=("--hosts-dir", str(hosts)))
+    try:
+        cd.start()
+        ref = f"{a.host}/app:1"
+        cd.rpull(ref)
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref, "t1", "/bin/sh", "-c", "echo via-mirror")
+        assert out.stdout.strip() == "via-mirror"
+        assert any(st == 206 and "/app/blobs/" in path for path, st in gets(b)), gets(b)
+        assert not any(st == 206 for _, st in gets(a)), gets(a)  # the mirror fetched whole blobs from A
+        cd.ctr("images", "rm", "--sync", ref)
+    finally:
+        cd.stop()

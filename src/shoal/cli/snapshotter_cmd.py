@@ -15,12 +15,18 @@ import click
 @click.option("--store", "store", default=None, type=click.Path(file_okay=False), metavar="DIR",
               help="The Shoal store the lazy mounts cache frames in (default: shoal's --store, $SHOAL_STORE, "
                    "/var/lib/shoal as root, else ~/.local/share/shoal).")
+@click.option("--hosts-dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
+              help="containerd's registry hosts directory (CRI's config_path): DIR/HOST/hosts.toml mirrors, "
+                   "server, ca, client and skip_verify apply to lazy fetches (default /etc/containerd/certs.d "
+                   "if it exists).")
 @click.pass_context
-def snapshotter(ctx: click.Context, address: str, root: str | None, store: str | None) -> None:
+def snapshotter(ctx: click.Context, address: str, root: str | None, store: str | None,
+                hosts_dir: str | None) -> None:
     """Serve containerd's snapshots API (proxy plugin) with overlayfs semantics; Shoal images lazily."""
     from pathlib import Path
 
     from shoal.snapshotter.cache import StoreCache
+    from shoal.snapshotter.hosts import DEFAULT_HOSTS_DIR
     from shoal.snapshotter.remote import RemoteMounts
     from shoal.snapshotter.server import serve
     from shoal.snapshotter.service import Service
@@ -32,7 +38,9 @@ def snapshotter(ctx: click.Context, address: str, root: str | None, store: str |
     rootp = Path(root).absolute()
     store = store or (ctx.obj or {}).get("store")
     cache = StoreCache(Path(store or default_store_path()).absolute())
-    remote = RemoteMounts(rootp, cache=cache)
+    if hosts_dir is None and os.path.isdir(DEFAULT_HOSTS_DIR):
+        hosts_dir = DEFAULT_HOSTS_DIR
+    remote = RemoteMounts(rootp, cache=cache, hosts=Path(hosts_dir).absolute() if hosts_dir else None)
     svc = Service(rootp, remote.mount, remote.release)
     svc.reattach()  # lazy mounts of a previous run: found again, or mounted again (after a reboot)
     remote.sweep({s.remote for s in svc.list([]) if s.remote})  # images released while it was down

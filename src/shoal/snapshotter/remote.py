@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shoal.errors import TransportError, UsageError
 from shoal.snapshotter.cache import StoreCache
+from shoal.snapshotter.hosts import HostsDir
 
 __all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
 
@@ -41,12 +42,14 @@ def repository(ref: str) -> str:
 class RemoteMounts:
     """Lazy mounts of whole Shoal images under ``<root>/mounts/<manifest hex>``."""
 
-    def __init__(self, root: Path, shoal: list[str] | None = None, cache: StoreCache | None = None) -> None:
+    def __init__(self, root: Path, shoal: list[str] | None = None, cache: StoreCache | None = None,
+                 hosts: Path | None = None) -> None:
         self.dir = root / "mounts"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)  # the mounts are --trusted-image (suid, dev): root only, as containerd's own
         self.shoal = shoal or [sys.executable, "-c", "from shoal.cli import main; main()"]
         self.cache = cache
+        self.hosts = HostsDir(hosts, root / "hosts") if hosts is not None else None  # containerd's config_path
         if cache is not None:
             self.shoal = [*self.shoal, "--store", str(cache.root)]
 
@@ -80,7 +83,8 @@ class RemoteMounts:
         mp.mkdir(exist_ok=True)
         src = f"docker://{repository(ref)}@{digest}"
         log.info("mounting %s lazily at %s", src, mp)
-        p = subprocess.run([*self.shoal, "mount", "--trusted-image", src, str(mp)], capture_output=True,
+        extra = self.hosts.mount_args(src.removeprefix("docker://").split("/", 1)[0]) if self.hosts else []
+        p = subprocess.run([*self.shoal, "mount", "--trusted-image", *extra, src, str(mp)], capture_output=True,
                            text=True, stdin=subprocess.DEVNULL, timeout=300)
         if p.returncode != 0:
             err = (p.stderr.strip().splitlines() or ["no message"])[-1]
