@@ -244,6 +244,23 @@ def test_fsck_clean_store_and_idempotent_gc(small_image) -> None:  # type: ignor
     assert _fsck(store_dir)["ok"]
 
 
+def test_scoped_gc_removes_only_its_scope(small_image) -> None:  # type: ignore[no-untyped-def]
+    """gc(scope=...) (the containerd snapshotter's release of one image): only the untagged blobs in
+    the scope go; other untagged blobs, tmp/ and everything a tag reaches stay."""
+    from shoal.store.maintenance import gc
+
+    store_dir, store, m, _, _ = small_image
+    other = store.layout.put(b"an untagged blob someone else owns")
+    (store_dir / "tmp" / "in-flight").write_bytes(b"x")
+    own = {m.digest, m.config.digest, m.index.digest, *(p.digest for p in m.packs)}
+    assert gc(store, scope=own).removed == 0  # tagged: all kept
+    run_shoal(store_dir, "rm", "img:1")
+    rep = gc(store, scope=own)
+    assert rep.removed == len(own) and rep.tmp_removed == 0
+    assert set(store.layout.all_blobs()) == {other} and store.catalog.count() == 0
+    assert (store_dir / "tmp" / "in-flight").exists()
+
+
 def test_missing_pack_is_reported_by_the_first_fsck(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A pack deleted from a healthy store: the catalogue still names it, and must not vouch for it."""
     store_dir, store, m, idx, _ = small_image

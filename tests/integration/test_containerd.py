@@ -14,7 +14,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,6 +31,7 @@ from helpers import run_shoal, validate_oci  # noqa: E402
 from regfix import Registry, registry_factory  # noqa: E402,F401
 from shoal.mediatypes import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST  # noqa: E402
 from shoal.snapshotter.view import STUB_MEDIA_TYPE  # noqa: E402
+from shoal.store import Store  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     shutil.which("containerd") is None or shutil.which("ctr") is None or os.geteuid() != 0,
@@ -137,9 +140,40 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     assert any(st == 206 for _, st in gets), gets
     # the stub layer was never downloaded
     assert not any(path.endswith(stub["digest"]) for path, _ in gets)
-    # removing the image releases the lazy mount
+    # removing the image releases the lazy mount, and what it cached in the store
+    assert f"shoal-snapshotter:{shoal_digest.removeprefix('sha256:')}" in _store_holds(containerd.work / "store").tags
     containerd.ctr("images", "rm", "--sync", ref)
     assert str(mp) not in Path("/proc/mounts").read_text()
+    _wait_empty(lambda: _store_holds(containerd.work / "store").problems(), "the store to empty")
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What a Shoal store holds: tags, blobs, partial packs, catalogued frames and chunks, profiles."""
+    tags: set[str]
+    blobs: set[str]
+    partial: set[str]
+    frames: set[tuple[str, int]]
+    chunks: set[bytes]
+    profiles: set[str]
+
+    def problems(self) -> list[str]:
+        return [f"{k}: {v}" for k, v in vars(self).items() if v]
+
+
+def _store_holds(root: Path) -> _Held:
+    s = Store.open(root)
+    frames = {(p, off) for p in s.catalog.frame_packs() for off, _ in s.catalog.frames_overlapping(p, 0, 1 << 62)}
+    profiles = root / "profiles"
+    return _Held(set(s.layout.refs()), set(s.layout.all_blobs()), s.partial.packs(), frames,
+                 {cid for cid, _ in s.catalog.rows()}, set(os.listdir(profiles)) if profiles.is_dir() else set())
+
+
+def _wait_empty(problems: Callable[[], list[str]], what: str, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while (left := problems()) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not left, f"{what}: {left}"
 
 
 def _running(cd: Containerd, task: str) -> bool:
@@ -212,12 +246,120 @@ def test_snapshotter_restart_and_cleanup_with_credentials(tmp_path: Path,
                  "containerd reconnecting to the snapshotter")
         out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref1, "t3", "/bin/sh", "-c", "read n </etc/name; echo $n")
         assert out.stdout.strip() == "one"
-        # image removal and containerd's GC release every lazy mount and its daemon
-        cd.ctr("images", "rm", "--sync", ref1, ref2)
+        # image removal and containerd's GC release every lazy mount, its daemon and its store data;
+        # the other image, still mounted, keeps its cache
+        two = Store.open(cd.work / "store")
+        m2 = two.manifest(digests["two"])
+        idx2 = two.load_index(m2)
+        own2 = {m2.digest, m2.config.digest, m2.index.digest, *(p.digest for p in m2.packs)}
+        before = _store_holds(cd.work / "store")
+        assert before.tags == {f"shoal-snapshotter:{d.removeprefix('sha256:')}" for d in digests.values()}, before
+        assert digests["one"] in before.blobs and before.frames, before
+        cd.ctr("images", "rm", "--sync", ref1)
         cd.ctr("content", "prune", "references")
-        for mp in (mp1, mp2):
-            assert mounts_under(str(mp)) == [], cd.log_tail()
-            wait_for(lambda m=mp: pids_with(str(m)) == [], f"the FUSE daemon of {mp} to exit", timeout=10)  # type: ignore[misc]
+        assert mounts_under(str(mp1)) == [], cd.log_tail()
+        assert mounts_under(str(mp2)) == [str(mp2)]
+        wait_for(lambda: pids_with(str(mp1)) == [], "the FUSE daemon of the first image to exit", timeout=10)
+
+        def one_left() -> list[str]:
+            now = _store_holds(cd.work / "store")
+            locs2 = two.catalog.locate(idx2.chunk_ids).values()
+            borrowed = {loc.pack for loc in locs2}
+            frames2 = {(loc.pack, loc.frame_off) for loc in locs2}  # bytes of the first in them stay
+            return [f"{what}: {extra}" for what, extra in (
+                ("tags", now.tags - {f"shoal-snapshotter:{digests['two'].removeprefix('sha256:')}"}),
+                ("blobs", now.blobs - own2), ("partial packs", now.partial - own2 - borrowed),
+                ("catalogue rows", [(cid.hex(), loc) for cid, loc in two.catalog.rows()
+                                    if cid not in set(idx2.chunk_ids) and (loc.pack, loc.frame_off) not in frames2]),
+                ("lost frames of the second image", {f for f in before.frames if f[0] in own2} - now.frames),
+                ("lost chunks of the second image", len((before.chunks & set(idx2.chunk_ids)) - now.chunks)),
+            ) if extra]
+
+        _wait_empty(one_left, "the first image's store data to go")
+        assert digests["two"] in _store_holds(cd.work / "store").blobs
+        cd.ctr("images", "rm", "--sync", ref2)
+        cd.ctr("content", "prune", "references")
+        assert mounts_under(str(mp2)) == [], cd.log_tail()
+        wait_for(lambda: pids_with(str(mp2)) == [], "the FUSE daemon of the second image to exit", timeout=10)
+        _wait_empty(lambda: _store_holds(cd.work / "store").problems(), "the store to empty")
         assert cd.ctr("snapshots", "--snapshotter", "shoal", "ls").stdout.strip().splitlines()[1:] == []
+    finally:
+        cd.stop()
+
+
+@pytest.mark.skipif(shutil.which("ctr-remote") is None or shutil.which("runc") is None,
+                    reason="needs ctr-remote (apt-get install stargz-snapshotter) and runc")
+def test_recorded_profile_is_prefetched_on_the_containerd_path(containerd: Containerd, tmp_path: Path,
+                                                                registry_factory: Callable[..., Registry]) -> None:
+    """``shoal profile`` pushes a start-up profile as a referrer of the image; the snapshotter's lazy
+    mount finds it and fetches its frames before the container reads anything."""
+    from shoal.mount.profile import Profile
+
+    reg = registry_factory(access_log=True)
+    tree = tmp_path / "tree"
+    _tiny_tree(tree)
+    store = tmp_path / "store"
+    run_shoal(store, "build", tree, "tiny:1")
+    run_shoal(store, "push", "tiny:1", f"docker://{reg.host}/prof:1")
+    ref = f"{reg.host}/prof:1"
+    workload = ("/bin/sh", "-c", "echo hello-profile")
+    p = run_shoal(tmp_path / "pstore", "profile", "--json", f"docker://{ref}", "--", *workload,
+                  stdin=subprocess.DEVNULL)
+    summary = json.loads(p.stdout.decode().splitlines()[-1])
+    assert summary["pushed"] and summary["frames"] > 0, summary
+    m = Store.open(store).resolve("tiny:1")
+    prof = Profile.decode(Path(summary["local"]).read_bytes(), m.digest, len(m.packs))
+    before = len(gets(reg))
+    containerd.rpull(ref)
+    mp = containerd.snap_root / "mounts" / m.digest.removeprefix("sha256:")
+    pulled = gets(reg)[before:]
+    assert any("/prof/manifests/sha256-" in path for path, _ in pulled), pulled  # the referrers lookup
+
+    def stats() -> dict:  # type: ignore[type-arg]
+        rows = json.loads(run_shoal(None, "status", "--json", mp).stdout)["mounts"]
+        return rows[0]["stats"]  # type: ignore[no-any-return]
+
+    wait_for(lambda: stats().get("prefetch_state") == "done", "the profile's prefetch")
+    s = stats()
+    assert s["profile_frames"] == s["prefetched_frames"] == len(prof.frames) and s["reads"] == 0, s
+    assert s["source"]["early_frames"] == len(prof.frames), s  # fetched while the mount started
+    held = _store_holds(containerd.work / "store").frames
+    assert {(m.packs[pi].digest, off) for pi, off, _ in prof.frames} <= held
+    ranges = len([1 for path, st in gets(reg) if st == 206])
+    out = containerd.ctr("run", "--snapshotter", "shoal", "--rm", ref, "t1", *workload)
+    assert out.stdout.strip() == "hello-profile"
+    # the container read what the profile held: no range read of a pack while it ran
+    assert len([1 for path, st in gets(reg) if st == 206]) == ranges, gets(reg)[before:]
+    assert _store_holds(containerd.work / "store").profiles == {f"{m.digest.removeprefix('sha256:')}.json"}
+    containerd.ctr("images", "rm", "--sync", ref)  # the cached profile goes with the image's data
+    _wait_empty(lambda: _store_holds(containerd.work / "store").problems(), "the store to empty")
+
+
+@pytest.mark.skipif(shutil.which("ctr-remote") is None, reason="needs ctr-remote (apt-get install stargz-snapshotter)")
+def test_hosts_toml_mirror_serves_the_lazy_mounts_range_reads(tmp_path: Path,
+                                                               registry_factory: Callable[..., Registry]) -> None:
+    """``--hosts-dir`` (containerd's config_path): DIR/<host>/hosts.toml names a pull-through mirror B of
+    the image's registry A; the lazy mount reads its ranges from B, A serves no range."""
+    a = registry_factory(access_log=True)
+    tree = tmp_path / "tree"
+    _tiny_tree(tree)
+    store = tmp_path / "store"
+    run_shoal(store, "build", tree, "tiny:1")
+    run_shoal(store, "push", "tiny:1", f"docker://{a.host}/app:1")
+    b = registry_factory(proxy_remote=a.url, access_log=True)
+    hosts = tmp_path / "certs.d"
+    (hosts / a.host).mkdir(parents=True)
+    (hosts / a.host / "hosts.toml").write_text(f'server = "http://{a.host}"\n[host."http://{b.host}"]\n'
+                                               '  capabilities = ["pull", "resolve"]\n')
+    cd = Containerd(tmp_path / "c", snap_args=("--hosts-dir", str(hosts)))
+    try:
+        cd.start()
+        ref = f"{a.host}/app:1"
+        cd.rpull(ref)
+        out = cd.ctr("run", "--snapshotter", "shoal", "--rm", ref, "t1", "/bin/sh", "-c", "echo via-mirror")
+        assert out.stdout.strip() == "via-mirror"
+        assert any(st == 206 and "/app/blobs/" in path for path, st in gets(b)), gets(b)
+        assert not any(st == 206 for _, st in gets(a)), gets(a)  # the mirror fetched whole blobs from A
+        cd.ctr("images", "rm", "--sync", ref)
     finally:
         cd.stop()

@@ -5,7 +5,9 @@ The mount is made by ``shoal mount`` in a child process whose FUSE daemon detach
 outlive the gRPC server (a snapshotter restart keeps running containers) and no FUSE daemon is
 forked from a process with gRPC threads.  Credentials and registries.conf are ``shoal mount``'s; when
 the CRI keychain (:mod:`shoal.snapshotter.keychain`) holds credentials for the repository, its file
-is the mount's ``--authfile`` (so no secret is on a command line).
+is the mount's ``--authfile`` (so no secret is on a command line).  The store is the snapshotter's
+``--store``, where ``cache.StoreCache`` tags each mounted image and collects its data when the last
+snapshot goes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 from pathlib import Path
 
 from shoal.errors import TransportError, UsageError
+from shoal.snapshotter.cache import StoreCache
+from shoal.snapshotter.hosts import HostsDir
 from shoal.snapshotter.keychain import Keychain
 
 __all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
@@ -41,12 +45,17 @@ def repository(ref: str) -> str:
 class RemoteMounts:
     """Lazy mounts of whole Shoal images under ``<root>/mounts/<manifest hex>``."""
 
-    def __init__(self, root: Path, shoal: list[str] | None = None, keychain: Keychain | None = None) -> None:
+    def __init__(self, root: Path, shoal: list[str] | None = None, cache: StoreCache | None = None,
+                 hosts: Path | None = None, keychain: Keychain | None = None) -> None:
         self.dir = root / "mounts"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)  # the mounts are --trusted-image (suid, dev): root only, as containerd's own
         self.shoal = shoal or [sys.executable, "-c", "from shoal.cli import main; main()"]
         self.keychain = keychain
+        self.cache = cache
+        self.hosts = HostsDir(hosts, root / "hosts") if hosts is not None else None  # containerd's config_path
+        if cache is not None:
+            self.shoal = [*self.shoal, "--store", str(cache.root)]
 
     def mount(self, labels: dict[str, str]) -> str:
         digest = labels.get(SHOAL_IMAGE_LABEL, "")
@@ -57,9 +66,17 @@ class RemoteMounts:
         ref = next((labels[k] for k in REF_LABELS if labels.get(k)), "")
         if not ref:
             return ""  # no reference to fetch from (ctr images pull): the stub layer is applied
+        mp = self.dir / digest.removeprefix("sha256:")
+        if self.cache is None:
+            return self._mount(mp, ref, digest)
+        with self.cache.mounting():  # no gc of the store until the image is tagged
+            out = self._mount(mp, ref, digest)
+            self.cache.pin(digest)
+        return out
+
+    def _mount(self, mp: Path, ref: str, digest: str) -> str:
         from shoal.mount.state import is_mounted
 
-        mp = self.dir / digest.removeprefix("sha256:")
         if is_mounted(str(mp)):
             try:
                 os.stat(mp)
@@ -70,9 +87,10 @@ class RemoteMounts:
         mp.mkdir(exist_ok=True)
         src = f"docker://{repository(ref)}@{digest}"
         authfile = self.keychain.authfile_for(ref) if self.keychain is not None else None
-        auth = ["--authfile", str(authfile)] if authfile is not None else []
-        log.info("mounting %s lazily at %s%s", src, mp, " with the CRI keychain's credentials" if auth else "")
-        p = subprocess.run([*self.shoal, "mount", "--trusted-image", *auth, src, str(mp)], capture_output=True,
+        extra = ["--authfile", str(authfile)] if authfile is not None else []
+        log.info("mounting %s lazily at %s%s", src, mp, " with the CRI keychain's credentials" if extra else "")
+        extra += self.hosts.mount_args(src.removeprefix("docker://").split("/", 1)[0]) if self.hosts else []
+        p = subprocess.run([*self.shoal, "mount", "--trusted-image", *extra, src, str(mp)], capture_output=True,
                            text=True, stdin=subprocess.DEVNULL, timeout=300)
         if p.returncode != 0:
             err = (p.stderr.strip().splitlines() or ["no message"])[-1]
@@ -89,3 +107,14 @@ class RemoteMounts:
             os.rmdir(mountpoint)
         except OSError:
             pass
+        if self.cache is not None:  # its tag, then what of it no other image uses, off the gRPC thread
+            self.cache.release("sha256:" + Path(mountpoint).name)
+
+    def sweep(self, live: set[str]) -> None:
+        """Release the store data of tagged images that no snapshot uses (a snapshotter that died
+        between removing the last snapshot and collecting)."""
+        if self.cache is None:
+            return
+        for digest in self.cache.pinned():
+            if str(self.dir / digest.removeprefix("sha256:")) not in live:
+                self.cache.release(digest)

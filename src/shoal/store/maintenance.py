@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -189,21 +190,25 @@ def reachable(store: Store) -> set[str]:
     return keep
 
 
-def _gc_partial(store: Store, keep: set[str]) -> int:
+def _gc_partial(store: Store, keep: set[str], scope: Collection[str] | None) -> int:
     n = 0
     for pack in store.partial.packs() | store.catalog.frame_packs():
-        if pack not in keep:
+        if pack not in keep and (scope is None or pack in scope):
             store.partial.drop(pack)
             n += 1
     return n
 
 
-def gc(store: Store, sink: Sink = NULL) -> GcReport:
+def gc(store: Store, sink: Sink = NULL, scope: Collection[str] | None = None) -> GcReport:
+    """Remove what no tag reaches.  With ``scope`` (digests of blobs and packs), only those blobs and
+    partial packs may go and ``tmp/`` is left alone: the collection of one image's data once its last
+    user let go of it (the containerd snapshotter's, docs/containerd.md), which leaves whatever else
+    is untagged in the store to its owner."""
     rep = GcReport()
     layout = store.layout
     with layout.lock("gc.lock", exclusive=True):
         keep = reachable(store)
-        doomed = [d for d in layout.all_blobs() if d not in keep]
+        doomed = [d for d in layout.all_blobs() if d not in keep and (scope is None or d in scope)]
         sink.start("gc", len(doomed), unit="blobs")
         for d in doomed:
             rep.freed += layout.path(d).stat().st_size
@@ -211,11 +216,12 @@ def gc(store: Store, sink: Sink = NULL) -> GcReport:
             rep.removed += 1
             sink.advance("gc", 1)
         rep.kept = len(keep)
-        for p in layout.tmp.iterdir():
+        for p in layout.tmp.iterdir() if scope is None else ():
             p.unlink(missing_ok=True)
             rep.tmp_removed += 1
-        rep.removed += _gc_partial(store, keep)
+        rep.removed += _gc_partial(store, keep, scope)
         store.catalog.drop_packs(store.catalog.packs() - set(layout.all_blobs()) - store.catalog.frame_packs())
-    os.sync()
+    if scope is None:
+        os.sync()
     sink.finish("gc")
     return rep
