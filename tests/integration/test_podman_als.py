@@ -6,6 +6,8 @@ Real parts only: distribution's registry behind the recording proxy of regfix, `
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +22,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from containerd_fix import pids_with  # noqa: E402
 
 import helpers  # noqa: E402
 from regfix import Registry, RegistryProxy, proxy_factory, registry_factory  # noqa: E402,F401
@@ -51,12 +56,13 @@ def _tree(root: Path) -> None:
     (root / "unread.bin").write_bytes(os.urandom(6 << 20))
 
 
-def _podman_env(d: Path, host: str) -> dict[str, str]:
-    """The recipe's private config (containers.md §7): overlay storage with the ALS, host netns,
-    default_ulimits (runc cannot raise rlimits without CAP_SYS_RESOURCE), runc, cgroupfs, file events."""
+def _podman_env(d: Path, host: str, als: bool = True) -> dict[str, str]:
+    """The recipe's private config (containers.md §7): overlay storage (with the ALS unless the commands
+    name it), host netns, default_ulimits (runc cannot raise rlimits without CAP_SYS_RESOURCE), runc,
+    cgroupfs, file events."""
+    opts = f'[storage.options]\nadditionallayerstores = ["{d}/als:ref"]\n' if als else ""
     (d / "storage.conf").write_text(
-        f'[storage]\ndriver = "overlay"\ngraphroot = "{d}/graph"\nrunroot = "{d}/run"\n'
-        f'[storage.options]\nadditionallayerstores = ["{d}/als:ref"]\n')
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{d}/graph"\nrunroot = "{d}/run"\n{opts}')
     (d / "containers.conf").write_text(
         '[containers]\nnetns = "host"\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n'
         f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\ntmp_dir = "{d}/tmp"\n')
@@ -64,6 +70,14 @@ def _podman_env(d: Path, host: str) -> dict[str, str]:
         f'unqualified-search-registries = []\n[[registry]]\nlocation = "{host}"\ninsecure = true\n')
     return {**os.environ, "CONTAINERS_STORAGE_CONF": str(d / "storage.conf"),
             "CONTAINERS_CONF": str(d / "containers.conf"), "CONTAINERS_REGISTRIES_CONF": str(d / "registries.conf")}
+
+
+def _quickstart() -> list[str]:
+    """The shell lines of README.md's podman quickstart (the first ``sh`` block under its heading)."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("\n## podman quickstart", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return block.splitlines()
 
 
 def _get(reg: Registry, repo: str, ref: str, accept: str) -> dict[str, object]:
@@ -86,76 +100,153 @@ def _published(reg: Registry, repo: str, tag: str) -> tuple[dict[str, object], d
 
 
 @pytest.fixture
-def setup(tmp_path: Path, registry_factory, proxy_factory, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:  # type: ignore[no-untyped-def]  # noqa: F811
+def image(tmp_path: Path, registry_factory, proxy_factory, monkeypatch: pytest.MonkeyPatch) -> dict:  # type: ignore[no-untyped-def,type-arg]  # noqa: F811
+    """A Shoal image pushed to a registry behind a recording proxy, and podman's private directories."""
     reg: Registry = registry_factory()
     proxy: RegistryProxy = proxy_factory(reg.url)
-    store, tree, pod = tmp_path / "store", tmp_path / "tree", tmp_path / "podman"
+    tree, pod, run_dir = tmp_path / "tree", tmp_path / "podman", tmp_path / "shoalrun"
     pod.mkdir()
     (pod / "als").mkdir()
-    run_dir = tmp_path / "shoalrun"
     run_dir.mkdir()
     monkeypatch.setenv("SHOAL_RUN_DIR", str(run_dir))
     _tree(tree)
-    helpers.run_shoal(store, "build", tree, "app:1")
-    helpers.run_shoal(store, "push", "app:1", f"docker://{reg.host}/app:1")
+    helpers.run_shoal(tmp_path / "store", "build", tree, "app:1")
+    helpers.run_shoal(tmp_path / "store", "push", "app:1", f"docker://{reg.host}/app:1")
     doc, view = _published(reg, "app", "1")
-    env = _podman_env(pod, proxy.host)
-    env["SHOAL_RUN_DIR"] = str(run_dir)
-    log = open(tmp_path / "als.log", "wb")  # noqa: SIM115
-    serve = subprocess.Popen([*helpers.shoal_cmd(tmp_path / "lazy-store", "-v", "store", "serve", pod / "als")],
+    return {"tmp": tmp_path, "proxy": proxy, "doc": doc, "view": view, "pod": pod, "run_dir": run_dir,
+            "ref": f"{proxy.host}/app:1", "log": tmp_path / "als.log"}
+
+
+def _stop(serve: list[int], env: dict[str, str], tmp: Path) -> None:
+    """Remove podman's images (c/storage releases their layers), stop the store (pids ``serve``) and
+    check that nothing is left: no mount under ``tmp`` and no ``shoal mount`` daemon of an image mount."""
+    subprocess.run([PODMAN, "system", "reset", "-f"], env=env, capture_output=True, timeout=60)  # type: ignore[list-item]
+    for pid in serve:
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.05)
+    left = _mounts_under(tmp)
+    for mp in reversed(left):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    assert not left, f"mounts left behind: {left}"
+    assert _released(tmp / "shoalrun" / "als", 10), f"daemons left behind: {pids_with(str(tmp))}"
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _released(mounts_root: Path, timeout: float) -> bool:
+    """True once no mount under ``mounts_root`` and no process naming it remain (within ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while _mounts_under(mounts_root) or pids_with(str(mounts_root)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.fixture
+def setup(image: dict) -> Iterator[dict]:  # type: ignore[type-arg]
+    """``image`` with ``shoal store serve`` running at podman's ALS (named in storage.conf)."""
+    tmp, pod = image["tmp"], image["pod"]
+    env = _podman_env(pod, image["proxy"].host)
+    env["SHOAL_RUN_DIR"] = str(image["run_dir"])
+    log = open(image["log"], "wb")  # noqa: SIM115
+    serve = subprocess.Popen([*helpers.shoal_cmd(tmp / "lazy-store", "-v", "store", "serve", pod / "als")],
                              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
-        while str((pod / "als").resolve()) not in _mounts_under(tmp_path):
-            assert serve.poll() is None and time.monotonic() < deadline, (tmp_path / "als.log").read_text()
+        while str((pod / "als").resolve()) not in _mounts_under(tmp):
+            assert serve.poll() is None and time.monotonic() < deadline, image["log"].read_text()
             time.sleep(0.05)
-        yield {"proxy": proxy, "env": env, "doc": doc, "view": view, "pod": pod, "log": tmp_path / "als.log"}
+        yield {**image, "env": env}
     finally:
-        subprocess.run([PODMAN, "system", "reset", "-f"], env=env, capture_output=True, timeout=60)  # type: ignore[list-item]
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(15)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        _stop([serve.pid], env, tmp)
+        serve.wait()
         log.close()
-        left = _mounts_under(tmp_path)
-        for mp in reversed(left):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
-        assert not left, f"mounts left behind: {left}"
 
 
-def test_podman_pulls_and_runs_a_shoal_image_lazily(setup: dict) -> None:  # type: ignore[type-arg]
-    env, proxy, doc, view = setup["env"], setup["proxy"], setup["doc"], setup["view"]
-    host = proxy.host
+def test_readme_podman_quickstart_runs_lazily_and_rmi_releases_the_mount(image: dict) -> None:  # type: ignore[type-arg]
+    """README.md's podman quickstart, line for line (only IMAGE and ALS are this test's), then checks:
+    the container ran, nothing but range reads of packs reached the registry, and ``podman rmi`` (its
+    last line) released the image's lazy mount and daemon."""
+    tmp, pod, proxy, doc, view = image["tmp"], image["pod"], image["proxy"], image["doc"], image["view"]
+    lines = _quickstart()
+    assert lines[0].startswith("IMAGE=") and lines[1].startswith("ALS="), lines
+    script = [f"IMAGE={image['ref']}", f"ALS={pod / 'als'}", *lines[2:]]
+    env = _podman_env(pod, proxy.host, als=False)  # the ALS comes from the quickstart's --storage-opt
+    env.update(SHOAL_RUN_DIR=str(image["run_dir"]), SHOAL_STORE=str(tmp / "lazy-store"),
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    out = tmp / "quickstart.out"
+    with open(out, "wb") as f:  # not a pipe: the store started in the background keeps its stdout
+        sh = subprocess.Popen(["bash", "-euc", "\n".join(script)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # (podman 4.3 sometimes waits 10-20 s for conmon on the first container of a fresh state: not Shoal)
+        assert sh.wait(120) == 0, out.read_text()[-3000:]
+        text = out.read_text()
+        assert "hello from a lazy image\n" in text, text[-3000:]
+        assert "GC doesn't seem to be supported" not in text  # the use/rmdir hints were answered ENOENT
 
-    # the tag `shoal push` wrote: podman takes the runtime view, whose one (stub) layer the store serves
-    p = subprocess.run([PODMAN, "--log-level=debug", "pull", f"{host}/app:1"], env=env, capture_output=True,  # type: ignore[list-item]
-                       text=True, timeout=60)
+        # the registry saw manifests, the config, the index and range reads of packs: never a whole pack
+        (stub,) = [ly["digest"] for ly in view["layers"]]
+        layers = [ly["digest"] for ly in doc["layers"]]
+        gets = [path for method, path, status in proxy.log if method == "GET" and "/blobs/" in path]
+        for pack in layers[1:]:
+            whole = [g for g in gets if g.endswith(pack)]
+            ranged = [r for path, r in proxy.ranges if path.endswith(pack)]
+            assert len(whole) == len(ranged), (pack, whole, ranged)
+        fetched = sum(int(hi) - int(lo) + 1 for lo, hi in
+                      (rng.split("=", 1)[1].split("-") for _path, rng in proxy.ranges))
+        assert 0 < fetched < sum(ly["size"] for ly in doc["layers"][1:]) / 3, fetched
+        assert any(g.endswith(layers[0]) for g in gets)
+        assert not any(g.endswith(stub) for g in gets)  # the stub is never downloaded
+
+        # podman rmi: c/storage's last release of the stub layer unmounts the image, its daemon exits
+        mounts = image["run_dir"] / "als"
+        assert _released(mounts, 10), (_mounts_under(tmp), pids_with(str(mounts)))
+        assert not list(mounts.iterdir())  # the mount point went with it
+        assert pids_with(str(pod / "als")), "the quickstart's store is not running"
+    finally:
+        if sh.poll() is None:
+            os.killpg(sh.pid, signal.SIGKILL)
+            sh.wait()
+        # only the store names it (the image mounts are under SHOAL_RUN_DIR)
+        _stop(pids_with(str(pod / "als")), env, tmp)
+
+
+def test_blob_files_hold_the_registry_blobs(setup: dict) -> None:  # type: ignore[type-arg]
+    """``<layer>/blob`` of the stub and of the index layer: the blob's own bytes (sha256 = the digest) and
+    size; ``podman push`` to ``dir:`` (c/storage reads the stub's ``blob``) writes the stub as the layer."""
+    env, doc, view, pod = setup["env"], setup["doc"], setup["view"], setup["pod"]
+    prefix = pod / "als" / base64.b64encode(setup["ref"].encode()).decode()
+    for ly in (view["layers"][0], doc["layers"][0]):
+        blob = prefix / ly["digest"] / "blob"
+        assert blob.stat().st_size == ly["size"]
+        data = blob.read_bytes()
+        assert ("sha256:" + hashlib.sha256(data).hexdigest(), len(data)) == (ly["digest"], ly["size"])
+
+    p = subprocess.run([PODMAN, "pull", setup["ref"]], env=env, capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
     assert p.returncode == 0, p.stderr[-3000:]
-    (stub,) = [ly["digest"] for ly in view["layers"]]  # type: ignore[index]
-    assert f"Skipping blob {stub} (already present)" in p.stderr, p.stderr[-3000:]
-    layers = [ly["digest"] for ly in doc["layers"]]  # type: ignore[index]
-    assert "GC doesn't seem to be supported" not in p.stderr  # the use/rmdir hints were answered ENOENT
-
-    # (podman 4.3 sometimes waits 10-20 s for conmon on the first container of a fresh state: not Shoal)
-    p = subprocess.run([PODMAN, "run", "--rm", f"{host}/app:1", "/bin/sh", "-c", "read x < /etc/greeting; echo $x"],  # type: ignore[list-item]
-                       env=env, capture_output=True, text=True, timeout=60)
-    assert (p.returncode, p.stdout) == (0, "hello from shoal\n"), p.stderr + setup["log"].read_text()
-
-    # the registry saw manifests, the config, the index and range reads of packs: never a whole pack
-    index, packs = layers[0], layers[1:]
-    gets = [path for method, path, status in proxy.log if method == "GET" and "/blobs/" in path]
-    for pack in packs:
-        whole = [g for g in gets if g.endswith(pack)]
-        ranged = [r for path, r in proxy.ranges if path.endswith(pack)]
-        assert len(whole) == len(ranged), (pack, whole, ranged)
-    assert proxy.ranges, proxy.log
-    fetched = 0
-    for _path, rng in proxy.ranges:
-        lo, hi = rng.split("=", 1)[1].split("-")
-        fetched += int(hi) - int(lo) + 1
-    pack_bytes = sum(ly["size"] for ly in doc["layers"][1:])  # type: ignore[index]
-    assert fetched < pack_bytes / 3, (fetched, pack_bytes)
-    assert any(g.endswith(index) for g in gets)
-    assert not any(g.endswith(stub) for g in gets)  # the stub is never downloaded
+    # podman push to dir: (uncompressed) copies what c/storage's Diff reads from the stub's ``blob``
+    # (podman save and push to oci: refuse the stub's media type before writing: containers/image 5.23)
+    out = setup["tmp"] / "pushed"
+    p = subprocess.run([PODMAN, "push", setup["ref"], f"dir:{out}"], env=env, capture_output=True, text=True,  # type: ignore[list-item]
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stub = view["layers"][0]["digest"]
+    saved = (out / stub.split(":", 1)[1]).read_bytes()
+    assert "sha256:" + hashlib.sha256(saved).hexdigest() == stub
+    # c/storage still uses the pulled layer (use +1 at lookup and CreateAs, release -1 after the pull and
+    # after the push's read): its image mount stays
+    assert len(_mounts_under(setup["run_dir"] / "als")) == 1, setup["log"].read_text()[-3000:]

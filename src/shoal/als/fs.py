@@ -8,10 +8,13 @@ root is empty), only looked up.
 - ``diff`` of the index layer is a symlink to the image's lazy Shoal mount, started on the lookup;
   a pack layer's ``diff`` is an empty directory.
 - ``info`` is the JSON of ``layers.Layer.info``.
-- ``blob`` is empty: c/storage opens it only to copy the layer out (``podman push``/``save``), which a
-  Shoal layer does not support; the digest check of such a copy fails.
-- GC hints: c/storage makes ``<layer>/use`` and removes ``<layer>`` (rmdir); both are answered ENOENT,
-  as stargz-store does.  Every other change is EROFS.
+- ``blob`` is the layer's compressed bytes (blobs.py: the stub's are computed; an index or pack
+  blob is fetched whole and verified on open, before any byte is served).
+- Use counts (containers/storage 1.43 ``drivers/overlay``): c/storage creates ``<layer>/use`` each time
+  it starts using a layer (``LookupAdditionalLayer``, ``CreateAs``) and runs ``rmdir <layer>`` each time
+  it stops (``Release``, ``Remove`` of its layer); both are answered ENOENT, as stargz-store does.
+  When no layer of an image has a user left (``podman rmi``), the image's lazy mount is released.
+  Every other change is EROFS.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from shoal.als.blobs import Blobs, Spool
 from shoal.als.layers import DIGEST_RE, Layer, LayerKind, Resolver, decode_ref
 from shoal.als.mounts import Mounts
 from shoal.errors import NotFound, ShoalError, UsageError
@@ -46,10 +50,15 @@ class _Node:
 
 
 class LayerStoreFS(pyfuse3.Operations):
-    def __init__(self, resolver: Resolver, mounts: Mounts) -> None:
+    def __init__(self, resolver: Resolver, mounts: Mounts, blobs: Blobs) -> None:
         super().__init__()
         self.resolver = resolver
         self.mounts = mounts
+        self.blobs = blobs
+        self._handles: dict[int, tuple[_Node, Spool | None]] = {}
+        self._next_fh = 1
+        self._uses: dict[tuple[str, str], int] = {}  # (base64 ref, layer digest) -> c/storage's users
+        self._layers: dict[tuple[str, str], Layer] = {}  # the layers looked up, by the same key
         self._nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node("prefix")}
         self._inos: dict[tuple[str, str, str], int] = {("prefix", "", ""): pyfuse3.ROOT_INODE}
         self._next = pyfuse3.ROOT_INODE + 1
@@ -88,7 +97,8 @@ class LayerStoreFS(pyfuse3.Operations):
             a.st_size = len(self._target(node))
         else:
             a.st_mode = stat.S_IFREG | 0o444
-            a.st_size = len(node.layer.info) if node.kind == "info" and node.layer else 0
+            if node.layer is not None:
+                a.st_size = len(node.layer.info) if node.kind == "info" else node.layer.size
         a.st_blksize = 4096
         a.st_blocks = (a.st_size + 511) // 512
         return a
@@ -104,6 +114,7 @@ class LayerStoreFS(pyfuse3.Operations):
         if parent.kind == "prefix":
             if DIGEST_RE.match(name) and parent.prefix:
                 layer = await trio.to_thread.run_sync(self._resolve, parent.prefix, name.decode())
+                self._layers[(parent.prefix, layer.digest)] = layer
                 return self._attr(self._ino(_Node("layer", parent.prefix, layer)))
             if name and len(parent.prefix) + len(name) < 4096 and all(c in _B64 for c in name):
                 sep = "/" if parent.prefix else ""
@@ -162,28 +173,71 @@ class LayerStoreFS(pyfuse3.Operations):
                 return
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if self._node(inode).kind not in ("info", "blob"):
+        node = self._node(inode)
+        if node.kind not in ("info", "blob") or node.layer is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        spool = await trio.to_thread.run_sync(self._acquire, node.layer) if node.kind == "blob" else None
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = (node, spool)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _acquire(self, layer: Layer) -> Spool:
+        try:
+            return self.blobs.acquire(layer.mount_ref, layer.digest, layer.size, layer.data)
+        except ShoalError as exc:
+            log.warning("blob %s of %s: %s", layer.digest, layer.ref, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._node(fh)
-        data = node.layer.info if node.kind == "info" and node.layer else b""
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node, spool = handle
+        if spool is not None:
+            return spool.read(off, size)
+        data = node.layer.info if node.layer else b""
         return data[off:off + size]
 
-    # -- GC hints and refusals ---------------------------------------------------------------
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle[1] is not None:
+            self.blobs.release(handle[1])
+
+    # -- use counts, GC hints and refusals ---------------------------------------------------
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
         raise pyfuse3.FUSEError(errno.ENOENT if name == b"use" else errno.EROFS)
 
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.ENOENT)
-
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> Any:
-        raise pyfuse3.FUSEError(errno.ENOENT if name == b"use" else errno.EROFS)
+        """c/storage's ``os.Create(<layer>/use)``: one more user of the layer."""
+        parent = self._node(parent_inode)
+        if name != b"use":
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if parent.kind == "layer" and parent.layer is not None:
+            key = (parent.prefix, parent.layer.digest)
+            self._uses[key] = self._uses.get(key, 0) + 1
+            log.debug("layer %s of %s: %d users", parent.layer.digest, parent.layer.ref, self._uses[key])
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """c/storage's ``rmdir <layer>``: one user fewer; the image's mount goes with its last user.
+
+        A layer whose uses were never seen (counted by an earlier ``shoal store serve``) counts as having
+        had one.  A mount released too early comes back: ``diff`` mounts it again when it is resolved."""
+        parent = self._node(parent_inode)
+        layer = self._layers.get((parent.prefix, name.decode(errors="replace")))
+        if parent.kind == "prefix" and layer is not None:
+            key = (parent.prefix, layer.digest)
+            self._uses[key] = max(0, self._uses.get(key, 0) - 1)
+            log.debug("layer %s of %s: %d users", layer.digest, layer.ref, self._uses[key])
+            if not any(n and self._layers[k].manifest_digest == layer.manifest_digest
+                       for k, n in self._uses.items()):
+                self.mounts.release_soon(layer.manifest_digest)
+        raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOENT)

@@ -58,6 +58,8 @@ class Layer:
     manifest_digest: str
     mount_ref: str  # docker://REPO@MANIFEST-DIGEST: what the lazy mount opens
     info: bytes  # the info file's JSON
+    size: int  # the blob's size (the manifest's layer size)
+    data: bytes | None = None  # the blob's bytes when they are computed, not fetched (the stub)
 
 
 def decode_ref(prefix: str) -> str:
@@ -114,21 +116,22 @@ class Resolver:
         mount_ref = f"docker://{_repository(ref)}@{m.digest}"
         stub = stub_layer(m.digest)
         if digest == _sha(stub):
+            # diff-size is the stub's own: c/image checks it against the bytes of ``blob`` (podman save/push)
             info = {"compressed-diff-digest": digest, "compressed-size": len(stub), "diff-digest": digest,
-                    "diff-size": tree_bytes, "compression": _COMPRESSION_NONE}
-            kind = LayerKind.TREE
+                    "diff-size": len(stub), "compression": _COMPRESSION_NONE}
+            kind, size, data = LayerKind.TREE, len(stub), stub
         elif digest == m.index.digest:
             info = {"compressed-diff-digest": digest, "compressed-size": m.index.size, "diff-digest": m.root,
                     "diff-size": tree_bytes, "compression": _COMPRESSION_ZSTD}
-            kind = LayerKind.TREE
+            kind, size, data = LayerKind.TREE, m.index.size, None
         else:
             pack = next((p for p in m.packs if p.digest == digest), None)
             if pack is None:
                 raise NotFound(f"{ref} has no layer {digest}")
             info = {"compressed-diff-digest": digest, "compressed-size": pack.size, "diff-digest": EMPTY_TAR_DIGEST,
                     "diff-size": 1024, "compression": _COMPRESSION_ZSTD}
-            kind = LayerKind.EMPTY
-        return Layer(ref, digest, kind, m.digest, mount_ref, json.dumps(info, sort_keys=True).encode())
+            kind, size, data = LayerKind.EMPTY, pack.size, None
+        return Layer(ref, digest, kind, m.digest, mount_ref, json.dumps(info, sort_keys=True).encode(), size, data)
 
 
 def _has(m: ShoalManifest, digest: str) -> bool:

@@ -4,6 +4,7 @@ The mount is started by a fresh process running ``shoal mount --suid --dev REF M
 (Shoal's own lazy mount, as ``shoal run`` mounts a container root): its daemon forks, so it must
 not be forked from the store's FUSE process, which holds pyfuse3's session and trio's loop.
 A mount that is already live (e.g. left by an earlier ``shoal store serve``) is reused.
+``release`` unmounts an image's mount once containers/storage no longer uses any of its layers (fs.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Mounts:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self.started: list[str] = []
+        self._threads: list[threading.Thread] = []
 
     def path_for(self, manifest_digest: str) -> str:
         return str(self.root / manifest_digest.split(":", 1)[-1])
@@ -42,9 +44,7 @@ class Mounts:
     def ensure(self, mount_ref: str, manifest_digest: str) -> str:
         """The mount point of ``mount_ref``, mounting it first if it is not live."""
         mp = self.path_for(manifest_digest)
-        with self._guard:
-            lock = self._locks.setdefault(mp, threading.Lock())
-        with lock:
+        with self._lock(mp):
             if ms.mounts().get(mp) == "fuse.shoal":
                 return mp
             os.makedirs(mp, exist_ok=True)
@@ -58,11 +58,42 @@ class Mounts:
             self.started.append(mp)
             return mp
 
-    def close(self) -> None:
-        """Unmount what this store mounted (lazily: a running container keeps its files)."""
-        for mp in self.started:
+    def _lock(self, mp: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(mp, threading.Lock())
+
+    def release(self, manifest_digest: str) -> None:
+        """Unmount the image's mount if it is live (lazily: a process still using it keeps it until it
+        leaves, then its daemon exits) and remove its mount point.  A later ``ensure`` mounts it again."""
+        mp = self.path_for(manifest_digest)
+        with self._lock(mp):
+            self._umount(mp)
+
+    def release_soon(self, manifest_digest: str) -> None:
+        """``release`` in a thread of its own (a FUSE request must not wait for an unmount)."""
+        t = threading.Thread(target=self.release, args=(manifest_digest,), name="als-release", daemon=True)
+        with self._guard:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _umount(self, mp: str) -> None:
+        if ms.mounts().get(mp) == "fuse.shoal":
+            log.info("releasing the image mount %s", mp)
             try:
                 control.umount(mp, lazy=True)
             except ShoalError as exc:
                 log.warning("unmounting %s: %s", mp, exc)
-        self.started.clear()
+        if mp in self.started:
+            self.started.remove(mp)
+        try:
+            os.rmdir(mp)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Unmount what this store mounted (lazily: a running container keeps its files)."""
+        for t in self._threads:
+            t.join()
+        for mp in list(self.started):
+            with self._lock(mp):
+                self._umount(mp)

@@ -28,6 +28,7 @@ def serve(directory: str, ctx: SystemContext, mounts_root: str | None = None,
     import pyfuse3
     import trio
 
+    from shoal.als.blobs import Blobs
     from shoal.als.fs import LayerStoreFS
     from shoal.als.layers import Resolver
     from shoal.als.mounts import Mounts
@@ -39,7 +40,7 @@ def serve(directory: str, ctx: SystemContext, mounts_root: str | None = None,
     root = Path(mounts_root) if mounts_root else ms.run_dir() / "als"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     mounts = Mounts(root, ctx.store)
-    fs = LayerStoreFS(Resolver(ctx), mounts)
+    fs = LayerStoreFS(Resolver(ctx), mounts, Blobs(ctx))
     try:
         pyfuse3.init(fs, mp, set(ALS_FUSE_OPTIONS))
     except RuntimeError as exc:
