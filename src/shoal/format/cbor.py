@@ -207,16 +207,15 @@ def decode_fast(data: bytes) -> Any | None:
     """A quick decode for large documents whose reader checks every value it uses (the index):
     ``cbor2``'s C decoder, then proof that ``data`` is exactly the encoding of what it decoded.
 
-    Returns the value, or None when the bytes are not plainly canonical; the caller then decodes
-    with ``decode``, which refuses them in its own words (or, for a map whose keys differ in type,
-    accepts them: cbor2 and this module order such keys differently).  What a returned value
+    Returns the value, or None when cbor2 refuses the bytes or they are not exactly its encoding; the
+    caller then decodes with ``decode``, which refuses them in its own words.  What a returned value
     guarantees: definite lengths, shortest arguments, no duplicate map keys, at most ``MAX_DEPTH``
     levels, and nothing in ``data`` but the encoding of the value.  What it does not: cbor2 decodes
     floats, simple values, tagged items (a bignum is an ``int`` of 2**64 or more) and array or map keys
-    (as immutable objects), and keeps map keys in input order, so the caller MUST check the exact type and range of every value and the order of
-    every map's keys, as ``index.decode`` does.  Re-encoding with cbor2 and comparing bytes costs less
-    than either decoder's own checks: 12 + 21 ms against 115 ms for the 778 KB index of bookworm
-    minbase (docs/spec/format.md §8).
+    (as immutable objects), and keeps map keys in input order, so the caller MUST check the exact type
+    and range of every value and the order of every map's keys, as ``index.decode`` does.  Re-encoding
+    with cbor2 and comparing bytes costs less than either decoder's own checks: 12 + 21 ms against
+    115 ms for the 778 KB index of bookworm minbase (docs/spec/format.md §8).
     """
     import cbor2
 
