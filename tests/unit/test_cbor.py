@@ -212,3 +212,35 @@ def test_decoder_accepts_only_canonical_bytes() -> None:
             accepted += 1
             assert cbor.encode(v) == bytes(m), f"{bytes(m).hex()} decoded to {v!r} which encodes differently"
     assert tried == 6000 and accepted > 100
+
+
+# ------------------------------------------------------------------------------------- decode_fast
+
+
+def test_decode_fast_agrees_with_decode() -> None:
+    """``decode_fast`` (cbor2 and a byte-exact re-encode) returns exactly what ``decode`` returns, or None;
+    on bytes ``decode`` refuses it returns None unless its contract leaves the refusal to the caller
+    (floats, simple values, tags, key order)."""
+    rng = random.Random(11)
+    fast_hits = 0
+    for _ in range(600):
+        enc = cbor.encode(_random_value(rng))
+        for m in [enc] + [bytes(rng.randbytes(1)) + enc[1:], enc[:-1], enc + b"\x00", rng.randbytes(8)]:
+            fast = cbor.decode_fast(m)
+            try:
+                ref = cbor.decode(m)
+            except FormatError:
+                continue
+            if fast is not None:
+                fast_hits += 1
+                assert fast == ref and cbor.encode(fast) == m
+    assert fast_hits > 500
+
+
+@pytest.mark.parametrize("name", sorted(REJECT))
+def test_decode_fast_leaves_only_type_and_order_checks_to_the_caller(name: str) -> None:
+    hexstr, _ = REJECT[name]
+    v = cbor.decode_fast(bytes.fromhex(hexstr))
+    if v is not None:  # then the refusal is one a reader that checks types and key order makes
+        assert name.startswith(("half-", "single-", "double-", "simple-", "undefined", "tag-", "unsorted",
+                                "length-first", "int-after", "non-scalar-key", "map-key-map")), (name, v)

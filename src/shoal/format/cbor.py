@@ -14,7 +14,7 @@ from typing import Any
 
 from shoal.errors import FormatError
 
-__all__ = ["encode", "decode", "head", "MAX_DEPTH"]
+__all__ = ["encode", "decode", "decode_fast", "head", "MAX_DEPTH"]
 
 MAX_DEPTH = 16
 
@@ -201,3 +201,27 @@ def decode(data: bytes) -> Any:
     if d.pos != d.end:
         raise FormatError(f"malformed CBOR: {d.end - d.pos} trailing bytes")
     return value
+
+
+def decode_fast(data: bytes) -> Any | None:
+    """A quick decode for large documents whose reader checks every value it uses (the index):
+    ``cbor2``'s C decoder, then proof that ``data`` is exactly the encoding of what it decoded.
+
+    Returns the value, or None when cbor2 refuses the bytes or they are not exactly its encoding; the
+    caller then decodes with ``decode``, which refuses them in its own words.  What a returned value
+    guarantees: definite lengths, shortest arguments, no duplicate map keys, at most ``MAX_DEPTH``
+    levels, and nothing in ``data`` but the encoding of the value.  What it does not: cbor2 decodes
+    floats, simple values, tagged items (a bignum is an ``int`` of 2**64 or more) and array or map keys
+    (as immutable objects), and keeps map keys in input order, so the caller MUST check the exact type
+    and range of every value and the order of every map's keys, as ``index.decode`` does.  Re-encoding
+    with cbor2 and comparing bytes costs less than either decoder's own checks: 12 + 21 ms against
+    115 ms for the 778 KB index of bookworm minbase (docs/spec/format.md §8).
+    """
+    import cbor2
+
+    try:
+        value = cbor2.loads(data, max_depth=MAX_DEPTH, allow_indefinite=False, allow_duplicate_keys=False)
+        same = cbor2.dumps(value) == data
+    except (cbor2.CBORError, ValueError, TypeError, RecursionError, MemoryError, OverflowError):
+        return None
+    return value if same else None

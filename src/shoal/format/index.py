@@ -48,12 +48,19 @@ def content_record(e: Entry, ids: tuple[bytes, ...]) -> bytes:
 
     Chunk ids are sha256 of the chunk bytes and every reader verifies every chunk it serves, so a
     root that covers this sequence covers every byte of the file: order, repetition and length.
-    Hashed incrementally, so a file of a million chunk references costs no memory.
+    Hashed in slices of at most ``_ID_SLICE`` ids, so a file of a million chunk references costs no
+    more memory than its reference list.
     """
+    chunks = e.chunks
+    if len(chunks) == 1:  # most files
+        return hashlib.sha256(ids[chunks[0]]).digest()
     h = hashlib.sha256()
-    for c in e.chunks:
-        h.update(ids[c])
+    for i in range(0, len(chunks), _ID_SLICE):
+        h.update(b"".join([ids[c] for c in chunks[i : i + _ID_SLICE]]))
     return h.digest()
+
+
+_ID_SLICE = 4096
 
 
 def child_record(e: Entry, ids: tuple[bytes, ...]) -> list[Any]:
@@ -75,74 +82,95 @@ def child_record(e: Entry, ids: tuple[bytes, ...]) -> list[Any]:
 
 # The Merkle walk encodes every record by hand: the bytes are exactly ``cbor.encode`` of
 # ``child_record``/``meta_record`` (an array's encoding is its head followed by its items'), which
-# tests/unit/test_index.py checks for every kind, at a third of the cost of the generic encoder.
+# tests/unit/test_index.py checks for every kind, at a fraction of the cost of the generic encoder.
 _H = cbor.head
 _DIR_PREFIX = _H(4, 3) + cbor.encode(_DIR_TAG)
 _SHA_HEAD = _H(2, 32)
 _NO_XATTRS = cbor.encode({})
+_HEADS: list[list[bytes]] = [[_H(m, n) for n in range(256)] for m in range(8)]  # one-byte and two-byte heads
+_DIR_LEAD, _FILE_LEAD, _SYMLINK_LEAD, _HARDLINK_LEAD = (_H(0, k) for k in range(4))
+_A3, _A5, _A7, _A8, _A9 = (_H(4, n) for n in (3, 5, 7, 8, 9))
+
+
+def _uint(n: int) -> bytes:
+    return _HEADS[0][n] if 0 <= n < 256 else _H(0, n)
 
 
 def _meta_items(e: Entry) -> bytes:
     """The five items of ``meta_record(e)``, without the array head."""
     t = e.mtime_ns
-    return b"".join((_H(0, e.mode), _H(0, e.uid), _H(0, e.gid), _H(0, t) if t >= 0 else _H(1, -1 - t),
+    return b"".join((_uint(e.mode), _uint(e.uid), _uint(e.gid), _H(0, t) if t >= 0 else _H(1, -1 - t),
                      cbor.encode(dict(e.xattrs)) if e.xattrs else _NO_XATTRS))
 
 
-def _child_bytes(e: Entry, ids: tuple[bytes, ...]) -> bytes:
-    """``cbor.encode(child_record(e, ids))``."""
-    name = name_of(e.path)
+def _child_bytes(e: Entry, ids: tuple[bytes, ...], digest: bytes | None = None) -> bytes:
+    """``cbor.encode(child_record(e, ids))``; a directory's record with ``digest`` if given, else its own."""
+    name = e.path[e.path.rfind(b"/") + 1 :]
+    nh = _HEADS[2][len(name)] if len(name) < 256 else _H(2, len(name))
     k = e.kind
-    lead = _H(2, len(name)) + name + _H(0, int(k))
     if k == Kind.DIR:
-        return _H(4, 3) + lead + _SHA_HEAD + e.digest
-    if k == Kind.HARDLINK:
-        return _H(4, 3) + lead + _H(2, len(e.target)) + e.target
-    meta = _meta_items(e)
+        return b"".join((_A3, nh, name, _DIR_LEAD, _SHA_HEAD, e.digest if digest is None else digest))
     if k == Kind.FILE:
         content = content_record(e, ids)
-        return _H(4, 9) + lead + meta + _H(0, e.size) + _H(2, len(content)) + content
+        return b"".join((_A9, nh, name, _FILE_LEAD, _meta_items(e), _uint(e.size), _SHA_HEAD, content))
+    if k == Kind.HARDLINK:
+        return b"".join((_A3, nh, name, _HARDLINK_LEAD, _H(2, len(e.target)), e.target))
+    meta = _meta_items(e)
     if k == Kind.SYMLINK:
-        return _H(4, 8) + lead + meta + _H(2, len(e.target)) + e.target
+        return b"".join((_A8, nh, name, _SYMLINK_LEAD, meta, _H(2, len(e.target)), e.target))
     if k in (Kind.CHAR, Kind.BLOCK):
-        return _H(4, 9) + lead + meta + _H(0, e.rdev[0]) + _H(0, e.rdev[1])
-    return _H(4, 7) + lead + meta
+        return b"".join((_A9, nh, name, _H(0, int(k)), meta, _H(0, e.rdev[0]), _H(0, e.rdev[1])))
+    return b"".join((_A7, nh, name, _H(0, int(k)), meta))
 
 
 def _dir_digest(d: Entry, children: list[bytes]) -> bytes:
     """sha256 of ``cbor.encode([_DIR_TAG, meta_record(d), children])``, children already encoded."""
     h = hashlib.sha256(_DIR_PREFIX)
-    h.update(_H(4, 5) + _meta_items(d) + _H(4, len(children)))
+    h.update(_A5 + _meta_items(d) + _H(4, len(children)))
     h.update(b"".join(children))
     return h.digest()
+
+
+def _digests(entries: list[Entry] | tuple[Entry, ...], ids: tuple[bytes, ...]) -> dict[int, bytes]:
+    """The Merkle digest of every directory, by its position in ``entries`` (canonical order).  A
+    directory's own ``digest`` field is never read: its record in its parent uses the digest computed
+    here."""
+    digests: dict[int, bytes] = {}
+    # entries are in depth-first preorder, so a stack of open directories suffices: (position, path,
+    # records of its children so far)
+    stack: list[tuple[int, bytes, list[bytes]]] = []
+    kind_dir = Kind.DIR
+    for i, e in enumerate(entries):
+        path = e.path
+        if stack and i:
+            cut = path.rfind(b"/")
+            parent = b"" if cut < 0 else path[:cut]
+            while stack and stack[-1][1] != parent:
+                _close(entries, stack, ids, digests)
+        if e.kind == kind_dir:
+            stack.append((i, path, []))
+        elif stack:
+            stack[-1][2].append(_child_bytes(e, ids))
+    while stack:
+        _close(entries, stack, ids, digests)
+    return digests
+
+
+def _close(entries: list[Entry] | tuple[Entry, ...], stack: list[tuple[int, bytes, list[bytes]]],
+           ids: tuple[bytes, ...], digests: dict[int, bytes]) -> None:
+    i, _, kids = stack.pop()
+    d = digests[i] = _dir_digest(entries[i], kids)
+    if stack:
+        stack[-1][2].append(_child_bytes(entries[i], ids, d))
 
 
 def merkle(entries: Iterable[Entry], ids: tuple[bytes, ...]) -> list[Entry]:
     """Return ``entries`` (canonical order) with every directory's Merkle digest filled in; ``ids``
     is the chunk table the files' chunk references index."""
     out = list(entries)
-    # entries are in depth-first preorder, so a stack of open directories suffices
-    stack: list[tuple[int, list[bytes]]] = []
-    for i, e in enumerate(out):
-        if stack and i:
-            parent = parent_of(e.path)
-            while stack and out[stack[-1][0]].path != parent:
-                _close(out, stack, ids)
-        if stack and e.kind != Kind.DIR:
-            stack[-1][1].append(_child_bytes(e, ids))
-        if e.kind == Kind.DIR:
-            stack.append((i, []))
-    while stack:
-        _close(out, stack, ids)
+    for i, d in _digests(out, ids).items():
+        out[i] = replace(out[i], digest=d)
     return out
-
-
-def _close(out: list[Entry], stack: list[tuple[int, list[bytes]]], ids: tuple[bytes, ...]) -> None:
-    i, kids = stack.pop()
-    d = replace(out[i], digest=_dir_digest(out[i], kids))
-    out[i] = d
-    if stack:
-        stack[-1][1].append(_child_bytes(d, ids))
 
 
 # ---------------------------------------------------------------- encoding (§4)
@@ -211,9 +239,9 @@ def validate_path(path: bytes) -> None:
         raise HostileInput(f"path longer than {MAX_PATH} bytes")
     if b"\0" in path:
         raise HostileInput("path contains NUL")
-    for comp in path.split(b"/"):
-        if comp in (b"", b".", b".."):
-            raise HostileInput(f"non-canonical path {path[:200]!r}")
+    framed = b"/" + path + b"/"  # an empty component, ".", ".." anywhere, a leading or trailing "/"
+    if b"//" in framed or b"/./" in framed or b"/../" in framed:
+        raise HostileInput(f"non-canonical path {path[:200]!r}")
 
 
 def _int(v: Any, hi: int, what: str, lo: int = 0) -> int:
@@ -228,55 +256,74 @@ def _bytes(v: Any, what: str) -> bytes:
     return v
 
 
-def _decode_entry(raw: Any, ids: tuple[bytes, ...], chunk_lengths: tuple[int, ...]) -> Entry:
-    n_chunks = len(ids)
-    if type(raw) is not list or len(raw) != 8:
-        raise FormatError("index: entry must be an array of 8 items")
-    path = _bytes(raw[0], "path")
-    if path:
-        validate_path(path)
-    try:
-        kind = Kind(_int(raw[1], 7, "kind"))
-    except ValueError:
-        raise FormatError("index: unknown entry kind") from None
-    mode = _int(raw[2], 0o10000, "mode")
-    uid = _int(raw[3], _U32, "uid")
-    gid = _int(raw[4], _U32, "gid")
-    mtime = _int(raw[5], 1 << 63, "mtime", lo=-(1 << 63))
-    xa = raw[6]
+_KINDS = tuple(Kind)
+_MTIME_LO, _MTIME_HI = -(1 << 63), 1 << 63
+
+
+def _xattrs(xa: Any) -> tuple[tuple[bytes, bytes], ...]:
     if type(xa) is not dict:
         raise FormatError("index: xattrs must be a map")
+    if not xa:
+        return ()
     total = 0
+    prev: tuple[int, bytes] = (-1, b"")
     for k, v in xa.items():
         if type(k) is not bytes or type(v) is not bytes or not k or b"\0" in k:
             raise FormatError("index: bad xattr")
+        key = (len(k), k)  # byte-string keys in the bytewise order of their encodings (§3)
+        if key <= prev:
+            raise FormatError("index: xattr names unsorted or duplicated")
+        prev = key
         total += len(k) + len(v)
     if total > MAX_XATTRS_BYTES:
         raise HostileInput("index: xattrs too large")
-    xattrs = tuple(xa.items())
-    p = raw[7]
-    if kind == Kind.DIR:
-        digest = _bytes(p, "directory digest")
-        if len(digest) != 32:
-            raise FormatError("index: directory digest must be 32 bytes")
-        return Entry(path, kind, mode, uid, gid, mtime, xattrs, digest=digest)
+    return tuple(xa.items())
+
+
+def _decode_entry(raw: Any, ids: tuple[bytes, ...], chunk_lengths: tuple[int, ...]) -> Entry:
+    if type(raw) is not list or len(raw) != 8:
+        raise FormatError("index: entry must be an array of 8 items")
+    path, k, mode, uid, gid, mtime, xa, p = raw
+    if type(path) is not bytes:
+        raise FormatError("index: path must be a byte string")
+    if path:
+        validate_path(path)
+    if type(k) is not int or not 0 <= k < 7:
+        raise FormatError("index: bad kind")
+    kind = _KINDS[k]
+    if type(mode) is not int or not 0 <= mode < 0o10000:
+        raise FormatError("index: bad mode")
+    if type(uid) is not int or not 0 <= uid < _U32:
+        raise FormatError("index: bad uid")
+    if type(gid) is not int or not 0 <= gid < _U32:
+        raise FormatError("index: bad gid")
+    if type(mtime) is not int or not _MTIME_LO <= mtime < _MTIME_HI:
+        raise FormatError("index: bad mtime")
+    xattrs = _xattrs(xa)
     if kind == Kind.FILE:
         if type(p) is not list or len(p) != 2 or type(p[1]) is not list:
             raise FormatError("index: bad file payload")
         size = _int(p[0], 1 << 63, "file size")
         chunks = tuple(p[1])
-        total = 0
+        n_chunks = len(ids)
         for c in chunks:
-            total += chunk_lengths[_int(c, n_chunks, "chunk reference")]
-        if total != size:
+            if type(c) is not int or not 0 <= c < n_chunks:
+                raise FormatError("index: bad chunk reference")
+        if sum(map(chunk_lengths.__getitem__, chunks)) != size:
             raise FormatError(f"index: chunks of {path[:200]!r} do not add up to its size")
-        return Entry(path, kind, mode, uid, gid, mtime, xattrs, size=size, chunks=chunks)
-    if kind in (Kind.SYMLINK, Kind.HARDLINK):
+        return Entry(path, kind, mode, uid, gid, mtime, xattrs, size, chunks)
+    if kind == Kind.DIR:
+        if type(p) is not bytes:
+            raise FormatError("index: directory digest must be a byte string")
+        if len(p) != 32:
+            raise FormatError("index: directory digest must be 32 bytes")
+        return Entry(path, kind, mode, uid, gid, mtime, xattrs, digest=p)
+    if kind == Kind.SYMLINK or kind == Kind.HARDLINK:
         target = _bytes(p, "link target")
         if not target or b"\0" in target or len(target) > MAX_PATH:
             raise FormatError("index: bad link target")
         return Entry(path, kind, mode, uid, gid, mtime, xattrs, target=target)
-    if kind in (Kind.CHAR, Kind.BLOCK):
+    if kind == Kind.CHAR or kind == Kind.BLOCK:
         if type(p) is not list or len(p) != 2:
             raise FormatError("index: bad device payload")
         rdev = (_int(p[0], _U32, "major"), _int(p[1], _U32, "minor"))
@@ -286,11 +333,31 @@ def _decode_entry(raw: Any, ids: tuple[bytes, ...], chunk_lengths: tuple[int, ..
     return Entry(path, kind, mode, uid, gid, mtime, xattrs)
 
 
+# the top-level keys in canonical order: text keys sort by length, then bytewise (§3)
+_KEY_ORDER = tuple(sorted(_KEYS, key=lambda k: (len(k), k)))
+
+
 def decode(raw: bytes) -> Index:
-    """Decode and fully validate uncompressed index bytes."""
-    doc = cbor.decode(raw)
+    """Decode and fully validate uncompressed index bytes.
+
+    The document is decoded by ``cbor.decode_fast`` (cbor2's C decoder and a byte-exact re-encode) and
+    every value is type- and range-checked here, as it must be for that decoder; if anything is
+    refused, ``cbor.decode`` (the reference decoder) decodes it again, so a bad index gets the same
+    answer and the same message either way."""
+    doc = cbor.decode_fast(raw)
+    if doc is not None:
+        try:
+            return _decode_doc(doc)
+        except FormatError:
+            pass  # the reference decoder below says why
+    return _decode_doc(cbor.decode(raw))
+
+
+def _decode_doc(doc: Any) -> Index:
     if type(doc) is not dict or set(doc) != _KEYS:
         raise FormatError("index: wrong top-level keys")
+    if tuple(doc) != _KEY_ORDER:
+        raise FormatError("index: top-level keys unsorted")
     fmt = doc["format"]
     if type(fmt) is not int or fmt != FORMAT:  # type(): ``True == 1`` must not pass (one value, one encoding)
         if type(fmt) is int and fmt == 1:
@@ -311,26 +378,32 @@ def decode(raw: bytes) -> Index:
     if len(set(ids)) != n:
         raise FormatError("index: duplicate chunk ids")
     frames = _frames(frames_raw, len(packs))
-    cf, co, cl = [], [], []
-    for fi, off, ln in CHUNKLOC.iter_unpack(locs_raw):
-        if fi >= len(frames) or not 0 < ln <= MAX_CHUNK or off + ln > frames[fi].ulen:
-            raise FormatError("index: bad chunk location")
-        cf.append(fi)
-        co.append(off)
-        cl.append(ln)
-    lengths = tuple(cl)
+    cf, co, cl = _chunk_locations(locs_raw, frames)
     raw_entries = doc["entries"]
     if type(raw_entries) is not list or not raw_entries:
         raise FormatError("index: no entries")
-    entries = [_decode_entry(r, ids, lengths) for r in raw_entries]
+    entries = [_decode_entry(r, ids, cl) for r in raw_entries]
     _check_tree(entries)
-    recomputed = merkle(entries, ids)
-    for a, b in zip(entries, recomputed):
-        if a.digest != b.digest:
-            raise FormatError(f"index: Merkle digest mismatch at {a.path[:200]!r}")
-    if recomputed[0].digest != root:
+    digests = _digests(entries, ids)
+    for i, d in digests.items():
+        if entries[i].digest != d:
+            raise FormatError(f"index: Merkle digest mismatch at {entries[i].path[:200]!r}")
+    if digests[0] != root:
         raise FormatError("index: root digest mismatch")
-    return Index(tuple(entries), ids, tuple(cf), tuple(co), lengths, frames, tuple(packs), root)
+    return Index(tuple(entries), ids, cf, co, cl, frames, tuple(packs), root)
+
+
+def _chunk_locations(raw: bytes, frames: tuple[Frame, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The chunk-location table as three columns (frame, offset, length), every row checked."""
+    n = len(raw) // CHUNKLOC.size
+    rows = list(CHUNKLOC.iter_unpack(raw))
+    cf, co, cl = (tuple(col) for col in zip(*rows)) if rows else ((), (), ())
+    if n and (max(cf) >= len(frames) or min(cl) <= 0 or max(cl) > MAX_CHUNK):
+        raise FormatError("index: bad chunk location")
+    ulens = [f.ulen for f in frames]
+    if any(o + ln > ulens[f] for f, o, ln in zip(cf, co, cl)):
+        raise FormatError("index: bad chunk location")
+    return cf, co, cl
 
 
 def _frames(raw: bytes, n_packs: int) -> tuple[Frame, ...]:
