@@ -212,18 +212,24 @@ state = "{self.root}/cd/state"
               "containerd")
 
     def _runc_leftovers(self) -> None:
-        """CRI's pods and containers of this containerd still known to runc (a failed or interrupted run):
-        killed and deleted by id; their state names our state directory, other containerds' never do."""
+        """CRI's pods and containers of this containerd still known to runc (a failed or interrupted run),
+        killed and deleted by id: those with a bundle in our state directory (also half-created ones,
+        which runc holds as a bare directory with ``exec.fifo``) or whose runc state names it."""
         rroot = Path("/run/containerd/runc") / CRI_NS
         if not rroot.is_dir():
             return
+        bundles = self.root / "cd" / "state" / "io.containerd.runtime.v2.task" / CRI_NS
+        ids = {b.name for b in bundles.iterdir()} if bundles.is_dir() else set()
         for st in rroot.glob("*/state.json"):
             try:
-                ours = str(self.root).encode() in st.read_bytes()
+                if str(self.root).encode() in st.read_bytes():
+                    ids.add(st.parent.name)
             except OSError:
                 continue
-            if ours:
-                subprocess.run(["runc", "--root", str(rroot), "delete", "--force", st.parent.name], capture_output=True)
+        for cid in sorted(ids):
+            subprocess.run(["runc", "--root", str(rroot), "delete", "--force", cid], capture_output=True)
+            if (rroot / cid).is_dir() and not (rroot / cid / "state.json").exists():
+                shutil.rmtree(rroot / cid, ignore_errors=True)
         try:
             rroot.rmdir()  # only if empty: another containerd may use k8s.io
         except OSError:
@@ -239,9 +245,9 @@ state = "{self.root}/cd/state"
                     p.kill()
                     p.wait()
         self.procs = []
-        self._runc_leftovers()
         for pid in _pids_with(str(self.sock)):  # shims of this containerd (their command line has our socket)
             os.kill(pid, signal.SIGKILL)
+        self._runc_leftovers()
         umount_all(self.root)
         for pid in _pids_with(str(self.root)):  # FUSE daemons of lazy mounts (shoal mount) left behind
             os.kill(pid, signal.SIGKILL)
