@@ -1,34 +1,56 @@
 #!/usr/bin/env python3
 """Lazy start under containerd: time to a container's first output and registry bytes fetched by then,
 Shoal's snapshotter against overlayfs with the classic image and against the stargz snapshotter with
-optimized eStargz, all of the same tree, measured in one run.
+optimized eStargz, all of the same tree, measured in one run, through CRI (the kubelet's calls) by default.
 
-Usage: python bench/containerd.py [--tree DIR] [--reps N] [--mbit 100] [--latency-ms 20]
+Usage: python bench/containerd.py [--via cri|ctr] [--tree DIR] [--reps N] [--links loopback,throttled]
+                                  [--mbit 100] [--latency-ms 20] [--modes shoal,overlayfs,stargz]
 
 The tree is debootstrap minbase bookworm + python3 + git (cached in $SHOAL_BENCH_CACHE).  One loopback
 docker-registry (its storage cached in $SHOAL_BENCH_CACHE/containerd/registry) holds:
 - the classic image: one gzip layer made by umoci from the tree, pushed with skopeo (made once);
 - the optimized eStargz image: ``ctr-remote image optimize --oci --period 10 --entrypoint
   '["python3","-c","print(1)"]'`` of the classic one (made once; ../shared/recipes/estargz-peer.md §4);
+- the CRI sandbox image ``pause:1`` (made once, as tests/integration/test_cri.py makes its own: dash,
+  ``sleep`` and their libraries, ``shoal build`` + ``shoal export`` + ``shoal copy``, a classic image);
 - the Shoal image: ``shoal build`` + ``shoal push`` (every run), its containerd view
   (docs/spec/oci-mapping.md §4) and a ``shoal profile`` of the workload pushed as a referrer (the
   counterpart of eStargz's optimization; the snapshotter's ``shoal mount`` uses it, ``--prefetch auto``).
-Every client reaches the registry through bench/throttle.py: on "loopback" with no limit and no added
-latency (it only counts), then at ``--mbit`` + ``--latency-ms`` per request.
+Every workload image is pulled through bench/throttle.py: on "loopback" with no limit and no added
+latency (it only counts), then ("throttled") at ``--mbit`` + ``--latency-ms`` per request.
 
 The stargz snapshotter daemon (0.12.0) is built on demand, offline, from bench/peers/stargz-grpc/main.go
 and Debian's library sources into $SHOAL_BENCH_CACHE/stargz-grpc (needs golang-go and
-golang-github-containerd-stargz-snapshotter-dev); its defaults apply (background fetch on, which
-starts after 5 s without reads, so after the output).
+golang-github-containerd-stargz-snapshotter-dev); it takes the layer source from CRI's labels or from
+ctr-remote's; its defaults apply (background fetch on, which starts after 5 s without reads, so after
+the output).
 
 Each run is cold: a fresh containerd root and state, a fresh snapshotter root (Shoal: and store cache),
-``sync`` and ``echo 3 > /proc/sys/vm/drop_caches``, then, timed to the first byte on the container's
-stdout (ctr, not CRI; namespace ``shoalbench``):
+``sync`` and ``echo 3 > /proc/sys/vm/drop_caches`` just before the clock starts.
+
+``--via cri`` (default): containerd 1.6 with its CRI plugin (docs/containerd.md "CRI": restrict_oom_score_adj,
+``sandbox_image`` = the registry's pause:1, ``snapshotter`` = "shoal" | "overlayfs" | "stargz",
+``disable_snapshot_annotations = false``, ``registry.config_path`` with a plain-HTTP hosts.toml for the
+registry and for the throttle proxy), driven by the CRI v1 client of tests/cri (stubs generated at run
+time).  Untimed, before the caches are dropped: the sandbox image is pulled with CRI PullImage straight
+from the registry (not through the proxy), so it is warm, and not counted, in every mode.  Timed: from
+just before ``PullImage(REF)`` through ``RunPodSandbox`` (host network, no hostname), ``CreateContainer``
+(command ``python3 -c 'print(1)'``, a CRI log file) and ``StartContainer`` to the moment the container's
+CRI log file is first non-empty (its size polled every 2 ms from StartContainer's return; containerd
+writes the line ``<time> stdout F 1`` as it reads the shim's stdout).  "pull" is the PullImage call.
+Untimed after: the container's exit (code 0 and the log line checked), StopPodSandbox, RemovePodSandbox.
+The image refs go through the proxy (``PROXY/shoal/py:1``, ``PROXY/classic/py:1``, ``PROXY/esgz/py:opt``).
+
+``--via ctr``: containerd without CRI (namespace ``shoalbench``), timed to the first byte on the
+container's stdout (the ``ctr run`` pipe):
 - shoal:     ``ctr-remote image rpull --plain-http --snapshotter shoal REF`` + ``ctr run --snapshotter shoal``
 - overlayfs: ``ctr images pull --plain-http REF`` + ``ctr run`` (the classic image)
 - stargz:    ``ctr-remote image rpull --plain-http REF`` + ``ctr run --snapshotter stargz`` (optimized eStargz)
-Bytes are every response body (and request body) that crossed the proxy by then: manifests, configs,
-blobs, ranges, referrers.  The modes alternate within each repetition; the median is shown.
+
+Bytes are every response body (and request body) that crossed the proxy by the first output: manifests,
+configs, blobs, ranges, referrers.  The modes alternate within each repetition; the median is shown.
+Every process started here (containerd, shims, their containers, the snapshotters, their FUSE daemons)
+and every mount under the work directory is gone at the end, also on failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -56,8 +78,11 @@ SHOAL = shutil.which("shoal") or str(Path(sys.executable).parent / "shoal")
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CMD = ["python3", "-c", "print(1)"]
 NS = "shoalbench"
+CRI_NS = "k8s.io"
 HERE = Path(__file__).parent
+TESTS = HERE.parent / "tests"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 STUB_MEDIA_TYPE = "application/vnd.oci.image.layer.shoal.v1"
 MODES = ("shoal", "overlayfs", "stargz")
 
@@ -67,7 +92,8 @@ class Sample:
     seconds: float  # to the first byte of output
     bytes: int  # through the proxy by then
     requests: int
-    pull: float  # of which the pull (rpull or images pull)
+    pull: float  # of which the pull (rpull, images pull or CRI PullImage)
+    pod: float = 0.0  # CRI: from the start to RunPodSandbox's return
 
 
 # ------------------------------------------------------------------------------------ the peer daemon
@@ -108,22 +134,42 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
 
 class Node:
     """containerd 1.6 with proxy plugins ``shoal`` and ``stargz``, and at most one of those daemons,
-    all under ``root``; ``reset`` makes everything cold (../shared/recipes/estargz-peer.md §5)."""
+    all under ``root``; with ``cri``, its CRI plugin set to one snapshotter; ``reset`` makes everything
+    cold (../shared/recipes/estargz-peer.md §5)."""
 
-    def __init__(self, root: Path, stargz: Path) -> None:
-        self.root, self.stargz = root, stargz
+    def __init__(self, root: Path, stargz: Path, cri: bool = False, pause: str = "") -> None:
+        self.root, self.stargz, self.cri, self.pause = root, stargz, cri, pause
         self.sock = root / "cd" / "containerd.sock"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs = root.parent / "logs"
         self.logs.mkdir(exist_ok=True)
+        self.hosts: tuple[str, ...] = ()  # registries CRI reaches over plain HTTP (hosts.toml)
 
-    def _config(self) -> Path:
+    def _cri_config(self, snapshotter: str) -> str:
+        """docs/containerd.md "CRI", with a hosts.toml per plain-HTTP registry."""
+        certs = self.root / "certs.d"
+        for host in self.hosts:
+            (certs / host).mkdir(parents=True, exist_ok=True)
+            (certs / host / "hosts.toml").write_text(
+                f'server = "http://{host}"\n[host."http://{host}"]\n  capabilities = ["pull", "resolve"]\n')
+        return f"""[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  sandbox_image = "{self.pause}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{snapshotter}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"""
+
+    def _config(self, snapshotter: str) -> Path:
         cfg = self.root / "cd" / "config.toml"
+        cri = self._cri_config(snapshotter) if self.cri else ""
+        disabled = "" if self.cri else 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         cfg.write_text(f"""version = 2
 root = "{self.root}/cd/lib"
 state = "{self.root}/cd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
+{disabled}[grpc]
   address = "{self.sock}"
 [ttrpc]
   address = "{self.sock}.ttrpc"
@@ -133,7 +179,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.stargz]
   type = "snapshot"
   address = "{self.root}/sgz/stargz.sock"
-""")
+{cri}""")
         return cfg
 
     def _log(self, name: str) -> Any:
@@ -142,7 +188,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     def env(self) -> dict[str, str]:
         return {**os.environ, "SHOAL_STORE": str(self.root / "store"), "SHOAL_RUN_DIR": str(self.root / "run")}
 
-    def start(self, snapshotter: str | None) -> None:
+    def start(self, snapshotter: str) -> None:
+        """Start the snapshotter's daemon (none for "overlayfs"), then containerd."""
         for d in ("cd", "snap", "sgz"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         if snapshotter == "shoal":
@@ -158,10 +205,35 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                  "--log-level", "info"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log("stargz.log")))
             _wait(sock.exists, "stargz snapshotter")
-        self.procs.append(subprocess.Popen(["containerd", "--config", str(self._config())], stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=self._log("containerd.log")))
+        self.procs.append(subprocess.Popen(["containerd", "--config", str(self._config(snapshotter))],
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=self._log("containerd.log")))
         _wait(lambda: subprocess.run(["ctr", "-a", str(self.sock), "version"], capture_output=True).returncode == 0,
               "containerd")
+
+    def _runc_leftovers(self) -> None:
+        """CRI's pods and containers of this containerd still known to runc (a failed or interrupted run),
+        killed and deleted by id: those with a bundle in our state directory (also half-created ones,
+        which runc holds as a bare directory with ``exec.fifo``) or whose runc state names it."""
+        rroot = Path("/run/containerd/runc") / CRI_NS
+        if not rroot.is_dir():
+            return
+        bundles = self.root / "cd" / "state" / "io.containerd.runtime.v2.task" / CRI_NS
+        ids = {b.name for b in bundles.iterdir()} if bundles.is_dir() else set()
+        for st in rroot.glob("*/state.json"):
+            try:
+                if str(self.root).encode() in st.read_bytes():
+                    ids.add(st.parent.name)
+            except OSError:
+                continue
+        for cid in sorted(ids):
+            subprocess.run(["runc", "--root", str(rroot), "delete", "--force", cid], capture_output=True)
+            if (rroot / cid).is_dir() and not (rroot / cid / "state.json").exists():
+                shutil.rmtree(rroot / cid, ignore_errors=True)
+        try:
+            rroot.rmdir()  # only if empty: another containerd may use k8s.io
+        except OSError:
+            pass
 
     def stop(self) -> None:
         for p in reversed(self.procs):  # containerd first, then the snapshotter
@@ -173,18 +245,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                     p.kill()
                     p.wait()
         self.procs = []
-        for pid in os.listdir("/proc"):  # shims of this containerd (their command line has our socket)
-            if pid.isdigit():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"containerd-shim" in cmd and str(self.sock).encode() in cmd:
-                    os.kill(int(pid), signal.SIGKILL)
+        for pid in _pids_with(str(self.sock)):  # shims of this containerd (their command line has our socket)
+            os.kill(pid, signal.SIGKILL)
+        self._runc_leftovers()
         umount_all(self.root)
+        for pid in _pids_with(str(self.root)):  # FUSE daemons of lazy mounts (shoal mount) left behind
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(f"/run/containerd/runc/{NS}", ignore_errors=True)
 
-    def reset(self, snapshotter: str | None) -> None:
+    def reset(self, snapshotter: str) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
         self.start(snapshotter)
@@ -194,6 +263,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     def ctr_remote(self, *args: str) -> list[str]:
         return ["ctr-remote", "-a", str(self.sock), "-n", NS, *args]
+
+
+def _pids_with(needle: str) -> list[int]:
+    """Processes (not this one) whose command line contains ``needle``."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle.encode() in cmd:
+                out.append(int(pid))
+    return out
 
 
 def umount_all(root: Path) -> None:
@@ -230,7 +313,7 @@ def peer_images(tree: Path, reg: Registry, node: Node, work: Path) -> None:
     sh(f"skopeo copy -q {' '.join(SKOPEO_HTTP)} oci:{lay}:py docker://{reg.host}/classic/py:1")
     shutil.rmtree(b1)
     print("[setup] optimized eStargz (ctr-remote image optimize, 1-6 min) ...", file=sys.stderr)
-    node.reset(None)
+    node.reset("overlayfs")
     src, dst = f"{reg.host}/classic/py:1", f"{reg.host}/esgz/py:opt"
     run(node.ctr("content", "fetch", "--plain-http", src))
     run(node.ctr_remote("image", "optimize", "--oci", "--period", "10", "--entrypoint", json.dumps(CMD), src, dst),
@@ -252,9 +335,10 @@ def shoal_image(tree: Path, reg: Registry, work: Path) -> str:
     run([SHOAL, "--store", str(store), "push", "py:1", f"docker://{reg.host}/shoal/py:1"])
     base = f"http://{reg.host}/v2/shoal/py"
     with httpx.Client() as c:
-        r = c.get(f"{base}/manifests/1", headers={"Accept": OCI_MANIFEST}).raise_for_status()
-        if json.loads(r.content)["layers"][0]["mediaType"] == STUB_MEDIA_TYPE:  # `shoal push` published it
-            tag = "1"
+        r = c.get(f"{base}/manifests/1", headers={"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}).raise_for_status()
+        doc = json.loads(r.content)
+        if doc.get("mediaType") == OCI_INDEX or doc["layers"][0]["mediaType"] == STUB_MEDIA_TYPE:
+            tag = "1"  # `shoal push` published it (an index of the Shoal manifest and the view; or the view)
         else:  # publish it the way tests/integration/test_containerd.py does
             tag = "ctr"
             cfg = c.get(f"{base}/blobs/{json.loads(r.content)['config']['digest']}").raise_for_status().content
@@ -270,12 +354,110 @@ def shoal_image(tree: Path, reg: Registry, work: Path) -> str:
     return f"shoal/py:{tag}"
 
 
+def pause_image(reg: Registry, work: Path) -> str:
+    """CRI's sandbox image in the cached registry, made once the way tests/integration/test_cri.py makes
+    its own: dash, ``sleep`` and their libraries; its command blocks (``sleep infinity``)."""
+    import httpx
+
+    ref = f"{reg.host}/pause:1"
+    if httpx.head(f"http://{reg.host}/v2/pause/manifests/1", headers={"Accept": OCI_MANIFEST}).is_success:
+        return ref
+    sys.path.insert(0, str(TESTS / "integration"))
+    from containerd_fix import tiny_tree
+
+    print("[setup] pause image ...", file=sys.stderr)
+    tree, store, oci = work / "pause-tree", work / "pause-store", work / "pause-oci"
+    tiny_tree(tree, extra=("/usr/bin/sleep",))
+    run([SHOAL, "--store", str(store), "build", "--cmd", "/usr/bin/sleep infinity", str(tree), "pause:1"])
+    run([SHOAL, "--store", str(store), "export", "pause:1", f"oci:{oci}:pause"])
+    run([SHOAL, "--store", str(store), "copy", f"oci:{oci}:pause", f"docker://{ref}"])
+    return ref
+
+
 # ------------------------------------------------------------------------------------ one cold run
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def cri_client(node: Node, stubs: Path) -> Any:
+    """tests/cri's CriClient on ``node``'s socket, once CRI answers."""
+    sys.path.insert(0, str(TESTS))
+    from cri import CriClient
+
+    cri = CriClient(node.sock, stubs)
+    try:
+        cri.runtime.Version(cri.pb.VersionRequest(), timeout=30, wait_for_ready=True)
+    except BaseException:
+        cri.close()
+        raise
+    return cri
+
+
+def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, n: int, stubs: Path) -> Sample:
+    """PullImage, RunPodSandbox, CreateContainer, StartContainer to the first byte in the CRI log."""
+    ref = f"{host}/{refs[mode]}"
+    node.hosts = (node.pause.split("/")[0], host)
+    node.reset(mode)
+    cri = cri_client(node, stubs)
+    pb = cri.pb
+    try:
+        cri.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=node.pause)), timeout=120)  # warm
+        logs = node.root / f"pod-logs-{n}"
+        logs.mkdir()
+        log = logs / "c.log"
+        sb = pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name=f"bench-{n}", uid=f"bench-{n}-uid", namespace="default", attempt=0),
+            log_directory=str(logs),  # no hostname: a host-network pod has no UTS namespace of its own
+            linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+                namespace_options=pb.NamespaceOption(network=pb.NODE))))
+        cfg = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="c", attempt=0), image=pb.ImageSpec(image=ref),
+                                 command=CMD, log_path=log.name)
+        drop_caches()
+        b0, r0 = link.bytes, link.requests
+        t0 = time.perf_counter()
+        cri.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=600)
+        tp = time.perf_counter()
+        pod = cri.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb), timeout=120).pod_sandbox_id
+        ts = time.perf_counter()
+        cid = cri.runtime.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=pod, config=cfg, sandbox_config=sb),
+                                          timeout=300).container_id
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
+        end = time.monotonic() + 120
+        while True:
+            try:
+                if log.stat().st_size > 0:
+                    break
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > end:
+                raise SystemExit(f"{mode}: no output in the CRI log {log} in 120 s")
+            time.sleep(0.002)
+        t1 = time.perf_counter()
+        b1, r1 = link.bytes, link.requests
+        while True:
+            st = cri.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+            if st.state == pb.CONTAINER_EXITED or time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        lines = [ln.split(" ", 3)[1:] for ln in log.read_text().splitlines()]
+        if st.state != pb.CONTAINER_EXITED or st.exit_code != 0 or lines != [["stdout", "F", "1"]]:
+            raise SystemExit(f"{mode}: the container ended {pb.ContainerState.Name(st.state)} ({st.exit_code}), "
+                             f"log {lines[:5]!r}; see {node.logs}")
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+    finally:
+        cri.close()
+    return Sample(t1 - t0, b1 - b0, r1 - r0, tp - t0, ts - t0)
+
+
 
 
 def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, n: int) -> Sample:
     ref = f"{host}/{refs[mode]}"
-    node.reset(mode if mode != "overlayfs" else None)
+    node.reset(mode)
     if mode == "shoal":
         cmds = [node.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "shoal", ref),
                 node.ctr("run", "--rm", "--snapshotter", "shoal", ref, f"b{n}", *CMD)]
@@ -284,8 +466,7 @@ def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, 
                 node.ctr("run", "--rm", "--snapshotter", "stargz", ref, f"b{n}", *CMD)]
     else:
         cmds = [node.ctr("images", "pull", "--plain-http", ref), node.ctr("run", "--rm", ref, f"b{n}", *CMD)]
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    drop_caches()
     b0, r0 = link.bytes, link.requests
     t0 = time.perf_counter()
     run(cmds[0], env=node.env())
@@ -305,24 +486,47 @@ def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, 
 
 def median(samples: list[Sample]) -> Sample:
     return Sample(statistics.median(s.seconds for s in samples), int(statistics.median(s.bytes for s in samples)),
-                  int(statistics.median(s.requests for s in samples)), statistics.median(s.pull for s in samples))
+                  int(statistics.median(s.requests for s in samples)), statistics.median(s.pull for s in samples),
+                  statistics.median(s.pod for s in samples))
+
+
+def _term(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: every ``finally`` below runs
+
+
+LABELS = {  # mode: (row label, what it runs), per --via
+    "cri": {"shoal": "shoal snapshotter (CRI)", "overlayfs": "overlayfs, classic (CRI)",
+            "stargz": "stargz snapshotter, optimized eStargz (CRI)"},
+    "ctr": {"shoal": "shoal snapshotter (ctr-remote rpull + run)", "overlayfs": "overlayfs, classic (ctr pull + run)",
+            "stargz": "stargz snapshotter, optimized eStargz"},
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--via", choices=("cri", "ctr"), default="cri",
+                    help="drive containerd through its CRI plugin (the kubelet's calls) or with ctr/ctr-remote")
     ap.add_argument("--tree", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=3, help="cold runs per mode and link (the median is shown)")
+    ap.add_argument("--links", default="loopback,throttled", help="a subset, comma-separated")
     ap.add_argument("--mbit", type=float, default=100.0)
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--modes", default=",".join(MODES), help="a subset, comma-separated (for diagnosis)")
     args = ap.parse_args()
     modes = [m for m in MODES if m in args.modes.split(",")]
+    links = [lk for key, lk in (("loopback", ("loopback", 1e6, 0.0)),
+                                ("throttled", (f"{args.mbit:g} Mbit/s + {args.latency_ms:g} ms/request",
+                                               args.mbit, args.latency_ms)))
+             if key in args.links.split(",")]
+    if not modes or not links:
+        sys.exit(f"nothing to run: --modes from {','.join(MODES)}, --links from loopback,throttled")
     for tool in ("containerd", "ctr", "ctr-remote", "runc", "umoci", "skopeo", "docker-registry"):
         if not shutil.which(tool):
             sys.exit(f"bench/containerd.py needs {tool} (apt-get install containerd runc stargz-snapshotter "
                      "umoci skopeo docker-registry)")
     if os.geteuid() != 0:
         sys.exit("bench/containerd.py needs root")
+    signal.signal(signal.SIGTERM, _term)
     tree = args.tree or rootfs("bookworm-py", ("python3", "git"))
     stargz = stargz_daemon()
     (CACHE / "containerd").mkdir(parents=True, exist_ok=True)
@@ -332,46 +536,58 @@ def main() -> None:
     node = Node(work / "node", stargz)
     try:
         peer_images(tree, reg, node, work)
+        if args.via == "cri":
+            node = Node(work / "node", stargz, cri=True, pause=pause_image(reg, work))
         refs = {"shoal": shoal_image(tree, reg, work), "overlayfs": "classic/py:1", "stargz": "esgz/py:opt"}
         sizes = {}
         for mode, ref in (("overlayfs", refs["overlayfs"]), ("stargz", refs["stargz"])):
             out = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/{ref}"]).stdout
             sizes[mode] = sum(x["size"] for x in json.loads(out)["layers"])
+        how = ("CRI (PullImage + RunPodSandbox + CreateContainer + StartContainer, to the first byte of the CRI log; "
+               "sandbox image pre-pulled)" if args.via == "cri" else "ctr (not CRI)")
         print(f"tree {tree}: {tree_bytes(tree) / 1e6:.1f} MB, {os.cpu_count()} cores; classic layer "
               f"{sizes['overlayfs'] / 1e6:.1f} MB, optimized eStargz layer {sizes['stargz'] / 1e6:.1f} MB; "
-              f"ctr (not CRI), cold runs (fresh roots, page cache dropped), median of {args.reps}")
+              f"{how}, cold runs (fresh roots, page cache dropped), median of {args.reps}")
         results: dict[str, dict[str, Sample]] = {}
         n = 0
-        for link_name, mbit, lat in (("loopback", 1e6, 0.0),
-                                     (f"{args.mbit:g} Mbit/s + {args.latency_ms:g} ms/request", args.mbit,
-                                      args.latency_ms)):
+        for link_name, mbit, lat in links:
             with Throttle(f"http://{reg.host}", mbit, lat) as t:
                 samples: dict[str, list[Sample]] = {m: [] for m in modes}
                 for _ in range(args.reps):
                     for mode in modes:
                         n += 1
-                        samples[mode].append(cold_run(node, mode, t.host, refs, t.link, n))
+                        samples[mode].append(cold_run_cri(node, mode, t.host, refs, t.link, n, work / "stubs")
+                                             if args.via == "cri" else cold_run(node, mode, t.host, refs, t.link, n))
                 node.stop()
             results[link_name] = {m: median(s) for m, s in samples.items()}
-            raw = "; ".join(f"{m} " + " ".join(f"{s.seconds:.2f} ({s.pull:.2f})" for s in samples[m]) for m in modes)
-            print(f"  [{link_name}] every run, s to output (of which pull): {raw}")
+            if args.via == "cri":
+                raw = "; ".join(f"{m} " + " ".join(f"{s.seconds:.2f} ({s.pull:.2f}, {s.pod:.2f})" for s in samples[m])
+                                for m in modes)
+                print(f"  [{link_name}] every run, s to output (PullImage returned; RunPodSandbox returned): {raw}")
+            else:
+                raw = "; ".join(f"{m} " + " ".join(f"{s.seconds:.2f} ({s.pull:.2f})" for s in samples[m])
+                                for m in modes)
+                print(f"  [{link_name}] every run, s to output (of which pull): {raw}")
         if modes != list(MODES):
             return
-        print("time to first output of `python3 -c 'print(1)'` and bytes fetched by then (lower is better)")
+        label = LABELS[args.via]
+        print(f"time to first output of `python3 -c 'print(1)'` and bytes fetched by then (lower is better), "
+              f"{'CRI' if args.via == 'cri' else 'ctr'}")
         for link_name, res in results.items():
             s, o, z = res["shoal"], res["overlayfs"], res["stargz"]
             print(f"  link: {link_name}")
-            row("shoal snapshotter (ctr-remote rpull + run)", f"{s.seconds:.2f} s",
+            row(label["shoal"], f"{s.seconds:.2f} s",
                 f"{s.bytes / 1e6:.2f} MB, {s.requests} requests; pull {s.pull:.2f} s")
-            row("overlayfs, classic (ctr pull + run)", f"{o.seconds:.2f} s",
+            row(label["overlayfs"], f"{o.seconds:.2f} s",
                 f"{o.bytes / 1e6:.2f} MB, {o.requests} requests; pull {o.pull:.2f} s; "
                 f"shoal: {s.seconds / o.seconds:.3f}x the time, "
                 f"{s.bytes / o.bytes:.3f}x the bytes")
-            row("stargz snapshotter, optimized eStargz", f"{z.seconds:.2f} s",
+            row(label["stargz"], f"{z.seconds:.2f} s",
                 f"{z.bytes / 1e6:.2f} MB, {z.requests} requests; pull {z.pull:.2f} s; "
                 f"shoal: {s.seconds / z.seconds:.2f}x the time, "
                 f"{s.bytes / z.bytes:.2f}x the bytes (goal < 1, < 1)")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
         node.stop()
         reg.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -2,17 +2,20 @@
 // from the library sources Debian packages (golang-github-containerd-stargz-snapshotter-dev), because
 // the library's service.NewStargzSnapshotterService imports k8s.io/cri-api, which bookworm lacks.
 // It does what upstream's cmd/containerd-stargz-grpc does minus CRI/kubeconfig keychains, mirrors,
-// IPFS and the bbolt metadata store (../shared/recipes/estargz-peer.md §2).
+// IPFS and the bbolt metadata store (../shared/recipes/estargz-peer.md §2); it reads the layer sources
+// from CRI's labels first, then from ctr-remote's, as upstream's service does.
 // Built on demand by bench/containerd.py into /var/tmp (GOPATH mode, offline); never committed.
 package main
 
 import (
 	"context"
 	"flag"
+	"fmt"
 	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -29,6 +32,8 @@ import (
 	"github.com/containerd/stargz-snapshotter/fs/source"
 	snbase "github.com/containerd/stargz-snapshotter/snapshot"
 	rhttp "github.com/hashicorp/go-retryablehttp"
+	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
 )
@@ -55,6 +60,54 @@ func hosts(ref reference.Spec) ([]docker.RegistryHost, error) {
 		h.Host = "registry-1.docker.io"
 	}
 	return []docker.RegistryHost{h}, nil
+}
+
+// fromCRILabels is upstream's service/cri.go sourceFromCRILabels (v0.12.0, Apache-2.0): the layer
+// source from the labels containerd's CRI plugin sets with disable_snapshot_annotations = false.
+func fromCRILabels(labels map[string]string) ([]source.Source, error) {
+	refStr, ok := labels["containerd.io/snapshot/cri.image-ref"]
+	if !ok {
+		return nil, fmt.Errorf("reference hasn't been passed")
+	}
+	refspec, err := reference.Parse(refStr)
+	if err != nil {
+		return nil, err
+	}
+	digestStr, ok := labels["containerd.io/snapshot/cri.layer-digest"]
+	if !ok {
+		return nil, fmt.Errorf("digest hasn't been passed")
+	}
+	target, err := digest.Parse(digestStr)
+	if err != nil {
+		return nil, err
+	}
+	layers := []ocispec.Descriptor{{Digest: target}}
+	if l, ok := labels["containerd.io/snapshot/cri.image-layers"]; ok {
+		for _, s := range strings.Split(l, ",") {
+			d, err := digest.Parse(s)
+			if err != nil {
+				return nil, err
+			}
+			if d != target {
+				layers = append(layers, ocispec.Descriptor{Digest: d})
+			}
+		}
+	}
+	return []source.Source{{Hosts: hosts, Name: refspec, Target: ocispec.Descriptor{Digest: target},
+		Manifest: ocispec.Manifest{Layers: layers}}}, nil
+}
+
+// sources tries CRI's labels, then ctr-remote's (upstream's service.sources).
+func sources(labels map[string]string) ([]source.Source, error) {
+	src, err := fromCRILabels(labels)
+	if err == nil {
+		return src, nil
+	}
+	src, err2 := source.FromDefaultLabels(hosts)(labels)
+	if err2 == nil {
+		return src, nil
+	}
+	return nil, fmt.Errorf("no layer source: %v; %v", err, err2)
 }
 
 func main() {
@@ -92,7 +145,7 @@ func main() {
 		opq = layer.OverlayOpaqueUser
 	}
 	fs, err := stargzfs.NewFilesystem(filepath.Join(*root, "stargz"), cfg,
-		stargzfs.WithGetSources(source.FromDefaultLabels(hosts)), stargzfs.WithOverlayOpaqueType(opq))
+		stargzfs.WithGetSources(sources), stargzfs.WithOverlayOpaqueType(opq))
 	if err != nil {
 		log.G(ctx).WithError(err).Fatal("filesystem")
 	}
