@@ -31,6 +31,7 @@ def snapshotter(ctx: click.Context, address: str, root: str | None, store: str |
     --image-endpoint) at --address: per-pull credentials (imagePullSecrets) then reach the lazy mounts."""
     from pathlib import Path
 
+    from shoal.cli.forkserver import ForkServer
     from shoal.snapshotter.cache import StoreCache
     from shoal.snapshotter.criproxy import MAX_PULLS, ImageServiceProxy
     from shoal.snapshotter.hosts import DEFAULT_HOSTS_DIR
@@ -50,7 +51,9 @@ def snapshotter(ctx: click.Context, address: str, root: str | None, store: str |
     cache = StoreCache(Path(store or default_store_path()).absolute())
     if hosts_dir is None and os.path.isdir(DEFAULT_HOSTS_DIR):
         hosts_dir = DEFAULT_HOSTS_DIR
-    remote = RemoteMounts(rootp, cache=cache, hosts=Path(hosts_dir).absolute() if hosts_dir else None,
+    runner = ForkServer()  # each lazy mount is a child of one warm interpreter (docs/containerd.md "Start-up")
+    runner.start()
+    remote = RemoteMounts(rootp, runner, cache=cache, hosts=Path(hosts_dir).absolute() if hosts_dir else None,
                           keychain=keychain)
     svc = Service(rootp, remote.mount, remote.release)
     svc.reattach()  # lazy mounts of a previous run: found again, or mounted again (after a reboot)
@@ -65,3 +68,4 @@ def snapshotter(ctx: click.Context, address: str, root: str | None, store: str |
         if proxy is not None:
             proxy.close()
         cache.close()
+        runner.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-__all__ = ["CREDS_OPTIONS", "PASSWORD_OPTIONS", "mask_args", "scrub_argv"]
+__all__ = ["CREDS_OPTIONS", "PASSWORD_OPTIONS", "mask_args", "scrub_argv", "set_title"]
 
 log = logging.getLogger(__name__)
 
@@ -100,4 +100,23 @@ def scrub_argv(creds: Sequence[str] = CREDS_OPTIONS, passwords: Sequence[str] = 
         return True
     except (OSError, ValueError, IndexError) as exc:
         log.debug("cannot hide secrets in the command line: %s", exc)
+        return False
+
+
+def set_title(args: Sequence[str]) -> bool:
+    """Show ``args`` (secrets masked) as this process's command line, in the argument area it has
+    (a fork server pads its own for its children, snapshotter/forkserver.py); cut at the area's end.
+    ``True`` if written; never raises."""
+    try:
+        start, end = _arg_area()
+        if not 0 < start < end:
+            return False
+        new = b"\0".join(a.encode("utf-8", "surrogateescape") for a in mask_args(list(args))) + b"\0"
+        new = new[:end - start - 1] + b"\0" if len(new) > end - start else new
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(new.ljust(end - start, b"\0"))
+        return True
+    except (OSError, ValueError, IndexError) as exc:
+        log.debug("cannot set the command line: %s", exc)
         return False

@@ -16,13 +16,13 @@ import logging
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from shoal.errors import TransportError, UsageError
 from shoal.snapshotter.cache import StoreCache
 from shoal.snapshotter.hosts import HostsDir
 from shoal.snapshotter.keychain import Keychain
+from shoal.snapshotter.runner import Runner, SubprocessRunner
 
 __all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
 
@@ -45,17 +45,18 @@ def repository(ref: str) -> str:
 class RemoteMounts:
     """Lazy mounts of whole Shoal images under ``<root>/mounts/<manifest hex>``."""
 
-    def __init__(self, root: Path, shoal: list[str] | None = None, cache: StoreCache | None = None,
+    def __init__(self, root: Path, runner: Runner | None = None, cache: StoreCache | None = None,
                  hosts: Path | None = None, keychain: Keychain | None = None) -> None:
         self.dir = root / "mounts"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)  # the mounts are --trusted-image (suid, dev): root only, as containerd's own
-        self.shoal = shoal or [sys.executable, "-c", "from shoal.cli import main; main()"]
+        self.runner = runner or SubprocessRunner()
+        self.globals: list[str] = []  # shoal's options before the command
         self.keychain = keychain
         self.cache = cache
         self.hosts = HostsDir(hosts, root / "hosts") if hosts is not None else None  # containerd's config_path
         if cache is not None:
-            self.shoal = [*self.shoal, "--store", str(cache.root)]
+            self.globals = ["--store", str(cache.root)]
 
     def mount(self, labels: dict[str, str]) -> str:
         digest = labels.get(SHOAL_IMAGE_LABEL, "")
@@ -90,19 +91,17 @@ class RemoteMounts:
         extra = ["--authfile", str(authfile)] if authfile is not None else []
         log.info("mounting %s lazily at %s%s", src, mp, " with the CRI keychain's credentials" if extra else "")
         extra += self.hosts.mount_args(src.removeprefix("docker://").split("/", 1)[0]) if self.hosts else []
-        p = subprocess.run([*self.shoal, "mount", "--trusted-image", *extra, src, str(mp)], capture_output=True,
-                           text=True, stdin=subprocess.DEVNULL, timeout=300)
-        if p.returncode != 0:
-            err = (p.stderr.strip().splitlines() or ["no message"])[-1]
+        rc, stderr = self.runner.run([*self.globals, "mount", "--trusted-image", *extra, src, str(mp)], 300)
+        if rc != 0:
+            err = (stderr.strip().splitlines() or ["no message"])[-1]
             raise TransportError(f"lazy mount of {src} failed: {err}")
         return str(mp)
 
     def release(self, mountpoint: str) -> None:
         log.info("releasing lazy mount %s", mountpoint)
-        p = subprocess.run([*self.shoal, "umount", "--lazy", mountpoint], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=60)
-        if p.returncode != 0:
-            log.warning("umount %s: %s", mountpoint, p.stderr.strip())
+        rc, stderr = self.runner.run([*self.globals, "umount", "--lazy", mountpoint], 60)
+        if rc != 0:
+            log.warning("umount %s: %s", mountpoint, stderr.strip())
         try:
             os.rmdir(mountpoint)
         except OSError:
