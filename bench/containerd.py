@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, rootfs, row, sh, tree_bytes  # noqa: E402
+from common import CACHE, compile_bytecode, rootfs, row, sh, tree_bytes  # noqa: E402
 from pull import SKOPEO_HTTP, Registry  # noqa: E402
 from throttle import Throttle  # noqa: E402
 
@@ -513,6 +513,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--modes", default=",".join(MODES), help="a subset, comma-separated (for diagnosis)")
     args = ap.parse_args()
+    compile_bytecode()
     modes = [m for m in MODES if m in args.modes.split(",")]
     links = [lk for key, lk in (("loopback", ("loopback", 1e6, 0.0)),
                                 ("throttled", (f"{args.mbit:g} Mbit/s + {args.latency_ms:g} ms/request",
