@@ -174,7 +174,7 @@ class Policy:
 
 
 POLICIES = {
-    "a": Policy("a: today, 192+320 KiB"),
+    "a": Policy("a: before 2026-12, 192+320 KiB, zstd -3"),
     "a19": Policy("d: a, index zstd -19", index_level=19),
     "a5": Policy("d: a, frames zstd -5", level=5),
     "b64": Policy("b: files < 64 KiB in 32+32 KiB frames", small_file=64 * KiB, small_min=32 * KiB,
@@ -190,7 +190,7 @@ POLICIES = {
                  small_span=32 * KiB, dir_cut=True),
     "b64z5": Policy("b: files < 64 KiB 32+32 KiB, all zstd -5", small_file=64 * KiB, small_min=32 * KiB,
                     small_span=32 * KiB, small_level=5, level=5),
-    "b32z5": Policy("b: files < 32 KiB 64+64 KiB, all zstd -5", small_file=32 * KiB, small_min=64 * KiB,
+    "b32z5": Policy("b: files < 32 KiB 64+64 KiB, all zstd -5 (§5.1 now)", small_file=32 * KiB, small_min=64 * KiB,
                     small_span=64 * KiB, small_level=5, level=5),
     "L128": Policy("large 64+64, < 64 KiB 32+32 KiB", frame_min=64 * KiB, frame_span=64 * KiB,
                    small_file=64 * KiB, small_min=32 * KiB, small_span=32 * KiB),
