@@ -295,7 +295,7 @@ def index_size(t: Tree, frames: list[list[int]], clens: list[int], level: int) -
     """The compressed index this framing gives (frame table in order of first reference, packs cut as in §5.2)."""
     from shoal.format import index as fidx
     from shoal.format import packing
-    from shoal.format.model import Frame
+    from shoal.format.model import Frame, Index
     idx = t.idx
     n = len(idx.chunk_ids)
     fr_of, off_of = [0] * n, [0] * n
@@ -323,7 +323,7 @@ def index_size(t: Tree, frames: list[list[int]], clens: list[int], level: int) -
     for fi, fr in enumerate(frames):
         recs[order[fi]] = Frame(pack_of[fi][0], pack_of[fi][1], clens[fi], sum(idx.chunk_lengths[ci] for ci in fr))
     packs = [hashlib.sha256(b"%d" % i).digest() for i in range(pack_of[-1][0] + 1)]
-    new = fidx.Index(idx.entries, idx.chunk_ids, tuple(order[f] for f in fr_of), tuple(off_of), idx.chunk_lengths,
+    new = Index(idx.entries, idx.chunk_ids, tuple(order[f] for f in fr_of), tuple(off_of), idx.chunk_lengths,
                      tuple(recs), tuple(packs), idx.root)
     raw = fidx.encode(new)
     return len(zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True).compress(raw))
