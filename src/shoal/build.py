@@ -82,6 +82,7 @@ class _Chunked:
 
     pieces: Iterable[_Piece]
     size: int = 0
+    streamed: bool = False  # larger than a window: never a small file (format.md §5.1)
 
 
 _tls = threading.local()
@@ -296,6 +297,7 @@ class _Builder:
         self.cur_len = 0
         self.cur_frame = -1
         self.cur_last_id = b""
+        self.cur_small = False
         self.cur_pack: _NewPack | None = None
         self.pack_len = 0
         self.packs: list[_NewPack] = []
@@ -316,7 +318,9 @@ class _Builder:
 
     # ---------------------------------------------------------------- chunks -> frames -> packs
 
-    def add_chunk(self, cid: bytes, data: memoryview) -> int:
+    def add_chunk(self, cid: bytes, data: memoryview, small: bool = False) -> int:
+        """Chunk ``cid`` into the table and, when new, into the current frame (format.md §5.1); ``small``:
+        it comes from a small file, whose chunks share frames only with other small files' chunks."""
         i = self.chunk_index.get(cid)
         if i is not None:
             return i
@@ -338,17 +342,18 @@ class _Builder:
             self.chunk_frames.append(fi)
             self.chunk_offsets.append(r.off)
             return i
-        if packing.frame_full(self.cur_len, ln):
+        if packing.frame_full(self.cur_len, ln) or (self.cur_parts and small != self.cur_small):
             self.close_frame()
         if not self.cur_parts:
             self.cur_frame = self.n_frames
             self.n_frames += 1
+            self.cur_small = small
         self.chunk_frames.append(self.cur_frame)
         self.chunk_offsets.append(self.cur_len)
         self.cur_parts.append(data)
         self.cur_len += ln
         self.cur_last_id = cid
-        if packing.frame_ends_after(cid, ln, self.cur_len):
+        if packing.frame_ends_after(cid, ln, self.cur_len, small):
             self.close_frame()
         return i
 
@@ -424,7 +429,7 @@ class _Builder:
                     done = True
                     break
                 if len(batch) == 1 and batch[0].size > _WINDOW:
-                    c = _Chunked(())
+                    c = _Chunked((), streamed=True)
                     stream = _Streamed(self.stop)
                     c.pieces = stream
                     self.streamer.submit(stream.produce, source, batch[0], c)
@@ -446,9 +451,10 @@ class _Builder:
     def add_file(self, c: _Chunked) -> tuple[int, ...]:
         """Add the chunks of one file, window by window; its chunk indexes."""
         refs: list[int] = []
+        small = not c.streamed and packing.small_file(c.size)  # a window-sized file's size is known here
         for data, chunks in c.pieces:
             mv = memoryview(data)
-            refs.extend(self.add_chunk(cid, mv[o : o + n]) for cid, o, n in chunks)
+            refs.extend(self.add_chunk(cid, mv[o : o + n], small) for cid, o, n in chunks)
         return tuple(refs)
 
     def run(self, tree: TreeSource, t0: float) -> BuildResult:

@@ -44,12 +44,12 @@ HAND_INDEX_HEX = (
 HAND_ROOT = "3f10043b72760c2bea73aa639d4b2c2cc857f9335fef2fb1d7ac1cdfcdbb9a71"
 
 TINY = {
-    "manifest": "sha256:2e333c5a655257f6f6bba797a7a7fc96cd8110bf76b9118b0f537b3f824ca458",
+    "manifest": "sha256:d7a01989dce377849def95bd528a0364b07cce4cf50fdb6bf1c99768188e9fba",
     "root": "sha256:24e6341dceb7a4714cce7e0c858dc149bb1b1e520fc425fc296d981442fdb79b",
-    "index": "sha256:81002489ab470364efac0bc234bc6200ca43701c11d209846c218e3fa056d825",
+    "index": "sha256:fdfa22178754c6759a8f8135b52eebfcbb8a22f5cf502dcc92088184cfbe39e4",
     "config": "sha256:b5e75de021f8aad8bbe48f484fbef706c8a938c9d7e074e2dc9a0d5c1a838159",
-    "packs": ["sha256:3c7dc340674b380474d9013b3d2d1f21f6d515656f4a6afc6636ae2fa3e862c4"],
-    "index_cbor_sha256": "4c08d53c414e389f182fe7f64121de860dc2ee2500d2c071c896580009ab7837",
+    "packs": ["sha256:b3e5a314119c9c53d8c78af5313160b2edcf695ca19c1c7d4f281e719dd6caa4"],
+    "index_cbor_sha256": "b4aa8c29db04639dd471829a09d6bb0b63abba346a410c822e2c9c0f2cc99301",
     "chunk_lengths": [88202, 124454, 46965, 40379, 70000, 6],
 }
 

@@ -19,8 +19,9 @@ from shoal.format.model import Frame, Index
 
 __all__ = [
     "FRAME_MIN", "FRAME_SPAN", "FRAME_MAX", "PACK_MIN", "PACK_SPAN", "PACK_MAX",
-    "ZSTD_LEVEL", "decompress_frame", "open_frame", "verify_frame", "chunk_ok", "bad_chunk",
-    "frame_full", "frame_ends_after", "pack_full", "pack_ends_after",
+    "SMALL_FILE", "SMALL_FRAME_MIN", "SMALL_FRAME_SPAN", "ZSTD_LEVEL", "FRAME_LEVELS",
+    "decompress_frame", "open_frame", "verify_frame", "chunk_ok", "bad_chunk",
+    "frame_full", "frame_ends_after", "small_file", "pack_full", "pack_ends_after",
 ]
 
 KiB = 1024
@@ -30,12 +31,19 @@ MiB = 1024 * KiB
 FRAME_MIN = 192 * KiB
 FRAME_SPAN = 320 * KiB
 FRAME_MAX = 1 * MiB
+# §5.1 small-file frames: the chunks of files smaller than SMALL_FILE go to frames of their own, cut finer
+SMALL_FILE = 32 * KiB
+SMALL_FRAME_MIN = 64 * KiB
+SMALL_FRAME_SPAN = 64 * KiB
 # §5.2 packs (uncompressed bytes of their frames)
 PACK_MIN = 512 * KiB
 PACK_SPAN = 1536 * KiB
 PACK_MAX = 8 * MiB
 # §5.3
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 5
+# every level a builder of this format has used, newest first: a pack rebuilt from its chunks
+# (transports/local.py) takes, frame by frame, the first whose output has the index's length
+FRAME_LEVELS = (5, 3)
 
 _TWO32 = 1 << 32
 
@@ -45,11 +53,16 @@ def frame_full(frame_len: int, chunk_len: int) -> bool:
     return frame_len > 0 and frame_len + chunk_len > FRAME_MAX
 
 
-def frame_ends_after(chunk_id: bytes, chunk_len: int, frame_len: int) -> bool:
-    """True if the frame ends after this chunk; ``frame_len`` includes it."""
-    if frame_len < FRAME_MIN:
+def frame_ends_after(chunk_id: bytes, chunk_len: int, frame_len: int, small: bool = False) -> bool:
+    """True if the frame ends after this chunk; ``frame_len`` includes it.  ``small``: a small-file frame."""
+    if frame_len < (SMALL_FRAME_MIN if small else FRAME_MIN):
         return False
-    return int.from_bytes(chunk_id[0:4], "big") * FRAME_SPAN < chunk_len * _TWO32
+    return int.from_bytes(chunk_id[0:4], "big") * (SMALL_FRAME_SPAN if small else FRAME_SPAN) < chunk_len * _TWO32
+
+
+def small_file(size: int) -> bool:
+    """True if the chunks of a file of ``size`` bytes (as the index records it) go to small-file frames."""
+    return size < SMALL_FILE
 
 
 def pack_full(pack_len: int, frame_ulen: int) -> bool:

@@ -113,7 +113,8 @@ class LocalSource(ImageSource):
             raise NotFound(f"blob {info.digest} is not in the store")
         reader = Reader(idx, StoreSource(self.store))
         frames = sorted((f.offset, fi) for fi, f in enumerate(idx.frames) if f.pack == pi)
-        cctx = zstandard.ZstdCompressor(level=packing.ZSTD_LEVEL, write_checksum=False, write_content_size=True)
+        cctxs = [zstandard.ZstdCompressor(level=lv, write_checksum=False, write_content_size=True)
+                 for lv in packing.FRAME_LEVELS]  # format.md §5.3: the level a frame was made with is not recorded
         out = bytearray()
         for off, fi in frames:
             f = idx.frames[fi]
@@ -126,7 +127,12 @@ class LocalSource(ImageSource):
             for ci in idx.frame_chunks(fi):
                 o = idx.chunk_offsets[ci]
                 plain[o : o + idx.chunk_lengths[ci]] = reader.chunk(ci)
-            out += cctx.compress(bytes(plain))
+            made = b""
+            for cctx in cctxs:  # the first level whose frame has the index's length (the pack digest decides)
+                made = cctx.compress(bytes(plain))
+                if len(made) == f.clen:
+                    break
+            out += made
         if len(out) != info.size or "sha256:" + hashlib.sha256(out).hexdigest() != info.digest:
             raise IntegrityError(f"pack {info.digest} cannot be rebuilt byte-exactly here (different zstd?); "
                                  "pull it fully to push it")
