@@ -245,11 +245,11 @@ state = "{self.root}/cd/state"
                     p.kill()
                     p.wait()
         self.procs = []
-        for pid in _pids_with(str(self.sock)):  # shims of this containerd (their command line has our socket)
+        for pid in pids_with(str(self.sock)):  # shims of this containerd (their command line has our socket)
             os.kill(pid, signal.SIGKILL)
         self._runc_leftovers()
         umount_all(self.root)
-        for pid in _pids_with(str(self.root)):  # FUSE daemons of lazy mounts (shoal mount) left behind
+        for pid in pids_with(str(self.root)):  # FUSE daemons of lazy mounts (shoal mount) left behind
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(f"/run/containerd/runc/{NS}", ignore_errors=True)
 
@@ -265,7 +265,7 @@ state = "{self.root}/cd/state"
         return ["ctr-remote", "-a", str(self.sock), "-n", NS, *args]
 
 
-def _pids_with(needle: str) -> list[int]:
+def pids_with(needle: str) -> list[int]:
     """Processes (not this one) whose command line contains ``needle``."""
     out = []
     for pid in os.listdir("/proc"):
@@ -300,37 +300,63 @@ def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
     return p
 
 
-def peer_images(tree: Path, reg: Registry, node: Node, work: Path) -> None:
-    """The classic image and its optimized eStargz, made once into the cached registry storage."""
-    mark = CACHE / "containerd" / ".images-complete"
-    if mark.exists():
-        return
+def has_image(reg: Registry, ref: str) -> bool:
+    """Whether the registry holds ``ref`` (``repo:tag``)."""
+    import httpx
+
+    repo, tag = ref.rsplit(":", 1)
+    return httpx.head(f"http://{reg.host}/v2/{repo}/manifests/{tag}",
+                      headers={"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}).is_success
+
+
+def classic_image(tree: Path, reg: Registry, work: Path) -> str:
+    """The classic image (one gzip layer, umoci + skopeo) in the cached registry, made once; its ref."""
+    ref = "classic/py:1"
+    if has_image(reg, ref):
+        return ref
     print("[setup] classic image (umoci) ...", file=sys.stderr)
     lay, b1 = work / "classic", work / "classic-bundle"
     sh(f"umoci init --layout {lay} && umoci new --image {lay}:py && umoci unpack --image {lay}:py {b1}")
     sh(f"rmdir {b1}/rootfs && cp -a {tree} {b1}/rootfs && umoci repack --image {lay}:py {b1}")
     sh(f"umoci config --image {lay}:py --config.env {PATH_ENV} --config.cmd /bin/sh")
-    sh(f"skopeo copy -q {' '.join(SKOPEO_HTTP)} oci:{lay}:py docker://{reg.host}/classic/py:1")
+    sh(f"skopeo copy -q {' '.join(SKOPEO_HTTP)} oci:{lay}:py docker://{reg.host}/{ref}")
     shutil.rmtree(b1)
-    print("[setup] optimized eStargz (ctr-remote image optimize, 1-6 min) ...", file=sys.stderr)
+    return ref
+
+
+def estargz_image(reg: Registry, node: Node, tag: str, cmd: list[str] | None) -> str:
+    """``esgz/py:TAG``, the classic image converted by ``ctr-remote image optimize --oci``: optimized for
+    ``cmd`` (``--period 10 --entrypoint CMD``), or with ``cmd`` None not optimized (``--no-optimize``);
+    made once into the cached registry (../shared/recipes/estargz-peer.md §4); its ref."""
+    ref = f"esgz/py:{tag}"
+    if has_image(reg, ref):
+        return ref
+    what = f"optimized for {' '.join(cmd)}" if cmd else "not optimized"
+    print(f"[setup] eStargz {ref}, {what} (ctr-remote image optimize, 1-6 min) ...", file=sys.stderr)
     node.reset("overlayfs")
-    src, dst = f"{reg.host}/classic/py:1", f"{reg.host}/esgz/py:opt"
+    src, dst = f"{reg.host}/classic/py:1", f"{reg.host}/{ref}"
     run(node.ctr("content", "fetch", "--plain-http", src))
-    run(node.ctr_remote("image", "optimize", "--oci", "--period", "10", "--entrypoint", json.dumps(CMD), src, dst),
-        timeout=1800)
+    how = ["--period", "10", "--entrypoint", json.dumps(cmd)] if cmd else ["--no-optimize"]
+    run(node.ctr_remote("image", "optimize", "--oci", *how, src, dst), timeout=1800)
     run(node.ctr("images", "push", "--plain-http", dst))
     node.stop()
-    mark.touch()
+    return ref
 
 
-def shoal_image(tree: Path, reg: Registry, work: Path) -> str:
-    """Build and push the Shoal image, publish its containerd view, record a profile; the view's ref."""
+def peer_images(tree: Path, reg: Registry, node: Node, work: Path) -> None:
+    """The classic image and its optimized eStargz (for CMD), made once into the cached registry storage."""
+    classic_image(tree, reg, work)
+    estargz_image(reg, node, "opt", CMD)
+
+
+def shoal_image(tree: Path, reg: Registry, work: Path, cmd: list[str] | None = CMD) -> str:
+    """Build and push the Shoal image, publish its containerd view, record a profile of ``cmd`` (none
+    if None); the view's ref."""
     import httpx
 
     from shoal.snapshotter.view import containerd_view
 
     store = work / "s0"
-    env = {**os.environ, "SHOAL_RUN_DIR": str(work / "run0")}
     run([SHOAL, "--store", str(store), "build", str(tree), "py:1", "--env", PATH_ENV, "--cmd", "python3"])
     run([SHOAL, "--store", str(store), "push", "py:1", f"docker://{reg.host}/shoal/py:1"])
     base = f"http://{reg.host}/v2/shoal/py"
@@ -348,10 +374,21 @@ def shoal_image(tree: Path, reg: Registry, work: Path) -> str:
                 c.put(f"{loc}{'&' if '?' in loc else '?'}digest={digest}", content=blob).raise_for_status()
             c.put(f"{base}/manifests/{tag}", content=view.manifest,
                   headers={"Content-Type": OCI_MANIFEST}).raise_for_status()
-    run([SHOAL, "--store", str(work / "prof"), "profile", "--json", f"docker://{reg.host}/shoal/py:1", "--", *CMD],
-        env=env, stdin=subprocess.DEVNULL)
-    umount_all(work)
+    if cmd is not None:
+        record_profile(reg, work, cmd)
     return f"shoal/py:{tag}"
+
+
+def record_profile(reg: Registry, work: Path, cmd: list[str]) -> dict[str, Any]:
+    """``shoal profile`` of ``cmd`` on shoal/py:1, pushed as a referrer (the newest profile is the one
+    ``shoal run`` and the snapshotter use); its JSON summary."""
+    env = {**os.environ, "SHOAL_RUN_DIR": str(work / "run0")}
+    store = work / "prof"
+    shutil.rmtree(store, ignore_errors=True)
+    out = run([SHOAL, "--store", str(store), "profile", "--json", f"docker://{reg.host}/shoal/py:1", "--", *cmd],
+              env=env, stdin=subprocess.DEVNULL).stdout
+    umount_all(work)
+    return json.loads(out.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def pause_image(reg: Registry, work: Path) -> str:
@@ -396,11 +433,13 @@ def cri_client(node: Node, stubs: Path) -> Any:
     return cri
 
 
-def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, n: int, stubs: Path) -> Sample:
-    """PullImage, RunPodSandbox, CreateContainer, StartContainer to the first byte in the CRI log."""
+def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, n: int, stubs: Path,
+                 cmd: list[str] = CMD, expect: str = "1", snapshotter: str = "") -> Sample:
+    """PullImage, RunPodSandbox, CreateContainer, StartContainer to the first byte in the CRI log, with
+    ``refs[mode]`` under ``snapshotter`` (default: ``mode``); the log must be the one line ``expect``."""
     ref = f"{host}/{refs[mode]}"
     node.hosts = (node.pause.split("/")[0], host)
-    node.reset(mode)
+    node.reset(snapshotter or mode)
     cri = cri_client(node, stubs)
     pb = cri.pb
     try:
@@ -414,7 +453,7 @@ def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: A
             linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
                 namespace_options=pb.NamespaceOption(network=pb.NODE))))
         cfg = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="c", attempt=0), image=pb.ImageSpec(image=ref),
-                                 command=CMD, log_path=log.name)
+                                 command=cmd, log_path=log.name)
         drop_caches()
         b0, r0 = link.bytes, link.requests
         t0 = time.perf_counter()
@@ -443,7 +482,7 @@ def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: A
                 break
             time.sleep(0.05)
         lines = [ln.split(" ", 3)[1:] for ln in log.read_text().splitlines()]
-        if st.state != pb.CONTAINER_EXITED or st.exit_code != 0 or lines != [["stdout", "F", "1"]]:
+        if st.state != pb.CONTAINER_EXITED or st.exit_code != 0 or lines != [["stdout", "F", expect]]:
             raise SystemExit(f"{mode}: the container ended {pb.ContainerState.Name(st.state)} ({st.exit_code}), "
                              f"log {lines[:5]!r}; see {node.logs}")
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
@@ -451,8 +490,6 @@ def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: A
     finally:
         cri.close()
     return Sample(t1 - t0, b1 - b0, r1 - r0, tp - t0, ts - t0)
-
-
 
 
 def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, n: int) -> Sample:

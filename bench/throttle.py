@@ -29,6 +29,15 @@ class Link:
         self.next_free = time.monotonic()
         self.bytes = 0
         self.requests = 0
+        self.active = 0  # requests in flight
+        self.last = time.perf_counter()  # when the last request ended (or a byte was sent)
+        self.log: list[tuple[float, float, str, str, str, int]] | None = None  # set to a list to record
+        # (start, end, method, path, Range, response bytes) per request, perf_counter() seconds
+
+    def quiet_for(self) -> float:
+        """Seconds since the link last carried anything (0 while a request is in flight)."""
+        with self.lock:
+            return 0.0 if self.active else time.perf_counter() - self.last
 
     def send(self, n: int) -> None:
         with self.lock:
@@ -36,6 +45,7 @@ class Link:
             start = max(now, self.next_free)
             self.next_free = start + n / self.rate
             self.bytes += n
+            self.last = time.perf_counter()
             wait = self.next_free - now
         if wait > 0:
             time.sleep(wait)
@@ -52,8 +62,21 @@ def make_handler(upstream: str, link: Link, latency: float) -> type[BaseHTTPRequ
             pass
 
         def _proxy(self) -> None:
+            t0 = time.perf_counter()
             with link.lock:
                 link.requests += 1
+                link.active += 1
+            sent = 0
+            try:
+                sent = self._forward()
+            finally:
+                with link.lock:
+                    link.active -= 1
+                    link.last = time.perf_counter()
+                    if link.log is not None:
+                        link.log.append((t0, link.last, self.command, self.path, self.headers.get("Range", ""), sent))
+
+        def _forward(self) -> int:
             time.sleep(latency)
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
@@ -82,6 +105,7 @@ def make_handler(upstream: str, link: Link, latency: float) -> type[BaseHTTPRequ
                     link.send(len(piece))
                     self.wfile.write(piece)
             conn.close()
+            return len(data) if self.command != "HEAD" else 0
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _proxy
 
