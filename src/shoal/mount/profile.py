@@ -186,7 +186,7 @@ def fetch_remote(client: Any, repo: str, image: str) -> Profile | None:
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="shoal-referrers") as pool:
-            api = pool.submit(client.referrers, repo, image, mt.PROFILE)
+            api = pool.submit(client.referrers, repo, image, mt.PROFILE, False)  # the tag schema is read here
             refs = tag_index() or api.result()
         if not refs:
             return None

@@ -480,9 +480,11 @@ class RegistryClient:
             raise self.error_for(resp, f"delete manifest {repo}@{digest}")
 
     # -- referrers (referrers.py) ------------------------------------------
-    def referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
-        """Descriptors of manifests whose ``subject`` is ``digest``: the referrers API, else the tag schema."""
-        return referrers(self, repo, digest, artifact_type)
+    def referrers(self, repo: str, digest: str, artifact_type: str | None = None,
+                  fallback: bool = True) -> list[dict[str, Any]]:
+        """Descriptors of manifests whose ``subject`` is ``digest``: the referrers API, else (with
+        ``fallback``) the tag schema."""
+        return referrers(self, repo, digest, artifact_type, fallback)
 
     def has_referrers_api(self, repo: str, digest: str) -> bool:
         """Whether the registry serves the referrers API (else the tag schema stands in for it)."""

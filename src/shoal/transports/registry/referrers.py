@@ -56,16 +56,20 @@ def has_referrers_api(client: RegistryClient, repo: str, digest: str) -> bool:
     return probe(client, repo, digest) is not None
 
 
-def referrers(client: RegistryClient, repo: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
+def referrers(client: RegistryClient, repo: str, digest: str, artifact_type: str | None = None,
+              fallback: bool = True) -> list[dict[str, Any]]:
     """Descriptors of manifests whose ``subject`` is ``digest``.
 
-    Uses the referrers API and falls back to the ``<alg>-<hex>`` tag schema.
+    Uses the referrers API and falls back to the ``<alg>-<hex>`` tag schema (unless ``fallback`` is
+    false: a caller that reads the tag schema itself, at the same time).
     """
     what = f"referrers of {repo}@{digest}"
     resp = probe(client, repo, digest, artifact_type)
     if resp is not None:
         doc: Any = _json(resp.content, what)
         filtered = "artifactType" in resp.headers.get("oci-filters-applied", "")
+    elif not fallback:
+        return []
     else:
         try:
             data, _, _ = client.get_manifest(repo, referrers_tag(digest), [OCI_INDEX])
