@@ -252,3 +252,36 @@ def test_a_million_copies_of_one_frame_record_cost_one_frame() -> None:
     idx = fidx.make_index(entries, [cid], [0], [0], [1000], [Frame(0, 0, 20, 1000)] * n, [bytes(32)])
     got = fidx.decode(fidx.encode(idx))
     assert len(got.frames) == n and len({id(f) for f in got.frames}) == 1
+
+
+def _with_two_xattrs():  # type: ignore[no-untyped-def]
+    """A valid index with a file carrying two xattrs (Merkle digests computed for them)."""
+    idx = _random_index(0, n=30)
+    entries = list(idx.entries)
+    linked = {e.target for e in entries if e.kind == Kind.HARDLINK}
+    i = next(k for k, e in enumerate(entries) if e.kind == Kind.FILE and e.path not in linked)
+    entries[i] = replace(entries[i], xattrs=((b"user.a", b"1"), (b"user.bb", b"2")))
+    return fidx.make_index(entries, idx.chunk_ids, list(idx.chunk_frames), list(idx.chunk_offsets),
+                           list(idx.chunk_lengths), list(idx.frames), list(idx.packs)), i
+
+
+@pytest.mark.parametrize("case", ["top-level-order", "xattr-order", "float-mtime", "undefined-payload"])
+def test_fast_decoder_leaves_no_hole(case: str) -> None:
+    """What cbor2 decodes but the canonical form forbids, and the Merkle walk would not notice (it
+    re-encodes canonically): refused, whichever decoder answered (cbor.decode_fast then index checks)."""
+    cbor2 = pytest.importorskip("cbor2")
+    idx, i = _with_two_xattrs()
+    assert fidx.decode(fidx.encode(idx)) == idx
+    d = _raw_doc(idx)
+    if case == "top-level-order":
+        d = dict(reversed(list(d.items())))
+    elif case == "xattr-order":
+        xa = d["entries"][i][6]
+        d["entries"][i][6] = dict(reversed(list(xa.items())))
+    elif case == "float-mtime":
+        d["entries"][i][5] = float(d["entries"][i][5])
+    else:
+        fifo = next(k for k, e in enumerate(idx.entries) if e.kind == Kind.FIFO)
+        d["entries"][fifo][7] = cbor2.undefined
+    with pytest.raises(FormatError):
+        fidx.decode(cbor2.dumps(d))

@@ -21,18 +21,20 @@ def test_mirrors_server_tls_and_certificates(tmp_path: Path) -> None:
     root = tmp_path / "certs.d"
     _write(root, "r.example:5000", '''server = "https://r.example:5000"
 ca = "ca.pem"
+client = [["c.cert", "c.key"]]
 [host."http://m1.example"]
   capabilities = ["pull", "resolve"]
 [host."https://m2.example:8443"]
   capabilities = ["pull"]
   skip_verify = true
-  client = [["c.cert", "c.key"]]
+[host."https://own-ca.example"]
+  ca = "other-ca.pem"
 [host."https://m3.example/some/path"]
   capabilities = ["pull", "resolve"]
 [host."https://push.example"]
   capabilities = ["push"]
 ''')
-    for n in ("ca.pem", "c.cert", "c.key"):
+    for n in ("ca.pem", "c.cert", "c.key", "other-ca.pem"):
         (root / "r.example:5000" / n).write_text(n)
     args = HostsDir(root, tmp_path / "out").mount_args("r.example:5000")
     assert args[0] == "--registries-conf" and args[2] == "--cert-dir"
@@ -47,6 +49,12 @@ ca = "ca.pem"
     assert sorted(p.name for p in certs.iterdir()) == ["ca0.crt", "client.cert", "client.key"]
     assert (certs / "ca0.crt").read_text() == "ca.pem"
     assert HostsDir(root, tmp_path / "out").mount_args("r.example:5000") == args  # the same files again
+    # a mirror's own CA is never trusted for the others (one --cert-dir serves every endpoint): skipped
+    assert "other-ca.pem" not in {p.read_text() for p in certs.iterdir()}
+    # a CA rotated at the same path is copied again
+    (root / "r.example:5000" / "ca.pem").write_text("rotated")
+    again = HostsDir(root, tmp_path / "out").mount_args("r.example:5000")
+    assert again[3] != args[3] and (Path(again[3]) / "ca0.crt").read_text() == "rotated"
 
 
 def test_default_and_none(tmp_path: Path) -> None:

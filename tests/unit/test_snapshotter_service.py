@@ -32,6 +32,26 @@ def stub(tmp_path: Path) -> Iterator[Any]:
         svc.close()
 
 
+def test_socket_is_owner_only(tmp_path: Path) -> None:
+    """The socket carries CRI image calls and credentials (the keychain proxy): never another user's."""
+    import os
+    import stat
+
+    svc = Service(tmp_path / "root")
+    sock = str(tmp_path / "s.sock")
+    old = os.umask(0)
+    try:
+        server = make_server(svc, sock)
+        server.start()
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    finally:
+        server.stop(0).wait()
+        svc.close()
+
+
 def _code(fn: Any, req: Any) -> Any:
     with pytest.raises(grpc.RpcError) as ei:
         r = fn(req)

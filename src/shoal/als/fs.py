@@ -190,6 +190,12 @@ class LayerStoreFS(pyfuse3.Operations):
         except ShoalError as exc:
             log.warning("blob %s of %s: %s", layer.digest, layer.ref, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:  # e.g. a full $TMPDIR: this open fails, the layer store goes on serving
+            log.warning("blob %s of %s: %s", layer.digest, layer.ref, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:  # noqa: BLE001 - any other failure must not end pyfuse3's main loop
+            log.warning("blob %s of %s failed", layer.digest, layer.ref, exc_info=exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
@@ -197,7 +203,10 @@ class LayerStoreFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         node, spool = handle
         if spool is not None:
-            return spool.read(off, size)
+            try:
+                return spool.read(off, size)
+            except OSError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         data = node.layer.info if node.layer else b""
         return data[off:off + size]
 

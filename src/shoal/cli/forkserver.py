@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 
 from shoal.errors import TransportError
-from shoal.snapshotter.runner import Runner
+from shoal.snapshotter.runner import Runner, timed_out
 
 __all__ = ["ForkServer", "main", "TITLE_ROOM"]
 
@@ -152,7 +152,7 @@ def _answer(conn: socket.socket, timeout: float, args: Sequence[str]) -> tuple[i
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        return 124, f"shoal {args[0] if args else ''} did not finish within {timeout:.0f} s"
+        return 124, timed_out(args, timeout)
     finally:
         f.close()
 
@@ -187,9 +187,13 @@ def main() -> None:  # pragma: no cover - runs in the fork server process
                 code = 70
                 try:
                     ctl.close()
+                    for other in fds:  # only its own call's socket: a daemon must hold no other
+                        if other != fd:
+                            os.close(other)
                     code = _child(fd)
                 finally:
                     os._exit(code)
+        for fd in fds:
             os.close(fd)
 
 
@@ -217,8 +221,8 @@ def _child(fd: int) -> int:  # pragma: no cover - runs in a child of the fork se
     from shoal.cli import main as cli_main
 
     try:
-        cli_main(args)
-        rc = 0
+        ret = cli_main(args)
+        rc = ret if type(ret) is int else 0  # as sys.exit(main()) would
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     for stream in (sys.stdout, sys.stderr):

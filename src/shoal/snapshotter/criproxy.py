@@ -29,6 +29,7 @@ IMAGE_SERVICE = "runtime.v1.ImageService"
 MAX_PULLS = 16  # forwarded PullImage calls at once; the server keeps threads for containerd's Prepares
 _HOP_BY_HOP = ("user-agent", "grpc-", ":")
 _NO_DEADLINE = 86400.0 * 365
+_KNOWN = frozenset({"ListImages", "ImageStatus", "PullImage", "RemoveImage", "ImageFsInfo"})  # CRI v1
 
 
 def _raw(b: bytes) -> bytes:
@@ -48,10 +49,13 @@ class ImageServiceProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         method = str(details.method)
         if not method.startswith(f"/{IMAGE_SERVICE}/"):
             return None
-        if method not in self._handlers:  # a race makes two equal handlers: harmless
-            self._handlers[method] = grpc.unary_unary_rpc_method_handler(
-                self._forwarder(method), request_deserializer=_raw, response_serializer=_raw)
-        return self._handlers[method]
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = grpc.unary_unary_rpc_method_handler(self._forwarder(method), request_deserializer=_raw,
+                                                          response_serializer=_raw)
+            if method.rpartition("/")[2] in _KNOWN:  # cached for CRI's own methods only: names a client
+                self._handlers[method] = handler     # makes up cost nothing that stays
+        return handler
 
     def _forwarder(self, method: str) -> Callable[[bytes, Any], bytes]:
         call = self.channel.unary_unary(method, request_serializer=_raw, response_deserializer=_raw)

@@ -7,14 +7,18 @@ mirrors, tried in order before the server, each with ``capabilities`` (default p
 understands (docs/containerd.md, "Registry hosts"): a generated registries.conf (``--registries-conf``)
 whose ``[[registry]]`` for the host has the server as location and the pull-capable hosts as mirrors
 (``insecure`` for ``http://`` or ``skip_verify``; a mirror without ``resolve`` serves by digest only),
-and, when any ``ca`` or ``client`` is named, a generated certificate directory (``--cert-dir``) with
-every CA and the first client pair.  Host URLs with a path (``override_path``) have no registries.conf
-form and are skipped with a warning.
+and, when the server's table names a ``ca`` or ``client``, a generated certificate directory
+(``--cert-dir``) with its CAs and first client pair (keyed by the files' contents, so a rotated one is
+copied again).  A mirror with a ``ca`` or ``client`` of its own is skipped with a warning: one
+certificate directory serves every endpoint of a mount, so its CA would be trusted for the upstream
+too.  Host URLs with a path (``override_path``) have no registries.conf form and are skipped with a
+warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import tomllib
@@ -62,6 +66,16 @@ def _clients(v: Any, path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _contents(path: Path, files: list[Path]) -> bytes:
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            h.update(str(f).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read a certificate: {e}") from None
+    return h.digest()
+
+
 class HostsDir:
     def __init__(self, root: Path, out: Path) -> None:
         self.root = root
@@ -91,8 +105,17 @@ class HostsDir:
             if u.scheme not in ("http", "https") or not u.netloc or u.path.strip("/") or u.query:
                 log.warning("%s: %s %r is not scheme://host[:port]; skipped", path, what, url)
                 return None
-            cas.extend(path.parent / c for c in _strs(table.get("ca", []), "ca", path))
-            clients.extend((path.parent / c, path.parent / k) for c, k in _clients(table.get("client", []), path))
+            own_cas = [path.parent / c for c in _strs(table.get("ca", []), "ca", path)]
+            own_clients = [(path.parent / c, path.parent / k) for c, k in _clients(table.get("client", []), path)]
+            if what == "server":
+                cas.extend(own_cas)
+                clients.extend(own_clients)
+            elif own_cas or own_clients:
+                # one --cert-dir serves every endpoint of a mount: a mirror's own CA would be trusted for
+                # the upstream too (and its client key shown to it), so such a mirror is not used
+                log.warning("%s: mirror %r names its own ca/client, which a lazy mount cannot keep to that "
+                            "mirror; skipped", path, url)
+                return None
             caps = _strs(table.get("capabilities", ["pull", "resolve", "push"]), "capabilities", path)
             if "pull" not in caps:
                 return None
@@ -104,14 +127,17 @@ class HostsDir:
         if not isinstance(hosts, dict) or not all(isinstance(t, dict) for t in hosts.values()):
             raise UsageError(f'{path}: host must be tables [host."URL"]')
         mirrors = [m for url, t in hosts.items() if (m := end(url, t, "host")) is not None]
-        lines = ["[[registry]]", f'prefix = "{host}"', f'location = "{server.location}"',
+        q = json.dumps  # a JSON string is a valid TOML basic string: quotes and escapes are kept
+        lines = ["[[registry]]", f"prefix = {q(host)}", f"location = {q(server.location)}",
                  f"insecure = {str(server.insecure).lower()}"]
         for m in mirrors:
-            lines += ["[[registry.mirror]]", f'location = "{m.location}"', f"insecure = {str(m.insecure).lower()}"]
+            lines += ["[[registry.mirror]]", f"location = {q(m.location)}", f"insecure = {str(m.insecure).lower()}"]
             if m.digest_only:
                 lines.append('pull-from-mirror = "digest-only"')
         text = "\n".join(lines) + "\n"
-        key = hashlib.sha256(f"{host}\n{text}{cas}{clients}".encode()).hexdigest()[:16]
+        # the certificates' contents are in the key: a CA or key rotated at the same path is copied again
+        key = hashlib.sha256(f"{host}\n{text}".encode() + _contents(path, [*cas, *(f for c in clients for f in c)])
+                             ).hexdigest()[:16]
         self.out.mkdir(parents=True, exist_ok=True, mode=0o700)
         conf = self.out / f"{key}.conf"
         if not conf.exists():

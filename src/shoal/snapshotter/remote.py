@@ -21,7 +21,7 @@ from pathlib import Path
 from shoal.errors import TransportError, UsageError
 from shoal.snapshotter.cache import StoreCache
 from shoal.snapshotter.hosts import HostsDir
-from shoal.snapshotter.keychain import Keychain
+from shoal.snapshotter.keychain import Keychain, normalize_repository
 from shoal.snapshotter.runner import Runner, SubprocessRunner
 
 __all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
@@ -32,14 +32,6 @@ SHOAL_IMAGE_LABEL = "containerd.io/snapshot/shoal.image"  # the Shoal manifest d
 REF_LABELS = ("containerd.io/snapshot/remote/stargz.reference",  # ctr-remote image rpull
               "containerd.io/snapshot/cri.image-ref")  # CRI PullImage with disable_snapshot_annotations = false
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-def repository(ref: str) -> str:
-    """``host/name`` of ``host/name:tag`` or ``host/name@digest``."""
-    ref = ref.removeprefix("docker://").split("@", 1)[0]
-    slash = ref.rfind("/")
-    colon = ref.rfind(":")
-    return ref[:colon] if colon > slash else ref
 
 
 class RemoteMounts:
@@ -86,7 +78,7 @@ class RemoteMounts:
                 log.warning("lazy mount %s is dead (%s); mounting it again", mp, e)
                 subprocess.run(["umount", "-l", str(mp)], capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
         mp.mkdir(exist_ok=True)
-        src = f"docker://{repository(ref)}@{digest}"
+        src = f"docker://{normalize_repository(ref)}@{digest}"
         authfile = self.keychain.authfile_for(ref) if self.keychain is not None else None
         extra = ["--authfile", str(authfile)] if authfile is not None else []
         log.info("mounting %s lazily at %s%s", src, mp, " with the CRI keychain's credentials" if extra else "")
@@ -99,9 +91,13 @@ class RemoteMounts:
 
     def release(self, mountpoint: str) -> None:
         log.info("releasing lazy mount %s", mountpoint)
+        from shoal.mount.state import is_mounted
+
         rc, stderr = self.runner.run([*self.globals, "umount", "--lazy", mountpoint], 60)
         if rc != 0:
             log.warning("umount %s: %s", mountpoint, stderr.strip())
+            if is_mounted(mountpoint):  # still served: its store data stays with it
+                return
         try:
             os.rmdir(mountpoint)
         except OSError:

@@ -9,7 +9,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-__all__ = ["Runner", "SubprocessRunner"]
+__all__ = ["Runner", "SubprocessRunner", "timed_out"]
+
+
+def timed_out(args: Sequence[str], timeout: float) -> str:
+    """The standard error of a call that ran out of time (exit code 124, as timeout(1))."""
+    return f"shoal {args[0] if args else ''} did not finish within {timeout:.0f} s"
 
 
 class Runner:
@@ -33,5 +38,5 @@ class SubprocessRunner(Runner):
             p = subprocess.run([*self.prefix, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                                timeout=timeout)
         except subprocess.TimeoutExpired:
-            return 124, f"shoal {args[0] if args else ''} did not finish within {timeout:.0f} s"
+            return 124, timed_out(args, timeout)
         return p.returncode, p.stderr

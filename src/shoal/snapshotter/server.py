@@ -146,8 +146,22 @@ def make_server(svc: Service, address: str, extra: tuple[Any, ...] = (), workers
     if os.path.exists(address):
         os.unlink(address)  # a stale socket of a previous run
     Path(address).parent.mkdir(parents=True, exist_ok=True)
-    server.add_insecure_port(f"unix://{os.path.abspath(address)}")
+    # root (containerd) only: the socket also carries CRI image calls and their credentials (criproxy)
+    old = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix://{os.path.abspath(address)}")
+    finally:
+        os.umask(old)
+    _owner_only(address)
     return server
+
+
+def _owner_only(address: str) -> None:
+    """Mode 0600 on the socket, whatever the umask was when it was bound."""
+    try:
+        os.chmod(address, 0o600)
+    except FileNotFoundError:  # bound when the server starts: serve() calls this again
+        pass
 
 
 def serve(svc: Service, address: str, ready: Callable[[], None] | None = None, extra: tuple[Any, ...] = (),
@@ -155,6 +169,7 @@ def serve(svc: Service, address: str, ready: Callable[[], None] | None = None, e
     """Serve until SIGTERM/SIGINT; the FUSE mounts of remote snapshots live on in their daemons."""
     server = make_server(svc, address, extra, workers)
     server.start()
+    _owner_only(address)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

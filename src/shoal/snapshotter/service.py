@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ class Service:
         (root / "snapshots").mkdir(parents=True, exist_ok=True, mode=0o700)
         self._mount_remote = mount_remote
         self._release_remote = release_remote
+        # a lazy mount and its snapshot row are made, and a last user's release decided and done, under
+        # one lock: a Prepare of an image whose last snapshot is being removed must not get a mount the
+        # removal then takes away (nor the store data it collects)
+        self._remote_lock = threading.Lock()
 
     def close(self) -> None:
         self.meta.close()
@@ -164,12 +169,14 @@ class Service:
         if target and self._mount_remote is not None:
             if self._exists(target):
                 raise SnapshotExists(f"target snapshot {target} already exists")
-            mp = self._mount_remote(labels)
+            with self._remote_lock:
+                mp = self._mount_remote(labels)
+                if mp:
+                    try:
+                        self.meta.create(target, parent, KIND_COMMITTED, labels, remote=mp)
+                    except SnapshotExists:
+                        pass
             if mp:
-                try:
-                    self.meta.create(target, parent, KIND_COMMITTED, labels, remote=mp)
-                except SnapshotExists:
-                    pass
                 raise SnapshotExists(f"target snapshot {target} already exists (served lazily from {mp})")
         return self._create(key, parent, KIND_ACTIVE, labels)
 
@@ -221,8 +228,10 @@ class Service:
     def remove(self, key: str) -> None:
         s = self.meta.remove(key)
         shutil.rmtree(self._dir(s), ignore_errors=True)
-        if s.remote and self.meta.remote_users(s.remote) == 0 and self._release_remote is not None:
-            self._release_remote(s.remote)
+        if s.remote and self._release_remote is not None:
+            with self._remote_lock:
+                if self.meta.remote_users(s.remote) == 0:
+                    self._release_remote(s.remote)
 
     def cleanup(self) -> None:
         ids = self.meta.ids()

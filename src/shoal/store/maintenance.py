@@ -220,7 +220,8 @@ def gc(store: Store, sink: Sink = NULL, scope: Collection[str] | None = None) ->
             p.unlink(missing_ok=True)
             rep.tmp_removed += 1
         rep.removed += _gc_partial(store, keep, scope)
-        store.catalog.drop_packs(store.catalog.packs() - set(layout.all_blobs()) - store.catalog.frame_packs())
+        gone = store.catalog.packs() - set(layout.all_blobs()) - store.catalog.frame_packs()
+        store.catalog.drop_packs(gone if scope is None else gone & set(scope))
     if scope is None:
         os.sync()
     sink.finish("gc")
