@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
+
+
+def _without_httpx_cli() -> None:
+    """httpx's package imports its command-line client (``httpx._main``: rich, pygments and click, about
+    70 modules, 90 ms on a warm page cache and more on a cold one) unless that import fails; Shoal never
+    runs it, and every registry client (a lazy mount's first request, issue 12) would pay for it.  A
+    stand-in module for it is registered before httpx is first imported (all of Shoal's httpx imports
+    are in this package); ``httpx.main`` then says it is not loaded."""
+    if "httpx" in sys.modules or "httpx._main" in sys.modules:
+        return
+    stub = types.ModuleType("httpx._main")
+
+    def main() -> None:
+        raise SystemExit("the httpx command-line client is not loaded in this process (shoal)")
+
+    stub.main = main  # type: ignore[attr-defined]
+    sys.modules["httpx._main"] = stub
+
+
+_without_httpx_cli()
 
 if TYPE_CHECKING:
     from .auth import Authenticator, Challenge, parse_www_authenticate
