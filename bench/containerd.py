@@ -539,6 +539,15 @@ LABELS = {  # mode: (row label, what it runs), per --via
 }
 
 
+def remove_run_dirs() -> None:
+    """containerd's empty directories under /run, for a machine that had none before the benchmark."""
+    for d in ("/run/containerd/runc", "/run/containerd/io.containerd.runtime.v2.task", "/run/containerd"):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--via", choices=("cri", "ctr"), default="cri",
@@ -630,11 +639,7 @@ def main() -> None:
         reg.close()
         shutil.rmtree(work, ignore_errors=True)
         if not run_dirs_before:
-            for d in ("/run/containerd/runc", "/run/containerd/io.containerd.runtime.v2.task", "/run/containerd"):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
+            remove_run_dirs()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from containerd import (  # noqa: E402
     pause_image,
     pids_with,
     record_profile,
+    remove_run_dirs,
     run,
     shoal_image,
     stargz_daemon,
@@ -388,11 +389,7 @@ def main() -> None:
         reg.close()
         shutil.rmtree(work, ignore_errors=True)
         if not run_dirs_before:
-            for d in ("/run/containerd/runc", "/run/containerd/io.containerd.runtime.v2.task", "/run/containerd"):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
+            remove_run_dirs()
 
 
 if __name__ == "__main__":

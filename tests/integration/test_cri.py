@@ -88,6 +88,37 @@ def _sandbox_config(pb: Any, logs: Path) -> Any:
             namespace_options=pb.NamespaceOption(network=pb.NODE))))
 
 
+def run_in_pod(cri: CriClient, cd: Containerd, logs: Path, image: str, name: str,
+               script: str) -> tuple[str, str, list[str]]:
+    """A host-network pod with one container running ``sh -c script`` of ``image``, through CRI's
+    RunPodSandbox, CreateContainer and StartContainer; waits for it to exit 0.  Returns the pod and
+    container ids and the lines of the container's CRI log."""
+    pb = cri.pb
+    logs.mkdir()
+    sb_cfg = _sandbox_config(pb, logs)
+    pod = cri.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg)).pod_sandbox_id
+    cfg = pb.ContainerConfig(metadata=pb.ContainerMetadata(name=name, attempt=0), image=pb.ImageSpec(image=image),
+                             command=["/bin/sh", "-c", script], log_path=f"{name}.log")
+    cid = cri.runtime.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=pod, config=cfg,
+                                                                sandbox_config=sb_cfg)).container_id
+    cri.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    end = time.monotonic() + 20
+    while True:
+        st = cri.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+        if st.state == pb.CONTAINER_EXITED or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    assert st.state == pb.CONTAINER_EXITED and st.exit_code == 0, (st, cd.log_tail())
+    return pod, cid, (logs / f"{name}.log").read_text().splitlines()
+
+
+def remove_pod(cri: CriClient, pod: str, cid: str) -> None:
+    pb = cri.pb
+    cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+    cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
+    cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+
+
 def test_cri_runs_a_shoal_image_lazily(cri_env: tuple[Containerd, CriClient, Registry], tmp_path: Path) -> None:
     cd, cri, reg = cri_env
     pb = cri.pb
@@ -105,24 +136,8 @@ def test_cri_runs_a_shoal_image_lazily(cri_env: tuple[Containerd, CriClient, Reg
     image_ref = cri.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref))).image_ref
     assert image_ref.startswith("sha256:")
     pulled = time.monotonic() - t0
-    logs = tmp_path / "pod-logs"
-    logs.mkdir()
-    sb_cfg = _sandbox_config(pb, logs)
-    pod = cri.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg)).pod_sandbox_id
-    cfg = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="hello", attempt=0), image=pb.ImageSpec(image=ref),
-                             command=["/bin/sh", "-c", "echo hello-cri"], log_path="hello.log")
-    cid = cri.runtime.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=pod, config=cfg,
-                                                                sandbox_config=sb_cfg)).container_id
-    cri.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
-    end = time.monotonic() + 20
-    while True:
-        st = cri.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
-        if st.state == pb.CONTAINER_EXITED or time.monotonic() > end:
-            break
-        time.sleep(0.1)
-    assert st.state == pb.CONTAINER_EXITED and st.exit_code == 0, (st, cd.log_tail())
+    pod, cid, lines = run_in_pod(cri, cd, tmp_path / "pod-logs", ref, "hello", "echo hello-cri")
     # CRI log format: "<time> stdout F hello-cri"
-    lines = (logs / "hello.log").read_text().splitlines()
     assert [ln.split(" ", 3)[1:] for ln in lines] == [["stdout", "F", "hello-cri"]], lines
 
     # the container's rootfs was an overlay on the lazy Shoal mount; only manifest, config, index and
@@ -138,9 +153,7 @@ def test_cri_runs_a_shoal_image_lazily(cri_env: tuple[Containerd, CriClient, Reg
     print(f"CRI PullImage {pulled:.2f} s, {len(got)} GETs")
 
     # clean up through CRI; removing the image releases the lazy mount
-    cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
-    cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
-    cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    remove_pod(cri, pod, cid)
     cri.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=ref)))
     assert not cri.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=ref))).HasField("image")
     end = time.monotonic() + 10

@@ -16,7 +16,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from containerd_fix import Containerd, gets, mounts_under, pack_digests, pids_with, published, tiny_tree, wait_for  # noqa: E402
-from test_cri import _sandbox_config, cri_config, push_pause, pytestmark  # noqa: E402,F401
+from test_cri import cri_config, push_pause, pytestmark, remove_pod, run_in_pod  # noqa: E402,F401
 
 from cri import CriClient  # noqa: E402
 from helpers import run_shoal  # noqa: E402
@@ -100,32 +99,14 @@ def test_cri_pull_credentials_reach_the_lazy_mount(tmp_path: Path, registry_fact
         assert any(i.id == image_ref for i in proxy.images.ListImages(pb.ListImagesRequest()).images)
         assert proxy.images.ImageFsInfo(pb.ImageFsInfoRequest()).image_filesystems
 
-        logs = tmp_path / "pod-logs"
-        logs.mkdir()
-        sb_cfg = _sandbox_config(pb, logs)
-        pod = cri.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg)).pod_sandbox_id
-        cfg = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="app", attempt=0), image=spec,
-                                 command=["/bin/sh", "-c", "read n </etc/name; echo $n"], log_path="app.log")
-        cid = cri.runtime.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=pod, config=cfg,
-                                                                    sandbox_config=sb_cfg)).container_id
-        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
-        end = time.monotonic() + 20
-        while True:
-            st = cri.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
-            if st.state == pb.CONTAINER_EXITED or time.monotonic() > end:
-                break
-            time.sleep(0.1)
-        assert st.state == pb.CONTAINER_EXITED and st.exit_code == 0, (st, cd.log_tail())
-        lines = (logs / "app.log").read_text().splitlines()
+        pod, cid, lines = run_in_pod(cri, cd, tmp_path / "pod-logs", spec.image, "app", "read n </etc/name; echo $n")
         assert [ln.split(" ", 3)[1:] for ln in lines] == [["stdout", "F", "secret-app"]], lines
         assert str(mp) in mounts_under(str(mp))
         got = gets(reg)[before:]
         assert not [(p, s) for p, s in got if s == 200 and any(d in p for d in packs)], got
         assert any(s == 206 for _, s in got), got
         assert not any(p.endswith(stub) for p, _ in got), got
-        cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
-        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod))
-        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+        remove_pod(cri, pod, cid)
 
         # the mount is lost while the snapshotter is down; restarted (same --root), it mounts the image
         # again with the kept credentials
