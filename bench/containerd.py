@@ -81,6 +81,9 @@ NS = "shoalbench"
 CRI_NS = "k8s.io"
 HERE = Path(__file__).parent
 TESTS = HERE.parent / "tests"
+sys.path.insert(0, str(TESTS / "integration"))
+from containerd_fix import pids_with, tiny_tree  # noqa: E402  (the tests' process finder and pause tree)
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 STUB_MEDIA_TYPE = "application/vnd.oci.image.layer.shoal.v1"
@@ -265,20 +268,6 @@ state = "{self.root}/cd/state"
         return ["ctr-remote", "-a", str(self.sock), "-n", NS, *args]
 
 
-def pids_with(needle: str) -> list[int]:
-    """Processes (not this one) whose command line contains ``needle``."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle.encode() in cmd:
-                out.append(int(pid))
-    return out
-
-
 def umount_all(root: Path) -> None:
     for _ in range(3):
         with open("/proc/self/mountinfo") as f:
@@ -399,9 +388,6 @@ def pause_image(reg: Registry, work: Path) -> str:
     ref = f"{reg.host}/pause:1"
     if httpx.head(f"http://{reg.host}/v2/pause/manifests/1", headers={"Accept": OCI_MANIFEST}).is_success:
         return ref
-    sys.path.insert(0, str(TESTS / "integration"))
-    from containerd_fix import tiny_tree
-
     print("[setup] pause image ...", file=sys.stderr)
     tree, store, oci = work / "pause-tree", work / "pause-store", work / "pause-oci"
     tiny_tree(tree, extra=("/usr/bin/sleep",))
