@@ -236,9 +236,11 @@ def unpack(ref: str, dest: StrPath, *, store: StrPath | None = None, options: Un
     Raises as ``open_image``, and UsageError (``dest`` not empty), PermissionDenied (device nodes
     without root, an unwritable ``dest``), IntegrityError, NoSpace.
     """
+    from shoal.mount.image import OpenOptions as Options
     from shoal.unpack import unpack as do_unpack
 
-    img = open_image(ref, store=store, options=open_options)
+    whole = dataclasses.replace(open_options or Options(), whole_index=True)  # refused before any write
+    img = open_image(ref, store=store, options=whole)
     return do_unpack(img.index, img.reader, os.fspath(dest), options, progress)
 
 

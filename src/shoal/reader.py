@@ -269,7 +269,8 @@ class Reader:
     def file_entry(self, path: bytes) -> Entry:
         e = self.resolve(path)
         if e is not None and e.kind == Kind.HARDLINK:
-            e = self.index.lookup(e.target)
+            i = self.index.position(e.path)
+            e = None if i is None else self.index.entries[self.index.primary(i)]
         if e is None or e.kind != Kind.FILE:
             raise UsageError(f"not a regular file in the image: {path.decode(errors='replace')}")
         return e

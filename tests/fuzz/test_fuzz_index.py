@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from shoal.format import cbor
 from shoal.format import index as fidx
+from shoal.format.lazyindex import decode_lazy
+from shoal.format.model import Kind
 
 
 @budget(200)
@@ -108,3 +110,38 @@ def test_index_decompress_mutants(blob: bytes) -> None:
     raw = only_shoal_errors(fidx.decompress, blob, 1 << 20)
     if raw is not None:
         _decode_checked(raw)
+
+
+def _walk_lazy(raw: bytes) -> list[Any] | None:
+    """Every entry of the lazily decoded index, and every hardlink resolved (None if any is refused)."""
+    lz = decode_lazy(raw)
+    out = list(lz.entries)
+    for i, e in enumerate(out):
+        if e.kind == Kind.HARDLINK:
+            lz.primary(i)
+    return out
+
+
+def _lazy_agrees(raw: bytes) -> None:
+    """A mount's lazy decoder serves exactly what ``decode`` accepts: where both accept, the same
+    entries; where only the lazy one does, the bytes are merely a non-canonical encoding (a mount
+    leaves that check to fsck and pull, format.md §6.2)."""
+    eager = only_shoal_errors(fidx.decode, raw)
+    walked = only_shoal_errors(_walk_lazy, raw)
+    if eager is not None:
+        assert walked == list(eager.entries)
+    elif walked is not None:
+        assert cbor.decode_fast(raw) is None, "the lazy decoder served an index decode refuses"
+
+
+@budget(40)
+@given(_cbor_mutants())
+def test_lazy_index_agrees_on_cbor_mutants(raw: bytes | None) -> None:
+    if raw is not None:
+        _lazy_agrees(raw)
+
+
+@budget(30)
+@given(_byte_mutants())
+def test_lazy_index_agrees_on_byte_mutants(raw: bytes) -> None:
+    _lazy_agrees(raw)

@@ -235,11 +235,11 @@ def test_hand_built_merkle_records_equal_the_generic_encoding(seed: int) -> None
     kinds = {e.kind for e in idx.entries}
     assert kinds == set(Kind), kinds  # every kind is covered
     for e in list(idx.entries) + extra:
-        assert fidx._child_bytes(e, idx.chunk_ids) == cbor.encode(fidx.child_record(e, idx.chunk_ids)), e
-        kids = [fidx._child_bytes(x, idx.chunk_ids) for x in idx.entries[:5]]
+        assert fidx.child_bytes(e, idx.chunk_ids) == cbor.encode(fidx.child_record(e, idx.chunk_ids)), e
+        kids = [fidx.child_bytes(x, idx.chunk_ids) for x in idx.entries[:5]]
         want = hashlib.sha256(cbor.encode([fidx._DIR_TAG, fidx.meta_record(e),
                                            [fidx.child_record(x, idx.chunk_ids) for x in idx.entries[:5]]])).digest()
-        assert fidx._dir_digest(e, kids) == want
+        assert fidx.dir_digest(e, kids) == want
 
 
 def test_a_million_copies_of_one_frame_record_cost_one_frame() -> None:

@@ -34,7 +34,8 @@ def load_image(ctx: click.Context, ref: str, sc: "SystemContext") -> Iterator["O
     store, untagged), read with plain range reads: only manifest, config and index up front."""
     from shoal.mount.image import OpenOptions, open_image
 
-    img = open_image(ref, None, OpenOptions(context=sc, lazy=False, profile=False, prefetch="none"))
+    img = open_image(ref, None, OpenOptions(context=sc, lazy=False, profile=False, prefetch="none",
+                                               whole_index=True))
     try:
         yield img
     finally:

@@ -9,7 +9,7 @@ Merkle digests are recomputed and compared.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import zstandard
@@ -21,7 +21,8 @@ from shoal.format.packing import FRAME_MAX
 
 __all__ = [
     "FORMAT", "encode", "decode", "compress", "decompress", "merkle", "validate_path",
-    "MAX_INDEX_BYTES", "INDEX_ZSTD_LEVEL",
+    "MAX_INDEX_BYTES", "INDEX_ZSTD_LEVEL", "Tables", "decode_tables", "decode_entry", "child_bytes", "dir_digest",
+    "meta_record",
 ]
 
 FORMAT = 2  # §4.1; §9 lists the changes
@@ -103,7 +104,7 @@ def _meta_items(e: Entry) -> bytes:
                      cbor.encode(dict(e.xattrs)) if e.xattrs else _NO_XATTRS))
 
 
-def _child_bytes(e: Entry, ids: tuple[bytes, ...], digest: bytes | None = None) -> bytes:
+def child_bytes(e: Entry, ids: tuple[bytes, ...], digest: bytes | None = None) -> bytes:
     """``cbor.encode(child_record(e, ids))``; a directory's record with ``digest`` if given, else its own."""
     name = e.path[e.path.rfind(b"/") + 1 :]
     nh = _HEADS[2][len(name)] if len(name) < 256 else _H(2, len(name))
@@ -123,7 +124,7 @@ def _child_bytes(e: Entry, ids: tuple[bytes, ...], digest: bytes | None = None) 
     return b"".join((_A7, nh, name, _H(0, int(k)), meta))
 
 
-def _dir_digest(d: Entry, children: list[bytes]) -> bytes:
+def dir_digest(d: Entry, children: list[bytes]) -> bytes:
     """sha256 of ``cbor.encode([_DIR_TAG, meta_record(d), children])``, children already encoded."""
     h = hashlib.sha256(_DIR_PREFIX)
     h.update(_A5 + _meta_items(d) + _H(4, len(children)))
@@ -150,7 +151,7 @@ def _digests(entries: list[Entry] | tuple[Entry, ...], ids: tuple[bytes, ...]) -
         if e.kind == kind_dir:
             stack.append((i, path, []))
         elif stack:
-            stack[-1][2].append(_child_bytes(e, ids))
+            stack[-1][2].append(child_bytes(e, ids))
     while stack:
         _close(entries, stack, ids, digests)
     return digests
@@ -159,9 +160,9 @@ def _digests(entries: list[Entry] | tuple[Entry, ...], ids: tuple[bytes, ...]) -
 def _close(entries: list[Entry] | tuple[Entry, ...], stack: list[tuple[int, bytes, list[bytes]]],
            ids: tuple[bytes, ...], digests: dict[int, bytes]) -> None:
     i, _, kids = stack.pop()
-    d = digests[i] = _dir_digest(entries[i], kids)
+    d = digests[i] = dir_digest(entries[i], kids)
     if stack:
-        stack[-1][2].append(_child_bytes(entries[i], ids, d))
+        stack[-1][2].append(child_bytes(entries[i], ids, d))
 
 
 def merkle(entries: Iterable[Entry], ids: tuple[bytes, ...]) -> list[Entry]:
@@ -280,7 +281,7 @@ def _xattrs(xa: Any) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(xa.items())
 
 
-def _decode_entry(raw: Any, ids: tuple[bytes, ...], chunk_lengths: tuple[int, ...]) -> Entry:
+def decode_entry(raw: Any, ids: tuple[bytes, ...], chunk_lengths: tuple[int, ...]) -> Entry:
     if type(raw) is not list or len(raw) != 8:
         raise FormatError("index: entry must be an array of 8 items")
     path, k, mode, uid, gid, mtime, xa, p = raw
@@ -353,7 +354,22 @@ def decode(raw: bytes) -> Index:
     return _decode_doc(cbor.decode(raw))
 
 
-def _decode_doc(doc: Any) -> Index:
+@dataclass(frozen=True)
+class Tables:
+    """Everything of a decoded index but its entries, checked (§4.4, §4.5)."""
+
+    root: bytes
+    ids: tuple[bytes, ...]
+    chunk_frames: tuple[int, ...]
+    chunk_offsets: tuple[int, ...]
+    chunk_lengths: tuple[int, ...]
+    frames: tuple[Frame, ...]
+    packs: tuple[bytes, ...]
+    entries: list[Any]  # raw, not yet checked
+
+
+def decode_tables(doc: Any) -> Tables:
+    """The checked top level of a decoded index document: format, root, chunk, frame and pack tables."""
     if type(doc) is not dict or set(doc) != _KEYS:
         raise FormatError("index: wrong top-level keys")
     if tuple(doc) != _KEY_ORDER:
@@ -382,15 +398,21 @@ def _decode_doc(doc: Any) -> Index:
     raw_entries = doc["entries"]
     if type(raw_entries) is not list or not raw_entries:
         raise FormatError("index: no entries")
-    entries = [_decode_entry(r, ids, cl) for r in raw_entries]
+    return Tables(root, ids, cf, co, cl, frames, tuple(packs), raw_entries)
+
+
+def _decode_doc(doc: Any) -> Index:
+    t = decode_tables(doc)
+    ids = t.ids
+    entries = [decode_entry(r, ids, t.chunk_lengths) for r in t.entries]
     _check_tree(entries)
     digests = _digests(entries, ids)
     for i, d in digests.items():
         if entries[i].digest != d:
             raise FormatError(f"index: Merkle digest mismatch at {entries[i].path[:200]!r}")
-    if digests[0] != root:
+    if digests[0] != t.root:
         raise FormatError("index: root digest mismatch")
-    return Index(tuple(entries), ids, cf, co, cl, frames, tuple(packs), root)
+    return Index(tuple(entries), ids, t.chunk_frames, t.chunk_offsets, t.chunk_lengths, t.frames, t.packs, t.root)
 
 
 def _chunk_locations(raw: bytes, frames: tuple[Frame, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-__all__ = ["Kind", "Entry", "Frame", "Index", "path_key", "parent_of", "name_of", "CHUNKLOC", "FRAMEREC"]
+from shoal.errors import FormatError, HostileInput
+
+__all__ = ["Kind", "Entry", "Frame", "Index", "Shape", "path_key", "parent_of", "name_of", "CHUNKLOC", "FRAMEREC"]
 
 # §4.4 fixed-width tables
 CHUNKLOC = struct.Struct(">III")  # frame index, offset in the decompressed frame, length
@@ -54,11 +57,57 @@ class Frame:
     ulen: int
 
 
+class Shape:
+    """Where each path is and which positions are each directory's direct children, from the paths alone
+    (no entry decoded).  ``paths`` must be in canonical order (§4.2), so a directory's subtree is the run
+    of positions after it whose keys start with its key: its children are found by jumping from each
+    child over that child's subtree (a bisection), without reading the rest of the tree.  Safe to call
+    from several threads (each table is made whole, then published by one assignment)."""
+
+    def __init__(self, paths: Sequence[bytes], keys: list[list[bytes]] | None = None) -> None:
+        self.paths = paths
+        self.by_path: dict[bytes, int] = dict(zip(paths, range(len(paths))))
+        if keys is None:
+            keys = [p.split(b"/") for p in paths]
+            if keys:
+                keys[0] = []
+        self._keys = keys
+        self._kids: dict[int, tuple[int, ...]] = {}
+
+    def kids(self, pos: int) -> tuple[int, ...]:
+        """Positions whose path's parent is the path at ``pos``, in canonical order (whatever its kind)."""
+        got = self._kids.get(pos)
+        if got is not None:
+            return got
+        end = self._end(pos)
+        out = []
+        c = pos + 1
+        while c < end:
+            out.append(c)
+            c = self._end(c, end)
+        got = self._kids[pos] = tuple(out)
+        return got
+
+    def _end(self, pos: int, hi: int | None = None) -> int:
+        """The first position after the subtree of ``pos`` (at most ``hi``)."""
+        keys = self._keys
+        k = keys[pos]
+        if not k:
+            return len(keys) if hi is None else hi
+        after = k[:-1] + [k[-1] + b"\0"]  # the least key past every key that starts with k
+        return bisect.bisect_left(keys, after, pos + 1, len(keys) if hi is None else hi)
+
+
 @dataclass(frozen=True)
 class Index:
-    """A decoded, validated index.  Chunk ``i`` has id ``chunk_ids[i]`` and location ``chunk_loc(i)``."""
+    """A decoded, validated index.  Chunk ``i`` has id ``chunk_ids[i]`` and location ``chunk_loc(i)``.
 
-    entries: tuple[Entry, ...]
+    ``entries`` is a sequence by position; for an index decoded for a mount (``index.decode(lazy=True)``)
+    it decodes and verifies each directory's entries against its Merkle digest on first use
+    (docs/spec/format.md §6.2), so walk the tree with ``position``/``child_positions`` and touch only the
+    entries you need."""
+
+    entries: Sequence[Entry]
     chunk_ids: tuple[bytes, ...]
     chunk_frames: tuple[int, ...]
     chunk_offsets: tuple[int, ...]
@@ -66,8 +115,8 @@ class Index:
     frames: tuple[Frame, ...]
     packs: tuple[bytes, ...]  # raw sha256 of each pack blob, in manifest order
     root: bytes
-    _by_path: dict[bytes, int] = field(default_factory=dict, repr=False, compare=False)
-    _children: dict[bytes, list[Entry]] = field(default_factory=dict, repr=False, compare=False)
+    _shape: list[Shape] = field(default_factory=list, repr=False, compare=False)
+    _links: dict[bytes, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
     _by_frame: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def chunks_by_frame(self) -> Mapping[int, tuple[int, ...]]:
@@ -85,21 +134,55 @@ class Index:
         """The chunk indices in frame ``fi`` (empty if none)."""
         return self.chunks_by_frame().get(fi, ())
 
+    def shape(self) -> Shape:
+        """Positions by path and children by directory (built on first use)."""
+        if not self._shape:
+            self._shape.append(Shape([e.path for e in self.entries]))
+        return self._shape[0]
+
+    def position(self, path: bytes) -> int | None:
+        """The position of ``path``'s entry, or None."""
+        return self.shape().by_path.get(path)
+
+    def child_positions(self, pos: int) -> tuple[int, ...]:
+        """The positions of the direct children of the directory at ``pos``, in canonical order."""
+        return self.shape().kids(pos)
+
     def lookup(self, path: bytes) -> Entry | None:
-        if not self._by_path:
-            self._by_path.update((e.path, i) for i, e in enumerate(self.entries))
-        i = self._by_path.get(path)
+        i = self.position(path)
         return None if i is None else self.entries[i]
 
     def children(self, path: bytes) -> list[Entry]:
         """Direct children of directory ``path`` in canonical order."""
-        if not self._children:
-            kids: dict[bytes, list[Entry]] = {}
-            for e in self.entries[1:]:
-                kids.setdefault(parent_of(e.path), []).append(e)
-            self._children.update(kids)
-            self._children[b"\0"] = []  # marks "built" even for an empty tree
-        return self._children.get(path, [])
+        i = self.position(path)
+        return [] if i is None else [self.entries[k] for k in self.child_positions(i)]
+
+    def primary(self, pos: int) -> int:
+        """The position whose file entry ``pos`` shows: a hardlink's primary file, else ``pos`` itself."""
+        e = self.entries[pos]
+        if e.kind != Kind.HARDLINK:
+            return pos
+        p = self.position(e.target)
+        f = None if p is None or p >= pos else self.entries[p]
+        if p is None or f is None or f.kind != Kind.FILE:
+            raise HostileInput(f"index: hardlink {e.path[:200]!r} does not point at an earlier file")
+        if (f.mode, f.uid, f.gid, f.mtime_ns, f.xattrs) != (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs):
+            raise FormatError(f"index: hardlink {e.path[:200]!r} metadata differs from its file")
+        return p
+
+    def hardlinks_to(self, path: bytes) -> tuple[int, ...]:
+        """The positions of the hardlink entries whose primary is ``path``."""
+        if not self._links:
+            self._links.update(self._hardlinks())
+            self._links[b"\0"] = ()  # marks "built" even for an index without hardlinks
+        return self._links.get(path, ())
+
+    def _hardlinks(self) -> dict[bytes, tuple[int, ...]]:
+        built: dict[bytes, list[int]] = {}
+        for i, e in enumerate(self.entries):
+            if e.kind == Kind.HARDLINK:
+                built.setdefault(e.target, []).append(i)
+        return {t: tuple(v) for t, v in built.items()}
 
     @property
     def files(self) -> int:

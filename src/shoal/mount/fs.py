@@ -180,25 +180,11 @@ class ShoalFS(pyfuse3.Operations):
         self.timeout = timeout
         self.stats = stats or ServeStats()
         self.pusher = PageCachePusher(reader, self.stats) if push else None
-        entries = self.index.entries
-        n = len(entries)
-        pos = {e.path: i for i, e in enumerate(entries)}
-        self._node = list(range(n))  # position whose attributes this entry shows (hardlink -> primary)
-        self._parent = [0] * n
-        self._nlink = [2 if e.kind == Kind.DIR else 1 for e in entries]
-        self._kids: dict[int, list[tuple[bytes, int]]] = {i: [] for i, e in enumerate(entries) if e.kind == Kind.DIR}
-        for i in range(1, n):
-            e = entries[i]
-            p = pos[parent_of(e.path)]
-            self._parent[i] = p
-            self._kids[p].append((e.name, i))
-            if e.kind == Kind.DIR:
-                self._nlink[p] += 1
-            elif e.kind == Kind.HARDLINK:
-                primary = pos[e.target]
-                self._node[i] = primary
-                self._nlink[primary] += 1
-        self._by_name = {d: dict(kids) for d, kids in self._kids.items()}
+        # The tree is learnt as the kernel walks it, one directory at a time: a lazily decoded index
+        # verifies a directory's entries when the first of them is used (format.md §6.2).
+        self._kids: dict[int, list[tuple[bytes, int]]] = {}  # directory -> its children (name, position)
+        self._by_name: dict[int, dict[bytes, int]] = {}
+        self._node: dict[int, int] = {}  # position -> position whose attributes it shows (hardlink -> primary)
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
@@ -213,7 +199,7 @@ class ShoalFS(pyfuse3.Operations):
 
     def _describe(self, arg: object) -> str:
         if isinstance(arg, int) and 1 <= arg <= len(self.index.entries):
-            p = self.index.entries[arg - 1].path
+            p = self.index.shape().paths[arg - 1]  # as stated: an error message must not verify anything
             return "/" + p.decode("utf-8", "backslashreplace")
         return repr(arg)
 
@@ -240,10 +226,34 @@ class ShoalFS(pyfuse3.Operations):
     def _pos(self, inode: int) -> int:
         if not 1 <= inode <= len(self.index.entries):
             raise NotFound(f"no inode {inode}")
-        return self._node[inode - 1]
+        pos = inode - 1
+        node = self._node.get(pos)
+        if node is None:
+            node = self._node[pos] = self.index.primary(pos)
+        return node
 
     def _entry(self, inode: int) -> Entry:
         return self.index.entries[self._pos(inode)]
+
+    def _children(self, pos: int) -> list[tuple[bytes, int]] | None:
+        """The children (name, position) of the directory at ``pos``; None if it is not a directory."""
+        kids = self._kids.get(pos)
+        if kids is None:
+            if self.index.entries[pos].kind != Kind.DIR:
+                return None
+            entries = self.index.entries
+            kids = [(entries[k].name, k) for k in self.index.child_positions(pos)]
+            self._by_name[pos] = dict(kids)
+            self._kids[pos] = kids
+        return kids
+
+    def _nlink(self, pos: int, e: Entry) -> int:
+        if e.kind == Kind.DIR:
+            kids = self._children(pos) or []
+            return 2 + sum(1 for _, k in kids if self.index.entries[k].kind == Kind.DIR)
+        if e.kind == Kind.FILE:
+            return 1 + sum(1 for h in self.index.hardlinks_to(e.path) if self.index.primary(h) == pos)
+        return 1
 
     def _attr(self, pos: int) -> pyfuse3.EntryAttributes:
         a = self._attrs.get(pos)
@@ -256,7 +266,7 @@ class ShoalFS(pyfuse3.Operations):
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
         a.st_mode = _TYPE[e.kind] | e.mode
-        a.st_nlink = self._nlink[pos]
+        a.st_nlink = self._nlink(pos, e)
         a.st_uid = e.uid
         a.st_gid = e.gid
         if e.kind == Kind.FILE:
@@ -285,14 +295,13 @@ class ShoalFS(pyfuse3.Operations):
         if name == b".":
             return self._attr(p)
         if name == b"..":
-            return self._attr(self._parent[p])
-        kids = self._by_name.get(p)
-        if kids is None:
+            return self._attr(self.index.position(parent_of(self.index.entries[p].path)) or 0)
+        if self._children(p) is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        child = kids.get(name)
+        child = self._by_name[p].get(name)
         if child is None:
             return self._negative  # cached by the kernel for entry_timeout
-        return self._attr(self._node[child])
+        return self._attr(self._pos(child + 1))
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -308,7 +317,7 @@ class ShoalFS(pyfuse3.Operations):
     @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         p = self._pos(inode)
-        if p not in self._kids:
+        if self._children(p) is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return p + 1
 
@@ -317,14 +326,15 @@ class ShoalFS(pyfuse3.Operations):
         kids = self._kids[fh - 1]
         for k in range(start_id, len(kids)):
             name, child = kids[k]
-            if not pyfuse3.readdir_reply(token, name, self._attr(self._node[child]), k + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(self._pos(child + 1)), k + 1):
                 break
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         p = self._pos(inode)
-        if self.index.entries[p].kind != Kind.FILE:
-            raise pyfuse3.FUSEError(errno.EISDIR if p in self._kids else errno.EACCES)
+        kind = self.index.entries[p].kind
+        if kind != Kind.FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR if kind == Kind.DIR else errno.EACCES)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=p + 1, keep_cache=True)

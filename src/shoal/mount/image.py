@@ -75,13 +75,16 @@ class OpenOptions:
     registries.conf, store, platform); ``fetch_timeout`` bounds how long a mount's read waits for the
     network before it fails with EIO; ``profile`` looks up a recorded start-up profile for
     ``--prefetch auto``; ``lazy`` (mounts) serves ``docker://`` images through the store's frame
-    cache, ``lazy=False`` (one-shot reads) with plain range reads."""
+    cache, ``lazy=False`` (one-shot reads) with plain range reads.  ``whole_index`` decodes and checks
+    the whole index before anything is read (unpack, ls, diff: a bad image is refused before any output)
+    instead of each directory when it is first used (mounts; docs/spec/format.md §6.2)."""
 
     context: SystemContext = SystemContext()
     fetch_timeout: float = 30.0
     profile: bool = True
     prefetch: str = "auto"  # the mount's --prefetch: auto and all start the profile's range reads at once
     lazy: bool = True
+    whole_index: bool = False
 
     @property
     def platform(self) -> str | None:  # os/arch[/variant] of an image index's image (default: this machine's)
@@ -133,8 +136,9 @@ def _open_store(ctx: SystemContext) -> Any:
     return Store.open(ctx.store)
 
 
-def _from_store(ref: str, name: str, store: Any, m: ShoalManifest, classic: str = "") -> OpenedImage:
-    index = store.load_index(m)
+def _from_store(ref: str, name: str, store: Any, m: ShoalManifest, o: OpenOptions,
+                classic: str = "") -> OpenedImage:
+    index = store.load_index(m, lazy=not o.whole_index)
     config = parse_config(store.layout.get(m.config.digest))
     # every frame is local: a recorded profile has nothing to fetch ahead
     return OpenedImage(ref=ref, name=name, digest=m.digest, index=index, source=LocalStoreSource(str(store.root)),
@@ -158,7 +162,7 @@ def open_image(ref: str | ImageReference, store_root: StorePath = None,
     kind = r.transport.name
     if kind == "":  # the store: its own resolution (tags, image indexes, partial packs)
         st = _open_store(ctx)
-        return _from_store(text, str(r), st, st.resolve(r.details(), ctx.platform))
+        return _from_store(text, str(r), st, st.resolve(r.details(), ctx.platform), o)
     if kind == "docker" and o.lazy:  # frames cached in the store as they are read
         from shoal.mount.remote import open_docker
 
@@ -169,7 +173,7 @@ def open_image(ref: str | ImageReference, store_root: StorePath = None,
     try:
         res = resolve_image(src, r, ctx.platform)
         if res.manifest is None or res.index is None:
-            return _open_classic(text, r, src, ctx)
+            return _open_classic(text, r, src, ctx, o)
     except BaseException:
         src.close()
         raise
@@ -178,7 +182,7 @@ def open_image(ref: str | ImageReference, store_root: StorePath = None,
                        closer=src.close)
 
 
-def _open_classic(text: str, r: ImageReference, src: Any, ctx: SystemContext) -> OpenedImage:
+def _open_classic(text: str, r: ImageReference, src: Any, ctx: SystemContext, o: OpenOptions) -> OpenedImage:
     """A classic image: converted into the store, untagged, then read from there."""
     from shoal.convert import convert
     from shoal.format.platform import Platform
@@ -189,7 +193,7 @@ def _open_classic(text: str, r: ImageReference, src: Any, ctx: SystemContext) ->
         res = convert(src, st, None, platform=ctx.platform or Platform.host())
     finally:
         src.close()
-    return _from_store(text, str(r), st, st.manifest(res.digest), classic=res.source_digest)
+    return _from_store(text, str(r), st, st.manifest(res.digest), o, classic=res.source_digest)
 
 
 # ---------------------------------------------------------------------------------------------- counting

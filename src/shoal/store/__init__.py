@@ -13,6 +13,7 @@ from shoal import digest as dg
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, IntegrityError, NotFound, UsageError
 from shoal.format import index as fidx
+from shoal.format.lazyindex import decode_lazy
 from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, json_loads, parse_manifest
 from shoal.format.model import Index
 from shoal.format.packing import verify_frame
@@ -189,11 +190,14 @@ class Store:
                 out |= self.blobs_of(d["digest"], depth + 1)
         return out
 
-    def load_index(self, m: ShoalManifest) -> Index:
+    def load_index(self, m: ShoalManifest, lazy: bool = False) -> Index:
+        """The index of ``m``, decoded and checked whole, or with ``lazy`` (a mount) each directory on
+        first use (``format.lazyindex``)."""
         blob = self.layout.get(m.index.digest)
         if len(blob) != m.index.size:
             raise FormatError("index blob size differs from its descriptor")
-        idx = fidx.decode(fidx.decompress(blob))
+        raw = fidx.decompress(blob)
+        idx = decode_lazy(raw) if lazy else fidx.decode(raw)
         if "sha256:" + idx.root.hex() != m.root:
             raise FormatError("index root differs from the manifest's annotation")
         if len(idx.packs) != len(m.packs) or any(

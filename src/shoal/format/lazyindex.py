@@ -1,0 +1,238 @@
+"""An index decoded for a mount: each directory verified against its Merkle digest on first use
+(docs/spec/format.md §6.2).
+
+``decode`` (index.py) checks and hashes every entry before it returns: about 0.3 s of one core for the
+13,000 entries of a Debian tree with Python, on the critical path of every lazy container start.  A mount
+touches a few hundred directories of that tree before the container's first output, so ``decode_lazy``
+checks the whole document's shape up front and each directory when it is first used:
+
+- up front: the top level and every table (``decode_tables``, as ``decode`` does), every path a byte
+  string, all paths strictly in canonical order (so no path twice, and every parent before its
+  children), nothing below a non-directory, the root entry, and the root directory against the
+  index's ``root``;
+- on first use of any entry: the chain of its unverified ancestor directories, top down, and for a
+  directory the directory itself (its own metadata is bound by its digest, not by its parent's record).
+  A directory is verified by decoding and checking each of its direct children (exactly as ``decode``
+  does) and hashing their Merkle records, with each subdirectory's *stated* digest, into the
+  directory's own record; the result must equal the directory's stated digest, which its parent's
+  verification bound (the root's binds the manifest's ``root``).  Only then is it or any of its
+  children handed out.
+
+So an entry is never returned before the digests from the root down to it are checked: the same
+guarantee as ``decode``'s, for what is used.  A tampered directory fails with ``IntegrityError`` (EIO in
+the mount) when it is first used, and a directory under a non-directory with ``HostileInput``.  A
+hardlink's primary is checked when it is resolved (``Index.primary``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+from shoal.errors import FormatError, HostileInput, IntegrityError
+from shoal.format import cbor
+from shoal.format.index import Tables, child_bytes, decode, decode_entry, decode_tables, dir_digest
+from shoal.format.model import Entry, Index, Kind, Shape, parent_of
+
+__all__ = ["decode_lazy", "LazyEntries", "LazyIndex"]
+
+
+def decode_lazy(raw: bytes) -> Index:
+    """Decode uncompressed index bytes for a mount: the document's shape now, each directory on first use.
+    Anything the up-front checks refuse is decoded again by ``decode``, which says why."""
+    doc = cbor.decode_fast(raw, exact=False)  # its digest binds these bytes; fsck and pull check the encoding
+    if doc is not None:
+        try:
+            return _lazy(decode_tables(doc))
+        except (FormatError, IntegrityError):
+            pass
+    return decode(raw)
+
+
+def _lazy(t: Tables) -> Index:
+    raw = t.entries
+    try:
+        paths: list[bytes] = [r[0] for r in raw]
+        kinds = [r[1] for r in raw]  # each is checked when its entry is decoded
+    except (TypeError, IndexError, KeyError):
+        raise FormatError("index: entry must be an array of 8 items") from None
+    if any(type(p) is not bytes for p in paths):
+        raise FormatError("index: path must be a byte string")
+    if paths[0] != b"":
+        raise FormatError("index: first entry must be the root directory")
+    keys = [p.split(b"/") for p in paths]
+    keys[0] = []
+    if any(a >= b for a, b in zip(keys, keys[1:])):
+        raise FormatError("index: entries unsorted or duplicated")
+    # nothing below a non-directory: in canonical order a descendant would come right after it
+    if any(k != Kind.DIR and b[: len(a)] == a for k, a, b in zip(kinds, keys, keys[1:])):
+        raise HostileInput("index: an entry's parent is not a directory")
+    entries = LazyEntries(t, Shape(paths, keys))
+    return LazyIndex(entries, t.ids, t.chunk_frames, t.chunk_offsets, t.chunk_lengths, t.frames, t.packs, t.root,
+                     tree=entries)
+
+
+class LazyEntries(Sequence[Entry]):
+    """The entries of a lazily verified index, by position (see the module text)."""
+
+    def __init__(self, t: Tables, shape: Shape) -> None:
+        self._raw = t.entries
+        self._ids = t.ids
+        self._lengths = t.chunk_lengths
+        self.shape = shape
+        self._done: list[Entry | None] = [None] * len(shape.paths)  # decoded, its parent verified
+        self._ready: list[Entry | None] = [None] * len(shape.paths)  # ... and a directory itself verified
+        self._verified: set[int] = set()
+        self._failed: dict[int, Exception] = {}
+        self._lock = threading.RLock()
+        root = decode_entry(self._raw[0], self._ids, self._lengths)
+        if root.kind != Kind.DIR:
+            raise FormatError("index: first entry must be the root directory")
+        if root.digest != t.root:
+            raise FormatError("index: root digest mismatch")
+        self._done[0] = root
+        self._verify_chain(0)  # the root's own metadata and its children's records, against ``root``
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    @overload
+    def __getitem__(self, i: int) -> Entry: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Entry]: ...
+
+    def __getitem__(self, i: int | slice) -> Entry | Sequence[Entry]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        e = self._ready[i]
+        if e is not None:
+            return e
+        if i < 0:
+            return self[i + len(self)]
+        if self._done[i] is None:
+            self._verify_chain(self._parent(i))
+        e = self._done[i]
+        if e is None:  # cannot happen: a verified directory publishes every entry whose parent it is
+            raise FormatError(f"index: entry {i} was not verified")
+        if e.kind == Kind.DIR:  # its metadata is bound by its own digest, not by its parent's record
+            self._verify_chain(i)
+        return e
+
+    def __iter__(self) -> Iterator[Entry]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def verified(self) -> int:
+        """How many directories have been verified so far."""
+        return len(self._verified)
+
+    def _parent(self, i: int) -> int:
+        p = self.shape.paths[i]
+        d = self.shape.by_path.get(p[: max(p.rfind(b"/"), 0)])
+        if d is None or d == i:
+            raise HostileInput(f"index: parent of {p[:200]!r} is not a directory")
+        return d
+
+    def _verify_chain(self, d: int) -> None:
+        """Verify directory ``d`` and, first, each of its unverified ancestors, top down."""
+        if d in self._verified:
+            return
+        with self._lock:
+            chain = []
+            while d not in self._verified:
+                chain.append(d)
+                if d == 0:
+                    break
+                d = self._parent(d)
+            for x in reversed(chain):
+                self._verify_one(x)
+
+    def _verify_one(self, d: int) -> None:
+        failed = self._failed.get(d)
+        if failed is not None:
+            raise failed
+        de = self._done[d]
+        assert de is not None  # its parent was verified first (or it is the root)
+        path = self.shape.paths[d]
+        try:
+            kids = self.shape.kids(d)
+            if de.kind != Kind.DIR:
+                raise HostileInput(f"index: parent of {self.shape.paths[kids[0]][:200]!r} is not a directory")
+            ids, lengths, raw = self._ids, self._lengths, self._raw
+            decoded = [decode_entry(raw[k], ids, lengths) for k in kids]
+            for c in decoded:  # in its subtree but under a path that has no entry: unreachable, refused
+                if parent_of(c.path) != path:
+                    raise HostileInput(f"index: parent of {c.path[:200]!r} is not a directory")
+            if dir_digest(de, [child_bytes(c, ids) for c in decoded]) != de.digest:
+                raise IntegrityError(f"index: Merkle digest mismatch at {path[:200]!r}")
+        except (FormatError, IntegrityError) as exc:
+            self._failed[d] = exc
+            raise
+        where = self.shape.by_path
+        for k, c in zip(kids, decoded):
+            if c.kind == Kind.HARDLINK and not where.get(c.target, k) < k:  # its kind and metadata: Index.primary
+                bad = HostileInput(f"index: hardlink {c.path[:200]!r} does not point at an earlier file")
+                self._failed[d] = bad
+                raise bad
+        for k, c in zip(kids, decoded):
+            self._done[k] = c
+            if c.kind != Kind.DIR:
+                self._ready[k] = c
+        self._ready[d] = de
+        self._verified.add(d)
+
+    def _well_formed(self) -> Iterator[tuple[int, list[Any]]]:
+        for i, r in enumerate(self._raw):
+            if type(r) is list and len(r) == 8:
+                yield i, r
+
+    def hardlinks(self) -> dict[bytes, tuple[int, ...]]:
+        """Hardlink positions by target, from the undecoded entries (each is verified when it is used)."""
+        built: dict[bytes, list[int]] = {}
+        for i, r in self._well_formed():
+            if r[1] == Kind.HARDLINK and type(r[7]) is bytes:
+                built.setdefault(r[7], []).append(i)
+        return {t: tuple(v) for t, v in built.items()}
+
+    def files(self) -> int:
+        """Files and hardlinks, counted from the undecoded entries (statfs's figure)."""
+        return sum(1 for _, r in self._well_formed() if r[1] in (Kind.FILE, Kind.HARDLINK))
+
+    def logical_bytes(self) -> int:
+        """File sizes summed from the undecoded entries (statfs's figure; nothing is served from it)."""
+        total = 0
+        for _, r in self._well_formed():
+            p = r[7]
+            if r[1] == Kind.FILE and type(p) is list and p and type(p[0]) is int:
+                total += max(0, p[0])
+        return total
+
+
+@dataclass(frozen=True)
+class LazyIndex(Index):
+    """An ``Index`` whose ``entries`` are ``tree``: its tree is walked by path without decoding, and
+    statfs's totals come from the undecoded entries."""
+
+    tree: LazyEntries | None = field(default=None, repr=False, compare=False)
+
+    def _tree(self) -> LazyEntries:
+        if self.tree is None:
+            raise FormatError("index: a lazy index without its entries")
+        return self.tree
+
+    def shape(self) -> Shape:
+        return self._tree().shape
+
+    def _hardlinks(self) -> dict[bytes, tuple[int, ...]]:
+        return self._tree().hardlinks()
+
+    @property
+    def files(self) -> int:
+        return self._tree().files()
+
+    @property
+    def logical_bytes(self) -> int:
+        return self._tree().logical_bytes()
