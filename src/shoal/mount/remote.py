@@ -95,7 +95,8 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         for f in meta:
             f.result()
         store.layout.put(raw, m.digest)
-        index = store.load_index(m, lazy=not options.whole_index)  # decoding and checking the index overlaps the profile lookup
+        # decoding and checking the index overlaps the profile lookup
+        index = store.load_index(m, lazy=not options.whole_index)
         config = parse_config(store.layout.get(m.config.digest))
         prof, early = prof_f.result() if prof_f is not None else (None, None)
         fresh = spare.result()
