@@ -95,6 +95,9 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
         emit_json(st.to_json())
     else:
         click.echo(f"mounted {st.name} at {st.mountpoint} (pid {st.pid}{', writable' if st.writable else ''})")
+    from shoal.cli import end_without_teardown
+
+    end_without_teardown()  # the daemon serves on; freeing this process's copy of the index is wasted time
 
 
 @click.command()
