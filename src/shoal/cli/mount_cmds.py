@@ -88,6 +88,12 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
         if exc is None:
             click.echo(f"serving {ref} at {mountpoint}; unmount it (or Ctrl-C) to stop", err=True)
 
+    if not foreground:
+        import gc
+
+        # what exists now (modules, click's objects) holds no sqlite connection: the collection that closes
+        # dropped connections before the daemon forks (LazySource.before_fork) need not look at it again
+        gc.freeze()
     st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live, open_opts=open_opts)
     if st is None:
         return

@@ -11,6 +11,7 @@ SIGTERM/SIGINT, and removes its state on the way out.  Unmounting and status are
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -164,6 +165,7 @@ def _daemon_child(image: OpenedImage, mp: str, opts: MountOptions, wfd: int) -> 
     os.close(devnull)
     os.chdir("/")
     os.umask(0o022)
+    gc.unfreeze()  # the caller may have frozen its objects before it forked (cli mount): a daemon lives on
     _setup_daemon_logging()
     from shoal.mount.proctitle import scrub_argv
 
