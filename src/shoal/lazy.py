@@ -537,7 +537,8 @@ class LazySource(FrameSource):
             store = self.store
             local = store.catalog.present(ids)
             # one look per pack, not per frame: an index may hold a million frame records of one pack
-            whole = {pi for pi, p in enumerate(self._pack_of) if store.layout.has(p)}
+            held = store.layout.held(self._pack_of)
+            whole = {pi for pi, p in enumerate(self._pack_of) if p in held}
             frames = self.index.frames if local or whole else []  # a new store holds none of them
             for fi, f in enumerate(frames):
                 if f.pack in whole:
