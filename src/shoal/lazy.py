@@ -534,12 +534,18 @@ class LazySource(FrameSource):
         if self._cached is None:
             have: set[int] = set()
             ids = self.index.chunk_ids
-            local = set(self.store.catalog.locate(ids))
+            store = self.store
+            local = store.catalog.present(ids)
             # one look per pack, not per frame: an index may hold a million frame records of one pack
-            whole = {pi for pi, p in enumerate(self._pack_of) if self.store.layout.has(p)}
-            for fi, f in enumerate(self.index.frames):
+            held = store.layout.held(self._pack_of)
+            whole = {pi for pi, p in enumerate(self._pack_of) if p in held}
+            frames = self.index.frames if local or whole else []  # a new store holds none of them
+            for fi, f in enumerate(frames):
+                if f.pack in whole:
+                    have.add(fi)
+                    continue
                 cis = self.index.frame_chunks(fi)
-                if f.pack in whole or (cis and all(ids[ci] in local for ci in cis)):
+                if cis and all(ids[ci] in local for ci in cis):
                     have.add(fi)
             with self._lock:
                 if self._cached is None:

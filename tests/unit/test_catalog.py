@@ -32,3 +32,14 @@ def test_catalogue_is_wal_and_keeps_first_location(tmp_path: Path) -> None:
     cat.add([(_ROW[0], "q", 1, 1, 1, 1, 1)])
     assert cat.locate([_ROW[0]])[_ROW[0]].pack == "p"
     assert cat._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_present_reads_a_small_catalogue_whole_and_looks_ids_up_in_a_big_one(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.db")
+    ids = [bytes([i]) * 32 for i in range(1, 11)]
+    assert cat.present(ids) == set()  # empty: read whole
+    cat.add([(cid, "p", 0, 10, 20, 0, 20) for cid in ids[:4]])
+    assert cat.present(ids) == set(ids[:4])  # 4 rows <= 2 * 10 ids: read whole
+    cat.add([(i.to_bytes(32, "big"), "q", 0, 1, 1, 0, 1) for i in range(1000, 1100)])
+    assert cat.present(ids) == set(ids[:4])  # 104 rows > 20: looked up by id
+    assert cat.present(ids[:4] + [b"\xff" * 32]) == set(ids[:4])

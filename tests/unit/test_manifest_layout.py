@@ -103,6 +103,7 @@ def test_layout_put_get_verify(tmp_path: Path) -> None:
     d = lay.put(b"hello")
     assert d == "sha256:" + hashlib.sha256(b"hello").hexdigest()
     assert lay.get(d) == b"hello" and lay.size(d) == 5 and lay.has(d)
+    assert lay.held([d, "sha256:" + "0" * 64]) == {d}
     assert lay.put(b"hello") == d  # idempotent
     with pytest.raises(IntegrityError):
         lay.put(b"hello", expected="sha256:" + "0" * 64)

@@ -10,11 +10,14 @@ import importlib
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import click
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "end_without_teardown"]
+
+_END_NOW = False  # set by a command whose process may end without the interpreter's teardown
 
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -79,12 +82,34 @@ def cli(ctx: click.Context, store: str | None, verbose: int) -> None:
     ctx.obj = {"store": store}
 
 
+def end_without_teardown() -> None:
+    """Once the command returns successfully, end the process at once: no interpreter teardown, which
+    frees every object one by one (~0.15 s after a lazy mount, whose parent holds the decoded index).
+    Only for the process's own entry point (``main()`` without ``argv``), with no other thread left
+    and nothing registered to run at exit but logging (flushed first)."""
+    global _END_NOW
+    _END_NOW = True
+
+
+def _end_now() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            return  # let the ordinary exit report it
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> Any:
     from shoal.errors import MAX_MESSAGE, ShoalError, from_oserror, short
 
     try:
         try:
-            return cli.main(args=argv, prog_name="shoal", standalone_mode=False)
+            rv = cli.main(args=argv, prog_name="shoal", standalone_mode=False)
+            if _END_NOW and argv is None and rv is None and threading.active_count() == 1:
+                _end_now()
+            return rv
         except BrokenPipeError:
             raise
         except OSError as exc:  # a system call no layer below explained: classify it by errno

@@ -88,6 +88,12 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
         if exc is None:
             click.echo(f"serving {ref} at {mountpoint}; unmount it (or Ctrl-C) to stop", err=True)
 
+    if not foreground:
+        import gc
+
+        # what exists now (modules, click's objects) holds no sqlite connection: the collection that closes
+        # dropped connections before the daemon forks (LazySource.before_fork) need not look at it again
+        gc.freeze()
     st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live, open_opts=open_opts)
     if st is None:
         return
@@ -95,6 +101,9 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
         emit_json(st.to_json())
     else:
         click.echo(f"mounted {st.name} at {st.mountpoint} (pid {st.pid}{', writable' if st.writable else ''})")
+    from shoal.cli import end_without_teardown
+
+    end_without_teardown()  # the daemon serves on; freeing this process's copy of the index is wasted time
 
 
 @click.command()

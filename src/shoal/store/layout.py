@@ -22,7 +22,7 @@ import os
 import secrets
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
@@ -89,6 +89,11 @@ class Layout:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
+
+    def held(self, digests: Iterable[str]) -> set[str]:
+        """The ``digests`` whose blobs are here (``has`` for many: without pathlib, ~6x faster)."""
+        blobs = os.fspath(self.blobs)
+        return {d for d in digests if os.path.exists(os.path.join(blobs, dg.hex_of(d)))}
 
     def size(self, digest: str) -> int:
         try:
