@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from shoal.cli.common import emit_json, human, platform_option, registry_options, registry_opts
-from shoal.cli.transfer_cmds import CREDS_HELP
+from shoal.cli.common import CREDS_HELP, emit_json, human, parse_creds, platform_option, registry_options, registry_opts
 
 if TYPE_CHECKING:
     from shoal.mount.image import OpenOptions
@@ -37,7 +36,6 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto") -> "OpenOptions":
     """Pop the remote options out of ``kw`` and make OpenOptions of them."""
-    from shoal.cli.transfer_cmds import parse_creds
     from shoal.mount.image import OpenOptions
 
     creds = kw.pop("creds")
