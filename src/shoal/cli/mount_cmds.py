@@ -34,6 +34,10 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return registry_options(fn)
 
 
+# what a mount daemon imports to serve (mount/serve.py): loaded while the registry is awaited
+_SERVE_MODULES = ("trio", "pyfuse3", "shoal.mount.fs", "shoal.mount.serve")
+
+
 def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto") -> "OpenOptions":
     """Pop the remote options out of ``kw`` and make OpenOptions of them."""
     from shoal.mount.image import OpenOptions
@@ -45,7 +49,7 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
         "tls_verify", "ca_bundle", "cert_dir", "plain_http", "authfile", "retries", "timeout", "registries_conf")})
     if creds is not None:
         sc = sc.replace(credentials=parse_creds(creds))
-    return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch)
+    return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch, warm=_SERVE_MODULES)
 
 
 @click.command()

@@ -75,13 +75,16 @@ class OpenOptions:
     registries.conf, store, platform); ``fetch_timeout`` bounds how long a mount's read waits for the
     network before it fails with EIO; ``profile`` looks up a recorded start-up profile for
     ``--prefetch auto``; ``lazy`` (mounts) serves ``docker://`` images through the store's frame
-    cache, ``lazy=False`` (one-shot reads) with plain range reads."""
+    cache, ``lazy=False`` (one-shot reads) with plain range reads.  ``warm`` names modules a lazy
+    ``docker://`` open imports in a thread while it waits for the registry (a mount's serving
+    modules: the daemon, forked after the open, then finds them loaded)."""
 
     context: SystemContext = SystemContext()
     fetch_timeout: float = 30.0
     profile: bool = True
     prefetch: str = "auto"  # the mount's --prefetch: auto and all start the profile's range reads at once
     lazy: bool = True
+    warm: tuple[str, ...] = ()
 
     @property
     def platform(self) -> str | None:  # os/arch[/variant] of an image index's image (default: this machine's)
