@@ -105,6 +105,34 @@ class progress_sink:
             self.rich.progress.stop()
 
 
+CREDS_HELP = "Registry credentials (else the auth files); USER alone: the password from a prompt or stdin."
+
+
+def parse_creds(text: str | None) -> Any:
+    """``--creds USER[:PASS]``: without ``:PASS`` the password comes from a prompt on a terminal, else
+    from one line of standard input (as ``--password-stdin``), so it need not be on the command line.
+    A password given there is masked in this process's ``/proc/PID/cmdline`` at once (and so in a
+    mount daemon forked later): ``shoal.mount.proctitle``."""
+    if text is None:
+        return None
+    from shoal.errors import UsageError
+    from shoal.mount.proctitle import scrub_argv
+
+    user, sep, pw = text.partition(":")
+    if sep:
+        scrub_argv()
+    elif sys.stdin.isatty():
+        pw = click.prompt(f"Password for {user}", hide_input=True, err=True)
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+        if not pw:
+            raise UsageError(f"no password for {user} on standard input (give USER:PASS, or the password "
+                             "as one line of standard input)")
+    from shoal.transports.registry import Credentials
+
+    return Credentials(user, pw)
+
+
 def lines(items: Iterator[str]) -> None:
     for s in items:
         click.echo(s)

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from shoal.cli.common import emit_json, human, platform_option, registry_options, registry_opts
-from shoal.cli.transfer_cmds import CREDS_HELP
+from shoal.cli.common import CREDS_HELP, emit_json, human, parse_creds, platform_option, registry_options, registry_opts
 
 if TYPE_CHECKING:
     from shoal.mount.image import OpenOptions
@@ -35,9 +34,12 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return registry_options(fn)
 
 
+# what a mount daemon imports to serve (mount/serve.py): loaded while the registry is awaited
+_SERVE_MODULES = ("trio", "pyfuse3", "shoal.mount.fs", "shoal.mount.serve")
+
+
 def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto") -> "OpenOptions":
     """Pop the remote options out of ``kw`` and make OpenOptions of them."""
-    from shoal.cli.transfer_cmds import parse_creds
     from shoal.mount.image import OpenOptions
 
     creds = kw.pop("creds")
@@ -47,7 +49,7 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
         "tls_verify", "ca_bundle", "cert_dir", "plain_http", "authfile", "retries", "timeout", "registries_conf")})
     if creds is not None:
         sc = sc.replace(credentials=parse_creds(creds))
-    return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch)
+    return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch, warm=_SERVE_MODULES)
 
 
 @click.command()

@@ -7,41 +7,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from shoal.cli.common import emit_json, human, platform_option, progress_sink
+from shoal.cli.common import CREDS_HELP, emit_json, human, parse_creds, platform_option, progress_sink
 from shoal.cli.common import registry_options as _registry_options
 from shoal.cli.common import registry_opts as _common
 
 if TYPE_CHECKING:
     from shoal.transports.context import SystemContext
-CREDS_HELP = "Registry credentials (else the auth files); USER alone: the password from a prompt or stdin."
-
-
-def _creds(text: str | None) -> Any:
-    """``--creds USER[:PASS]``: without ``:PASS`` the password comes from a prompt on a terminal, else
-    from one line of standard input (as ``--password-stdin``), so it need not be on the command line.
-    A password given there is masked in this process's ``/proc/PID/cmdline`` at once (and so in a
-    mount daemon forked later): ``shoal.mount.proctitle``."""
-    if text is None:
-        return None
-    from shoal.errors import UsageError
-    from shoal.mount.proctitle import scrub_argv
-
-    user, sep, pw = text.partition(":")
-    if sep:
-        scrub_argv()
-    elif sys.stdin.isatty():
-        pw = click.prompt(f"Password for {user}", hide_input=True, err=True)
-    else:
-        pw = sys.stdin.readline().rstrip("\r\n")
-        if not pw:
-            raise UsageError(f"no password for {user} on standard input (give USER:PASS, or the password "
-                             "as one line of standard input)")
-    from shoal.transports.registry import Credentials
-
-    return Credentials(user, pw)
-
-
-parse_creds = _creds  # the public name, for the other command modules (mount_cmds)
 
 
 def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", src_creds: Any,
@@ -98,7 +69,7 @@ def copy(ctx: click.Context, /, src: str, dst: str, src_creds: str | None, dest_
          tags: tuple[str, ...], concurrency: int, platform: str | None, as_json: bool, **kw: Any) -> None:
     """Copy an image from SRC to DST (docker://, oci:, oci-archive:, docker-archive:, dir:, NAME:TAG)."""
     common = _common(ctx, concurrency=concurrency, **kw)
-    _run_copy(ctx, src, dst, common, _creds(src_creds), _creds(dest_creds), tags, platform, concurrency,
+    _run_copy(ctx, src, dst, common, parse_creds(src_creds), parse_creds(dest_creds), tags, platform, concurrency,
               as_json, "copied")
 
 
@@ -119,7 +90,7 @@ def push(ctx: click.Context, /, name: str, dst: str, creds: str | None, tags: tu
     if not isinstance(parse_reference(name), LocalReference):
         raise UsageError(f"push takes a store image NAME[:TAG], not {name!r} (use shoal copy)")
     common = _common(ctx, concurrency=concurrency, **kw)
-    _run_copy(ctx, name, dst, common, None, _creds(creds), tags, platform, concurrency, as_json, "pushed")
+    _run_copy(ctx, name, dst, common, None, parse_creds(creds), tags, platform, concurrency, as_json, "pushed")
 
 
 @click.command()
@@ -153,7 +124,7 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
 
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())  # like podman pull: an image index gives this machine's image
-    _run_copy(ctx, src, name, common, _creds(creds), None, (), platform, concurrency, as_json, "pulled")
+    _run_copy(ctx, src, name, common, parse_creds(creds), None, (), platform, concurrency, as_json, "pulled")
 
 
 def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | None, concurrency: int,
@@ -172,7 +143,7 @@ def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | Non
     refuse_reserved(store_name)
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())
-    first_candidate(src, cands, lambda ref: _run_copy(ctx, str(ref), store_name, common, _creds(creds), None, (),
+    first_candidate(src, cands, lambda ref: _run_copy(ctx, str(ref), store_name, common, parse_creds(creds), None, (),
                                                       platform, concurrency, as_json, "pulled"))
 
 
@@ -188,7 +159,7 @@ def delete(ctx: click.Context, /, ref: str, creds: str | None, **kw: Any) -> Non
     r = parse_reference(ref)
     opts = _common(ctx, **kw)
     if creds is not None:
-        opts = opts.replace(credentials=_creds(creds))
+        opts = opts.replace(credentials=parse_creds(creds))
     r.delete(opts)
     click.echo(f"deleted {r}")
 

@@ -77,7 +77,9 @@ class OpenOptions:
     ``--prefetch auto``; ``lazy`` (mounts) serves ``docker://`` images through the store's frame
     cache, ``lazy=False`` (one-shot reads) with plain range reads.  ``whole_index`` decodes and checks
     the whole index before anything is read (unpack, ls, diff: a bad image is refused before any output)
-    instead of each directory when it is first used (mounts; docs/spec/format.md §6.2)."""
+    instead of each directory when it is first used (mounts; docs/spec/format.md §6.2).  ``warm`` names
+    modules a lazy ``docker://`` open imports in a thread while it waits for the registry (a mount's
+    serving modules: the daemon, forked after the open, then finds them loaded)."""
 
     context: SystemContext = SystemContext()
     fetch_timeout: float = 30.0
@@ -85,6 +87,7 @@ class OpenOptions:
     prefetch: str = "auto"  # the mount's --prefetch: auto and all start the profile's range reads at once
     lazy: bool = True
     whole_index: bool = False
+    warm: tuple[str, ...] = ()
 
     @property
     def platform(self) -> str | None:  # os/arch[/variant] of an image index's image (default: this machine's)

@@ -123,13 +123,14 @@ def _make_namespace(path: str) -> None:
     """A new network namespace, kept alive by a bind mount on ``path``, with its loopback up."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     os.close(fd)
+    # loaded before the fork, so the child takes no dynamic loader lock (run.py calls this in a thread)
+    libc = ctypes.CDLL(None, use_errno=True)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child: unshare, pin, bring lo up, report
         err = b"?"
         try:
             os.close(r)
-            libc = ctypes.CDLL(None, use_errno=True)
             if libc.unshare(CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
             if libc.mount(b"/proc/self/ns/net", path.encode(), None, ctypes.c_ulong(MS_BIND), None) != 0:

@@ -18,8 +18,10 @@ connections or sqlite handle (``LazySource.after_fork``).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -71,6 +73,25 @@ def open_docker(ref: ImageReference, ctx: SystemContext, options: OpenOptions) -
         sys.setswitchinterval(old)
 
 
+def _warm(modules: tuple[str, ...]) -> threading.Thread | None:
+    """Import ``modules`` in a thread of their own (``OpenOptions.warm``): they load while the open
+    waits for the registry (config, index, profile), instead of in the mount daemon after its fork
+    (trio, pyfuse3 and the file system: ~0.3 s there).  A failed import is left to whoever needs it."""
+    if not modules:
+        return None
+
+    def load() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # e.g. pyfuse3 missing: the daemon reports it
+                log.debug("cannot preload %s", name, exc_info=True)
+
+    t = threading.Thread(target=load, name="shoal-warm", daemon=True)
+    t.start()
+    return t
+
+
 def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions) -> OpenedImage | None:
     if options.fetch_timeout <= 0:
         raise UsageError("--fetch-timeout must be positive")
@@ -78,6 +99,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     store = Store.open(ctx.store)
     src = ref.new_source(reg)
     pool = ThreadPoolExecutor(4, thread_name_prefix="shoal-open")
+    warm: threading.Thread | None = None
     # the mount daemon's own client, made while we wait for the network (loading CA certificates
     # takes ~0.1 s); it is never used before the fork, so it holds no connection the parent shares
     spare = pool.submit(ref.new_source, reg)
@@ -92,6 +114,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         early_wanted = options.prefetch in ("auto", "all")
         wanted = options.profile and options.prefetch != "none"  # only prefetching uses a profile
         prof_f = pool.submit(_profile, src, store, ref, m, early_wanted) if wanted else None
+        warm = _warm(options.warm)  # once the requests are out: it would hold them back
         for f in meta:
             f.result()
         store.layout.put(raw, m.digest)
@@ -109,6 +132,8 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         raise
     finally:
         pool.shutdown(wait=False)
+        if warm is not None:
+            warm.join()  # no import may be under way at a fork (a half-imported module would hang the child)
     frames: tuple[int, ...] = ()
     adopted: dict[int, Future[bytes]] = {}
     if prof is not None:

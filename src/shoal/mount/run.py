@@ -18,11 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from shoal.errors import NotFound, PermissionDenied, UsageError
 from shoal.format.model import Kind
@@ -45,6 +47,7 @@ from shoal.reader import Reader
 __all__ = ["RunOptions", "run", "run_image", "container_process", "bundle_dir"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_ETC = 4 * 1024 * 1024
@@ -213,15 +216,22 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
                                                              prefetch=opts.prefetch, cleanup=(str(bundle),),
                                                              record_to=opts.record_to))
         mounted = True
-        # after the mount: /etc/passwd and /etc/group are read through it (fetched, prefetched, recorded)
-        proc = container_process(image, opts, name, terminal, str(rootfs))
         runtime = find_runtime(opts)
         if runtime is None:
+            proc = container_process(image, opts, name, terminal, str(rootfs))
             started = True
             log.warning("--unsafe-chroot: %s not found, running in a bare chroot with no isolation (every "
                         "capability, the host's PID namespace and devices)", opts.runtime)
             return _run_chroot(str(rootfs), proc, _host_binds(binds), opts.timeout)
-        net = netns.open_network(network, bundle)
+        # after the mount: /etc/passwd and /etc/group are read through it (fetched, prefetched,
+        # recorded), while the container's network is set up
+        net_f = _in_thread(netns.open_network, network, bundle)
+        try:
+            proc = container_process(image, opts, name, terminal, str(rootfs))
+        except BaseException:
+            net = net_f.result() if net_f.exception() is None else None  # closed below; this error is reported
+            raise
+        net = net_f.result()
         resolv = None
         if net.resolv is not None:
             (bundle / "resolv.conf").write_text(net.resolv)
@@ -238,6 +248,21 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
             _remove(bundle, rootfs, mounted)
         else:
             log.info("container %s stopped; its root stays at %s (shoal umount %s removes it)", name, rootfs, rootfs)
+
+
+def _in_thread(fn: Callable[..., _T], *args: Any) -> "Future[_T]":
+    """``fn(*args)`` in a thread of its own (it waits on child processes and pipes, so it runs beside
+    the caller's reads instead of after them); its result or error through the future."""
+    fut: Future[_T] = Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    threading.Thread(target=work, name="shoal-run", daemon=True).start()
+    return fut
 
 
 def _remove(bundle: Path, rootfs: Path, mounted: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,54 @@ def _without_httpx_cli() -> None:
     sys.modules["httpx._main"] = stub
 
 
+class _SyncOnlyHttpcore:
+    """httpcore's package imports trio and anyio, if installed, for its async backends and primitives
+    (trio with attrs, outcome and sortedcontainers: ~90 modules, ~0.2 s before a lazy mount's first
+    request, issue 12); Shoal's registry client is synchronous and never uses them.  While httpcore's
+    package is executed (it imports all of its modules), trio and anyio are hidden (unless already
+    imported), so httpcore records them as absent: its async API would then refuse to run, which
+    Shoal never calls.  A process that serves a mount still imports trio itself (mount/serve.py)."""
+
+    NAME = "httpcore"
+    HIDDEN = ("trio", "anyio")
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.NAME:
+            return None
+        sys.meta_path.remove(self)  # a finder and loader for this one import (importlib.abc: 4 ms more)
+        spec = importlib.machinery.PathFinder.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return None  # found some other way: imported as usual
+        self.inner = spec.loader
+        spec.loader = self  # type: ignore[assignment]
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__loader__ = self.inner  # the package's own loader from now on (resources, reloads)
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.inner
+        hidden = [n for n in self.HIDDEN if n not in sys.modules]
+        for n in hidden:
+            sys.modules[n] = None  # type: ignore[assignment]  # an import of it raises ImportError
+        try:
+            self.inner.exec_module(module)
+        finally:
+            for n in hidden:
+                if sys.modules.get(n, 0) is None:
+                    del sys.modules[n]
+
+
+def _sync_only_httpcore() -> None:
+    if "httpcore" not in sys.modules and not any(
+            isinstance(f, _SyncOnlyHttpcore) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SyncOnlyHttpcore())
+
+
 _without_httpx_cli()
+_sync_only_httpcore()
 
 if TYPE_CHECKING:
     from .auth import Authenticator, Challenge, parse_www_authenticate
