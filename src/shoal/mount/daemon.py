@@ -12,14 +12,12 @@ SIGTERM/SIGINT, and removes its state on the way out.  Unmounting and status are
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import logging
 import os
 import select
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -44,33 +42,13 @@ def mount(ref: str, mountpoint: str, opts: MountOptions = MountOptions(), store_
     """Mount image ``ref`` at ``mountpoint``.  Background: returns the live mount's state.
     Foreground: serves until unmounted, calls ``notify(None)`` once live, and returns None."""
     check_target(mountpoint, opts)  # before any network traffic
-    preload = None if opts.foreground else _preload()
-    try:
-        image = open_image(ref, store_root, open_opts)
-    finally:
-        if preload is not None:
-            preload.join()  # before any fork: no thread may be left inside an import
+    image = open_image(ref, store_root, open_opts)  # a docker:// open imports the serving modules meanwhile
     if opts.foreground:
         serve(image, mountpoint, opts, notify)
         return None
     st = start(image, mountpoint, opts)
     image.source.handover_wait()  # return once the daemon holds what was fetched ahead for it
     return st
-
-
-def _preload() -> threading.Thread:
-    """Import the FUSE adapter (pyfuse3: ~30 ms) in a thread while the image is opened, mostly waiting
-    for the registry, instead of in the daemon between its fork and its mount."""
-
-    def run() -> None:
-        try:
-            importlib.import_module("shoal.mount.fs")
-        except Exception as exc:  # the daemon imports it again, and reports what fails
-            log.debug("preloading the FUSE adapter: %s", exc)
-
-    t = threading.Thread(target=run, name="shoal-preload", daemon=True)
-    t.start()
-    return t
 
 
 def start(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions()) -> ms.MountState:
