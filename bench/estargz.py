@@ -350,7 +350,8 @@ def main() -> None:
             fl = None if args.no_floor else floor(tree, cmd)
             expect = fl.output if fl else ("1" if cmd[0] == "python3" else "")
             if not expect:
-                expect = subprocess.run([shutil.which("chroot") or "/usr/sbin/chroot", str(tree), *cmd], capture_output=True, text=True,
+                chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+                expect = subprocess.run([chroot, str(tree), *cmd], capture_output=True, text=True,
                                         env={"PATH": "/usr/bin:/bin"}).stdout.strip()
             if {"shoal-profile", "shoal-cri"} & set(modes):
                 prof = record_profile(reg, work, cmd)
