@@ -184,3 +184,13 @@ def test_threads_see_one_verified_tree() -> None:
     for t in threads:
         t.join()
     assert not errors and all(s == list(idx.entries) for s in seen)
+
+
+def test_names_and_kinds_check_the_directory_not_its_subdirectories() -> None:
+    idx = _random_index(5, n=400)
+    eager = fidx.decode(fidx.encode(idx))
+    lz, entries = _lazy(idx)
+    assert lz.names_and_kinds(0) == eager.names_and_kinds(0)
+    assert entries.verified() == 1  # the root only, though some of its children are directories
+    assert any(kind == Kind.DIR for _, kind, _ in lz.names_and_kinds(0))
+    assert (lz.files, lz.logical_bytes) == (eager.files, eager.logical_bytes)

@@ -87,6 +87,7 @@ class LazyEntries(Sequence[Entry]):
         self._verified: set[int] = set()
         self._failed: dict[int, Exception] = {}
         self._lock = threading.RLock()
+        self._totals: tuple[int, int] | None = None
         root = decode_entry(self._raw[0], self._ids, self._lengths)
         if root.kind != Kind.DIR:
             raise FormatError("index: first entry must be the root directory")
@@ -124,6 +125,17 @@ class LazyEntries(Sequence[Entry]):
     def __iter__(self) -> Iterator[Entry]:
         for i in range(len(self)):
             yield self[i]
+
+    def names_and_kinds(self, pos: int) -> list[tuple[bytes, Kind, int]]:
+        """``Index.names_and_kinds``: the directory at ``pos`` checked (and its ancestors), not its
+        subdirectories: their names and kinds are in its records."""
+        self._verify_chain(pos)
+        out = []
+        for k in self.shape.kids(pos):
+            e = self._done[k]
+            assert e is not None  # published by the check of ``pos``
+            out.append((e.name, e.kind, k))
+        return out
 
     def verified(self) -> int:
         """How many directories have been verified so far."""
@@ -197,18 +209,19 @@ class LazyEntries(Sequence[Entry]):
                 built.setdefault(r[7], []).append(i)
         return {t: tuple(v) for t, v in built.items()}
 
-    def files(self) -> int:
-        """Files and hardlinks, counted from the undecoded entries (statfs's figure)."""
-        return sum(1 for _, r in self._well_formed() if r[1] in (Kind.FILE, Kind.HARDLINK))
-
-    def logical_bytes(self) -> int:
-        """File sizes summed from the undecoded entries (statfs's figure; nothing is served from it)."""
-        total = 0
-        for _, r in self._well_formed():
-            p = r[7]
-            if r[1] == Kind.FILE and type(p) is list and p and type(p[0]) is int:
-                total += max(0, p[0])
-        return total
+    def totals(self) -> tuple[int, int]:
+        """Files (and hardlinks) and file bytes, counted once from the undecoded entries (statfs's
+        figures; nothing is served from them)."""
+        if self._totals is None:
+            files = size = 0
+            for _, r in self._well_formed():
+                if r[1] == Kind.FILE or r[1] == Kind.HARDLINK:
+                    files += 1
+                    p = r[7]
+                    if r[1] == Kind.FILE and type(p) is list and p and type(p[0]) is int:
+                        size += max(0, p[0])
+            self._totals = (files, size)
+        return self._totals
 
 
 @dataclass(frozen=True)
@@ -226,13 +239,16 @@ class LazyIndex(Index):
     def shape(self) -> Shape:
         return self._tree().shape
 
+    def names_and_kinds(self, pos: int) -> list[tuple[bytes, Kind, int]]:
+        return self._tree().names_and_kinds(pos)
+
     def _hardlinks(self) -> dict[bytes, tuple[int, ...]]:
         return self._tree().hardlinks()
 
     @property
     def files(self) -> int:
-        return self._tree().files()
+        return self._tree().totals()[0]
 
     @property
     def logical_bytes(self) -> int:
-        return self._tree().logical_bytes()
+        return self._tree().totals()[1]

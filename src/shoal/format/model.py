@@ -148,6 +148,16 @@ class Index:
         """The positions of the direct children of the directory at ``pos``, in canonical order."""
         return self.shape().kids(pos)
 
+    def names_and_kinds(self, pos: int) -> list[tuple[bytes, Kind, int]]:
+        """(name, kind, position) of each direct child of the directory at ``pos``: what its own record
+        binds, so a lazy index checks that directory and not its subdirectories' own digests."""
+        entries = self.entries
+        out = []
+        for k in self.child_positions(pos):
+            e = entries[k]
+            out.append((e.name, e.kind, k))
+        return out
+
     def lookup(self, path: bytes) -> Entry | None:
         i = self.position(path)
         return None if i is None else self.entries[i]

@@ -184,6 +184,7 @@ class ShoalFS(pyfuse3.Operations):
         # verifies a directory's entries when the first of them is used (format.md §6.2).
         self._kids: dict[int, list[tuple[bytes, int]]] = {}  # directory -> its children (name, position)
         self._by_name: dict[int, dict[bytes, int]] = {}
+        self._subdirs: dict[int, int] = {}  # directory -> how many of its children are directories
         self._node: dict[int, int] = {}  # position -> position whose attributes it shows (hardlink -> primary)
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._negative = pyfuse3.EntryAttributes()
@@ -241,16 +242,17 @@ class ShoalFS(pyfuse3.Operations):
         if kids is None:
             if self.index.entries[pos].kind != Kind.DIR:
                 return None
-            entries = self.index.entries
-            kids = [(entries[k].name, k) for k in self.index.child_positions(pos)]
+            named = self.index.names_and_kinds(pos)  # not each subdirectory's own check: only what pos binds
+            self._subdirs[pos] = sum(1 for _, kind, _ in named if kind == Kind.DIR)
+            kids = [(name, k) for name, _, k in named]
             self._by_name[pos] = dict(kids)
             self._kids[pos] = kids
         return kids
 
     def _nlink(self, pos: int, e: Entry) -> int:
         if e.kind == Kind.DIR:
-            kids = self._children(pos) or []
-            return 2 + sum(1 for _, k in kids if self.index.entries[k].kind == Kind.DIR)
+            self._children(pos)
+            return 2 + self._subdirs.get(pos, 0)
         if e.kind == Kind.FILE:
             return 1 + sum(1 for h in self.index.hardlinks_to(e.path) if self.index.primary(h) == pos)
         return 1
