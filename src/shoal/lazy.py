@@ -19,6 +19,7 @@ yet runs that job itself, so a long prefetch queue never delays a read.
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import threading
@@ -41,6 +42,9 @@ from shoal.transports.base import BlobInfo, ImageSource
 __all__ = ["LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
 
 log = logging.getLogger(__name__)
+
+# frames this source checked whole and the Reader has not taken yet (``opened``): the newest are kept
+_OPENED_MAX = 32
 
 # Objects a forked child inherited and must neither use nor close: closing an inherited sqlite
 # connection releases the child's own POSIX locks on the catalogue, and an inherited HTTP connection
@@ -140,6 +144,7 @@ class LazySource(FrameSource):
         # once, and that retry must not wait another fetch_timeout on the same hung request
         self._gave_up: dict[int, tuple[Future[bytes], float]] = {}
         self._idle = threading.Condition(self._lock)
+        self._opened: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
 
     # ---------------------------------------------------------------- FrameSource
 
@@ -161,6 +166,10 @@ class LazySource(FrameSource):
         if fut is None:  # another reader's fetch stored it between the look above and the claim
             return self.store.read_frame(pack, offset, length)
         return self._wait({fi: fut})[fi]
+
+    def opened(self, pack: str, offset: int) -> bytes | None:
+        with self._lock:
+            return self._opened.pop((pack, offset), None)
 
     def find_chunk(self, cid: bytes) -> bytes | None:
         return StoreSource(self.store).find_chunk(cid)
@@ -464,13 +473,17 @@ class LazySource(FrameSource):
         f = self.index.frames[fi]
         pack = self._pack_of[f.pack]
         try:
-            _, bad = verify_frame(self.index, fi, raw, f"{pack}@{f.offset}")
+            data, bad = verify_frame(self.index, fi, raw, f"{pack}@{f.offset}")
         except IntegrityError as exc:
             self._bad(f"frame {pack}@{f.offset} from {self.where} is corrupt (digest mismatch: {exc}); not cached")
         idx, cis = self.index, self.index.frame_chunks(fi)
         if bad is not None:
             self._bad(f"chunk sha256:{idx.chunk_ids[bad].hex()} of frame {pack}@{f.offset} from "
                       f"{self.where} failed verification (digest mismatch); not cached")
+        with self._lock:  # every chunk checked: the Reader takes it opened (``opened``) instead of again
+            self._opened[(pack, f.offset)] = data
+            while len(self._opened) > _OPENED_MAX:
+                self._opened.popitem(last=False)
         return [(idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[ci], idx.chunk_lengths[ci])
                 for ci in cis]
 

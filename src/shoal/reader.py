@@ -40,6 +40,12 @@ class FrameSource(abc.ABC):
         store holds its chunks elsewhere; None (default) if unknown."""
         return None
 
+    def opened(self, pack: str, offset: int) -> bytes | None:
+        """Frame ``pack@offset`` decompressed, if this source just checked every chunk of it against the
+        ids of the index the Reader uses (called after ``fetch`` of it, once: the source may forget it);
+        None (default) otherwise, and the Reader opens and checks the frame itself."""
+        return None
+
     # ------------------------------------------------------------ fetching ahead (a remote source)
 
     @property
@@ -98,6 +104,9 @@ class ForwardingSource(FrameSource):
 
     def find_chunk(self, cid: bytes) -> bytes | None:
         return self.inner.find_chunk(cid)
+
+    def opened(self, pack: str, offset: int) -> bytes | None:
+        return self.inner.opened(pack, offset)
 
     @property
     def fetches_ahead(self) -> bool:
@@ -200,8 +209,14 @@ class Reader:
         try:
             f = self.index.frames[fi]
             pack = self.pack_digest(f.pack)
-            data = packing.open_frame(self.source.fetch(pack, f.offset, f.clen), f, f"{pack}@{f.offset}")
+            raw = self.source.fetch(pack, f.offset, f.clen)
+            data = self.source.opened(pack, f.offset)  # checked whole by the source: not opened twice
+            if data is not None and len(data) == f.ulen:
+                checked = self.index.frame_chunks(fi)
+            else:
+                data, checked = packing.open_frame(raw, f, f"{pack}@{f.offset}"), ()
             with self._lock:
+                self._verified.update(checked)
                 self._cache[fi] = data
                 while len(self._cache) > self._cache_max:
                     self._cache.popitem(last=False)

@@ -398,3 +398,32 @@ def test_early_frames_lost_at_the_fork_are_fetched_again(pushed: dict[str, Any],
     proxy.corrupt = False
     assert src.fetch(pack, f.offset, f.clen) == _frame_bytes(pushed["store"], idx, 0)  # fetched afresh
     src.close()
+
+
+def test_a_checked_frame_is_handed_to_the_reader_opened_once(pushed: dict[str, Any], registry: Registry,
+                                                            proxy_factory: Any, tmp_path: Path) -> None:
+    """A frame the source checked whole reaches the Reader decompressed (``opened``, taken once), so it
+    is not opened and hashed twice; a frame that failed its check is never handed over."""
+    from shoal.format import packing
+    from shoal.reader import Reader
+
+    idx = pushed["index"]
+    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
+    f = idx.frames[fi]
+    pack = "sha256:" + idx.packs[f.pack].hex()
+    want = packing.open_frame(_frame_bytes(pushed["store"], idx, fi), f, "want")
+    proxy = proxy_factory(registry.url, corrupt=True)
+    src = _lazy(proxy.host, pushed, tmp_path / "store")
+    with pytest.raises(IntegrityError):
+        src.fetch(pack, f.offset, f.clen)
+    assert src.opened(pack, f.offset) is None  # nothing of a bad frame
+    proxy.corrupt = False
+    src.fetch(pack, f.offset, f.clen)
+    assert src.opened(pack, f.offset) == want
+    assert src.opened(pack, f.offset) is None  # taken once
+    reader = Reader(idx, src)
+    assert bytes(reader.frame(fi)) == want  # from the store: the reader opens and checks it itself
+    cis = idx.frame_chunks(fi)
+    assert all(bytes(reader.chunk(ci)) == want[idx.chunk_offsets[ci]:idx.chunk_offsets[ci] + idx.chunk_lengths[ci]]
+               for ci in cis)
+    src.close()
