@@ -44,7 +44,7 @@ __all__ = ["LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
 log = logging.getLogger(__name__)
 
 # frames this source checked whole and the Reader has not taken yet (``opened``): the newest are kept
-_OPENED_MAX = 32
+_OPENED_MAX = 64
 
 # Objects a forked child inherited and must neither use nor close: closing an inherited sqlite
 # connection releases the child's own POSIX locks on the catalogue, and an inherited HTTP connection
