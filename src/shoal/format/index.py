@@ -8,7 +8,10 @@ Merkle digests are recomputed and compared.
 
 from __future__ import annotations
 
+import array
 import hashlib
+import operator
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
@@ -35,6 +38,7 @@ _KEYS = {"format", "root", "entries", "chunks", "chunklocs", "frames", "packs"}
 _U32 = 1 << 32
 _U64 = 1 << 64
 _DIR_TAG = "shoal/dir/2"
+_WORD = next(t for t in "IL" if array.array(t).itemsize == 4)  # the array typecode of a u32 here
 
 
 # ---------------------------------------------------------------- Merkle (§6)
@@ -390,7 +394,7 @@ def decode_tables(doc: Any) -> Tables:
     if type(packs) is not list or any(type(p) is not bytes or len(p) != 32 for p in packs):
         raise FormatError("index: bad pack table")
     n = len(ids_raw) // 32
-    ids = tuple(ids_raw[i * 32 : i * 32 + 32] for i in range(n))
+    ids = tuple([ids_raw[i : i + 32] for i in range(0, n * 32, 32)])
     if len(set(ids)) != n:
         raise FormatError("index: duplicate chunk ids")
     frames = _frames(frames_raw, len(packs))
@@ -418,12 +422,14 @@ def _decode_doc(doc: Any) -> Index:
 def _chunk_locations(raw: bytes, frames: tuple[Frame, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """The chunk-location table as three columns (frame, offset, length), every row checked."""
     n = len(raw) // CHUNKLOC.size
-    rows = list(CHUNKLOC.iter_unpack(raw))
-    cf, co, cl = (tuple(col) for col in zip(*rows)) if rows else ((), (), ())
+    words = array.array(_WORD, raw)  # CHUNKLOC is three big-endian u32s: one C pass, not a tuple per row
+    if sys.byteorder == "little":
+        words.byteswap()
+    cf, co, cl = tuple(words[0::3]), tuple(words[1::3]), tuple(words[2::3])
     if n and (max(cf) >= len(frames) or min(cl) <= 0 or max(cl) > MAX_CHUNK):
         raise FormatError("index: bad chunk location")
     ulens = [f.ulen for f in frames]
-    if any(o + ln > ulens[f] for f, o, ln in zip(cf, co, cl)):
+    if any(map(operator.gt, map(operator.add, co, cl), map(ulens.__getitem__, cf))):
         raise FormatError("index: bad chunk location")
     return cf, co, cl
 

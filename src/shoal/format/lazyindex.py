@@ -67,7 +67,8 @@ def _lazy(t: Tables) -> Index:
     if any(a >= b for a, b in zip(keys, keys[1:])):
         raise FormatError("index: entries unsorted or duplicated")
     # nothing below a non-directory: in canonical order a descendant would come right after it
-    if any(k != Kind.DIR and b[: len(a)] == a for k, a, b in zip(kinds, keys, keys[1:])):
+    # (a kind that is not 0 counts as a non-directory here; each kind is checked when its entry is decoded)
+    if any(k and b[: len(a)] == a for k, a, b in zip(kinds, keys, keys[1:])):
         raise HostileInput("index: an entry's parent is not a directory")
     entries = LazyEntries(t, Shape(paths, keys))
     return LazyIndex(entries, t.ids, t.chunk_frames, t.chunk_offsets, t.chunk_lengths, t.frames, t.packs, t.root,
