@@ -43,7 +43,7 @@ __all__ = ["LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
 
 log = logging.getLogger(__name__)
 
-# frames this source checked whole and the Reader has not taken yet (``opened``): the newest are kept
+# frames this source decompressed and checked, not yet taken by the Reader (``opened``): the newest are kept
 _OPENED_MAX = 64
 
 # Objects a forked child inherited and must neither use nor close: closing an inherited sqlite
@@ -480,7 +480,7 @@ class LazySource(FrameSource):
         if bad is not None:
             self._bad(f"chunk sha256:{idx.chunk_ids[bad].hex()} of frame {pack}@{f.offset} from "
                       f"{self.where} failed verification (digest mismatch); not cached")
-        with self._lock:  # every chunk checked: the Reader takes it opened (``opened``) instead of again
+        with self._lock:  # the Reader takes it decompressed (``opened``) instead of decompressing it again
             self._opened[(pack, f.offset)] = data
             while len(self._opened) > _OPENED_MAX:
                 self._opened.popitem(last=False)

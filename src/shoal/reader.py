@@ -41,9 +41,9 @@ class FrameSource(abc.ABC):
         return None
 
     def opened(self, pack: str, offset: int) -> bytes | None:
-        """Frame ``pack@offset`` decompressed, if this source just checked every chunk of it against the
-        ids of the index the Reader uses (called after ``fetch`` of it, once: the source may forget it);
-        None (default) otherwise, and the Reader opens and checks the frame itself."""
+        """Frame ``pack@offset`` decompressed, if this source just decompressed it (called after ``fetch``
+        of it, once: the source may forget it); None (default) otherwise, and the Reader decompresses
+        ``fetch``'s bytes itself.  Either way the Reader hashes each chunk before it serves it."""
         return None
 
     # ------------------------------------------------------------ fetching ahead (a remote source)
@@ -210,13 +210,12 @@ class Reader:
             f = self.index.frames[fi]
             pack = self.pack_digest(f.pack)
             raw = self.source.fetch(pack, f.offset, f.clen)
-            data = self.source.opened(pack, f.offset)  # checked whole by the source: not opened twice
-            if data is not None and len(data) == f.ulen:
-                checked = self.index.frame_chunks(fi)
-            else:
-                data, checked = packing.open_frame(raw, f, f"{pack}@{f.offset}"), ()
+            # decompressed by the source already: not again.  Each chunk is still hashed against this
+            # Reader's index on its first read (``chunk``), so nothing rests on the source's word.
+            data = self.source.opened(pack, f.offset)
+            if data is None or len(data) != f.ulen:
+                data = packing.open_frame(raw, f, f"{pack}@{f.offset}")
             with self._lock:
-                self._verified.update(checked)
                 self._cache[fi] = data
                 while len(self._cache) > self._cache_max:
                     self._cache.popitem(last=False)

@@ -402,16 +402,19 @@ def test_early_frames_lost_at_the_fork_are_fetched_again(pushed: dict[str, Any],
 
 def test_a_checked_frame_is_handed_to_the_reader_opened_once(pushed: dict[str, Any], registry: Registry,
                                                             proxy_factory: Any, tmp_path: Path) -> None:
-    """A frame the source checked whole reaches the Reader decompressed (``opened``, taken once), so it
-    is not opened and hashed twice; a frame that failed its check is never handed over."""
+    """A frame the source checked reaches the Reader decompressed (``opened``, taken once), so it is not
+    decompressed twice; a frame that failed its check is never handed over; and the Reader hashes every
+    chunk of a handed-over frame itself, so a source that hands over other bytes serves none of them."""
     from shoal.format import packing
-    from shoal.reader import Reader
+    from shoal.reader import ForwardingSource, Reader
 
     idx = pushed["index"]
     fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
     f = idx.frames[fi]
     pack = "sha256:" + idx.packs[f.pack].hex()
     want = packing.open_frame(_frame_bytes(pushed["store"], idx, fi), f, "want")
+    piece = {ci: want[idx.chunk_offsets[ci]:idx.chunk_offsets[ci] + idx.chunk_lengths[ci]]
+             for ci in idx.frame_chunks(fi)}
     proxy = proxy_factory(registry.url, corrupt=True)
     src = _lazy(proxy.host, pushed, tmp_path / "store")
     with pytest.raises(IntegrityError):
@@ -422,8 +425,15 @@ def test_a_checked_frame_is_handed_to_the_reader_opened_once(pushed: dict[str, A
     assert src.opened(pack, f.offset) == want
     assert src.opened(pack, f.offset) is None  # taken once
     reader = Reader(idx, src)
-    assert bytes(reader.frame(fi)) == want  # from the store: the reader opens and checks it itself
-    cis = idx.frame_chunks(fi)
-    assert all(bytes(reader.chunk(ci)) == want[idx.chunk_offsets[ci]:idx.chunk_offsets[ci] + idx.chunk_lengths[ci]]
-               for ci in cis)
+    assert bytes(reader.frame(fi)) == want  # from the store: the reader decompresses it itself
+    assert all(bytes(reader.chunk(ci)) == b for ci, b in piece.items())
+
+    class Lying(ForwardingSource):
+        def opened(self, pack: str, offset: int) -> bytes | None:
+            return bytes(len(want))  # the right length, other bytes
+
+    liar = Reader(idx, Lying(src))
+    for ci in piece:
+        with pytest.raises(IntegrityError, match="failed verification"):
+            liar.chunk(ci)
     src.close()

@@ -102,10 +102,10 @@ class Shape:
 class Index:
     """A decoded, validated index.  Chunk ``i`` has id ``chunk_ids[i]`` and location ``chunk_loc(i)``.
 
-    ``entries`` is a sequence by position; for an index decoded for a mount (``index.decode(lazy=True)``)
-    it decodes and verifies each directory's entries against its Merkle digest on first use
-    (docs/spec/format.md §6.2), so walk the tree with ``position``/``child_positions`` and touch only the
-    entries you need."""
+    ``entries`` is a sequence by position; for an index decoded for a mount (``lazyindex.decode_lazy``,
+    ``Store.load_index(m, lazy=True)``) it decodes and verifies each directory's entries against its
+    Merkle digest on first use (docs/spec/format.md §6.2), so walk the tree with
+    ``position``/``child_positions`` and touch only the entries you need."""
 
     entries: Sequence[Entry]
     chunk_ids: tuple[bytes, ...]
