@@ -2,7 +2,9 @@
 is ``fsck`` clean and a re-run gives the manifest digest of an uninterrupted run.
 
 Kill points: most kills land a random 0-400 ms after the command's first write into the store
-(a new file in tmp/, partial/ or blobs/), the rest a random time after start (start-up, store set-up).
+(a new file in tmp/, partial/ or blobs/), the rest a random 0-1 s after start (start-up, store set-up);
+a run that ends before its kill narrows that window to 90% of its own time, so a faster command is
+still killed inside its work.
 Half of the runs go into a store that already holds a related image (so they reuse packs, or pull
 only some frames into partial packs).  ``SHOAL_STRESS=N`` multiplies the kills; the seed is printed
 and ``SHOAL_CHAOS_SEED`` replays the kill points.
@@ -144,13 +146,14 @@ class _Exec:
 
 def _kill_once(run: _Exec | Forked, store: Path, rng: random.Random, early: bool, window: float
                ) -> tuple[bool, str, float]:
-    """SIGKILL ``run`` at a random point: early, or up to ``window`` seconds after its first write.
-    Returns (killed, where, seconds it worked after its first write)."""
+    """SIGKILL ``run`` at a random point: up to ``window`` seconds after its start (early), or after its
+    first write.  Returns (killed, where, seconds it worked since that start or first write)."""
     before = _store_files(store)
     t0 = time.monotonic()
     try:
         if early:
-            delay = rng.uniform(0.0, 1.0)
+            t1 = t0
+            delay = rng.uniform(0.0, window)
             while run.poll() is None and time.monotonic() - t0 < delay:
                 time.sleep(0.002)
             where = f"{delay:.3f}s after start"
@@ -165,7 +168,7 @@ def _kill_once(run: _Exec | Forked, store: Path, rng: random.Random, early: bool
         alive = run.poll() is None
         if alive:
             run.kill()
-        worked = time.monotonic() - t1 if not early else 0.0
+        worked = time.monotonic() - t1
     finally:
         if run.poll() is None:
             run.kill()
@@ -191,7 +194,8 @@ def test_sigkill_then_fsck_and_rerun(sources: Sources, tmp_path: Path, command: 
     want = command.rerun(sources, tmp_path / "reference")  # an uninterrupted run into a fresh store
     kills = runs = 0
     times = [0.0] * 4
-    window = {False: 0.4, True: 0.4}  # kill up to this long after the first write, by seeded store or not
+    # kill up to this long after the first write (by seeded store or not), or after the start (early)
+    window = {(False, False): 0.4, (True, False): 0.4, (False, True): 1.0, (True, True): 1.0}
     while kills < KILLS_PER_COMMAND:
         runs += 1
         assert runs <= 4 * KILLS_PER_COMMAND, f"seed {seed}: only {kills} kills in {runs} runs: the runs are too fast"
@@ -205,9 +209,9 @@ def test_sigkill_then_fsck_and_rerun(sources: Sources, tmp_path: Path, command: 
         t0 = time.monotonic()
         args = ["--store", str(store), *command.args(sources)]
         run = _Exec(helpers.shoal_cmd(None, *args)) if early else forker.start(args)
-        killed, where, worked = _kill_once(run, store, rng, early, window[seeded])
-        if not killed and not early:
-            window[seeded] = max(0.01, 0.9 * worked)  # it finished first: aim inside its real work time
+        killed, where, worked = _kill_once(run, store, rng, early, window[seeded, early])
+        if not killed:  # it finished first: aim inside its real work time
+            window[seeded, early] = max(0.01, 0.9 * worked)
         what = f"seed {seed}, run {runs}: {command.name} killed {where} ({'seeded' if seeded else 'fresh'} store)"
         t1 = time.monotonic()
         rep = fsck(Store.open(store))
