@@ -4,7 +4,8 @@ is ``fsck`` clean and a re-run gives the manifest digest of an uninterrupted run
 Kill points: most kills land a random 0-400 ms after the command's first write into the store
 (a new file in tmp/, partial/ or blobs/), the rest a random 0-1 s after start (start-up, store set-up);
 a run that ends before its kill narrows that window to 90% of its own time, so a faster command is
-still killed inside its work.
+still killed inside its work, and once a run ends before any write shows (a pull into a store that
+already holds most of it writes only as it ends), the runs into such stores are killed after start.
 Half of the runs go into a store that already holds a related image (so they reuse packs, or pull
 only some frames into partial packs).  ``SHOAL_STRESS=N`` multiplies the kills; the seed is printed
 and ``SHOAL_CHAOS_SEED`` replays the kill points.
@@ -145,14 +146,15 @@ class _Exec:
 
 
 def _kill_once(run: _Exec | Forked, store: Path, rng: random.Random, early: bool, window: float
-               ) -> tuple[bool, str, float]:
+               ) -> tuple[bool, str, float, bool]:
     """SIGKILL ``run`` at a random point: up to ``window`` seconds after its start (early), or after its
-    first write.  Returns (killed, where, seconds it worked since that start or first write)."""
+    first write.  Returns (killed, where, seconds it worked since that start or first write, whether it
+    had written before it ended or was killed)."""
     before = _store_files(store)
     t0 = time.monotonic()
     try:
         if early:
-            t1 = t0
+            t1, wrote = t0, True
             delay = rng.uniform(0.0, window)
             while run.poll() is None and time.monotonic() - t0 < delay:
                 time.sleep(0.002)
@@ -160,6 +162,7 @@ def _kill_once(run: _Exec | Forked, store: Path, rng: random.Random, early: bool
         else:
             while run.poll() is None and _store_files(store) == before and time.monotonic() - t0 < 60:
                 time.sleep(0.001)
+            wrote = _store_files(store) != before
             delay = rng.uniform(0.0, window)
             t1 = time.monotonic()
             while run.poll() is None and time.monotonic() - t1 < delay:
@@ -175,7 +178,7 @@ def _kill_once(run: _Exec | Forked, store: Path, rng: random.Random, early: bool
         code, err = run.wait()
     if not alive:
         assert code == 0, f"the run failed on its own (exit {code}): {err.decode()[-2000:]}"
-    return alive and code == -signal.SIGKILL, where, worked
+    return alive and code == -signal.SIGKILL, where, worked, wrote
 
 
 @pytest.fixture
@@ -196,6 +199,7 @@ def test_sigkill_then_fsck_and_rerun(sources: Sources, tmp_path: Path, command: 
     times = [0.0] * 4
     # kill up to this long after the first write (by seeded store or not), or after the start (early)
     window = {(False, False): 0.4, (True, False): 0.4, (False, True): 1.0, (True, True): 1.0}
+    late = {False: False, True: False}  # runs into such a store write only as they end: kill them early
     while kills < KILLS_PER_COMMAND:
         runs += 1
         assert runs <= 4 * KILLS_PER_COMMAND, f"seed {seed}: only {kills} kills in {runs} runs: the runs are too fast"
@@ -203,14 +207,16 @@ def test_sigkill_then_fsck_and_rerun(sources: Sources, tmp_path: Path, command: 
         seeded = rng.random() < 0.5
         if seeded:
             shutil.copytree(sources.seeded, store)
-        early = rng.random() < 0.25
+        early = late[seeded] or rng.random() < 0.25
         if not early:
             Store.open(store)  # set up, so the first write the test waits for is the command's work
         t0 = time.monotonic()
         args = ["--store", str(store), *command.args(sources)]
         run = _Exec(helpers.shoal_cmd(None, *args)) if early else forker.start(args)
-        killed, where, worked = _kill_once(run, store, rng, early, window[seeded, early])
-        if not killed:  # it finished first: aim inside its real work time
+        killed, where, worked, wrote = _kill_once(run, store, rng, early, window[seeded, early])
+        if not wrote:
+            late[seeded] = True
+        elif not killed:  # it finished first: aim inside its real work time
             window[seeded, early] = max(0.01, 0.9 * worked)
         what = f"seed {seed}, run {runs}: {command.name} killed {where} ({'seeded' if seeded else 'fresh'} store)"
         t1 = time.monotonic()
