@@ -51,7 +51,10 @@ _BATCH_FILES = 128
 class BuildOptions:
     workers: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))  # I/O overlaps CPU
     source_date_epoch: int | None = None
+    # where chunks already stored are taken from (format.md §5): these images only, when any are named;
+    # else, with reuse_store, every chunk the store's catalogue places in a pack it holds whole; else none
     reuse: tuple[str, ...] = ()
+    reuse_store: bool = True
     config: ImageConfig = field(default_factory=ImageConfig)
 
 
@@ -62,7 +65,7 @@ class BuildResult:
     bytes_in: int
     chunks: int  # chunk references, duplicates included
     unique_chunks: int
-    new_chunks: int  # not found in --reuse images
+    new_chunks: int  # in new frames: not found in the --reuse images or the store
     packs: int
     new_packs: int  # packs this build wrote (may already have been in the store)
     stored_bytes: int  # compressed size of the image: config + index + packs
@@ -280,6 +283,9 @@ class _Builder:
         self.streamer = ThreadPoolExecutor(_STREAMERS, thread_name_prefix="shoal-stream")
         self.stop = threading.Event()
         self.reuse: dict[bytes, _ReuseLoc] = {}
+        self.from_store = opts.reuse_store and not opts.reuse
+        self.whole_packs: dict[str, bool] = {}  # pack digest -> the store holds its whole blob
+        self.n_reused = 0
         # chunk table
         self.chunk_index: dict[bytes, int] = {}
         self.chunk_ids: list[bytes] = []
@@ -316,6 +322,21 @@ class _Builder:
                     f = idx.frames[fi]
                     self.reuse[cid] = _ReuseLoc(idx.packs[f.pack], f, off, ln)
 
+    def look_up(self, ids: Iterable[bytes]) -> None:
+        """With store reuse: note where the store holds each of ``ids`` not yet placed, if it holds that
+        place's pack whole (format.md §5).  The catalogue records only verified locations (store.md §3)."""
+        want = [c for c in ids if c not in self.chunk_index and c not in self.reuse]
+        if not want:
+            return
+        for cid, loc in self.store.catalog.locate(want).items():
+            whole = self.whole_packs.get(loc.pack)
+            if whole is None:
+                whole = self.whole_packs[loc.pack] = self.store.layout.has(loc.pack)
+            if whole:
+                self.reuse[cid] = _ReuseLoc(bytes.fromhex(loc.pack[7:]),
+                                            Frame(0, loc.frame_off, loc.frame_clen, loc.frame_ulen),
+                                            loc.off, loc.length)
+
     # ---------------------------------------------------------------- chunks -> frames -> packs
 
     def add_chunk(self, cid: bytes, data: memoryview, small: bool = False) -> int:
@@ -330,7 +351,8 @@ class _Builder:
         ln = len(data)
         self.chunk_lengths.append(ln)
         r = self.reuse.get(cid)
-        if r is not None:
+        if r is not None and r.length == ln:
+            self.n_reused += 1
             key = (r.pack, r.frame.offset)
             fi = self.reused_frames.get(key)
             if fi is None:
@@ -446,13 +468,18 @@ class _Builder:
             if isinstance(item, _Chunked):
                 yield item
             else:
-                yield from item.result()
+                files = item.result()
+                if self.from_store:  # one catalogue query for the batch (a streamed file: in add_file)
+                    self.look_up(cid for c in files for _, chunks in c.pieces for cid, _, _ in chunks)
+                yield from files
 
     def add_file(self, c: _Chunked) -> tuple[int, ...]:
         """Add the chunks of one file, window by window; its chunk indexes."""
         refs: list[int] = []
         small = not c.streamed and packing.small_file(c.size)  # a window-sized file's size is known here
         for data, chunks in c.pieces:
+            if c.streamed and self.from_store:
+                self.look_up(cid for cid, _, _ in chunks)
             mv = memoryview(data)
             refs.extend(self.add_chunk(cid, mv[o : o + n], small) for cid, o, n in chunks)
         return tuple(refs)
@@ -512,7 +539,7 @@ class _Builder:
         self.store.register_chunks(m, idx, verified=self.new_frame_pack.keys())  # made here from hashed data
         return BuildResult(
             manifest=m, files=idx.files, bytes_in=bytes_in, chunks=self.refs, unique_chunks=len(self.chunk_ids),
-            new_chunks=len(self.chunk_ids) - sum(1 for c in self.chunk_ids if c in self.reuse),
+            new_chunks=len(self.chunk_ids) - self.n_reused,
             packs=len(pack_digests), new_packs=n_new, stored_bytes=m.size,
             added_bytes=self.batch.added_bytes, seconds=time.monotonic() - started, skipped=tuple(skipped),
         )

@@ -1,5 +1,7 @@
 """Acceptance 4: dedup.  Adding a 50 MiB file grows the store by about that file plus one index;
-two trees that share most files share most pack blobs; --reuse adds only the new chunks."""
+two trees that share most files share most pack blobs (content-defined packing, --no-reuse); a build
+takes every chunk the store holds from where it is, with no flag (format.md §5), and --reuse names
+the images to take them from."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def test_trees_sharing_most_files_share_most_packs(generated_tree: Path, tmp_pat
     tree = tmp_path / "t2"
     clone_tree(generated_tree, tree)
     _few_changes(tree)
-    build(store, tree, "g:2", BuildOptions(workers=2))  # no --reuse: content-defined packing alone
+    build(store, tree, "g:2", BuildOptions(workers=2, reuse_store=False))  # content-defined packing alone
     a, b = set(layer_digests(store, "g:1")[1:]), set(layer_digests(store, "g:2")[1:])
     assert len(b) >= 40
     shared = len(a & b) / len(b)
@@ -122,7 +124,7 @@ def test_duplicate_files_are_stored_once(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_debian_rebuild_with_one_package_more_shares_packs(debian_rootfs: Path, tmp_path: Path) -> None:
     """A realistic small change on a real tree: one extra 'package' (a directory of new files) and one
-    changed config file.  Most packs are shared without --reuse; with --reuse only new chunks are added."""
+    changed config file.  Most packs are shared with --no-reuse; with reuse only new chunks are added."""
     tree = tmp_path / "t2"
     clone_tree(debian_rootfs, tree)
     pkg = tree / "usr" / "share" / "doc" / "zz-new-package"
@@ -133,9 +135,106 @@ def test_debian_rebuild_with_one_package_more_shares_packs(debian_rootfs: Path, 
         f.write(b"changed\n")
     store = Store.open(tmp_path / "s")
     build(store, debian_rootfs, "deb:1", BuildOptions(workers=2))
-    build(store, tree, "deb:2", BuildOptions(workers=2))
+    build(store, tree, "deb:2", BuildOptions(workers=2, reuse_store=False))
     a, b = set(layer_digests(store, "deb:1")[1:]), set(layer_digests(store, "deb:2")[1:])
     assert len(a & b) / len(b) >= 0.80, f"{len(a & b)} of {len(b)}"
     before = blob_bytes(tmp_path / "s")
     r = build(store, tree, "deb:3", BuildOptions(workers=2, reuse=("deb:1",)))
     assert blob_bytes(tmp_path / "s") - before <= r.manifest.index.size + MiB
+
+
+def test_a_build_takes_stored_chunks_with_no_flag(generated_tree: Path, tmp_path: Path) -> None:
+    """The default reuse set is the store: the same image as naming the one related image with --reuse,
+    and the store grows by the new chunks plus an index, a config and a manifest."""
+    store = Store.open(tmp_path / "s")
+    build(store, generated_tree, "g:1", BuildOptions(workers=2))
+    tree = tmp_path / "t2"
+    clone_tree(generated_tree, tree)
+    _few_changes(tree, seed=14)
+    before = blob_bytes(tmp_path / "s")
+    r = build(store, tree, "g:2", BuildOptions(workers=2))
+    growth = blob_bytes(tmp_path / "s") - before
+    assert growth == r.added_bytes
+    assert r.new_chunks <= 10, r.new_chunks
+    assert growth <= r.manifest.index.size + MiB, growth
+    named = build(store, tree, None, BuildOptions(workers=2, reuse=("g:1",)))
+    assert named.manifest.digest == r.manifest.digest
+    from shoal.store.maintenance import fsck
+
+    rep = fsck(store)
+    assert rep.ok, rep.errors
+
+
+def test_deleting_a_directory_adds_only_an_index(generated_tree: Path, tmp_path: Path) -> None:
+    """No new chunk, no new pack: the store grows by the new index, config and manifest alone
+    (with --no-reuse the same tree re-forms the packs around the deleted files)."""
+    import shutil
+
+    store = Store.open(tmp_path / "s")
+    build(store, generated_tree, "g:1", BuildOptions(workers=2))
+    tree = tmp_path / "t2"
+    clone_tree(generated_tree, tree)
+    shutil.rmtree(tree / "d167")
+    before = blob_bytes(tmp_path / "s")
+    r = build(store, tree, "g:2", BuildOptions(workers=2))
+    assert r.new_chunks == 0 and r.new_packs == 0
+    m = r.manifest
+    manifest_size = len(store.layout.get(m.digest))
+    assert blob_bytes(tmp_path / "s") - before == m.index.size + m.config.size + manifest_size
+    assert set(layer_digests(store, "g:2")[1:]) <= set(layer_digests(store, "g:1")[1:])
+    fresh = build(Store.open(tmp_path / "s2"), tree, "g:2", BuildOptions(workers=2))
+    alone = build(store, tree, None, BuildOptions(workers=2, reuse_store=False))
+    assert alone.manifest.digest == fresh.manifest.digest != m.digest  # --no-reuse: the store is not consulted
+    assert alone.new_chunks == alone.unique_chunks
+
+
+def test_rebuilding_a_stored_tree_gives_the_same_image(generated_tree: Path, tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s")
+    r1 = build(store, generated_tree, "g:1", BuildOptions(workers=2))
+    r2 = build(store, generated_tree, "g:2", BuildOptions(workers=1))
+    assert r2.manifest.digest == r1.manifest.digest
+    assert r2.added_bytes == 0 and r2.new_chunks == 0
+
+
+def test_chunks_of_a_pack_the_store_lacks_are_new(generated_tree: Path, tmp_path: Path) -> None:
+    """The catalogue may place a chunk in a pack whose blob is gone (or held only in part): such a
+    chunk is built anew, never referenced from a pack the store could not push."""
+    store = Store.open(tmp_path / "s")
+    build(store, generated_tree, "g:1", BuildOptions(workers=2))
+    gone = layer_digests(store, "g:1")[1]
+    idx = store.load_index(store.resolve("g:1"))
+    pi = next(i for i, p in enumerate(idx.packs) if "sha256:" + p.hex() == gone)
+    in_gone = {idx.chunk_ids[c] for c, fi in enumerate(idx.chunk_frames) if idx.frames[fi].pack == pi}
+    os.unlink(tmp_path / "s" / "blobs" / "sha256" / gone[7:])
+    r = build(store, generated_tree, "g:2", BuildOptions(workers=2))
+    assert r.new_chunks == len(in_gone)
+    assert gone in layer_digests(store, "g:2")  # re-made from the tree: the same content-defined pack
+    assert store.layout.has(gone)
+
+
+def test_cli_reuse_and_no_reuse_together_is_a_usage_error(tmp_path: Path) -> None:
+    from helpers import assert_one_line_error, run_shoal, write_tree
+
+    tree = write_tree(tmp_path / "t", {"a": b"x"})
+    p = run_shoal(tmp_path / "s", "build", tree, "a:1", "--reuse", "b:1", "--no-reuse", check=False)
+    line = assert_one_line_error(p, "--reuse", "--no-reuse")
+    assert p.returncode == 2, (p.returncode, line)
+    ok = run_shoal(tmp_path / "s", "build", "--no-reuse", tree, "a:1", check=False)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_convert_takes_stored_chunks_with_no_flag(generated_tree: Path, tmp_path: Path) -> None:
+    """A classic image of a tree already built in the store converts into no new chunk and no new pack."""
+    from shoal.convert import convert, export_to_layout
+    from shoal.transports.base import parse_reference
+
+    store = Store.open(tmp_path / "s")
+    build(store, generated_tree, "g:1", BuildOptions(workers=2))
+    export_to_layout(store, "g:1", tmp_path / "oci", "g")
+    before = blob_bytes(tmp_path / "s")
+    with parse_reference(f"oci:{tmp_path / 'oci'}:g").new_source() as src:
+        r = convert(src, store, "c:1")
+    built = r.images[0].build
+    assert built.new_chunks == 0 and built.new_packs == 0
+    m = built.manifest
+    assert blob_bytes(tmp_path / "s") - before <= m.index.size + m.config.size + 4096

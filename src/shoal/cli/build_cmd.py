@@ -7,13 +7,13 @@ import shlex
 
 import click
 
-from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, progress_sink
+from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, progress_sink, reuse_choice, reuse_options
 
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.argument("ref")
-@click.option("--reuse", multiple=True, metavar="NAME:TAG", help="Reference packs of this image for chunks it holds.")
+@reuse_options
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH", default=None,
               help="Clamp mtimes to this time (reproducible-builds.org); default $SOURCE_DATE_EPOCH.")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
@@ -32,7 +32,8 @@ from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, pr
 @click.option("--label", multiple=True, metavar="K=V")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
-def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], source_date_epoch: int | None,
+def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_reuse: bool,
+          source_date_epoch: int | None,
           workers: int | None, platform: str | None, os_name: str | None, arch: str | None,
           variant: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
           workdir: str | None, user: str | None, label: tuple[str, ...], as_json: bool) -> None:
@@ -44,6 +45,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
     from shoal.store import new_image_name
 
     ref = new_image_name(ref)
+    reusing = reuse_choice(reuse, no_reuse)
     plat = build_platform(source, platform, os_name, arch, variant)
     default_path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     conf: dict[str, object] = {"Env": list(env) or [default_path]}
@@ -57,7 +59,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], sou
     if label:
         conf["Labels"] = dict(kv.split("=", 1) for kv in label if "=" in kv)
     opts = BuildOptions(
-        workers=workers or 2 * (os.cpu_count() or 1), source_date_epoch=source_date_epoch, reuse=reuse,
+        workers=workers or 2 * (os.cpu_count() or 1), source_date_epoch=source_date_epoch, **reusing,
         config=ImageConfig(architecture=plat.architecture, os=plat.os, variant=plat.variant, config=conf),
     )
     store = open_store(ctx)

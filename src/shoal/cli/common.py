@@ -156,6 +156,26 @@ def platform_option(help: str) -> Callable[[_FC], _FC]:
                         help=help)
 
 
+def reuse_options(fn: _FC) -> _FC:
+    """``--reuse NAME:TAG`` (repeatable) and ``--no-reuse``, shared by build and convert (format.md §5):
+    by default a chunk the store already holds is taken from where it is."""
+    fn = click.option("--no-reuse", is_flag=True,
+                      help="Take no chunk from the store: every chunk goes into new packs, so the image depends "
+                           "only on the tree and options.")(fn)
+    return click.option("--reuse", multiple=True, metavar="NAME:TAG",
+                        help="Take stored chunks only from this image's packs (repeatable; default: from any "
+                             "pack the store holds whole).")(fn)
+
+
+def reuse_choice(reuse: tuple[str, ...], no_reuse: bool) -> dict[str, Any]:
+    """The BuildOptions fields of ``--reuse``/``--no-reuse``; naming images and refusing all is a usage error."""
+    from shoal.errors import UsageError
+
+    if reuse and no_reuse:
+        raise UsageError("--reuse and --no-reuse cannot be used together")
+    return {"reuse": reuse, "reuse_store": not no_reuse}
+
+
 def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """TLS, credentials and concurrency options shared by every command that talks to a registry."""
     opts = [

@@ -15,6 +15,8 @@ from shoal.cli.common import (
     progress_sink,
     registry_options,
     registry_opts,
+    reuse_choice,
+    reuse_options,
 )
 from shoal.errors import UsageError
 
@@ -22,13 +24,13 @@ from shoal.errors import UsageError
 @click.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--reuse", multiple=True, metavar="NAME:TAG", help="Reference packs of this store image (repeatable).")
+@reuse_options
 @platform_option("Convert only this platform's image of an index (default: every platform).")
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @registry_options
 @click.pass_context
-def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], platform: str | None,
+def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], no_reuse: bool, platform: str | None,
             source_date_epoch: int | None, as_json: bool, **kw: Any) -> None:
     """Convert the classic image SRC (docker://, oci:, oci-archive:, docker-archive:, dir:) to Shoal at DST.
 
@@ -40,6 +42,7 @@ def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], p
     from shoal.transports.base import parse_reference
     from shoal.transports.local import LocalReference
 
+    reusing = reuse_choice(reuse, no_reuse)
     opts = registry_opts(ctx, **kw)
     refuse_reserved(dst)  # `oci:latest` is the oci transport, not a store name: say so
     src_ref, dst_ref = parse_reference(src), parse_reference(dst)
@@ -47,7 +50,7 @@ def convert(ctx: click.Context, /, src: str, dst: str, reuse: tuple[str, ...], p
     store = open_store(ctx)
     keep_freed_memory()
     with progress_sink(as_json) as sink, src_ref.new_source(opts) as source:
-        r = do_convert(source, store, local, platform=platform, reuse=reuse, source_date_epoch=source_date_epoch,
+        r = do_convert(source, store, local, platform=platform, **reusing, source_date_epoch=source_date_epoch,
                        sink=sink)
     pushed = None
     if not isinstance(dst_ref, LocalReference):

@@ -205,8 +205,8 @@ class _Converter:
 
 
 def convert(source: ImageSource, store: Store, ref: str | None, *, platform: str | Platform | None = None,
-            reuse: Sequence[str] = (), limits: ConvertLimits | None = None, workers: int | None = None,
-            source_date_epoch: int | None = None, sink: Sink = NULL) -> ConvertResult:
+            reuse: Sequence[str] = (), reuse_store: bool = True, limits: ConvertLimits | None = None,
+            workers: int | None = None, source_date_epoch: int | None = None, sink: Sink = NULL) -> ConvertResult:
     """Convert the image ``source`` serves into ``store`` and tag it ``ref`` (if given).
 
     A manifest list / image index converts every image platform it lists, or only ``platform``
@@ -215,7 +215,7 @@ def convert(source: ImageSource, store: Store, ref: str | None, *, platform: str
     """
     t0 = time.monotonic()
     want = Platform.parse(platform) if isinstance(platform, str) else platform
-    opts: dict[str, Any] = {"reuse": tuple(reuse), "source_date_epoch": source_date_epoch}
+    opts: dict[str, Any] = {"reuse": tuple(reuse), "reuse_store": reuse_store, "source_date_epoch": source_date_epoch}
     if workers is not None:
         opts["workers"] = workers
     conv = _Converter(source, store, limits or ConvertLimits(), opts, sink)
