@@ -10,8 +10,12 @@ Options: the ``SystemContext`` (transports/context.py) given to ``new_source``/`
 ``delete``: ``auth_file`` (``--authfile``: replaces the primary auth file), ``credentials``,
 ``tls_verify``, ``ca_bundle``, ``cert_dir``, ``plain_http``, ``concurrency``, ``retries``, ``backoff``,
 ``timeout``, ``min_rate``, ``chunk_size`` (PATCH uploads above it), ``registries_conf`` (a
-registries.conf replacing the system one), and for destinations ``tags`` (extra tags written at
-``commit()``).
+registries.conf replacing the system one), ``blob_info_cache_dir`` (the record of where blobs were seen,
+registry/blobinfo.py), and for destinations ``tags`` (extra tags written at ``commit()``).
+
+Sources and destinations record in the blob-info cache where they saw each blob; a destination mounts a
+blob it lacks from the source repository on the same registry, then from the cache's candidates on that
+registry (docs/transports.md §2.2).
 
 containers-registries.conf(5) applies as in containers/image (registry/sysregistries.py): a source
 tries the ``[[registry.mirror]]`` endpoints in order, then the primary location (the matched prefix
@@ -456,7 +460,7 @@ class DockerDestination(ImageDestination):
     def try_reuse_blob(self, info: BlobInfo, source_ref: ImageReference | None) -> bool:
         """HEAD here; else a cross-repository mount from the source's repository when it is on this registry,
         then from the repositories of this registry the blob-info cache saw it in, most recent first, at
-        most ``MAX_CANDIDATES`` (docs/transports-registry.md §blob-info cache)."""
+        most ``MAX_CANDIDATES`` (docs/transports.md §2.2)."""
         if self.has_blob(info):
             return True
         tried = {self.ref.repo}

@@ -1,5 +1,5 @@
 """The blob-info cache: a local record of where blobs were seen, for cross-repository mounts
-(docs/transports-registry.md §blob-info cache).
+(docs/transports.md §2.2).
 
 The role of containers/image's ``pkg/blobinfocache`` (its ``KnownLocations``): each time a blob is seen in
 a repository of a registry (read from it, found there by HEAD, uploaded or mounted there), the pair is
