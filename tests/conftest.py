@@ -49,6 +49,25 @@ def _mounts_under(path: Path) -> list[str]:
         return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_blob_info_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The blob-info cache (where registry blobs were seen, for cross-repository mounts) of this worker, never
+    the machine's /var/lib/shoal/cache: module- and session-scoped fixtures that push use this one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHOAL_BLOB_INFO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "blob-info-cache" / "session"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_blob_info_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own blob-info cache (made only if a registry is used), so that no test mounts from a
+    repository another test pushed to; CLI runs inherit it through the environment."""
+    import uuid
+
+    monkeypatch.setenv("SHOAL_BLOB_INFO_CACHE_DIR",
+                       str(tmp_path_factory.getbasetemp() / "blob-info-cache" / uuid.uuid4().hex))
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return _cache_root()

@@ -7,7 +7,9 @@ ignored; each transport reads the fields that concern it and ignores the others:
 
 - ``docker://``: ``auth_file``, ``credentials``, ``tls_verify``, ``ca_bundle``, ``cert_dir``,
   ``plain_http``, ``registries_conf``, ``retries``, ``backoff``, ``timeout``, ``min_rate``,
-  ``chunk_size``, ``concurrency``; destinations also ``tags`` (extra tags written at ``commit()``);
+  ``chunk_size``, ``concurrency``, ``blob_info_cache_dir`` (where the record of where blobs were seen
+  lives, for cross-repository mounts; registry/blobinfo.py); destinations also ``tags`` (extra tags
+  written at ``commit()``);
 - ``oci-archive:``, ``docker-archive:``: ``max_size``, ``max_members``, ``tmpdir``;
 - the store (``NAME[:TAG]``): ``store`` (its root; default ``$SHOAL_STORE`` or the user's);
 - commands that pick one image of an index (inspect, ls, mount, ...): ``platform``.
@@ -53,6 +55,9 @@ class SystemContext:
     chunk_size: int | None = None  # blobs larger than this go up in PATCHes of this size (default 8 MiB)
     concurrency: int = 8
     tags: tuple[str, ...] = ()  # docker:// destinations: extra tags written at commit()
+    # the blob-info cache's directory (registry/blobinfo.py; default $SHOAL_BLOB_INFO_CACHE_DIR, else
+    # /var/lib/shoal/cache as root, else $XDG_DATA_HOME/shoal/cache)
+    blob_info_cache_dir: str | None = None
     max_size: int = 64 << 30  # archives: bytes of member data (after decompression)
     max_members: int = 1_000_000  # archives: members
     tmpdir: str | None = None  # archives: where temp directories go
@@ -80,7 +85,7 @@ class SystemContext:
         if not all(isinstance(t, str) and TAG_RE.fullmatch(t) for t in tags):
             raise UsageError("tags must be a list of valid tags")
         object.__setattr__(self, "tags", tags)
-        for name in ("store", "auth_file", "ca_bundle", "cert_dir", "registries_conf", "tmpdir"):
+        for name in ("store", "auth_file", "ca_bundle", "cert_dir", "registries_conf", "tmpdir", "blob_info_cache_dir"):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, os.fspath(v) or None)

@@ -10,8 +10,12 @@ Options: the ``SystemContext`` (transports/context.py) given to ``new_source``/`
 ``delete``: ``auth_file`` (``--authfile``: replaces the primary auth file), ``credentials``,
 ``tls_verify``, ``ca_bundle``, ``cert_dir``, ``plain_http``, ``concurrency``, ``retries``, ``backoff``,
 ``timeout``, ``min_rate``, ``chunk_size`` (PATCH uploads above it), ``registries_conf`` (a
-registries.conf replacing the system one), and for destinations ``tags`` (extra tags written at
-``commit()``).
+registries.conf replacing the system one), ``blob_info_cache_dir`` (the record of where blobs were seen,
+registry/blobinfo.py), and for destinations ``tags`` (extra tags written at ``commit()``).
+
+Sources and destinations record in the blob-info cache where they saw each blob; a destination mounts a
+blob it lacks from the source repository on the same registry, then from the cache's candidates on that
+registry (docs/transports.md §2.2).
 
 containers-registries.conf(5) applies as in containers/image (registry/sysregistries.py): a source
 tries the ``[[registry.mirror]]`` endpoints in order, then the primary location (the matched prefix
@@ -29,7 +33,7 @@ import logging
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
 
@@ -46,7 +50,8 @@ from shoal.transports.base import (
 )
 from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.registry import RegistryClient, RegistryStats
-from shoal.transports.registry.blobs import check_digest
+from shoal.transports.registry.blobinfo import MAX_CANDIDATES, BlobInfoCache, cache_for
+from shoal.transports.registry.blobs import BlobReader, check_digest
 from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
@@ -104,11 +109,12 @@ class DockerReference(ImageReference):
         return DockerReference(self.host, self.repo, tag, None)
 
     def new_source(self, ctx: SystemContext | None = None) -> "DockerSource":
-        return DockerSource(self, pull_endpoints(self, ctx or SystemContext()))
+        ctx = ctx or SystemContext()
+        return DockerSource(self, pull_endpoints(self, ctx), cache_for(ctx.blob_info_cache_dir))
 
     def new_destination(self, ctx: SystemContext | None = None) -> "DockerDestination":
         o = _push_options(self, ctx or SystemContext())
-        return DockerDestination(self, make_client(self.host, o), o.tags)
+        return DockerDestination(self, make_client(self.host, o), o.tags, cache_for(o.blob_info_cache_dir))
 
     def delete(self, ctx: SystemContext | None = None) -> None:
         """Delete the manifest the reference names (every tag pointing at it goes, as in skopeo)."""
@@ -238,11 +244,13 @@ class DockerSource(ImageSource):
     """An image in a registry, pulled from the first of ``endpoints`` (mirrors, then the primary) that
     serves its manifest; blob reads stay there, and try the other endpoints when that one fails."""
 
-    def __init__(self, ref: DockerReference, endpoints: Sequence[PullEndpoint]) -> None:
+    def __init__(self, ref: DockerReference, endpoints: Sequence[PullEndpoint],
+                 cache: BlobInfoCache | None = None) -> None:
         if not endpoints:
             raise UsageError(f"no registry to pull {ref} from (every mirror is blocked)")
         self.ref = ref
         self.endpoints = tuple(endpoints)
+        self.seen = _Seen(cache)
         self._clients: dict[int, RegistryClient] = {}
         self._lock = threading.Lock()
         self._active = 0
@@ -288,14 +296,19 @@ class DockerSource(ImageSource):
             clients, self._clients = list(self._clients.values()), {}
         for c in clients:
             c.close()
+        self.seen.release()
 
-    def _try(self, fn: "Callable[[RegistryClient, str], _T]", order: Sequence[int], what: str) -> "_T":
-        """``fn(client, repo)`` at each endpoint of ``order`` until one answers; the last error if none does."""
+    def _try(self, fn: "Callable[[RegistryClient, str], _T]", order: Sequence[int], what: str,
+             seen: str | None = None) -> "_T":
+        """``fn(client, repo)`` at each endpoint of ``order`` until one answers; the last error if none does.
+        ``seen``: the blob it reads, recorded in the blob-info cache where it was served."""
         err: ShoalError | None = None
         for i in order:
             ep = self.endpoints[i]
             try:
                 out = fn(self._client(i), ep.ref.repo)
+                if seen is not None:
+                    self.seen.record(ep.ref.host, ep.ref.repo, seen)
             except _NEXT_ENDPOINT as exc:
                 if len(order) == 1:
                     raise
@@ -327,16 +340,91 @@ class DockerSource(ImageSource):
 
     def get_blob(self, info: BlobInfo) -> tuple[BinaryIO, int]:
         size_hint = info.size if info.size >= 0 else None
-        reader = self._try(lambda c, repo: c.open_blob_stream(repo, info.digest, size=size_hint), self._any(),
-                           "blob")
-        size = reader.size if reader.size is not None else info.size
-        return cast(BinaryIO, reader), size
+
+        def open_at(c: RegistryClient, repo: str) -> _RecordWhenVerified:
+            return _RecordWhenVerified(c.open_blob_stream(repo, info.digest, size=size_hint), self.seen, c.host, repo)
+
+        stream = self._try(open_at, self._any(), "blob")
+        size = stream.size if stream.size is not None else info.size
+        return cast(BinaryIO, stream), size
 
     def get_blob_ranges(self, info: BlobInfo, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return self._try(lambda c, repo: c.get_blob_ranges(repo, info.digest, ranges), self._any(), "blob ranges")
+        # the ranges are not the whole blob: its chunks are verified by the reader; that the registry served
+        # them under this digest is what makes the repository a place to mount it from
+        return self._try(lambda c, repo: c.get_blob_ranges(repo, info.digest, ranges), self._any(), "blob ranges",
+                         seen=info.digest)
 
     def has_blob(self, info: BlobInfo) -> bool:
-        return self.client.has_blob(self.repo, info.digest) is not None
+        found = self.client.has_blob(self.repo, info.digest) is not None
+        if found:
+            self.seen.record(self.endpoints[self._active].ref.host, self.repo, info.digest)
+        return found
+
+
+class _Seen:
+    """Records in a blob-info cache, each (registry, repository, blob) once per source or destination (a
+    lazy mount's range reads do not write the same record per frame)."""
+
+    def __init__(self, cache: BlobInfoCache | None) -> None:
+        self.cache = cache
+        self._done: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+        if cache is not None:
+            cache.acquire()
+
+    def release(self) -> None:
+        """The source or destination is closed (once; a second call does nothing)."""
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            cache.release()
+
+    def record(self, host: str, repo: str, digest: str) -> None:
+        if self.cache is None:
+            return
+        key = (host, repo, digest)
+        with self._lock:
+            if key in self._done:
+                return
+            self._done.add(key)
+        self.cache.record(host, repo, digest)
+
+    def forget(self, host: str, repo: str, digest: str) -> None:
+        if self.cache is None:
+            return
+        with self._lock:
+            self._done.discard((host, repo, digest))
+        self.cache.forget(host, repo, digest)
+
+    def candidates(self, host: str, digest: str, exclude: str) -> list[str]:
+        return self.cache.candidates(host, digest, exclude=exclude, limit=MAX_CANDIDATES) if self.cache else []
+
+
+class _RecordWhenVerified:
+    """A registry blob stream that records where the blob was seen once it has been read to its verified end."""
+
+    def __init__(self, reader: BlobReader, seen: _Seen, host: str, repo: str) -> None:
+        self.reader, self.seen, self.host, self.repo = reader, seen, host, repo
+        self.size = reader.size
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.reader.read(n)
+        if not b and self.reader.verified:
+            self.seen.record(self.host, self.repo, self.reader.digest)
+        return b
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.reader
+        if self.reader.verified:
+            self.seen.record(self.host, self.repo, self.reader.digest)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "_RecordWhenVerified":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------------------ destination
@@ -347,7 +435,8 @@ class DockerDestination(ImageDestination):
 
     runtime_view = True  # a Shoal image is tagged as an index with its runtime view (oci-mapping.md §4)
 
-    def __init__(self, ref: DockerReference, client: RegistryClient, tags: tuple[str, ...] = ()) -> None:
+    def __init__(self, ref: DockerReference, client: RegistryClient, tags: tuple[str, ...] = (),
+                 cache: BlobInfoCache | None = None) -> None:
         self.ref = ref
         self.client = client
         self.tags = tags
@@ -355,20 +444,45 @@ class DockerDestination(ImageDestination):
         self._top: tuple[bytes, str] | None = None
         self.mounted = 0
         self._mounted_lock = threading.Lock()
+        self.seen = _Seen(cache)
         self.digest = ""  # of the top manifest, once committed
 
     def close(self) -> None:
         self.client.close()
+        self.seen.release()
 
     def has_blob(self, info: BlobInfo) -> bool:
-        return self.client.has_blob(self.ref.repo, info.digest) is not None
+        found = self.client.has_blob(self.ref.repo, info.digest) is not None
+        if found:
+            self.seen.record(self.ref.host, self.ref.repo, info.digest)
+        return found
 
     def try_reuse_blob(self, info: BlobInfo, source_ref: ImageReference | None) -> bool:
+        """HEAD here; else a cross-repository mount from the source's repository when it is on this registry,
+        then from the repositories of this registry the blob-info cache saw it in, most recent first, at
+        most ``MAX_CANDIDATES`` (docs/transports.md §2.2)."""
         if self.has_blob(info):
             return True
+        tried = {self.ref.repo}
         if (isinstance(source_ref, DockerReference) and source_ref.host == self.ref.host
                 and source_ref.repo != self.ref.repo):
-            return self._mount(info.digest, source_ref.repo)
+            tried.add(source_ref.repo)
+            if self._mount(info.digest, source_ref.repo):
+                return True
+        for repo in self.seen.candidates(self.ref.host, info.digest, self.ref.repo):
+            if repo in tried:
+                continue
+            tried.add(repo)
+            try:
+                ok = self._mount(info.digest, repo)
+            except ShoalError as exc:  # a hint gone wrong is no reason to fail: the upload follows
+                log.info("mount of %s from %s/%s failed (%s); trying the next place", info.digest,
+                         self.ref.host, repo, exc)
+                continue
+            if ok:
+                return True
+            log.debug("%s/%s no longer serves %s to us: forgotten", self.ref.host, repo, info.digest)
+            self.seen.forget(self.ref.host, repo, info.digest)
         return False
 
     def _mount(self, digest: str, from_repo: str) -> bool:
@@ -377,6 +491,8 @@ class DockerDestination(ImageDestination):
             return False
         with self._mounted_lock:
             self.mounted += 1
+        self.seen.record(self.ref.host, self.ref.repo, digest)
+        self.seen.record(self.ref.host, from_repo, digest)  # it was there: the most recent place to mount from
         return True
 
     def put_blob(self, stream: BinaryIO, info: BlobInfo) -> None:
@@ -395,6 +511,7 @@ class DockerDestination(ImageDestination):
             spool.seek(0)
             # the copier asked try_reuse_blob (a HEAD) just before: don't ask again
             self.client.put_blob(self.ref.repo, info.digest, cast(BinaryIO, spool), size, check_exists=False)
+        self.seen.record(self.ref.host, self.ref.repo, info.digest)
 
     def put_manifest(self, raw: bytes, media_type: str, digest: str | None = None) -> None:
         if digest is not None:  # a child of an index: by digest, never tagged

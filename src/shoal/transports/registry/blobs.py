@@ -123,6 +123,7 @@ class BlobReader:
         self._buf = b""
         self._eof = False
         self._resumes = Attempts()
+        self.verified = False  # set at EOF once size and digest matched
         self._open()
 
     def _open(self) -> None:
@@ -198,6 +199,7 @@ class BlobReader:
             raise IntegrityError(f"blob {self.repo}@{self.digest}: got {self.offset} bytes, expected {want}")
         if digest_of(self._h, self.digest) != self.digest:
             raise IntegrityError(f"blob {self.repo}@{self.digest}: content does not match its digest")
+        self.verified = True
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all remaining if ``n < 0``); ``b""`` at verified EOF.  Only the
