@@ -55,7 +55,7 @@ stress: deps venv
 	SHOAL_STRESS=$${SHOAL_STRESS:-1} $(PY) -m pytest -n 2 --timeout=3600 -rA $(STRESS_TESTS)
 
 bench: deps venv
-	for b in build pull series convert lazy fuse_read containerd; do \
+	for b in build pull series dedup convert lazy fuse_read containerd; do \
 	  [ -f bench/$$b.py ] && PATH=$(abspath $(VENV))/bin:$$PATH $(PY) bench/$$b.py || exit 1; done
 
 clean:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 CACHE = Path(os.environ.get("SHOAL_BENCH_CACHE", "/var/tmp/shoal-bench"))
 
@@ -63,3 +63,41 @@ def compile_bytecode() -> None:
     import shoal
 
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(shoal.__file__).parent)], check=True)
+
+
+def tree_chunks(tree: Path) -> Iterator[tuple[bytes, memoryview]]:
+    """(sha256 id, bytes) of every chunk of every regular file of ``tree``, in canonical order, cut as
+    ``shoal build`` cuts them: FastCDC (shoal.chunking.get_chunker()) over each file on its own."""
+    import hashlib
+
+    from shoal.build import DirSource
+    from shoal.chunking import get_chunker
+    from shoal.format.model import Kind
+
+    chunker = get_chunker()
+    src = DirSource(tree)
+    for e in src.entries:
+        if e.kind != Kind.FILE:
+            continue
+        mv = memoryview(src.read(e))
+        for off, ln in chunker.cut(mv):
+            piece = mv[off : off + ln]
+            yield hashlib.sha256(piece).digest(), piece
+
+
+def new_chunks(tree: Path, seen: set[bytes], level: int) -> tuple[int, int, int]:
+    """(count, raw bytes, compressed bytes) of the chunks of ``tree`` not in ``seen`` (each counted once),
+    compressed as one zstd stream at ``level``; adds them to ``seen``."""
+    import zstandard
+
+    cobj = zstandard.ZstdCompressor(level=level).compressobj()
+    n = raw = comp = 0
+    for cid, piece in tree_chunks(tree):
+        if cid in seen:
+            continue
+        seen.add(cid)
+        n += 1
+        raw += len(piece)
+        comp += len(cobj.compress(piece))
+    comp += len(cobj.flush())
+    return n, raw, comp
