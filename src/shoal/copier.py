@@ -5,7 +5,8 @@
 - Every byte is verified against its descriptor's digest and size while it streams.
 - A Shoal image copied to a destination that offers ``partial_pull()`` (the local store: ``pull.py``)
   takes that chunk-level path: only the frames holding chunks the destination lacks are fetched, with
-  HTTP range reads; then ``commit()`` as for any copy.
+  HTTP range reads; then ``commit()`` as for any copy.  So does each Shoal image of an image index
+  (one after the other, so each finds the chunks the ones before it brought).
 - To a destination that wants it (a registry), a Shoal image is tagged as an image index that lists, per
   platform, its runtime view and then the Shoal manifest (docs/spec/oci-mapping.md §4); an index that
   already lists a view of an image gets no second one.  To any other destination such an index goes
@@ -154,6 +155,7 @@ class _Copier:
         self.sink = sink
         self.result = CopyResult()
         self.views: dict[str, RuntimeView] = {}  # by view manifest digest: children made here, not in src
+        self.partial: PartialPull | None = None  # the destination's chunk-level path, for Shoal children
 
     def blob(self, info: BlobInfo) -> None:
         if self.dst.try_reuse_blob(info, self.src_ref):
@@ -192,13 +194,18 @@ class _Copier:
                 craw, cmedia = self.src.get_manifest(d)
                 self.check(craw, d)
                 kids.append((craw, cmedia or m, d))
+            pulled: set[str] = set()
             for craw, _, d in kids:  # every blob first, then the children, the index last
                 if d in self.views:
                     self.view_blobs(self.views[d])
+                elif self.partial is not None and _is_shoal(craw):
+                    self.pull_child(self.partial, craw, d)  # puts the child itself
+                    pulled.add(d)
                 else:
                     self.blobs(craw)
             for craw, cmedia, d in kids:
-                self.dst.put_manifest(craw, cmedia, d)
+                if d not in pulled:
+                    self.dst.put_manifest(craw, cmedia, d)
             self.dst.put_manifest(raw, media, None)
         else:
             self.manifest(raw, media, None)
@@ -206,6 +213,13 @@ class _Copier:
         self.result.digest = top
         self.result.media_type = media
         return self.result
+
+    def pull_child(self, partial: PartialPull, raw: bytes, digest: str) -> None:
+        """A Shoal image of an index through the destination's chunk-level path, as a lone one goes."""
+        got = partial.pull(self.src, raw, self.opts.concurrency, self.sink, digest)
+        self.result.bytes_fetched += got.bytes_fetched
+        self.result.chunks_fetched += got.chunks_fetched
+        self.result.blobs_skipped += got.blobs_skipped
 
     def view_blobs(self, view: RuntimeView) -> None:
         """The config and stub blobs of a runtime view made by this copy."""
@@ -241,11 +255,12 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
             views_wanted = dst.runtime_view and opts.runtime_view
             if not views_wanted:
                 raw, media = _without_views(src_ref, src, raw, media)
-            partial = dst.partial_pull() if _is_shoal(raw) else None
-            if partial is not None:
+            partial = dst.partial_pull() if _is_shoal(raw) or _is_index(raw, media) else None
+            if partial is not None and not _is_index(raw, media):
                 result = _partial(partial, src, dst, raw, opts, sink)
             else:
                 copier = _Copier(src_ref, src, dst, opts, sink)
+                copier.partial = partial
                 if views_wanted:
                     raw, media, views = _with_views(src, raw, media)
                     copier.views = {v.digest: v for v in views}

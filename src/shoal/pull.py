@@ -219,9 +219,10 @@ class StorePull(PartialPull):
         self.dst = dst
         self.registered = registered
 
-    def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink) -> PartialPullResult:
+    def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink,
+             digest: str | None = None) -> PartialPullResult:
         t = _pull(src, raw, self.store, concurrency, sink, self.registered)
-        self.dst.put_manifest(raw, mt.OCI_MANIFEST, None)
+        self.dst.put_manifest(raw, mt.OCI_MANIFEST, digest)
         return PartialPullResult(t.bytes_fetched, t.chunks_fetched, t.blobs_skipped)
 
 

@@ -48,8 +48,8 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g = helpers.write_tree(d / "g", files)
     store = d / "store"
     build_image(store, a, "a:1")
-    build_image(store, b, "c:1")
-    build_image(store, g, "big:1")
+    build_image(store, b, "c:1", reuse_store=False)
+    build_image(store, g, "big:1", reuse_store=False)
     return store
 
 

@@ -173,8 +173,10 @@ class PartialPull(abc.ABC):
     """
 
     @abc.abstractmethod
-    def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink) -> PartialPullResult:
-        """Pull the Shoal image whose manifest is ``raw`` (as the copier read it) from ``src``."""
+    def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink,
+             digest: str | None = None) -> PartialPullResult:
+        """Pull the Shoal image whose manifest is ``raw`` (as the copier read it) from ``src``; ``digest``
+        set: it is that child of an image index, put by digest (never the top manifest)."""
 
 
 class Transport(abc.ABC):
