@@ -5,7 +5,6 @@ policy and the other way round; a refused image is never tagged, mounted or run;
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil

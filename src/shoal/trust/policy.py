@@ -53,7 +53,8 @@ class DockerName:
         from shoal.transports.docker import parse_docker
 
         r = parse_docker("//" + text)
-        return cls(f"{r.host}/{r.repo}", r.tag, r.digest)
+        tagged = "@" not in text and ":" in text.rsplit("/", 1)[-1]
+        return cls(f"{r.host}/{r.repo}", r.tag if tagged else None, r.digest)  # no tag given: none implied
 
 
 @dataclass(frozen=True)
