@@ -128,11 +128,11 @@ def test_policy_errors(tmp_path: Path) -> None:
 
 
 def test_identity_rules() -> None:
-    I, N = policy.Identity, policy.DockerName.parse
+    Ident, N = policy.Identity, policy.DockerName.parse
     img = N("reg.io/a/b:1")
-    assert I("matchExact").matches(img, "reg.io/a/b:1") and not I("matchExact").matches(img, "reg.io/a/b:2")
-    assert I("matchRepository").matches(img, "reg.io/a/b:9")
-    assert I("exactReference", reference="reg.io/a/b:7").matches(img, "reg.io/a/b:7")
-    assert I("exactRepository", reference="reg.io/a/b").matches(img, "reg.io/a/b:7")
-    assert I("remapIdentity", prefix="reg.io/a", signed_prefix="upstream.io/z").matches(img, "upstream.io/z/b:1")
-    assert I().matches(N("busybox:latest"), "docker.io/library/busybox:latest")
+    assert Ident("matchExact").matches(img, "reg.io/a/b:1") and not Ident("matchExact").matches(img, "reg.io/a/b:2")
+    assert Ident("matchRepository").matches(img, "reg.io/a/b:9")
+    assert Ident("exactReference", reference="reg.io/a/b:7").matches(img, "reg.io/a/b:7")
+    assert Ident("exactRepository", reference="reg.io/a/b").matches(img, "reg.io/a/b:7")
+    assert Ident("remapIdentity", prefix="reg.io/a", signed_prefix="upstream.io/z").matches(img, "upstream.io/z/b:1")
+    assert Ident().matches(N("busybox:latest"), "docker.io/library/busybox:latest")
