@@ -58,6 +58,18 @@ def _session_blob_info_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_signature_policy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A signature policy of the suite's own (insecureAcceptAnything), never the machine's
+    /etc/containers/policy.json: pulls, mounts and runs apply one (docs/spec/trust.md §4); tests of the
+    policy give theirs with --signature-policy."""
+    path = tmp_path_factory.getbasetemp() / "policy-accept-anything.json"
+    path.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHOAL_SIGNATURE_POLICY", str(path))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _own_blob_info_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test its own blob-info cache (made only if a registry is used), so that no test mounts from a

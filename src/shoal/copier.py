@@ -246,6 +246,7 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
     with src_ref.new_source(as_context(opts.src_opts)) as src:
         with dst_ref.new_destination(as_context(opts.dst_opts)) as dst:
             raw, media = src.get_manifest()
+            top = raw
             if _is_index(raw, media):
                 platform = opts.platform
                 if platform is None and not dst.supports_index:
@@ -255,6 +256,10 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
             views_wanted = dst.runtime_view and opts.runtime_view
             if not views_wanted:
                 raw, media = _without_views(src_ref, src, raw, media)
+            if dst.enforces_policy:  # a pull: refused here, before anything is written (trust.md §4)
+                from shoal.trust.image import admit
+
+                admit(src_ref, as_context(opts.src_opts), top, raw if raw is not top else None)
             partial = dst.partial_pull() if _is_shoal(raw) or _is_index(raw, media) else None
             if partial is not None and not _is_index(raw, media):
                 result = _partial(partial, src, dst, raw, opts, sink)

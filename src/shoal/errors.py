@@ -12,7 +12,9 @@
     │   └── AuthError                        credentials refused or missing
     ├── PermissionDenied            exit 8   an operation needs privileges we lack, or a path is
     │                                        not writable (EACCES, EPERM; EROFS outside the store)
-    └── NoSpace                     exit 9   no space left: disk full or quota exceeded
+    ├── NoSpace                     exit 9   no space left: disk full or quota exceeded
+    └── PolicyRefused               exit 10  the signature policy (containers-policy.json) refuses the
+                                             image, or there is no policy to apply (docs/spec/trust.md)
 
 Only the CLI turns these into messages and exit codes (``exit_code``).  Every
 message is one line (whitespace runs collapse, control characters are escaped), at most
@@ -38,6 +40,7 @@ __all__ = [
     "AuthError",
     "PermissionDenied",
     "NoSpace",
+    "PolicyRefused",
     "MAX_MESSAGE",
     "from_oserror",
     "short",
@@ -118,6 +121,14 @@ class PermissionDenied(ShoalError):
 class NoSpace(ShoalError):
     exit_code = 9
     errno = _errno.ENOSPC
+
+
+class PolicyRefused(ShoalError):
+    """The signature policy refuses an image (a requirement failed, or no policy file exists): nothing
+    was tagged, mounted or run."""
+
+    exit_code = 10
+    errno = _errno.EACCES
 
 
 def _show(path: object) -> str:

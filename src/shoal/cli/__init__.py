@@ -45,6 +45,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "login": ("shoal.cli.transfer_cmds", "login", "Check and save credentials for a registry."),
     "snapshotter": ("shoal.cli.snapshotter_cmd", "snapshotter", "Serve containerd's snapshots API."),
     "logout": ("shoal.cli.transfer_cmds", "logout", "Remove saved credentials for a registry."),
+    "key": ("shoal.cli.trust_cmds", "key", "Generate a sigstore/cosign key pair (key generate)."),
+    "sign": ("shoal.cli.trust_cmds", "sign", "Sign an image in a registry (cosign format, sha256-<hex>.sig tag)."),
+    "verify": ("shoal.cli.trust_cmds", "verify", "Check an image's cosign signature; --deep every chunk."),
     "store": ("shoal.cli.als_cmd", "store", "Serve the store to other engines (store serve: podman's layer store)."),
 }
 

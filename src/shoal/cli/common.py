@@ -198,6 +198,10 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
                      help="Seconds a registry request may wait for a byte, and its grace before it must average "
                           "64 KiB/s (default 30)."),
+        click.option("--signature-policy", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="containers-policy.json applied at pull, mount and run (default: "
+                          "$SHOAL_SIGNATURE_POLICY, ~/.config/containers/policy.json, /etc/containers/policy.json; "
+                          "none: refused)."),
         click.option("--registries-conf", type=click.Path(dir_okay=False), default=None, metavar="FILE",
                      help="registries.conf to use instead of the system's (default: $CONTAINERS_REGISTRIES_CONF, "
                           "~/.config/containers/registries.conf, /etc/containers/registries.conf)."),
@@ -210,7 +214,8 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, cert_dir: str | None,
                   plain_http: bool | None, authfile: str | None, retries: int | None,
                   timeout: float | None = None, concurrency: int | None = None,
-                  registries_conf: str | None = None, platform: str | None = None) -> "SystemContext":
+                  registries_conf: str | None = None, platform: str | None = None,
+                  signature_policy: str | None = None) -> "SystemContext":
     """The ``SystemContext`` the ``registry_options`` flags describe, built once per command and given
     to every ``new_source``/``new_destination``/``open_image``.  Paths are made absolute: the mount
     daemon changes its directory to /."""
@@ -229,4 +234,5 @@ def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, c
     store = ctx.obj.get("store") if ctx.obj else None
     return SystemContext(store=absolute(store), platform=platform, auth_file=absolute(authfile),
                          tls_verify=tls_verify, ca_bundle=absolute(ca_bundle), cert_dir=absolute(cert_dir),
-                         plain_http=plain_http, registries_conf=absolute(registries_conf), **o)
+                         plain_http=plain_http, registries_conf=absolute(registries_conf),
+                         signature_policy=absolute(signature_policy), **o)

@@ -46,10 +46,11 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
     fetch_timeout = kw.pop("fetch_timeout")
     platform = kw.pop("platform")
     sc = registry_opts(ctx, platform=platform, **{k: kw.pop(k) for k in (
-        "tls_verify", "ca_bundle", "cert_dir", "plain_http", "authfile", "retries", "timeout", "registries_conf")})
+        "tls_verify", "ca_bundle", "cert_dir", "plain_http", "authfile", "retries", "timeout", "registries_conf",
+        "signature_policy")})
     if creds is not None:
         sc = sc.replace(credentials=parse_creds(creds))
-    return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch, warm=_SERVE_MODULES)
+    return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch, warm=_SERVE_MODULES, policy=True)
 
 
 @click.command()

@@ -88,6 +88,9 @@ class OpenOptions:
     lazy: bool = True
     whole_index: bool = False
     warm: tuple[str, ...] = ()
+    # mount, run, profile: the signature policy first (docs/spec/trust.md §4); the image opened is the
+    # manifest the policy decided on (by digest), so a tag moved meanwhile is not what gets served
+    policy: bool = False
 
     @property
     def platform(self) -> str | None:  # os/arch[/variant] of an image index's image (default: this machine's)
@@ -152,9 +155,8 @@ def open_image(ref: str | ImageReference, store_root: StorePath = None,
                options: OpenOptions | None = None) -> OpenedImage:
     """Resolve ``ref`` (any transport) to (index, frame source, config, profile); see the module text.
     ``store_root``, if given, replaces the context's store.  Raises UsageError for a malformed
-    reference, NotFound for unknown images, FormatError/IntegrityError for bad ones."""
-    from shoal.transports.resolve import SourceFrames, resolve_image
-
+    reference, NotFound for unknown images, FormatError/IntegrityError for bad ones; with
+    ``options.policy``, PolicyRefused for an image the signature policy refuses."""
     o = options or OpenOptions()
     ctx = o.context
     # absolute: the mount daemon changes its directory to /
@@ -162,6 +164,19 @@ def open_image(ref: str | ImageReference, store_root: StorePath = None,
     ctx = ctx.replace(store=os.path.abspath(store) if store else None)
     r = parse_reference(ref) if isinstance(ref, str) else ref
     text = ref if isinstance(ref, str) else str(ref)
+    if o.policy and r.policy_scope() is not None:
+        from shoal.trust.image import admit
+
+        adm = admit(r, ctx)  # PolicyRefused: nothing is opened
+        if adm is not None and adm.digest:
+            opened = _open(r.pinned(adm.digest), text, ctx, o)
+            return dataclasses.replace(opened, name=str(r))
+    return _open(r, text, ctx, o)
+
+
+def _open(r: ImageReference, text: str, ctx: SystemContext, o: OpenOptions) -> OpenedImage:
+    from shoal.transports.resolve import SourceFrames, resolve_image
+
     kind = r.transport.name
     if kind == "":  # the store: its own resolution (tags, image indexes, partial packs)
         st = _open_store(ctx)

@@ -43,6 +43,7 @@ __all__ = [
     "SystemContext",
     "PartialPull",
     "PartialPullResult",
+    "PolicyScope",
 ]
 
 
@@ -74,6 +75,32 @@ class ImageReference(abc.ABC):
 
     def delete(self, ctx: SystemContext | None = None) -> None:
         raise UsageError(f"{self.transport.name}: deleting images is not supported")
+
+    def policy_scope(self) -> "PolicyScope | None":
+        """Where containers-policy.json looks this image up (docs/spec/trust.md §4); None: the image is not
+        subject to the signature policy (the local store: what is in it was admitted when it came in)."""
+        return PolicyScope(self.transport.name, self.details(), ())
+
+    def pinned(self, digest: str) -> "ImageReference":
+        """This image named by the manifest ``digest`` (what a policy check decided on), where the
+        transport names images by digest; else the reference itself."""
+        return self
+
+    def sibling_tag(self, tag: str) -> "ImageReference | None":
+        """The reference to ``tag`` in this image's repository (where signatures are attached:
+        ``sha256-<hex>.sig``), or None where the transport keeps no such tags."""
+        return None
+
+
+@dataclass(frozen=True)
+class PolicyScope:
+    """An image as containers-policy.json names it: the transport, the image's own scope, and the enclosing
+    scopes from the most specific to the least (docker: repository, namespaces, host, ``*.domain``)."""
+
+    transport: str
+    identity: str
+    namespaces: tuple[str, ...]
+    docker_name: str = ""  # docker only: HOST/REPO[:TAG|@DIGEST], the identity signatures are matched with
 
 
 class ImageSource(abc.ABC):
@@ -121,6 +148,9 @@ class ImageDestination(abc.ABC):
     #: True for registries: the copier tags a Shoal image as an image index that lists its runtime view
     #: first (containerd, podman) and the Shoal manifest (oci-mapping.md §4).
     runtime_view: bool = False
+    #: True for the local store: an image copied here passes the signature policy first (a pull;
+    #: docs/spec/trust.md §4), before anything is written.
+    enforces_policy: bool = False
 
     def __enter__(self) -> "ImageDestination":
         return self

@@ -61,6 +61,9 @@ class SystemContext:
     max_size: int = 64 << 30  # archives: bytes of member data (after decompression)
     max_members: int = 1_000_000  # archives: members
     tmpdir: str | None = None  # archives: where temp directories go
+    # containers-policy.json applied at pull, mount and run (docs/spec/trust.md §4); None: the default
+    # lookup ($SHOAL_SIGNATURE_POLICY, ~/.config/containers/policy.json, /etc/containers/policy.json)
+    signature_policy: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tls_verify",):
@@ -85,7 +88,8 @@ class SystemContext:
         if not all(isinstance(t, str) and TAG_RE.fullmatch(t) for t in tags):
             raise UsageError("tags must be a list of valid tags")
         object.__setattr__(self, "tags", tags)
-        for name in ("store", "auth_file", "ca_bundle", "cert_dir", "registries_conf", "tmpdir", "blob_info_cache_dir"):
+        for name in ("store", "auth_file", "ca_bundle", "cert_dir", "registries_conf", "tmpdir", "blob_info_cache_dir",
+                     "signature_policy"):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, os.fspath(v) or None)

@@ -44,6 +44,7 @@ from shoal.transports.base import (
     ImageDestination,
     ImageReference,
     ImageSource,
+    PolicyScope,
     SystemContext,
     Transport,
     register,
@@ -107,6 +108,27 @@ class DockerReference(ImageReference):
 
     def with_tag(self, tag: str) -> "DockerReference":
         return DockerReference(self.host, self.repo, tag, None)
+
+    def pinned(self, digest: str) -> "DockerReference":
+        return DockerReference(self.host, self.repo, None, check_digest(digest))
+
+    def sibling_tag(self, tag: str) -> "DockerReference":
+        return self.with_tag(tag)
+
+    def policy_scope(self) -> PolicyScope:
+        """As containers/image's docker transport: the identity ``HOST/REPO:TAG`` (or ``@DIGEST``), then
+        ``HOST/REPO``, each parent namespace, ``HOST``, then ``*.DOMAIN`` wildcards of the host."""
+        name = f"{self.host}/{self.repo}"
+        ident = name + (f"@{self.digest}" if self.digest else f":{self.tag or 'latest'}")
+        spaces = [name]
+        while "/" in name:
+            name = name.rsplit("/", 1)[0]
+            spaces.append(name)
+        host = self.host
+        while "." in host:
+            host = host.split(".", 1)[1]
+            spaces.append("*." + host)
+        return PolicyScope("docker", ident, tuple(spaces), ident)
 
     def new_source(self, ctx: SystemContext | None = None) -> "DockerSource":
         ctx = ctx or SystemContext()

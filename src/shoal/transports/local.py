@@ -57,6 +57,9 @@ class LocalReference(ImageReference):
     def details(self) -> str:
         return self.name
 
+    def policy_scope(self) -> None:
+        return None  # the store's images were admitted when they came in (docs/spec/trust.md §4)
+
     def store(self, ctx: SystemContext | None = None) -> Store:
         return Store.open(ctx.store if ctx is not None else None)
 
@@ -146,6 +149,8 @@ _MAX_REBUILDS = 16  # combinations of same-length candidate frames tried before 
 
 
 class LocalDestination(ImageDestination):
+    enforces_policy = True  # a pull: the signature policy first (docs/spec/trust.md §4)
+
     def __init__(self, ref: LocalReference, store: Store) -> None:
         self.ref = ref
         self.store = store

@@ -1,0 +1,136 @@
+"""shoal key generate / sign / verify (docs/spec/trust.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from shoal.cli.common import CREDS_HELP, emit_json, parse_creds, platform_option, registry_options, registry_opts
+
+_PASS_HELP = ("File whose first line is the key's passphrase (else $COSIGN_PASSWORD, else a prompt on a "
+              "terminal).")
+
+
+def passphrase(path: str | None, confirm: bool = False) -> bytes:
+    """The private key's passphrase: ``--passphrase-file``, else ``$COSIGN_PASSWORD`` (as cosign), else a
+    prompt on a terminal."""
+    from shoal.errors import UsageError
+
+    if path:
+        with open(path, "rb") as f:
+            return f.read(1 << 16).split(b"\n", 1)[0].rstrip(b"\r")
+    env = os.environ.get("COSIGN_PASSWORD")
+    if env is not None:
+        return env.encode()
+    if not sys.stdin.isatty():
+        raise UsageError("no passphrase: give --passphrase-file FILE or set COSIGN_PASSWORD")
+    return str(click.prompt("Passphrase for the private key", hide_input=True, err=True,
+                            confirmation_prompt=confirm, default="", show_default=False)).encode()
+
+
+def load_signing_key(path: str, passphrase_file: str | None) -> Any:
+    from shoal.trust.keys import load_private_key
+
+    with open(path, "rb") as f:
+        data = f.read(1 << 16)
+    return load_private_key(data, passphrase(passphrase_file), path)
+
+
+@click.group()
+def key() -> None:
+    """Sigstore/cosign key pairs."""
+
+
+@key.command()
+@click.option("--output", "-o", default="cosign.key", show_default=True, type=click.Path(dir_okay=False),
+              help="Private key file; the public key goes next to it with .pub (cosign.key -> cosign.pub).")
+@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False), default=None, help=_PASS_HELP)
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+def generate(output: str, passphrase_file: str | None, force: bool) -> None:
+    """Generate an ECDSA P-256 key pair in cosign's format (encrypted private key, PEM public key)."""
+    from shoal.atomicfile import Durability, write_atomic
+    from shoal.errors import UsageError
+    from shoal.trust.keys import encrypt_private_key
+    from shoal.trust.keys import generate as new_key
+
+    pub = (output[:-4] if output.endswith(".key") else output) + ".pub"
+    for p in (output, pub):
+        if os.path.exists(p) and not force:
+            raise UsageError(f"{p} exists (give --force to replace it)")
+    k = new_key()
+    pem = encrypt_private_key(k, passphrase(passphrase_file, confirm=True))
+    write_atomic(output, pem, durability=Durability.FULL, mode=0o600)
+    write_atomic(pub, k.public().pem(), durability=Durability.FULL, mode=0o644)
+    click.echo(f"Private key written to {output}\nPublic key written to {pub}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="cosign private key file (shoal key generate, cosign generate-key-pair).")
+@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False), default=None, help=_PASS_HELP)
+@click.option("--sign-identity", default=None, metavar="HOST/REPO:TAG",
+              help="The identity the signature names (default: REF itself, as skopeo).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@registry_options
+@click.pass_context
+def sign(ctx: click.Context, /, ref: str, key_path: str, passphrase_file: str | None, sign_identity: str | None,
+         creds: str | None, as_json: bool, **kw: Any) -> None:
+    """Sign the manifest REF (docker://) points at, and each Shoal image its index lists; the signatures go
+    to the sha256-<hex>.sig tags (cosign, containers/image) with an OCI subject (referrers)."""
+    from shoal.transports.base import parse_reference
+    from shoal.trust.image import sign_reference
+
+    r = parse_reference(ref)
+    sc = registry_opts(ctx, **kw)
+    if creds is not None:
+        sc = sc.replace(credentials=parse_creds(creds))
+    k = load_signing_key(key_path, passphrase_file)
+    done = sign_reference(r, sc, k, sign_identity)
+    if as_json:
+        emit_json({"reference": str(r), "signatures": [
+            {"digest": s.digest, "attachment": s.attachment, "identity": s.identity} for s in done]})
+        return
+    for s in done:
+        click.echo(f"signed {s.digest} as {s.identity} -> {s.attachment}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--key", "key_paths", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="PEM public key (repeatable: any of them).")
+@click.option("--deep", is_flag=True, help="Also check the index against the signed manifest and every chunk "
+                                           "against the index (reads the whole image).")
+@click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@platform_option("Image of an image index to check (default: this machine's platform).")
+@registry_options
+@click.pass_context
+def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], deep: bool, creds: str | None,
+           as_json: bool, platform: str | None, **kw: Any) -> None:
+    """Check REF's cosign signature with a public key; --deep proves every chunk against the signed root."""
+    from shoal.transports.base import parse_reference
+    from shoal.trust.image import verify_reference
+    from shoal.trust.keys import load_public_key
+
+    r = parse_reference(ref)
+    sc = registry_opts(ctx, platform=platform, **kw)
+    if creds is not None:
+        sc = sc.replace(credentials=parse_creds(creds))
+    keys = []
+    for p in key_paths:
+        with open(p, "rb") as f:
+            keys.append(load_public_key(f.read(1 << 16), p))
+    v = verify_reference(r, sc, keys, deep)
+    if as_json:
+        emit_json({"reference": v.reference, "digest": v.digest, "identity": v.identity, "signer": v.signer,
+                   "shoal_manifest": v.shoal_manifest, "root": v.root, "deep": v.deep, "files": v.files,
+                   "chunks": v.chunks, "chunk_bytes": v.chunk_bytes, "frames": v.frames, "checks": v.checks})
+        return
+    click.echo(f"verified {v.reference}")
+    for c in v.checks:
+        click.echo(f"  {c}")

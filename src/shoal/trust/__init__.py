@@ -1,0 +1,6 @@
+"""Trust: cosign-compatible signatures and containers-policy.json (docs/spec/trust.md).
+
+``keys`` (cosign key files), ``cosign`` (payload, signature, attachment manifest), ``policy`` (parse and
+evaluate policy.json), ``image`` (signatures in registries; the policy check at pull, mount and run).
+Modules are imported by name (``shoal.trust.image``) so that a command that never signs loads no crypto.
+"""
