@@ -439,6 +439,8 @@ def parse_rpmdb_sqlite(data: bytes, distro: Distro, location: str = "/var/lib/rp
     _check_size(data, lim.database, location)
     if not data.startswith(b"SQLite format 3\x00"):
         raise FormatError(f"{location}: not an SQLite database")
+    if data[18:20] == b"\x02\x02":  # WAL mode: read the main file as a rollback-journal database (rpm
+        data = data[:18] + b"\x01\x01" + data[20:]  # checkpoints when it closes; a -wal file is not read)
     conn = sqlite3.connect(":memory:")
     try:
         try:
