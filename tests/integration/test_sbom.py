@@ -61,7 +61,8 @@ def bookworm_python(cache_dir: Path, debian_rootfs: Path) -> Path:
         subprocess.run(["cp", "-a", str(debian_rootfs), str(partial)], check=True)
         shutil.copy("/etc/resolv.conf", partial / "etc" / "resolv.conf")
         env = ["/usr/bin/env", "DEBIAN_FRONTEND=noninteractive"]
-        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "python3"]):
+        for cmd in (["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "--no-install-recommends", "python3"]):
             r = subprocess.run(["chroot", str(partial), *env, *cmd], capture_output=True, text=True, timeout=900)
             if r.returncode != 0:
                 pytest.skip(f"apt-get in the chroot failed (no mirror?): {r.stdout[-500:]} {r.stderr[-500:]}")
