@@ -9,7 +9,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SHOAL   := $(VENV)/bin/shoal
 APT_PKGS := docker-registry skopeo umoci runc fuse3 podman libfuse3-dev pkg-config debootstrap casync zstd pigz \
-            slirp4netns passt squashfs-tools python3-venv attr curl time containerd stargz-snapshotter
+            slirp4netns passt squashfs-tools python3-venv attr curl time containerd stargz-snapshotter rpm
 
 .PHONY: demo test fuzz stress bench deps venv clean lint
 

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ls": ("shoal.cli.image_cmds", "ls", "List files from the index (no data is read)."),
     "cat": ("shoal.cli.image_cmds", "cat", "Stream one file's bytes to stdout."),
     "diff": ("shoal.cli.image_cmds", "diff", "Compare two images through their Merkle trees."),
+    "sbom": ("shoal.cli.sbom_cmd", "sbom", "Write an SBOM (SPDX, CycloneDX) from an image's package databases."),
     "rm": ("shoal.cli.image_cmds", "rm", "Remove image names from the store (see gc)."),
     "unpack": ("shoal.cli.unpack_cmd", "unpack", "Materialize an image's tree in a directory."),
     "fsck": ("shoal.cli.store_cmds", "fsck", "Verify every object in the store."),

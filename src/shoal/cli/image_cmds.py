@@ -24,6 +24,8 @@ from shoal.format.model import Entry, Index
 
 if TYPE_CHECKING:
     from shoal.mount.image import OpenedImage
+    from shoal.sbom.databases import Package
+    from shoal.sbom.pkgdiff import PackageDiff
     from shoal.transports.context import SystemContext
     from shoal.transports.resolve import ResolvedImage
 
@@ -251,16 +253,31 @@ def cat(ctx: click.Context, /, ref: str, path: str, platform: str | None, **kw: 
 @click.argument("ref_a")
 @click.argument("ref_b")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--packages", is_flag=True,
+              help="Packages added, removed and upgraded, and which package each changed path belongs to.")
 @platform_option(_PLATFORM_HELP)
 @registry_options
 @click.pass_context
-def diff(ctx: click.Context, /, ref_a: str, ref_b: str, as_json: bool, platform: str | None, **kw: Any) -> None:
-    """Paths added, removed and changed from REF_A to REF_B (any transports), and what a pull of REF_B would fetch."""
+def diff(ctx: click.Context, /, ref_a: str, ref_b: str, as_json: bool, packages: bool, platform: str | None,
+         **kw: Any) -> None:
+    """Paths added, removed and changed from REF_A to REF_B (any transports), and what a pull of REF_B would fetch.
+
+    With --packages: the same change in package terms (docs/sbom.md), from each image's package
+    databases (only those files are read)."""
     from shoal.diff import diff as do_diff
 
     sc = registry_opts(ctx, platform=platform, **kw)
     with load_image(ctx, ref_a, sc) as ia, load_image(ctx, ref_b, sc) as ib:
         r = do_diff(ia.index, ib.index)
+        if packages:
+            from shoal.reader import Reader
+            from shoal.sbom.inventory import packages_of
+            from shoal.sbom.pkgdiff import package_diff
+
+            pd = package_diff(packages_of(ia.index, Reader(ia.index, ia.source)),
+                              packages_of(ib.index, Reader(ib.index, ib.source)), r)
+            _print_package_diff(ia.digest, ib.digest, pd, as_json)
+            return
     if as_json:
         emit_json({
             "a": ia.digest, "b": ib.digest, "same": r.same,
@@ -275,6 +292,41 @@ def diff(ctx: click.Context, /, ref_a: str, ref_b: str, as_json: bool, platform:
     click.echo(f"{len(r.added)} added, {len(r.removed)} removed, {len(r.changed)} changed; "
                f"{r.new_chunks} new chunks ({human(r.new_bytes)}), a pull of {ref_b} over {ref_a} fetches "
                f"{human(r.fetch_bytes)} in {r.fetch_frames} frames", err=bool(r.added or r.removed or r.changed))
+
+
+def _print_package_diff(a: str, b: str, pd: "PackageDiff", as_json: bool) -> None:
+    def pkg(p: "Package") -> dict[str, Any]:
+        return {"type": p.ecosystem, "name": p.name, "version": p.version, "arch": p.arch, "purl": p.purl}
+
+    if as_json:
+        emit_json({"a": a, "b": b, "added": [pkg(p) for p in pd.added], "removed": [pkg(p) for p in pd.removed],
+                   "upgraded": [{"type": u.new.ecosystem, "name": u.new.name, "arch": u.new.arch,
+                                 "old": u.old.version, "new": u.new.version, "old_purl": u.old.purl,
+                                 "new_purl": u.new.purl} for u in pd.upgraded],
+                   "files": {path: owners for path, owners in sorted(pd.files.items())}})
+        return
+
+    def label(p: "Package") -> str:
+        return f"{p.ecosystem}:{p.name}" + (f":{p.arch}" if p.arch else "")
+
+    for p in pd.added:
+        click.echo(f"+ {label(p)} {p.version}")
+    for p in pd.removed:
+        click.echo(f"- {label(p)} {p.version}")
+    for u in pd.upgraded:
+        click.echo(f"^ {label(u.new)} {u.old.version} -> {u.new.version}")
+    by = pd.by_package()
+    for purl in sorted(k for k in by if k):
+        click.echo(f"{purl}: {len(by[purl])} changed paths")
+        for path in by[purl]:
+            click.echo(f"    {show_path(path.encode('utf-8', 'surrogateescape'))}")
+    if by.get(""):
+        click.echo(f"(no package): {len(by[''])} changed paths")
+        for path in by[""]:
+            click.echo(f"    {show_path(path.encode('utf-8', 'surrogateescape'))}")
+    click.echo(f"{len(pd.added)} packages added, {len(pd.removed)} removed, {len(pd.upgraded)} upgraded; "
+               f"{len(pd.files)} changed paths, {len(pd.files) - len(by.get('', []))} of them owned by a package",
+               err=True)
 
 
 @click.command()

@@ -11,7 +11,7 @@ from typing import Any, Collection, Iterable
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError, NotFound, UsageError
+from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError, UsageError
 from shoal.format import index as fidx
 from shoal.format.lazyindex import decode_lazy
 from shoal.format.manifest import MAX_MANIFEST_BYTES, ShoalManifest, json_loads, parse_manifest
@@ -163,6 +163,29 @@ class Store:
                 if self.is_shoal(child):
                     out.append((name, str(Platform.of(plat)) if plat else "", self.manifest(child)))
         return out
+
+    def referrers(self, subject: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
+        """Descriptors of the artifacts listed in index.json whose manifest's ``subject`` is ``subject``
+        (store.md §5), optionally of one ``artifactType``, sorted by digest."""
+        out = []
+        for d in self.layout.untagged():
+            if artifact_type is not None and d.get("artifactType") != artifact_type:
+                continue
+            if self.subject_of(str(d["digest"])) == subject:
+                out.append(d)
+        return sorted(out, key=lambda d: str(d["digest"]))
+
+    def subject_of(self, digest: str) -> str | None:
+        """The ``subject`` digest of the manifest ``digest`` holds, or None (no such blob, no subject)."""
+        if not self.layout.has(digest):
+            return None
+        try:
+            doc = json_loads(self.layout.get(digest, limit=MAX_MANIFEST_BYTES))
+        except (ValueError, ShoalError):  # a corrupt or oversized one refers to nothing
+            return None
+        subj = doc.get("subject") if isinstance(doc, dict) else None
+        d = subj.get("digest") if isinstance(subj, dict) else None
+        return d if isinstance(d, str) else None
 
     def is_shoal(self, digest: str) -> bool:
         try:

@@ -262,6 +262,30 @@ class Layout:
             manifests.sort(key=lambda m: (m.get("annotations") or {}).get(mt.ANN_REF_NAME, ""))
             self._write_index(manifests)
 
+    def add_referrer(self, descriptor: dict[str, Any]) -> None:
+        """List the artifact manifest ``descriptor`` (it has a ``subject``: store.md §5) in index.json,
+        untagged; listing it again replaces the entry."""
+        with self.lock("index.lock", exclusive=True):
+            manifests = [m for m in self.read_index() if m.get("digest") != descriptor.get("digest")
+                         or (m.get("annotations") or {}).get(mt.ANN_REF_NAME)]
+            manifests.append(dict(descriptor))
+            manifests.sort(key=lambda m: ((m.get("annotations") or {}).get(mt.ANN_REF_NAME, ""), str(m.get("digest"))))
+            self._write_index(manifests)
+
+    def drop_untagged(self, digests: set[str]) -> None:
+        """Remove the untagged index.json entries of ``digests`` (referrers whose subject is gone)."""
+        if not digests:
+            return
+        with self.lock("index.lock", exclusive=True):
+            manifests = [m for m in self.read_index() if m.get("digest") not in digests
+                         or (m.get("annotations") or {}).get(mt.ANN_REF_NAME)]
+            self._write_index(manifests)
+
+    def untagged(self) -> list[dict[str, Any]]:
+        """index.json entries without a name: referrer artifacts (store.md §5)."""
+        return [m for m in self.read_index() if not (m.get("annotations") or {}).get(mt.ANN_REF_NAME)
+                and isinstance(m.get("digest"), str)]
+
     def refs(self) -> dict[str, dict[str, Any]]:
         out = {}
         for m in self.read_index():

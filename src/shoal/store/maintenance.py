@@ -187,7 +187,14 @@ def reachable(store: Store) -> set[str]:
             if not store.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset):
                 borrowed.append(idx.chunk_ids[ci])
         keep.update(loc.pack for loc in store.catalog.locate(borrowed).values())
-    return keep
+    # referrers (store.md §5) are kept while their subject is: a referrer of a referrer too
+    subjects = {str(d["digest"]): store.subject_of(str(d["digest"])) for d in store.layout.untagged()}
+    while True:
+        more = [d for d, s in subjects.items() if s in keep and d not in keep]
+        if not more:
+            return keep
+        for d in more:
+            keep |= store.blobs_of(d)
 
 
 def _gc_partial(store: Store, keep: set[str], scope: Collection[str] | None) -> int:
@@ -208,6 +215,8 @@ def gc(store: Store, sink: Sink = NULL, scope: Collection[str] | None = None) ->
     layout = store.layout
     with layout.lock("gc.lock", exclusive=True):
         keep = reachable(store)
+        layout.drop_untagged({str(d["digest"]) for d in layout.untagged()
+                              if d["digest"] not in keep and (scope is None or d["digest"] in scope)})
         doomed = [d for d in layout.all_blobs() if d not in keep and (scope is None or d in scope)]
         sink.start("gc", len(doomed), unit="blobs")
         for d in doomed:
