@@ -45,9 +45,11 @@ rm -rf "$WORK/v2/usr/share/doc"
 echo "Welcome to Shoal." > "$WORK/v2/etc/motd"
 head -c 20000000 /dev/urandom > "$WORK/v2/opt/blob.bin"
 
-say "shoal build (v1, then v2)"
+say "shoal build (v1, then v2: the chunks the store holds are taken from where they are, no flag)"
 shoal build "$V1" demo:v1
-shoal build "$WORK/v2" demo:v2 --reuse demo:v1
+before=$(du -sb "$SHOAL_STORE/blobs" | cut -f1)
+shoal build "$WORK/v2" demo:v2
+echo "the store grew by $(( ($(du -sb "$SHOAL_STORE/blobs" | cut -f1) - before) / 1000000 )) MB for v2 (its 20 MB file, an index)"
 shoal images
 
 say "shoal inspect demo:v1"
@@ -86,6 +88,39 @@ SHOAL_STORE=$WORK/store2 shoal pull "docker://$REG/demo/debian:v1" demo:v1
 SHOAL_STORE=$WORK/store2 shoal pull "docker://$REG/demo/debian:v2" demo:v2
 SHOAL_STORE=$WORK/store2 shoal fsck
 
+say "provenance: sign v1 in the registry, verify it, and pull it only under a policy that requires the signature"
+export COSIGN_PASSWORD=demo-passphrase
+shoal key generate --output "$WORK/cosign.key"
+shoal key generate --output "$WORK/other.key"
+shoal sign "docker://$REG/demo/debian:v1" --key "$WORK/cosign.key"
+shoal verify "docker://$REG/demo/debian:v1" --key "$WORK/cosign.pub"
+policy() {  # a containers-policy.json that requires a sigstore signature by key $1 for the demo repository
+  printf '{"default": [{"type": "reject"}], "transports": {"docker": {"%s": [{"type": "sigstoreSigned", "keyPath": "%s"}]}}}\n' \
+    "$REG/demo" "$1" > "$2"
+}
+policy "$WORK/cosign.pub" "$WORK/policy.json"
+policy "$WORK/other.pub" "$WORK/policy-other.json"
+SHOAL_STORE=$WORK/store4 shoal pull --signature-policy "$WORK/policy.json" "docker://$REG/demo/debian:v1" signed:v1
+echo "with a policy that wants another key:"
+if SHOAL_STORE=$WORK/store5 shoal pull --signature-policy "$WORK/policy-other.json" "docker://$REG/demo/debian:v1" x:1; then
+  echo "accepted an image signed by another key" >&2; exit 1
+else
+  echo "refused (exit $?), nothing pulled: $(SHOAL_STORE=$WORK/store5 shoal images | tail -n +2 | wc -l) images in that store"
+fi
+echo "unsigned v2 under the same policy:"
+SHOAL_STORE=$WORK/store5 shoal pull --signature-policy "$WORK/policy.json" "docker://$REG/demo/debian:v2" x:2 \
+  && { echo "accepted an unsigned image" >&2; exit 1; } || echo "refused (exit $?)"
+
+say "transparency: an SBOM of v1 straight from the registry (reads only the package databases), and what v2 changed in packages"
+shoal sbom "docker://$REG/demo/debian:v1" --format spdx-json -o "$WORK/v1.spdx.json"
+shoal diff demo:v1 demo:v2 --packages --json | python3 -c '
+import collections, json, sys
+d = json.load(sys.stdin)
+owners = collections.Counter(p.split("@")[0] for purls in d["files"].values() for p in purls)
+print("packages added %d, removed %d, upgraded %d; %d changed paths, owned by %d packages (most: %s)" % (
+    len(d["added"]), len(d["removed"]), len(d["upgraded"]), len(d["files"]), len(owners),
+    ", ".join("%s %d" % (p, n) for p, n in owners.most_common(3))))'
+
 say "lazy: run a container straight from the registry on a cold store; only what it reads is fetched"
 export SHOAL_RUN_DIR=$WORK/run
 # time to the container's first line of output, from a cold store (the command's exit code passes through)
@@ -113,7 +148,7 @@ umoci new --image "$WORK/classic:v2" >/dev/null
 umoci unpack --image "$WORK/classic:v2" "$WORK/bundle" >/dev/null
 cp -a "$WORK/v2/." "$WORK/bundle/rootfs/"
 umoci repack --image "$WORK/classic:v2" "$WORK/bundle" >/dev/null
-shoal convert "oci:$WORK/classic:v2" demo:v2-converted --reuse demo:v1
+shoal convert "oci:$WORK/classic:v2" demo:v2-converted
 echo "converted vs built (a classic tar keeps some mtimes in whole seconds, so those paths show as changed):"
 shoal diff demo:v2 demo:v2-converted --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print("  %d added, %d removed, %d metadata-changed, %d new chunks: file contents identical" % (len(d["added"]), len(d["removed"]), len(d["changed"]), d["new_chunks"]))'
 classic_bytes=$(du -sb "$WORK/classic/blobs" | cut -f1)
