@@ -22,7 +22,7 @@ import zstandard
 
 from shoal import mediatypes as mt
 from shoal.chunking import get_chunker
-from shoal.errors import from_oserror
+from shoal.errors import IntegrityError, from_oserror
 from shoal.format import index as fidx
 from shoal.format import packing
 from shoal.format.manifest import Descriptor, ImageConfig, ShoalManifest, build_config, build_manifest, parse_manifest
@@ -32,7 +32,8 @@ from shoal.scan import scan
 from shoal.store import Store
 from shoal.store.layout import Batch
 
-__all__ = ["BuildOptions", "BuildResult", "TreeSource", "FileReader", "DirSource", "build", "build_tree"]
+__all__ = ["BuildOptions", "BuildResult", "TreeSource", "FileReader", "DirSource", "build", "build_tree",
+           "Placed", "PlacedTree", "build_placed"]
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ class _Builder:
         self.reuse: dict[bytes, _ReuseLoc] = {}
         self.from_store = opts.reuse_store and not opts.reuse
         self.whole_packs: dict[str, bool] = {}  # pack digest -> the store holds its whole blob
+        self.pack_sizes: dict[str, int] = {}  # pack digest -> blob size, where an input's manifest says it
         self.n_reused = 0
         # chunk table
         self.chunk_index: dict[bytes, int] = {}
@@ -350,19 +352,7 @@ class _Builder:
         self.chunk_ids.append(cid)
         ln = len(data)
         self.chunk_lengths.append(ln)
-        r = self.reuse.get(cid)
-        if r is not None and r.length == ln:
-            self.n_reused += 1
-            key = (r.pack, r.frame.offset)
-            fi = self.reused_frames.get(key)
-            if fi is None:
-                fi = self.reused_frames[key] = self.n_frames
-                self.n_frames += 1
-                self.reused_frame_recs[fi] = (r.pack, r.frame)
-                if r.pack not in self.reused_packs:
-                    self.reused_packs.append(r.pack)
-            self.chunk_frames.append(fi)
-            self.chunk_offsets.append(r.off)
+        if self._reused(cid, ln):
             return i
         if packing.frame_full(self.cur_len, ln) or (self.cur_parts and small != self.cur_small):
             self.close_frame()
@@ -377,6 +367,37 @@ class _Builder:
         self.cur_last_id = cid
         if packing.frame_ends_after(cid, ln, self.cur_len, small):
             self.close_frame()
+        return i
+
+    def _reused(self, cid: bytes, ln: int) -> bool:
+        """Place the chunk just added to the table where ``reuse`` says it is stored, if it does."""
+        r = self.reuse.get(cid)
+        if r is None or r.length != ln:
+            return False
+        self.n_reused += 1
+        key = (r.pack, r.frame.offset)
+        fi = self.reused_frames.get(key)
+        if fi is None:
+            fi = self.reused_frames[key] = self.n_frames
+            self.n_frames += 1
+            self.reused_frame_recs[fi] = (r.pack, r.frame)
+            if r.pack not in self.reused_packs:
+                self.reused_packs.append(r.pack)
+        self.chunk_frames.append(fi)
+        self.chunk_offsets.append(r.off)
+        return True
+
+    def place_chunk(self, cid: bytes, ln: int) -> int:
+        """A chunk whose bytes are not at hand: it must be in ``reuse`` (a stored chunk of an input)."""
+        i = self.chunk_index.get(cid)
+        if i is not None:
+            return i
+        i = len(self.chunk_ids)
+        self.chunk_index[cid] = i
+        self.chunk_ids.append(cid)
+        self.chunk_lengths.append(ln)
+        if not self._reused(cid, ln):
+            raise IntegrityError(f"chunk sha256:{cid.hex()} ({ln} bytes) has no stored location among the inputs")
         return i
 
     def close_frame(self) -> None:
@@ -527,7 +548,7 @@ class _Builder:
         sizes = {w[0]: w[2] for w in written}
         for p in self.reused_packs:
             d = "sha256:" + p.hex()
-            sizes[d] = layout.size(d)
+            sizes[d] = self.pack_sizes[d] if d in self.pack_sizes else layout.size(d)
         pack_descs = [Descriptor(mt.PACK, "sha256:" + p.hex(), sizes["sha256:" + p.hex()]) for p in pack_digests]
         idx_desc = Descriptor(mt.INDEX, self._put(blob), len(blob))
         cfg = build_config(ImageConfig(**{**self.opts.config.__dict__, "root": root}))
@@ -576,4 +597,74 @@ def build_tree(store: Store, tree: TreeSource, ref: str | None, opts: BuildOptio
         b.close()
     log.info("built %s: %d files, %d bytes in %.2fs", result.manifest.digest, result.files, result.bytes_in,
              result.seconds)
+    return result
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a stored chunk is: pack (raw sha256), its blob size, the frame record (pack field unused) and
+    the chunk's offset and length in the decompressed frame."""
+
+    pack: bytes
+    pack_size: int
+    frame: Frame
+    off: int
+    length: int
+
+
+@dataclass(frozen=True)
+class PlacedTree:
+    """A tree whose file contents are chunk-id sequences, not bytes on disk (a merge of indexes,
+    docs/spec/lineage.md): ``entries`` in canonical order, each FILE's ``chunks`` indexing ``ids``;
+    ``places`` locates stored chunks, ``new`` holds the bytes of the chunks no input stores (a file the
+    merge wrote); every id is in one of them."""
+
+    entries: list[Entry]
+    ids: list[bytes]
+    places: dict[bytes, Placed]
+    new: dict[bytes, bytes]
+
+
+def build_placed(store: Store, tree: PlacedTree, ref: str | None, opts: BuildOptions | None = None,
+                 sink: Sink = NULL) -> BuildResult:
+    """Make an image of ``tree`` with the build machinery (chunk table, frames, packs): stored chunks are
+    referenced where they are (no chunk data is read, decompressed or copied), new chunks are packed as a
+    build packs them.  ``opts.reuse``/``reuse_store`` are not used: the places are the reuse set."""
+    opts = opts or BuildOptions()
+    t0 = time.monotonic()
+    b = _Builder(store, BuildOptions(workers=opts.workers, reuse_store=False, config=opts.config), sink)
+    try:
+        with store.layout.writing():
+            for cid, p in tree.places.items():
+                if cid not in tree.new:
+                    b.reuse[cid] = _ReuseLoc(p.pack, p.frame, p.off, p.length)
+                    b.pack_sizes["sha256:" + p.pack.hex()] = p.pack_size
+            entries: list[Entry] = []
+            bytes_in = 0
+            for e in tree.entries:
+                if e.kind == Kind.FILE:
+                    small = packing.small_file(e.size)
+                    refs = []
+                    for c in e.chunks:
+                        cid = tree.ids[c]
+                        data = tree.new.get(cid)
+                        if data is not None:
+                            refs.append(b.add_chunk(cid, memoryview(data), small))
+                        else:
+                            refs.append(b.place_chunk(cid, tree.places[cid].length))
+                    b.refs += len(refs)
+                    bytes_in += e.size
+                    e = Entry(e.path, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs, size=e.size,
+                              chunks=tuple(refs))
+                entries.append(e)
+            b.close_frame()
+            b.close_pack()
+            written = [p.future.result() for p in b.packs]  # type: ignore[union-attr]
+            result = b.finish(entries, written, bytes_in, t0, [])
+            if ref is not None:
+                store.tag(ref, result.manifest)
+    finally:
+        b.close()
+    log.info("assembled %s: %d files, %d new chunks, %d new packs", result.manifest.digest, result.files,
+             result.new_chunks, result.new_packs)
     return result

@@ -13,8 +13,10 @@
     ├── PermissionDenied            exit 8   an operation needs privileges we lack, or a path is
     │                                        not writable (EACCES, EPERM; EROFS outside the store)
     ├── NoSpace                     exit 9   no space left: disk full or quota exceeded
-    └── PolicyRefused               exit 10  the signature policy (containers-policy.json) refuses the
-                                             image, or there is no policy to apply (docs/spec/trust.md)
+    ├── PolicyRefused               exit 10  the signature policy (containers-policy.json) refuses the
+    │                                        image, or there is no policy to apply (docs/spec/trust.md)
+    └── ConflictError               exit 11  a rebase or apply merge found conflicting changes
+                                             (docs/spec/lineage.md); ``lines`` lists them
 
 Only the CLI turns these into messages and exit codes (``exit_code``).  Every
 message is one line (whitespace runs collapse, control characters are escaped), at most
@@ -41,6 +43,7 @@ __all__ = [
     "PermissionDenied",
     "NoSpace",
     "PolicyRefused",
+    "ConflictError",
     "MAX_MESSAGE",
     "from_oserror",
     "short",
@@ -129,6 +132,19 @@ class PolicyRefused(ShoalError):
 
     exit_code = 10
     errno = _errno.EACCES
+
+
+class ConflictError(ShoalError):
+    """A three-way merge (``shoal rebase``, ``shoal apply``) found paths both sides changed differently and
+    no rule or ``--prefer`` resolves: nothing was written.  The message is a one-line summary; ``lines``
+    holds one line per conflicting path (the CLI prints them after the summary)."""
+
+    exit_code = 11
+    errno = _errno.EINVAL
+
+    def __init__(self, message: str, lines: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.lines = list(lines or [])
 
 
 def _show(path: object) -> str:

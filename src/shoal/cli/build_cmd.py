@@ -14,6 +14,8 @@ from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, pr
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.argument("ref")
 @reuse_options
+@click.option("--base", default=None, metavar="NAME:TAG",
+              help="The store image SOURCE was made from: recorded as the image's lineage base (for rebase, apply).")
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH", default=None,
               help="Clamp mtimes to this time (reproducible-builds.org); default $SOURCE_DATE_EPOCH.")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
@@ -32,7 +34,7 @@ from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, pr
 @click.option("--label", multiple=True, metavar="K=V")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
-def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_reuse: bool,
+def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_reuse: bool, base: str | None,
           source_date_epoch: int | None,
           workers: int | None, platform: str | None, os_name: str | None, arch: str | None,
           variant: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
@@ -58,11 +60,17 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_
         conf["User"] = user
     if label:
         conf["Labels"] = dict(kv.split("=", 1) for kv in label if "=" in kv)
+    store = open_store(ctx)
+    extra: dict[str, object] = {}
+    if base:
+        from shoal.merge import LINEAGE, Input, lineage_record
+
+        extra[LINEAGE] = {"base": lineage_record(Input(base, store.resolve(base, str(plat))))}
     opts = BuildOptions(
         workers=workers or 2 * (os.cpu_count() or 1), source_date_epoch=source_date_epoch, **reusing,
-        config=ImageConfig(architecture=plat.architecture, os=plat.os, variant=plat.variant, config=conf),
+        config=ImageConfig(architecture=plat.architecture, os=plat.os, variant=plat.variant, config=conf,
+                           extra=extra),
     )
-    store = open_store(ctx)
     keep_freed_memory()
     with progress_sink(as_json) as sink:
         r = do_build(store, source, ref, opts, sink)

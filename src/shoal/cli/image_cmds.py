@@ -120,6 +120,9 @@ def inspect(ctx: click.Context, /, ref: str, platform: str | None, as_json: bool
         "index_size": m.index.size, "pack_bytes": sum(p.size for p in m.packs),
         "architecture": cfg.architecture, "os": cfg.os, "config": cfg.config,
     }
+    lineage = cfg.extra.get("lineage")
+    if isinstance(lineage, dict) and lineage:
+        doc["lineage"] = lineage
     if as_json:
         emit_json(doc)
         return
@@ -130,6 +133,24 @@ def inspect(ctx: click.Context, /, ref: str, platform: str | None, as_json: bool
     click.echo(f"Tree:         {idx.files} files, {len(idx.entries)} entries, {human(idx.logical_bytes)}")
     click.echo(f"Chunks:       {len(idx.chunk_ids)} in {len(idx.frames)} frames")
     click.echo("Kinds:        " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    if isinstance(lineage, dict):
+        _show_lineage(lineage)
+
+
+def _show_lineage(lineage: dict[str, Any]) -> None:
+    """The lineage record of the config (docs/spec/lineage.md §2), one line per image."""
+    def one(d: Any) -> str:
+        if not isinstance(d, dict):
+            return "?"
+        name = f"{d.get('name')} " if d.get("name") else ""
+        return f"{name}{d.get('digest', '?')} (root {d.get('root', '?')})"
+
+    if "base" in lineage:
+        click.echo(f"Base:         {one(lineage['base'])}")
+    for a in lineage.get("applied") or []:
+        click.echo(f"Applied:      {one(a)}")
+    if isinstance(lineage.get("recipe"), dict):
+        click.echo(f"Recipe:       {lineage['recipe'].get('digest', '?')}")
 
 
 def _inspect_classic(ref: str, res: "ResolvedImage", as_json: bool) -> None:

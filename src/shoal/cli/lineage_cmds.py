@@ -1,0 +1,135 @@
+"""shoal rebase / shoal apply: three-way merges of image trees (docs/spec/lineage.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from shoal.cli.common import emit_json, human, open_store, platform_option, registry_options, registry_opts
+
+if TYPE_CHECKING:
+    from shoal.merge import Input, Outcome
+    from shoal.store import Store
+    from shoal.transports.context import SystemContext
+
+_PREFER = click.option("--prefer", type=click.Choice(["ours", "theirs"]), default=None,
+                       help="Resolve each conflict with that side's version of the path (ours: the image's "
+                            "change; theirs: the new base's). Default: refuse, listing the conflicts.")
+
+
+def store_input(store: "Store", ref: str, sc: "SystemContext") -> "Input":
+    """REF as an image of the store: a store name as it is; a Shoal image of another transport pulled
+    (only the chunks the store lacks), a classic one converted; both kept untagged (``shoal gc`` may
+    reclaim what the result does not reference)."""
+    from shoal.convert import convert
+    from shoal.copier import CopyOptions, copy
+    from shoal.format.platform import Platform
+    from shoal.merge import Input
+    from shoal.transports.base import parse_reference
+    from shoal.transports.resolve import resolve_image
+
+    r = parse_reference(ref)
+    plat = sc.platform or str(Platform.host())
+    if r.transport.name == "":
+        return Input(ref, store.resolve(ref, plat))
+    src = r.new_source(sc)
+    try:
+        res = resolve_image(src, r, plat, with_index=False)
+        if res.manifest is None:
+            conv = convert(src, store, None, platform=plat)
+            return Input(ref, store.manifest(conv.digest))
+    finally:
+        src.close()
+    tmp = f"shoal-lineage-input-{os.getpid()}:{res.manifest.digest[7:19]}"
+    ctx = sc.replace(store=str(store.root))
+    copy(r, parse_reference(tmp), CopyOptions(platform=plat, src_opts=sc, dst_opts=ctx))
+    m = store.resolve(tmp, plat)
+    store.untag(tmp)
+    return Input(ref, m)
+
+
+def _report(what: str, ref: str, o: "Outcome", as_json: bool, extra: dict[str, Any]) -> None:
+    r = o.result
+    if as_json:
+        emit_json({"ref": ref, "digest": r.manifest.digest, "root": r.manifest.root, "files": r.files,
+                   "changed_paths": o.changed_by_ours, "new_chunks": r.new_chunks, "new_packs": r.new_packs,
+                   "packs": r.packs, "stored_bytes": r.stored_bytes, "added_bytes": r.added_bytes,
+                   "resolved": [{"path": "/" + x.path.decode("utf-8", "backslashreplace"), "rule": x.rule}
+                                for x in o.resolved],
+                   "seconds": round(r.seconds, 3), **extra})
+        return
+    click.echo(f"{ref} {r.manifest.digest}")
+    click.echo(f"  root {r.manifest.root}")
+    click.echo(f"  {what}: {o.changed_by_ours} paths differ from the new base; {r.new_chunks} new chunks, "
+               f"{r.new_packs} new packs of {r.packs}; store grew by {human(r.added_bytes)}")
+    for x in o.resolved:
+        click.echo(f"  merged /{x.path.decode('utf-8', 'backslashreplace')}: {x.rule}")
+
+
+def _conflicts(exc: Any) -> None:
+    click.echo(f"shoal: error: {exc}", err=True)
+    for line in exc.lines:
+        click.echo(f"  {line}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.command()
+@click.argument("image")
+@click.option("--onto", required=True, metavar="REF", help="The new base (any transport).")
+@click.option("--from", "from_", default=None, metavar="REF",
+              help="The base IMAGE was built on (default: the one IMAGE records in its lineage).")
+@click.option("-t", "--tag", "tag", required=True, metavar="NAME:TAG", help="Name of the result in the store.")
+@_PREFER
+@click.option("--json", "as_json", is_flag=True)
+@platform_option("Image of an image index to use (default: this machine's platform).")
+@registry_options
+@click.pass_context
+def rebase(ctx: click.Context, /, image: str, onto: str, from_: str | None, tag: str, prefer: str | None,
+           as_json: bool, platform: str | None, **kw: Any) -> None:
+    """IMAGE's own changes (relative to its base) on top of --onto, as NAME:TAG; no file data is copied."""
+    from shoal import merge
+    from shoal.errors import ConflictError
+    from shoal.store import new_image_name
+
+    tag = new_image_name(tag)
+    sc = registry_opts(ctx, platform=platform, **kw)
+    store = open_store(ctx)
+    img = store_input(store, image, sc)
+    new = store_input(store, onto, sc)
+    old = store_input(store, from_, sc) if from_ else None
+    try:
+        o = merge.rebase(store, img, new, tag, old_base=old, prefer=prefer)
+    except ConflictError as exc:
+        _conflicts(exc)
+    _report("rebased", tag, o, as_json, {"image": image, "onto": onto})
+
+
+@click.command("apply")
+@click.argument("base")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-t", "--tag", "tag", required=True, metavar="NAME:TAG", help="Name of the result in the store.")
+@_PREFER
+@click.option("--json", "as_json", is_flag=True)
+@platform_option("Image of an image index to use (default: this machine's platform).")
+@registry_options
+@click.pass_context
+def apply_cmd(ctx: click.Context, /, base: str, images: tuple[str, ...], tag: str, prefer: str | None,
+              as_json: bool, platform: str | None, **kw: Any) -> None:
+    """BASE plus each IMAGE's own changes (relative to the base it records), in order, as NAME:TAG."""
+    from shoal import merge
+    from shoal.errors import ConflictError
+    from shoal.store import new_image_name
+
+    tag = new_image_name(tag)
+    sc = registry_opts(ctx, platform=platform, **kw)
+    store = open_store(ctx)
+    b = store_input(store, base, sc)
+    ins = [store_input(store, i, sc) for i in images]
+    try:
+        o = merge.apply(store, b, ins, tag, prefer=prefer)
+    except ConflictError as exc:
+        _conflicts(exc)
+    _report("applied", tag, o, as_json, {"base": base, "images": list(images)})
