@@ -546,7 +546,7 @@ def validate_oci(doc: Any, schema_name: str) -> None:
 # ---------------------------------------------------------------------------------------------- --json shapes
 
 JSON_DOC = REPO / "docs" / "cli-json.md"
-JSON_OPEN_KEYS = frozenset({"kinds", "config", "stats"})  # open objects (docs/cli-json.md, Conventions)
+JSON_OPEN_KEYS = frozenset({"kinds", "config", "stats", "ecosystems"})  # open objects (docs/cli-json.md, Conventions)
 
 
 @functools.lru_cache(maxsize=1)

@@ -76,6 +76,9 @@ def test_read_commands(small: Path) -> None:
     diff = _json(s, "diff", "t:a", "t:b")
     check_json_shape("diff", diff)
     assert "/opt/new" in diff["added"] and "/etc/gone" in diff["removed"]
+    sbom = _json(s, "sbom", "t:a", "-o", small / "t.spdx.json")
+    check_json_shape("sbom", sbom)
+    assert sbom["packages"] == 0 and sbom["bytes_fetched"] == 0 and json.loads((small / "t.spdx.json").read_text())
     fsck = _json(s, "fsck")
     check_json_shape("fsck", fsck)
     assert fsck["ok"] and fsck["images"] == 2
