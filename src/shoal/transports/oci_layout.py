@@ -472,12 +472,12 @@ class OciLayoutSource(BlobFileSource):
         self.blobs = root / "blobs" / "sha256"
         where = where or str(root)
         self.entries = _descriptors(_read_index(root, where), where)
+        self._subjects: dict[str, str | None] = {}
         images = self.entries
         if not name and index < 0 and len(images) > 1:  # the one image, whatever referrers are listed with it
             images = [e for e in images if self._subject(e.digest) is None]
         self.top = _choose(images, name, index, where)
         self._child_types: dict[str, str] | None = None
-        self._subjects: dict[str, str | None] = {}
 
     def _subject(self, digest: str) -> str | None:
         """The ``subject`` of the manifest ``digest`` in the layout (None: none, or not a readable manifest)."""
