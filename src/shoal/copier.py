@@ -47,7 +47,7 @@ from shoal.format.runtime_view import (
     view_of,
 )
 from shoal.progress import NULL, Sink
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, PartialPull
+from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, PartialPull, Referrer
 from shoal.transports.context import SystemContext, as_context
 
 __all__ = ["CopyOptions", "CopyResult", "copy", "DigestingReader", "descriptors_of"]
@@ -328,30 +328,40 @@ def _carry(src_ref: ImageReference, src: ImageSource, dst: ImageDestination, sub
     todo = [(d, desc, 0) for d, desc in subjects.items()]
     seen = set(subjects)
     while todo:
-        subject, desc, depth = todo.pop(0)
-        for ref in src.referrers(subject):  # a signature that cannot be read raises here
-            sig = ref.kind == "signature"
-            if not (opts.signatures if sig else opts.referrers):
-                continue
-            try:
-                copier.blobs(ref.manifest)
-                dst.put_referrer(ref, desc)
-            except ShoalError as exc:
-                if sig:
-                    raise
-                log.warning("referrer %s of %s not carried to the destination: %s", ref.digest, subject, exc)
-                continue
-            if sig:
-                result.signatures += 1
-            else:
-                result.referrers += 1
-            log.info("carried %s %s of %s", ref.kind, ref.digest, subject)
-            if depth + 1 < MAX_REFERRER_DEPTH and ref.digest not in seen:
-                seen.add(ref.digest)
-                todo.append((ref.digest, _descriptor(ref.manifest, ref.media_type), depth + 1))
+        batch, todo = todo, []
+        with ThreadPoolExecutor(min(len(batch), max(1, opts.concurrency)), thread_name_prefix="shoal-refs") as pool:
+            found = list(pool.map(lambda t: src.referrers(t[0]), batch))  # a signature not readable raises here
+        for (subject, desc, depth), refs in zip(batch, found):
+            _carry_each(copier, dst, subject, desc, depth, refs, opts, result, seen, todo)
     result.blobs_sent += copier.result.blobs_sent
     result.blobs_skipped += copier.result.blobs_skipped
     result.bytes_sent += copier.result.bytes_sent
+
+
+def _carry_each(copier: "_Copier", dst: ImageDestination, subject: str, desc: dict[str, object], depth: int,
+                refs: list[Referrer], opts: CopyOptions, result: CopyResult, seen: set[str],
+                todo: list[tuple[str, dict[str, object], int]]) -> None:
+    """Carry ``refs``, the source's referrers of ``subject``; a referrer's own go to ``todo``."""
+    for ref in refs:
+        sig = ref.kind == "signature"
+        if not (opts.signatures if sig else opts.referrers):
+            continue
+        try:
+            copier.blobs(ref.manifest)
+            dst.put_referrer(ref, desc)
+        except ShoalError as exc:
+            if sig:
+                raise
+            log.warning("referrer %s of %s not carried to the destination: %s", ref.digest, subject, exc)
+            continue
+        if sig:
+            result.signatures += 1
+        else:
+            result.referrers += 1
+        log.info("carried %s %s of %s", ref.kind, ref.digest, subject)
+        if depth + 1 < MAX_REFERRER_DEPTH and ref.digest not in seen:
+            seen.add(ref.digest)
+            todo.append((ref.digest, _descriptor(ref.manifest, ref.media_type), depth + 1))
 
 
 def _partial(partial: PartialPull, src: ImageSource, dst: ImageDestination, raw: bytes, opts: CopyOptions,

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
 
-from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError, UsageError
+from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError, TransportError, UsageError
 from shoal.format.manifest import json_loads
 from shoal.transports.base import (
     BlobInfo,
@@ -56,7 +56,7 @@ from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.registry import RegistryClient, RegistryStats
 from shoal.transports.registry.blobinfo import MAX_CANDIDATES, BlobInfoCache, cache_for
 from shoal.transports.registry.blobs import BlobReader, check_digest
-from shoal.transports.registry.referrers import merge_signature_manifests, signature_tag
+from shoal.transports.registry.referrers import merge_signature_manifests, referrers_tag, signature_tag
 from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
@@ -282,6 +282,8 @@ class DockerSource(ImageSource):
         self._lock = threading.Lock()
         self._active = 0
         self._top: tuple[bytes, str] | None = None
+        self._referrers_api: bool | None = None  # whether the registry answers the referrers API; None: unknown
+        self._api_lock = threading.Lock()
 
     @property
     def client(self) -> RegistryClient:
@@ -400,7 +402,7 @@ class DockerSource(ImageSource):
         except NotFound:
             pass
         try:
-            listed = self.client.referrers(self.repo, digest)
+            listed = self._listed(digest)
         except ShoalError as exc:
             log.warning("referrers of %s in %s/%s not read (%s): not carried", digest,
                         self.endpoints[self._active].ref.host, self.repo, exc)
@@ -423,6 +425,28 @@ class DockerSource(ImageSource):
             have.add(rd)
             out.append(Referrer(digest, raw, media or str(d.get("mediaType") or OCI_MANIFEST), kind))
         return out
+
+    def _listed(self, digest: str) -> list[dict[str, Any]]:
+        """The referrers API's list, else the tag-schema index's; a registry found without the API is not
+        asked again by this source (one request per digest fewer)."""
+        with self._lock:
+            api = self._referrers_api
+        if api is None:
+            with self._api_lock:  # the first lookup asks; lookups running beside it wait for its answer
+                if self._referrers_api is None:
+                    self._referrers_api = self.client.has_referrers_api(self.repo, digest)
+                api = self._referrers_api
+        if api:
+            return self.client.referrers(self.repo, digest, fallback=False)
+        try:
+            raw, _ = self._manifest_at(referrers_tag(digest))
+        except NotFound:
+            return []
+        doc = json_loads(raw)
+        entries = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise FormatError(f"{self.repo}:{referrers_tag(digest)} is not an image index")
+        return [e for e in entries if isinstance(e, dict)]
 
     def _manifest_at(self, tag: str) -> tuple[bytes, str]:
         raw, media, _ = self._try(lambda c, repo: c.get_manifest(repo, tag), [self._active], "manifest")
