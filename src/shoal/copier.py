@@ -12,6 +12,12 @@
   already lists a view of an image gets no second one.  To any other destination such an index goes
   without its views: the Shoal manifest itself (one image, so a pull takes the chunk-level path) or the
   Shoal image index it was made from.
+- After ``commit()``, what the source keeps beside each manifest copied (the source's top, the manifest or
+  index written, each child) follows it (docs/spec/trust.md §6): cosign signatures (``signatures``; off:
+  skopeo's ``--remove-signatures``) and the other OCI referrers, SBOMs and profiles (``referrers``), each
+  manifest and blob verified as any.  A signature that cannot be read or written fails the copy (as
+  skopeo); another referrer is logged and left behind.  A destination that keeps no referrers (dir:,
+  docker-archive:, oci-archive:) gets none, and the source is not asked.
 """
 
 from __future__ import annotations
@@ -27,21 +33,21 @@ from typing import BinaryIO, cast
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
-from shoal.errors import FormatError, IntegrityError, NotFound
+from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError
 from shoal.format.manifest import canonical_json, json_loads, json_object
 from shoal.format.platform import Platform, choose, select
 from shoal.format.runtime_view import (
     ANN_VIEW_OF,
     RuntimeView,
-    config_platform,
     for_readers,
     is_view_entry,
+    registry_index,
     runtime_index,
     runtime_view,
     view_of,
 )
 from shoal.progress import NULL, Sink
-from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, PartialPull
+from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, PartialPull, Referrer
 from shoal.transports.context import SystemContext, as_context
 
 __all__ = ["CopyOptions", "CopyResult", "copy", "DigestingReader", "descriptors_of"]
@@ -58,6 +64,10 @@ class CopyOptions:
     dst_opts: SystemContext | Mapping[str, object] = SystemContext()
     # a registry destination: tag a Shoal image as an index with its runtime view (oci-mapping.md §4)
     runtime_view: bool = True
+    # carry the source's cosign signatures of each copied manifest (False: skopeo's --remove-signatures)
+    signatures: bool = True
+    # carry the other referrers: SBOMs, start-up profiles, any OCI referrer (False: --no-referrers)
+    referrers: bool = True
 
 
 @dataclass
@@ -72,6 +82,8 @@ class CopyResult:
     requests: int = 0
     retries: int = 0
     seconds: float = 0.0
+    signatures: int = 0  # signature manifests carried (trust.md §6)
+    referrers: int = 0  # other referrers carried (SBOMs, profiles)
 
 
 class DigestingReader:
@@ -155,6 +167,7 @@ class _Copier:
         self.sink = sink
         self.result = CopyResult()
         self.views: dict[str, RuntimeView] = {}  # by view manifest digest: children made here, not in src
+        self.written: dict[str, dict[str, object]] = {}  # descriptors of the manifests put, by digest
         self.partial: PartialPull | None = None  # the destination's chunk-level path, for Shoal children
 
     def blob(self, info: BlobInfo) -> None:
@@ -206,10 +219,12 @@ class _Copier:
             for craw, cmedia, d in kids:
                 if d not in pulled:
                     self.dst.put_manifest(craw, cmedia, d)
+                self.written[d] = _descriptor(craw, cmedia)
             self.dst.put_manifest(raw, media, None)
         else:
             self.manifest(raw, media, None)
         self.dst.commit()
+        self.written[top] = _descriptor(raw, media)
         self.result.digest = top
         self.result.media_type = media
         return self.result
@@ -246,7 +261,7 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
     with src_ref.new_source(as_context(opts.src_opts)) as src:
         with dst_ref.new_destination(as_context(opts.dst_opts)) as dst:
             raw, media = src.get_manifest()
-            top = raw
+            top, top_media = raw, media or str(json_object(raw, "manifest").get("mediaType") or mt.OCI_MANIFEST)
             if _is_index(raw, media):
                 platform = opts.platform
                 if platform is None and not dst.supports_index:
@@ -260,6 +275,15 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
                 from shoal.trust.image import admit
 
                 admit(src_ref, as_context(opts.src_opts), top, raw if raw is not top else None)
+            # whose referrers follow: the source's top (also when it is not what is written), what is written
+            # and each manifest the source's index lists (a runtime view left out here comes back at a push)
+            subjects = {dg_of(top): _descriptor(top, top_media)}
+            if _is_index(top, top_media):
+                for e in json_object(top, "image index").get("manifests") or []:
+                    if isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("size"), int):
+                        subjects[dg.validate(e["digest"])] = {"mediaType": str(e.get("mediaType") or mt.OCI_MANIFEST),
+                                                             "digest": e["digest"], "size": e["size"]}
+            subjects[dg_of(raw)] = _descriptor(raw, media)
             partial = dst.partial_pull() if _is_shoal(raw) or _is_index(raw, media) else None
             if partial is not None and not _is_index(raw, media):
                 result = _partial(partial, src, dst, raw, opts, sink)
@@ -274,9 +298,70 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
                     result = copier.run(raw, media)
                 finally:
                     sink.finish("copy")
+                subjects.update(copier.written)
+            if opts.signatures or opts.referrers:
+                _carry(src_ref, src, dst, subjects, opts, result)
             _account(result, src, dst)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def dg_of(raw: bytes) -> str:
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _descriptor(raw: bytes, media: str) -> dict[str, object]:
+    return {"mediaType": media or mt.OCI_MANIFEST, "digest": dg_of(raw), "size": len(raw)}
+
+
+MAX_REFERRER_DEPTH = 2  # a referrer's referrers (a signed SBOM) follow too; theirs no further
+
+
+def _carry(src_ref: ImageReference, src: ImageSource, dst: ImageDestination, subjects: dict[str, dict[str, object]],
+           opts: CopyOptions, result: CopyResult) -> None:
+    """Copy the source's referrers of each of ``subjects`` (digest -> descriptor) to the destination, after
+    ``commit()``: their blobs first (verified), then ``put_referrer`` (trust.md §6)."""
+    if not dst.keeps_referrers:
+        log.debug("%s keeps no referrers: signatures and other referrers are not carried", type(dst).__name__)
+        return
+    copier = _Copier(src_ref, src, dst, opts, NULL)
+    todo = [(d, desc, 0) for d, desc in subjects.items()]
+    seen = set(subjects)
+    while todo:
+        batch, todo = todo, []
+        with ThreadPoolExecutor(min(len(batch), max(1, opts.concurrency)), thread_name_prefix="shoal-refs") as pool:
+            found = list(pool.map(lambda t: src.referrers(t[0]), batch))  # a signature not readable raises here
+        for (subject, desc, depth), refs in zip(batch, found):
+            _carry_each(copier, dst, subject, desc, depth, refs, opts, result, seen, todo)
+    result.blobs_sent += copier.result.blobs_sent
+    result.blobs_skipped += copier.result.blobs_skipped
+    result.bytes_sent += copier.result.bytes_sent
+
+
+def _carry_each(copier: "_Copier", dst: ImageDestination, subject: str, desc: dict[str, object], depth: int,
+                refs: list[Referrer], opts: CopyOptions, result: CopyResult, seen: set[str],
+                todo: list[tuple[str, dict[str, object], int]]) -> None:
+    """Carry ``refs``, the source's referrers of ``subject``; a referrer's own go to ``todo``."""
+    for ref in refs:
+        sig = ref.kind == "signature"
+        if not (opts.signatures if sig else opts.referrers):
+            continue
+        try:
+            copier.blobs(ref.manifest)
+            dst.put_referrer(ref, desc)
+        except ShoalError as exc:
+            if sig:
+                raise
+            log.warning("referrer %s of %s not carried to the destination: %s", ref.digest, subject, exc)
+            continue
+        if sig:
+            result.signatures += 1
+        else:
+            result.referrers += 1
+        log.info("carried %s %s of %s", ref.kind, ref.digest, subject)
+        if depth + 1 < MAX_REFERRER_DEPTH and ref.digest not in seen:
+            seen.add(ref.digest)
+            todo.append((ref.digest, _descriptor(ref.manifest, ref.media_type), depth + 1))
 
 
 def _partial(partial: PartialPull, src: ImageSource, dst: ImageDestination, raw: bytes, opts: CopyOptions,
@@ -337,10 +422,8 @@ def _with_views(src: ImageSource, raw: bytes, media: str) -> tuple[bytes, str, l
     if not _is_index(raw, media):
         if doc.get("artifactType") != mt.ARTIFACT_TYPE:
             return raw, media, []
-        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-        cfg = _config(src, raw)
-        view = runtime_view(digest, cfg)
-        return runtime_index(None, {digest: view}, (raw, config_platform(cfg))), mt.OCI_INDEX, [view]
+        index, view = registry_index(raw, _config(src, raw))
+        return index, mt.OCI_INDEX, [view]
     entries = [e for e in doc.get("manifests") or [] if isinstance(e, dict)]
     have = {e["annotations"][ANN_VIEW_OF] for e in entries if is_view_entry(e)}
     views: dict[str, RuntimeView] = {}

@@ -21,6 +21,8 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+# cosign's signature payload layer (the ``sha256-<hex>.sig`` attachment; docs/spec/trust.md §2)
+COSIGN_SIGNATURE = "application/vnd.dev.cosign.simplesigning.v1+json"
 
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
@@ -29,3 +31,5 @@ INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 ANN_FORMAT = "dev.shoal.format"
 ANN_ROOT = "dev.shoal.root"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
+ANN_CREATED = "org.opencontainers.image.created"
+ANN_PROFILE_BLOB = "dev.shoal.profile.blob"  # a profile artifact's layer, sha256:<hex>:<size> (mount.md §6)

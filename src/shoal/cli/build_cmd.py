@@ -32,14 +32,22 @@ from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, pr
 @click.option("--workdir", default=None)
 @click.option("--user", default=None)
 @click.option("--label", multiple=True, metavar="K=V")
+@click.option("--sign-key", default=None, type=click.Path(exists=True, dir_okay=False), metavar="KEY",
+              help="Sign the image with this cosign private key; the signatures are kept in the store and a push "
+                   "carries them (docs/spec/trust.md §6).")
+@click.option("--sign-passphrase-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="File whose first line is the key's passphrase (else $COSIGN_PASSWORD, else a prompt).")
+@click.option("--sign-identity", default=None, metavar="HOST/REPO[:TAG]",
+              help="The registry name the signature names (default: REF when it is a full HOST/REPO:TAG name).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_reuse: bool, base: str | None,
           source_date_epoch: int | None,
           workers: int | None, platform: str | None, os_name: str | None, arch: str | None,
           variant: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
-          workdir: str | None, user: str | None, label: tuple[str, ...], as_json: bool) -> None:
-    """Chunk, dedup, pack and index SOURCE into the store as REF."""
+          workdir: str | None, user: str | None, label: tuple[str, ...], sign_key: str | None,
+          sign_passphrase_file: str | None, sign_identity: str | None, as_json: bool) -> None:
+    """Chunk, dedup, pack and index SOURCE into the store as REF (--sign-key: and sign it)."""
     from shoal.build import BuildOptions
     from shoal.build import build as do_build
     from shoal.format.manifest import ImageConfig
@@ -47,6 +55,13 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_
     from shoal.store import new_image_name
 
     ref = new_image_name(ref)
+    key = identity = None
+    if sign_key is not None:  # before the build: a wrong passphrase or a missing identity fails first
+        from shoal.cli.trust_cmds import load_signing_key
+        from shoal.trust.image import build_identity
+
+        identity = build_identity(ref, sign_identity)
+        key = load_signing_key(sign_key, sign_passphrase_file)
     reusing = reuse_choice(reuse, no_reuse)
     plat = build_platform(source, platform, os_name, arch, variant)
     default_path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -74,6 +89,11 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_
     keep_freed_memory()
     with progress_sink(as_json) as sink:
         r = do_build(store, source, ref, opts, sink)
+    signed = []
+    if key is not None and identity is not None:
+        from shoal.trust.image import sign_stored
+
+        signed = sign_stored(store, ref, key, identity)
     if as_json:
         emit_json({
             "ref": ref, "digest": r.manifest.digest, "root": r.manifest.root, "files": r.files,
@@ -82,6 +102,7 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_
             "stored_bytes": r.stored_bytes, "added_bytes": r.added_bytes, "seconds": round(r.seconds, 3),
             "mb_per_s": round(r.bytes_in / max(r.seconds, 1e-9) / 1e6, 1),
             "skipped": ["/" + p.decode("utf-8", "backslashreplace").lstrip("/") for p in r.skipped],
+            "signed": [{"digest": s.digest, "identity": s.identity} for s in signed],
         })
         return
     click.echo(f"{ref} {r.manifest.digest}")
@@ -91,3 +112,5 @@ def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_
     click.echo(f"  {r.chunks} chunks ({r.unique_chunks} unique, {r.new_chunks} new), "
                f"{r.packs} packs ({r.new_packs} written)")
     click.echo(f"  image {human(r.stored_bytes)}, store grew by {human(r.added_bytes)}")
+    for s in signed:
+        click.echo(f"  signed {s.digest} as {s.identity}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
@@ -15,9 +16,20 @@ if TYPE_CHECKING:
     from shoal.transports.context import SystemContext
 
 
+@dataclass(frozen=True)
+class Carry:
+    """What follows the image (docs/spec/trust.md §6) and whether to sign the copy (skopeo's options)."""
+
+    signatures: bool = True  # --remove-signatures: False
+    referrers: bool = True  # --no-referrers: False
+    sign_key: str | None = None  # --sign-by-sigstore-private-key
+    sign_passphrase_file: str | None = None
+    sign_identity: str | None = None
+
+
 def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", src_creds: Any,
               dst_creds: Any, tags: tuple[str, ...], platform: str | None, concurrency: int,
-              as_json: bool, verb: str) -> None:
+              as_json: bool, verb: str, carry: Carry = Carry()) -> None:
     from shoal.copier import CopyOptions, copy
     from shoal.transports.base import parse_reference
 
@@ -26,20 +38,70 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
     dst_opts = common.replace(credentials=dst_creds) if dst_creds is not None else common
     if tags:
         dst_opts = dst_opts.replace(tags=tuple(tags))
-    opts = CopyOptions(concurrency=concurrency, platform=platform, src_opts=src_opts, dst_opts=dst_opts)
+    key = identity = None
+    if carry.sign_key is not None:  # before anything moves: a wrong passphrase or identity fails first
+        from shoal.cli.trust_cmds import load_signing_key
+        from shoal.trust.image import signing_identity
+
+        identity = signing_identity(dst_ref, carry.sign_identity)
+        key = load_signing_key(carry.sign_key, carry.sign_passphrase_file)
+    opts = CopyOptions(concurrency=concurrency, platform=platform, src_opts=src_opts, dst_opts=dst_opts,
+                       signatures=carry.signatures, referrers=carry.referrers)
     with progress_sink(as_json) as sink:
         r = copy(src_ref, dst_ref, opts, sink)
+    signed = []
+    if key is not None:
+        from shoal.trust.image import sign_reference
+
+        signed = sign_reference(dst_ref.pinned(r.digest), dst_opts, key, identity)
     if as_json:
         emit_json({
             "src": str(src_ref), "dst": str(dst_ref), "digest": r.digest, "media_type": r.media_type,
             "bytes_fetched": r.bytes_fetched, "bytes_sent": r.bytes_sent, "requests": r.requests, "retries": r.retries,
             "seconds": round(r.seconds, 3), "blobs_sent": r.blobs_sent, "blobs_skipped": r.blobs_skipped,
-            "chunks_fetched": r.chunks_fetched, "tags": list(tags),
+            "chunks_fetched": r.chunks_fetched, "tags": list(tags), "signatures_carried": r.signatures,
+            "referrers_carried": r.referrers,
+            "signed": [{"digest": s.digest, "attachment": s.attachment, "identity": s.identity} for s in signed],
         })
         return
     click.echo(f"{verb} {src_ref} -> {dst_ref} {r.digest}")
     click.echo(f"  fetched {human(r.bytes_fetched)}, sent {human(r.bytes_sent)}, {r.requests} requests, "
                f"{r.blobs_sent} blobs sent, {r.blobs_skipped} skipped, {r.seconds:.2f}s")
+    if r.signatures or r.referrers:
+        click.echo(f"  carried {r.signatures} signature manifests, {r.referrers} other referrers")
+    for s in signed:
+        click.echo(f"  signed {s.digest} as {s.identity} -> {s.attachment}")
+
+
+_CARRY_OPTS = [
+    click.option("--remove-signatures", is_flag=True,
+                 help="Do not copy the source's signatures (cosign .sig attachments), as skopeo."),
+    click.option("--no-referrers", is_flag=True,
+                 help="Do not copy the source's other referrers (attached SBOMs, start-up profiles)."),
+]
+_SIGN_OPTS = [
+    click.option("--sign-by-sigstore-private-key", "sign_key", default=None, metavar="KEY",
+                 type=click.Path(exists=True, dir_okay=False),
+                 help="Sign the copied image with this cosign private key (as skopeo; see shoal sign)."),
+    click.option("--sign-passphrase-file", default=None, type=click.Path(exists=True, dir_okay=False),
+                 help="File whose first line is the key's passphrase (else $COSIGN_PASSWORD, else a prompt)."),
+    click.option("--sign-identity", default=None, metavar="HOST/REPO:TAG",
+                 help="The identity the signature names (default: the destination reference)."),
+]
+
+
+def _carry_options(sign: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for o in reversed(_CARRY_OPTS + (_SIGN_OPTS if sign else [])):
+            fn = o(fn)
+        return fn
+    return deco
+
+
+def _carry(kw: dict[str, Any]) -> Carry:
+    """The carry and sign options, taken out of ``kw``."""
+    return Carry(not kw.pop("remove_signatures", False), not kw.pop("no_referrers", False), kw.pop("sign_key", None),
+                 kw.pop("sign_passphrase_file", None), kw.pop("sign_identity", None))
 
 
 _COPY_OPTS = [
@@ -63,14 +125,17 @@ def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--src-creds", default=None, metavar="USER[:PASS]", help="Credentials for the source registry.")
 @click.option("--dest-creds", default=None, metavar="USER[:PASS]", help="Credentials for the destination registry.")
 @click.option("--additional-tag", "tags", multiple=True, metavar="TAG", help="Also tag the copy with TAG (registries).")
+@_carry_options(sign=True)
 @_copy_options
 @click.pass_context
 def copy(ctx: click.Context, /, src: str, dst: str, src_creds: str | None, dest_creds: str | None,
          tags: tuple[str, ...], concurrency: int, platform: str | None, as_json: bool, **kw: Any) -> None:
-    """Copy an image from SRC to DST (docker://, oci:, oci-archive:, docker-archive:, dir:, NAME:TAG)."""
+    """Copy an image from SRC to DST (docker://, oci:, oci-archive:, docker-archive:, dir:, NAME:TAG); its
+    signatures, attached SBOMs and profiles follow it (docker://, oci:, the store)."""
+    carry = _carry(kw)
     common = _common(ctx, concurrency=concurrency, **kw)
     _run_copy(ctx, src, dst, common, parse_creds(src_creds), parse_creds(dest_creds), tags, platform, concurrency,
-              as_json, "copied")
+              as_json, "copied", carry)
 
 
 @click.command()
@@ -78,11 +143,14 @@ def copy(ctx: click.Context, /, src: str, dst: str, src_creds: str | None, dest_
 @click.argument("dst")
 @click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @click.option("--additional-tag", "tags", multiple=True, metavar="TAG", help="Also tag the pushed image with TAG.")
+@_carry_options(sign=True)
 @_copy_options
 @click.pass_context
 def push(ctx: click.Context, /, name: str, dst: str, creds: str | None, tags: tuple[str, ...], concurrency: int,
          platform: str | None, as_json: bool, **kw: Any) -> None:
-    """Push the store's image NAME[:TAG] to DST (e.g. docker://HOST/REPO:TAG); only missing blobs are sent."""
+    """Push the store's image NAME[:TAG] to DST (e.g. docker://HOST/REPO:TAG); only missing blobs are sent.
+    Signatures made at build (--sign-key), attached SBOMs and profiles go with it."""
+    carry = _carry(kw)
     from shoal.errors import UsageError
     from shoal.transports.base import parse_reference
     from shoal.transports.local import LocalReference
@@ -90,18 +158,21 @@ def push(ctx: click.Context, /, name: str, dst: str, creds: str | None, tags: tu
     if not isinstance(parse_reference(name), LocalReference):
         raise UsageError(f"push takes a store image NAME[:TAG], not {name!r} (use shoal copy)")
     common = _common(ctx, concurrency=concurrency, **kw)
-    _run_copy(ctx, name, dst, common, None, parse_creds(creds), tags, platform, concurrency, as_json, "pushed")
+    _run_copy(ctx, name, dst, common, None, parse_creds(creds), tags, platform, concurrency, as_json, "pushed",
+              carry)
 
 
 @click.command()
 @click.argument("src")
 @click.argument("name", required=False)
 @click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
+@_carry_options(sign=False)
 @_copy_options
 @click.pass_context
 def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, concurrency: int,
          platform: str | None, as_json: bool, **kw: Any) -> None:
     """Pull SRC into the store as NAME[:TAG] (default: SRC's repository and tag); only missing chunks are fetched."""
+    carry = _carry(kw)
     from shoal.errors import UsageError
     from shoal.store import refuse_reserved
     from shoal.transports.base import parse_reference
@@ -110,7 +181,7 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
 
     ref = parse_reference(src)
     if isinstance(ref, LocalReference):  # a short name: podman's resolution (aliases, search registries)
-        _pull_short(ctx, src, name, creds, concurrency, platform, as_json, kw)
+        _pull_short(ctx, src, name, creds, concurrency, platform, as_json, kw, carry)
         return
     if name is None:
         if not isinstance(ref, DockerReference):
@@ -124,11 +195,11 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
 
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())  # like podman pull: an image index gives this machine's image
-    _run_copy(ctx, src, name, common, parse_creds(creds), None, (), platform, concurrency, as_json, "pulled")
+    _run_copy(ctx, src, name, common, parse_creds(creds), None, (), platform, concurrency, as_json, "pulled", carry)
 
 
 def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | None, concurrency: int,
-                platform: str | None, as_json: bool, kw: dict[str, Any]) -> None:
+                platform: str | None, as_json: bool, kw: dict[str, Any], carry: Carry) -> None:
     """``shoal pull SHORTNAME [NAME]``: each candidate of the short name in order (the next one when a
     registry is down or lacks the image); stored as NAME, default the short name itself."""
     from shoal.errors import UsageError
@@ -144,7 +215,7 @@ def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | Non
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())
     first_candidate(src, cands, lambda ref: _run_copy(ctx, str(ref), store_name, common, parse_creds(creds), None, (),
-                                                      platform, concurrency, as_json, "pulled"))
+                                                      platform, concurrency, as_json, "pulled", carry))
 
 
 @click.command()

@@ -105,13 +105,16 @@ def sign(ctx: click.Context, /, ref: str, key_path: str, passphrase_file: str | 
               help="PEM public key (repeatable: any of them).")
 @click.option("--deep", is_flag=True, help="Also check the index against the signed manifest and every chunk "
                                            "against the index (reads the whole image).")
+@click.option("--signed-repository", default=None, metavar="HOST/REPO",
+              help="Accept signatures naming this repository (policy exactRepository), e.g. those of an image "
+                   "copied from there (default: REF's own repository).")
 @click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @platform_option("Image of an image index to check (default: this machine's platform).")
 @registry_options
 @click.pass_context
-def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], deep: bool, creds: str | None,
-           as_json: bool, platform: str | None, **kw: Any) -> None:
+def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], deep: bool, signed_repository: str | None,
+           creds: str | None, as_json: bool, platform: str | None, **kw: Any) -> None:
     """Check REF's cosign signature with a public key; --deep proves every chunk against the signed root."""
     from shoal.transports.base import parse_reference
     from shoal.trust.image import verify_reference
@@ -125,7 +128,10 @@ def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], deep: bo
     for p in key_paths:
         with open(p, "rb") as f:
             keys.append(load_public_key(f.read(1 << 16), p))
-    v = verify_reference(r, sc, keys, deep)
+    from shoal.trust.policy import Identity
+
+    rule = Identity("exactRepository", signed_repository) if signed_repository else None
+    v = verify_reference(r, sc, keys, deep, rule)
     if as_json:
         emit_json({"reference": v.reference, "digest": v.digest, "identity": v.identity, "signer": v.signer,
                    "shoal_manifest": v.shoal_manifest, "root": v.root, "deep": v.deep, "files": v.files,

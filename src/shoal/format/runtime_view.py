@@ -155,6 +155,14 @@ def runtime_index(index: dict[str, Any] | None, views: dict[str, RuntimeView],
     return canonical_json({**index, "mediaType": mt.OCI_INDEX, "manifests": out})
 
 
+def registry_index(shoal_manifest: bytes, shoal_config: bytes) -> tuple[bytes, RuntimeView]:
+    """The image index [view, Shoal manifest] a registry is given for the lone Shoal manifest
+    ``shoal_manifest`` (§4.1), and the view: byte-reproducible, so its digest is known (signed, kept
+    referrers of) before any push."""
+    view = runtime_view(_digest(shoal_manifest), shoal_config)
+    return runtime_index(None, {view.shoal_digest: view}, (shoal_manifest, config_platform(shoal_config))), view
+
+
 def for_readers(manifests: Any) -> Any:
     """An image index's ``manifests`` as Shoal's readers choose among them: each runtime view whose Shoal
     manifest the index lists is replaced by that manifest's entry with the view's platform, and that

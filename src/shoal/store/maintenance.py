@@ -11,6 +11,7 @@ exclusive gc lock.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Collection
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from shoal.errors import ShoalError
 from shoal.format.model import Frame, Index
 from shoal.format.packing import bad_chunk, chunk_ok, open_frame
+from shoal.format.runtime_view import registry_index
 from shoal.progress import NULL, Sink
 from shoal.store import Store
 from shoal.store.layout import hash_file
@@ -167,6 +169,10 @@ def fsck(store: Store, sink: Sink = NULL, workers: int = 2, blobs_only: bool = F
     return rep
 
 
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def reachable(store: Store) -> set[str]:
     """Every blob a tag reaches: manifests, configs, indexes, packs — and the packs elsewhere in the
     store holding chunks of frames a pull skipped (the catalogue's "what references it")."""
@@ -187,10 +193,20 @@ def reachable(store: Store) -> set[str]:
             if not store.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset):
                 borrowed.append(idx.chunk_ids[ci])
         keep.update(loc.pack for loc in store.catalog.locate(borrowed).values())
-    # referrers (store.md §5) are kept while their subject is: a referrer of a referrer too
+    # referrers (store.md §5) are kept while their subject is: a referrer of a referrer too; the subject
+    # may also be the registry index [view, Shoal manifest] of a kept Shoal manifest, or that view (a signature made at
+    # build time, or pulled with the image: the index itself is not stored, it is made again at push)
     subjects = {str(d["digest"]): store.subject_of(str(d["digest"])) for d in store.layout.untagged()}
+    alive = set(keep)
+    if subjects:
+        for _, _, m in store.all_manifests():
+            try:
+                rindex, view = registry_index(store.layout.get(m.digest), store.layout.get(m.config.digest))
+            except ShoalError:
+                continue
+            alive |= {sha256_digest(rindex), view.digest}
     while True:
-        more = [d for d, s in subjects.items() if s in keep and d not in keep]
+        more = [d for d, s in subjects.items() if (s in keep or s in alive) and d not in keep]
         if not more:
             return keep
         for d in more:

@@ -15,16 +15,23 @@ Contracts (every implementation honours them; tests/conformance runs the same su
   ``SupportsPutBlobPartial``): for a Shoal image the copier hands it the source and the manifest,
   it fetches only the frames the destination lacks and ``put_manifest``s the manifest, and the copier
   then calls ``commit()`` as for any copy.  The copier names no concrete transport.
+- **Referrers** (docs/spec/trust.md §6): a source lists the manifests stored beside an image that refer to
+  one of its manifests (``referrers(digest)``: cosign signatures, SBOMs, profiles, any OCI referrer), and a
+  destination that keeps them (``keeps_referrers``) takes each one with ``put_referrer`` after ``commit()``,
+  its blobs put first by the copier, verified as any blob.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
-from shoal.errors import NotFound, UsageError
+from shoal import mediatypes as mt
+from shoal.errors import FormatError, NotFound, UsageError
+from shoal.format.manifest import canonical_json, json_loads
 from shoal.progress import Sink
 from shoal.transports.context import SystemContext
 
@@ -44,6 +51,10 @@ __all__ = [
     "PartialPull",
     "PartialPullResult",
     "PolicyScope",
+    "Referrer",
+    "referrer_kind",
+    "subject_of",
+    "with_subject",
 ]
 
 
@@ -103,6 +114,78 @@ class PolicyScope:
     docker_name: str = ""  # docker only: HOST/REPO[:TAG|@DIGEST], the identity signatures are matched with
 
 
+@dataclass(frozen=True)
+class Referrer:
+    """A manifest kept beside an image that refers to the manifest ``subject`` (docs/spec/trust.md §6).
+
+    ``kind`` is ``"signature"`` for cosign's attachment (its layers are simple-signing payloads; a registry
+    keeps it at the ``sha256-<hex>.sig`` tag) and ``"artifact"`` for any other referrer (SBOM, profile)."""
+
+    subject: str
+    manifest: bytes
+    media_type: str
+    kind: str = "artifact"
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+    def descriptor(self) -> dict[str, Any]:
+        """Its entry in a referrers list: mediaType, digest, size, and its artifactType and annotations."""
+        d: dict[str, Any] = {"mediaType": self.media_type or mt.OCI_MANIFEST, "digest": self.digest,
+                             "size": len(self.manifest)}
+        try:
+            doc = json_loads(self.manifest)
+        except ValueError:
+            return d
+        if isinstance(doc, dict):
+            at = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
+            if isinstance(at, str) and at:
+                d["artifactType"] = at
+            ann = doc.get("annotations")
+            if isinstance(ann, dict):  # never a name: a referrer is listed untagged
+                d["annotations"] = {k: v for k, v in ann.items() if k != mt.ANN_REF_NAME}
+        return d
+
+
+def referrer_kind(raw: bytes) -> str:
+    """``"signature"`` when the manifest ``raw`` is a cosign attachment (every layer a simple-signing
+    payload), else ``"artifact"``."""
+    try:
+        doc = json_loads(raw)
+    except ValueError:
+        return "artifact"
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    if isinstance(layers, list) and layers and all(
+            isinstance(ly, dict) and ly.get("mediaType") == mt.COSIGN_SIGNATURE for ly in layers):
+        return "signature"
+    return "artifact"
+
+
+def subject_of(raw: bytes) -> str | None:
+    """The ``subject`` digest of the manifest ``raw``, or None."""
+    try:
+        doc = json_loads(raw)
+    except ValueError:
+        return None
+    subj = doc.get("subject") if isinstance(doc, dict) else None
+    d = subj.get("digest") if isinstance(subj, dict) else None
+    return d if isinstance(d, str) else None
+
+
+def with_subject(raw: bytes, subject: dict[str, Any]) -> bytes:
+    """``raw`` itself when it names a ``subject``; else the manifest with ``subject`` added (canonical JSON),
+    so that a layout or the store, which find referrers by their subject, can list it (cosign's own
+    ``.sig`` manifests have none: the digest changes, the signatures in it do not)."""
+    if subject_of(raw) is not None:
+        return raw
+    doc = json_loads(raw)
+    if not isinstance(doc, dict):
+        raise FormatError("a referrer manifest must be a JSON object")
+    doc["subject"] = {k: subject[k] for k in ("mediaType", "digest", "size")}
+    return canonical_json(doc)
+
+
 class ImageSource(abc.ABC):
     def __enter__(self) -> "ImageSource":
         return self
@@ -133,6 +216,12 @@ class ImageSource(abc.ABC):
             out.append(data[off : off + ln])
         return out
 
+    def referrers(self, digest: str) -> list[Referrer]:
+        """The manifests kept beside this image that refer to its manifest ``digest`` (signatures, SBOMs,
+        profiles), each read and checked against its digest.  Default: none (the transport keeps none).
+        A signature that cannot be read raises; another referrer that cannot be read is logged and left out."""
+        return []
+
     def has_blob(self, info: BlobInfo) -> bool:
         try:
             s, _ = self.get_blob(info)
@@ -151,6 +240,8 @@ class ImageDestination(abc.ABC):
     #: True for the local store: an image copied here passes the signature policy first (a pull;
     #: docs/spec/trust.md §4), before anything is written.
     enforces_policy: bool = False
+    #: True where referrers (signatures, SBOMs, profiles) can be kept beside the image: ``put_referrer``.
+    keeps_referrers: bool = False
 
     def __enter__(self) -> "ImageDestination":
         return self
@@ -179,6 +270,11 @@ class ImageDestination(abc.ABC):
 
     def commit(self) -> None:  # noqa: B027
         """Make the image visible under the reference."""
+
+    def put_referrer(self, ref: Referrer, subject: dict[str, Any]) -> None:
+        """Keep ``ref`` beside the image (after ``commit()``; its blobs are here already), merged with what
+        is kept for ``subject`` (its descriptor: mediaType, digest, size) and never replacing it."""
+        raise UsageError(f"{type(self).__name__}: this destination keeps no referrers")
 
     def partial_pull(self) -> "PartialPull | None":
         """This destination's chunk-level pull of Shoal images, or None (the default): whole blobs only."""

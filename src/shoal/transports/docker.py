@@ -29,6 +29,7 @@ onto :class:`RegistryClient`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import tempfile
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
 
-from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError, UsageError
+from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError, TransportError, UsageError
 from shoal.format.manifest import json_loads
 from shoal.transports.base import (
     BlobInfo,
@@ -45,14 +46,17 @@ from shoal.transports.base import (
     ImageReference,
     ImageSource,
     PolicyScope,
+    Referrer,
     SystemContext,
     Transport,
+    referrer_kind,
     register,
 )
 from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.registry import RegistryClient, RegistryStats
 from shoal.transports.registry.blobinfo import MAX_CANDIDATES, BlobInfoCache, cache_for
 from shoal.transports.registry.blobs import BlobReader, check_digest
+from shoal.transports.registry.referrers import merge_signature_manifests, referrers_tag, signature_tag
 from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
@@ -68,6 +72,7 @@ _DOMAIN_RE = re.compile(rf"(?:{_DOMAIN_COMP}(?:\.{_DOMAIN_COMP})*|\[[0-9a-fA-F:.
 _PATH_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
 _MAX_NAME = 255
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _T = TypeVar("_T")
 
 
@@ -277,6 +282,8 @@ class DockerSource(ImageSource):
         self._lock = threading.Lock()
         self._active = 0
         self._top: tuple[bytes, str] | None = None
+        self._referrers_api: bool | None = None  # whether the registry answers the referrers API; None: unknown
+        self._api_lock = threading.Lock()
 
     @property
     def client(self) -> RegistryClient:
@@ -381,6 +388,69 @@ class DockerSource(ImageSource):
         if found:
             self.seen.record(self.endpoints[self._active].ref.host, self.repo, info.digest)
         return found
+
+    def referrers(self, digest: str) -> list[Referrer]:
+        """The cosign attachment at ``sha256-<hex>.sig`` (an error reading it is an error, as skopeo's), then
+        the OCI referrers (the referrers API, else the ``sha256-<hex>`` tag-schema index): a referrer that
+        cannot be read is logged and left out.  Other signature manifests the referrers list names are left
+        out when the ``.sig`` tag exists (it is what containers/image and cosign read)."""
+        check_digest(digest)
+        out: list[Referrer] = []
+        try:
+            raw, media = self._manifest_at(signature_tag(digest))
+            out.append(Referrer(digest, raw, media or OCI_MANIFEST, "signature"))
+        except NotFound:
+            pass
+        try:
+            listed = self._listed(digest)
+        except ShoalError as exc:
+            log.warning("referrers of %s in %s/%s not read (%s): not carried", digest,
+                        self.endpoints[self._active].ref.host, self.repo, exc)
+            return out
+        have = {r.digest for r in out}
+        for d in listed:
+            rd = d.get("digest")
+            if not isinstance(rd, str) or rd in have:
+                continue
+            try:
+                raw, media = self.get_manifest(rd)
+                if "sha256:" + hashlib.sha256(raw).hexdigest() != rd:
+                    raise IntegrityError(f"referrer {rd} does not match its digest")
+            except ShoalError as exc:
+                log.warning("referrer %s of %s not read (%s): not carried", rd, digest, exc)
+                continue
+            kind = referrer_kind(raw)
+            if kind == "signature" and any(r.kind == "signature" for r in out):
+                continue
+            have.add(rd)
+            out.append(Referrer(digest, raw, media or str(d.get("mediaType") or OCI_MANIFEST), kind))
+        return out
+
+    def _listed(self, digest: str) -> list[dict[str, Any]]:
+        """The referrers API's list, else the tag-schema index's; a registry found without the API is not
+        asked again by this source (one request per digest fewer)."""
+        with self._lock:
+            api = self._referrers_api
+        if api is None:
+            with self._api_lock:  # the first lookup asks; lookups running beside it wait for its answer
+                if self._referrers_api is None:
+                    self._referrers_api = self.client.has_referrers_api(self.repo, digest)
+                api = self._referrers_api
+        if api:
+            return self.client.referrers(self.repo, digest, fallback=False)
+        try:
+            raw, _ = self._manifest_at(referrers_tag(digest))
+        except NotFound:
+            return []
+        doc = json_loads(raw)
+        entries = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise FormatError(f"{self.repo}:{referrers_tag(digest)} is not an image index")
+        return [e for e in entries if isinstance(e, dict)]
+
+    def _manifest_at(self, tag: str) -> tuple[bytes, str]:
+        raw, media, _ = self._try(lambda c, repo: c.get_manifest(repo, tag), [self._active], "manifest")
+        return raw, media
 
 
 class _Seen:
@@ -552,6 +622,32 @@ class DockerDestination(ImageDestination):
                 self.client.put_manifest(self.ref.repo, t, raw, media)
         self._referrer(raw, media, digest)
         self.digest = digest
+
+    keeps_referrers = True
+
+    def put_referrer(self, ref: Referrer, subject: dict[str, Any]) -> None:
+        """A signature goes to the ``sha256-<hex>.sig`` tag, merged with the one there (its layers kept, the
+        new payloads appended: containers/image's way); any referrer is pushed by digest, and listed in the
+        ``sha256-<hex>`` tag-schema index where the registry has no referrers API."""
+        if ref.kind != "signature":
+            self.client.put_manifest(self.ref.repo, ref.digest, ref.manifest, ref.media_type)
+            self._referrer(ref.manifest, ref.media_type, ref.digest)
+            return
+        tag = signature_tag(ref.subject)
+        raw = ref.manifest
+        try:
+            have, _, have_digest = self.client.get_manifest(self.ref.repo, tag, [OCI_MANIFEST])
+        except NotFound:
+            have, have_digest = None, ""
+        if have is not None and have_digest != ref.digest:
+            raw, config = merge_signature_manifests(have, ref.manifest)
+            info = BlobInfo("sha256:" + hashlib.sha256(config).hexdigest(), len(config), "")
+            if not self.has_blob(info):
+                self.client.put_blob(self.ref.repo, info.digest, config, len(config))
+            if raw == have:
+                return
+        digest = self.client.put_manifest(self.ref.repo, tag, raw, OCI_MANIFEST)
+        self._referrer(raw, OCI_MANIFEST, digest)
 
     def _referrer(self, raw: bytes, media: str, digest: str) -> None:
         """A manifest with ``subject``: keep the tag-schema referrers index where there is no referrers API."""

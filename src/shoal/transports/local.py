@@ -6,20 +6,29 @@ recompressing the missing frames from chunks the store holds elsewhere, and
 refused if that does not reproduce the pack's digest.
 As a destination it writes verified blobs and tags at ``commit()``, and offers the chunk-level
 ``partial_pull()`` capability (pull.py): a Shoal image fetches only the frames the store lacks.
+
+Referrers (docs/spec/trust.md §6): the store's untagged index.json entries (store.md §5) and its start-up
+profiles (``STORE/profiles/<hex>.json``, mount.md §6), which leave as the registry's profile artifact and
+come back as the file.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import io
 import itertools
+import json
+import logging
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import zstandard
 
 from shoal import mediatypes as mt
-from shoal.errors import IntegrityError, NotFound
+from shoal.atomicfile import Durability, write_atomic
+from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError
 from shoal.format import packing
 from shoal.format.manifest import MAX_MANIFEST_BYTES, json_loads, json_value
 from shoal.pull import StorePull
@@ -31,12 +40,44 @@ from shoal.transports.base import (
     ImageReference,
     ImageSource,
     PartialPull,
+    Referrer,
     SystemContext,
     Transport,
+    referrer_kind,
     register,
+    with_subject,
 )
 
 __all__ = ["LocalReference", "LocalTransport"]
+
+log = logging.getLogger(__name__)
+
+EMPTY_CONFIG = b"{}"
+MAX_PROFILE = 16 << 20  # bytes of a profile (mount/profile.py)
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def profile_path(store: Store, digest: str) -> Path:
+    """``STORE/profiles/<hex>.json``: the start-up profile of the manifest ``digest`` (mount.md §6)."""
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise FormatError(f"invalid image digest {digest[:80]!r}")
+    return store.root / "profiles" / f"{hexpart}.json"
+
+
+def profile_artifact(profile: bytes, subject: dict[str, Any], created: str) -> tuple[bytes, dict[str, bytes]]:
+    """The registry form of a profile (mount.md §6): an OCI 1.1 artifact manifest with ``subject``, the
+    empty config, the profile as its one layer, and its blobs by digest."""
+    cfg, lay = _sha(EMPTY_CONFIG), _sha(profile)
+    doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "artifactType": mt.PROFILE,
+           "config": {"mediaType": mt.OCI_EMPTY, "digest": cfg, "size": len(EMPTY_CONFIG)},
+           "layers": [{"mediaType": mt.PROFILE, "digest": lay, "size": len(profile)}],
+           "subject": {k: subject[k] for k in ("mediaType", "digest", "size")},
+           "annotations": {mt.ANN_CREATED: created, mt.ANN_PROFILE_BLOB: f"{lay}:{len(profile)}"}}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), {cfg: EMPTY_CONFIG, lay: profile}
 
 
 class LocalTransport(Transport):
@@ -82,6 +123,7 @@ class LocalSource(ImageSource):
             raise NotFound(f"no image {ref.name} in the store")
         self.top = str(desc["digest"])
         self.top_type = str(desc.get("mediaType", mt.OCI_MANIFEST))
+        self._extra: dict[str, bytes] = {}
 
     def get_manifest(self, digest: str | None = None) -> tuple[bytes, str]:
         d = self.top if digest is None else digest  # "" is a malformed digest, not the top manifest
@@ -94,7 +136,34 @@ class LocalSource(ImageSource):
             media = mt.OCI_MANIFEST
         return raw, str(media)
 
+    def referrers(self, digest: str) -> list[Referrer]:
+        """The untagged index.json entries whose ``subject`` is ``digest`` (store.md §5), then the profile
+        saved for it, as the artifact a registry keeps (its ``created``: the file's modification time)."""
+        out = []
+        for d in self.store.referrers(digest):
+            raw = self.store.layout.get(str(d["digest"]), limit=MAX_MANIFEST_BYTES)
+            out.append(Referrer(digest, raw, str(d.get("mediaType") or mt.OCI_MANIFEST), referrer_kind(raw)))
+        try:
+            path = profile_path(self.store, digest)
+            if path.is_file() and self.store.layout.has(digest):
+                prof = path.read_bytes()
+                if len(prof) > MAX_PROFILE:
+                    raise FormatError(f"profile {path} is larger than 16 MiB")
+                sraw = self.store.layout.get(digest, limit=MAX_MANIFEST_BYTES)
+                subject = {"mediaType": str(json_value(sraw).get("mediaType") or mt.OCI_MANIFEST), "digest": digest,
+                           "size": len(sraw)}
+                created = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                raw, blobs = profile_artifact(prof, subject, created)
+                self._extra.update(blobs)
+                out.append(Referrer(digest, raw, mt.OCI_MANIFEST, "artifact"))
+        except (OSError, ShoalError, AttributeError) as exc:
+            log.warning("profile of %s not carried: %s", digest, exc)
+        return out
+
     def get_blob(self, info: BlobInfo) -> tuple[BinaryIO, int]:
+        if info.digest in self._extra:  # a blob of a profile artifact made by referrers()
+            data = self._extra[info.digest]
+            return io.BytesIO(data), len(data)
         layout = self.store.layout
         if layout.has(info.digest):
             return open(layout.path(info.digest), "rb"), layout.size(info.digest)
@@ -169,6 +238,35 @@ class LocalDestination(ImageDestination):
 
     def has_blob(self, info: BlobInfo) -> bool:
         return self.store.layout.has(info.digest)
+
+    keeps_referrers = True
+
+    def put_referrer(self, ref: Referrer, subject: dict[str, Any]) -> None:
+        """A profile artifact becomes ``STORE/profiles/<hex>.json`` (one recorded here already is kept); any
+        other referrer is written (given a ``subject`` if it names none) and listed untagged in index.json."""
+        doc = json_value(ref.manifest)
+        if isinstance(doc, dict) and doc.get("artifactType") == mt.PROFILE:
+            self._put_profile(doc, ref.subject)
+            return
+        raw = with_subject(ref.manifest, subject)
+        kept = Referrer(ref.subject, raw, ref.media_type, ref.kind)
+        self.store.layout.put(raw, kept.digest)
+        self.store.layout.add_referrer(kept.descriptor())
+
+    def _put_profile(self, doc: dict[str, Any], subject: str) -> None:
+        path = profile_path(self.store, subject)
+        if path.exists():
+            log.info("a profile of %s is kept here already (%s): the copied one is not saved", subject, path)
+            return
+        layers = [ly for ly in doc.get("layers") or [] if isinstance(ly, dict) and ly.get("mediaType") == mt.PROFILE]
+        if len(layers) != 1 or not isinstance(layers[0].get("digest"), str):
+            raise FormatError("a profile artifact has one profile layer")
+        blob = self.store.layout.get(str(layers[0]["digest"]), limit=MAX_PROFILE)  # put (verified) by the copier
+        prof = json_value(blob, "profile")
+        if not isinstance(prof, dict) or prof.get("mediaType") != mt.PROFILE or prof.get("image") != subject:
+            raise FormatError(f"the profile artifact of {subject} holds no profile of that image")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, blob, durability=Durability.FILE, mode=0o600)
 
     def put_blob(self, stream: BinaryIO, info: BlobInfo) -> None:
         self.store.layout.put_stream(stream, info.digest, info.size if info.size >= 0 else None)

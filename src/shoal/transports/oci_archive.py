@@ -42,7 +42,15 @@ from typing import Any, BinaryIO, Iterable, Iterator, cast
 import zstandard
 
 from shoal.errors import FormatError, HostileInput, NotFound, StoreError, from_oserror
-from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, SystemContext, Transport, register
+from shoal.transports.base import (
+    BlobInfo,
+    ImageDestination,
+    ImageSource,
+    Referrer,
+    SystemContext,
+    Transport,
+    register,
+)
 from shoal.transports.oci_layout import (
     MAX_JSON,
     LayoutPathReference,
@@ -391,6 +399,9 @@ class OciArchiveSource(ImageSource):
 
     def has_blob(self, info: BlobInfo) -> bool:
         return self.inner.has_blob(info)
+
+    def referrers(self, digest: str) -> list[Referrer]:
+        return self.inner.referrers(digest)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

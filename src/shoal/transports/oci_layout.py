@@ -45,9 +45,13 @@ from shoal.transports.base import (
     ImageDestination,
     ImageReference,
     ImageSource,
+    Referrer,
     SystemContext,
     Transport,
+    referrer_kind,
     register,
+    subject_of,
+    with_subject,
 )
 
 __all__ = ["OciLayoutTransport", "OciLayoutReference", "OciLayoutSource", "OciLayoutDestination",
@@ -468,8 +472,33 @@ class OciLayoutSource(BlobFileSource):
         self.blobs = root / "blobs" / "sha256"
         where = where or str(root)
         self.entries = _descriptors(_read_index(root, where), where)
-        self.top = _choose(self.entries, name, index, where)
+        self._subjects: dict[str, str | None] = {}
+        images = self.entries
+        if not name and index < 0 and len(images) > 1:  # the one image, whatever referrers are listed with it
+            images = [e for e in images if self._subject(e.digest) is None]
+        self.top = _choose(images, name, index, where)
         self._child_types: dict[str, str] | None = None
+
+    def _subject(self, digest: str) -> str | None:
+        """The ``subject`` of the manifest ``digest`` in the layout (None: none, or not a readable manifest)."""
+        if digest not in self._subjects:
+            try:
+                self._subjects[digest] = subject_of(self.read_manifest_file(self.blob_path(digest), digest))
+            except (NotFound, FormatError, IntegrityError, StoreError) as exc:
+                log.debug("index.json entry %s of %s is not a readable manifest (%s)", digest, self.root, exc)
+                self._subjects[digest] = None
+        return self._subjects[digest]
+
+    def referrers(self, digest: str) -> list[Referrer]:
+        """The manifests listed in index.json whose ``subject`` is ``digest`` (image-spec: a layout lists
+        referrers there), each read and checked against its digest."""
+        out = []
+        for e in self.entries:
+            if e.digest == digest or self._subject(e.digest) != digest:
+                continue
+            raw = self.read_manifest_file(self.blob_path(e.digest), e.digest)
+            out.append(Referrer(digest, raw, e.media_type or guess_media_type(raw), referrer_kind(raw)))
+        return out
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs / safe_hex(digest)
@@ -514,6 +543,25 @@ class OciLayoutDestination(BlobFileDestination):
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs / safe_hex(digest)
+
+    keeps_referrers = True
+
+    def put_referrer(self, ref: Referrer, subject: dict[str, Any]) -> None:
+        """Write the referrer (given a ``subject`` if it names none) and list it, unnamed, in index.json
+        beside the entries already there (image-spec image-layout: referrers may be listed there)."""
+        raw = with_subject(ref.manifest, subject)
+        kept = Referrer(ref.subject, raw, ref.media_type, ref.kind)
+        self.put_bytes(raw, None)
+        fsync_dir(self.blobs)
+        with _index_lock(self.root):
+            if (self.root / "index.json").exists():
+                doc = _read_index(self.root, str(self.root))
+            else:
+                doc = {"schemaVersion": 2, "manifests": []}
+            if any(isinstance(e, dict) and e.get("digest") == kept.digest for e in doc["manifests"]):
+                return
+            doc["manifests"].append(kept.descriptor())
+            write_atomic(self.root / "index.json", _dump(doc))
 
     def put_manifest(self, raw: bytes, media_type: str, digest: str | None = None) -> None:
         got = self.put_bytes(raw, digest)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
@@ -37,7 +38,10 @@ from shoal.trust.keys import PrivateKey, PublicKey
 from shoal.trust.policy import DockerName, Identity, Verdict, evaluate, load_policy
 
 __all__ = ["read_signatures", "attach", "admit", "Admission", "sign_reference", "verify_reference",
-           "Verification", "signing_identity"]
+           "Verification", "signing_identity", "build_identity", "sign_stored"]
+
+if TYPE_CHECKING:
+    from shoal.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,54 @@ def sign_reference(ref: ImageReference, ctx: SystemContext, key: PrivateKey, ide
     for d, size, m in targets:
         where = attach(ref, ctx, d, size, m, [sign(key, d, ident)])
         out.append(Signed(d, where, ident))
+    return out
+
+
+def build_identity(name: str, identity: str | None) -> str:
+    """The docker-reference a build-time signature of the store image ``name`` names: ``identity``, else
+    ``name`` itself when it is a full registry name (``HOST/REPO:TAG``).  A policy's default
+    ``matchRepoDigestOrExact`` compares it with the name the image is pulled by, so a bare ``app:1`` is
+    refused: it would name ``docker.io/library/app:1``."""
+    if identity:
+        return str(DockerName.parse(identity))
+    first, slash, _ = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return str(DockerName.parse(name))
+    raise UsageError(f"{name}: give --sign-identity HOST/REPO:TAG, the registry name the image will be pulled "
+                     "by (a policy matches the signed identity against it)")
+
+
+def sign_stored(store: "Store", name: str, key: PrivateKey, identity: str) -> list[Signed]:
+    """Sign the store image ``name`` (a Shoal manifest) as a push will present it: the image index [runtime
+    view, Shoal manifest] a registry is given (oci-mapping.md §4.1, byte-reproducible from the manifest and
+    its config), the view, and the Shoal manifest — what ``shoal sign`` signs after a push.  Each signature
+    is an attachment manifest with ``subject`` listed untagged in the store's index.json (store.md §5); a
+    push carries it to the ``sha256-<hex>.sig`` tag (trust.md §6)."""
+    from shoal.format.runtime_view import registry_index
+    from shoal.transports.base import Referrer
+
+    desc = store.layout.refs().get(name)
+    if desc is None:
+        raise NotFound(f"no image {name} in the store")
+    digest = str(desc["digest"])
+    if not store.is_shoal(digest):
+        raise UsageError(f"{name} is not a Shoal image (build-time signing signs what shoal build made)")
+    m = store.manifest(digest)
+    raw = store.layout.get(digest)
+    index, view = registry_index(raw, store.layout.get(m.config.digest))
+    targets = [(_sha(index), len(index), mt.OCI_INDEX), (view.digest, len(view.manifest), mt.OCI_MANIFEST),
+               (digest, len(raw), mt.OCI_MANIFEST)]
+    out = []
+    with store.layout.writing():  # gc waits: the blobs must be listed before it looks
+        for d, size, media in targets:
+            man, blobs = attachment_manifest([sign(key, d, identity)], {"mediaType": media, "digest": d, "size": size})
+            for bd, data in blobs.items():
+                if not store.layout.has(bd):
+                    store.layout.put(data, expected=bd)
+            ref = Referrer(d, man, mt.OCI_MANIFEST, "signature")
+            store.layout.put(man, expected=ref.digest)
+            store.layout.add_referrer(ref.descriptor())
+            out.append(Signed(d, f"{name} (store referrer {ref.digest})", identity))
     return out
 
 

@@ -4,13 +4,14 @@ them as methods."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from shoal.errors import FormatError, NotFound, UsageError
-from shoal.format.manifest import json_loads
+from shoal.format.manifest import canonical_json, json_loads
 
 from .blobs import check_digest, with_query
 
@@ -18,12 +19,49 @@ if TYPE_CHECKING:
     from shoal.transports.registry.client import RegistryClient
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+ANN_COSIGN_SIGNATURE = "dev.cosignproject.cosign/signature"
 
 
 def referrers_tag(digest: str) -> str:
     """The OCI referrers tag-schema fallback tag for ``digest``."""
     algo, _, hexpart = check_digest(digest).partition(":")
     return f"{algo[:32]}-{hexpart[:64]}"
+
+
+def signature_tag(digest: str) -> str:
+    """``sha256-<hex>.sig``: where cosign and containers/image keep the signatures of ``digest``."""
+    return referrers_tag(digest) + ".sig"
+
+
+def merge_signature_manifests(have: bytes, new: bytes) -> tuple[bytes, bytes]:
+    """The attachment manifest holding ``have``'s layers and then ``new``'s that it lacks (same payload and
+    signature), with its config (an OCI image config whose ``rootfs.diff_ids`` list the payloads, as
+    containers/image writes it): (manifest, config).  ``have``'s ``subject`` is kept, else ``new``'s."""
+    docs = [_json(have, "signature manifest"), _json(new, "signature manifest")]
+    if not all(isinstance(d, dict) and isinstance(d.get("layers"), list) for d in docs):
+        raise FormatError("signature manifest has no layers list")
+    layers: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for d in docs:
+        for ly in d["layers"]:
+            if not isinstance(ly, dict):
+                raise FormatError("signature manifest has a malformed layer")
+            key = (str(ly.get("digest")), str((ly.get("annotations") or {}).get(ANN_COSIGN_SIGNATURE, "")))
+            if key not in seen:
+                seen.add(key)
+                layers.append(ly)
+    config = canonical_json({"architecture": "", "os": "", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": [ly["digest"] for ly in layers]}})
+    out: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                                      "size": len(config)},
+                           "layers": layers}
+    subject = docs[0].get("subject") or docs[1].get("subject")
+    if isinstance(subject, dict):
+        out["subject"] = subject
+    return canonical_json(out), config
 
 
 def _json(data: bytes, what: str) -> Any:
