@@ -15,7 +15,7 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -27,7 +27,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _make(cache: Path, name: str, fill: "list[list[str]]", copy_from: Path | None) -> Path:
     target = cache / name
     marker = cache / f"{name}.complete"
-    with _locked(cache / f"{name}.lock"):
+    with locked(cache / f"{name}.lock"):
         if marker.exists() and target.is_dir():
             return target
         partial = cache / f"{name}.partial"
