@@ -11,8 +11,6 @@ Tests must treat both as read-only.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -31,16 +29,6 @@ def _cache_root() -> Path:
     p = Path(os.environ.get("SHOAL_TEST_CACHE", "/var/tmp/shoal-test-cache"))
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -95,7 +83,7 @@ def debian_rootfs(cache_dir: Path) -> Path:
         pytest.skip("debootstrap needs root")
     target = cache_dir / "bookworm-minbase"
     marker = cache_dir / "bookworm-minbase.complete"
-    with _locked(cache_dir / "bookworm-minbase.lock"):
+    with helpers.locked(cache_dir / "bookworm-minbase.lock"):
         if marker.exists() and target.is_dir():
             return target
         partial = cache_dir / "bookworm-minbase.partial"
@@ -126,7 +114,7 @@ def generated_tree(cache_dir: Path) -> Path:
     key = f"generated-{helpers.generator_fingerprint()}"
     target = cache_dir / key
     marker = cache_dir / f"{key}.complete"
-    with _locked(cache_dir / "generated.lock"):
+    with helpers.locked(cache_dir / "generated.lock"):
         if marker.exists() and target.is_dir():
             return target
         if target.exists():

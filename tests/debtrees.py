@@ -5,23 +5,12 @@ otherwise.  Trees are read-only once made."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+from helpers import locked
 
 
 def _make(cache: Path, name: str, fill: "list[list[str]]", copy_from: Path | None) -> Path:

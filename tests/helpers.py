@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -24,7 +26,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -616,3 +618,14 @@ def published_shoal_digest(host: str, repo: str, reference: str) -> str:
     if doc.get("mediaType") == OCI_INDEX:
         return str(next(e["digest"] for e in doc["manifests"] if e.get("artifactType") == ARTIFACT_TYPE))
     return r.headers["Docker-Content-Digest"]
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created) for the block: pytest-xdist workers build a cached tree once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -344,15 +344,9 @@ class _Builder:
     def add_chunk(self, cid: bytes, data: memoryview, small: bool = False) -> int:
         """Chunk ``cid`` into the table and, when new, into the current frame (format.md §5.1); ``small``:
         it comes from a small file, whose chunks share frames only with other small files' chunks."""
-        i = self.chunk_index.get(cid)
-        if i is not None:
-            return i
-        i = len(self.chunk_ids)
-        self.chunk_index[cid] = i
-        self.chunk_ids.append(cid)
         ln = len(data)
-        self.chunk_lengths.append(ln)
-        if self._reused(cid, ln):
+        i, added = self._row(cid, ln)
+        if not added or self._reused(cid, ln):
             return i
         if packing.frame_full(self.cur_len, ln) or (self.cur_parts and small != self.cur_small):
             self.close_frame()
@@ -368,6 +362,17 @@ class _Builder:
         if packing.frame_ends_after(cid, ln, self.cur_len, small):
             self.close_frame()
         return i
+
+    def _row(self, cid: bytes, ln: int) -> tuple[int, bool]:
+        """The chunk table row of ``cid``, appended on its first reference; (row, whether it was added)."""
+        i = self.chunk_index.get(cid)
+        if i is not None:
+            return i, False
+        i = len(self.chunk_ids)
+        self.chunk_index[cid] = i
+        self.chunk_ids.append(cid)
+        self.chunk_lengths.append(ln)
+        return i, True
 
     def _reused(self, cid: bytes, ln: int) -> bool:
         """Place the chunk just added to the table where ``reuse`` says it is stored, if it does."""
@@ -389,13 +394,9 @@ class _Builder:
 
     def place_chunk(self, cid: bytes, ln: int) -> int:
         """A chunk whose bytes are not at hand: it must be in ``reuse`` (a stored chunk of an input)."""
-        i = self.chunk_index.get(cid)
-        if i is not None:
+        i, added = self._row(cid, ln)
+        if not added:
             return i
-        i = len(self.chunk_ids)
-        self.chunk_index[cid] = i
-        self.chunk_ids.append(cid)
-        self.chunk_lengths.append(ln)
         if not self._reused(cid, ln):
             raise IntegrityError(f"chunk sha256:{cid.hex()} ({ln} bytes) has no stored location among the inputs")
         return i

@@ -18,7 +18,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import helpers  # noqa: E402
-from debtrees import locked  # noqa: E402
 from regfix import Registry, RegistryProxy, proxy_factory, registry  # noqa: E402,F401
 from shoal.build import BuildOptions, build  # noqa: E402
 from shoal.store import Store  # noqa: E402
@@ -50,7 +49,7 @@ def bookworm_python(cache_dir: Path, debian_rootfs: Path) -> Path:
     installed by pip (the host's pip, ``--target`` the tree's /usr/local dist-packages)."""
     target = cache_dir / "sbom-bookworm-python3"
     marker = cache_dir / "sbom-bookworm-python3.complete"
-    with locked(cache_dir / "sbom-bookworm-python3.lock"):
+    with helpers.locked(cache_dir / "sbom-bookworm-python3.lock"):
         if marker.exists() and target.is_dir():
             return target
         if target.exists():
