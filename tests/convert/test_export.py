@@ -6,9 +6,11 @@ import gzip
 import hashlib
 import io
 import json
+import random
 import shutil
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,12 @@ from helpers import validate_oci
 from shoal import mediatypes as mt
 from shoal.build import BuildOptions, build
 from shoal.convert import convert, export_to_layout
-from shoal.convert.tarwriter import entry_header, pax_record
+from shoal.convert.tarwriter import GZIP_BLOCK, GzipWriter, entry_header, pax_record
 from shoal.format.model import Entry, Kind
 from shoal.store import Store
 
+# (size, sha256) of the gzip of _mixed(3 * GZIP_BLOCK + 12345): zlib-ng 2.3.3, level 6 (convert.md §7.3)
+GOLDEN_GZIP = (2741337, "3186d5a0dadf37d8087945e838840f4b20d466abd807d6f9476d2252c015bc94")
 CAP = (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
 
 LAYER = (Tar().dir("./", mode=0o755, mtime=1).dir("etc", uid=1, gid=2).file("etc/hostname", b"box\n", mode=0o600)
@@ -214,3 +218,55 @@ def test_generated_tree_survives_export_and_convert(tmp_path: Path, generated_im
     with source(f"oci:{tmp_path / 'out'}:gen") as src:
         r = convert(src, back, "gen:1")
     assert back.manifest(r.digest).root == root
+
+
+def _mixed(n: int) -> bytes:
+    """``n`` bytes that compress like a filesystem: text, repeats and incompressible runs."""
+    rnd = random.Random(13)
+    parts: list[bytes] = []
+    size = 0
+    i = 0
+    while size < n:
+        i += 1
+        part = (b"line %d of %d: %x\n" % (i, i * i % 9973, i * 2654435761 % 2**32) if i % 40
+                else rnd.randbytes(rnd.randrange(1, 5000)))
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)[:n]
+
+
+@pytest.mark.parametrize("n", [0, 100, GZIP_BLOCK, 3 * GZIP_BLOCK + 12345])
+def test_gzip_bytes_do_not_depend_on_workers(n: int) -> None:
+    """convert.md §7.3: one member of blocks deflated apart; the bytes are the same for any number of
+    workers and any way the input is cut into writes."""
+    data = _mixed(n)
+    blobs = []
+    for workers, step in ((1, 1 << 20), (2, 65_537), (3, 511), (8, 3 << 20)):
+        out: list[bytes | memoryview] = []
+        w = GzipWriter(out.append, workers=workers)
+        for i in range(0, len(data), step):
+            w.write(memoryview(data)[i : i + step])
+        w.close()
+        blobs.append(b"".join(out))
+    assert all(b == blobs[0] for b in blobs)
+    d = zlib.decompressobj(31)
+    assert d.decompress(blobs[0]) == data and d.eof and d.unused_data == b""  # one member, nothing after it
+    assert blobs[0][:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    if n == 3 * GZIP_BLOCK + 12345:  # pinned: a change here is a change of the exported bytes (convert.md §9)
+        assert (len(blobs[0]), hashlib.sha256(blobs[0]).hexdigest()) == GOLDEN_GZIP
+
+
+def test_export_gzip_is_the_same_for_any_workers(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(_mixed(2 * GZIP_BLOCK + 999))
+    (tree / "small").write_bytes(b"x" * 10)
+    st = Store.open(tmp_path / "s")
+    build(st, tree, "t:1")
+    rs = [export_to_layout(st, "t:1", tmp_path / f"o{w}", "t", workers=w) for w in (1, 2, 5)]
+    assert len({r.raw for r in rs}) == 1
+    layer = rs[0].images[0].layer
+    blob = _blob(tmp_path / "o1", layer.digest)
+    assert hashlib.sha256(gzip.decompress(blob)).hexdigest() == rs[0].images[0].diff_id[7:]
+    if have("gzip"):
+        subprocess.run(["gzip", "-t"], input=blob, check=True)

@@ -308,3 +308,48 @@ def test_contents_are_spilled_not_kept(tmp_path: Path) -> None:
     e = next(e for e in t.entries if e.kind == Kind.FILE)
     assert t.read(e) == big
     assert list((tmp_path / "spill").iterdir()) == []  # the spill file is unlinked from the start
+
+
+def _apply_one(tmp_path: Path, blob: bytes, threaded: bool, size: int | None = None,
+               diff_id: str | None = None) -> object:
+    """The flattened tree, or the (type, message) of the error."""
+    tmp = tmp_path / f"spill-{threaded}"
+    tmp.mkdir(exist_ok=True)
+    ap = LayerApplier(tmp, threaded=threaded)
+    try:
+        ap.apply(io.BytesIO(blob), digest=sha(blob), size=len(blob) if size is None else size, diff_id=diff_id,
+                 what="layer 1")
+        return flat(ap.finish())
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    finally:
+        ap.close()
+
+
+def test_threaded_stream_is_the_serial_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decompressing and hashing threads (convert.md §5) change nothing: same tree, same errors at the
+    same place, and no thread is left behind."""
+    import threading
+
+    from shoal.convert import stream
+
+    monkeypatch.setattr(stream, "QUEUE_BYTES", 64 * 1024)  # the queues fill up and the threads wait
+    big = os.urandom(1 << 20) + bytes(3 << 20)
+    tar = Tar().file("a", big).file("b", b"x" * 70_000).dir("d").file("d/e", b"e").bytes()
+    good = gz(tar)
+    cases: list[tuple[bytes, dict[str, object]]] = [
+        (good, {}), (zst(tar), {}), (tar, {}),
+        (good[: len(good) // 2], {}),  # truncated
+        (good[:5000] + bytes(100) + good[5100:], {}),  # corrupt
+        (good + b"junk", {}),  # trailing garbage
+        (good, {"diff_id": sha(b"other")}),
+        (good, {"size": len(good) - 10}),  # longer than its descriptor
+        (gz(tar[:-1024]), {}),  # no end-of-archive blocks
+    ]
+    before = threading.active_count()
+    for blob, kw in cases:
+        serial = _apply_one(tmp_path, blob, False, **kw)  # type: ignore[arg-type]
+        threaded = _apply_one(tmp_path, blob, True, **kw)  # type: ignore[arg-type]
+        assert threaded == serial
+    assert isinstance(_apply_one(tmp_path, good, True), dict)
+    assert threading.active_count() == before

@@ -108,22 +108,25 @@ class _TempBlob:
 
 
 def _export_one(store: Store, m: ShoalManifest, plat: dict[str, Any], dest: ImageDestination, compression: str,
-                level: int | None, child: bool, sink: Sink) -> ExportedImage:
+                level: int | None, workers: int | None, child: bool, sink: Sink) -> ExportedImage:
     idx = store.load_index(m)
     cfg = parse_config(store.layout.get(m.config.digest))
     reader = Reader(idx, StoreSource(store))
     blob = _TempBlob(store.layout.tmp)
     try:
-        comp = make_compressor(compression, blob.write, level)
+        comp = make_compressor(compression, blob.write, level, workers)
         uhash = hashlib.sha256()
         tar_bytes = 0
         sink.start("export", idx.logical_bytes)
-        for part in tar_stream(idx, reader):
-            uhash.update(part)
-            tar_bytes += len(part)
-            comp.write(part)
-            sink.advance("export", len(part))
-        comp.close()
+        try:
+            for part in tar_stream(idx, reader):
+                uhash.update(part)
+                tar_bytes += len(part)
+                comp.write(part)
+                sink.advance("export", len(part))
+            comp.close()
+        finally:
+            comp.abort()
         sink.finish("export")
         diff_id = "sha256:" + uhash.hexdigest()
         layer = BlobInfo(blob.digest, blob.size, LAYER_MEDIA_TYPES[compression])
@@ -153,10 +156,12 @@ def _export_one(store: Store, m: ShoalManifest, plat: dict[str, Any], dest: Imag
 
 
 def export(store: Store, ref: str, dest: ImageDestination, compression: str = "gzip", *,
-           platform: str | Platform | None = None, level: int | None = None, sink: Sink = NULL) -> ExportResult:
+           platform: str | Platform | None = None, level: int | None = None, workers: int | None = None,
+           sink: Sink = NULL) -> ExportResult:
     """Write the Shoal image ``ref`` to ``dest`` as a classic OCI image (one layer) and commit it.
 
-    ``compression``: ``gzip`` (level 6), ``zstd`` (level 3) or ``none``.  A Shoal image index becomes
+    ``compression``: ``gzip`` (level 6), ``zstd`` (level 3) or ``none``.  ``workers``: gzip threads
+    (default: the cores); the bytes are the same for any number.  A Shoal image index becomes
     an OCI image index (or, with ``platform``, its image for that platform by
     ``shoal.format.platform.choose``; a destination that holds one image gets this machine's)."""
     if compression not in LAYER_MEDIA_TYPES:
@@ -167,7 +172,7 @@ def export(store: Store, ref: str, dest: ImageDestination, compression: str = "g
         want = Platform.host()  # like copy: a one-image format gets this machine's image of an index
     kind, items = resolve_images(store, ref, want)  # with a platform: the one image ``choose`` picks
     many = kind == mt.OCI_INDEX and want is None
-    images = tuple(_export_one(store, m, plat, dest, compression, level, many, sink) for plat, m in items)
+    images = tuple(_export_one(store, m, plat, dest, compression, level, workers, many, sink) for plat, m in items)
     if many:
         raw = canonical_json({
             "schemaVersion": 2,

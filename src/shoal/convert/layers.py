@@ -157,7 +157,8 @@ def _rdev(ti: tarfile.TarInfo, name: bytes) -> tuple[int, int]:
 class LayerApplier:
     """Applies layers in order to one tree; ``finish`` returns the merged tree as a TreeSource."""
 
-    def __init__(self, tmpdir: Path, limits: ConvertLimits | None = None) -> None:
+    def __init__(self, tmpdir: Path, limits: ConvertLimits | None = None, threaded: bool = True) -> None:
+        self.threaded = threaded  # inflate on a second thread (LayerStream); False: all on the caller's
         self.limits = limits or ConvertLimits()
         self.budget = Budget(self.limits)
         self.tree = Tree()
@@ -181,7 +182,8 @@ class LayerApplier:
             raise FormatError(f"{what}: unsupported layer media type {media_type!r}")
         self.tree.layer = n
         self.layers += 1
-        stream = LayerStream(raw, digest, size, diff_id, self.budget, what)
+        # the blob is read, hashed and inflated on a thread of its own while this one parses the tar
+        stream = LayerStream(raw, digest, size, diff_id, self.budget, what, threaded=self.threaded)
         before = self.entries
         try:
             self._read_tar(stream, what)
@@ -191,6 +193,8 @@ class LayerApplier:
         except FormatError:
             stream.check_blob()  # a corrupt or truncated blob says so more clearly than the tar error
             raise
+        finally:
+            stream.close()
         return LayerResult(digest, got, stream.compression, stream.cbytes, stream.ubytes, self.entries - before)
 
     def finish(self, source_date_epoch: int | None = None) -> ConvertedTree:

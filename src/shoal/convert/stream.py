@@ -10,11 +10,13 @@ holds more than a bounded amount of decompressed data in memory, whatever the in
 from __future__ import annotations
 
 import hashlib
-import zlib
+import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
+from zlib_ng import zlib_ng
 
 from shoal.errors import FormatError, HostileInput, IntegrityError
 
@@ -26,6 +28,9 @@ _RAW_READ = 256 * 1024  # compressed bytes read from the source at a time
 _OUT_MAX = 1024 * 1024  # gzip: at most this much output per inflate call
 # zstd: a 4-byte RLE block can expand to 128 KiB, so 1 KiB of input inflates to at most 32 MiB.
 _ZSTD_SLICE = 1024
+_INFLATE_ERROR = cast("type[Exception]", zlib_ng.error)  # a class (zlib-ng's stub calls it an instance)
+# threaded streams: the decompressing thread stops once this much output waits for the tar reader
+QUEUE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,19 +52,75 @@ class Budget:
     def __init__(self, limits: ConvertLimits) -> None:
         self.limits = limits
         self.used = 0
+        self._lock = threading.Lock()  # taken by a layer's decompressing thread and by the tar reader
 
     def take(self, n: int, what: str) -> None:
-        self.used += n
+        with self._lock:
+            self.used += n
         if self.used > self.limits.max_total_bytes:
             raise HostileInput(f"{what} inflates past the limit of {self.limits.max_total_bytes} uncompressed "
                                "bytes per image (decompression bomb?)")
 
 
+class _Hasher:
+    """Feeds sha256 objects in order, on a thread of its own when ``threaded`` (hashlib releases the
+    GIL), at most ``QUEUE_BYTES`` behind.  ``close()`` hashes what is queued and stops the thread."""
+
+    def __init__(self, threaded: bool) -> None:
+        self._q: deque[tuple["hashlib._Hash", bytes] | None] = deque()
+        self._queued = 0
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="layer-sha256", daemon=True)
+            self._thread.start()
+
+    def update(self, h: "hashlib._Hash", data: bytes) -> None:
+        if self._thread is None:
+            h.update(data)
+            return
+        with self._cv:
+            while self._queued >= QUEUE_BYTES:
+                self._cv.wait()
+            self._q.append((h, data))
+            self._queued += len(data)
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._q:
+                    self._cv.wait()
+                item = self._q.popleft()
+            if item is None:
+                return
+            item[0].update(item[1])
+            with self._cv:
+                self._queued -= len(item[1])
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        t = self._thread
+        if t is None:
+            return
+        with self._cv:
+            self._q.append(None)
+            self._cv.notify_all()
+        t.join()
+        self._thread = None
+
+
 class LayerStream:
-    """``read(n)`` returns uncompressed tar bytes; ``finish()`` drains and checks both digests."""
+    """``read(n)`` returns uncompressed tar bytes; ``finish()`` drains and checks both digests.
+
+    ``threaded``: reading, hashing and decompressing run on a thread of their own, at most
+    ``QUEUE_BYTES`` (plus one decompression step) ahead of the reader, so they overlap the tar parsing
+    (zlib, zstd and hashlib release the GIL).  The bytes, digests, limits and errors are the same
+    either way: an error of the thread is raised by ``read`` where the serial stream would raise it.
+    ``close()`` stops the thread (always call it)."""
 
     def __init__(self, raw: BinaryIO, digest: str, size: int, diff_id: str | None, budget: Budget,
-                 what: str) -> None:
+                 what: str, threaded: bool = False) -> None:
         self.raw = raw
         self.digest = digest
         self.size = size
@@ -68,6 +129,7 @@ class LayerStream:
         self.what = what
         self.chash = hashlib.sha256()
         self.uhash = hashlib.sha256()
+        self._hasher = _Hasher(threaded)  # threaded: the two sha256 on a third thread
         self.cbytes = 0  # compressed bytes read
         self.ubytes = 0  # uncompressed bytes produced
         self.raw_eof = False
@@ -82,9 +144,75 @@ class LayerStream:
             self.compression = "zstd"
         else:
             self.compression = "none"
-        self._gz: "zlib._Decompress | None" = None
+        self._gz: "zlib_ng._Decompress | None" = None
         self._zs: "zstandard.ZstdDecompressionObj | None" = None
         self._member_started = False
+        # threaded: the decompressing thread appends (data | exception | None at the end) to ``_q``
+        self._q: deque[bytes | BaseException | None] = deque()
+        self._queued = 0
+        self._cv = threading.Condition()
+        self._stop = False
+        self._ended = False  # the consumer has taken the end (or an error) off the queue
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._produce, name="layer-inflate", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ the decompressing thread
+
+    def _produce(self) -> None:
+        item: BaseException | None = None
+        try:
+            while not self._stop and self._step():
+                pass
+        except BaseException as exc:  # handed to the reader, raised there
+            item = exc
+        with self._cv:
+            self._q.append(item)
+            self._cv.notify_all()
+
+    def _push(self, data: bytes) -> None:
+        with self._cv:
+            while self._queued >= QUEUE_BYTES and not self._stop:
+                self._cv.wait()
+            self._q.append(data)
+            self._queued += len(data)
+            self._cv.notify_all()
+
+    def _more(self) -> bool:
+        """Put more output into ``out``; False at the end of the stream."""
+        if self._thread is None:
+            return self._step()
+        if self._ended:
+            return False
+        with self._cv:
+            while not self._q:
+                self._cv.wait()
+            item = self._q.popleft()
+            if isinstance(item, bytes):
+                self._queued -= len(item)
+                self._cv.notify_all()
+        if isinstance(item, bytes):
+            self.out += item
+            return True
+        self._ended = True
+        self._thread.join()
+        if item is not None:
+            raise item
+        return False
+
+    def close(self) -> None:
+        """Stop the decompressing thread (it finishes the step it is in) and the hashing thread (it hashes
+        what was read); the stream is then serial again."""
+        t = self._thread
+        if t is not None:
+            with self._cv:
+                self._stop = True
+                self._cv.notify_all()
+            t.join()
+            self._thread = None
+            self._q.clear()
+        self._hasher.close()
 
     # ------------------------------------------------------------------ compressed side
 
@@ -100,7 +228,7 @@ class LayerStream:
         self.cbytes += len(buf)
         if self.size >= 0 and self.cbytes > self.size:
             raise IntegrityError(f"{self.what}: blob {self.digest} is longer than its descriptor's {self.size} bytes")
-        self.chash.update(buf)
+        self._hasher.update(self.chash, buf)
         self.pending += buf
         return True
 
@@ -124,14 +252,17 @@ class LayerStream:
         if not data:
             return
         self.ubytes += len(data)
-        self.uhash.update(data)
+        self._hasher.update(self.uhash, data)
         self.budget.take(len(data), self.what)
         lim = self.budget.limits
         if (self.compression != "none" and self.ubytes > lim.ratio_floor
                 and self.ubytes > lim.max_layer_ratio * max(1, self.cbytes)):
             raise HostileInput(f"{self.what} inflates {self.ubytes} bytes from {self.cbytes} compressed bytes, "
                                f"more than {lim.max_layer_ratio}:1 (decompression bomb?)")
-        self.out += data
+        if self._thread is not None:
+            self._push(data)
+        else:
+            self.out += data
 
     def _step(self) -> bool:
         """Decode some more output into ``out``; False once the stream is exhausted."""
@@ -165,7 +296,7 @@ class LayerStream:
         if d is None:
             if not self._new_member(GZIP_MAGIC, "gzip"):
                 return False
-            d = self._gz = zlib.decompressobj(31)
+            d = self._gz = zlib_ng.decompressobj(31)  # zlib-ng: twice zlib's inflate speed
         ended = False
         try:
             if d.unconsumed_tail:
@@ -175,7 +306,7 @@ class LayerStream:
             else:  # no more input: only what inflate still holds (at most one match)
                 data = d.flush()
                 ended = True
-        except zlib.error as exc:
+        except _INFLATE_ERROR as exc:
             raise FormatError(f"{self.what}: corrupt gzip stream: {exc}") from None
         self._emit(data)
         if ended and not d.eof:
@@ -208,10 +339,10 @@ class LayerStream:
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            while self._step():
+            while self._more():
                 pass
             n = len(self.out) - self.out_pos
-        while len(self.out) - self.out_pos < n and self._step():
+        while len(self.out) - self.out_pos < n and self._more():
             pass
         data = bytes(self.out[self.out_pos : self.out_pos + n])
         self.out_pos += len(data)
@@ -222,7 +353,7 @@ class LayerStream:
 
     def drain(self) -> None:
         """Read (and hash) whatever the tar reader left: padding, end-of-archive blocks, trailing data."""
-        while self._step():
+        while self._more():
             self.out.clear()
             self.out_pos = 0
         self.out.clear()
@@ -230,8 +361,10 @@ class LayerStream:
 
     def check_blob(self) -> None:
         """Read the rest of the compressed blob and compare it with the descriptor (IntegrityError)."""
+        self.close()
         while self._fill():
             self.pending.clear()
+        self._hasher.close()
         got = "sha256:" + self.chash.hexdigest()
         if self.size >= 0 and self.cbytes != self.size:
             raise IntegrityError(f"{self.what}: blob {self.digest} is truncated: {self.cbytes} of {self.size} bytes")

@@ -6,19 +6,24 @@ order of its records.  Nothing depends on the host, the clock, user names or the
 
 from __future__ import annotations
 
-import zlib
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Protocol
 
 import zstandard
+from zlib_ng import zlib_ng
 
 from shoal.format.model import Entry, Index, Kind
 from shoal.reader import Reader
 
 __all__ = ["tar_stream", "entry_header", "pax_record", "Compressor", "GzipWriter", "ZstdWriter", "PlainWriter",
-           "make_compressor", "GZIP_LEVEL", "ZSTD_LEVEL", "PAX_NAME"]
+           "make_compressor", "default_workers", "GZIP_LEVEL", "GZIP_BLOCK", "ZSTD_LEVEL", "PAX_NAME"]
 
 BLOCK = 512
 GZIP_LEVEL = 6  # §7.3
+GZIP_BLOCK = 1 << 20  # §7.3: the tar bytes deflated as one unit (with the 32 KiB before them as dictionary)
+_WINDOW = 32 * 1024
 ZSTD_LEVEL = 3
 PAX_NAME = b"././@PaxHeader"
 _TYPE = {Kind.FILE: b"0", Kind.HARDLINK: b"1", Kind.SYMLINK: b"2", Kind.CHAR: b"3", Kind.BLOCK: b"4",
@@ -133,12 +138,22 @@ def tar_stream(index: Index, reader: Reader) -> Iterator[bytes | memoryview]:
     yield bytes(2 * BLOCK)
 
 
+def default_workers() -> int:
+    """Threads for the gzip writer: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class Compressor(Protocol):
     media_suffix: str
 
     def write(self, data: bytes | memoryview) -> None: ...
 
     def close(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class PlainWriter:
@@ -153,29 +168,86 @@ class PlainWriter:
     def close(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
+
+def _deflate_block(block: bytes, zdict: bytes, level: int, last: bool) -> tuple[bytes, int]:
+    """One block of the gzip member (§7.3): raw deflate from a fresh zlib-ng state primed with ``zdict``
+    (the 32 KiB of tar before the block), ended by a sync flush, or by finish for the last block.
+    Returns the deflate bytes and the CRC-32 of the block.  zlib-ng releases the GIL while it works."""
+    if zdict:
+        z = zlib_ng.compressobj(level, zlib_ng.DEFLATED, -15, 8, zlib_ng.Z_DEFAULT_STRATEGY, zdict)
+    else:
+        z = zlib_ng.compressobj(level, zlib_ng.DEFLATED, -15, 8, zlib_ng.Z_DEFAULT_STRATEGY)
+    out = z.compress(block) + z.flush(zlib_ng.Z_FINISH if last else zlib_ng.Z_SYNC_FLUSH)
+    return out, zlib_ng.crc32(block)
+
 
 class GzipWriter:
-    """RFC 1952 with fixed header fields: no name, mtime 0, XFL per level, OS 255 (unknown) (§7.3)."""
+    """RFC 1952, one member, fixed header fields: no name, mtime 0, XFL per level, OS 255 (unknown) (§7.3).
+
+    The tar is cut into ``GZIP_BLOCK`` blocks that are deflated independently (each primed with the
+    32 KiB before it, as pigz does) on ``workers`` threads and written in order: the bytes depend on the
+    data and the level only, never on the number of workers or cores."""
 
     media_suffix = "+gzip"
 
-    def __init__(self, out: Callable[[bytes | memoryview], None], level: int = GZIP_LEVEL) -> None:
+    def __init__(self, out: Callable[[bytes | memoryview], None], level: int = GZIP_LEVEL,
+                 workers: int | None = None) -> None:
         self.out = out
+        self.level = level
         xfl = 2 if level == 9 else 4 if level == 1 else 0
         out(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes([xfl, 255]))
-        self.z = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY)
+        self.workers = max(1, workers if workers is not None else default_workers())
+        self.pool = ThreadPoolExecutor(self.workers, "gzip") if self.workers > 1 else None
+        self.pending: deque[tuple[Future[tuple[bytes, int]], int]] = deque()
+        self.buf = bytearray()
+        self.zdict = b""
         self.crc = 0
         self.size = 0
 
+    def _submit(self, block: bytes, last: bool) -> None:
+        if self.pool is None:
+            self._put(_deflate_block(block, self.zdict, self.level, last), len(block))
+        else:
+            self.pending.append((self.pool.submit(_deflate_block, block, self.zdict, self.level, last), len(block)))
+            while len(self.pending) > 2 * self.workers or (self.pending and self.pending[0][0].done()):
+                self._drain_one()
+        self.zdict = block[-_WINDOW:]
+
+    def _drain_one(self) -> None:
+        fut, n = self.pending.popleft()
+        self._put(fut.result(), n)
+
+    def _put(self, res: tuple[bytes, int], n: int) -> None:
+        data, crc = res
+        self.crc = zlib_ng.crc32_combine(self.crc, crc, n)
+        if data:
+            self.out(data)
+
     def write(self, data: bytes | memoryview) -> None:
-        self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
-        out = self.z.compress(data)
-        if out:
-            self.out(out)
+        self.buf += data
+        while len(self.buf) >= GZIP_BLOCK:
+            block = bytes(self.buf[:GZIP_BLOCK])
+            del self.buf[:GZIP_BLOCK]
+            self._submit(block, False)
 
     def close(self) -> None:
-        self.out(self.z.flush() + self.crc.to_bytes(4, "little") + (self.size & 0xFFFFFFFF).to_bytes(4, "little"))
+        self._submit(bytes(self.buf), True)
+        self.buf = bytearray()
+        while self.pending:
+            self._drain_one()
+        self.abort()
+        self.out(self.crc.to_bytes(4, "little") + (self.size & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def abort(self) -> None:
+        """Stop the workers (after an error, or once closed)."""
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 class ZstdWriter:
@@ -196,10 +268,15 @@ class ZstdWriter:
     def close(self) -> None:
         self.out(self.z.flush())
 
+    def abort(self) -> None:
+        pass
 
-def make_compressor(kind: str, out: Callable[[bytes | memoryview], None], level: int | None = None) -> Compressor:
+
+def make_compressor(kind: str, out: Callable[[bytes | memoryview], None], level: int | None = None,
+                    workers: int | None = None) -> Compressor:
+    """``workers`` (gzip only; default: the cores) changes the speed, never the bytes."""
     if kind == "gzip":
-        return GzipWriter(out, GZIP_LEVEL if level is None else level)
+        return GzipWriter(out, GZIP_LEVEL if level is None else level, workers)
     if kind == "zstd":
         return ZstdWriter(out, ZSTD_LEVEL if level is None else level)
     if kind == "none":
