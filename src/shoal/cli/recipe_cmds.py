@@ -58,8 +58,12 @@ def update(ctx: click.Context, /, ref: str, path: str | None, source_date_epoch:
            as_json: bool, **kw: Any) -> None:
     """Re-resolve the inputs of REF's recipe (its file, base images, copied files) and rebuild REF and the
     images of the file it needs; only steps whose inputs changed run again."""
+    from shoal.errors import UsageError
     from shoal.recipe import recipe_of
 
     sc = registry_opts(ctx, **kw)
-    rec = recipe_of(open_store(ctx), ref)
-    run_recipe(ctx, path or rec["file"], (rec["image"],), source_date_epoch, sc, as_json, no_cache)
+    image, recorded = recipe_of(open_store(ctx), ref)
+    path = path or recorded
+    if path is None:
+        raise UsageError(f"{ref} was built from a recipe elsewhere: give its file with -f RECIPE")
+    run_recipe(ctx, path, (image,), source_date_epoch, sc, as_json, no_cache)

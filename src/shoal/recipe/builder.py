@@ -107,12 +107,37 @@ def store_input(store: Store, ref: str, sc: SystemContext) -> Input:
     return Input(ref, m)
 
 
-def recipe_of(store: Store, ref: str) -> dict[str, Any]:
-    """The ``recipe`` lineage record of a store image (``file``, ``image``, ``digest``)."""
+def _record_path(store: Store, recipe_digest: str) -> str:
+    return os.path.join(store.root, "recipes", "images", recipe_digest[7:] + ".json")
+
+
+def recipe_of(store: Store, ref: str) -> tuple[str, str | None]:
+    """The image name in its recipe file and the file (None when this store did not build it: the file's
+    path is kept in the store, ``recipes/images/<recipe digest>.json``, not in the image, so that the
+    image does not depend on where the file was)."""
     rec = lineage_of(config_of(store, store.resolve(ref))).get("recipe")
-    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or not isinstance(rec.get("image"), str):
+    if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(rec.get("digest"), str):
         raise UsageError(f"{ref} records no recipe (it was not built with shoal build -f)")
-    return rec
+    try:
+        with open(_record_path(store, rec["digest"]), "rb") as f:
+            path = json.loads(f.read()).get("file")
+    except (OSError, ValueError, AttributeError):
+        path = None
+    return rec["image"], path if isinstance(path, str) else None
+
+
+def _write_record(store: Store, recipe_digest: str, path: str, image: str) -> None:
+    _atomic_json(_record_path(store, recipe_digest), {"file": path, "image": image})
+
+
+def _atomic_json(path: str, doc: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(doc, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _sha(doc: Any) -> str:
@@ -223,16 +248,8 @@ def _cached(store: Store, key: str) -> ShoalManifest | None:
 
 
 def _remember(store: Store, key: str, m: ShoalManifest) -> None:
-    path = _cache_path(store, key)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     cfg = store.layout.get(m.config.digest)
-    doc = json.dumps({"key": key, "manifest": m.raw.decode(), "config": bytes(cfg).decode()}, sort_keys=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(doc)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_json(_cache_path(store, key), {"key": key, "manifest": m.raw.decode(), "config": bytes(cfg).decode()})
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -324,10 +341,17 @@ def build_recipe(store: Store, recipe: Recipe, opts: RecipeOptions = RecipeOptio
     """Build the images of ``recipe`` (``opts.only`` and what they need) into ``store``, tagging each by
     its name; a tree step whose key is cached is not run again."""
     names = [recipe.lookup(n) for n in opts.only] or list(recipe.images)
+    # the whole build holds the store's writer lock: gc must not reclaim a step's untagged image (or an
+    # input pulled untagged) before the final image is tagged
+    with store.layout.writing():
+        return _build_all(store, recipe, recipe.closure(names), opts)
+
+
+def _build_all(store: Store, recipe: Recipe, specs: list[ImageSpec], opts: RecipeOptions) -> list[ImageOutcome]:
     built: dict[str, Input] = {}
     out: list[ImageOutcome] = []
     sc = opts.system_context
-    for spec in recipe.closure(names):
+    for spec in specs:
         t0 = time.monotonic()
 
         def resolve(ref: str, local: bool) -> Input:
@@ -366,11 +390,12 @@ def build_recipe(store: Store, recipe: Recipe, opts: RecipeOptions = RecipeOptio
         recipe_digest = _sha({"v": STEP_VERSION, "spec": canonical(spec), "from": frm.manifest.digest,
                               "apply": [a.manifest.digest for a in applied], "copy": inputs})
         lineage: dict[str, Any] = {"base": lineage_record(frm),
-                                   "recipe": {"digest": recipe_digest, "file": recipe.path, "image": spec.key}}
+                                   "recipe": {"digest": recipe_digest, "image": spec.key}}
         if applied:
             lineage["applied"] = [lineage_record(a) for a in applied]
         extra = {k: v for k, v in pcfg.extra.items() if k != LINEAGE}
         final = _with_config(store, tree, replace(pcfg, config=conf, extra={**extra, LINEAGE: lineage}), spec.name)
+        _write_record(store, recipe_digest, recipe.path, spec.key)
         built[spec.name] = Input(spec.name, final)
         out.append(ImageOutcome(spec.name, final, recipe_digest, key, cached, runs, new_chunks,
                                 time.monotonic() - t0))
