@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sbom": ("shoal.cli.sbom_cmd", "sbom", "Write an SBOM (SPDX, CycloneDX) from an image's package databases."),
     "rebase": ("shoal.cli.lineage_cmds", "rebase", "Put an image's own changes on a new base (three-way merge)."),
     "apply": ("shoal.cli.lineage_cmds", "apply_cmd", "Put other images' own changes on a base (three-way merge)."),
+    "update": ("shoal.cli.recipe_cmds", "update", "Rebuild an image from its recipe, redoing only what changed."),
     "rm": ("shoal.cli.image_cmds", "rm", "Remove image names from the store (see gc)."),
     "unpack": ("shoal.cli.unpack_cmd", "unpack", "Materialize an image's tree in a directory."),
     "fsck": ("shoal.cli.store_cmds", "fsck", "Verify every object in the store."),

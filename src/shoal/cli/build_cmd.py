@@ -1,18 +1,34 @@
-"""shoal build ROOTFS_DIR NAME:TAG"""
+"""shoal build ROOTFS_DIR NAME:TAG, shoal build -f RECIPE"""
 
 from __future__ import annotations
 
 import os
 import shlex
+from typing import Any
 
 import click
 
-from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, progress_sink, reuse_choice, reuse_options
+from shoal.cli.common import (
+    emit_json,
+    human,
+    keep_freed_memory,
+    open_store,
+    progress_sink,
+    registry_options,
+    registry_opts,
+    reuse_choice,
+    reuse_options,
+)
 
 
 @click.command()
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.argument("ref")
+@click.argument("source", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("ref", required=False)
+@click.option("-f", "--file", "recipe", default=None, type=click.Path(dir_okay=False), metavar="RECIPE",
+              help="Build the images of a recipe file (YAML: from, apply, copy, run, config; docs/spec/lineage.md "
+                   "§7) instead of a directory; SOURCE and REF are not given; --source-date-epoch, --json and "
+                   "the registry options apply.")
+@click.option("--no-cache", is_flag=True, help="-f: run every step again (the results are still cached).")
 @reuse_options
 @click.option("--base", default=None, metavar="NAME:TAG",
               help="The store image SOURCE was made from: recorded as the image's lineage base (for rebase, apply).")
@@ -40,14 +56,28 @@ from shoal.cli.common import emit_json, human, keep_freed_memory, open_store, pr
 @click.option("--sign-identity", default=None, metavar="HOST/REPO[:TAG]",
               help="The registry name the signature names (default: REF when it is a full HOST/REPO:TAG name).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@registry_options
 @click.pass_context
-def build(ctx: click.Context, source: str, ref: str, reuse: tuple[str, ...], no_reuse: bool, base: str | None,
+def build(ctx: click.Context, /, source: str | None, ref: str | None, recipe: str | None, no_cache: bool,
+          reuse: tuple[str, ...], no_reuse: bool, base: str | None,
           source_date_epoch: int | None,
           workers: int | None, platform: str | None, os_name: str | None, arch: str | None,
           variant: str | None, env: tuple[str, ...], entrypoint: str | None, cmd: str | None,
           workdir: str | None, user: str | None, label: tuple[str, ...], sign_key: str | None,
-          sign_passphrase_file: str | None, sign_identity: str | None, as_json: bool) -> None:
-    """Chunk, dedup, pack and index SOURCE into the store as REF (--sign-key: and sign it)."""
+          sign_passphrase_file: str | None, sign_identity: str | None, as_json: bool, **kw: Any) -> None:
+    """Chunk, dedup, pack and index SOURCE into the store as REF (--sign-key: and sign it); with -f RECIPE,
+    build the images of a recipe file, reusing every step whose inputs are unchanged."""
+    from shoal.errors import UsageError
+
+    if recipe is not None:
+        if source is not None or ref is not None:
+            raise UsageError("build -f RECIPE takes no SOURCE or REF (the recipe names its images)")
+        from shoal.cli.recipe_cmds import run_recipe
+
+        run_recipe(ctx, recipe, (), source_date_epoch, registry_opts(ctx, **kw), as_json, no_cache)
+        return
+    if source is None or ref is None:
+        raise UsageError("build needs SOURCE and REF (or -f RECIPE)")
     from shoal.build import BuildOptions
     from shoal.build import build as do_build
     from shoal.format.manifest import ImageConfig
