@@ -50,7 +50,7 @@ class Tree:
         self.shape = Shape([e.path for e in entries])
 
     def end(self, pos: int) -> int:
-        return self.shape._end(pos)
+        return self.shape.end(pos)
 
     def kids(self, pos: int) -> dict[bytes, int]:
         return {self.entries[k].name: k for k in self.shape.kids(pos)}

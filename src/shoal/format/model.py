@@ -79,16 +79,16 @@ class Shape:
         got = self._kids.get(pos)
         if got is not None:
             return got
-        end = self._end(pos)
+        end = self.end(pos)
         out = []
         c = pos + 1
         while c < end:
             out.append(c)
-            c = self._end(c, end)
+            c = self.end(c, end)
         got = self._kids[pos] = tuple(out)
         return got
 
-    def _end(self, pos: int, hi: int | None = None) -> int:
+    def end(self, pos: int, hi: int | None = None) -> int:
         """The first position after the subtree of ``pos`` (at most ``hi``)."""
         keys = self._keys
         k = keys[pos]
