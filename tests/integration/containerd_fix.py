@@ -108,6 +108,19 @@ state = "{work}/cd/state"
                                       "--root", str(self.snap_root), *self.snap_args], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.work / "snap.log", "ab"))
         wait_for(lambda: self.snap_sock.exists(), "snapshotter socket")
+        if self.cd is not None:
+            # a restart: containerd redials the proxy snapshotter with gRPC's backoff, and a call made
+            # before it has (e.g. the snapshot gc after RemoveImage) fails with "connection refused".
+            # Preparing a snapshot reaches the snapshotter (`ls` and `usage` are answered from containerd's
+            # metadata).
+            wait_for(self._snapshotter_reached, "containerd to reach the snapshotter again")
+
+    def _snapshotter_reached(self) -> bool:
+        key = f"shoal-test-probe-{time.monotonic_ns()}"
+        if self.ctr("snapshots", "--snapshotter", "shoal", "prepare", key, check=False, timeout=10).returncode:
+            return False
+        self.ctr("snapshots", "--snapshotter", "shoal", "rm", key, timeout=10)
+        return True
 
     def kill_snapshotter(self) -> None:
         assert self.snap is not None
