@@ -121,6 +121,25 @@ print("packages added %d, removed %d, upgraded %d; %d changed paths, owned by %d
     len(d["added"]), len(d["removed"]), len(d["upgraded"]), len(d["files"]), len(owners),
     ", ".join("%s %d" % (p, n) for p, n in owners.most_common(3))))'
 
+say "update without rebuild: an app built by a recipe on v1, rebased onto v2; its push sends an index, no data"
+mkdir -p "$WORK/app"
+printf '#!/bin/sh\necho "hello from $(. /etc/os-release; echo $PRETTY_NAME)"\n' > "$WORK/app/hello"
+chmod 755 "$WORK/app/hello"
+cat > "$WORK/app/app.yaml" <<YML
+app:1:
+  from: demo:v1
+  copy: [{src: hello, dst: /usr/local/bin/hello}]
+  cmd: [/usr/local/bin/hello]
+YML
+shoal build -f "$WORK/app/app.yaml"
+shoal rebase app:1 --onto demo:v2 -t app:2
+shoal inspect app:2 | grep -E "^(Base|Digest)"
+shoal push app:1 "docker://$REG/demo/app:1" >/dev/null
+shoal push --json app:2 "docker://$REG/demo/app:2" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print("push of the rebased app:2 (the registry holds app:1 and v2): %d blobs, %.2f MB sent" % (d["blobs_sent"], d["bytes_sent"] / 1e6))'
+
 say "lazy: run a container straight from the registry on a cold store; only what it reads is fetched"
 export SHOAL_RUN_DIR=$WORK/run
 # time to the container's first line of output, from a cold store (the command's exit code passes through)
