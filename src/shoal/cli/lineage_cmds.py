@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -11,44 +10,11 @@ import click
 from shoal.cli.common import emit_json, human, open_store, platform_option, registry_options, registry_opts
 
 if TYPE_CHECKING:
-    from shoal.merge import Input, Outcome
-    from shoal.store import Store
-    from shoal.transports.context import SystemContext
+    from shoal.merge import Outcome
 
 _PREFER = click.option("--prefer", type=click.Choice(["ours", "theirs"]), default=None,
                        help="Resolve each conflict with that side's version of the path (ours: the image's "
                             "change; theirs: the new base's). Default: refuse, listing the conflicts.")
-
-
-def store_input(store: "Store", ref: str, sc: "SystemContext") -> "Input":
-    """REF as an image of the store: a store name as it is; a Shoal image of another transport pulled
-    (only the chunks the store lacks), a classic one converted; both kept untagged (``shoal gc`` may
-    reclaim what the result does not reference)."""
-    from shoal.convert import convert
-    from shoal.copier import CopyOptions, copy
-    from shoal.format.platform import Platform
-    from shoal.merge import Input
-    from shoal.transports.base import parse_reference
-    from shoal.transports.resolve import resolve_image
-
-    r = parse_reference(ref)
-    plat = sc.platform or str(Platform.host())
-    if r.transport.name == "":
-        return Input(ref, store.resolve(ref, plat))
-    src = r.new_source(sc)
-    try:
-        res = resolve_image(src, r, plat, with_index=False)
-        if res.manifest is None:
-            conv = convert(src, store, None, platform=plat)
-            return Input(ref, store.manifest(conv.digest))
-    finally:
-        src.close()
-    tmp = f"shoal-lineage-input-{os.getpid()}:{res.manifest.digest[7:19]}"
-    ctx = sc.replace(store=str(store.root))
-    copy(r, parse_reference(tmp), CopyOptions(platform=plat, src_opts=sc, dst_opts=ctx))
-    m = store.resolve(tmp, plat)
-    store.untag(tmp)
-    return Input(ref, m)
 
 
 def _report(what: str, ref: str, o: "Outcome", as_json: bool, extra: dict[str, Any]) -> None:
@@ -97,6 +63,8 @@ def rebase(ctx: click.Context, /, image: str, onto: str, from_: str | None, tag:
     tag = new_image_name(tag)
     sc = registry_opts(ctx, platform=platform, **kw)
     store = open_store(ctx)
+    from shoal.recipe.builder import store_input
+
     img = store_input(store, image, sc)
     new = store_input(store, onto, sc)
     old = store_input(store, from_, sc) if from_ else None
@@ -126,6 +94,8 @@ def apply_cmd(ctx: click.Context, /, base: str, images: tuple[str, ...], tag: st
     tag = new_image_name(tag)
     sc = registry_opts(ctx, platform=platform, **kw)
     store = open_store(ctx)
+    from shoal.recipe.builder import store_input
+
     b = store_input(store, base, sc)
     ins = [store_input(store, i, sc) for i in images]
     try:

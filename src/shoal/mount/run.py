@@ -350,7 +350,7 @@ def _sys_mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str |
                       ctypes.c_ulong(flags), None), f"mount {target}")
 
 
-def _inside(rootfs: str, path: str) -> str:
+def inside(rootfs: str, path: str) -> str:
     """Host path of the container's ``path``, resolving symlinks as the chrooted process would."""
     parts = [p for p in path.split("/") if p and p != "."]
     cur = rootfs
@@ -380,11 +380,11 @@ def _chroot_child(rootfs: str, proc: ProcessSpec, binds: list[Bind]) -> None:  #
     _sys_mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
     for src, dst, fstype, flags in (("proc", "/proc", "proc", 0), ("/dev", "/dev", None, MS_BIND | MS_REC),
                                     ("/sys", "/sys", None, MS_BIND | MS_REC)):
-        target = _inside(rootfs, dst)
+        target = inside(rootfs, dst)
         if os.path.isdir(target):
             _sys_mount(libc, src, target, fstype, flags)
     for b in binds:
-        target = _inside(rootfs, b.destination)
+        target = inside(rootfs, b.destination)
         if os.path.isdir(b.source):
             os.makedirs(target, exist_ok=True)
         elif not os.path.exists(target):

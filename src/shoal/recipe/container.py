@@ -42,27 +42,13 @@ class RunSpec:
 
 def inside(root: str, path: str) -> str:
     """The host path of ``path`` in the tree at ``root``, resolving symlinks as a process chrooted there
-    would (a link never leads out of ``root``)."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    cur = root
-    hops = 0
-    while parts:
-        name = parts.pop(0)
-        if name == "..":
-            cur = os.path.dirname(cur) if cur != root else root
-            continue
-        nxt = os.path.join(cur, name)
-        if os.path.islink(nxt):
-            hops += 1
-            if hops > 40:
-                raise ShoalError(f"too many levels of symbolic links in {path} of the image")
-            target = os.readlink(nxt)
-            if target.startswith("/"):
-                cur = root
-            parts = [p for p in target.split("/") if p and p != "."] + parts
-            continue
-        cur = nxt
-    return cur
+    would (a link never leads out of ``root``): ``shoal run``'s rule (mount/run.py)."""
+    from shoal.mount.run import inside as run_inside
+
+    try:
+        return run_inside(root, path)
+    except OSError as exc:
+        raise ShoalError(f"{exc.strerror} of the image") from None
 
 
 def _first_missing(root: str, path: str) -> str | None:
