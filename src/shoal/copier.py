@@ -277,13 +277,13 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
                 admit(src_ref, as_context(opts.src_opts), top, raw if raw is not top else None)
             # whose referrers follow: the source's top (also when it is not what is written), what is written
             # and each manifest the source's index lists (a runtime view left out here comes back at a push)
-            subjects = {dg_of(top): _descriptor(top, top_media)}
+            subjects = {_dg_of(top): _descriptor(top, top_media)}
             if _is_index(top, top_media):
                 for e in json_object(top, "image index").get("manifests") or []:
                     if isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("size"), int):
                         subjects[dg.validate(e["digest"])] = {"mediaType": str(e.get("mediaType") or mt.OCI_MANIFEST),
                                                              "digest": e["digest"], "size": e["size"]}
-            subjects[dg_of(raw)] = _descriptor(raw, media)
+            subjects[_dg_of(raw)] = _descriptor(raw, media)
             partial = dst.partial_pull() if _is_shoal(raw) or _is_index(raw, media) else None
             if partial is not None and not _is_index(raw, media):
                 result = _partial(partial, src, dst, raw, opts, sink)
@@ -306,12 +306,12 @@ def copy(src_ref: ImageReference, dst_ref: ImageReference, opts: CopyOptions | N
     return result
 
 
-def dg_of(raw: bytes) -> str:
+def _dg_of(raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def _descriptor(raw: bytes, media: str) -> dict[str, object]:
-    return {"mediaType": media or mt.OCI_MANIFEST, "digest": dg_of(raw), "size": len(raw)}
+    return {"mediaType": media or mt.OCI_MANIFEST, "digest": _dg_of(raw), "size": len(raw)}
 
 
 MAX_REFERRER_DEPTH = 2  # a referrer's referrers (a signed SBOM) follow too; theirs no further
