@@ -177,3 +177,86 @@ def test_failures_are_one_line(tmp_path: Path) -> None:
     helpers.assert_one_line_error(p, "takes no SOURCE")
     p = helpers.run_shoal(store, "update", "base:1", check=False)
     helpers.assert_one_line_error(p, "records no recipe")
+
+
+COPY_ONLY = """
+app:
+  from: base:1
+  copy:
+    - {src: hello.txt, dst: /app/hello.txt}
+    - {src: motd, dst: /etc/motd}
+    - {src: conf, dst: /etc/app}
+    - {src: conf2, dst: /etc/app}
+    - {src: link2, dst: /opt/deep/er/l}
+    - {src: hello.txt, dst: /etc}
+    - {src: big, dst: /usr/share/big}
+    - {src: conf, dst: /etc/motd}
+early:
+  from: base:1
+  source_date_epoch: 1500000000
+  copy:
+    - {src: hello.txt, dst: /etc/hello.txt}
+via-link:
+  from: base:1
+  copy:
+    - {src: hello.txt, dst: /conf/hello.txt}
+hard:
+  from: base:1
+  copy:
+    - {src: hello.txt, dst: /etc/h2}
+"""
+
+
+def test_copy_only_step_on_the_index_is_the_unpacked_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy-only step made on the parent's index (no unpack) is byte for byte the unpacked step: new,
+    replaced and overwritten files, a new directory merged into, a symlink copied as a link, missing
+    parents, a file into an existing directory, a directory replacing a file, a multi-window file, mtimes
+    clamped to an older SOURCE_DATE_EPOCH; a destination through a symlink of the parent, or replacing a
+    hardlinked file, unpacks."""
+    from shoal.recipe import build_recipe, builder, load
+    from shoal.store import Store
+
+    ctx = _ctx(tmp_path, COPY_ONLY)
+    (ctx / "motd").write_text("replaced\n")
+    (ctx / "conf2").mkdir()
+    (ctx / "conf2" / "app.conf").write_text("level=2\n")  # overwrites conf's, in place
+    (ctx / "conf2" / "more.conf").write_text("more\n")
+    os.chmod(ctx / "conf2" / "more.conf", 0o6750)
+    (ctx / "conf2" / "lock").write_text("")
+    os.chmod(ctx / "conf2" / "lock", 0o2640)
+    os.symlink("hello.txt", ctx / "link2")
+    (ctx / "big").write_bytes(os.urandom(5 * 1024 * 1024 + 12345))
+    base = tmp_path / "base-tree"
+    _tree(base, "one")
+    os.symlink("etc", base / "conf")
+    (base / "etc" / "h1").write_text("linked\n")
+    os.link(base / "etc" / "h1", base / "etc" / "h2")
+    helpers.fix_times(base, int(SDE) * 10**9)
+
+    used: list[bool] = []
+    real = builder.copy_step
+
+    def spy(*a: Any, **k: Any) -> Any:
+        got = real(*a, **k)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(builder, "copy_step", spy)
+    got = {}
+    for fast in (True, False):
+        store = tmp_path / f"store-{fast}"
+        helpers.run_shoal(store, "build", "--source-date-epoch", SDE, base, "base:1")
+        monkeypatch.setattr(builder, "INDEX_COPY", fast)
+        out = build_recipe(Store.open(store), load(str(ctx / "app.yaml")))
+        got[fast] = {o.name: (o.manifest.root, o.manifest.digest, o.manifest.index.digest) for o in out}
+    # via-link's destination crosses /conf, a symlink; hard's replaces a hardlinked file: both unpacked
+    assert used == [True, True, False, False]
+    assert got[True] == got[False]
+    store = tmp_path / "store-True"
+    assert _cat(store, "app:latest", "/etc/app/app.conf") == b"level=2\n"
+    assert _cat(store, "app:latest", "/etc/motd/link") == b"level=1\n"
+    ls = json.loads(helpers.run_shoal(store, "ls", "-R", "app:latest", "--json").stdout)
+    listing = {e["path"]: e for e in ls["listing"]}
+    assert listing["/opt/deep/er/l"]["target"] == "hello.txt" and listing["/opt/deep"]["mode"] & 0o7777 == 0o755
+    assert _cat(store, "via-link:latest", "/etc/hello.txt") == b"hello 1\n"
+    assert _cat(store, "hard:latest", "/etc/h1") == b"linked\n"

@@ -9,7 +9,8 @@ Each image is made in up to three steps:
    copies made, the run script executed in a container there, and the directory built with every chunk
    the store holds reused.  It is cached under a key of the parent's manifest digest, the step's canonical
    text, the digests of the copied inputs, the environment and SOURCE_DATE_EPOCH
-   (``STORE/recipes/steps/<key>.json``), so an unchanged step is not run again;
+   (``STORE/recipes/steps/<key>.json``), so an unchanged step is not run again.  A step of copies only is
+   made on the parent's index instead (``placed.copy_step``): the same image, nothing unpacked;
 3. the *config step*: the parent's runtime config with the recipe's fields, and the lineage (base: the
    ``from`` image, applied, recipe: the digest of the image's canonical spec and resolved inputs), written
    over the tree step's index and packs (only a config and a manifest are new).
@@ -43,6 +44,7 @@ from shoal.format.manifest import (
 from shoal.merge import LINEAGE, Input, apply, config_of, lineage_of, lineage_record
 from shoal.reader import Reader, StoreSource
 from shoal.recipe.container import RunSpec, inside, run_in_tree
+from shoal.recipe.placed import copy_step
 from shoal.recipe.spec import ImageSpec, Recipe, canonical
 from shoal.store import Store
 from shoal.transports.context import SystemContext
@@ -53,6 +55,7 @@ __all__ = ["RecipeOptions", "ImageOutcome", "build_recipe", "store_input", "reci
 log = logging.getLogger(__name__)
 
 STEP_VERSION = 1  # in every step key: a change of what a step makes invalidates the cache
+INDEX_COPY = True  # a copy-only step on the parent's index (placed.py); False: always unpack (tests)
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,15 @@ def _runtime_config(parent: dict[str, Any], spec: ImageSpec) -> dict[str, Any]:
 
 def _tree_step(store: Store, recipe: Recipe, spec: ImageSpec, parent: Input, conf: dict[str, Any],
                sde: int, key: str, opts: RecipeOptions) -> tuple[ShoalManifest, int, int]:
-    """Unpack the parent, copy, run, build: (manifest, runs, new chunks)."""
+    """Unpack the parent, copy, run, build: (manifest, runs, new chunks).  A step of copies only is made
+    on the parent's index instead (``placed.copy_step``: the same image, nothing unpacked) when it can."""
+    pcfg = config_of(store, parent.manifest)
+    cfg = replace(pcfg, root="", extra={**pcfg.extra, LINEAGE: {"base": lineage_record(parent),
+                                                                "recipe": {"step": key}}})
+    if INDEX_COPY and spec.copy and not spec.run:
+        got = copy_step(store, parent.manifest, recipe.context, spec.copy, sde, cfg, opts.workers)
+        if got is not None:
+            return got.manifest, 0, got.new_chunks
     work = tempfile.mkdtemp(prefix="shoal-recipe-", dir=os.path.join(store.root, "tmp"))
     runs = 0
     try:
@@ -328,9 +339,6 @@ def _tree_step(store: Store, recipe: Recipe, spec: ImageSpec, parent: Input, con
             log.info("%s: run step exited %d after %.1fs", spec.name, rc, time.monotonic() - t0)
             if rc != 0:
                 raise ShoalError(f"recipe {recipe.path}: image {spec.key}: the run step failed with exit code {rc}")
-        pcfg = config_of(store, parent.manifest)
-        cfg = replace(pcfg, root="", extra={**pcfg.extra, LINEAGE: {"base": lineage_record(parent),
-                                                                    "recipe": {"step": key}}})
         r = build(store, root, None, BuildOptions(workers=opts.workers, source_date_epoch=sde, config=cfg))
         return r.manifest, runs, r.new_chunks
     finally:
