@@ -258,5 +258,8 @@ def test_copy_only_step_on_the_index_is_the_unpacked_step(tmp_path: Path, monkey
     ls = json.loads(helpers.run_shoal(store, "ls", "-R", "app:latest", "--json").stdout)
     listing = {e["path"]: e for e in ls["listing"]}
     assert listing["/opt/deep/er/l"]["target"] == "hello.txt" and listing["/opt/deep"]["mode"] & 0o7777 == 0o755
+    # permission bits are kept, set-user-ID and set-group-ID included (the copy chowns before it chmods)
+    modes = {p.rsplit("/", 1)[1]: e["mode"] & 0o7777 for p, e in listing.items() if p.endswith(("more.conf", "/lock"))}
+    assert modes == {"more.conf": 0o6750, "lock": 0o2640}, modes
     assert _cat(store, "via-link:latest", "/etc/hello.txt") == b"hello 1\n"
     assert _cat(store, "hard:latest", "/etc/h1") == b"linked\n"

@@ -54,7 +54,7 @@ __all__ = ["RecipeOptions", "ImageOutcome", "build_recipe", "store_input", "reci
 
 log = logging.getLogger(__name__)
 
-STEP_VERSION = 1  # in every step key: a change of what a step makes invalidates the cache
+STEP_VERSION = 2  # in every step key: a change of what a step makes invalidates the cache
 INDEX_COPY = True  # a copy-only step on the parent's index (placed.py); False: always unpack (tests)
 
 
@@ -205,22 +205,28 @@ def _copy_into(root: str, ctx: str, src: str, dst: str, mtime_ns: int) -> None:
         else:
             os.unlink(target)
 
+    def own(t: str) -> None:  # before a chmod: a chown after it would drop set-user-ID and set-group-ID
+        if os.geteuid() == 0:
+            os.lchown(t, 0, 0)
+
     def one(s: str, t: str) -> None:
         st = os.lstat(s)
         if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(s), t)
+            own(t)
         elif stat.S_ISDIR(st.st_mode):
             if not os.path.isdir(t):
                 os.mkdir(t, 0o700)
             for n in sorted(os.listdir(s)):
                 one(os.path.join(s, n), os.path.join(t, n))
+            own(t)
             os.chmod(t, stat.S_IMODE(st.st_mode))
         elif stat.S_ISREG(st.st_mode):
             shutil.copyfile(s, t, follow_symlinks=False)
+            own(t)
             os.chmod(t, stat.S_IMODE(st.st_mode))
         else:
             raise UsageError(f"copy source {s} is a special file (only files, directories, symlinks)")
-        os.lchown(t, 0, 0) if os.geteuid() == 0 else None
         os.utime(t, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
     one(host_src, target)

@@ -131,9 +131,6 @@ class _Model:
             if cur is not None and (cur.kind != Kind.FILE or tp in self.linked or cur.xattrs):
                 raise _Unsupported("a file copied over a hardlinked, xattr-bearing or non-regular file")
             size, chunks = self.file(host)
-            # _copy_into chowns after its chmod: the kernel drops set-user-ID (and set-group-ID where
-            # the group may execute) of a regular file whose owner is set, as it does
-            mode &= ~stat.S_ISUID & ~(stat.S_ISGID if mode & stat.S_IXGRP else 0)
             self.entries[tp] = Entry(tp, Kind.FILE, mode, 0, 0, sde, (), size=size, chunks=chunks)
         else:
             raise _Unsupported("a special file")
