@@ -65,13 +65,14 @@ def rebase(ctx: click.Context, /, image: str, onto: str, from_: str | None, tag:
     store = open_store(ctx)
     from shoal.recipe.builder import store_input
 
-    img = store_input(store, image, sc)
-    new = store_input(store, onto, sc)
-    old = store_input(store, from_, sc) if from_ else None
-    try:
-        o = merge.rebase(store, img, new, tag, old_base=old, prefer=prefer)
-    except ConflictError as exc:
-        _conflicts(exc)
+    with store.layout.writing():  # no gc while the untagged inputs pulled here are used (store.md §3)
+        img = store_input(store, image, sc)
+        new = store_input(store, onto, sc)
+        old = store_input(store, from_, sc) if from_ else None
+        try:
+            o = merge.rebase(store, img, new, tag, old_base=old, prefer=prefer)
+        except ConflictError as exc:
+            _conflicts(exc)
     _report("rebased", tag, o, as_json, {"image": image, "onto": onto})
 
 
@@ -96,10 +97,11 @@ def apply_cmd(ctx: click.Context, /, base: str, images: tuple[str, ...], tag: st
     store = open_store(ctx)
     from shoal.recipe.builder import store_input
 
-    b = store_input(store, base, sc)
-    ins = [store_input(store, i, sc) for i in images]
-    try:
-        o = merge.apply(store, b, ins, tag, prefer=prefer)
-    except ConflictError as exc:
-        _conflicts(exc)
+    with store.layout.writing():  # no gc while the untagged inputs pulled here are used (store.md §3)
+        b = store_input(store, base, sc)
+        ins = [store_input(store, i, sc) for i in images]
+        try:
+            o = merge.apply(store, b, ins, tag, prefer=prefer)
+        except ConflictError as exc:
+            _conflicts(exc)
     _report("applied", tag, o, as_json, {"base": base, "images": list(images)})
