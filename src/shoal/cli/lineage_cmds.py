@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from shoal.cli.common import emit_json, human, open_store, platform_option, registry_options, registry_opts
 
 if TYPE_CHECKING:
-    from shoal.merge import Outcome
+    from collections.abc import Callable
+
+    from shoal.merge import Input, Outcome
+    from shoal.store import Store
 
 _PREFER = click.option("--prefer", type=click.Choice(["ours", "theirs"]), default=None,
                        help="Resolve each conflict with that side's version of the path (ours: the image's "
@@ -35,11 +38,30 @@ def _report(what: str, ref: str, o: "Outcome", as_json: bool, extra: dict[str, A
         click.echo(f"  merged /{x.path.decode('utf-8', 'backslashreplace')}: {x.rule}")
 
 
-def _conflicts(exc: Any) -> None:
+def _conflicts(exc: Any) -> NoReturn:
     click.echo(f"shoal: error: {exc}", err=True)
     for line in exc.lines:
         click.echo(f"  {line}", err=True)
     sys.exit(exc.exit_code)
+
+
+def _merged(ctx: click.Context, tag: str, platform: str | None, kw: dict[str, Any],
+            run: "Callable[[Store, Callable[[str], Input], str], Outcome]") -> "tuple[Outcome, str]":
+    """Run a merge into the store as ``tag``: its inputs (any transport) are taken into the store while
+    the store's writer lock is held, so no gc takes the untagged ones before the result is tagged
+    (store.md §3); a conflict ends the command with its list (exit 11)."""
+    from shoal.errors import ConflictError
+    from shoal.recipe.builder import store_input
+    from shoal.store import new_image_name
+
+    tag = new_image_name(tag)
+    sc = registry_opts(ctx, platform=platform, **kw)
+    store = open_store(ctx)
+    with store.layout.writing():
+        try:
+            return run(store, lambda ref: store_input(store, ref, sc), tag), tag
+        except ConflictError as exc:
+            _conflicts(exc)
 
 
 @click.command()
@@ -57,22 +79,12 @@ def rebase(ctx: click.Context, /, image: str, onto: str, from_: str | None, tag:
            as_json: bool, platform: str | None, **kw: Any) -> None:
     """IMAGE's own changes (relative to its base) on top of --onto, as NAME:TAG; no file data is copied."""
     from shoal import merge
-    from shoal.errors import ConflictError
-    from shoal.store import new_image_name
 
-    tag = new_image_name(tag)
-    sc = registry_opts(ctx, platform=platform, **kw)
-    store = open_store(ctx)
-    from shoal.recipe.builder import store_input
+    def run(store: "Store", inputs: "Callable[[str], Input]", name: str) -> "Outcome":
+        old = inputs(from_) if from_ else None
+        return merge.rebase(store, inputs(image), inputs(onto), name, old_base=old, prefer=prefer)
 
-    with store.layout.writing():  # no gc while the untagged inputs pulled here are used (store.md §3)
-        img = store_input(store, image, sc)
-        new = store_input(store, onto, sc)
-        old = store_input(store, from_, sc) if from_ else None
-        try:
-            o = merge.rebase(store, img, new, tag, old_base=old, prefer=prefer)
-        except ConflictError as exc:
-            _conflicts(exc)
+    o, tag = _merged(ctx, tag, platform, kw, run)
     _report("rebased", tag, o, as_json, {"image": image, "onto": onto})
 
 
@@ -89,19 +101,9 @@ def apply_cmd(ctx: click.Context, /, base: str, images: tuple[str, ...], tag: st
               as_json: bool, platform: str | None, **kw: Any) -> None:
     """BASE plus each IMAGE's own changes (relative to the base it records), in order, as NAME:TAG."""
     from shoal import merge
-    from shoal.errors import ConflictError
-    from shoal.store import new_image_name
 
-    tag = new_image_name(tag)
-    sc = registry_opts(ctx, platform=platform, **kw)
-    store = open_store(ctx)
-    from shoal.recipe.builder import store_input
+    def run(store: "Store", inputs: "Callable[[str], Input]", name: str) -> "Outcome":
+        return merge.apply(store, inputs(base), [inputs(i) for i in images], name, prefer=prefer)
 
-    with store.layout.writing():  # no gc while the untagged inputs pulled here are used (store.md §3)
-        b = store_input(store, base, sc)
-        ins = [store_input(store, i, sc) for i in images]
-        try:
-            o = merge.apply(store, b, ins, tag, prefer=prefer)
-        except ConflictError as exc:
-            _conflicts(exc)
+    o, tag = _merged(ctx, tag, platform, kw, run)
     _report("applied", tag, o, as_json, {"base": base, "images": list(images)})

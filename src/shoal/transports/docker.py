@@ -34,11 +34,11 @@ import logging
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
 
-from shoal.errors import FormatError, IntegrityError, NotFound, ShoalError, TransportError, UsageError
+from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError, UsageError
 from shoal.format.manifest import json_loads
 from shoal.transports.base import (
     BlobInfo,
@@ -54,9 +54,9 @@ from shoal.transports.base import (
 )
 from shoal.transports.context import TAG_RE as _TAG_RE
 from shoal.transports.registry import RegistryClient, RegistryStats
-from shoal.transports.registry.blobinfo import MAX_CANDIDATES, BlobInfoCache, cache_for
-from shoal.transports.registry.blobs import BlobReader, check_digest
-from shoal.transports.registry.referrers import merge_signature_manifests, referrers_tag, signature_tag
+from shoal.transports.registry.blobinfo import BlobInfoCache, RecordWhenVerified, SeenOnce, cache_for
+from shoal.transports.registry.blobs import check_digest
+from shoal.transports.registry.referrers import merge_signature_manifests, signature_tag
 from shoal.transports.registry.sysregistries import load as load_registries_conf
 
 __all__ = ["DockerReference", "DockerTransport", "DockerSource", "DockerDestination", "RegistryOptions",
@@ -277,7 +277,7 @@ class DockerSource(ImageSource):
             raise UsageError(f"no registry to pull {ref} from (every mirror is blocked)")
         self.ref = ref
         self.endpoints = tuple(endpoints)
-        self.seen = _Seen(cache)
+        self.seen = SeenOnce(cache)
         self._clients: dict[int, RegistryClient] = {}
         self._lock = threading.Lock()
         self._active = 0
@@ -370,8 +370,8 @@ class DockerSource(ImageSource):
     def get_blob(self, info: BlobInfo) -> tuple[BinaryIO, int]:
         size_hint = info.size if info.size >= 0 else None
 
-        def open_at(c: RegistryClient, repo: str) -> _RecordWhenVerified:
-            return _RecordWhenVerified(c.open_blob_stream(repo, info.digest, size=size_hint), self.seen, c.host, repo)
+        def open_at(c: RegistryClient, repo: str) -> RecordWhenVerified:
+            return RecordWhenVerified(c.open_blob_stream(repo, info.digest, size=size_hint), self.seen, c.host, repo)
 
         stream = self._try(open_at, self._any(), "blob")
         size = stream.size if stream.size is not None else info.size
@@ -429,94 +429,15 @@ class DockerSource(ImageSource):
     def _listed(self, digest: str) -> list[dict[str, Any]]:
         """The referrers API's list, else the tag-schema index's; a registry found without the API is not
         asked again by this source (one request per digest fewer)."""
-        with self._lock:
+        with self._api_lock:  # the first lookup asks; lookups running beside it wait for its answer
+            if self._referrers_api is None:
+                self._referrers_api = self.client.has_referrers_api(self.repo, digest)
             api = self._referrers_api
-        if api is None:
-            with self._api_lock:  # the first lookup asks; lookups running beside it wait for its answer
-                if self._referrers_api is None:
-                    self._referrers_api = self.client.has_referrers_api(self.repo, digest)
-                api = self._referrers_api
-        if api:
-            return self.client.referrers(self.repo, digest, fallback=False)
-        try:
-            raw, _ = self._manifest_at(referrers_tag(digest))
-        except NotFound:
-            return []
-        doc = json_loads(raw)
-        entries = doc.get("manifests") if isinstance(doc, dict) else None
-        if not isinstance(entries, list):
-            raise FormatError(f"{self.repo}:{referrers_tag(digest)} is not an image index")
-        return [e for e in entries if isinstance(e, dict)]
+        return self.client.referrers(self.repo, digest, api=api)
 
     def _manifest_at(self, tag: str) -> tuple[bytes, str]:
         raw, media, _ = self._try(lambda c, repo: c.get_manifest(repo, tag), [self._active], "manifest")
         return raw, media
-
-
-class _Seen:
-    """Records in a blob-info cache, each (registry, repository, blob) once per source or destination (a
-    lazy mount's range reads do not write the same record per frame)."""
-
-    def __init__(self, cache: BlobInfoCache | None) -> None:
-        self.cache = cache
-        self._done: set[tuple[str, str, str]] = set()
-        self._lock = threading.Lock()
-        if cache is not None:
-            cache.acquire()
-
-    def release(self) -> None:
-        """The source or destination is closed (once; a second call does nothing)."""
-        cache, self.cache = self.cache, None
-        if cache is not None:
-            cache.release()
-
-    def record(self, host: str, repo: str, digest: str) -> None:
-        if self.cache is None:
-            return
-        key = (host, repo, digest)
-        with self._lock:
-            if key in self._done:
-                return
-            self._done.add(key)
-        self.cache.record(host, repo, digest)
-
-    def forget(self, host: str, repo: str, digest: str) -> None:
-        if self.cache is None:
-            return
-        with self._lock:
-            self._done.discard((host, repo, digest))
-        self.cache.forget(host, repo, digest)
-
-    def candidates(self, host: str, digest: str, exclude: str) -> list[str]:
-        return self.cache.candidates(host, digest, exclude=exclude, limit=MAX_CANDIDATES) if self.cache else []
-
-
-class _RecordWhenVerified:
-    """A registry blob stream that records where the blob was seen once it has been read to its verified end."""
-
-    def __init__(self, reader: BlobReader, seen: _Seen, host: str, repo: str) -> None:
-        self.reader, self.seen, self.host, self.repo = reader, seen, host, repo
-        self.size = reader.size
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.reader.read(n)
-        if not b and self.reader.verified:
-            self.seen.record(self.host, self.repo, self.reader.digest)
-        return b
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.reader
-        if self.reader.verified:
-            self.seen.record(self.host, self.repo, self.reader.digest)
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> "_RecordWhenVerified":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ------------------------------------------------------------------------------------------ destination
@@ -536,7 +457,7 @@ class DockerDestination(ImageDestination):
         self._top: tuple[bytes, str] | None = None
         self.mounted = 0
         self._mounted_lock = threading.Lock()
-        self.seen = _Seen(cache)
+        self.seen = SeenOnce(cache)
         self.digest = ""  # of the top manifest, once committed
 
     def close(self) -> None:
@@ -667,9 +588,6 @@ class DockerDestination(ImageDestination):
         if isinstance(doc.get("annotations"), dict):
             desc["annotations"] = doc["annotations"]
         self.client.put_referrer_tag_index(self.ref.repo, subject["digest"], desc)
-
-
-# ------------------------------------------------------------------------------------------ remote inspection
 
 
 # ------------------------------------------------------------------------------------------ short names

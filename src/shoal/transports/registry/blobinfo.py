@@ -25,9 +25,15 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["BlobInfoCache", "FILENAME", "SYSTEM_DIR", "MAX_CANDIDATES", "ENV_DIR", "default_dir", "cache_for"]
+if TYPE_CHECKING:
+    from shoal.transports.registry.blobs import BlobReader
+
+__all__ = ["BlobInfoCache", "SeenOnce", "RecordWhenVerified", "FILENAME", "SYSTEM_DIR", "MAX_CANDIDATES",
+           "ENV_DIR", "default_dir", "cache_for"]
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +181,69 @@ def cache_for(directory: str | os.PathLike[str] | None = None) -> BlobInfoCache:
             if path is None:
                 log.info("no blob-info cache: neither XDG_DATA_HOME nor HOME is set")
         return c
+
+
+class SeenOnce:
+    """Records in a blob-info cache, each (registry, repository, blob) once per source or destination (a
+    lazy mount's range reads do not write the same record per frame)."""
+
+    def __init__(self, cache: BlobInfoCache | None) -> None:
+        self.cache = cache
+        self._done: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+        if cache is not None:
+            cache.acquire()
+
+    def release(self) -> None:
+        """The source or destination is closed (once; a second call does nothing)."""
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            cache.release()
+
+    def record(self, host: str, repo: str, digest: str) -> None:
+        if self.cache is None:
+            return
+        key = (host, repo, digest)
+        with self._lock:
+            if key in self._done:
+                return
+            self._done.add(key)
+        self.cache.record(host, repo, digest)
+
+    def forget(self, host: str, repo: str, digest: str) -> None:
+        if self.cache is None:
+            return
+        with self._lock:
+            self._done.discard((host, repo, digest))
+        self.cache.forget(host, repo, digest)
+
+    def candidates(self, host: str, digest: str, exclude: str) -> list[str]:
+        return self.cache.candidates(host, digest, exclude=exclude, limit=MAX_CANDIDATES) if self.cache else []
+
+
+class RecordWhenVerified:
+    """A registry blob stream that records where the blob was seen once it has been read to its verified end."""
+
+    def __init__(self, reader: BlobReader, seen: SeenOnce, host: str, repo: str) -> None:
+        self.reader, self.seen, self.host, self.repo = reader, seen, host, repo
+        self.size = reader.size
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.reader.read(n)
+        if not b and self.reader.verified:
+            self.seen.record(self.host, self.repo, self.reader.digest)
+        return b
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.reader
+        if self.reader.verified:
+            self.seen.record(self.host, self.repo, self.reader.digest)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "RecordWhenVerified":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

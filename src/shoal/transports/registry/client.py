@@ -481,10 +481,10 @@ class RegistryClient:
 
     # -- referrers (referrers.py) ------------------------------------------
     def referrers(self, repo: str, digest: str, artifact_type: str | None = None,
-                  fallback: bool = True) -> list[dict[str, Any]]:
-        """Descriptors of manifests whose ``subject`` is ``digest``: the referrers API, else (with
-        ``fallback``) the tag schema."""
-        return referrers(self, repo, digest, artifact_type, fallback)
+                  fallback: bool = True, api: bool = True) -> list[dict[str, Any]]:
+        """Descriptors of manifests whose ``subject`` is ``digest``: the referrers API (unless ``api`` is
+        false: known absent), else (with ``fallback``) the tag schema."""
+        return referrers(self, repo, digest, artifact_type, fallback, api)
 
     def has_referrers_api(self, repo: str, digest: str) -> bool:
         """Whether the registry serves the referrers API (else the tag schema stands in for it)."""

@@ -95,14 +95,15 @@ def has_referrers_api(client: RegistryClient, repo: str, digest: str) -> bool:
 
 
 def referrers(client: RegistryClient, repo: str, digest: str, artifact_type: str | None = None,
-              fallback: bool = True) -> list[dict[str, Any]]:
+              fallback: bool = True, api: bool = True) -> list[dict[str, Any]]:
     """Descriptors of manifests whose ``subject`` is ``digest``.
 
     Uses the referrers API and falls back to the ``<alg>-<hex>`` tag schema (unless ``fallback`` is
-    false: a caller that reads the tag schema itself, at the same time).
+    false: a caller that reads the tag schema itself, at the same time); ``api`` false: the caller knows
+    the registry has no referrers API, so the tag schema is read without asking it first.
     """
     what = f"referrers of {repo}@{digest}"
-    resp = probe(client, repo, digest, artifact_type)
+    resp = probe(client, repo, digest, artifact_type) if api else None
     if resp is not None:
         doc: Any = _json(resp.content, what)
         filtered = "artifactType" in resp.headers.get("oci-filters-applied", "")
