@@ -202,6 +202,9 @@ def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="containers-policy.json applied at pull, mount and run (default: "
                           "$SHOAL_SIGNATURE_POLICY, ~/.config/containers/policy.json, /etc/containers/policy.json; "
                           "none: refused)."),
+        click.option("--registries.d", "registries_d", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                     help="registries.d directory naming where GPG simple signatures are kept (lookaside), as "
+                          "skopeo's (default: ~/.config/containers/registries.d, else /etc/containers/registries.d)."),
         click.option("--registries-conf", type=click.Path(dir_okay=False), default=None, metavar="FILE",
                      help="registries.conf to use instead of the system's (default: $CONTAINERS_REGISTRIES_CONF, "
                           "~/.config/containers/registries.conf, /etc/containers/registries.conf)."),
@@ -215,7 +218,7 @@ def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, c
                   plain_http: bool | None, authfile: str | None, retries: int | None,
                   timeout: float | None = None, concurrency: int | None = None,
                   registries_conf: str | None = None, platform: str | None = None,
-                  signature_policy: str | None = None) -> "SystemContext":
+                  signature_policy: str | None = None, registries_d: str | None = None) -> "SystemContext":
     """The ``SystemContext`` the ``registry_options`` flags describe, built once per command and given
     to every ``new_source``/``new_destination``/``open_image``.  Paths are made absolute: the mount
     daemon changes its directory to /."""
@@ -235,4 +238,4 @@ def registry_opts(ctx: click.Context, tls_verify: bool, ca_bundle: str | None, c
     return SystemContext(store=absolute(store), platform=platform, auth_file=absolute(authfile),
                          tls_verify=tls_verify, ca_bundle=absolute(ca_bundle), cert_dir=absolute(cert_dir),
                          plain_http=plain_http, registries_conf=absolute(registries_conf),
-                         signature_policy=absolute(signature_policy), **o)
+                         signature_policy=absolute(signature_policy), registries_d=absolute(registries_d), **o)

@@ -47,7 +47,7 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
     platform = kw.pop("platform")
     sc = registry_opts(ctx, platform=platform, **{k: kw.pop(k) for k in (
         "tls_verify", "ca_bundle", "cert_dir", "plain_http", "authfile", "retries", "timeout", "registries_conf",
-        "signature_policy")})
+        "signature_policy", "registries_d")})
     if creds is not None:
         sc = sc.replace(credentials=parse_creds(creds))
     return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch, warm=_SERVE_MODULES, policy=True)

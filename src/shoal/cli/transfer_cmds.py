@@ -25,6 +25,7 @@ class Carry:
     sign_key: str | None = None  # --sign-by-sigstore-private-key
     sign_passphrase_file: str | None = None
     sign_identity: str | None = None
+    sign_by: str | None = None  # --sign-by: a GPG key fingerprint (simple signing)
 
 
 def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", src_creds: Any,
@@ -39,6 +40,14 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
     if tags:
         dst_opts = dst_opts.replace(tags=tuple(tags))
     key = identity = None
+    if carry.sign_key is not None and carry.sign_by is not None:
+        from shoal.errors import UsageError
+
+        raise UsageError("give one of --sign-by and --sign-by-sigstore-private-key")
+    if carry.sign_by is not None:  # before anything moves: no such key, a lookaside Shoal cannot write
+        from shoal.trust.image import gpg_signing_check
+
+        identity = gpg_signing_check(dst_ref, dst_opts, carry.sign_by, carry.sign_identity)
     if carry.sign_key is not None:  # before anything moves: a wrong passphrase or identity fails first
         from shoal.cli.trust_cmds import load_signing_key
         from shoal.trust.image import signing_identity
@@ -54,6 +63,11 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
         from shoal.trust.image import sign_reference
 
         signed = sign_reference(dst_ref.pinned(r.digest), dst_opts, key, identity)
+    if carry.sign_by is not None:
+        from shoal.trust.image import sign_reference_gpg
+
+        signed = sign_reference_gpg(dst_ref.pinned(r.digest), dst_opts, carry.sign_by, identity,
+                                    carry.sign_passphrase_file)
     if as_json:
         emit_json({
             "src": str(src_ref), "dst": str(dst_ref), "digest": r.digest, "media_type": r.media_type,
@@ -80,11 +94,15 @@ _CARRY_OPTS = [
                  help="Do not copy the source's other referrers (attached SBOMs, start-up profiles)."),
 ]
 _SIGN_OPTS = [
+    click.option("--sign-by", default=None, metavar="FINGERPRINT",
+                 help="Sign the copied image with this GPG key of the keyring ($GNUPGHOME): simple signing, "
+                      "written to the lookaside storage registries.d names (as skopeo)."),
     click.option("--sign-by-sigstore-private-key", "sign_key", default=None, metavar="KEY",
                  type=click.Path(exists=True, dir_okay=False),
                  help="Sign the copied image with this cosign private key (as skopeo; see shoal sign)."),
     click.option("--sign-passphrase-file", default=None, type=click.Path(exists=True, dir_okay=False),
-                 help="File whose first line is the key's passphrase (else $COSIGN_PASSWORD, else a prompt)."),
+                 help="File whose first line is the key's passphrase (else $COSIGN_PASSWORD, else a prompt; "
+                      "--sign-by: else gpg-agent asks)."),
     click.option("--sign-identity", default=None, metavar="HOST/REPO:TAG",
                  help="The identity the signature names (default: the destination reference)."),
 ]
@@ -101,7 +119,7 @@ def _carry_options(sign: bool) -> Callable[[Callable[..., Any]], Callable[..., A
 def _carry(kw: dict[str, Any]) -> Carry:
     """The carry and sign options, taken out of ``kw``."""
     return Carry(not kw.pop("remove_signatures", False), not kw.pop("no_referrers", False), kw.pop("sign_key", None),
-                 kw.pop("sign_passphrase_file", None), kw.pop("sign_identity", None))
+                 kw.pop("sign_passphrase_file", None), kw.pop("sign_identity", None), kw.pop("sign_by", None))
 
 
 _COPY_OPTS = [

@@ -69,28 +69,39 @@ def generate(output: str, passphrase_file: str | None, force: bool) -> None:
 
 @click.command()
 @click.argument("ref")
-@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--key", "key_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="cosign private key file (shoal key generate, cosign generate-key-pair).")
-@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False), default=None, help=_PASS_HELP)
+@click.option("--sign-by", default=None, metavar="FINGERPRINT",
+              help="Sign with this GPG key of the keyring ($GNUPGHOME) instead: simple signing, written to the "
+                   "lookaside storage registries.d names (as skopeo copy --sign-by).")
+@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help=_PASS_HELP + " With --sign-by: the GPG key's passphrase (else gpg-agent asks).")
 @click.option("--sign-identity", default=None, metavar="HOST/REPO:TAG",
               help="The identity the signature names (default: REF itself, as skopeo).")
 @click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @registry_options
 @click.pass_context
-def sign(ctx: click.Context, /, ref: str, key_path: str, passphrase_file: str | None, sign_identity: str | None,
-         creds: str | None, as_json: bool, **kw: Any) -> None:
-    """Sign the manifest REF (docker://) points at, and each Shoal image its index lists; the signatures go
-    to the sha256-<hex>.sig tags (cosign, containers/image) with an OCI subject (referrers)."""
+def sign(ctx: click.Context, /, ref: str, key_path: str | None, sign_by: str | None, passphrase_file: str | None,
+         sign_identity: str | None, creds: str | None, as_json: bool, **kw: Any) -> None:
+    """Sign the manifest REF (docker://) points at, and each manifest its index lists: with --key, cosign
+    signatures to the sha256-<hex>.sig tags (with an OCI subject: referrers); with --sign-by, GPG simple
+    signatures to the lookaside storage of registries.d (signature-N files)."""
+    from shoal.errors import UsageError
     from shoal.transports.base import parse_reference
-    from shoal.trust.image import sign_reference
+    from shoal.trust.image import sign_reference, sign_reference_gpg
 
+    if (key_path is None) == (sign_by is None):
+        raise UsageError("give one of --key KEY (cosign) and --sign-by FINGERPRINT (GPG)")
     r = parse_reference(ref)
     sc = registry_opts(ctx, **kw)
     if creds is not None:
         sc = sc.replace(credentials=parse_creds(creds))
-    k = load_signing_key(key_path, passphrase_file)
-    done = sign_reference(r, sc, k, sign_identity)
+    if sign_by is not None:
+        done = sign_reference_gpg(r, sc, sign_by, sign_identity, passphrase_file)
+    else:
+        assert key_path is not None
+        done = sign_reference(r, sc, load_signing_key(key_path, passphrase_file), sign_identity)
     if as_json:
         emit_json({"reference": str(r), "signatures": [
             {"digest": s.digest, "attachment": s.attachment, "identity": s.identity} for s in done]})
@@ -101,8 +112,11 @@ def sign(ctx: click.Context, /, ref: str, key_path: str, passphrase_file: str | 
 
 @click.command()
 @click.argument("ref")
-@click.option("--key", "key_paths", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="PEM public key (repeatable: any of them).")
+@click.option("--key", "key_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="PEM public key: a cosign signature (repeatable: any of them).")
+@click.option("--gpg-key", "gpg_key_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="OpenPGP public key (gpg --export, binary or armored): a GPG simple signature in the lookaside "
+                   "of registries.d (repeatable: any of them; with --key: a signature of either kind).")
 @click.option("--deep", is_flag=True, help="Also check the index against the signed manifest and every chunk "
                                            "against the index (reads the whole image).")
 @click.option("--signed-repository", default=None, metavar="HOST/REPO",
@@ -113,9 +127,10 @@ def sign(ctx: click.Context, /, ref: str, key_path: str, passphrase_file: str | 
 @platform_option("Image of an image index to check (default: this machine's platform).")
 @registry_options
 @click.pass_context
-def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], deep: bool, signed_repository: str | None,
-           creds: str | None, as_json: bool, platform: str | None, **kw: Any) -> None:
-    """Check REF's cosign signature with a public key; --deep proves every chunk against the signed root."""
+def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], gpg_key_paths: tuple[str, ...], deep: bool,
+           signed_repository: str | None, creds: str | None, as_json: bool, platform: str | None, **kw: Any) -> None:
+    """Check REF's cosign signature (--key) or GPG simple signature (--gpg-key); --deep proves every chunk
+    against the signed root."""
     from shoal.transports.base import parse_reference
     from shoal.trust.image import verify_reference
     from shoal.trust.keys import load_public_key
@@ -124,14 +139,22 @@ def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], deep: bo
     sc = registry_opts(ctx, platform=platform, **kw)
     if creds is not None:
         sc = sc.replace(credentials=parse_creds(creds))
+    from shoal.errors import UsageError
+
+    if not key_paths and not gpg_key_paths:
+        raise UsageError("give --key PUBLIC_KEY (cosign) or --gpg-key FILE (GPG simple signing)")
     keys = []
     for p in key_paths:
         with open(p, "rb") as f:
             keys.append(load_public_key(f.read(1 << 16), p))
+    gpg_keys = []
+    for p in gpg_key_paths:
+        with open(p, "rb") as f:
+            gpg_keys.append(f.read(1 << 20))
     from shoal.trust.policy import Identity
 
     rule = Identity("exactRepository", signed_repository) if signed_repository else None
-    v = verify_reference(r, sc, keys, deep, rule)
+    v = verify_reference(r, sc, keys, deep, rule, tuple(gpg_keys))
     if as_json:
         emit_json({"reference": v.reference, "digest": v.digest, "identity": v.identity, "signer": v.signer,
                    "shoal_manifest": v.shoal_manifest, "root": v.root, "deep": v.deep, "files": v.files,

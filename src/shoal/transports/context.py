@@ -64,6 +64,9 @@ class SystemContext:
     # containers-policy.json applied at pull, mount and run (docs/spec/trust.md §4); None: the default
     # lookup ($SHOAL_SIGNATURE_POLICY, ~/.config/containers/policy.json, /etc/containers/policy.json)
     signature_policy: str | None = None
+    # registries.d(5): where GPG simple signatures are kept (lookaside; docs/spec/trust.md §2.1); None: the
+    # default lookup (~/.config/containers/registries.d when it exists, else /etc/containers/registries.d)
+    registries_d: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tls_verify",):
@@ -89,7 +92,7 @@ class SystemContext:
             raise UsageError("tags must be a list of valid tags")
         object.__setattr__(self, "tags", tags)
         for name in ("store", "auth_file", "ca_bundle", "cert_dir", "registries_conf", "tmpdir", "blob_info_cache_dir",
-                     "signature_policy"):
+                     "signature_policy", "registries_d"):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, os.fspath(v) or None)

@@ -73,9 +73,10 @@ def _exact(obj: Any, keys: set[str], where: str) -> dict[str, Any]:
     return obj
 
 
-def parse_payload(raw: bytes) -> Payload:
-    """Parse a payload as strictly as containers/image (exact fields in ``critical``; ``optional`` null or
-    an object whose ``timestamp`` is an integer).  Call only after the signature over ``raw`` verified."""
+def parse_payload(raw: bytes, payload_type: str = PAYLOAD_TYPE, optional_null: bool = True) -> Payload:
+    """Parse a payload as strictly as containers/image (exact fields in ``critical``, whose ``type`` is
+    ``payload_type``; ``optional`` an object whose ``timestamp`` is an integer, or null where
+    ``optional_null``: cosign's, not simple signing's).  Call only after the signature over ``raw`` verified."""
     if len(raw) > MAX_PAYLOAD:
         raise FormatError("signature payload larger than 4 MiB")
     try:
@@ -84,7 +85,7 @@ def parse_payload(raw: bytes) -> Payload:
         raise FormatError(f"signature payload is not JSON ({exc})") from None
     top = _exact(doc, {"critical", "optional"}, "the payload")
     crit = _exact(top["critical"], {"type", "image", "identity"}, "critical")
-    if crit["type"] != PAYLOAD_TYPE:
+    if crit["type"] != payload_type:
         raise FormatError(f"signature payload: unrecognized signature type {str(crit['type'])[:80]!r}")
     image = _exact(crit["image"], {"docker-manifest-digest"}, "critical.image")
     ident = _exact(crit["identity"], {"docker-reference"}, "critical.identity")
@@ -95,7 +96,7 @@ def parse_payload(raw: bytes) -> Payload:
     creator: str | None = None
     ts: int | None = None
     opt = top["optional"]
-    if opt is not None:
+    if opt is not None or not optional_null:
         if not isinstance(opt, dict):
             raise FormatError("signature payload: optional is neither null nor an object")
         if "creator" in opt:

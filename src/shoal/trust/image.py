@@ -17,7 +17,7 @@ import hashlib
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
@@ -38,10 +38,13 @@ from shoal.trust.keys import PrivateKey, PublicKey
 from shoal.trust.policy import DockerName, Identity, Verdict, evaluate, load_policy
 
 __all__ = ["read_signatures", "attach", "admit", "Admission", "sign_reference", "verify_reference",
-           "Verification", "signing_identity", "build_identity", "sign_stored"]
+           "Verification", "signing_identity", "build_identity", "sign_stored", "sign_reference_gpg",
+           "gpg_signing_check"]
 
 if TYPE_CHECKING:
     from shoal.store import Store
+    from shoal.trust.lookaside import LookasideSignature
+    from shoal.trust.policy import Requirement
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,8 @@ def admit(ref: ImageReference, ctx: SystemContext, top: bytes | None = None, cho
         digests.append(_sha(chosen))
     verdicts: list[tuple[str, Verdict]] = []
     for d in digests:
-        v = evaluate(reqs, image, d, lambda d=d: read_signatures(ref, ctx, d))  # type: ignore[misc]
+        v = evaluate(reqs, image, d, lambda d=d: read_signatures(ref, ctx, d),  # type: ignore[misc]
+                     _simple_reader(ref, ctx, d))
         if v.accepted:
             log.info("%s admitted by %s (%s) on %s%s", ref, policy.origin, where, d,
                      f", signed by {v.signer}" if v.signer else "")
@@ -176,6 +180,17 @@ def admit(ref: ImageReference, ctx: SystemContext, top: bytes | None = None, cho
     else:
         why = "; ".join(f"{d[:19]}…: {v.reason}" for d, v in verdicts)
     raise PolicyRefused(f"{ref} refused by the signature policy {policy.origin} ({where}): {why}")
+
+
+def _simple_reader(ref: ImageReference, ctx: SystemContext, digest: str
+                   ) -> "Callable[[], list[LookasideSignature]] | None":
+    """The reader of ``digest``'s simple signatures in the lookaside of registries.d (docker:// only)."""
+    from shoal.trust.lookaside import read_lookaside
+
+    scope = ref.policy_scope()
+    if scope is None or scope.transport != "docker" or not scope.docker_name:
+        return None
+    return lambda: read_lookaside(ref, ctx, digest)
 
 
 def signing_identity(ref: ImageReference, identity: str | None) -> str:
@@ -205,6 +220,16 @@ def sign_reference(ref: ImageReference, ctx: SystemContext, key: PrivateKey, ide
     every manifest it lists: ``skopeo copy --all`` checks the policy on each of them (for a Shoal image:
     the runtime view and the Shoal manifest), and ``shoal pull REPO@<Shoal digest>`` finds one too."""
     ident = signing_identity(ref, identity)
+    out = []
+    for d, size, m in _targets(ref, ctx, children):
+        where = attach(ref, ctx, d, size, m, [sign(key, d, ident)])
+        out.append(Signed(d, where, ident))
+    return out
+
+
+def _targets(ref: ImageReference, ctx: SystemContext, children: bool) -> list[tuple[str, int, str]]:
+    """(digest, size, media type) of the manifest ``ref`` points at and, with ``children`` when it is an
+    index, of each manifest it lists."""
     with ref.new_source(ctx) as src:
         top, media = src.get_manifest()
         media = media or str(json_object(top).get("mediaType") or mt.OCI_MANIFEST)
@@ -214,10 +239,35 @@ def sign_reference(ref: ImageReference, ctx: SystemContext, key: PrivateKey, ide
                 if isinstance(e, dict) and isinstance(e.get("digest"), str):
                     targets.append((dg.validate(e["digest"]), int(e.get("size", 0)),
                                     str(e.get("mediaType", mt.OCI_MANIFEST))))
+    return targets
+
+
+def gpg_signing_check(ref: ImageReference, ctx: SystemContext, fingerprint: str, identity: str | None) -> str:
+    """Before anything moves (``push``/``copy --sign-by``): the identity, a secret key ``fingerprint`` in the
+    user's GPG keyring, and a writable lookaside for ``ref``; returns the identity."""
+    from shoal.trust.gpg import check_secret_key
+    from shoal.trust.lookaside import writable_base
+
+    ident = signing_identity(ref, identity)
+    writable_base(ref, ctx)
+    check_secret_key(fingerprint)
+    return ident
+
+
+def sign_reference_gpg(ref: ImageReference, ctx: SystemContext, fingerprint: str, identity: str | None = None,
+                       passphrase_file: str | None = None, children: bool = True) -> list[Signed]:
+    """``sign_reference`` with GPG simple signing (skopeo's ``--sign-by``): the same manifests, each signed
+    by the secret key ``fingerprint`` of the user's keyring (``$GNUPGHOME``) and written to the lookaside
+    staging storage registries.d names for ``ref`` (docs/spec/trust.md §2.1)."""
+    from shoal.trust.gpg import gpg_sign, make_simple_payload
+    from shoal.trust.lookaside import write_lookaside
+
+    ident = gpg_signing_check(ref, ctx, fingerprint, identity)
     out = []
-    for d, size, m in targets:
-        where = attach(ref, ctx, d, size, m, [sign(key, d, ident)])
-        out.append(Signed(d, where, ident))
+    for d, _, _ in _targets(ref, ctx, children):
+        blob = gpg_sign(make_simple_payload(d, ident), fingerprint, passphrase_file)
+        urls = write_lookaside(ref, ctx, d, [blob])
+        out.append(Signed(d, urls[0], ident))
     return out
 
 
@@ -269,6 +319,20 @@ def sign_stored(store: "Store", name: str, key: PrivateKey, identity: str) -> li
     return out
 
 
+def _any_of(reqs: "tuple[Requirement, ...]", image: DockerName | None, digest: str,
+            signatures: "Callable[[], list[Signature]]",
+            simple: "Callable[[], list[LookasideSignature]] | None") -> Verdict:
+    """The first requirement of ``reqs`` that accepts ``digest`` (``shoal verify`` with keys of both kinds:
+    any of them), else the refusals."""
+    why = []
+    for r in reqs:
+        v = evaluate((r,), image, digest, signatures, simple)
+        if v.accepted:
+            return v
+        why.append(v.reason)
+    return Verdict(False, "; ".join(why))
+
+
 @dataclass
 class Verification:
     reference: str
@@ -286,24 +350,29 @@ class Verification:
 
 
 def verify_reference(ref: ImageReference, ctx: SystemContext, keys: list[PublicKey], deep: bool = False,
-                     identity: Identity | None = None) -> Verification:
-    """``shoal verify``: a signature by one of ``keys`` over the tag's manifest (or the manifest chosen
-    from it), whose identity is in ``ref``'s repository (``identity``: another rule); with ``deep``, the
-    Shoal index against the signed manifest and every chunk against the index (docs/spec/trust.md §3)."""
+                     identity: Identity | None = None, gpg_keys: tuple[bytes, ...] = ()) -> Verification:
+    """``shoal verify``: a signature by one of ``keys`` (cosign, the ``.sig`` attachment) or of ``gpg_keys``
+    (OpenPGP public keys: a simple signature in the lookaside) over the tag's manifest (or the manifest
+    chosen from it), whose identity is in ``ref``'s repository (``identity``: another rule); with ``deep``,
+    the Shoal index against the signed manifest and every chunk against the index (docs/spec/trust.md §3)."""
     from shoal.transports.resolve import SourceFrames, resolve_image
 
     scope = ref.policy_scope()
     image = DockerName.parse(scope.docker_name) if scope is not None and scope.docker_name else None
     rule = identity or Identity("matchRepository")
-    from shoal.trust.policy import Requirement, check_signatures
+    from shoal.trust.policy import Requirement
 
-    req = Requirement("sigstoreSigned", tuple(keys), rule)
+    reqs = tuple(([Requirement("sigstoreSigned", tuple(keys), rule)] if keys else [])
+                 + ([Requirement("signedBy", (), rule, gpg_keys, "GPGKeys")] if gpg_keys else []))
+    if not reqs:
+        raise UsageError("give a key to verify with (--key, --gpg-key)")
     with ref.new_source(ctx) as src:
         res = resolve_image(src, ref, ctx.platform, with_index=deep)
         digests = [res.top_digest] + ([res.digest] if res.digest != res.top_digest else [])
         why = []
         for d in digests:
-            v = check_signatures(req, image, d, read_signatures(ref, ctx, d))
+            v = _any_of(reqs, image, d, lambda d=d: read_signatures(ref, ctx, d),  # type: ignore[misc]
+                        _simple_reader(ref, ctx, d))
             if v.accepted:
                 break
             why.append(v.reason)

@@ -6,8 +6,10 @@
   ``*.DOMAIN`` wildcards (subdomains stripped from the left), then the transport's ``""``, then the
   top-level ``default`` (required).  Every requirement of the list must accept the image.
 - Requirements: ``insecureAcceptAnything``, ``reject``, ``sigstoreSigned`` (``keyPath``, ``keyPaths`` or
-  ``keyData``; ``signedIdentity``), ``signedBy`` (GPG simple signing: parsed, and refuses every image
-  with "signedBy (GPG) is not supported").  Fulcio/Rekor fields are refused when the policy is loaded.
+  ``keyData``; ``signedIdentity``), ``signedBy`` (GPG simple signing, ``keyType: GPGKeys`` with
+  ``keyPath``, ``keyPaths`` or ``keyData``; ``signedIdentity``; the signatures are the lookaside's of
+  registries.d, verified by gpg in a temporary GNUPGHOME holding only the policy's keys: trust/gpg.py).
+  Fulcio/Rekor fields are refused when the policy is loaded.
 - ``signedIdentity``: ``matchExact``, ``matchRepoDigestOrExact`` (the default), ``matchRepository``,
   ``exactReference``, ``exactRepository``, ``remapIdentity``, as containers/image matches them.
 
@@ -21,17 +23,21 @@ import base64
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from shoal.errors import FormatError, PolicyRefused
 from shoal.trust.cosign import ANN_SIGNATURE, SIG_MEDIA_TYPE, Signature, parse_payload, verify
 from shoal.trust.keys import PublicKey, load_public_key
+
+if TYPE_CHECKING:
+    from shoal.trust.lookaside import LookasideSignature
 
 __all__ = ["Policy", "Requirement", "Identity", "DockerName", "load_policy", "default_policy_path",
            "parse_policy", "evaluate", "ENV_POLICY"]
 
 ENV_POLICY = "SHOAL_SIGNATURE_POLICY"
 SYSTEM_POLICY = "/etc/containers/policy.json"
+GPG_KEY_TYPES = ("GPGKeys", "signedByGPGKeys", "X509Certificates", "signedByX509CAs")  # only GPGKeys is implemented
 _IDENTITY_TYPES = ("matchExact", "matchRepoDigestOrExact", "matchRepository", "exactReference",
                    "exactRepository", "remapIdentity")
 
@@ -101,6 +107,8 @@ class Requirement:
     type: str
     keys: tuple[PublicKey, ...] = ()
     identity: Identity = field(default_factory=Identity)
+    gpg_keys: tuple[bytes, ...] = ()  # signedBy: the OpenPGP public key data (keyPath(s) read, keyData decoded)
+    key_type: str = ""  # signedBy: keyType
 
     def describe(self) -> str:
         return self.type
@@ -194,35 +202,45 @@ def _req(r: Any, where: str, base: str) -> Requirement:
         return Requirement(t)
     if t == "signedBy":
         _fields(r, {"type", "keyType", "keyPath", "keyPaths", "keyData", "signedIdentity"}, f"{where} signedBy")
-        return Requirement(t, (), _identity(r.get("signedIdentity"), where))
+        if r.get("keyType") not in GPG_KEY_TYPES:
+            raise FormatError(f"{where}: signedBy needs a keyType of {', '.join(GPG_KEY_TYPES)}")
+        return Requirement(t, (), _identity(r.get("signedIdentity"), where), tuple(_key_data(r, where, base, t)),
+                           str(r["keyType"]))
     if t == "sigstoreSigned":
         _fields(r, {"type", "keyPath", "keyPaths", "keyData", "fulcio", "rekorPublicKeyPath",
                     "rekorPublicKeyData", "signedIdentity"}, f"{where} sigstoreSigned")
         for unsupported in ("fulcio", "rekorPublicKeyPath", "rekorPublicKeyData"):
             if unsupported in r:
                 raise FormatError(f"{where}: sigstoreSigned {unsupported} is not supported (key-based only)")
-        given = [k for k in ("keyPath", "keyPaths", "keyData") if k in r]
-        if len(given) != 1:
-            raise FormatError(f"{where}: sigstoreSigned needs exactly one of keyPath, keyPaths, keyData")
-        keys: list[PublicKey] = []
-        if "keyData" in r:
-            try:
-                keys.append(load_public_key(base64.b64decode(str(r["keyData"]), validate=True), f"{where} keyData"))
-            except ValueError:
-                raise FormatError(f"{where}: keyData is not base64") from None
-        else:
-            paths = [r["keyPath"]] if "keyPath" in r else r["keyPaths"]
-            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-                raise FormatError(f"{where}: keyPath(s) must be file names")
-            for p in paths:
-                full = os.path.join(base, p)
-                try:
-                    with open(full, "rb") as f:
-                        keys.append(load_public_key(f.read(1 << 16), full))
-                except OSError as exc:
-                    raise FormatError(f"{where}: cannot read key {full}: {exc.strerror or exc}") from None
+        keys = [load_public_key(data, origin) for data, origin in _key_data(r, where, base, t, named=True)]
         return Requirement(t, tuple(keys), _identity(r.get("signedIdentity"), where))
     raise FormatError(f"{where}: unknown requirement type {t!r}")
+
+
+def _key_data(r: dict[str, Any], where: str, base: str, t: str, named: bool = False) -> list[Any]:
+    """The key bytes of exactly one of ``keyPath``, ``keyPaths``, ``keyData`` (relative paths: from the policy
+    file's directory); with ``named``, (bytes, where they came from) pairs."""
+    given = [k for k in ("keyPath", "keyPaths", "keyData") if k in r]
+    if len(given) != 1:
+        raise FormatError(f"{where}: {t} needs exactly one of keyPath, keyPaths, keyData")
+    out: list[tuple[bytes, str]] = []
+    if "keyData" in r:
+        try:
+            out.append((base64.b64decode(str(r["keyData"]), validate=True), f"{where} keyData"))
+        except ValueError:
+            raise FormatError(f"{where}: keyData is not base64") from None
+    else:
+        paths = [r["keyPath"]] if "keyPath" in r else r["keyPaths"]
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise FormatError(f"{where}: keyPath(s) must be file names")
+        for p in paths:
+            full = os.path.join(base, p)
+            try:
+                with open(full, "rb") as f:
+                    out.append((f.read(1 << 20), full))
+            except OSError as exc:
+                raise FormatError(f"{where}: cannot read key {full}: {exc.strerror or exc}") from None
+    return out if named else [d for d, _ in out]
 
 
 def _identity(v: Any, where: str) -> Identity:
@@ -285,11 +303,51 @@ def check_signatures(req: Requirement, image: DockerName | None, digest: str,
     return Verdict(False, reasons[0] if len(set(reasons)) == 1 else "; ".join(dict.fromkeys(reasons)))
 
 
+def check_simple(req: Requirement, image: DockerName | None, digest: str,
+                 signatures: "list[LookasideSignature]") -> Verdict:
+    """Does one of the lookaside ``signatures`` satisfy the signedBy ``req`` for the manifest ``digest`` of
+    ``image``?  As containers/image's prSignedBy: gpg verifies each with only ``req``'s keys, then the
+    payload's digest and identity are checked."""
+    from shoal.trust.gpg import Keyring, parse_simple_payload
+
+    if req.key_type != "GPGKeys":
+        return Verdict(False, f'unimplemented "keyType" value {req.key_type!r}')
+    if not signatures:
+        return Verdict(False, "a signature was required, but no signature exists")
+    reasons: list[str] = []
+    with Keyring(req.gpg_keys) as ring:
+        if not ring.fingerprints:
+            return Verdict(False, "no public keys imported (the policy's key data is not an OpenPGP public key)")
+        for s in signatures:
+            if s.problem:
+                reasons.append(s.problem)
+                continue
+            try:
+                contents, fpr = ring.verify(s.data)
+                p = parse_simple_payload(contents)
+            except FormatError as exc:
+                reasons.append(str(exc))
+                continue
+            if p.digest != digest:
+                reasons.append(f"the signature is for manifest {p.digest}, not {digest}")
+                continue
+            if not req.identity.matches(image, p.reference):
+                reasons.append(f"signature identity {p.reference[:200]!r} does not match {image} "
+                               f"({req.identity.type})")
+                continue
+            return Verdict(True, signer=fpr, payload_reference=p.reference)
+    return Verdict(False, reasons[0] if len(set(reasons)) == 1 else "none of the signatures were accepted: "
+                   + "; ".join(dict.fromkeys(reasons)))
+
+
 def evaluate(reqs: tuple[Requirement, ...], image: DockerName | None, digest: str,
-             signatures: Callable[[], list[Signature]]) -> Verdict:
-    """Every requirement of ``reqs`` for the manifest ``digest``; ``signatures`` is called once, when a
+             signatures: Callable[[], list[Signature]],
+             simple: "Callable[[], list[LookasideSignature]] | None" = None) -> Verdict:
+    """Every requirement of ``reqs`` for the manifest ``digest``; ``signatures`` (the cosign attachment's)
+    and ``simple`` (the lookaside's simple signatures; None: there are none) are each called once, when a
     requirement needs them.  The first refusal is returned."""
     got: list[Signature] | None = None
+    got_simple: list[LookasideSignature] | None = None
     last = Verdict(True)
     for r in reqs:
         if r.type == "insecureAcceptAnything":
@@ -297,7 +355,12 @@ def evaluate(reqs: tuple[Requirement, ...], image: DockerName | None, digest: st
         if r.type == "reject":
             return Verdict(False, "reject: the policy refuses every image in this scope")
         if r.type == "signedBy":
-            return Verdict(False, "signedBy (GPG simple signing) is not supported by shoal; use sigstoreSigned")
+            if got_simple is None:
+                got_simple = simple() if simple is not None else []
+            last = check_simple(r, image, digest, got_simple)
+            if not last.accepted:
+                return Verdict(False, f"signedBy: {last.reason}")
+            continue
         if got is None:
             got = signatures()
         last = check_signatures(r, image, digest, got)
