@@ -243,3 +243,29 @@ def test_http_lookaside(env: Any, tmp_path: Path) -> None:
         helpers.assert_one_line_error(p, "no such secret key")
     finally:
         srv.close()
+
+
+def test_copy_carries_lookaside_signatures(env: Any, tmp_path: Path) -> None:
+    """shoal copy docker:// -> docker:// takes the source's simple signatures to the destination's lookaside
+    (skopeo's copy does); --remove-signatures leaves them; the identity stays the original's."""
+    src, _ = _signed(env, "c1src")
+    dst = f"docker://{env['host']}/gpg/c1:1"
+    rd = ["--registries.d", str(env["regd"])]
+    out = json.loads(shoal(env, None, "copy", src, dst, "--json", *rd).stdout)
+    assert out["simple_signatures_carried"] == 3, out
+    assert len(sig_files(env, "c1")) == 3
+    assert [f.read_bytes() for f in sig_files(env, "c1")] == [f.read_bytes() for f in sig_files(env, "c1src")]
+    # the signatures name c1src: under exactRepository of the original they verify, and skopeo agrees
+    doc = {"default": [{"type": "reject"}], "transports": {"docker": {f"{env['host']}/gpg": [
+        {"type": "signedBy", "keyType": "GPGKeys", "keyPath": str(env["a"]["pub"]),
+         "signedIdentity": {"type": "exactRepository", "dockerRepository": f"{env['host']}/gpg/c1src"}}]}}}
+    pol = tmp_path / "remap.json"
+    pol.write_text(json.dumps(doc))
+    assert skopeo_pull(env, dst, pol).returncode == 0
+    shoal(env, tmp_path / "st", "pull", dst, "c1:1", "--signature-policy", str(pol), *rd)
+    p = shoal(env, tmp_path / "st", "pull", dst, "c1:2", "--signature-policy", str(env["good"]), *rd, check=False)
+    assert p.returncode == 10 and b"does not match" in p.stderr, p.stderr
+    # --remove-signatures: none carried
+    dst2 = f"docker://{env['host']}/gpg/c2:1"
+    out = json.loads(shoal(env, None, "copy", src, dst2, "--remove-signatures", "--json", *rd).stdout)
+    assert out["simple_signatures_carried"] == 0 and not sig_files(env, "c2")

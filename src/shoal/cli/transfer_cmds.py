@@ -58,6 +58,11 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
                        signatures=carry.signatures, referrers=carry.referrers)
     with progress_sink(as_json) as sink:
         r = copy(src_ref, dst_ref, opts, sink)
+    simple = 0
+    if carry.signatures:  # GPG simple signatures: lookaside to lookaside (docker:// to docker://), as skopeo
+        from shoal.trust.image import carry_simple_signatures
+
+        simple = carry_simple_signatures(src_ref, src_opts, dst_ref, dst_opts, r.digest)
     signed = []
     if key is not None:
         from shoal.trust.image import sign_reference
@@ -74,15 +79,16 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
             "bytes_fetched": r.bytes_fetched, "bytes_sent": r.bytes_sent, "requests": r.requests, "retries": r.retries,
             "seconds": round(r.seconds, 3), "blobs_sent": r.blobs_sent, "blobs_skipped": r.blobs_skipped,
             "chunks_fetched": r.chunks_fetched, "tags": list(tags), "signatures_carried": r.signatures,
-            "referrers_carried": r.referrers,
+            "referrers_carried": r.referrers, "simple_signatures_carried": simple,
             "signed": [{"digest": s.digest, "attachment": s.attachment, "identity": s.identity} for s in signed],
         })
         return
     click.echo(f"{verb} {src_ref} -> {dst_ref} {r.digest}")
     click.echo(f"  fetched {human(r.bytes_fetched)}, sent {human(r.bytes_sent)}, {r.requests} requests, "
                f"{r.blobs_sent} blobs sent, {r.blobs_skipped} skipped, {r.seconds:.2f}s")
-    if r.signatures or r.referrers:
-        click.echo(f"  carried {r.signatures} signature manifests, {r.referrers} other referrers")
+    if r.signatures or r.referrers or simple:
+        click.echo(f"  carried {r.signatures} signature manifests, {simple} GPG signatures, "
+                   f"{r.referrers} other referrers")
     for s in signed:
         click.echo(f"  signed {s.digest} as {s.identity} -> {s.attachment}")
 

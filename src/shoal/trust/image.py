@@ -39,7 +39,7 @@ from shoal.trust.policy import DockerName, Identity, Verdict, evaluate, load_pol
 
 __all__ = ["read_signatures", "attach", "admit", "Admission", "sign_reference", "verify_reference",
            "Verification", "signing_identity", "build_identity", "sign_stored", "sign_reference_gpg",
-           "gpg_signing_check"]
+           "gpg_signing_check", "carry_simple_signatures"]
 
 if TYPE_CHECKING:
     from shoal.store import Store
@@ -185,10 +185,9 @@ def admit(ref: ImageReference, ctx: SystemContext, top: bytes | None = None, cho
 def _simple_reader(ref: ImageReference, ctx: SystemContext, digest: str
                    ) -> "Callable[[], list[LookasideSignature]] | None":
     """The reader of ``digest``'s simple signatures in the lookaside of registries.d (docker:// only)."""
-    from shoal.trust.lookaside import read_lookaside
+    from shoal.trust.lookaside import keeps_lookaside, read_lookaside
 
-    scope = ref.policy_scope()
-    if scope is None or scope.transport != "docker" or not scope.docker_name:
+    if not keeps_lookaside(ref):
         return None
     return lambda: read_lookaside(ref, ctx, digest)
 
@@ -240,6 +239,28 @@ def _targets(ref: ImageReference, ctx: SystemContext, children: bool) -> list[tu
                     targets.append((dg.validate(e["digest"]), int(e.get("size", 0)),
                                     str(e.get("mediaType", mt.OCI_MANIFEST))))
     return targets
+
+
+def carry_simple_signatures(src: ImageReference, src_ctx: SystemContext, dst: ImageReference,
+                            dst_ctx: SystemContext, digest: str) -> int:
+    """After a copy of the manifest ``digest`` from ``src`` to ``dst`` (both docker://), the simple signatures
+    of the source's lookaside (§2.1) to the destination's staging location, as skopeo copies them: of
+    ``digest`` and, when it is an index, of each manifest it lists.  Returns the files written (0 when
+    the source has none of ``digest``: nothing else is asked then).  A destination Shoal cannot write
+    (http(s)) fails the copy, as skopeo's."""
+    from shoal.trust.lookaside import keeps_lookaside, read_lookaside, write_lookaside
+
+    if not (keeps_lookaside(src) and keeps_lookaside(dst)):
+        return 0
+    top = [s.data for s in read_lookaside(src, src_ctx, digest) if not s.problem]
+    if not top:
+        return 0
+    n = 0
+    for d, _, _ in _targets(dst.pinned(digest), dst_ctx, children=True):
+        blobs = top if d == digest else [s.data for s in read_lookaside(src, src_ctx, d) if not s.problem]
+        if blobs:
+            n += len(write_lookaside(dst, dst_ctx, d, blobs))
+    return n
 
 
 def gpg_signing_check(ref: ImageReference, ctx: SystemContext, fingerprint: str, identity: str | None) -> str:

@@ -44,6 +44,7 @@ from shoal.transports.base import ImageReference
 from shoal.transports.context import SystemContext
 
 __all__ = ["RegistriesD", "LookasideSignature", "load_registries_d", "default_registries_d", "lookaside_base",
+           "keeps_lookaside", "writable_base",
            "read_lookaside", "write_lookaside", "MAX_SIGNATURE", "MAX_SIGNATURES", "SYSTEM_REGISTRIES_D"]
 
 log = logging.getLogger(__name__)
@@ -161,11 +162,17 @@ def _builtin_default() -> str:
     return "file://" + os.path.join(os.path.expanduser("~"), ".local", "share", "containers", "sigstore")
 
 
+def keeps_lookaside(ref: ImageReference) -> bool:
+    """True for docker:// references: the only ones whose simple signatures live in a lookaside."""
+    scope = ref.policy_scope()
+    return scope is not None and scope.transport == "docker" and bool(scope.docker_name)
+
+
 def lookaside_base(ref: ImageReference, ctx: SystemContext, write: bool) -> tuple[str, str]:
     """(the URL of ``ref``'s repository in its lookaside storage, where it was configured); ``ref`` must be a
     docker:// reference.  Reading: ``lookaside``; writing: ``lookaside-staging``, else ``lookaside``."""
     scope = ref.policy_scope()
-    if scope is None or scope.transport != "docker" or not scope.docker_name:
+    if scope is None or not keeps_lookaside(ref):
         raise UsageError(f"{ref}: GPG simple signatures are kept for docker:// images only")
     conf = load_registries_d(ctx.registries_d)
     url, entry = conf.location([scope.identity, *scope.namespaces], write)
