@@ -8,7 +8,9 @@
   (``PolicyRefused``) before anything is tagged, mounted or run.  The signed digest may be the one the
   tag points at (what skopeo signs and checks: for a Shoal image, the image index [runtime view, Shoal
   manifest]) or the manifest chosen from it (the Shoal manifest): both are bound to the bytes used.
-- ``sign_reference``/``verify_reference``: ``shoal sign`` and ``shoal verify``.
+- ``sign_reference``/``verify_reference``: ``shoal sign`` and ``shoal verify``; ``sign_reference_gpg``:
+  ``--sign-by`` (GPG simple signing into the registries.d lookaside, trust/lookaside.py), and
+  ``carry_simple_signatures``: a copy's lookaside signatures, as skopeo copies them.
 """
 
 from __future__ import annotations
