@@ -117,6 +117,14 @@ def test_lookaside_write_and_read(tmp_path: Path) -> None:
         f.truncate(lookaside.MAX_SIGNATURE + 1)
     last = lookaside.read_lookaside(ref, ctx, D1)[-1]
     assert last.data == b"" and "larger than 4 MiB" in last.problem
+    # a FIFO (or a directory) planted as signature-N is a refusal reason, never a hang
+    os.mkfifo(big.parent / "signature-5")
+    (big.parent / "signature-6").mkdir()
+    got = lookaside.read_lookaside(ref, ctx, D1)
+    assert [s.problem.endswith("not a regular file") for s in got[4:]] == [True, True]
+    # a writer takes the next free number; what is there is never replaced
+    assert lookaside.write_lookaside(ref, ctx, D1, [b"four"])[0].endswith("/signature-7")
+    assert (big.parent / "signature-1").read_bytes() == b"one"
 
 
 def _req(*pubs: bytes, identity: policy.Identity | None = None) -> policy.Requirement:

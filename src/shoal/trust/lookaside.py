@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import ssl
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -213,15 +214,20 @@ def _read_one(url: str, ctx: SystemContext) -> bytes | None:
     """The first MAX_SIGNATURE + 1 bytes at ``url``; None when there is nothing there."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "file":
-        try:
-            with open(_file_path(url), "rb") as f:
-                return f.read(MAX_SIGNATURE + 1)
+        path = _file_path(url)
+        try:  # O_NONBLOCK: a FIFO planted as signature-N must not hang the reader
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if exc.errno in (errno.ENOTDIR,):
+            if exc.errno == errno.ENOTDIR:
                 return None
-            raise from_oserror(exc, "reading signature", _file_path(url)) from None
+            raise from_oserror(exc, "reading signature", path) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FormatError(f"{url} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            return f.read(MAX_SIGNATURE + 1)
     if scheme in ("http", "https"):
         tls = ssl.create_default_context(cafile=ctx.ca_bundle)
         if not ctx.tls_verify:
@@ -245,7 +251,11 @@ def read_lookaside(ref: ImageReference, ctx: SystemContext, digest: str) -> list
     out = []
     for n in range(1, MAX_SIGNATURES + 1):
         url = _sig_url(base, digest, n)
-        data = _read_one(url, ctx)
+        try:
+            data = _read_one(url, ctx)
+        except FormatError as exc:
+            out.append(LookasideSignature(url, problem=str(exc)))
+            continue
         if data is None:
             break
         if len(data) > MAX_SIGNATURE:
@@ -260,34 +270,61 @@ def read_lookaside(ref: ImageReference, ctx: SystemContext, digest: str) -> list
 
 def write_lookaside(ref: ImageReference, ctx: SystemContext, digest: str, blobs: list[bytes]) -> list[str]:
     """Add ``blobs`` to the signatures of ``digest`` in the lookaside staging storage (file:// only; the ones
-    there are kept, an identical one is not written twice); returns the URLs written."""
-    from shoal.atomicfile import Durability, write_atomic
+    there are kept, an identical one is not written twice); returns the URLs written.  Each file appears
+    whole (written aside, then hard-linked into place) and never replaces one there: two signers at once
+    get the next free numbers."""
+    from shoal.atomicfile import fsync_dir
 
     base, where = writable_base(ref, ctx)
-    have: list[bytes] = []
-    for n in range(1, MAX_SIGNATURES + 1):
-        data = _read_one(_sig_url(base, digest, n), ctx)
-        if data is None:
-            break
-        have.append(data)
     out = []
     for b in blobs:
-        if b in have:
-            out.append(_sig_url(base, digest, have.index(b) + 1))
-            continue
-        if len(have) >= MAX_SIGNATURES:
-            raise FormatError(f"{base}: {digest} has {MAX_SIGNATURES} signatures already")
-        have.append(b)
-        url = _sig_url(base, digest, len(have))
-        path = _file_path(url)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_atomic(path, b, durability=Durability.FULL, mode=0o644)
-        except OSError as exc:
-            raise from_oserror(exc, "writing signature", path) from None
+        n = 1
+        while True:
+            if n > MAX_SIGNATURES:
+                raise FormatError(f"{base}: {digest} has {MAX_SIGNATURES} signatures already")
+            url = _sig_url(base, digest, n)
+            try:
+                have = _read_one(url, ctx)
+            except FormatError:
+                have = b""  # something unreadable holds this number: take the next
+            if have == b:
+                break  # already there
+            if have is None and _link_new(_file_path(url), b):
+                break
+            n += 1
         out.append(url)
+    if out:
+        try:
+            fsync_dir(os.path.dirname(_file_path(out[-1])))
+        except OSError as exc:
+            raise from_oserror(exc, "writing signature", _file_path(out[-1])) from None
     log.info("signatures of %s written to %s (%s)", digest, base, where)
     return out
+
+
+def _link_new(path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data``, whole or not at all; False when something is there already."""
+    import tempfile
+
+    d = os.path.dirname(path)
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".signature.", suffix=".tmp", dir=d)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
+    except OSError as exc:
+        raise from_oserror(exc, "writing signature", path) from None
 
 
 def writable_base(ref: ImageReference, ctx: SystemContext) -> tuple[str, str]:
