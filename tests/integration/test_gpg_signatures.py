@@ -269,3 +269,29 @@ def test_copy_carries_lookaside_signatures(env: Any, tmp_path: Path) -> None:
     dst2 = f"docker://{env['host']}/gpg/c2:1"
     out = json.loads(shoal(env, None, "copy", src, dst2, "--remove-signatures", "--json", *rd).stdout)
     assert out["simple_signatures_carried"] == 0 and not sig_files(env, "c2")
+
+
+def test_sign_with_passphrase(env: Any, tmp_path: Path) -> None:
+    """A GPG key with a passphrase: refused without it (one line saying so, nothing written), signed with
+    --passphrase-file (gpg's loopback pinentry), as skopeo's --sign-passphrase-file."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    g = {"GNUPGHOME": str(home)}
+    try:
+        run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", "pw", "--quick-gen-key",
+             "P <p@example.com>", "ed25519", "sign", "never"], g)
+        cols = run(["gpg", "--batch", "--with-colons", "--list-keys"], g).stdout.decode()
+        fpr = [ln.split(":")[9] for ln in cols.splitlines() if ln.startswith("fpr:")][0]
+        ref = f"docker://{env['host']}/gpg/pw:1"
+        shoal(env, env["store"], "push", "app:1", ref)
+        rd = ["--registries.d", str(env["regd"])]
+        p = run(helpers.shoal_cmd(None, "sign", ref, "--sign-by", fpr, *rd), g, check=False)
+        assert p.returncode == 2, p.stderr
+        helpers.assert_one_line_error(p, "passphrase")
+        assert not sig_files(env, "pw")
+        (tmp_path / "pw").write_text("pw\n")
+        run(helpers.shoal_cmd(env["store"], "push", "app:1", ref, "--sign-by", fpr, "--sign-passphrase-file",
+                              str(tmp_path / "pw"), *rd), g)
+        assert len(sig_files(env, "pw")) == 3
+    finally:
+        subprocess.run(["gpgconf", "--kill", "all"], env=dict(os.environ, **g), capture_output=True)

@@ -77,7 +77,10 @@ def gpg_sign(payload: bytes, fingerprint: str, passphrase_file: str | None = Non
     created = [s for s in _status(p.stderr) if s[0] == "SIG_CREATED"]
     if p.returncode != 0 or len(created) != 1 or not p.stdout:
         why = [ln for ln in p.stderr.decode("utf-8", "replace").splitlines() if ln.startswith("gpg: ")]
-        raise UsageError(f"gpg cannot sign with {fingerprint}: {why[-1][5:] if why else f'exit {p.returncode}'}")
+        msg = why[-1][5:] if why else f"exit {p.returncode}"
+        if any(w in msg for w in ("Inappropriate ioctl", "pinentry", "No passphrase", "Bad passphrase")):
+            msg += " (the key needs a passphrase: give it in a file, --passphrase-file / --sign-passphrase-file)"
+        raise UsageError(f"gpg cannot sign with {fingerprint}: {msg}")
     return p.stdout
 
 
