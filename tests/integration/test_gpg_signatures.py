@@ -97,6 +97,7 @@ def test_shoal_signs_skopeo_accepts(env: Any) -> None:
     ref = f"docker://{env['host']}/gpg/s1:1"
     out = json.loads(shoal(env, env["store"], "push", "app:1", ref, "--sign-by", env["a"]["fpr"], "--registries.d",
                            str(env["regd"]), "--json").stdout)
+    helpers.check_json_shape("push", out)
     # the index at the tag, the runtime view and the Shoal manifest, each in containers/image's layout
     assert len(out["signed"]) == 3
     for s in out["signed"]:
@@ -116,7 +117,10 @@ def test_shoal_signs_skopeo_accepts(env: Any) -> None:
     ref2 = f"docker://{env['host']}/gpg/s1b:1"
     shoal(env, env["store"], "push", "app:1", ref2)
     assert skopeo_pull(env, ref2, env["good"]).returncode != 0  # unsigned: refused
-    shoal(env, None, "sign", ref2, "--sign-by", env["a"]["fpr"], "--registries.d", str(env["regd"]))
+    signed = json.loads(shoal(env, None, "sign", ref2, "--sign-by", env["a"]["fpr"], "--registries.d",
+                              str(env["regd"]), "--json").stdout)
+    helpers.check_json_shape("sign", signed)
+    assert [s["attachment"].rsplit("/", 1)[1] for s in signed["signatures"]] == ["signature-1"] * 3
     p = skopeo_pull(env, ref2, env["good"])
     assert p.returncode == 0, p.stderr
     # signing again with another key appends signature-2; both policies now accept
@@ -135,6 +139,7 @@ def test_skopeo_signs_shoal_accepts(env: Any, tmp_path: Path) -> None:
     rd = ["--registries.d", str(env["regd"])]
     v = json.loads(shoal(env, None, "verify", dst, "--gpg-key", str(env["a"]["pub"]), "--deep", "--json",
                          *rd).stdout)
+    helpers.check_json_shape("verify", v)
     assert v["signer"] == env["a"]["fpr"] and v["identity"] == f"{env['host']}/gpg/s2:1" and v["deep"], v
     p = shoal(env, None, "verify", dst, "--gpg-key", str(env["b"]["pub"]), *rd, check=False)
     assert p.returncode == 10, p.stderr
@@ -252,6 +257,7 @@ def test_copy_carries_lookaside_signatures(env: Any, tmp_path: Path) -> None:
     dst = f"docker://{env['host']}/gpg/c1:1"
     rd = ["--registries.d", str(env["regd"])]
     out = json.loads(shoal(env, None, "copy", src, dst, "--json", *rd).stdout)
+    helpers.check_json_shape("copy", out)
     assert out["simple_signatures_carried"] == 3, out
     assert len(sig_files(env, "c1")) == 3
     assert [f.read_bytes() for f in sig_files(env, "c1")] == [f.read_bytes() for f in sig_files(env, "c1src")]
