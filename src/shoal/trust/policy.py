@@ -204,22 +204,22 @@ def _req(r: Any, where: str, base: str) -> Requirement:
         _fields(r, {"type", "keyType", "keyPath", "keyPaths", "keyData", "signedIdentity"}, f"{where} signedBy")
         if r.get("keyType") not in GPG_KEY_TYPES:
             raise FormatError(f"{where}: signedBy needs a keyType of {', '.join(GPG_KEY_TYPES)}")
-        return Requirement(t, (), _identity(r.get("signedIdentity"), where), tuple(_key_data(r, where, base, t)),
-                           str(r["keyType"]))
+        gpg_keys = tuple(d for d, _ in _key_data(r, where, base, t))
+        return Requirement(t, (), _identity(r.get("signedIdentity"), where), gpg_keys, str(r["keyType"]))
     if t == "sigstoreSigned":
         _fields(r, {"type", "keyPath", "keyPaths", "keyData", "fulcio", "rekorPublicKeyPath",
                     "rekorPublicKeyData", "signedIdentity"}, f"{where} sigstoreSigned")
         for unsupported in ("fulcio", "rekorPublicKeyPath", "rekorPublicKeyData"):
             if unsupported in r:
                 raise FormatError(f"{where}: sigstoreSigned {unsupported} is not supported (key-based only)")
-        keys = [load_public_key(data, origin) for data, origin in _key_data(r, where, base, t, named=True)]
+        keys = [load_public_key(data, origin) for data, origin in _key_data(r, where, base, t)]
         return Requirement(t, tuple(keys), _identity(r.get("signedIdentity"), where))
     raise FormatError(f"{where}: unknown requirement type {t!r}")
 
 
-def _key_data(r: dict[str, Any], where: str, base: str, t: str, named: bool = False) -> list[Any]:
-    """The key bytes of exactly one of ``keyPath``, ``keyPaths``, ``keyData`` (relative paths: from the policy
-    file's directory); with ``named``, (bytes, where they came from) pairs."""
+def _key_data(r: dict[str, Any], where: str, base: str, t: str) -> list[tuple[bytes, str]]:
+    """(the key bytes, where they came from) of exactly one of ``keyPath``, ``keyPaths``, ``keyData``
+    (relative paths: from the policy file's directory)."""
     given = [k for k in ("keyPath", "keyPaths", "keyData") if k in r]
     if len(given) != 1:
         raise FormatError(f"{where}: {t} needs exactly one of keyPath, keyPaths, keyData")
@@ -240,7 +240,7 @@ def _key_data(r: dict[str, Any], where: str, base: str, t: str, named: bool = Fa
                     out.append((f.read(1 << 20), full))
             except OSError as exc:
                 raise FormatError(f"{where}: cannot read key {full}: {exc.strerror or exc}") from None
-    return out if named else [d for d, _ in out]
+    return out
 
 
 def _identity(v: Any, where: str) -> Identity:
