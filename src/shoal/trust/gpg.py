@@ -66,7 +66,8 @@ def _status(text: bytes) -> list[list[str]]:
 def gpg_sign(payload: bytes, fingerprint: str, passphrase_file: str | None = None) -> bytes:
     """``payload`` signed by the secret key ``fingerprint`` of the user's keyring (``$GNUPGHOME``): an
     opaque binary OpenPGP message, as gpgme's SigModeNormal."""
-    cmd = [_gpg(), *_GPG_BASE, "--status-fd", "2", "--local-user", fingerprint, "--output", "-", "--sign"]
+    cmd = [_gpg(), *_GPG_BASE, "--status-fd", "2", "--no-armor", "--local-user", fingerprint, "--output", "-",
+           "--sign"]
     if passphrase_file:
         cmd[1:1] = ["--pinentry-mode", "loopback", "--passphrase-file", passphrase_file]
     try:
@@ -158,7 +159,7 @@ class Keyring:
                 raise FormatError(f"cryptographic signature verification failed ({why})")
         if "ERRSIG" in kinds:
             err = next(s for s in st if s[0] == "ERRSIG")
-            if err[-1] == "9" or "NO_PUBKEY" in kinds:
+            if (len(err) > 6 and err[6] == "9") or "NO_PUBKEY" in kinds:  # rc 9: no public key
                 raise FormatError("cryptographic signature verification failed (signed by another key: "
                                    f"{err[1] if len(err) > 1 else '?'} is not one of the policy's keys)")
             raise FormatError("cryptographic signature verification failed (gpg cannot check it)")
