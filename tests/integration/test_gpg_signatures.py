@@ -89,6 +89,18 @@ def skopeo_pull(e: dict[str, Any], ref: str, policy: Path, all_: bool = True) ->
                   "--src-tls-verify=false", ref, f"oci:{out}:x", check=False)
 
 
+def podman_pull(e: dict[str, Any], ref: str, policy: Path) -> subprocess.CompletedProcess[bytes]:
+    """podman pull with private storage; its registries.d is $HOME/.config/containers/registries.d (podman
+    has no option for it), so HOME is a directory of the test's."""
+    home = e["dir"] / "podman-home"
+    if not home.exists():
+        (home / ".config" / "containers").mkdir(parents=True)
+        shutil.copytree(e["regd"], home / ".config" / "containers" / "registries.d")
+    return run(["podman", "--root", str(e["dir"] / "podman-root"), "--runroot", str(e["dir"] / "podman-run"),
+                "--storage-driver", "vfs", "pull", "--signature-policy", str(policy), "--tls-verify=false", ref],
+               {"HOME": str(home)}, check=False)
+
+
 def sig_files(e: dict[str, Any], repo: str) -> list[Path]:
     return sorted((e["la"] / "gpg").glob(f"{repo}@sha256=*/signature-*"))
 
@@ -113,6 +125,11 @@ def test_shoal_signs_skopeo_accepts(env: Any) -> None:
     # and refused under a policy naming another key
     p = skopeo_pull(env, ref, env["bad"])
     assert p.returncode != 0 and b"Source image rejected" in p.stderr, p.stderr
+    # podman 4.3 (the same containers/image): pull accepted under A's key, refused under B's
+    if shutil.which("podman") and os.geteuid() == 0:
+        assert podman_pull(env, ref, env["good"]).returncode == 0
+        p = podman_pull(env, ref, env["bad"])
+        assert p.returncode != 0 and b"Source image rejected" in p.stderr, p.stderr
     # shoal sign --sign-by on an image pushed unsigned: the same
     ref2 = f"docker://{env['host']}/gpg/s1b:1"
     shoal(env, env["store"], "push", "app:1", ref2)
