@@ -161,6 +161,9 @@ def test_skopeo_signs_shoal_accepts(env: Any, tmp_path: Path) -> None:
     p = shoal(env, None, "verify", dst, "--gpg-key", str(env["b"]["pub"]), *rd, check=False)
     assert p.returncode == 10, p.stderr
     helpers.assert_one_line_error(p, "another key")
+    p = shoal(env, None, "verify", dst, "--gpg-key", str(env["regd"] / "shoal-test.yaml"), *rd, check=False)
+    assert p.returncode == 4, p.stderr
+    helpers.assert_one_line_error(p, "not an OpenPGP public key")
     st = tmp_path / "st"
     shoal(env, st, "pull", dst, "ok:1", "--signature-policy", str(env["good"]), *rd)
     assert "ok:1" in store_names(st)

@@ -149,8 +149,14 @@ def verify(ctx: click.Context, /, ref: str, key_paths: tuple[str, ...], gpg_key_
             keys.append(load_public_key(f.read(1 << 16), p))
     gpg_keys = []
     for p in gpg_key_paths:
+        from shoal.errors import FormatError
+        from shoal.trust.gpg import Keyring
+
         with open(p, "rb") as f:
             gpg_keys.append(f.read(1 << 20))
+        with Keyring((gpg_keys[-1],)) as ring:
+            if not ring.fingerprints:
+                raise FormatError(f"{p}: not an OpenPGP public key (gpg imports none from it)")
     from shoal.trust.policy import Identity
 
     rule = Identity("exactRepository", signed_repository) if signed_repository else None
