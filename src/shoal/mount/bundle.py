@@ -5,8 +5,8 @@
 - ``check`` opens a bundle blob against the manifest's root (``format.bundle.open_bundle``): a bundle
   that fails is logged and ignored whole, never served.
 - ``BundleSource`` wraps a mount's frame source: the Reader takes the bundle's chunks from it
-  (``held_chunk``, hashed against the index like every chunk), and batch fetches, read-ahead and
-  prefetch leave out frames holding one of them.
+  (``held_chunk``, hashed against the index like every chunk), batch fetches and prefetch leave out
+  frames holding one of them, and read-ahead frames holding any chunk of a file the bundle lists.
 - Locally a bundle is ``STORE/profiles/<manifest hex>.bundle`` beside the profile (``save_local``,
   ``load_local``); in a registry it is a layer of the profile artifact (``mount/profile.py``).
 
@@ -96,6 +96,10 @@ class BundleSource(ForwardingSource):
         super().__init__(inner)
         self._chunks = bundle.chunks
         self._held_frames = frozenset(frames_holding(index, bundle))
+        # frames of the files the workload read: the bundle says which of their bytes it reads, so
+        # read-ahead there would fetch what the profile saw go unread
+        ids = {cid for f in bundle.files for cid in f.ids}
+        self._file_frames = frozenset(index.chunk_frames[ci] for ci, cid in enumerate(index.chunk_ids) if cid in ids)
         self._served: set[bytes] = set()
         self._lock = threading.Lock()
         self.bundle = BundleStats(bundle.size, len(bundle.chunks))
@@ -108,8 +112,9 @@ class BundleSource(ForwardingSource):
                 self.bundle.bundle_chunks_served = len(self._served)
         return data
 
-    def _without(self, frames: list[int]) -> list[int]:
-        keep = [f for f in frames if f not in self._held_frames]
+    def _without(self, frames: list[int], skip: frozenset[int] | None = None) -> list[int]:
+        skip = self._held_frames if skip is None else skip
+        keep = [f for f in frames if f not in skip]
         if len(keep) != len(frames):
             with self._lock:
                 self.bundle.frames_skipped += len(frames) - len(keep)
@@ -121,7 +126,7 @@ class BundleSource(ForwardingSource):
             self.inner.ensure(keep)
 
     def readahead(self, frames: list[int]) -> None:
-        keep = self._without(frames)
+        keep = self._without(frames, self._file_frames)
         if keep:
             self.inner.readahead(keep)
 

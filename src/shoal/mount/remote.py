@@ -221,21 +221,24 @@ def _profile(src: DockerSource, store: Store, ref: DockerReference, m: ShoalMani
     bundle checked against the manifest's root (docs/spec/bundle.md §3; None if it has none or it fails);
     with ``early`` and no bundle, its frames not yet in the store are requested at once."""
     prof = load_local(store.root, m.digest, len(m.packs))
-    blob = bundle.load_local(store.root, m.digest) if prof is not None else None
-    if prof is None:
+    bun: Bundle | None = None
+    if prof is not None:
+        blob = bundle.load_local(store.root, m.digest)
+        bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
+    else:
         prof, blob = fetch_remote_pair(src.client, src.repo, m.digest)
         if prof is not None and prof.pack_count != len(m.packs):
             log.warning("ignoring the registry's profile of %s: it names %d packs, the image has %d", m.digest,
                         prof.pack_count, len(m.packs))
             prof = blob = None
+        bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
         if prof is not None:
             try:
                 save_local(store.root, prof)
-                if blob is not None:
+                if bun is not None and blob is not None:  # only a bundle that checked is kept
                     bundle.save_local(store.root, m.digest, blob)
             except OSError as exc:
                 log.warning("cannot save the profile of %s locally: %s", m.digest, exc.strerror)
-    bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
     if bun is not None:  # the workload's chunks are here: no frame of the profile is fetched early
         return prof, None, bun
     if prof is None or not early:
