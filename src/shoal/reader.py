@@ -320,13 +320,17 @@ class Reader:
         return starts
 
     def frames_for(self, e: Entry, offset: int, size: int) -> set[int]:
-        """Frame indices holding bytes ``[offset, offset+size)`` of file ``e``."""
+        """Frame indices holding bytes ``[offset, offset+size)`` of file ``e``, but for chunks the source
+        holds outside frames (``held_chunk``): a read of only those needs no frame."""
         starts = self._starts(e)
         end = min(e.size, offset + size)
         k = max(0, bisect.bisect_right(starts, offset) - 1)
         need: set[int] = set()
+        idx, held = self.index, self.source.held_chunk
         while k < len(e.chunks) and starts[k] < end:
-            need.add(self.index.chunk_frames[e.chunks[k]])
+            ci = e.chunks[k]
+            if held(idx.chunk_ids[ci]) is None:
+                need.add(idx.chunk_frames[ci])
             k += 1
         return need
 

@@ -85,7 +85,7 @@ class BundleStats:
 
     bundle_bytes: int = 0  # the blob
     bundle_chunks: int = 0  # chunks it holds
-    bundle_chunks_served: int = 0  # distinct chunks the Reader took from it
+    bundle_chunks_used: int = 0  # distinct chunks the Reader asked it for (to plan a read or to serve it)
     frames_skipped: int = 0  # frames left out of batch fetches, read-ahead and prefetch
 
 
@@ -109,7 +109,7 @@ class BundleSource(ForwardingSource):
         if data is not None and cid not in self._served:
             with self._lock:
                 self._served.add(cid)
-                self.bundle.bundle_chunks_served = len(self._served)
+                self.bundle.bundle_chunks_used = len(self._served)
         return data
 
     def _without(self, frames: list[int], skip: frozenset[int] | None = None) -> list[int]:
@@ -135,8 +135,8 @@ class BundleSource(ForwardingSource):
 
     def close(self) -> None:
         b = self.bundle
-        log.info("profile bundle: %d of its %d chunks served, %d frames not fetched ahead for it",
-                 b.bundle_chunks_served, b.bundle_chunks, b.frames_skipped)
+        log.info("profile bundle: %d of its %d chunks used, %d frames not fetched ahead for it",
+                 b.bundle_chunks_used, b.bundle_chunks, b.frames_skipped)
         self.inner.close()
 
 
