@@ -239,3 +239,58 @@ def test_limits_apply() -> None:
         fb.open_bundle(blob, _tree().root, fb.Limits(chunks=4))
     with pytest.raises(HostileInput, match="too many child records"):
         fb.open_bundle(blob, _tree().root, fb.Limits(children=5))
+
+
+# ------------------------------------------------------------------------------------ the partial tree
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_partial_tree_gives_the_index_s_entries(seed: int) -> None:
+    """What a mount could serve before the index arrives is exactly what the index says, where it says
+    anything: entries (but chunk numbers), listings, positions, and each read file's chunk ids."""
+    import dataclasses
+
+    idx = _random_index(seed)
+    dirs = [i for i, e in enumerate(idx.entries) if e.kind == Kind.DIR][::2]
+    files = [i for i, e in enumerate(idx.entries) if e.kind in (Kind.FILE, Kind.HARDLINK)][::3]
+    raw = _chunks_of(seed)
+    b = fb.open_bundle(fb.make(idx, dirs, files, [], raw.__getitem__, level=3), idx.root)
+    t = fb.PartialTree(b)
+    t.check_positions(idx)
+    known = 0
+    for pos, e in enumerate(idx.entries):
+        got = t.entry(pos)
+        if got is not None:
+            assert got == dataclasses.replace(e, chunks=()), e.path
+            known += 1
+        if e.kind == Kind.DIR and pos in {d.pos for d in b.dirs}:
+            assert t.children(pos) == idx.names_and_kinds(pos)
+        elif e.kind == Kind.DIR:
+            assert t.children(pos) is None
+    assert known > len(b.dirs)
+    for p in files:
+        f = idx.entries[idx.primary(p)]
+        assert t.file_ids(f.path) == (tuple(idx.chunk_ids[c] for c in f.chunks),
+                                      tuple(idx.chunk_lengths[c] for c in f.chunks))
+
+
+def test_partial_tree_of_the_example() -> None:
+    idx = _tree()
+    t = fb.PartialTree(fb.open_bundle(_make(idx), idx.root))
+    assert t.entry(1) == idx.entries[1]  # the root's symlink "bin"
+    assert t.entry(2) is None  # "dev": a child of the root, its own metadata unknown (not listed)
+    assert t.entry(3) is None  # "dev/null": under a directory not listed
+    assert t.entry(9) == idx.entries[9]  # usr/bin/tool2, a hardlink: its primary's metadata
+    assert t.position(b"usr/lib/libx.so") == 11 and t.position(b"dev/null") is None
+
+
+def test_wrong_position_hints_are_caught_against_the_index() -> None:
+    """Positions are not bound by the root (§3.4): a bundle with a wrong one checks, and the index
+    comparison refuses it."""
+    def shift(doc: dict[str, Any]) -> None:
+        doc["dirs"][2][4] = struct.pack(">II", 8, 10)  # usr/bin/tool2 said to be entry 10
+
+    idx = _tree()
+    t = fb.PartialTree(fb.open_bundle(_rewrite(_make(idx), shift), idx.root))
+    with pytest.raises(IntegrityError, match="position hint of b'usr/bin/tool2'"):
+        t.check_positions(idx)

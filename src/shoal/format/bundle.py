@@ -25,10 +25,10 @@ import zstandard
 from shoal.errors import FormatError, HostileInput, IntegrityError
 from shoal.format import cbor
 from shoal.format.index import MAX_CHUNK, child_record, meta_record
-from shoal.format.model import Index, Kind, name_of, parent_of
+from shoal.format.model import Entry, Index, Kind, name_of, parent_of
 
 __all__ = ["MAGIC", "FORMAT", "Bundle", "BundleDir", "BundleFile", "make", "open_bundle", "read_header",
-           "LIMITS", "Limits", "FRAME_TARGET", "ZSTD_LEVEL"]
+           "LIMITS", "Limits", "FRAME_TARGET", "ZSTD_LEVEL", "PartialTree"]
 
 MAGIC = b"SHOALBD1"  # §2: 8 bytes, then u32be header length
 FORMAT = 1
@@ -398,3 +398,78 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
         at += count
     return Bundle(root, tuple(dirs), tuple(files), chunks, tuple((r[0], r[1]) for r in rows), len(blob))
 
+
+
+# ------------------------------------------------------------------------------------------ partial tree
+
+
+class PartialTree:
+    """The entries a checked bundle binds, by index position (bundle.md §3.4): each listed directory,
+    and each child of one (a subdirectory's own metadata only if it is listed too).  Positions are the
+    bundle's hints until ``check_positions`` compared them with the index.
+
+    What a mount needs to start before the index arrives: ``entry(pos)`` is None where only the
+    index can answer (an unlisted subdirectory's metadata, anything outside the listed directories),
+    ``children(pos)`` None for a directory that is not listed.  A file's chunk references are its
+    chunk ids (``file_ids``), not index chunk numbers: its entry's ``chunks`` is empty."""
+
+    def __init__(self, b: Bundle) -> None:
+        self._dirs = {d.pos: d for d in b.dirs}
+        self._files = {f.path: f for f in b.files}
+        self._at: dict[int, tuple[bytes, tuple[Any, ...]]] = {}  # position -> (path, record)
+        self._pos: dict[bytes, int] = {}
+        for d in b.dirs:
+            self._pos[d.path] = d.pos
+            for k, r in zip(d.kids, d.records):
+                path = d.path + b"/" + r[0] if d.path else r[0]
+                self._at[k] = (path, r)
+                self._pos[path] = k
+
+    def position(self, path: bytes) -> int | None:
+        return self._pos.get(path)
+
+    def children(self, pos: int) -> list[tuple[bytes, Kind, int]] | None:
+        d = self._dirs.get(pos)
+        return None if d is None else [(r[0], Kind(r[1]), k) for r, k in zip(d.records, d.kids)]
+
+    def entry(self, pos: int) -> Entry | None:
+        d = self._dirs.get(pos)
+        if d is not None:
+            mode, uid, gid, mtime, xattrs = d.meta
+            digest = d.digest() if pos == 0 else self._at[pos][1][2]
+            return Entry(d.path, Kind.DIR, mode, uid, gid, mtime, xattrs, digest=digest)
+        at = self._at.get(pos)
+        if at is None:
+            return None
+        path, r = at
+        kind = Kind(r[1])
+        if kind == Kind.DIR:
+            return None  # its own metadata is in its own item: not listed
+        if kind == Kind.HARDLINK:
+            p = self._pos.get(r[2])
+            prim = None if p is None else self.entry(p)
+            if prim is None or prim.kind != Kind.FILE:
+                return None
+            return Entry(path, kind, prim.mode, prim.uid, prim.gid, prim.mtime_ns, prim.xattrs, target=r[2])
+        mode, uid, gid, mtime = r[2], r[3], r[4], r[5]
+        xattrs = tuple(sorted(r[6].items()))
+        if kind == Kind.FILE:
+            return Entry(path, kind, mode, uid, gid, mtime, xattrs, size=r[7])
+        if kind == Kind.SYMLINK:
+            return Entry(path, kind, mode, uid, gid, mtime, xattrs, target=r[7])
+        if kind in (Kind.CHAR, Kind.BLOCK):
+            return Entry(path, kind, mode, uid, gid, mtime, xattrs, rdev=(r[7], r[8]))
+        return Entry(path, kind, mode, uid, gid, mtime, xattrs)
+
+    def file_ids(self, path: bytes) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
+        """The chunk ids and lengths of a file the workload read, or None."""
+        f = self._files.get(path)
+        return None if f is None else (f.ids, f.lengths)
+
+    def check_positions(self, index: Index) -> None:
+        """§3.4: every position the bundle states is the index's for that path (IntegrityError if not).
+        The entries themselves need no comparison: the root binds both."""
+        shape = index.shape()
+        for path, pos in self._pos.items():
+            if shape.by_path.get(path) != pos:
+                raise IntegrityError(f"bundle: position hint of {path[:200]!r} is not the index's")
