@@ -32,7 +32,7 @@ __all__ = ["MAGIC", "FORMAT", "Bundle", "BundleDir", "BundleFile", "make", "open
 
 MAGIC = b"SHOALBD1"  # §2: 8 bytes, then u32be header length
 FORMAT = 1
-FRAME_TARGET = 256 * 1024  # §2.3: a data frame closes once it holds this many bytes
+FRAME_TARGET = 1024 * 1024  # §2.3: a data frame closes once it holds this many bytes
 ZSTD_LEVEL = 19  # §2.3 (bench/bundle.py)
 _DIR_TAG = "shoal/dir/2"
 _HEAD = struct.Struct(">8sI")
