@@ -8,6 +8,7 @@ CONFIG = "application/vnd.shoal.config.v1+json"
 INDEX = "application/vnd.shoal.index.v1+cbor+zstd"
 PACK = "application/vnd.shoal.pack.v1+zstd"
 PROFILE = "application/vnd.shoal.profile.v1+json"
+BUNDLE = "application/vnd.shoal.bundle.v1"  # a profile bundle (docs/spec/bundle.md)
 
 # OCI and Docker types we read and write.
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -33,3 +34,4 @@ ANN_ROOT = "dev.shoal.root"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 ANN_CREATED = "org.opencontainers.image.created"
 ANN_PROFILE_BLOB = "dev.shoal.profile.blob"  # a profile artifact's layer, sha256:<hex>:<size> (mount.md §6)
+ANN_BUNDLE_BLOB = "dev.shoal.bundle.blob"  # its bundle layer, sha256:<hex>:<size> (bundle.md §5)

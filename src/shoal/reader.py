@@ -40,6 +40,11 @@ class FrameSource(abc.ABC):
         store holds its chunks elsewhere; None (default) if unknown."""
         return None
 
+    def held_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk this source holds in memory outside any frame (a profile bundle, bundle.md §6), asked
+        before the chunk's frame; None (default) if not held.  The Reader hashes it before serving it."""
+        return None
+
     def opened(self, pack: str, offset: int) -> bytes | None:
         """Frame ``pack@offset`` decompressed, if this source just decompressed it (called after ``fetch``
         of it, once: the source may forget it); None (default) otherwise, and the Reader decompresses
@@ -104,6 +109,9 @@ class ForwardingSource(FrameSource):
 
     def find_chunk(self, cid: bytes) -> bytes | None:
         return self.inner.find_chunk(cid)
+
+    def held_chunk(self, cid: bytes) -> bytes | None:
+        return self.inner.held_chunk(cid)
 
     def opened(self, pack: str, offset: int) -> bytes | None:
         return self.inner.opened(pack, offset)
@@ -184,7 +192,8 @@ class Reader:
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_max = cache_frames
         self._lock = threading.Lock()
-        self._verified: set[int] = set()
+        self._verified: set[int] = set()  # chunks checked in their frame (in the cache)
+        self._held_ok: dict[int, bytes] = {}  # chunks checked as the source held them (held_chunk)
         self._inflight: dict[int, threading.Event] = {}
         self._offsets: dict[bytes, list[int]] = {}
 
@@ -230,6 +239,13 @@ class Reader:
         every path makes)."""
         idx = self.index
         fi, off, ln = idx.chunk_frames[ci], idx.chunk_offsets[ci], idx.chunk_lengths[ci]
+        held = self.source.held_chunk(idx.chunk_ids[ci])
+        if held is not None:
+            if held is not self._held_ok.get(ci):  # these very bytes were checked before
+                if len(held) != ln or not packing.chunk_ok(held, 0, ln, idx.chunk_ids[ci]):
+                    raise IntegrityError(f"chunk sha256:{idx.chunk_ids[ci].hex()} failed verification")
+                self._held_ok[ci] = held
+            return memoryview(held)
         try:
             frame = self.frame(fi)
         except NotFound:
@@ -304,13 +320,17 @@ class Reader:
         return starts
 
     def frames_for(self, e: Entry, offset: int, size: int) -> set[int]:
-        """Frame indices holding bytes ``[offset, offset+size)`` of file ``e``."""
+        """Frame indices holding bytes ``[offset, offset+size)`` of file ``e``, but for chunks the source
+        holds outside frames (``held_chunk``): a read of only those needs no frame."""
         starts = self._starts(e)
         end = min(e.size, offset + size)
         k = max(0, bisect.bisect_right(starts, offset) - 1)
         need: set[int] = set()
+        idx, held = self.index, self.source.held_chunk
         while k < len(e.chunks) and starts[k] < end:
-            need.add(self.index.chunk_frames[e.chunks[k]])
+            ci = e.chunks[k]
+            if held(idx.chunk_ids[ci]) is None:
+                need.add(idx.chunk_frames[ci])
             k += 1
         return need
 

@@ -1,4 +1,4 @@
-"""Signatures, attached SBOMs and start-up profiles follow an image (issue 14, docs/spec/trust.md §6):
+"""Signatures, attached SBOMs and start-up profiles (and bundles) follow an image (issue 14, trust.md §6):
 ``shoal copy`` registry A -> registry B, and registry -> ``oci:`` layout -> registry, carries each of them;
 they still verify at the destination and a pull under a sigstoreSigned policy accepts the copy;
 ``--remove-signatures`` leaves the signatures behind; ``shoal build --sign-key`` signs in the store and
@@ -105,9 +105,9 @@ def artifacts(host: str, repo: str, digest: str) -> dict[str, str]:
         return {str(r.get("artifactType")): str(r["digest"]) for r in c.referrers(repo, digest)}
 
 
-def sbom_and_profile(env: dict[str, Any], host: str, repo: str, man: str) -> tuple[bytes, Any]:
-    """The SBOM document attached to ``man`` and its profile, as found in the registry."""
-    from shoal.mount.profile import fetch_remote
+def sbom_and_profile(env: dict[str, Any], host: str, repo: str, man: str) -> tuple[bytes, Any, bytes | None]:
+    """The SBOM document attached to ``man``, its profile and the profile's bundle, as found in the registry."""
+    from shoal.mount.profile import fetch_remote_pair
 
     arts = artifacts(host, repo, man)
     assert "application/spdx+json" in arts and PROFILE in arts, arts
@@ -115,15 +115,18 @@ def sbom_and_profile(env: dict[str, Any], host: str, repo: str, man: str) -> tup
         art = json.loads(c.get_manifest(repo, arts["application/spdx+json"])[0])
         assert art["subject"]["digest"] == man
         doc = c.get_blob(repo, art["layers"][0]["digest"])
-        prof = fetch_remote(c, repo, man)
+        prof, bundle = fetch_remote_pair(c, repo, man)
     assert prof is not None and prof.image == man
-    return doc, prof
+    return doc, prof, bundle
 
 
 @pytest.fixture(scope="module")
 def source(env: dict[str, Any]) -> dict[str, Any]:
-    """app:1 in registry A, signed (index, view, Shoal manifest), with an SBOM and a profile attached."""
-    from shoal.mount.profile import Profile, push_remote
+    """app:1 in registry A, signed (index, view, Shoal manifest), with an SBOM and a profile (and its
+    bundle) attached."""
+    from shoal.mount.bundle import build as build_bundle
+    from shoal.mount.profile import Profile, Recording, push_remote
+    from shoal.reader import StoreSource
 
     repo = "r/app"
     ref = f"docker://{env['a']}/{repo}:1"
@@ -134,12 +137,16 @@ def source(env: dict[str, Any]) -> dict[str, Any]:
     st = Store.open(env["store"])
     m = st.resolve("app:1")
     assert m.digest == man
-    prof = Profile.of_frames(man, st.load_index(m), [0], seconds=0.5, command=("/bin/true",))
-    push_remote(ref, None, prof)
+    idx = st.load_index(m)
+    prof = Profile.of_frames(man, idx, [0], seconds=0.5, command=("/bin/true",))
+    f = next(i for i, e in enumerate(idx.entries) if e.chunks)  # a workload that read one file (bundle.md)
+    bundle = build_bundle(idx, Recording([0], list(idx.entries[f].chunks), [f], []), StoreSource(st))
+    push_remote(ref, None, prof, bundle)
     assert signed_digests(env["a"], repo) == {top, view, man}
-    doc, got = sbom_and_profile(env, env["a"], repo, man)
-    assert got.frames == prof.frames and doc == p.stdout
-    return {"ref": ref, "repo": repo, "top": top, "view": view, "man": man, "sbom": doc, "profile": prof}
+    doc, got, got_bundle = sbom_and_profile(env, env["a"], repo, man)
+    assert got.frames == prof.frames and doc == p.stdout and got_bundle == bundle
+    return {"ref": ref, "repo": repo, "top": top, "view": view, "man": man, "sbom": doc, "profile": prof,
+            "bundle": bundle}
 
 
 def check_arrived(env: dict[str, Any], source: dict[str, Any], host: str, repo: str, tmp_path: Path) -> None:
@@ -147,8 +154,8 @@ def check_arrived(env: dict[str, Any], source: dict[str, Any], host: str, repo: 
     top, view, man = digests(host, repo)
     assert (top, view, man) == (source["top"], source["view"], source["man"])  # the same image, byte for byte
     assert signed_digests(host, repo) == {top, view, man}
-    doc, prof = sbom_and_profile(env, host, repo, man)
-    assert doc == source["sbom"] and prof.frames == source["profile"].frames
+    doc, prof, bundle = sbom_and_profile(env, host, repo, man)
+    assert doc == source["sbom"] and prof.frames == source["profile"].frames and bundle == source["bundle"]
     ref = f"docker://{host}/{repo}:1"
     a_repo = f"{env['a']}/{source['repo']}"
     # the signatures still name the image they were made for (A): accepted for that repository ...
@@ -213,6 +220,7 @@ def test_pull_keeps_them_in_the_store_and_push_carries_them_on(env: dict[str, An
     kinds = {d["digest"]: d.get("artifactType") for d in s.layout.untagged()}
     assert len(kinds) == 4, kinds  # 3 signatures (index, view, manifest) and the SBOM; the profile is a file
     assert (st / "profiles" / (source["man"].split(":")[1] + ".json")).is_file()
+    assert (st / "profiles" / (source["man"].split(":")[1] + ".bundle")).read_bytes() == source["bundle"]
     shoal(st, "gc")  # the index's and the view's signatures stay: their subjects are made again at push
     assert len(s.layout.untagged()) == 4
     shoal(st, "push", "got:1", f"docker://{env['b']}/r/via-store:1")

@@ -1,6 +1,7 @@
 """A real Debian image straight from a registry: lazy mount equals ``unpack``, ``shoal run docker://``
-runs it, ``shoal profile`` records a start-up profile as a referrer, and ``--prefetch auto`` in a
-cold store fetches exactly the profiled frames."""
+runs it, ``shoal profile`` records a start-up profile and its bundle as a referrer, ``--prefetch auto``
+in a cold store serves the workload from the bundle, and without the bundle fetches exactly the
+profiled frames."""
 
 # ruff: noqa: F811  (pytest fixtures imported from regfix are redefined as parameters)
 from __future__ import annotations
@@ -24,6 +25,7 @@ from regfix import Registry, registry  # noqa: E402,F401
 
 pytestmark = pytest.mark.slow
 
+PROFILE, BUNDLE = "application/vnd.shoal.profile.v1+json", "application/vnd.shoal.bundle.v1"
 WORKLOAD = ("sh", "-c", "cat /etc/os-release > /dev/null; ls -l /usr/bin > /dev/null; echo hi")
 
 
@@ -114,10 +116,36 @@ def test_profile_then_prefetch_auto(debian_remote: dict[str, Any], mnt: Path, ru
         art = json.loads(c.get_manifest(repo, summary["pushed"])[0])
         assert art["subject"]["digest"] == m.digest and art["artifactType"] == "application/vnd.shoal.profile.v1+json"
         assert helpers.published_shoal_digest(host, repo, "12") == m.digest  # the image itself is unchanged
+        # its bundle (docs/spec/bundle.md) is a second layer, named by an annotation
+        assert [ly["mediaType"] for ly in art["layers"]] == [PROFILE, BUNDLE]
+        assert art["annotations"]["dev.shoal.bundle.blob"] == f"{art['layers'][1]['digest']}:{summary['bundle_bytes']}"
+    assert 0 < summary["bundle_bytes"] < summary["bytes"] and summary["bundle_chunks"] > 0
+    assert (tmp_path / "s1" / "profiles" / f"{m.digest[7:]}.bundle").stat().st_size == summary["bundle_bytes"]
     _clean(run_dir)
-    # a cold store: the profile comes from the registry and exactly its frames are prefetched
+    # a cold store: the profile and its bundle come from the registry; the bundle holds a chunk of every
+    # profiled frame, so nothing is prefetched
     cold = tmp_path / "s2"
     st = json.loads(shoal(cold, "mount", "--json", "--prefetch", "auto", ref, mnt).stdout)
+    s = _stats(mnt)
+    assert s["profile_frames"] == s["prefetched_frames"] == 0 and s["reads"] == 0
+    assert s["source"]["frames_cached"] == 0 and s["source"]["bytes_fetched"] == 0
+    shoal(None, "umount", mnt)
+    wait_for(lambda: not pid_alive(st["pid"]), 5, "daemon exit")
+    assert (cold / "profiles" / f"{m.digest[7:]}.bundle").stat().st_size == summary["bundle_bytes"]
+    # and the workload runs from the bundle: not one frame is fetched
+    p = shoal(cold, "run", "--rm", ref, "--", *WORKLOAD, stdin=open(os.devnull, "rb"))
+    assert p.stdout == b"hi\n"
+    from shoal.store import Store
+
+    store = Store.open(cold)
+    have = {fi for fi, f in enumerate(idx.frames) if store.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset)}
+    assert have == set()
+    _clean(run_dir)
+    # without the bundle (a store holding the profile alone), exactly the profile's frames are prefetched
+    bare = tmp_path / "s3"
+    (bare / "profiles").mkdir(parents=True)
+    shutil.copy(local, bare / "profiles" / local.name)
+    st = json.loads(shoal(bare, "mount", "--json", "--prefetch", "auto", ref, mnt).stdout)
     wait_for(lambda: _stats(mnt)["prefetch_state"] == "done", 60, "prefetch")
     s = _stats(mnt)
     assert s["profile_frames"] == s["prefetched_frames"] == len(prof.frames) and s["reads"] == 0
@@ -126,11 +154,9 @@ def test_profile_then_prefetch_auto(debian_remote: dict[str, Any], mnt: Path, ru
     shoal(None, "umount", mnt)
     wait_for(lambda: not pid_alive(st["pid"]), 5, "daemon exit")
     # and the workload now runs without fetching anything the profile did not hold
-    p = shoal(cold, "run", "--rm", "--prefetch", "none", ref, "--", *WORKLOAD, stdin=open(os.devnull, "rb"))
+    p = shoal(bare, "run", "--rm", "--prefetch", "none", ref, "--", *WORKLOAD, stdin=open(os.devnull, "rb"))
     assert p.stdout == b"hi\n"
-    from shoal.store import Store
-
-    store = Store.open(cold)
+    store = Store.open(bare)
     have = {fi for fi, f in enumerate(idx.frames) if store.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset)}
     assert set(frames) <= have
     extra = have - set(frames)

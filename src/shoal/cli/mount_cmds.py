@@ -242,10 +242,12 @@ def profile(ctx: click.Context, /, seconds: float, env: tuple[str, ...], workdir
     p = r.profile
     if as_json:
         emit_json({"image": p.image, "frames": len(p.frames), "bytes": p.nbytes, "image_bytes": r.frame_bytes_total,
-                   "seconds": round(p.seconds, 3), "exit_code": r.exit_code, "local": r.local, "pushed": r.pushed})
+                   "seconds": round(p.seconds, 3), "exit_code": r.exit_code, "local": r.local, "pushed": r.pushed,
+                   "bundle_bytes": r.bundle_bytes, "bundle_chunks": r.bundle_chunks,
+                   "bundle_data_bytes": r.bundle_data_bytes})
     else:
         share = 100 * p.nbytes / max(1, r.frame_bytes_total)
         where = f"; pushed as {r.pushed}" if r.pushed else ""
         click.echo(f"profile of {p.image}: {len(p.frames)} frames, {human(p.nbytes)} of {human(r.frame_bytes_total)} "
-                   f"({share:.1f}%), workload exit {r.exit_code} after {p.seconds:.1f}s; saved {r.local}{where}",
-                   err=True)
+                   f"({share:.1f}%), bundle {human(r.bundle_bytes)} ({r.bundle_chunks} chunks), "
+                   f"workload exit {r.exit_code} after {p.seconds:.1f}s; saved {r.local}{where}", err=True)

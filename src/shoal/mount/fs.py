@@ -169,9 +169,11 @@ class ShoalFS(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, reader: MountReader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None,
-                 hooks: FrameSource | None = None, push: bool = True) -> None:
+                 hooks: FrameSource | None = None, push: bool = True,
+                 listed: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.reader = reader
+        self._listed = listed  # told each directory's position when it is first listed (shoal profile)
         ahead = hooks if hooks is not None and hooks.fetches_ahead else None  # plan ensure/readahead for it
         self._ensure: Callable[[list[int]], None] | None = ahead.ensure if ahead else None
         self._readahead: Callable[[list[int]], None] | None = ahead.readahead if ahead else None
@@ -243,6 +245,8 @@ class ShoalFS(pyfuse3.Operations):
             if self.index.entries[pos].kind != Kind.DIR:
                 return None
             named = self.index.names_and_kinds(pos)  # not each subdirectory's own check: only what pos binds
+            if self._listed is not None:
+                self._listed(pos)
             self._subdirs[pos] = sum(1 for _, kind, _ in named if kind == Kind.DIR)
             kids = [(name, k) for name, _, k in named]
             self._by_name[pos] = dict(kids)
@@ -359,7 +363,10 @@ class ShoalFS(pyfuse3.Operations):
             self.stats.reads += 1
             self.stats.bytes_served += len(data)
             self.stats.inline_reads += inline
-        if self.pusher is not None and size <= PUSH_MAX_READ and size < e.size:
+        # not for a read wholly from chunks the source holds (a profile bundle): the bundle was recorded
+        # without pushes, and pushed pages change the kernel's read-ahead, which then asks for pages the
+        # profile never saw read (git --version fetched two frames, 0.65 MB, for them: bundle.md §6)
+        if self.pusher is not None and frames and size <= PUSH_MAX_READ and size < e.size:
             self._push_around(pos, e, off, size, frames)
         return data
 

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +40,9 @@ from shoal.reader import ForwardingSource, FrameSource
 if TYPE_CHECKING:
     from shoal.transports.context import SystemContext
 
-__all__ = ["Profile", "RecordingSource", "load_local", "save_local", "fetch_remote", "push_remote", "local_path",
-           "write_recording", "read_recording"]
+__all__ = ["Profile", "RecordingSource", "load_local", "save_local", "fetch_remote", "fetch_remote_pair", "push_remote",
+           "local_path",
+           "write_recording", "read_recording", "Recording"]
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +165,21 @@ def save_local(store_root: str | os.PathLike[str], prof: Profile) -> Path:
 
 
 def fetch_remote(client: Any, repo: str, image: str) -> Profile | None:
-    """The newest profile referring to ``image`` in ``repo`` (a ``RegistryClient``), or None.
+    """The newest profile referring to ``image`` in ``repo`` (a ``RegistryClient``), or None."""
+    return fetch_remote_pair(client, repo, image, bundle=False)[0]
+
+
+def fetch_remote_pair(client: Any, repo: str, image: str, bundle: bool = True,
+                      max_bundle: int = 256 * 1024 * 1024) -> tuple[Profile | None, bytes | None]:
+    """The newest profile referring to ``image`` in ``repo`` (a ``RegistryClient``), or None, and with
+    ``bundle`` its artifact's bundle blob (docs/spec/bundle.md §5), or None.
 
     The ``sha256-<hex>`` tag-schema index and the referrers API are asked at once (the index wins when
-    it lists profiles); the profile blob is read straight from the entry's annotations when they name
-    it, else from the artifact manifest, and is verified by digest either way.  A profile only steers
-    prefetching (every byte it leads to is verified), and failures are logged and give None: a missing
-    or broken profile never fails a mount."""
+    it lists profiles); the blobs are read straight from the entry's annotations when they name them
+    (profile and bundle in parallel), else from the artifact manifest, and are verified by digest either
+    way.  A profile only steers prefetching and a bundle is checked against the image's root by its user
+    (every byte either leads to is verified), so failures are logged and give None: a missing or broken
+    profile never fails a mount.  The bundle is not checked here."""
     from concurrent.futures import ThreadPoolExecutor
 
     from shoal.transports.registry import referrers_tag
@@ -184,47 +193,71 @@ def fetch_remote(client: Any, repo: str, image: str) -> Profile | None:
         entries = doc.get("manifests") if isinstance(doc, dict) else None
         return [e for e in entries or [] if isinstance(e, dict) and e.get("artifactType") == mt.PROFILE]
 
+    def get_bundle(where: tuple[str, Any] | None) -> bytes | None:
+        if where is None:
+            return None
+        if not isinstance(where[1], int) or not 0 < where[1] <= max_bundle:
+            log.warning("ignoring the profile bundle of %s in %s: invalid or oversized size", image, repo)
+            return None
+        try:
+            return bytes(client.get_blob(repo, where[0], size=where[1]))
+        except (ShoalError, ValueError) as exc:
+            log.warning("cannot read the profile bundle of %s in %s: %s", image, repo, exc)
+            return None
+
+    bundle_blob: bytes | None = None
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="shoal-referrers") as pool:
+        with ThreadPoolExecutor(2, thread_name_prefix="shoal-referrers") as pool:
             api = pool.submit(client.referrers, repo, image, mt.PROFILE, False)  # the tag schema is read here
             refs = tag_index() or api.result()
-        if not refs:
-            return None
-        ranked = sorted(enumerate(refs), key=lambda t: (str((t[1].get("annotations") or {}).get(ANN_CREATED, "")),
-                                                        t[0]))
-        desc = ranked[-1][1]
-        blob_desc: tuple[str, Any] | None = _blob_of(desc.get("annotations"))
-        if blob_desc is None:
-            raw, _, _ = client.get_manifest(repo, str(desc.get("digest")), [mt.OCI_MANIFEST])
-            doc = json_value(raw, "profile manifest")
-            subject = doc.get("subject") if isinstance(doc, dict) else None
-            if not isinstance(subject, dict) or subject.get("digest") != image:
-                raise FormatError("profile artifact has another subject")
-            layers = [x for x in doc.get("layers") or [] if isinstance(x, dict) and x.get("mediaType") == mt.PROFILE]
-            blob_desc = (str(layers[0].get("digest")), layers[0].get("size")) if layers else None
-        if blob_desc is None or not isinstance(blob_desc[1], int) or not 0 < blob_desc[1] <= MAX_PROFILE_BYTES:
-            raise FormatError("profile artifact has no valid profile layer")
-        blob = client.get_blob(repo, blob_desc[0], size=blob_desc[1])
-        prof = Profile.decode(blob, image)
+            if not refs:
+                return None, None
+            ranked = sorted(enumerate(refs),
+                            key=lambda t: (str((t[1].get("annotations") or {}).get(ANN_CREATED, "")), t[0]))
+            desc = ranked[-1][1]
+            blob_desc: tuple[str, Any] | None = _blob_of(desc.get("annotations"))
+            bundle_desc: tuple[str, Any] | None = None
+            if bundle:
+                bundle_desc = _blob_of(desc.get("annotations"), mt.ANN_BUNDLE_BLOB)
+            if blob_desc is None:
+                raw, _, _ = client.get_manifest(repo, str(desc.get("digest")), [mt.OCI_MANIFEST])
+                doc = json_value(raw, "profile manifest")
+                subject = doc.get("subject") if isinstance(doc, dict) else None
+                if not isinstance(subject, dict) or subject.get("digest") != image:
+                    raise FormatError("profile artifact has another subject")
+                layers = [x for x in doc.get("layers") or [] if isinstance(x, dict)]
+                prof_l = [x for x in layers if x.get("mediaType") == mt.PROFILE]
+                blob_desc = (str(prof_l[0].get("digest")), prof_l[0].get("size")) if prof_l else None
+                bund_l = [x for x in layers if x.get("mediaType") == mt.BUNDLE]
+                if bundle and bund_l:
+                    bundle_desc = (str(bund_l[0].get("digest")), bund_l[0].get("size"))
+            if blob_desc is None or not isinstance(blob_desc[1], int) or not 0 < blob_desc[1] <= MAX_PROFILE_BYTES:
+                raise FormatError("profile artifact has no valid profile layer")
+            bundle_f = pool.submit(get_bundle, bundle_desc) if bundle_desc is not None else None
+            blob = client.get_blob(repo, blob_desc[0], size=blob_desc[1])
+            prof = Profile.decode(blob, image)
+            bundle_blob = bundle_f.result() if bundle_f is not None else None
     except (ShoalError, ValueError) as exc:
         log.warning("no usable profile for %s in %s: %s", image, repo, exc)
-        return None
-    log.info("found profile %s for %s (%d frames)", desc.get("digest"), image, len(prof.frames))
-    return prof
+        return None, None
+    log.info("found profile %s for %s (%d frames%s)", desc.get("digest"), image, len(prof.frames),
+             f", bundle of {len(bundle_blob)} bytes" if bundle_blob is not None else "")
+    return prof, bundle_blob
 
 
-def _blob_of(annotations: Any) -> tuple[str, int] | None:
-    """``(digest, size)`` from an ``ANN_BLOB`` annotation ``"sha256:<hex>:<size>"``."""
-    text = annotations.get(ANN_BLOB) if isinstance(annotations, dict) else None
+def _blob_of(annotations: Any, key: str = ANN_BLOB) -> tuple[str, int] | None:
+    """``(digest, size)`` from an ``ANN_BLOB`` (or ``key``) annotation ``"sha256:<hex>:<size>"``."""
+    text = annotations.get(key) if isinstance(annotations, dict) else None
     if not isinstance(text, str):
         return None
     digest, _, size = text.rpartition(":")
     return (digest, int(size)) if digest.startswith("sha256:") and size.isdigit() else None
 
 
-def push_remote(ref_text: str, opts: "SystemContext | None", prof: Profile) -> str:
-    """Push ``prof`` as a referrer artifact of its image into the repository of ``ref_text``
-    (``docker://...``); return the artifact manifest's digest."""
+def push_remote(ref_text: str, opts: "SystemContext | None", prof: Profile, bundle: bytes | None = None) -> str:
+    """Push ``prof`` (and its ``bundle``, a second layer: docs/spec/bundle.md §5) as a referrer artifact
+    of its image into the repository of ``ref_text`` (``docker://...``); return the artifact manifest's
+    digest."""
     from shoal.transports.base import BlobInfo, parse_reference
     from shoal.transports.docker import DockerDestination, DockerReference
 
@@ -239,15 +272,21 @@ def push_remote(ref_text: str, opts: "SystemContext | None", prof: Profile) -> s
             raise NotFound(f"image {prof.image} is not in {ref.host}/{ref.repo}")
         cfg = BlobInfo("sha256:" + hashlib.sha256(EMPTY_CONFIG).hexdigest(), len(EMPTY_CONFIG), mt.OCI_EMPTY)
         lay = BlobInfo("sha256:" + hashlib.sha256(blob).hexdigest(), len(blob), mt.PROFILE)
-        for data, bi in ((EMPTY_CONFIG, cfg), (blob, lay)):
+        blobs = [(EMPTY_CONFIG, cfg), (blob, lay)]
+        layers = [{"mediaType": mt.PROFILE, "digest": lay.digest, "size": lay.size}]
+        created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        annotations = {ANN_CREATED: created, ANN_BLOB: f"{lay.digest}:{lay.size}"}
+        if bundle is not None:
+            bun = BlobInfo("sha256:" + hashlib.sha256(bundle).hexdigest(), len(bundle), mt.BUNDLE)
+            blobs.append((bundle, bun))
+            layers.append({"mediaType": mt.BUNDLE, "digest": bun.digest, "size": bun.size})
+            annotations[mt.ANN_BUNDLE_BLOB] = f"{bun.digest}:{bun.size}"
+        for data, bi in blobs:
             if not dst.has_blob(bi):
                 dst.put_blob(io.BytesIO(data), bi)
-        created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "artifactType": mt.PROFILE,
                "config": {"mediaType": mt.OCI_EMPTY, "digest": cfg.digest, "size": cfg.size},
-               "layers": [{"mediaType": mt.PROFILE, "digest": lay.digest, "size": lay.size}],
-               "subject": info.descriptor(),
-               "annotations": {ANN_CREATED: created, ANN_BLOB: f"{lay.digest}:{lay.size}"}}
+               "layers": layers, "subject": info.descriptor(), "annotations": annotations}
         raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         dst.put_manifest(raw, mt.OCI_MANIFEST, digest)  # by digest; also updates the tag-schema index
@@ -281,18 +320,34 @@ class RecordingSource(ForwardingSource):
             return list(self._order)
 
 
-def write_recording(path: str, frames: list[int]) -> None:
+@dataclass
+class Recording:
+    """What a profiled workload used, in first-use order (the mount daemon's hand-over): the frames
+    (the profile), and for the bundle (docs/spec/bundle.md) the chunk indices and file positions it
+    read and the directory positions it listed."""
+
+    frames: list[int] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)
+    files: list[int] = field(default_factory=list)
+    dirs: list[int] = field(default_factory=list)
+
+
+def write_recording(path: str, rec: Recording) -> None:
     """The daemon's hand-over of a recording (atomic: temp file, rename)."""
-    write_atomic(path, json.dumps({"frames": frames}).encode(), durability=Durability.PROCESS)
+    doc = {"frames": rec.frames, "chunks": rec.chunks, "files": rec.files, "dirs": rec.dirs}
+    write_atomic(path, json.dumps(doc).encode(), durability=Durability.PROCESS)
 
 
-def read_recording(path: str) -> list[int]:
+def read_recording(path: str) -> Recording:
     try:
         with open(path) as f:
             doc = json.load(f)
     except (OSError, ValueError) as exc:
         raise ShoalError(f"the mount daemon left no recording ({exc})") from None
-    frames = doc.get("frames") if isinstance(doc, dict) else None
-    if not isinstance(frames, list) or not all(isinstance(x, int) for x in frames):
-        raise ShoalError("the mount daemon left a malformed recording")
-    return frames
+    parts: list[list[int]] = []
+    for k in ("frames", "chunks", "files", "dirs"):
+        v = doc.get(k, []) if isinstance(doc, dict) else None
+        if not isinstance(v, list) or not all(isinstance(x, int) for x in v):
+            raise ShoalError("the mount daemon left a malformed recording")
+        parts.append(v)
+    return Recording(*parts)

@@ -28,12 +28,15 @@ from typing import Any
 from shoal import mediatypes as mt
 from shoal.early import EarlyFetch
 from shoal.errors import FormatError, TransportError, UsageError
+from shoal.format.bundle import Bundle
 from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
 from shoal.format.platform import choose
 from shoal.format.runtime_view import for_readers
 from shoal.lazy import LazySource
+from shoal.mount import bundle
 from shoal.mount.image import OpenedImage, OpenOptions
-from shoal.mount.profile import Profile, fetch_remote, load_local, save_local
+from shoal.mount.profile import Profile, fetch_remote_pair, load_local, save_local
+from shoal.reader import FrameSource
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageReference
 from shoal.transports.context import SystemContext
@@ -121,7 +124,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         # decoding and checking the index overlaps the profile lookup
         index = store.load_index(m, lazy=not options.whole_index)
         config = parse_config(store.layout.get(m.config.digest))
-        prof, early = prof_f.result() if prof_f is not None else (None, None)
+        prof, early, bun = prof_f.result() if prof_f is not None else (None, None, None)
         fresh = spare.result()
         pool.shutdown(wait=True)  # its threads used sqlite (has_frame): gone before any fork
     except TransportError as exc:  # name the image: "GET host/v2/... failed" alone does not say which mount
@@ -142,6 +145,9 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
             log.warning("ignoring the profile of %s: it names frames its index does not have", m.digest)
         else:
             frames = found
+            if bun is not None:  # its chunks come from the bundle: prefetch only frames holding none of them
+                held = bundle.frames_holding(index, bun)
+                frames = tuple(f for f in found if f not in held)
             if early is not None:
                 adopted = {fi: fut for fi, (p, off, _) in zip(found, prof.frames)
                            if (fut := early.futures.get((m.packs[p].digest, off))) is not None}
@@ -155,8 +161,9 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         again.follow(src)
         return again
 
-    source = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
-                        where=f"{ref.host}/{ref.repo}", early=adopted)
+    lazy = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
+                      where=f"{ref.host}/{ref.repo}", early=adopted)
+    source: FrameSource = lazy if bun is None else bundle.BundleSource(lazy, index, bun)
     return OpenedImage(ref=str(ref), name=str(ref), digest=m.digest, index=index, source=source,
                        config=config, prefetch=frames, local=False, manifest=m)
 
@@ -209,23 +216,33 @@ def _blob(src: DockerSource, store: Store, d: Any) -> None:
 
 
 def _profile(src: DockerSource, store: Store, ref: DockerReference, m: ShoalManifest,
-             early: bool) -> tuple[Profile | None, EarlyFetch | None]:
-    """The local profile of ``m``, else the newest one in the registry (then saved locally); with
-    ``early``, its frames not yet in the store are requested at once."""
+             early: bool) -> tuple[Profile | None, EarlyFetch | None, Bundle | None]:
+    """The local profile of ``m``, else the newest one in the registry (then saved locally), with its
+    bundle checked against the manifest's root (docs/spec/bundle.md §3; None if it has none or it fails);
+    with ``early`` and no bundle, its frames not yet in the store are requested at once."""
     prof = load_local(store.root, m.digest, len(m.packs))
-    if prof is None:
-        prof = fetch_remote(src.client, src.repo, m.digest)
+    bun: Bundle | None = None
+    if prof is not None:
+        blob = bundle.load_local(store.root, m.digest)
+        bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
+    else:
+        prof, blob = fetch_remote_pair(src.client, src.repo, m.digest)
         if prof is not None and prof.pack_count != len(m.packs):
             log.warning("ignoring the registry's profile of %s: it names %d packs, the image has %d", m.digest,
                         prof.pack_count, len(m.packs))
-            prof = None
+            prof = blob = None
+        bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
         if prof is not None:
             try:
                 save_local(store.root, prof)
+                if bun is not None and blob is not None:  # only a bundle that checked is kept
+                    bundle.save_local(store.root, m.digest, blob)
             except OSError as exc:
                 log.warning("cannot save the profile of %s locally: %s", m.digest, exc.strerror)
+    if bun is not None:  # the workload's chunks are here: no frame of the profile is fetched early
+        return prof, None, bun
     if prof is None or not early:
-        return prof, None
+        return prof, None, None
     # what the store already holds, cheaply: one query, then a look at each partly present pack's frames
     # (this thread competes for the GIL with the index decoder: every call it avoids is ~5 ms sooner)
     partial = store.catalog.frame_packs()
@@ -237,5 +254,5 @@ def _profile(src: DockerSource, store: Store, ref: DockerReference, m: ShoalMani
         if d.digest in partial and store.has_frame(d.digest, off):
             continue
         want.append((d.digest, off, clen))
-    return prof, EarlyFetch(src, {p.digest: p.size for p in m.packs}, want) if want else None
+    return prof, EarlyFetch(src, {p.digest: p.size for p in m.packs}, want) if want else None, None
 

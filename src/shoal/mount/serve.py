@@ -79,16 +79,26 @@ class _Server:
 
         self.image, self.mp, self.opts, self.paths, self.st, self.notify = image, mp, opts, paths, st, notify
         self.recorder: Any = None
+        self.reads: Any = None
         inner = image.source
         if opts.record_to:
             from shoal.mount.profile import RecordingSource
 
             inner = self.recorder = RecordingSource(image.source, image.index)
         self.source = CountingSource(inner)
-        self.reader = MountReader(image.index, self.source, opts.cache_frames)
         self.stats = ServeStats()
-        # the source's ensure/readahead hooks (a lazy source) go around the recorder: never recorded
-        self.fs = ShoalFS(self.reader, stats=self.stats, hooks=image.source)
+        self.reader: MountReader
+        if opts.record_to:  # the chunks, files and directories the workload uses, for its bundle
+            from shoal.mount.bundlerec import ReadRecord, RecordingReader
+
+            self.reads = ReadRecord()
+            self.reader = RecordingReader(image.index, self.source, opts.cache_frames, self.reads)
+            # no page-cache push: the kernel then asks for every page the workload needs, and nothing else
+            self.fs = ShoalFS(self.reader, stats=self.stats, hooks=image.source, push=False, listed=self.reads.dir)
+        else:
+            self.reader = MountReader(image.index, self.source, opts.cache_frames)
+            # the source's ensure/readahead hooks (a lazy source) go around the recorder: never recorded
+            self.fs = ShoalFS(self.reader, stats=self.stats, hooks=image.source)
         self.overlay = False
         self.prefetched = 0
         self.prefetch_state = "none"  # none, pending, profile, rest, done, failed, stopped
@@ -295,7 +305,7 @@ def _finish_source(server: _Server, opts: MountOptions) -> None:
         from shoal.mount.profile import write_recording
 
         try:
-            write_recording(opts.record_to, server.recorder.frames())
+            write_recording(opts.record_to, server.reads.recording(server.recorder.frames()))
         except OSError as exc:
             log.error("cannot write the recording to %s: %s", opts.record_to, exc.strerror)
     try:

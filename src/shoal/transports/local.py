@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 EMPTY_CONFIG = b"{}"
 MAX_PROFILE = 16 << 20  # bytes of a profile (mount/profile.py)
+MAX_BUNDLE = 256 << 20  # bytes of a profile bundle (format/bundle.py LIMITS.blob)
 
 
 def _sha(data: bytes) -> str:
@@ -68,16 +69,30 @@ def profile_path(store: Store, digest: str) -> Path:
     return store.root / "profiles" / f"{hexpart}.json"
 
 
-def profile_artifact(profile: bytes, subject: dict[str, Any], created: str) -> tuple[bytes, dict[str, bytes]]:
+def bundle_path(store: Store, digest: str) -> Path:
+    """``STORE/profiles/<hex>.bundle``: the profile's bundle (bundle.md §5), beside ``profile_path``."""
+    return profile_path(store, digest).with_suffix(".bundle")
+
+
+def profile_artifact(profile: bytes, subject: dict[str, Any], created: str,
+                     bundle: bytes | None = None) -> tuple[bytes, dict[str, bytes]]:
     """The registry form of a profile (mount.md §6): an OCI 1.1 artifact manifest with ``subject``, the
-    empty config, the profile as its one layer, and its blobs by digest."""
+    empty config, the profile as its first layer and its bundle, if any, as the second (bundle.md §5),
+    and its blobs by digest."""
     cfg, lay = _sha(EMPTY_CONFIG), _sha(profile)
+    layers = [{"mediaType": mt.PROFILE, "digest": lay, "size": len(profile)}]
+    annotations = {mt.ANN_CREATED: created, mt.ANN_PROFILE_BLOB: f"{lay}:{len(profile)}"}
+    blobs = {cfg: EMPTY_CONFIG, lay: profile}
+    if bundle is not None:
+        bun = _sha(bundle)
+        layers.append({"mediaType": mt.BUNDLE, "digest": bun, "size": len(bundle)})
+        annotations[mt.ANN_BUNDLE_BLOB] = f"{bun}:{len(bundle)}"
+        blobs[bun] = bundle
     doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "artifactType": mt.PROFILE,
            "config": {"mediaType": mt.OCI_EMPTY, "digest": cfg, "size": len(EMPTY_CONFIG)},
-           "layers": [{"mediaType": mt.PROFILE, "digest": lay, "size": len(profile)}],
-           "subject": {k: subject[k] for k in ("mediaType", "digest", "size")},
-           "annotations": {mt.ANN_CREATED: created, mt.ANN_PROFILE_BLOB: f"{lay}:{len(profile)}"}}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), {cfg: EMPTY_CONFIG, lay: profile}
+           "layers": layers, "subject": {k: subject[k] for k in ("mediaType", "digest", "size")},
+           "annotations": annotations}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), blobs
 
 
 class LocalTransport(Transport):
@@ -153,7 +168,13 @@ class LocalSource(ImageSource):
                 subject = {"mediaType": str(json_value(sraw).get("mediaType") or mt.OCI_MANIFEST), "digest": digest,
                            "size": len(sraw)}
                 created = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                raw, blobs = profile_artifact(prof, subject, created)
+                bpath = bundle_path(self.store, digest)
+                bundle = None
+                if bpath.is_file():
+                    if bpath.stat().st_size > MAX_BUNDLE:
+                        raise FormatError(f"profile bundle {bpath} is larger than 256 MiB")
+                    bundle = bpath.read_bytes()
+                raw, blobs = profile_artifact(prof, subject, created, bundle)
                 self._extra.update(blobs)
                 out.append(Referrer(digest, raw, mt.OCI_MANIFEST, "artifact"))
         except (OSError, ShoalError, AttributeError) as exc:
@@ -266,6 +287,10 @@ class LocalDestination(ImageDestination):
         if not isinstance(prof, dict) or prof.get("mediaType") != mt.PROFILE or prof.get("image") != subject:
             raise FormatError(f"the profile artifact of {subject} holds no profile of that image")
         path.parent.mkdir(parents=True, exist_ok=True)
+        bundles = [ly for ly in doc.get("layers") or [] if isinstance(ly, dict) and ly.get("mediaType") == mt.BUNDLE]
+        if bundles and isinstance(bundles[0].get("digest"), str):  # checked against the image's root when used
+            bun = self.store.layout.get(str(bundles[0]["digest"]), limit=MAX_BUNDLE)
+            write_atomic(bundle_path(self.store, subject), bun, durability=Durability.FILE, mode=0o600)
         write_atomic(path, blob, durability=Durability.FILE, mode=0o600)
 
     def put_blob(self, stream: BinaryIO, info: BlobInfo) -> None:
