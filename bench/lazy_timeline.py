@@ -2,7 +2,7 @@
 """Where a cold ``shoal run docker://…`` spends its time before the container's first output (issue 12).
 
 Usage: python bench/lazy_timeline.py [--reps 5] [--tree DIR] [--prefetch auto|none] [--warm-cache]
-                                     [--compare SRC] [--mbit M --latency-ms L] [--show-runs]
+                                     [--compare SRC] [--mbit M --latency-ms L] [--show-runs] [--requests]
 
 The tree is debootstrap minbase bookworm + python3 + git (cached in $SHOAL_BENCH_CACHE, as bench/lazy.py).
 The bench starts a loopback docker-registry, builds and pushes the Shoal image, records a ``shoal profile``
@@ -18,11 +18,15 @@ The timeline of a run is made of
 - Shoal's own ``-vv`` debug lines ``timeline: ...`` that mark a phase (``T`` below): the command's stamped
   as they arrive on its stderr, the mount daemon's from its log (stamped by its logging, to the ms),
 - 2 ms polls of ``/proc/self/mountinfo`` (the mount appears) and of the processes (runc starts).
-Each event's median over the runs is printed, in order, with the median time to the first output.
+Each event's median over the runs is printed, in order, with the median time to the first output, and
+the CPU time (user + system) of the ``shoal run`` process and the children it waited for (runc), to its
+exit: on a loaded machine wall times vary by 2x from run to run, CPU time much less (the mount daemon,
+forked off, is not in it).
 
 ``--compare SRC`` alternates every run with one of the Shoal sources in ``SRC`` (a directory holding the
-``shoal`` package, e.g. a ``git worktree`` of the base commit's ``src``): both timelines are printed and
-the ratio of their medians, measured side by side in one session.
+``shoal`` package, e.g. ``git archive BASE src | tar -x -C DIR`` then ``DIR/src``): both timelines are
+printed and the ratios of their medians, measured side by side in one session.  ``--requests`` prints
+every run's requests and events.  ``--show-runs`` prints each run as it ends.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -66,6 +71,7 @@ class Run:
     seconds: float
     requests: int
     bytes: int
+    cpu: float = 0.0  # user + system seconds of `shoal run` and the children it waited for (not the daemon)
     events: dict[str, float] = field(default_factory=dict)
 
 
@@ -157,6 +163,7 @@ def one_run(work: Path, src: Path, host: str, link: Link, n: int, prefetch: str,
     t0, wall0 = time.perf_counter(), time.time()
     w = threading.Thread(target=_watch, args=(d / "run", name, t0, stop, marks, daemon_log), daemon=True)
     w.start()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     lines: list[tuple[float, str]] = []
     try:
@@ -174,6 +181,7 @@ def one_run(work: Path, src: Path, host: str, link: Link, n: int, prefetch: str,
         b1, r1 = link.bytes, link.requests
         rest = p.stdout.read()
         p.wait(120)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         reader.join(10)
         if p.returncode != 0 or (got + rest).strip() != b"1":
             tail = "\n".join(ln for _, ln in lines[-20:])
@@ -187,7 +195,7 @@ def one_run(work: Path, src: Path, host: str, link: Link, n: int, prefetch: str,
             p.wait()
         umount_all(d)
         shutil.rmtree(d, ignore_errors=True)
-    run = Run(t1, r1 - r0, b1 - b0)
+    run = Run(t1, r1 - r0, b1 - b0, ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
     ev = run.events
     ev["first output"] = t1
     if "mount" in marks:
@@ -240,10 +248,12 @@ def one_run(work: Path, src: Path, host: str, link: Link, n: int, prefetch: str,
 
 def report(title: str, runs: list[Run]) -> float:
     med = statistics.median(r.seconds for r in runs)
-    print(f"\n{title}: {len(runs)} cold runs, to first output median {med:.3f} s "
+    print(f"\n{title}: {len(runs)} runs, to first output median {med:.3f} s "
           f"(min {min(r.seconds for r in runs):.3f}, max {max(r.seconds for r in runs):.3f}); "
           f"requests by then {statistics.median(r.requests for r in runs):.0f}, "
-          f"{statistics.median(r.bytes for r in runs) / 1e6:.2f} MB")
+          f"{statistics.median(r.bytes for r in runs) / 1e6:.2f} MB; CPU of shoal run (user+sys, to its exit, "
+          f"without the mount daemon) median {statistics.median(r.cpu for r in runs):.3f} s "
+          f"(min {min(r.cpu for r in runs):.3f})")
     keys = {k for r in runs for k in r.events}
     rows = []
     for k in keys:
@@ -304,10 +314,14 @@ def main() -> None:
                     r = one_run(work, src, t.host, t.link, n, args.prefetch, args.warm_cache, kinds, args.requests)
                     runs[label].append(r)
                     if args.show_runs:
-                        print(f"  {label} run {n}: {r.seconds:.3f} s, {r.requests} requests", flush=True)
-        meds = {label: report(f"{label} ({src})", runs[label]) for label, src in srcs}
+                        print(f"  {label} run {n}: {r.seconds:.3f} s, {r.requests} requests, CPU {r.cpu:.3f} s",
+                              flush=True)
+        cache = "page cache kept" if args.warm_cache else "sync + drop_caches before each"
+        meds = {label: report(f"{label} ({src}; {cache})", runs[label]) for label, src in srcs}
         if args.compare:
-            print(f"\nthis / compare: {meds['this'] / meds['compare']:.2f}x")
+            cpu = {label: statistics.median(r.cpu for r in runs[label]) for label, _ in srcs}
+            print(f"\nthis / compare: {meds['this'] / meds['compare']:.2f}x to first output, "
+                  f"{cpu['this'] / cpu['compare']:.2f}x CPU of shoal run")
     finally:
         umount_all(work)
         reg.close()

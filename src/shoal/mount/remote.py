@@ -100,12 +100,14 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     store = Store.open(ctx.store)
     src = ref.new_source(reg)
     pool = ThreadPoolExecutor(6, thread_name_prefix="shoal-open")
-    warm: threading.Thread | None = None
     wanted = options.profile and options.prefetch != "none"  # only prefetching uses a profile
     lookups: dict[str, Future[Profile | None]] = {}
     # the mount daemon's own client, made while we wait for the network (loading CA certificates
     # takes ~0.1 s); it is never used before the fork, so it holds no connection the parent shares
     spare = pool.submit(ref.new_source, reg)
+    # the serving modules load while the manifest, config and index are on their way: the main thread
+    # only waits then (~0.1 s less to the fork than starting once the manifest is known)
+    warm = _warm(options.warm)
     try:
         raw = _manifest(src, store, ctx.platform,
                         (lambda d: _look_up(pool, src, store, d, lookups)) if wanted else None)
@@ -120,7 +122,6 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         meta = [pool.submit(_blob, src, store, d) for d in (m.config, m.index)]
         early_wanted = options.prefetch in ("auto", "all")
         prof_f = pool.submit(_profile, src, store, m, early_wanted, lookups.get(m.digest)) if wanted else None
-        warm = _warm(options.warm)  # once the requests are out: it would hold them back
         for f in meta:
             f.result()
         log.debug("timeline: config and index stored")
