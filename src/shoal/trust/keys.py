@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.errors import FormatError, UsageError
 
-if TYPE_CHECKING:  # cryptography is imported where it is used: ~40 ms that `shoal run` need not pay
+if TYPE_CHECKING:  # cryptography is imported where it is used: ~30 ms that `shoal run` need not pay
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 __all__ = ["PrivateKey", "PublicKey", "generate", "encrypt_private_key", "load_private_key", "load_public_key",
