@@ -428,6 +428,8 @@ class RegistryProxy:
       then the body one byte every ``trickle_delay`` seconds (a slow loris)
     * ``stall``: requests whose path contains it are read and never answered
     * ``corrupt_uploads``: this many PUT/PATCH bodies get a byte flipped on the way
+    * ``delay``: ``(path_substring, seconds)``: matching requests are answered that much later
+    * ``timing``: ``(method, path, arrived, answered)`` of every forwarded request (``time.monotonic()``)
     """
 
     upstream: str
@@ -443,6 +445,8 @@ class RegistryProxy:
     trickle_delay: float = 0.25
     stall: str | None = None
     corrupt_uploads: int = 0
+    delay: tuple[str, float] | None = None
+    timing: list[tuple[str, str, float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._closing = threading.Event()
@@ -492,7 +496,17 @@ class RegistryProxy:
             conn.close()
 
     def _handle(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
+        arrived = time.monotonic()
+        try:
+            self._handle_timed(req, body)
+        finally:
+            with self._lock:
+                self.timing.append((req.command, req.path, arrived, time.monotonic()))
+
+    def _handle_timed(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
         path = req.path
+        if self.delay is not None and self.delay[0] in path:
+            self._closing.wait(self.delay[1])
         with self._lock:
             for i, (m, sub, status) in enumerate(self.faults):
                 if m == req.command and sub in path:

@@ -60,3 +60,24 @@ def test_async_libraries_stay_importable() -> None:
             "assert trio.run(one) == 1\n"
             "print(json.dumps([m for m in ('trio', 'anyio') if sys.modules.get(m) is None]))")
     assert _run(code) == []
+
+
+def test_a_policy_that_accepts_anything_loads_no_cryptography(tmp_path: Path) -> None:
+    """``shoal run``/``mount`` check the signature policy before the first request: when it accepts
+    anything, the signature code's cryptography (~40 ms) is not loaded (trust/keys.py loads it on use)."""
+    pol = tmp_path / "policy.json"
+    pol.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    code = ("import sys, json\n"
+            "import shoal.cli.mount_cmds, shoal.mount.run, shoal.mount.remote\n"
+            "from shoal.transports.base import parse_reference\n"
+            "from shoal.transports.context import SystemContext\n"
+            "from shoal.trust.image import admit\n"
+            f"a = admit(parse_reference('docker://127.0.0.1:1/x:1'), SystemContext(signature_policy={str(pol)!r}))\n"
+            "assert a is not None and a.digest == ''\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'nacl'})))")
+    assert _run(code) == []
+    # and a signature check still has it when it needs it
+    code = ("import json\nfrom shoal.trust.keys import generate, load_public_key\n"
+            "k = generate()\nsig = k.sign(b'x')\npub = load_public_key(k.public().pem())\n"
+            "print(json.dumps([pub.verify(sig, b'x'), pub.verify(sig, b'y')]))")
+    assert _run(code) == [True, False]

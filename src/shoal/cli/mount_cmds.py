@@ -53,6 +53,16 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
     return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch, warm=_SERVE_MODULES, policy=True)
 
 
+def _freeze() -> None:
+    """Before a command that forks a mount daemon: what exists now (modules, click's objects) holds no
+    sqlite connection, so the collection that closes dropped connections before the fork
+    (``LazySource.before_fork``) need not look at it again (``shoal run`` of bookworm+python3+git:
+    42-50 ms instead of 91-117 ms on a loaded machine)."""
+    import gc
+
+    gc.freeze()
+
+
 @click.command()
 @click.argument("ref")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
@@ -92,11 +102,7 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
             click.echo(f"serving {ref} at {mountpoint}; unmount it (or Ctrl-C) to stop", err=True)
 
     if not foreground:
-        import gc
-
-        # what exists now (modules, click's objects) holds no sqlite connection: the collection that closes
-        # dropped connections before the daemon forks (LazySource.before_fork) need not look at it again
-        gc.freeze()
+        _freeze()
     st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live, open_opts=open_opts)
     if st is None:
         return
@@ -208,6 +214,7 @@ def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...],
                       workdir=workdir, user=user, runtime=runtime, unsafe_chroot=unsafe_chroot, tty=tty,
                       prefetch=prefetch, security_opt=security_opt, cap_add=cap_add, cap_drop=cap_drop,
                       pids_limit=pids_limit, network=network, read_only=read_only)
+    _freeze()
     ctx.exit(do_run(ref, opts, _store(ctx), open_opts))
 
 

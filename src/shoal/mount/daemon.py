@@ -61,6 +61,7 @@ def start(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
     # a source holding sqlite handles or threads closes them now (FrameSource contract, mount.md §1)
     image.source.before_fork()
     r, w = os.pipe()
+    log.debug("timeline: forking the mount daemon for %s", mp)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 70
@@ -92,6 +93,7 @@ def start(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
     st = ms.load_state(paths.state)
     if st is None:
         raise ShoalError(f"mount daemon reported success but left no state; log: {paths.log}")
+    log.debug("timeline: mount live at %s", mp)
     return st
 
 
@@ -172,6 +174,7 @@ def _daemon_child(image: OpenedImage, mp: str, opts: MountOptions, wfd: int) -> 
     scrub_argv()  # the CLI did so when it read --creds; a daemon lives long: never show a secret in ps
     # a source holding connections or threads re-creates them here (FrameSource contract, mount.md §5)
     image.source.after_fork()
+    log.debug("timeline: daemon after_fork done")
     sent = False
 
     def notify(exc: BaseException | None) -> None:

@@ -23,7 +23,7 @@ import logging
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from shoal import mediatypes as mt
 from shoal.early import EarlyFetch
@@ -35,7 +35,7 @@ from shoal.format.runtime_view import for_readers
 from shoal.lazy import LazySource
 from shoal.mount import bundle
 from shoal.mount.image import OpenedImage, OpenOptions
-from shoal.mount.profile import Profile, fetch_remote_pair, load_local, save_local
+from shoal.mount.profile import Profile, fetch_remote_pair, load_local, local_path, save_local
 from shoal.reader import FrameSource
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageReference
@@ -98,31 +98,40 @@ def _warm(modules: tuple[str, ...]) -> threading.Thread | None:
 def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions) -> OpenedImage | None:
     if options.fetch_timeout <= 0:
         raise UsageError("--fetch-timeout must be positive")
+    log.debug("timeline: opening %s", ref)
     reg = registry_options(ref, ctx, options.fetch_timeout)
     store = Store.open(ctx.store)
     src = ref.new_source(reg)
-    pool = ThreadPoolExecutor(4, thread_name_prefix="shoal-open")
-    warm: threading.Thread | None = None
+    pool = ThreadPoolExecutor(6, thread_name_prefix="shoal-open")
+    wanted = options.profile and options.prefetch != "none"  # only prefetching uses a profile
+    lookups: dict[str, Future[tuple[Profile | None, bytes | None]]] = {}
     # the mount daemon's own client, made while we wait for the network (loading CA certificates
     # takes ~0.1 s); it is never used before the fork, so it holds no connection the parent shares
     spare = pool.submit(ref.new_source, reg)
+    # the serving modules load while the manifest, config and index are on their way: the main thread
+    # only waits then (~0.1 s less to the fork than starting once the manifest is known)
+    warm = _warm(options.warm)
     try:
-        raw = _manifest(src, store, ctx.platform)
+        raw = _manifest(src, store, ctx.platform,
+                        (lambda d: _look_up(pool, src, store, d, lookups)) if wanted else None)
         if raw is None:
+            for look in lookups.values():  # a digest guessed to be a Shoal manifest: let its lookup end first
+                look.exception()
             src.close()
             spare.result().close()
             return None
         m = parse_manifest(raw)
+        log.debug("timeline: manifest %s", m.digest)
         meta = [pool.submit(_blob, src, store, d) for d in (m.config, m.index)]
         early_wanted = options.prefetch in ("auto", "all")
-        wanted = options.profile and options.prefetch != "none"  # only prefetching uses a profile
-        prof_f = pool.submit(_profile, src, store, ref, m, early_wanted) if wanted else None
-        warm = _warm(options.warm)  # once the requests are out: it would hold them back
+        prof_f = pool.submit(_profile, src, store, m, early_wanted, lookups.get(m.digest)) if wanted else None
         for f in meta:
             f.result()
+        log.debug("timeline: config and index stored")
         store.layout.put(raw, m.digest)
         # decoding and checking the index overlaps the profile lookup
         index = store.load_index(m, lazy=not options.whole_index)
+        log.debug("timeline: index decoded (%d frames)", len(index.frames))
         config = parse_config(store.layout.get(m.config.digest))
         prof, early, bun = prof_f.result() if prof_f is not None else (None, None, None)
         fresh = spare.result()
@@ -137,6 +146,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         pool.shutdown(wait=False)
         if warm is not None:
             warm.join()  # no import may be under way at a fork (a half-imported module would hang the child)
+            log.debug("timeline: serving modules loaded")
     frames: tuple[int, ...] = ()
     adopted: dict[int, Future[bytes]] = {}
     if prof is not None:
@@ -161,6 +171,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         again.follow(src)
         return again
 
+    log.debug("timeline: opened %s (%d profile frames)", m.digest, len(frames))
     lazy = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
                       where=f"{ref.host}/{ref.repo}", early=adopted)
     source: FrameSource = lazy if bun is None else bundle.BundleSource(lazy, index, bun)
@@ -168,10 +179,24 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
                        config=config, prefetch=frames, local=False, manifest=m)
 
 
-def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes | None:
+def _look_up(pool: ThreadPoolExecutor, src: DockerSource, store: Store, digest: str,
+             lookups: dict[str, Future[tuple[Profile | None, bytes | None]]]) -> None:
+    """Start the registry's profile lookup for the manifest ``digest`` at once, in ``pool``: it needs
+    nothing but the digest, so its two round trips overlap the manifest's own (docs/spec/mount.md §5.1).
+    Not when the store has a profile of it (that one is used)."""
+    if digest not in lookups and not local_path(store.root, digest).exists():
+        lookups[digest] = pool.submit(fetch_remote_pair, src.client, src.repo, digest)
+
+
+def _manifest(src: DockerSource, store: Store, platform: str | None,
+              known: Callable[[str], None] | None = None) -> bytes | None:
     """The Shoal manifest ``src`` names (a local copy when the reference is a digest we hold); None
-    for a classic image."""
+    for a classic image.  ``known(digest)`` is called as soon as the digest of the Shoal manifest is
+    known, before that manifest is fetched: the reference's own digest, or an image index's Shoal
+    child (a guess for a digest reference: it may name an index or a classic image)."""
     digest = src.ref.digest
+    if digest is not None and known is not None:
+        known(digest)
     if digest is not None and store.layout.has(digest):
         raw = store.layout.get(digest)
         if _is_manifest(raw):
@@ -179,7 +204,7 @@ def _manifest(src: DockerSource, store: Store, platform: str | None) -> bytes | 
     raw, media = src.get_manifest()
     doc = json_object(raw)
     if media in mt.INDEX_TYPES or "manifests" in doc:
-        raw = _child(src, doc, platform)
+        raw = _child(src, doc, platform, known)
         doc = json_object(raw)
     if doc.get("artifactType") != mt.ARTIFACT_TYPE:
         return None
@@ -193,11 +218,14 @@ def _is_manifest(raw: bytes) -> bool:
         return False
 
 
-def _child(src: DockerSource, doc: dict[str, Any], platform: str | None) -> bytes:
+def _child(src: DockerSource, doc: dict[str, Any], platform: str | None,
+           known: Callable[[str], None] | None = None) -> bytes:
     """The index's image for ``platform`` (default this machine's) by the one rule; a Shoal child wins
-    over a classic one of the same platform."""
+    over a classic one of the same platform.  ``known`` hears a Shoal child's digest before it is fetched."""
     kid = choose(for_readers(doc.get("manifests")), platform, str(src.ref),
                  prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
+    if known is not None and kid.get("artifactType") == mt.ARTIFACT_TYPE:
+        known(str(kid["digest"]))
     raw, _ = src.get_manifest(str(kid["digest"]))  # verified against its digest
     return raw
 
@@ -215,18 +243,21 @@ def _blob(src: DockerSource, store: Store, d: Any) -> None:
         stream.close()
 
 
-def _profile(src: DockerSource, store: Store, ref: DockerReference, m: ShoalManifest,
-             early: bool) -> tuple[Profile | None, EarlyFetch | None, Bundle | None]:
-    """The local profile of ``m``, else the newest one in the registry (then saved locally), with its
-    bundle checked against the manifest's root (docs/spec/bundle.md §3; None if it has none or it fails);
-    with ``early`` and no bundle, its frames not yet in the store are requested at once."""
+def _profile(src: DockerSource, store: Store, m: ShoalManifest, early: bool,
+             looked_up: Future[tuple[Profile | None, bytes | None]] | None = None,
+             ) -> tuple[Profile | None, EarlyFetch | None, Bundle | None]:
+    """The local profile of ``m``, else the newest one in the registry (``looked_up`` if that lookup is
+    under way already; then saved locally), with its bundle checked against the manifest's root
+    (docs/spec/bundle.md §3; None if it has none or it fails); with ``early`` and no bundle, its frames
+    not yet in the store are requested at once."""
     prof = load_local(store.root, m.digest, len(m.packs))
     bun: Bundle | None = None
     if prof is not None:
         blob = bundle.load_local(store.root, m.digest)
         bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
     else:
-        prof, blob = fetch_remote_pair(src.client, src.repo, m.digest)
+        prof, blob = (looked_up.result() if looked_up is not None
+                      else fetch_remote_pair(src.client, src.repo, m.digest))
         if prof is not None and prof.pack_count != len(m.packs):
             log.warning("ignoring the registry's profile of %s: it names %d packs, the image has %d", m.digest,
                         prof.pack_count, len(m.packs))

@@ -283,7 +283,7 @@ def _remove(bundle: Path, rootfs: Path, mounted: bool) -> None:
 
 def _run_runtime(runtime: str, bundle: Path, name: str, terminal: bool, timeout: float | None = None) -> int:
     cmd = [runtime, "run", "--bundle", str(bundle), name]
-    log.debug("running %s", " ".join(cmd))
+    log.debug("timeline: runtime: %s", " ".join(cmd))
     child = subprocess.Popen(cmd)
     # A terminal's ^C and ^\ reach runc through the process group; forward the rest to runc,
     # which forwards them to the container.

@@ -165,6 +165,7 @@ class _Server:
                 await trio.to_thread.run_sync(ms.mount_overlay, str(self.paths.lower), str(self.paths.upper),
                                               str(self.paths.work), self.mp, self.opts.expose)
                 self.overlay = True
+            log.debug("timeline: overlay mounted at %s", self.mp)
             self.st.ready = True
             self.save()
             log.info("serving %s (%s) at %s%s", self.image.name, self.image.digest, self.mp,
@@ -270,6 +271,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
                        log=str(paths.log), prefetch=opts.prefetch, started_at=time.time(),
                        cleanup=list(opts.cleanup), options=opts.expose.names())
     server = _Server(image, mp, opts, paths, st, notify)
+    log.debug("timeline: daemon serving %s", mp)
     if opts.writable:
         _prepare_writable(image, paths, mp)
     ms.save_state(paths.state, st)
@@ -280,6 +282,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
         except RuntimeError as exc:
             raise StoreError(f"cannot mount FUSE at {st.lower}: {exc}") from None
         fuse_up = True
+        log.debug("timeline: FUSE mounted at %s", st.lower)
         try:
             trio.run(server.run)
         except BaseExceptionGroup as group:

@@ -21,13 +21,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from typing import TYPE_CHECKING, Any
 
 from shoal.errors import FormatError, UsageError
+
+if TYPE_CHECKING:  # cryptography is imported where it is used: ~30 ms that `shoal run` need not pay
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 __all__ = ["PrivateKey", "PublicKey", "generate", "encrypt_private_key", "load_private_key", "load_public_key",
            "PEM_PRIVATE", "PEM_PRIVATE_SIGSTORE"]
@@ -44,6 +43,10 @@ class PublicKey:
 
     def verify(self, signature: bytes, payload: bytes) -> bool:
         """True when ``signature`` (DER for ECDSA) is this key's signature of ``payload`` (SHA-256)."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
         try:
             if isinstance(self.key, ec.EllipticCurvePublicKey):
                 self.key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
@@ -56,10 +59,14 @@ class PublicKey:
         return True
 
     def pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
         return self.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def fingerprint(self) -> str:
         """sha256 of the DER SubjectPublicKeyInfo, for messages."""
+        from cryptography.hazmat.primitives import serialization
+
         der = self.key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         return "sha256:" + hashlib.sha256(der).hexdigest()
 
@@ -70,6 +77,9 @@ class PrivateKey:
 
     def sign(self, payload: bytes) -> bytes:
         """The DER ECDSA (SHA-256) signature of ``payload``."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         return self.key.sign(payload, ec.ECDSA(hashes.SHA256()))
 
     def public(self) -> PublicKey:
@@ -78,6 +88,8 @@ class PrivateKey:
 
 def generate() -> PrivateKey:
     """A new ECDSA P-256 key, as ``cosign generate-key-pair``."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return PrivateKey(ec.generate_private_key(ec.SECP256R1()))
 
 
@@ -88,6 +100,7 @@ def _scrypt(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
 def encrypt_private_key(key: PrivateKey, passphrase: bytes) -> bytes:
     """The PEM file cosign writes for ``key`` encrypted with ``passphrase``."""
     import nacl.secret
+    from cryptography.hazmat.primitives import serialization
 
     der = key.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -103,6 +116,8 @@ def load_private_key(data: bytes, passphrase: bytes, where: str = "private key")
     """Decrypt a cosign private key file; a wrong passphrase or a malformed file is a UsageError/FormatError."""
     import nacl.exceptions
     import nacl.secret
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     kind, body = _unpem(data, where)
     if kind not in (PEM_PRIVATE, PEM_PRIVATE_SIGSTORE):
@@ -131,6 +146,9 @@ def load_private_key(data: bytes, passphrase: bytes, where: str = "private key")
 
 def load_public_key(data: bytes, where: str = "public key") -> PublicKey:
     """A PEM ``PUBLIC KEY`` (ECDSA, RSA or Ed25519)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
