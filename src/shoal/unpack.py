@@ -25,7 +25,7 @@ from shoal.format.model import Entry, Index, Kind
 from shoal.progress import NULL, Sink
 from shoal.reader import Reader
 
-__all__ = ["UnpackOptions", "UnpackResult", "unpack"]
+__all__ = ["UnpackOptions", "UnpackRequest", "UnpackResult", "check_target", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ class UnpackOptions:
     same_owner: bool = field(default_factory=lambda: os.geteuid() == 0)
     #: keep setuid/setgid bits (as root, like GNU tar); else they are cleared (format.md §7)
     same_special: bool = field(default_factory=lambda: os.geteuid() == 0)
+
+
+@dataclass(frozen=True)
+class UnpackRequest:
+    """Unpack the image into ``dest`` while it is pulled (``shoal pull --unpack``, pull.py)."""
+
+    dest: str
+    options: UnpackOptions = field(default_factory=UnpackOptions)
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,17 @@ def _umask() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def check_target(dest: str) -> None:
+    """UsageError unless ``dest`` is a new or an empty directory (``unpack`` checks again)."""
+    try:
+        if os.path.islink(dest) or (os.path.lexists(dest) and not os.path.isdir(dest)):
+            raise UsageError(f"{dest} exists and is not a directory")
+        if os.path.isdir(dest) and os.listdir(dest):
+            raise UsageError(f"{dest} is not empty")
+    except OSError as exc:
+        raise from_oserror(exc, "cannot read the target", dest) from None
 
 
 def _prepare(dest: str) -> bool:
