@@ -51,11 +51,15 @@ T = TypeVar("T")
 def plan_frames(idx: Index, have_chunk: set[bytes], has_pack: Callable[[str], bool]) -> dict[int, list[int]]:
     """pack index -> sorted frame indices the store must fetch."""
     need: dict[int, list[int]] = {}
+    held: dict[int, bool] = {}  # one look per pack, not per frame
     for fi, f in enumerate(idx.frames):
         cis = idx.frame_chunks(fi)
         if all(idx.chunk_ids[c] in have_chunk for c in cis):
             continue
-        if has_pack("sha256:" + idx.packs[f.pack].hex()):
+        whole = held.get(f.pack)
+        if whole is None:
+            whole = held[f.pack] = has_pack("sha256:" + idx.packs[f.pack].hex())
+        if whole:
             continue
         need.setdefault(f.pack, []).append(fi)
     for frames in need.values():
