@@ -214,6 +214,11 @@ class Reader:
 
     # ---------------------------------------------------------------- frames and chunks
 
+    @property
+    def cache_frames(self) -> int:
+        """How many decompressed frames the Reader keeps."""
+        return self._cache_max
+
     def pack_digest(self, i: int) -> str:
         return "sha256:" + self.index.packs[i].hex()
 

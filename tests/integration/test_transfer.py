@@ -311,6 +311,7 @@ def test_pull_with_unpack_writes_the_tree_while_pulling(registry: Registry, prox
     st = Store.open(built)
     s2 = fresh_store(tmp_path)
     out = shoal_json(s2, "pull", f"docker://{registry.host}/{repo}:a", "a:1", "--unpack", str(tmp_path / "ua"))
+    helpers.check_json_shape("pull", out)  # the shape docs/cli-json.md shows
     assert out["digest"] == st.resolve("a:1").digest
     assert out["unpacked"]["dir"] == str(tmp_path / "ua") and out["unpacked"]["files"] == 154
     assert out["unpacked"]["bytes"] == sum(p.stat().st_size for p in trees[0].rglob("*") if p.is_file())

@@ -111,3 +111,41 @@ def test_an_offered_frame_is_read_without_a_fetch_and_its_checked_chunks_not_has
     r.OFFER_MAX = len(frame) - 1
     assert not r.offer(0, frame, chunks)
     assert r.read(e, 0, e.size) == data and src.fetches == 1
+
+
+def test_unpack_writes_every_file_from_one_thread_and_reads_frames_ahead_on_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``unpack``: the file system calls of the files come from the one writing thread (a hand-off per
+    small file cost more than the write); frames are decompressed on the ``workers`` threads, ahead."""
+    import os
+
+    import shoal.format.packing as packing
+    from shoal.unpack import UnpackOptions, unpack
+
+    src = tmp_path / "tree"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i:03d}").write_bytes(os.urandom(3000 + i))
+    store = Store.open(tmp_path / "store")
+    m = build(store, src, "t:1").manifest
+    idx = store.load_index(m)
+    writers: set[str] = set()
+    deflaters: set[str] = set()
+    real_write, real_decompress = os.write, packing.decompress_frame
+
+    def write(fd: int, data: object) -> int:
+        writers.add(threading.current_thread().name)
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    def decompress(data: object, ulen: int, where: str) -> bytes:
+        deflaters.add(threading.current_thread().name)
+        return real_decompress(data, ulen, where)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(packing, "decompress_frame", decompress)
+    r = unpack(idx, Reader(idx, LayoutSource(store.layout)), str(tmp_path / "out"), UnpackOptions(workers=3))
+    assert r.files == 300
+    assert writers == {threading.current_thread().name}
+    assert deflaters and all(n.startswith("shoal-unpack") for n in deflaters)
+    for i in range(300):
+        assert (tmp_path / "out" / f"f{i:03d}").read_bytes() == (src / f"f{i:03d}").read_bytes()
