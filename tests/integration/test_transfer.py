@@ -318,6 +318,10 @@ def test_pull_with_unpack_writes_the_tree_while_pulling(registry: Registry, prox
     helpers.assert_same_tree(helpers.tree_snapshot(trees[0]), helpers.tree_snapshot(tmp_path / "ua"))
     assert Store.open(s2).resolve("a:1").root == st.resolve("a:1").root
     assert shoal(s2, "fsck").returncode == 0
+    # again, the image in the store already: no pack fetched, every frame read from the store
+    again = shoal_json(s2, "pull", f"docker://{registry.host}/{repo}:a", "a:1", "--unpack", str(tmp_path / "ua2"))
+    assert again["chunks_fetched"] == 0 and again["unpacked"]["files"] == 154
+    helpers.assert_same_tree(helpers.tree_snapshot(trees[0]), helpers.tree_snapshot(tmp_path / "ua2"))
     # B (an update: whole new packs) and C (B's tree built alone: range reads) after A: both exact
     s3 = fresh_store(tmp_path)
     shutil.copytree(s2, s3)
