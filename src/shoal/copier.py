@@ -49,6 +49,7 @@ from shoal.format.runtime_view import (
 from shoal.progress import NULL, Sink
 from shoal.transports.base import BlobInfo, ImageDestination, ImageReference, ImageSource, PartialPull, Referrer
 from shoal.transports.context import SystemContext, as_context
+from shoal.unpack import UnpackRequest, UnpackResult
 
 __all__ = ["CopyOptions", "CopyResult", "copy", "DigestingReader", "descriptors_of"]
 
@@ -68,6 +69,9 @@ class CopyOptions:
     signatures: bool = True
     # carry the other referrers: SBOMs, start-up profiles, any OCI referrer (False: --no-referrers)
     referrers: bool = True
+    # a Shoal image pulled through the destination's chunk-level path is also unpacked there, while it is
+    # pulled (``shoal pull --unpack``); ``CopyResult.unpacked`` None: it was not (the caller unpacks after)
+    unpack: UnpackRequest | None = None
 
 
 @dataclass
@@ -84,6 +88,7 @@ class CopyResult:
     seconds: float = 0.0
     signatures: int = 0  # signature manifests carried (trust.md §6)
     referrers: int = 0  # other referrers carried (SBOMs, profiles)
+    unpacked: UnpackResult | None = None  # CopyOptions.unpack, done beside the pull
 
 
 class DigestingReader:
@@ -367,11 +372,11 @@ def _carry_each(copier: "_Copier", dst: ImageDestination, subject: str, desc: di
 def _partial(partial: PartialPull, src: ImageSource, dst: ImageDestination, raw: bytes, opts: CopyOptions,
              sink: Sink) -> CopyResult:
     """A Shoal image through the destination's chunk-level capability, then ``commit()``."""
-    got = partial.pull(src, raw, opts.concurrency, sink)  # ends with dst.put_manifest(raw)
+    got = partial.pull(src, raw, opts.concurrency, sink, unpack=opts.unpack)  # ends with dst.put_manifest(raw)
     dst.commit()
     return CopyResult(digest="sha256:" + hashlib.sha256(raw).hexdigest(), media_type=mt.OCI_MANIFEST,
                       blobs_skipped=got.blobs_skipped, bytes_fetched=got.bytes_fetched,
-                      chunks_fetched=got.chunks_fetched)
+                      chunks_fetched=got.chunks_fetched, unpacked=got.unpacked)
 
 
 def _account(result: CopyResult, src: ImageSource, dst: ImageDestination) -> None:

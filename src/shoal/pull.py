@@ -21,6 +21,7 @@ copier reaches it through ``ImageDestination.partial_pull()``, never by naming t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,18 +29,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from shoal import mediatypes as mt
-from shoal.errors import FrameConflict, IntegrityError
+from shoal.errors import FrameConflict, IntegrityError, NotFound, TransportError
 from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
 from shoal.format.packing import verify_frame
 from shoal.progress import Sink
+from shoal.reader import Reader, StoreSource
 from shoal.store.layout import Batch, pread_file
 from shoal.transports.base import BlobInfo, ImageDestination, ImageSource, PartialPull, PartialPullResult
+from shoal.unpack import UnpackRequest, UnpackResult, check_target, unpack
 
 if TYPE_CHECKING:
     from shoal.store import Store
 
-__all__ = ["StorePull", "plan_frames"]
+__all__ = ["PullSource", "StorePull", "plan_frames"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,11 +51,15 @@ T = TypeVar("T")
 def plan_frames(idx: Index, have_chunk: set[bytes], has_pack: Callable[[str], bool]) -> dict[int, list[int]]:
     """pack index -> sorted frame indices the store must fetch."""
     need: dict[int, list[int]] = {}
+    held: dict[int, bool] = {}  # one look per pack, not per frame
     for fi, f in enumerate(idx.frames):
         cis = idx.frame_chunks(fi)
         if all(idx.chunk_ids[c] in have_chunk for c in cis):
             continue
-        if has_pack("sha256:" + idx.packs[f.pack].hex()):
+        whole = held.get(f.pack)
+        if whole is None:
+            whole = held[f.pack] = has_pack("sha256:" + idx.packs[f.pack].hex())
+        if whole:
             continue
         need.setdefault(f.pack, []).append(fi)
     for frames in need.values():
@@ -78,6 +85,7 @@ class _Tally:
     bytes_fetched: int = 0
     chunks_fetched: int = 0
     blobs_skipped: int = 0
+    unpacked: UnpackResult | None = None
 
 
 class _Puller:
@@ -91,6 +99,8 @@ class _Puller:
         self.result = result
         self.lock = threading.Lock()
         self.batch: Batch | None = None
+        self.reader: Reader | None = None  # an unpack beside this pull reads through it (``_unpack_beside``)
+        self.feed: PullSource | None = None
         self.verified: set[int] = set()  # frames whose chunks were checked against this index
         self.by_frame = idx.chunks_by_frame()
         self.frames_of: dict[int, list[int]] = {}  # pack index -> its frames that hold chunks of this index
@@ -103,11 +113,13 @@ class _Puller:
             self.result.chunks_fetched += chunks
         self.sink.advance("pull", nbytes)
 
-    def verify_frame(self, fi: int, raw: bytes, pack: str) -> list[tuple[bytes, str, int, int, int, int, int]]:
-        """Check every chunk of frame ``fi`` in ``raw``; return its catalogue rows."""
+    def verify_frame(self, fi: int, raw: bytes | memoryview,
+                     pack: str) -> list[tuple[bytes, str, int, int, int, int, int]]:
+        """Check every chunk of frame ``fi`` in ``raw``; return its catalogue rows.  The frame, decompressed
+        and checked, goes to the unpack that runs beside this pull, if one does (``Reader.offer``)."""
         f = self.idx.frames[fi]
         try:
-            _, bad = verify_frame(self.idx, fi, raw, f"{pack}@{f.offset}")
+            data, bad = verify_frame(self.idx, fi, raw, f"{pack}@{f.offset}")
         except IntegrityError as exc:  # corrupted bytes usually break the zstd frame before any chunk hash
             raise IntegrityError(f"frame at offset {f.offset} of pack {pack} failed verification (digest mismatch: "
                                  f"{exc}); nothing from it was stored") from None
@@ -115,6 +127,8 @@ class _Puller:
         if bad is not None:
             raise IntegrityError(f"chunk sha256:{self.idx.chunk_ids[bad].hex()} from pack {pack} failed "
                                  "verification (digest mismatch); nothing from it was stored")
+        if self.reader is not None:
+            self.reader.offer(fi, data, cis)
         idx = self.idx
         return [(idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[ci], idx.chunk_lengths[ci])
                 for ci in cis]
@@ -125,11 +139,18 @@ class _Puller:
         lying about a pack whose bytes are right: it is not fetched again."""
         pack = "sha256:" + self.idx.packs[pi].hex()
         path = (self.batch.pending(pack) if self.batch is not None else None) or self.store.layout.path(pack)
-        for fi in self.frames_of.get(pi, []):
-            f = self.idx.frames[fi]
-            self.verify_frame(fi, pread_file(path, f.offset, f.clen, f"frame {pack}@{f.offset}"), pack)
-            with self.lock:
-                self.verified.add(fi)
+        frames = self.frames_of.get(pi, [])
+        if frames:
+            lo = min(self.idx.frames[fi].offset for fi in frames)
+            hi = max(self.idx.frames[fi].offset + self.idx.frames[fi].clen for fi in frames)
+            blob = memoryview(pread_file(path, lo, hi - lo, f"pack {pack}"))
+            for fi in frames:
+                f = self.idx.frames[fi]
+                self.verify_frame(fi, blob[f.offset - lo : f.offset - lo + f.clen], pack)
+                with self.lock:
+                    self.verified.add(fi)
+        if self.feed is not None:
+            self.feed.done(pack)
 
     def pack(self, item: tuple[int, list[int]]) -> None:
         pi, frames = item
@@ -164,12 +185,16 @@ class _Puller:
                     _whole_pack(self.src, self.store, pack, size, None)
                     self.store.partial.try_promote(pack, size)
                     self.count(size, 0)
+                    if self.feed is not None:
+                        self.feed.done(pack)
                     return
                 self.store.catalog.add(rows)  # verified just above: a resumed pull skips these chunks
                 with self.lock:
                     self.verified.add(fi)
             self.count(ln, sum(len(self.idx.frame_chunks(fi)) for fi in fis))
         self.store.partial.try_promote(pack, size)
+        if self.feed is not None:
+            self.feed.done(pack)
 
 
 def _then(fut: "Future[int]", fn: Callable[[int], None], arg: int) -> None:
@@ -210,6 +235,72 @@ def _whole_pack_once(src: ImageSource, store: "Store", pack: str, size: int, bat
     return size
 
 
+class PullSource(StoreSource):
+    """Frames for the unpack that runs beside a pull (``Reader`` over the pull's own index): a frame of a
+    pack this pull fetches is waited for until the pull has verified that pack, then read from where the
+    pull put it (the batch's file until ``commit``, then the store); any other frame is the store's."""
+
+    def __init__(self, store: "Store", batch: Batch, packs: set[str]) -> None:
+        super().__init__(store)
+        self.batch = batch
+        self.waits = {p: threading.Event() for p in packs}
+        self.ready: set[str] = set()
+        self.failed = False
+
+    def done(self, pack: str) -> None:
+        ev = self.waits.get(pack)
+        if ev is not None:
+            self.ready.add(pack)
+            ev.set()
+
+    def fail(self) -> None:
+        """The pull failed: every read still waiting fails too."""
+        self.failed = True
+        for ev in self.waits.values():
+            ev.set()
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        ev = self.waits.get(pack)
+        if ev is not None:
+            ev.wait()
+            if pack not in self.ready:
+                raise TransportError(f"pack {pack} was not pulled (the pull failed)")
+            path = self.batch.pending(pack)
+            if path is not None:
+                try:
+                    return pread_file(path, offset, length, f"frame {pack}@{offset}")
+                except NotFound:  # committed meanwhile: it is in the store now
+                    pass
+        return super().fetch(pack, offset, length)
+
+
+class _Beside:
+    """``unpack`` of the image being pulled, on its own thread, reading frames as the pull verifies them."""
+
+    def __init__(self, req: UnpackRequest, idx: Index, store: "Store", batch: Batch, packs: set[str],
+                 sink: Sink) -> None:
+        self.feed = PullSource(store, batch, packs)
+        self.reader = Reader(idx, self.feed)
+        self.result: UnpackResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(req, idx, sink), name="shoal-unpack-main",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, req: UnpackRequest, idx: Index, sink: Sink) -> None:
+        try:
+            self.result = unpack(idx, self.reader, req.dest, req.options, sink)
+        except BaseException as exc:  # noqa: BLE001 - handed to the pulling thread, raised there
+            self.error = exc
+
+    def join(self) -> UnpackResult:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
 class StorePull(PartialPull):
     """The local store's partial pull: ``dst`` is the store's destination, ``registered(digest)`` tells it
     that the image's chunks are catalogued already (so its ``commit()`` does not decode the index again)."""
@@ -220,16 +311,18 @@ class StorePull(PartialPull):
         self.registered = registered
 
     def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink,
-             digest: str | None = None) -> PartialPullResult:
-        t = _pull(src, raw, self.store, concurrency, sink, self.registered)
+             digest: str | None = None, unpack: UnpackRequest | None = None) -> PartialPullResult:
+        t = _pull(src, raw, self.store, concurrency, sink, self.registered, unpack)
         self.dst.put_manifest(raw, mt.OCI_MANIFEST, digest)
-        return PartialPullResult(t.bytes_fetched, t.chunks_fetched, t.blobs_skipped)
+        return PartialPullResult(t.bytes_fetched, t.chunks_fetched, t.blobs_skipped, t.unpacked)
 
 
 def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: Sink,
-          registered: Callable[[str], None]) -> _Tally:
+          registered: Callable[[str], None], unpack_req: UnpackRequest | None = None) -> _Tally:
     result = _Tally()
     m = parse_manifest(raw)
+    if unpack_req is not None:
+        check_target(unpack_req.dest)  # before anything is fetched
     for d in (m.config, m.index):
         if not store.layout.has(d.digest):
             stream, _ = src.get_blob(BlobInfo(d.digest, d.size, d.media_type))
@@ -242,7 +335,11 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
             result.blobs_skipped += 1
     batch = Batch(store.layout)
     pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="shoal-pull")
+    # each pack fetched whole is checked against the index as soon as it is in, on its own threads (the
+    # fetches queued first would hold the checks back until the last fetch started)
+    vpool = ThreadPoolExecutor(2, thread_name_prefix="shoal-verify")
     early: dict[str, Future[int]] = {}
+    beside: _Beside | None = None
     try:
         if store.catalog.empty() and not store.partial.packs():
             # nothing in the store can stand in for any chunk: every pack is needed whole, so start
@@ -259,10 +356,12 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
         sink.start("pull", total)
         puller = _Puller(src, store, idx, sizes, sink, result)
         puller.batch = batch
-        # each early pack is checked against the index as soon as it is in (FIFO: every fetch this waits
-        # for was submitted, and so started, before it)
+        if unpack_req is not None:
+            fetched = set(early) | {"sha256:" + idx.packs[pi].hex() for pi in need}
+            beside = _Beside(unpack_req, idx, store, batch, fetched, sink)
+            puller.reader, puller.feed = beside.reader, beside.feed
         pack_index = {"sha256:" + p.hex(): i for i, p in enumerate(idx.packs)}
-        checks = [pool.submit(_then, fut, puller.verify_whole, pack_index[d]) for d, fut in early.items()]
+        checks = [vpool.submit(_then, fut, puller.verify_whole, pack_index[d]) for d, fut in early.items()]
         for _ in pool.map(puller.pack, sorted(need.items())):
             pass
         if early:
@@ -272,14 +371,27 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
             for chk in checks:
                 chk.result()
             result.chunks_fetched += sum(1 for fi in idx.chunk_frames if idx.frames[fi].pack in in_early)
-    finally:
+    except BaseException:
+        if beside is not None:
+            beside.feed.fail()
         pool.shutdown(wait=True, cancel_futures=True)
-        # one syncfs for every whole pack, then they become visible; every pack in the batch was
-        # verified, so even a pull that failed half way keeps them and a retry resumes after them
+        vpool.shutdown(wait=True, cancel_futures=True)
+        # every pack in the batch was verified: even a pull that failed half way keeps them (one syncfs),
+        # and a retry resumes after them
         batch.commit()
+        if beside is not None:
+            with contextlib.suppress(BaseException):
+                beside.join()  # it failed too, and removed what it wrote
+        raise
+    pool.shutdown(wait=True)
+    vpool.shutdown(wait=True)
+    # one syncfs for every whole pack, then they become visible
+    batch.commit()
     sink.finish("pull")
     store.register_chunks(m, idx, verified=puller.verified)  # hashes what the pull did not already
     registered(m.digest)
     result.blobs_skipped += len(m.packs) - len(need)
     log.info("pulled %s: %d bytes in %d chunks", m.digest, result.bytes_fetched, result.chunks_fetched)
+    if beside is not None:
+        result.unpacked = beside.join()
     return result

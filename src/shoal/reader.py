@@ -12,7 +12,7 @@ import abc
 import bisect
 import collections
 import threading
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from shoal.errors import IntegrityError, NotFound, UsageError
 from shoal.format import packing
@@ -196,8 +196,37 @@ class Reader:
         self._held_ok: dict[int, bytes] = {}  # chunks checked as the source held them (held_chunk)
         self._inflight: dict[int, threading.Event] = {}
         self._offsets: dict[bytes, list[int]] = {}
+        self._offered: dict[int, bytes] = {}  # frames handed in by ``offer``, each kept until its first read
+        self._offered_bytes = 0
+
+    # ---------------------------------------------------------------- frames handed in
+
+    OFFER_MAX = 256 << 20  # decompressed bytes ``offer`` keeps waiting for their first read
+
+    def offer(self, fi: int, data: bytes, checked: Iterable[int]) -> bool:
+        """Frame ``fi`` decompressed by the caller, with ``checked``, the chunks of it the caller hashed
+        against this Reader's index (``packing.verify_frame``: a pull that just fetched it), for a read
+        that is coming (an unpack while the pull runs): kept until its first read, so the frame is not
+        read and decompressed again and those chunks are not hashed again.  False (and nothing kept)
+        when ``OFFER_MAX`` bytes already wait: the read then goes to the source, and hashes."""
+        if len(data) != self.index.frames[fi].ulen:
+            return False
+        with self._lock:
+            if fi in self._cache or fi in self._offered:
+                return True
+            if self._offered_bytes + len(data) > self.OFFER_MAX:
+                return False
+            self._offered[fi] = data
+            self._offered_bytes += len(data)
+            self._verified.update(checked)
+        return True
 
     # ---------------------------------------------------------------- frames and chunks
+
+    @property
+    def cache_frames(self) -> int:
+        """How many decompressed frames the Reader keeps."""
+        return self._cache_max
 
     def pack_digest(self, i: int) -> str:
         return "sha256:" + self.index.packs[i].hex()
@@ -210,6 +239,9 @@ class Reader:
                 if data is not None:
                     self._cache.move_to_end(fi)
                     return data
+                data = self._take_offered(fi)
+                if data is not None:
+                    return data
                 busy = self._inflight.get(fi)
                 if busy is None:
                     busy = self._inflight[fi] = threading.Event()
@@ -219,6 +251,10 @@ class Reader:
             f = self.index.frames[fi]
             pack = self.pack_digest(f.pack)
             raw = self.source.fetch(pack, f.offset, f.clen)
+            with self._lock:  # offered while the source was waited for (a pull that fed it meanwhile)
+                offered = self._take_offered(fi)
+            if offered is not None:
+                return offered
             # decompressed by the source already: not again.  Each chunk is still hashed against this
             # Reader's index on its first read (``chunk``), so nothing rests on the source's word.
             data = self.source.opened(pack, f.offset)
@@ -233,6 +269,16 @@ class Reader:
             with self._lock:
                 del self._inflight[fi]
             busy.set()
+
+    def _take_offered(self, fi: int) -> bytes | None:
+        """Move an offered frame into the cache (the lock held)."""
+        data = self._offered.pop(fi, None)
+        if data is not None:
+            self._offered_bytes -= len(data)
+            self._cache[fi] = data
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+        return data
 
     def chunk(self, ci: int) -> memoryview:
         """Chunk ``ci``, checked against its id the first time it is read (``packing.chunk_ok``, the check

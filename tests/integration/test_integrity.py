@@ -197,6 +197,10 @@ def test_a_lying_index_cannot_poison_the_catalogue(registry: Registry, images: t
     assert shoal(t, "images", "--json").stdout.strip() in (b"[]", b"{}") or b"liar" not in shoal(
         t, "images", "--json").stdout
     shoal(t, "fsck")
+    # the same with the tree written while it is pulled: refused as well, and no file of it is left
+    p = shoal(tmp_path / "tu", "pull", liar_ref, "liar:1", "--unpack", str(tmp_path / "tree"), check=False)
+    helpers.assert_one_line_error(p, "digest mismatch", "failed verification", "hash otherwise")
+    assert p.returncode == 5 and not (tmp_path / "tree").exists()
     for rnd in range(2):  # then the honest image: pullable and exact, before and after rm + gc
         shoal(t, "pull", a_ref, "a:1")
         out = tmp_path / f"a{rnd}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import shutil
 import sys
@@ -297,6 +298,56 @@ def test_dedup_push_and_pull_of_an_update(registry: Registry, built: Path, tmp_p
     assert fsck(Store.open(s2)).ok
     helpers.assert_same_tree(unpack_snapshot(built, "b:1", tmp_path / "want"),
                              unpack_snapshot(s2, "b:1", tmp_path / "got"))
+
+
+def test_pull_with_unpack_writes_the_tree_while_pulling(registry: Registry, proxy_factory: Callable[..., RegistryProxy],
+                                                       built: Path, trees: tuple[Path, Path], tmp_path: Path) -> None:
+    """``shoal pull --unpack DIR`` (issue 13): the image lands in the store as a plain pull leaves it and the
+    tree in DIR, exact; after A, B's pull takes range reads and reads A's chunks from the store; a target
+    that is not new or empty is refused before anything is fetched; a pull that fails leaves no tree."""
+    repo = repo_name("unpack")
+    for tag in ("a", "b", "c"):
+        do_copy(f"{tag}:1", f"docker://{registry.host}/{repo}:{tag}", built)
+    st = Store.open(built)
+    s2 = fresh_store(tmp_path)
+    out = shoal_json(s2, "pull", f"docker://{registry.host}/{repo}:a", "a:1", "--unpack", str(tmp_path / "ua"))
+    helpers.check_json_shape("pull", out)  # the shape docs/cli-json.md shows
+    assert out["digest"] == st.resolve("a:1").digest
+    assert out["unpacked"]["dir"] == str(tmp_path / "ua") and out["unpacked"]["files"] == 154
+    assert out["unpacked"]["bytes"] == sum(p.stat().st_size for p in trees[0].rglob("*") if p.is_file())
+    helpers.assert_same_tree(helpers.tree_snapshot(trees[0]), helpers.tree_snapshot(tmp_path / "ua"))
+    assert Store.open(s2).resolve("a:1").root == st.resolve("a:1").root
+    assert shoal(s2, "fsck").returncode == 0
+    # again, the image in the store already: no pack fetched, every frame read from the store
+    again = shoal_json(s2, "pull", f"docker://{registry.host}/{repo}:a", "a:1", "--unpack", str(tmp_path / "ua2"))
+    assert again["chunks_fetched"] == 0 and again["unpacked"]["files"] == 154
+    helpers.assert_same_tree(helpers.tree_snapshot(trees[0]), helpers.tree_snapshot(tmp_path / "ua2"))
+    # B (an update: whole new packs) and C (B's tree built alone: range reads) after A: both exact
+    s3 = fresh_store(tmp_path)
+    shutil.copytree(s2, s3)
+    for tag, store in (("b", s2), ("c", s3)):
+        shoal(store, "pull", f"docker://{registry.host}/{repo}:{tag}", f"{tag}:1", "--unpack", str(tmp_path / tag))
+        helpers.assert_same_tree(unpack_snapshot(built, f"{tag}:1", tmp_path / f"want-{tag}"),
+                                 helpers.tree_snapshot(tmp_path / tag))
+        assert shoal(store, "fsck").returncode == 0
+
+    # a target with something in it: refused before any request, nothing pulled, nothing touched
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep").write_text("mine")
+    proxy = proxy_factory(registry.url)
+    s4 = fresh_store(tmp_path)
+    p = shoal(s4, "pull", f"docker://{proxy.host}/{repo}:a", "a:1", "--unpack", str(busy), check=False)
+    helpers.assert_one_line_error(p, "not empty")
+    assert proxy.log == [] and (busy / "keep").read_text() == "mine" and os.listdir(busy) == ["keep"]
+
+    # a pack that cannot be fetched: the pull fails, and the tree it started is gone
+    m = st.resolve("a:1")
+    proxy = proxy_factory(registry.url, faults=[("GET", m.packs[-1].digest, 404)] * 20)
+    p = shoal(fresh_store(tmp_path), "pull", f"docker://{proxy.host}/{repo}:a", "a:1", "--unpack",
+              str(tmp_path / "gone"), check=False)
+    helpers.assert_one_line_error(p, "404", "not found", "unknown")
+    assert not (tmp_path / "gone").exists()
 
 
 def test_pull_through_an_image_index_takes_the_chunk_level_path(registry: Registry, built: Path,

@@ -45,6 +45,7 @@ def test_forget_and_shared_between_connections(tmp_path: Path) -> None:
     a, b = _cache(tmp_path), _cache(tmp_path)
     a.record("reg", "one", D1)
     a.record("reg", "two", D1)
+    assert a.candidates("reg", D1) == ["two", "one"]  # a read through the same object writes them first
     assert b.candidates("reg", D1) == ["two", "one"]
     b.forget("reg", "two", D1)
     assert a.candidates("reg", D1) == ["one"]
@@ -114,8 +115,28 @@ def test_connection_closes_with_its_last_user(tmp_path: Path) -> None:
     c.acquire()
     c.acquire()
     c.record("reg", "r", D1)
+    c.flush()
     c.release()
     assert c._db is not None  # noqa: SLF001 - the point of the test
     c.release()
     assert c._db is None  # noqa: SLF001
     assert c.candidates("reg", D1) == ["r"]  # reopened on use
+
+
+def test_records_wait_and_go_in_one_transaction(tmp_path: Path) -> None:
+    """A pull's records are written together: at ``FLUSH_AT`` of them, at a read or forget through the same
+    object, at the last user's release, at close; another reader sees none of them before."""
+    a, b = _cache(tmp_path), _cache(tmp_path)
+    a.acquire()
+    for i in range(10):
+        a.record("reg", f"r{i}", D1)
+    assert b.candidates("reg", D1) == []
+    a.release()  # the last user
+    assert len(b.candidates("reg", D1, limit=20)) == 10
+    for i in range(blobinfo.FLUSH_AT):
+        a.record("reg", "bulk", f"sha256:{i:064x}")
+    assert b.candidates("reg", f"sha256:{0:064x}") == ["bulk"]  # FLUSH_AT reached: written
+    a.record("reg", "late", D2)
+    a.close()
+    assert b.candidates("reg", D2) == ["late"]
+    b.close()

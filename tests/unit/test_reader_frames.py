@@ -73,3 +73,79 @@ def test_a_failed_fetch_lets_the_waiters_try_again(tmp_path: Path, fail: int) ->
     out = _read_in_threads(Reader(idx, src), idx, 8)  # type: ignore[arg-type]
     assert sum(isinstance(o, ShoalError) for o in out) == fail  # each failure reaches only its own reader
     assert out.count(data) == 8 - fail and src.fetches == fail + 1
+
+
+def test_an_offered_frame_is_read_without_a_fetch_and_its_checked_chunks_not_hashed_again(tmp_path: Path) -> None:
+    """``Reader.offer`` (the unpack beside a pull): the frame is served as handed in, no fetch; a chunk
+    the caller did not say it checked is still hashed, and so refused when the bytes lie."""
+    from shoal.format.packing import open_frame
+
+    store, idx, data = _image(tmp_path)
+    src = _SlowCountingSource(LayoutSource(store.layout))
+    f = idx.frames[0]  # type: ignore[attr-defined]
+    frame = open_frame(LayoutSource(store.layout).fetch("sha256:" + idx.packs[f.pack].hex(), f.offset, f.clen),  # type: ignore[attr-defined]
+                       f, "test")
+    e = idx.lookup(b"f")  # type: ignore[attr-defined]
+    chunks = list(idx.frame_chunks(0))  # type: ignore[attr-defined]
+
+    r = Reader(idx, src)  # type: ignore[arg-type]
+    assert r.offer(0, frame, chunks)
+    assert r.read(e, 0, e.size) == data and src.fetches == 0
+
+    # bytes that lie, offered as checked: served as they are (the caller's check is the check) ...
+    liar = bytearray(frame)
+    liar[0] ^= 1
+    r = Reader(idx, src)  # type: ignore[arg-type]
+    assert r.offer(0, bytes(liar), chunks)
+    assert r.read(e, 0, 1) == bytes(liar[:1])
+    # ... and offered unchecked: hashed, refused
+    r = Reader(idx, src)  # type: ignore[arg-type]
+    assert r.offer(0, bytes(liar), [])
+    with pytest.raises(ShoalError, match="failed verification"):
+        r.read(e, 0, e.size)
+    assert src.fetches == 0
+
+    # a frame of the wrong length, or past OFFER_MAX waiting: refused, the read goes to the source
+    r = Reader(idx, src)  # type: ignore[arg-type]
+    assert not r.offer(0, frame[:-1], chunks)
+    r.OFFER_MAX = len(frame) - 1
+    assert not r.offer(0, frame, chunks)
+    assert r.read(e, 0, e.size) == data and src.fetches == 1
+
+
+def test_unpack_writes_every_file_from_one_thread_and_reads_frames_ahead_on_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``unpack``: the file system calls of the files come from the one writing thread (a hand-off per
+    small file cost more than the write); frames are decompressed on the ``workers`` threads, ahead."""
+    import os
+
+    import shoal.format.packing as packing
+    from shoal.unpack import UnpackOptions, unpack
+
+    src = tmp_path / "tree"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i:03d}").write_bytes(os.urandom(3000 + i))
+    store = Store.open(tmp_path / "store")
+    m = build(store, src, "t:1").manifest
+    idx = store.load_index(m)
+    writers: set[str] = set()
+    deflaters: set[str] = set()
+    real_write, real_decompress = os.write, packing.decompress_frame
+
+    def write(fd: int, data: object) -> int:
+        writers.add(threading.current_thread().name)
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    def decompress(data: object, ulen: int, where: str) -> bytes:
+        deflaters.add(threading.current_thread().name)
+        return real_decompress(data, ulen, where)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(packing, "decompress_frame", decompress)
+    r = unpack(idx, Reader(idx, LayoutSource(store.layout)), str(tmp_path / "out"), UnpackOptions(workers=3))
+    assert r.files == 300
+    assert writers == {threading.current_thread().name}
+    assert deflaters and all(n.startswith("shoal-unpack") for n in deflaters)
+    for i in range(300):
+        assert (tmp_path / "out" / f"f{i:03d}").read_bytes() == (src / f"f{i:03d}").read_bytes()

@@ -30,9 +30,10 @@ class Carry:
 
 def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", src_creds: Any,
               dst_creds: Any, tags: tuple[str, ...], platform: str | None, concurrency: int,
-              as_json: bool, verb: str, carry: Carry = Carry()) -> None:
+              as_json: bool, verb: str, carry: Carry = Carry(), unpack: str | None = None) -> None:
     from shoal.copier import CopyOptions, copy
     from shoal.transports.base import parse_reference
+    from shoal.unpack import UnpackRequest, UnpackResult, check_target
 
     src_ref, dst_ref = parse_reference(src), parse_reference(dst)
     src_opts = common.replace(credentials=src_creds) if src_creds is not None else common
@@ -54,10 +55,21 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
 
         identity = signing_identity(dst_ref, carry.sign_identity)
         key = load_signing_key(carry.sign_key, carry.sign_passphrase_file)
+    if unpack is not None:
+        check_target(unpack)  # before anything moves
     opts = CopyOptions(concurrency=concurrency, platform=platform, src_opts=src_opts, dst_opts=dst_opts,
-                       signatures=carry.signatures, referrers=carry.referrers)
+                       signatures=carry.signatures, referrers=carry.referrers,
+                       unpack=None if unpack is None else UnpackRequest(unpack))
     with progress_sink(as_json) as sink:
         r = copy(src_ref, dst_ref, opts, sink)
+        unpacked: UnpackResult | None = r.unpacked
+        if unpack is not None and unpacked is None:  # not the chunk-level path (a classic image): after it
+            from shoal.cli.image_cmds import load_image
+            from shoal.reader import Reader
+            from shoal.unpack import unpack as do_unpack
+
+            with load_image(ctx, dst, dst_opts) as img:
+                unpacked = do_unpack(img.index, Reader(img.index, img.source), unpack, sink=sink)
     simple = 0
     if carry.signatures:  # GPG simple signatures: lookaside to lookaside (docker:// to docker://), as skopeo
         from shoal.trust.image import carry_simple_signatures
@@ -81,6 +93,9 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
             "chunks_fetched": r.chunks_fetched, "tags": list(tags), "signatures_carried": r.signatures,
             "referrers_carried": r.referrers, "simple_signatures_carried": simple,
             "signed": [{"digest": s.digest, "attachment": s.attachment, "identity": s.identity} for s in signed],
+            **({} if unpacked is None else {"unpacked": {
+                "dir": unpack, "entries": unpacked.entries, "files": unpacked.files, "bytes": unpacked.bytes,
+                "seconds": round(unpacked.seconds, 3)}}),
         })
         return
     click.echo(f"{verb} {src_ref} -> {dst_ref} {r.digest}")
@@ -91,6 +106,9 @@ def _run_copy(ctx: click.Context, src: str, dst: str, common: "SystemContext", s
                    f"{r.referrers} other referrers")
     for s in signed:
         click.echo(f"  signed {s.digest} as {s.identity} -> {s.attachment}")
+    if unpacked is not None:
+        click.echo(f"  unpacked {unpacked.entries} entries ({unpacked.files} files, {human(unpacked.bytes)}) in "
+                   f"{unpack}, {unpacked.seconds:.2f}s")
 
 
 _CARRY_OPTS = [
@@ -190,12 +208,15 @@ def push(ctx: click.Context, /, name: str, dst: str, creds: str | None, tags: tu
 @click.argument("src")
 @click.argument("name", required=False)
 @click.option("--creds", default=None, metavar="USER[:PASS]", help=CREDS_HELP)
+@click.option("--unpack", "unpack", default=None, metavar="DIR", type=click.Path(),
+              help="Also write the image's tree in DIR (new or empty) while it is pulled, as `shoal unpack`.")
 @_carry_options(sign=False)
 @_copy_options
 @click.pass_context
-def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, concurrency: int,
+def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, unpack: str | None, concurrency: int,
          platform: str | None, as_json: bool, **kw: Any) -> None:
-    """Pull SRC into the store as NAME[:TAG] (default: SRC's repository and tag); only missing chunks are fetched."""
+    """Pull SRC into the store as NAME[:TAG] (default: SRC's repository and tag); only missing chunks are fetched.
+    With --unpack DIR the tree is written too, frames going to DIR as they are verified."""
     carry = _carry(kw)
     from shoal.errors import UsageError
     from shoal.store import refuse_reserved
@@ -205,7 +226,7 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
 
     ref = parse_reference(src)
     if isinstance(ref, LocalReference):  # a short name: podman's resolution (aliases, search registries)
-        _pull_short(ctx, src, name, creds, concurrency, platform, as_json, kw, carry)
+        _pull_short(ctx, src, name, creds, concurrency, platform, as_json, kw, carry, unpack)
         return
     if name is None:
         if not isinstance(ref, DockerReference):
@@ -219,11 +240,13 @@ def pull(ctx: click.Context, /, src: str, name: str | None, creds: str | None, c
 
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())  # like podman pull: an image index gives this machine's image
-    _run_copy(ctx, src, name, common, parse_creds(creds), None, (), platform, concurrency, as_json, "pulled", carry)
+    _run_copy(ctx, src, name, common, parse_creds(creds), None, (), platform, concurrency, as_json, "pulled", carry,
+              unpack)
 
 
 def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | None, concurrency: int,
-                platform: str | None, as_json: bool, kw: dict[str, Any], carry: Carry) -> None:
+                platform: str | None, as_json: bool, kw: dict[str, Any], carry: Carry,
+                unpack: str | None = None) -> None:
     """``shoal pull SHORTNAME [NAME]``: each candidate of the short name in order (the next one when a
     registry is down or lacks the image); stored as NAME, default the short name itself."""
     from shoal.errors import UsageError
@@ -239,7 +262,7 @@ def _pull_short(ctx: click.Context, src: str, name: str | None, creds: str | Non
     common = _common(ctx, concurrency=concurrency, **kw)
     platform = platform or str(Platform.host())
     first_candidate(src, cands, lambda ref: _run_copy(ctx, str(ref), store_name, common, parse_creds(creds), None, (),
-                                                      platform, concurrency, as_json, "pulled", carry))
+                                                      platform, concurrency, as_json, "pulled", carry, unpack))
 
 
 @click.command()

@@ -89,7 +89,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def decompress_frame(data: bytes, ulen: int, where: str) -> bytes:
+def decompress_frame(data: bytes | memoryview, ulen: int, where: str) -> bytes:
     """Decompress one frame that the index says holds exactly ``ulen`` bytes.
 
     python-zstandard trusts a content size declared in the frame header over ``max_output_size``,
@@ -114,7 +114,7 @@ def decompress_frame(data: bytes, ulen: int, where: str) -> bytes:
     return out
 
 
-def open_frame(raw: bytes, f: Frame, where: str) -> bytes:
+def open_frame(raw: bytes | memoryview, f: Frame, where: str) -> bytes:
     """Frame ``f`` decompressed from its compressed bytes ``raw``: exactly ``f.clen`` bytes in (a frame
     record that runs past the end of its pack is refused), exactly ``f.ulen`` out (``decompress_frame``)."""
     if len(raw) != f.clen:
@@ -139,7 +139,7 @@ def bad_chunk(idx: Index, data: bytes, chunks: Iterable[int]) -> int | None:
     return None
 
 
-def verify_frame(idx: Index, fi: int, raw: bytes, where: str,
+def verify_frame(idx: Index, fi: int, raw: bytes | memoryview, where: str,
                  chunks: Iterable[int] | None = None) -> tuple[bytes, int | None]:
     """The one frame check (pull, lazy mount, store registration, fsck; the Reader makes the same two
     steps, hashing each chunk as it is first read): frame ``fi`` of ``idx`` opened from ``raw``

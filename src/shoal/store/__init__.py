@@ -247,9 +247,11 @@ class Store:
                 by_frame[fi] = new
         todo: list[int] = []
         present: list[int] = []
+        whole = {pi for pi in {idx.frames[fi].pack for fi in by_frame}
+                 if self.layout.has("sha256:" + idx.packs[pi].hex())}  # one look per pack
         for fi in by_frame:
             f = idx.frames[fi]
-            if self.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset):
+            if f.pack in whole or self.partial.has_frame("sha256:" + idx.packs[f.pack].hex(), f.offset):
                 present.append(fi)
                 if fi not in verified:
                     todo.append(fi)

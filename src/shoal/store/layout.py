@@ -352,14 +352,19 @@ class Batch:
     def commit(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-            self._by_name.clear()
         if not pending:
             return
-        _syncfs(self.layout.tmp)
-        with store_io("cannot publish blobs"):
-            for tmp, final in pending:
-                os.rename(tmp, final)
-            fsync_dir(self.layout.blobs)
+        try:
+            _syncfs(self.layout.tmp)
+            with store_io("cannot publish blobs"):
+                for tmp, final in pending:
+                    os.rename(tmp, final)
+                    with self._lock:  # ``pending`` names each blob until it is in its place
+                        self._by_name.pop(final.name, None)
+                fsync_dir(self.layout.blobs)
+        finally:
+            with self._lock:
+                self._by_name.clear()
 
     def abort(self) -> None:
         with self._lock:

@@ -27,13 +27,16 @@ import abc
 import hashlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from shoal import mediatypes as mt
 from shoal.errors import FormatError, NotFound, UsageError
 from shoal.format.manifest import canonical_json, json_loads
 from shoal.progress import Sink
 from shoal.transports.context import SystemContext
+
+if TYPE_CHECKING:
+    from shoal.unpack import UnpackRequest, UnpackResult
 
 __all__ = [
     "ImageReference",
@@ -288,6 +291,7 @@ class PartialPullResult:
     bytes_fetched: int = 0
     chunks_fetched: int = 0
     blobs_skipped: int = 0
+    unpacked: UnpackResult | None = None  # with ``unpack``: what was written there
 
 
 class PartialPull(abc.ABC):
@@ -300,9 +304,11 @@ class PartialPull(abc.ABC):
 
     @abc.abstractmethod
     def pull(self, src: ImageSource, raw: bytes, concurrency: int, sink: Sink,
-             digest: str | None = None) -> PartialPullResult:
+             digest: str | None = None, unpack: UnpackRequest | None = None) -> PartialPullResult:
         """Pull the Shoal image whose manifest is ``raw`` (as the copier read it) from ``src``; ``digest``
-        set: it is that child of an image index, put by digest (never the top manifest)."""
+        set: it is that child of an image index, put by digest (never the top manifest).  ``unpack`` set:
+        the image's tree is written there too, while it is pulled (each frame read once, decompressed
+        once, every chunk hashed before a byte of it is written)."""
 
 
 class Transport(abc.ABC):

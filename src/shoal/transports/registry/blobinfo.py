@@ -16,6 +16,10 @@ names, else ``$SHOAL_BLOB_INFO_CACHE_DIR``, else ``/var/lib/shoal/cache`` for ro
 it at once (WAL journal, a busy timeout).  It is never fatal: a cache that cannot be opened, read or
 written (read-only or missing directory, corrupt file, full disk) is logged once (a warning) and
 skipped for the rest of the process; the push or pull goes on without it.
+
+Records wait in memory and go in one transaction (``FLUSH_AT`` of them, any read or forget through the
+same object, the last user's ``release``, ``close``): a pull of 200 packs made 200 write transactions
+on a file every shoal process of the machine shares, each under the lock its fetching threads wait on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ ENV_DIR = "SHOAL_BLOB_INFO_CACHE_DIR"
 MAX_CANDIDATES = 5  # mount attempts per blob from the cache (containers/image: replacementAttempts = 5)
 BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's write (go-sqlite3's default)
 TRANSPORT = "docker"
+FLUSH_AT = 256  # records kept in memory before they are written anyway
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS KnownLocations(
     transport TEXT NOT NULL,
@@ -80,6 +85,7 @@ class BlobInfoCache:
         self._db: sqlite3.Connection | None = None
         self._pid = 0
         self._users = 0
+        self._pending: list[tuple[str, str, str, str, int]] = []  # records not written yet
         self.broken = path is None
 
     # -- plumbing ---------------------------------------------------------------------
@@ -117,21 +123,51 @@ class BlobInfoCache:
         return db
 
     def _run(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]] | None:
-        """Rows of ``sql``, or None when the cache is off or just failed."""
+        """Rows of ``sql`` (after the records waiting), or None when the cache is off or just failed."""
         with self._lock:
             if self.broken:
                 return None
             try:
+                self._flush_locked()
                 return self._conn().execute(sql, args).fetchall()
             except (sqlite3.Error, OSError, ValueError) as exc:
                 self._fail(exc)
                 return None
 
+    def _flush_locked(self) -> None:
+        """Write the records waiting, in one transaction (the lock held; sqlite errors go to the caller)."""
+        rows, self._pending = self._pending, []
+        if not rows or self.broken:
+            return
+        db = self._conn()
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT OR REPLACE INTO KnownLocations(transport, scope, digest, location, time) "
+                           "VALUES (?, ?, ?, ?, ?)", rows)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def flush(self) -> None:
+        """Write the records waiting now."""
+        with self._lock:
+            try:
+                self._flush_locked()
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                self._fail(exc)
+
     # -- the records ------------------------------------------------------------------
     def record(self, host: str, repo: str, digest: str) -> None:
-        """Blob ``digest`` was seen in ``repo`` on registry ``host`` (``host[:port]``) just now."""
-        self._run("INSERT OR REPLACE INTO KnownLocations(transport, scope, digest, location, time) "
-                  "VALUES (?, ?, ?, ?, ?)", (TRANSPORT, host, digest, repo, time.time_ns()))
+        """Blob ``digest`` was seen in ``repo`` on registry ``host`` (``host[:port]``) just now (written with
+        the next flush)."""
+        with self._lock:
+            if self.broken:
+                return
+            self._pending.append((TRANSPORT, host, digest, repo, time.time_ns()))
+            if len(self._pending) < FLUSH_AT:
+                return
+        self.flush()
 
     def candidates(self, host: str, digest: str, *, exclude: str | None = None,
                    limit: int = MAX_CANDIDATES) -> list[str]:
@@ -157,11 +193,18 @@ class BlobInfoCache:
         with self._lock:
             self._users = max(0, self._users - 1)
             if self._users == 0:
-                self._close_db()
+                self._flush_and_close()
 
     def close(self) -> None:
         with self._lock:
-            self._close_db()
+            self._flush_and_close()
+
+    def _flush_and_close(self) -> None:
+        try:
+            self._flush_locked()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self._fail(exc)
+        self._close_db()
 
 
 _caches: dict[str, BlobInfoCache] = {}
