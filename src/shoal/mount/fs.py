@@ -19,7 +19,9 @@ reads for a lazy image).  Nothing here touches the network or the store.
   that file's bytes in the frames it just decompressed (FUSE ``notify_store``), as squashfs fills the
   page cache with a whole block: later reads there never reach the daemon.  A ``PageCachePusher``
   thread does the stores, because a store waits on pages the kernel has locked for a read in flight
-  and the main loop must stay free to answer that read.
+  and the main loop must stay free to answer that read.  A lookup of a file of at most 64 KiB whose
+  frames the Reader holds pushes the whole file the same way, so the read after its open usually
+  never reaches the daemon.
 - ``_fuse_errors`` is the one place errors become errnos: a ``ShoalError`` gives its ``errno``,
   an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
 """
