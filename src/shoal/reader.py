@@ -407,11 +407,9 @@ class Reader:
         starts = self._starts(e)
         end = min(e.size, offset + size)
         k = bisect.bisect_right(starts, offset) - 1
-        out = bytearray()
+        parts: list[memoryview] = []
         while k < len(e.chunks) and starts[k] < end:
             data = self.chunk(e.chunks[k])
-            lo = max(0, offset - starts[k])
-            hi = min(len(data), end - starts[k])
-            out += data[lo:hi]
+            parts.append(data[max(0, offset - starts[k]):min(len(data), end - starts[k])])
             k += 1
-        return bytes(out)
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)  # one copy of the bytes

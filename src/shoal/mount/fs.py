@@ -19,7 +19,9 @@ reads for a lazy image).  Nothing here touches the network or the store.
   that file's bytes in the frames it just decompressed (FUSE ``notify_store``), as squashfs fills the
   page cache with a whole block: later reads there never reach the daemon.  A ``PageCachePusher``
   thread does the stores, because a store waits on pages the kernel has locked for a read in flight
-  and the main loop must stay free to answer that read.
+  and the main loop must stay free to answer that read.  A lookup of a file of at most 64 KiB whose
+  frames the Reader holds pushes the whole file the same way, so the read after its open usually
+  never reaches the daemon.
 - ``_fuse_errors`` is the one place errors become errnos: a ``ShoalError`` gives its ``errno``,
   an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
 """
@@ -66,6 +68,7 @@ _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_I
 _BLOCK = 4096
 READAHEAD_JUMP, READAHEAD_FIRST, READAHEAD_MAX = 256 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024
 PUSH_MAX_READ = 64 * 1024  # reads up to this size trigger a page-cache push of their frames' bytes
+PUSH_LOOKUP_MAX = 64 * 1024  # a looked-up file up to this size is pushed whole if its frames are in memory
 _PAGE = 4096
 
 
@@ -182,6 +185,7 @@ class ShoalFS(pyfuse3.Operations):
         self.timeout = timeout
         self.stats = stats or ServeStats()
         self.pusher = PageCachePusher(reader, self.stats) if push else None
+        self.initialized = trio.Event()  # set once the kernel's INIT request is answered
         # The tree is learnt as the kernel walks it, one directory at a time: a lazily decoded index
         # verifies a directory's entries when the first of them is used (format.md §6.2).
         self._kids: dict[int, list[tuple[bytes, int]]] = {}  # directory -> its children (name, position)
@@ -192,6 +196,10 @@ class ShoalFS(pyfuse3.Operations):
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
+
+    def init(self) -> None:
+        """Called by pyfuse3 while it answers the kernel's INIT request (the reply follows at once)."""
+        self.initialized.set()
 
     def close(self) -> None:
         """Stop background work; call before ``pyfuse3.close``."""
@@ -307,7 +315,20 @@ class ShoalFS(pyfuse3.Operations):
         child = self._by_name[p].get(name)
         if child is None:
             return self._negative  # cached by the kernel for entry_timeout
-        return self._attr(self._pos(child + 1))
+        node = self._pos(child + 1)
+        if self.pusher is not None:
+            self._push_small(node)
+        return self._attr(node)
+
+    def _push_small(self, pos: int) -> None:
+        """Offer a small file's whole bytes to the page cache as it is looked up, if the Reader holds its
+        frames: the read that usually follows the open then never reaches the daemon."""
+        e = self.index.entries[pos]
+        if e.kind == Kind.FILE and 0 < e.size <= PUSH_LOOKUP_MAX:
+            frames = self.reader.frames_for(pos, e, 0, e.size)
+            if self.reader.has_frames(frames):
+                assert self.pusher is not None
+                self.pusher.offer(pos + 1, e, 0, e.size, frames)
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -161,6 +161,13 @@ class _Server:
                 self.prefetch_state = "pending"
                 self.prefetch_planned = sum(len(p) for _, p in phases)
                 nursery.start_soon(self._prefetch, phases)
+            with trio.move_on_after(self.opts.ready_timeout):
+                await self.fs.initialized.wait()  # the kernel has the INIT reply: its settings are final
+            # a local image's sequential reads in 1 MiB requests instead of 128 KiB: after INIT, which caps
+            # the window at the kernel's default (root only; a lazy source has its own window; mount.md §2)
+            if self.opts.readahead_kib and self.image.local and not ms.set_readahead(self.st.lower,
+                                                                                     self.opts.readahead_kib):
+                log.info("kept the kernel's default read-ahead for %s", self.st.lower)
             if self.opts.writable:
                 await trio.to_thread.run_sync(ms.mount_overlay, str(self.paths.lower), str(self.paths.upper),
                                               str(self.paths.work), self.mp, self.opts.expose)

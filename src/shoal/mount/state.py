@@ -34,7 +34,7 @@ from shoal.errors import PermissionDenied, ShoalError, StoreError, UsageError
 __all__ = [
     "MountState", "MountOptions", "Exposure", "PRIVATE", "MountPaths", "run_dir", "mount_id", "paths_for",
     "load_state", "save_state", "list_states", "remove_state", "proc_start_time", "pid_alive", "mounts",
-    "is_mounted", "umount", "mount_overlay", "canonical_mountpoint", "MountBusy",
+    "is_mounted", "device_of", "set_readahead", "umount", "mount_overlay", "canonical_mountpoint", "MountBusy",
 ]
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,32 @@ def is_mounted(path: str) -> bool:
     return path in mounts()
 
 
+def device_of(path: str) -> str | None:
+    """The ``major:minor`` of the file system mounted at ``path`` (the last mount there), from
+    mountinfo: no stat, so a FUSE daemon can ask about its own mount before it serves requests."""
+    dev = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split(" - ", 1)[0].split()
+            if len(parts) >= 5 and _unescape(parts[4]) == path:
+                dev = parts[2]
+    return dev
+
+
+def set_readahead(path: str, kib: int) -> bool:
+    """Set the kernel read-ahead window of the file system mounted at ``path`` to ``kib`` KiB
+    (``/sys/class/bdi/MAJ:MIN/read_ahead_kb``, root only); False if it could not be set."""
+    dev = device_of(path)
+    if dev is None:
+        return False
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as exc:
+        log.debug("cannot set the read-ahead of %s (%s): %s", path, dev, exc.strerror)
+        return False
+    return True
+
+
 _libc: ctypes.CDLL | None = None
 
 
@@ -286,6 +312,7 @@ class MountOptions:
     foreground: bool = False
     prefetch: str = "auto"  # auto: the image's recorded profile (if any); all: every frame; none
     cache_frames: int = 64  # decompressed frames the Reader keeps in memory (<= 1 MiB each)
+    readahead_kib: int = 1024  # the kernel's read-ahead window for the mount (one max-size FUSE read; mount.md §2)
     min_tasks: int = 4  # idle pyfuse3 reader tasks kept: with 1, tasks churn and a request costs 2x (mount.md §2)
     max_tasks: int = 32  # concurrent FUSE requests
     ready_timeout: float = 120.0

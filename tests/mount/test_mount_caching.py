@@ -1,0 +1,107 @@
+"""The mount's caching for an immutable image (docs/spec/mount.md §2): long entry and attribute timeouts,
+negative entries, ``keep_cache``, the kernel read-ahead window, and small files handed to the page cache
+as they are looked up, with the bytes the kernel then serves checked under a real FUSE mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+from mountkit import shoal, wait_for
+
+from shoal.mount import state as ms
+from shoal.mount.fs import MountReader, ShoalFS
+from shoal.reader import LayoutSource
+from shoal.store import Store
+
+DAY = 24 * 3600.0
+
+
+def _stats(mnt: Path) -> dict[str, int]:
+    import json
+
+    rows = [r for r in json.loads(shoal(None, "status", "--json").stdout)["mounts"] if r["mountpoint"] == str(mnt)]
+    return rows[0]["stats"] if rows and rows[0].get("stats") else {}
+
+
+def _fs(sample: dict[str, object]) -> ShoalFS:
+    store = Store.open(sample["store"])  # type: ignore[arg-type]
+    idx = store.load_index(store.resolve("sample:1"))
+    return ShoalFS(MountReader(idx, LayoutSource(store.layout)), push=False)
+
+
+def test_answers_carry_the_caching_of_an_immutable_image(sample: dict[str, object]) -> None:
+    fs = _fs(sample)
+    ctx = pyfuse3.RequestContext()
+
+    async def go() -> None:
+        sub = await fs.lookup(pyfuse3.ROOT_INODE, b"sub", ctx)
+        assert sub.entry_timeout >= DAY and sub.attr_timeout >= DAY
+        f = await fs.lookup(sub.st_ino, b"rand11", ctx)
+        assert f.entry_timeout >= DAY and f.attr_timeout >= DAY and f.st_size > 0
+        assert (await fs.getattr(f.st_ino, ctx)).attr_timeout >= DAY
+        missing = await fs.lookup(sub.st_ino, b"no-such-name", ctx)
+        assert missing.st_ino == 0 and missing.entry_timeout >= DAY  # a negative entry, cached by the kernel
+        info = await fs.open(f.st_ino, os.O_RDONLY, ctx)
+        assert info.keep_cache and not info.direct_io  # the page cache outlives the open
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await fs.open(f.st_ino, os.O_WRONLY, ctx)
+        assert exc.value.errno == errno.EROFS
+
+    trio.run(go)
+    fs.close()
+
+
+def test_device_of_reads_mountinfo_without_touching_the_mount() -> None:
+    st = os.stat("/")
+    assert ms.device_of("/") == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    assert ms.device_of("/no/such/mount/point") is None
+    assert not ms.set_readahead("/no/such/mount/point", 1024)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the read-ahead window is set through sysfs, as root")
+def test_mount_reads_ahead_one_max_size_request(sample: dict[str, object], mnt: Path, run_dir: Path) -> None:
+    shoal(sample["store"], "mount", sample["ref"], mnt)  # type: ignore[arg-type]
+    st = os.stat(mnt)
+    kib = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb").read_text().strip()
+    assert kib == str(ms.MountOptions().readahead_kib) == "1024"
+    big = sorted((p for p in (sample["tree"] / "sub").iterdir() if p.is_file()),  # type: ignore[operator]
+                 key=lambda p: p.stat().st_size)[-1]
+    before = _stats(mnt)
+    assert (mnt / "sub" / big.name).read_bytes() == big.read_bytes()
+    time.sleep(1.3)  # counters are published once a second
+    after = _stats(mnt)
+    # sequential reads arrive in requests of up to 1 MiB, not the kernel's default 128 KiB
+    assert after["reads"] - before["reads"] <= -(-big.stat().st_size // (512 << 10)) + 2
+    shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
+
+
+def test_small_files_reach_the_page_cache_at_lookup(sample: dict[str, object], mnt: Path, run_dir: Path) -> None:
+    tree = sample["tree"]
+    assert isinstance(tree, Path)
+    shoal(sample["store"], "mount", sample["ref"], mnt)  # type: ignore[arg-type]
+    # names from the source tree: listing the mount would create the entries without a lookup
+    names = sorted(n for n in os.listdir(tree / "many") if (tree / "many" / n).stat().st_size > 0)[:12]
+    first = names.pop(0)
+    assert (mnt / "many" / first).read_bytes() == (tree / "many" / first).read_bytes()  # its frame is now in memory
+    time.sleep(1.3)
+    before = _stats(mnt)
+    for n in names:
+        os.lstat(mnt / "many" / n)  # a lookup: the file's bytes go to the page cache if its frame is held
+        time.sleep(0.05)
+    wait_for(lambda: _stats(mnt).get("pushed_bytes", 0) > before["pushed_bytes"], 10, "a push at lookup")
+    time.sleep(1.3)
+    pushed = _stats(mnt)
+    for n in names:
+        assert (mnt / "many" / n).read_bytes() == (tree / "many" / n).read_bytes(), n
+    time.sleep(1.3)
+    after = _stats(mnt)
+    # the pushed files were read from the page cache: fewer reads reached the daemon than files were read
+    assert after["reads"] - pushed["reads"] < len(names), (before, pushed, after)
+    assert after["errors"] == 0
+    shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
