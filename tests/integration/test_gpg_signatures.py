@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -68,7 +69,11 @@ def env(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Any:
              "signedIdentity": {"type": "matchRepoDigestOrExact"}}]}}}
         (d / f"policy-{name}.json").write_text(json.dumps(doc))
         e[name] = d / f"policy-{name}.json"
+    # podman refuses a runroot longer than 50 characters (xdist's tmp paths are longer): a short one, the
+    # same for every podman call on this root (podman records it)
+    e["podman_run"] = Path(tempfile.mkdtemp(prefix="shoal-pr-", dir="/tmp"))
     yield e
+    shutil.rmtree(e["podman_run"], ignore_errors=True)
     for name in ("a", "b"):
         subprocess.run(["gpgconf", "--kill", "all"], env=dict(os.environ, GNUPGHOME=e[name]["home"]),
                        capture_output=True)
@@ -96,7 +101,7 @@ def podman_pull(e: dict[str, Any], ref: str, policy: Path) -> subprocess.Complet
     if not home.exists():
         (home / ".config" / "containers").mkdir(parents=True)
         shutil.copytree(e["regd"], home / ".config" / "containers" / "registries.d")
-    return run(["podman", "--root", str(e["dir"] / "podman-root"), "--runroot", str(e["dir"] / "podman-run"),
+    return run(["podman", "--root", str(e["dir"] / "podman-root"), "--runroot", str(e["podman_run"]),
                 "--storage-driver", "vfs", "pull", "--signature-policy", str(policy), "--tls-verify=false", ref],
                {"HOME": str(home)}, check=False)
 
