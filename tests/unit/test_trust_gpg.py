@@ -220,3 +220,19 @@ def test_policy_signed_by_parse(tmp_path: Path, keys: Any) -> None:
     v = policy.evaluate(x509, policy.DockerName.parse(REF), D1, lambda: [],
                         lambda: [LookasideSignature("file:///s", b"x")])
     assert not v.accepted and "unimplemented" in v.reason
+
+
+def test_a_stuck_gpg_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gpg that never answers (a stuck agent) fails with a UsageError, not a TimeoutExpired traceback."""
+    fake = tmp_path / "bin" / "gpg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(gpg, "_TIMEOUT", 0.5)
+    with pytest.raises(UsageError, match="did not list the secret key"):
+        gpg.check_secret_key("ABCDEF")
+    with pytest.raises(UsageError, match="did not sign"):
+        gpg.gpg_sign(b"x", "ABCDEF")
+    with pytest.raises(FormatError, match="did not finish"), gpg.Keyring((b"key",)):
+        pass
