@@ -236,3 +236,14 @@ def test_a_stuck_gpg_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         gpg.gpg_sign(b"x", "ABCDEF")
     with pytest.raises(FormatError, match="did not finish"), gpg.Keyring((b"key",)):
         pass
+
+
+def test_deeply_nested_config_and_payload_are_one_line(tmp_path: Path) -> None:
+    """"[[[[..." in a registries.d file or a signed payload: FormatError, not a RecursionError traceback."""
+    d = tmp_path / "registries.d"
+    d.mkdir()
+    (d / "deep.yaml").write_text("[" * 200_000)
+    with pytest.raises(FormatError, match="nested too deeply"):
+        lookaside.load_registries_d(str(d))
+    with pytest.raises(FormatError, match="nested too deeply"):
+        gpg.parse_simple_payload(b"[" * 200_000)

@@ -137,6 +137,8 @@ def load_registries_d(path: str | None = None) -> RegistriesD:
             doc = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise FormatError(f"{p}: not YAML ({' '.join(str(exc).split())[:200]})") from None
+        except RecursionError:  # PyYAML's composer recurses per level: "[[[[..." of 200,000 levels
+            raise FormatError(f"{p}: not YAML (nested too deeply)") from None
         if doc is None:
             continue
         if not isinstance(doc, dict):
