@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shoal.errors import FormatError, UsageError
+from shoal.errors import FormatError, TransportError, UsageError
 from shoal.transports.context import SystemContext
 from shoal.transports.docker import parse_docker
 from shoal.trust import gpg, lookaside, policy
@@ -247,3 +247,44 @@ def test_deeply_nested_config_and_payload_are_one_line(tmp_path: Path) -> None:
         lookaside.load_registries_d(str(d))
     with pytest.raises(FormatError, match="nested too deeply"):
         gpg.parse_simple_payload(b"[" * 200_000)
+
+
+def test_a_trickling_lookaside_server_is_cut(tmp_path: Path) -> None:
+    """An http lookaside that sends a byte every 0.2 s never trips the socket timeout: the whole body has
+    a deadline (timeout + 4 MiB at min_rate), so the reader gives up instead of hanging."""
+    import http.server
+    import threading
+    import time
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        d = tmp_path / "registries.d"
+        d.mkdir()
+        (d / "x.yaml").write_text(f"docker:\n  reg.example:5000:\n    lookaside: http://127.0.0.1:{srv.server_port}/s\n")
+        # 1 s of grace, then 4 MiB at 4 GiB/s: about 1 s for the whole body
+        ctx = SystemContext(registries_d=str(d), timeout=1.0, min_rate=float(4 << 30))
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="too slow"):
+            lookaside.read_lookaside(parse_docker("//" + REF), ctx, D1)
+        assert time.monotonic() - t0 < 10
+    finally:
+        srv.shutdown()
+        srv.server_close()

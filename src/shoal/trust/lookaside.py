@@ -33,6 +33,7 @@ import logging
 import os
 import ssl
 import stat
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -234,9 +235,21 @@ def _read_one(url: str, ctx: SystemContext) -> bytes | None:
         tls = ssl.create_default_context(cafile=ctx.ca_bundle)
         if not ctx.tls_verify:
             tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        # the socket timeout bounds each read only: a server sending a byte every few seconds would hold
+        # the reader for days, so the whole body must arrive within timeout + 4 MiB at min_rate (94 s)
+        deadline = time.monotonic() + ctx.timeout + MAX_SIGNATURE / max(1.0, ctx.min_rate)
         try:
             with urllib.request.urlopen(url, timeout=ctx.timeout, context=tls) as r:  # noqa: S310 - http(s) only
-                return bytes(r.read(MAX_SIGNATURE + 1))
+                body = bytearray()
+                while len(body) <= MAX_SIGNATURE:
+                    if time.monotonic() > deadline:
+                        raise TransportError(f"reading signature {url}: too slow (under "
+                                             f"{ctx.min_rate / 1024:.0f} KiB/s after {ctx.timeout:.0f}s)")
+                    part = r.read1(min(65536, MAX_SIGNATURE + 1 - len(body)))
+                    if not part:
+                        break
+                    body += part
+                return bytes(body)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
