@@ -188,6 +188,21 @@ def test_a_file_outside_the_listed_tree_is_refused() -> None:
     _refused(_rewrite(_make(), outside), FormatError, "is not a listed directory's file")
 
 
+def test_absolute_spellings_of_listed_paths_are_refused() -> None:
+    """``/usr`` splits into the root and ``usr`` as ``usr`` does: it was accepted with usr's records,
+    a second spelling of the tree (and of its files) beside the canonical one."""
+    def dirs(doc: dict[str, Any]) -> None:
+        for d in doc["dirs"][1:]:
+            d[0] = b"/" + d[0]
+
+    def files(doc: dict[str, Any]) -> None:
+        doc["files"][0][0] = b"/" + doc["files"][0][0]
+        doc["files"].sort(key=lambda f: f[0].split(b"/"))
+
+    _refused(_rewrite(_make(), dirs), FormatError, "directory b'/usr' is not a listed directory's child")
+    _refused(_rewrite(_make(), files), FormatError, "file b'/usr/bin/tool' is not a listed directory's file")
+
+
 def test_a_truncated_bundle_is_refused() -> None:
     blob = _make()
     for cut in (len(blob) - 1, len(blob) - 200, 40, 11, 5):

@@ -252,6 +252,16 @@ def _record(v: Any) -> tuple[Any, ...]:
     return tuple(v)
 
 
+def _child(named: dict[bytes, dict[bytes, tuple[Any, ...]]], path: bytes) -> tuple[Any, ...] | None:
+    """The record of ``path`` in its listed parent, or None; only for the canonical spelling of the path
+    (``/usr`` splits into the root and ``usr`` too, but is not the path of ``usr``)."""
+    parent, name = parent_of(path), name_of(path)
+    if not path or path != (parent + b"/" + name if parent else name):
+        return None
+    kids = named.get(parent)
+    return None if kids is None else kids.get(name)
+
+
 def read_header(blob: bytes, limits: Limits = LIMITS) -> tuple[dict[str, Any], int]:
     """The decoded header map of ``blob`` and where its data frames start (§2.1)."""
     if len(blob) > limits.blob:
@@ -326,8 +336,7 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
             if got != root:
                 raise IntegrityError("bundle: Merkle digest mismatch at the root")
         else:
-            parent = named.get(parent_of(path)) if path else None
-            rec = None if parent is None else parent.get(name_of(path))
+            rec = _child(named, path)
             if rec is None or rec[1] != Kind.DIR:
                 raise _fail(f"directory {path[:200]!r} is not a listed directory's child")
             if rec[2] != got:
@@ -355,8 +364,7 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
         nids += n
         if nids > limits.chunks:
             raise HostileInput("bundle: too many chunk references")
-        parent = named.get(parent_of(path)) if path else None
-        rec = None if parent is None else parent.get(name_of(path))
+        rec = _child(named, path)
         if rec is None or rec[1] != Kind.FILE:
             raise _fail(f"file {path[:200]!r} is not a listed directory's file")
         lengths = struct.unpack(f">{n}I", len_raw)
