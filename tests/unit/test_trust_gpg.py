@@ -288,3 +288,17 @@ def test_a_trickling_lookaside_server_is_cut(tmp_path: Path) -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_relative_file_lookaside_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lookaside: file:sigs`` named ./sigs of whatever directory the command ran in; now refused."""
+    d = tmp_path / "registries.d"
+    d.mkdir()
+    (d / "x.yaml").write_text("docker:\n  reg.example:5000:\n    lookaside: file:sigs\n")
+    monkeypatch.chdir(tmp_path)
+    ctx = SystemContext(registries_d=str(d))
+    with pytest.raises(UsageError, match="absolute local path"):
+        lookaside.write_lookaside(parse_docker("//" + REF), ctx, D1, [b"sig"])
+    with pytest.raises(UsageError, match="absolute local path"):
+        lookaside.read_lookaside(parse_docker("//" + REF), ctx, D1)
+    assert not (tmp_path / "sigs").exists()

@@ -208,9 +208,10 @@ def _sig_url(base: str, digest: str, n: int) -> str:
 
 def _file_path(url: str) -> str:
     u = urllib.parse.urlsplit(url)
-    if u.netloc not in ("", "localhost"):
-        raise UsageError(f"lookaside {url}: a file:// URL names a local path (file:///PATH)")
-    return urllib.parse.unquote(u.path)
+    path = urllib.parse.unquote(u.path)
+    if u.netloc not in ("", "localhost") or not path.startswith("/"):  # file:sigs would be ./sigs of the cwd
+        raise UsageError(f"lookaside {url}: a file:// URL names an absolute local path (file:///PATH)")
+    return path
 
 
 def _read_one(url: str, ctx: SystemContext) -> bytes | None:
