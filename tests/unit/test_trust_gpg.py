@@ -302,3 +302,31 @@ def test_a_relative_file_lookaside_is_refused(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(UsageError, match="absolute local path"):
         lookaside.read_lookaside(parse_docker("//" + REF), ctx, D1)
     assert not (tmp_path / "sigs").exists()
+
+
+def test_concurrent_signers_take_different_numbers(tmp_path: Path) -> None:
+    """trust.md §2.1: signers at once never replace each other's signature-N: every blob ends up in a file
+    of its own, numbered 1..N without a gap."""
+    import threading
+
+    d = tmp_path / "registries.d"
+    d.mkdir()
+    (d / "x.yaml").write_text(f"docker:\n  reg.example:5000:\n    lookaside: file://{tmp_path}/la\n")
+    ctx = SystemContext(registries_d=str(d))
+    ref = parse_docker("//" + REF)
+    blobs = [[b"signer %d blob %d" % (t, k) for k in range(4)] for t in range(8)]
+    start = threading.Barrier(8)
+
+    def sign(mine: list[bytes]) -> None:
+        start.wait()
+        for b in mine:
+            lookaside.write_lookaside(ref, ctx, D1, [b])
+
+    threads = [threading.Thread(target=sign, args=(mine,)) for mine in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    got = [s.data for s in lookaside.read_lookaside(ref, ctx, D1)]
+    assert sorted(got) == sorted(b for mine in blobs for b in mine)
+    assert not list((tmp_path / "la").rglob(".signature.*"))  # no temp file left behind
