@@ -368,17 +368,19 @@ class Reader:
     def frames_for(self, e: Entry, offset: int, size: int) -> set[int]:
         """Frame indices holding bytes ``[offset, offset+size)`` of file ``e``, but for chunks the source
         holds outside frames (``held_chunk``): a read of only those needs no frame."""
+        idx, held = self.index, self.source.held_chunk
+        return {idx.chunk_frames[ci] for ci in self.chunks_in(e, offset, size) if held(idx.chunk_ids[ci]) is None}
+
+    def chunks_in(self, e: Entry, offset: int, size: int) -> list[int]:
+        """Chunk indices of file ``e`` holding bytes ``[offset, offset+size)``, in file order."""
         starts = self._starts(e)
         end = min(e.size, offset + size)
-        k = max(0, bisect.bisect_right(starts, offset) - 1)
-        need: set[int] = set()
-        idx, held = self.index, self.source.held_chunk
+        k = max(0, bisect.bisect_right(starts, offset) - 1) if offset < end else len(e.chunks)  # at EOF: none
+        out = []
         while k < len(e.chunks) and starts[k] < end:
-            ci = e.chunks[k]
-            if held(idx.chunk_ids[ci]) is None:
-                need.add(idx.chunk_frames[ci])
+            out.append(e.chunks[k])
             k += 1
-        return need
+        return out
 
     def span_in_frames(self, e: Entry, offset: int, size: int, frames: set[int]) -> tuple[int, int]:
         """The widest byte range of file ``e`` around ``[offset, offset+size)`` whose chunks all lie in

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_bundle import _make, _tree  # noqa: E402
 
 ROOT = _tree().root
+PATHS = {e.path for e in _tree().entries}
 BASE = _make()
 _, START = fb.read_header(BASE)
 
@@ -35,6 +36,8 @@ def _accepted(b: fb.Bundle | None) -> None:
         assert b.root == ROOT
         assert all(hashlib.sha256(v).digest() == k for k, v in b.chunks.items())
         assert b.dirs[0].digest() == ROOT
+        # the root binds the paths too: no second spelling (``/usr`` for ``usr``) gets through
+        assert {d.path for d in b.dirs} | {f.path for f in b.files} <= PATHS
 
 
 @budget(150)

@@ -67,6 +67,17 @@ def state_of(run_dir: Path) -> dict[str, object]:
     return doc
 
 
+def mount_stats(mnt: Path) -> dict[str, object]:
+    """The ``stats`` of the one live mount at ``mnt`` (``shoal status --json``), after the daemon's next
+    publication of its counters (every second)."""
+    time.sleep(1.2)
+    rows = json.loads(shoal(None, "status", "--json", mnt).stdout)["mounts"]
+    assert len(rows) == 1 and rows[0]["alive"] and rows[0]["mounted"]
+    s = rows[0]["stats"]
+    assert isinstance(s, dict)
+    return s
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

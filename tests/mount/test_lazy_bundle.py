@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import struct
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,20 +17,11 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mountkit import mounts_under, pid_alive, shoal, wait_for  # noqa: E402
+from mountkit import mount_stats, mounts_under, pid_alive, shoal, wait_for  # noqa: E402
 
 from regfix import Registry, registry  # noqa: E402,F401
 
 WORKLOAD = ["sub/rand05", "sub/rand01", "text03", "sub/deeper/hl-c"]  # a hardlink reads its primary
-
-
-def _stats(mnt: Path) -> dict[str, Any]:
-    time.sleep(1.2)  # the daemon publishes its counters every second
-    rows = json.loads(shoal(None, "status", "--json", mnt).stdout)["mounts"]
-    assert len(rows) == 1 and rows[0]["alive"] and rows[0]["mounted"]
-    s = rows[0]["stats"]
-    assert isinstance(s, dict)
-    return s
 
 
 def _recorded(sample: dict[str, object]) -> tuple[Any, Any, Any, bytes]:
@@ -82,18 +72,18 @@ def test_the_workload_is_served_from_the_bundle(sample: dict[str, object], regis
     p = shoal(cold, "-v", "mount", "--json", ref, mnt)
     st = json.loads(p.stdout)
     assert b"profile bundle of " + m.digest.encode() in p.stderr and b"checked" in p.stderr
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     # every profiled frame holds a chunk of the bundle: nothing to prefetch, nothing fetched
     assert (s["profile_frames"], s["prefetched_frames"], s["source"]["frames_cached"]) == (0, 0, 0)
     _read_workload(mnt, sample)
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     assert s["errors"] == 0 and s["reads"] > 0
     assert (s["source"]["requests"], s["source"]["bytes_fetched"]) == (0, 0)  # all of it from the bundle
     print(f"\nworkload {sum(idx.entries[idx.primary(idx.position(w.encode()) or 0)].size for w in WORKLOAD)} bytes; "
           f"bundle {len(blob)} bytes; profile frames {prof.nbytes} bytes; range requests 0")
     # anything else comes from the frames, as without a bundle
     assert (mnt / "sub/rand02").read_bytes() == (Path(str(sample["tree"])) / "sub/rand02").read_bytes()
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     assert s["source"]["requests"] > 0 and s["source"]["bytes_fetched"] > 0 and s["errors"] == 0
     assert (cold / "profiles" / f"{m.digest[7:]}.bundle").read_bytes() == blob  # kept for next time
     _umount(run_dir, mnt, st["pid"])
@@ -159,9 +149,9 @@ def test_a_hostile_bundle_is_refused_and_never_served(kind: str, sample: dict[st
     err = p.stderr.decode()
     assert f"ignoring the profile bundle of {m.digest}: bundle: " in err and words in err, err
     # as without a bundle: the profile's frames are prefetched, the reads are right, nothing is corrupt
-    wait_for(lambda: _stats(mnt)["prefetch_state"] == "done", 30, "prefetch")
+    wait_for(lambda: mount_stats(mnt)["prefetch_state"] == "done", 30, "prefetch")
     _read_workload(mnt, sample)
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     assert s["profile_frames"] == s["prefetched_frames"] == len(prof.frames)
     assert s["errors"] == s["integrity_errors"] == 0 and s["source"]["failures"] == 0
     _umount(run_dir, mnt, st["pid"])

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mountkit import lstat_fields, mounts_under, pid_alive, shoal, state_of, wait_for  # noqa: E402
+from mountkit import lstat_fields, mount_stats, mounts_under, pid_alive, shoal, state_of, wait_for  # noqa: E402
 
 import helpers  # noqa: E402
 from regfix import (  # noqa: E402,F401
@@ -42,15 +42,6 @@ def _push(sample: dict[str, object], host: str, repo: str, *extra: str) -> str:
 @pytest.fixture(scope="module")
 def remote(sample: dict[str, object], registry: Registry) -> str:
     return _push(sample, registry.host, "lazy/mount")
-
-
-def _stats(mnt: Path) -> dict[str, Any]:
-    time.sleep(1.2)  # the daemon publishes its counters every second
-    rows = json.loads(shoal(None, "status", "--json", mnt).stdout)["mounts"]
-    assert len(rows) == 1 and rows[0]["alive"] and rows[0]["mounted"]
-    s = rows[0]["stats"]
-    assert isinstance(s, dict)
-    return s
 
 
 def _assert_gone(run_dir: Path, mnt: Path, pid: int) -> None:
@@ -86,7 +77,7 @@ def test_lazy_mount_matches_unpack(sample: dict[str, object], remote: str, mnt: 
     for p in [b""] + _paths(unpacked):
         m, u = os.path.join(os.fsencode(mnt), p), os.path.join(os.fsencode(unpacked), p)
         assert lstat_fields(m) == lstat_fields(u), p
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     src = s["source"]
     m, idx = _index(sample)
     assert src["bytes_total"] == sum(p.size for p in m.packs) and src["frames_total"] == len(idx.frames)
@@ -100,7 +91,7 @@ def test_lazy_mount_matches_unpack(sample: dict[str, object], remote: str, mnt: 
     # the frames stayed in the store: a second mount reads everything without a range request
     st = json.loads(shoal(cold, "mount", "--json", "--prefetch", "none", remote, mnt).stdout)
     helpers.assert_same_tree(helpers.tree_snapshot(mnt), helpers.tree_snapshot(unpacked))
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     assert s["source"]["requests"] == 0 and s["source"]["frames_local"] > 0
     shoal(None, "umount", mnt)
     _assert_gone(run_dir, mnt, st["pid"])
@@ -164,7 +155,7 @@ def test_corrupting_registry_gives_eio_and_caches_nothing(sample: dict[str, obje
     store = Store.open(cold)
     assert store.catalog.count() == 0 and not store.catalog.frame_packs()  # nothing unverified was kept
     assert shoal(cold, "fsck").returncode == 0
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     assert s["integrity_errors"] >= 2 and s["source"]["failures"] >= 2 and s["source"]["frames_cached"] == 0
     proxy.corrupt = False  # an honest registry again: the same read now succeeds
     randoms = sample["randoms"]
@@ -213,7 +204,7 @@ def test_dead_or_hung_registry_gives_eio_within_the_timeout(sample: dict[str, ob
     lines = [ln for ln in log.splitlines() if "read of /sub/rand10" in ln or "read of /sub/rand11" in ln]
     assert len(lines) >= 2 and all("returning EIO" in ln for ln in lines), log[-3000:]
     assert any("within 2s" in ln for ln in lines), log[-3000:]
-    assert _stats(mnt)["source"]["timeouts"] >= 1
+    assert mount_stats(mnt)["source"]["timeouts"] >= 1
     shoal(None, "umount", mnt)
     _assert_gone(run_dir, mnt, int(st["pid"]))  # type: ignore[call-overload]
 
@@ -250,15 +241,15 @@ def test_prefetch_all_fills_the_store(sample: dict[str, object], remote: str, mn
     m, idx = _index(sample)
     cold = tmp_path / "cold"
     st = json.loads(shoal(cold, "mount", "--json", "--prefetch", "all", remote, mnt).stdout)
-    wait_for(lambda: _stats(mnt)["prefetch_state"] == "done", 30, "prefetch")
-    s = _stats(mnt)
+    wait_for(lambda: mount_stats(mnt)["prefetch_state"] == "done", 30, "prefetch")
+    s = mount_stats(mnt)
     src = s["source"]
     assert s["prefetched_frames"] == s["prefetch_planned"] == len(idx.frames) and s["reads"] == 0
     assert src["frames_cached"] == len(idx.frames) and src["bytes_cached"] == src["bytes_total"]
     assert src["requests"] <= len(m.packs)  # back-to-back frames of a pack share one range request
     assert "prefetch done" in shoal(None, "status", mnt).stdout.decode()
     helpers.assert_same_tree(helpers.tree_snapshot(mnt), helpers.tree_snapshot(Path(str(sample["unpacked"]))))
-    assert _stats(mnt)["source"]["requests"] == src["requests"]  # every read came from the store
+    assert mount_stats(mnt)["source"]["requests"] == src["requests"]  # every read came from the store
     shoal(None, "umount", mnt)
     _assert_gone(run_dir, mnt, st["pid"])
 
@@ -274,8 +265,8 @@ def test_prefetch_auto_uses_the_registry_profile(sample: dict[str, object], regi
     push_remote(ref, {}, prof)
     cold = tmp_path / "cold"
     st = json.loads(shoal(cold, "mount", "--json", ref, mnt).stdout)
-    wait_for(lambda: _stats(mnt)["prefetch_state"] == "done", 30, "prefetch")
-    s = _stats(mnt)
+    wait_for(lambda: mount_stats(mnt)["prefetch_state"] == "done", 30, "prefetch")
+    s = mount_stats(mnt)
     assert (s["profile_frames"], s["prefetched_frames"], s["reads"]) == (3, 3, 0)
     assert s["source"]["frames_cached"] == 3 and s["source"]["bytes_cached"] == prof.nbytes
     # fetched by `shoal mount` as soon as the profile was known, verified and stored by the daemon
@@ -285,6 +276,6 @@ def test_prefetch_auto_uses_the_registry_profile(sample: dict[str, object], regi
     _assert_gone(run_dir, mnt, st["pid"])
     # --prefetch none ignores it
     shoal(tmp_path / "cold2", "mount", "--prefetch", "none", ref, mnt)
-    s = _stats(mnt)
+    s = mount_stats(mnt)
     assert s["prefetch_state"] == "none" and s["source"]["frames_cached"] == 0
     shoal(None, "umount", mnt)

@@ -188,6 +188,21 @@ def test_a_file_outside_the_listed_tree_is_refused() -> None:
     _refused(_rewrite(_make(), outside), FormatError, "is not a listed directory's file")
 
 
+def test_absolute_spellings_of_listed_paths_are_refused() -> None:
+    """``/usr`` splits into the root and ``usr`` as ``usr`` does: it was accepted with usr's records,
+    a second spelling of the tree (and of its files) beside the canonical one."""
+    def dirs(doc: dict[str, Any]) -> None:
+        for d in doc["dirs"][1:]:
+            d[0] = b"/" + d[0]
+
+    def files(doc: dict[str, Any]) -> None:
+        doc["files"][0][0] = b"/" + doc["files"][0][0]
+        doc["files"].sort(key=lambda f: f[0].split(b"/"))
+
+    _refused(_rewrite(_make(), dirs), FormatError, "directory b'/usr' is not a listed directory's child")
+    _refused(_rewrite(_make(), files), FormatError, "file b'/usr/bin/tool' is not a listed directory's file")
+
+
 def test_a_truncated_bundle_is_refused() -> None:
     blob = _make()
     for cut in (len(blob) - 1, len(blob) - 200, 40, 11, 5):
@@ -206,6 +221,35 @@ def test_bad_magic_and_bombs_are_refused() -> None:
     _refused(b"SHOALBD1" + struct.pack(">I", len(big)) + big, HostileInput, "limit")
     nosize = zstandard.ZstdCompressor(write_content_size=False).compress(cbor.encode({}))
     _refused(b"SHOALBD1" + struct.pack(">I", len(nosize)) + nosize, HostileInput, "declares")
+
+
+def test_a_header_of_many_tiny_items_is_refused_before_it_is_decoded() -> None:
+    """A few hundred bytes of zstd inflating to 16 MiB of empty arrays (16M Python lists: 39 s and
+    1.2 GB to decode) are refused by the item budget, not after decoding them (bundle.md §4)."""
+    n = (16 << 20) - 200
+    items = b"\x9a" + struct.pack(">I", n) + b"\x80" * n  # an array of n empty arrays
+    doc = {"chunks": b"", "dirs": [], "files": [], "format": 1, "frames": b"", "root": _tree().root}
+    raw = cbor.encode(doc).replace(b"ddirs\x80", b"ddirs" + items)
+    hz = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(raw)
+    assert len(hz) < 4096
+    blob = b"SHOALBD1" + struct.pack(">I", len(hz)) + hz
+    _refused(blob, HostileInput, "more CBOR items than")
+    # the budget grows with the header's compressed bytes: a real header is far within it
+    doc, _ = fb.read_header(_make(), fb.Limits(header_items=0))
+    assert doc["root"] == _tree().root
+    with pytest.raises(HostileInput, match="more CBOR items"):
+        fb.read_header(_make(), fb.Limits(header_items=0, items_per_byte=0))
+
+
+def test_chunk_tables_longer_than_the_files_are_refused_before_unpacking() -> None:
+    def long_refs(doc: dict[str, Any]) -> None:
+        doc["chunks"] = b"\0" * 8 * 6  # 6 references, the listed files have 5 chunks
+
+    def long_frames(doc: dict[str, Any]) -> None:
+        doc["frames"] = b"\0" * 8 * 4  # 4 frames for 3 chunks
+
+    _refused(_rewrite(_make(), long_refs), FormatError, "more chunk references than the files' chunks")
+    _refused(_rewrite(_make(), long_frames), FormatError, "more frames than chunks")
 
 
 def test_a_data_frame_declaring_another_size_is_refused() -> None:

@@ -149,3 +149,27 @@ def test_unpack_writes_every_file_from_one_thread_and_reads_frames_ahead_on_othe
     assert deflaters and all(n.startswith("shoal-unpack") for n in deflaters)
     for i in range(300):
         assert (tmp_path / "out" / f"f{i:03d}").read_bytes() == (src / f"f{i:03d}").read_bytes()
+
+
+def test_chunks_in_is_the_chunks_a_range_touches(tmp_path: Path) -> None:
+    """Reader.chunks_in (frames_for's and the bundle recorder's one walk): against a brute force."""
+    import random
+
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "f").write_bytes(random.Random(7).randbytes(3 << 20))
+    store = Store.open(tmp_path / "store")
+    idx = store.load_index(build(store, src, "t:1").manifest)
+    e = idx.lookup(b"f")
+    assert len(e.chunks) > 3
+    reader = Reader(idx, LayoutSource(store.layout))
+    spans, at = [], 0
+    for ci in e.chunks:
+        spans.append((ci, at, at + idx.chunk_lengths[ci]))
+        at += idx.chunk_lengths[ci]
+    rng = random.Random(1)
+    for off, size in [(0, 1), (0, e.size), (e.size - 1, 10), (e.size, 5), (spans[2][1], 1), (spans[2][1] - 1, 2)] + [
+            (rng.randrange(e.size), rng.randrange(1, 1 << 20)) for _ in range(50)]:
+        want = [ci for ci, a, b in spans if a < min(e.size, off + size) and b > off]
+        assert reader.chunks_in(e, off, size) == want, (off, size)
+        assert reader.frames_for(e, off, size) == {idx.chunk_frames[ci] for ci in want}

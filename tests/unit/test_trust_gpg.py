@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shoal.errors import FormatError, UsageError
+from shoal.errors import FormatError, TransportError, UsageError
 from shoal.transports.context import SystemContext
 from shoal.transports.docker import parse_docker
 from shoal.trust import gpg, lookaside, policy
@@ -220,3 +220,113 @@ def test_policy_signed_by_parse(tmp_path: Path, keys: Any) -> None:
     v = policy.evaluate(x509, policy.DockerName.parse(REF), D1, lambda: [],
                         lambda: [LookasideSignature("file:///s", b"x")])
     assert not v.accepted and "unimplemented" in v.reason
+
+
+def test_a_stuck_gpg_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gpg that never answers (a stuck agent) fails with a UsageError, not a TimeoutExpired traceback."""
+    fake = tmp_path / "bin" / "gpg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(gpg, "_TIMEOUT", 0.5)
+    with pytest.raises(UsageError, match="did not list the secret key"):
+        gpg.check_secret_key("ABCDEF")
+    with pytest.raises(UsageError, match="did not sign"):
+        gpg.gpg_sign(b"x", "ABCDEF")
+    with pytest.raises(FormatError, match="did not finish"), gpg.Keyring((b"key",)):
+        pass
+
+
+def test_deeply_nested_config_and_payload_are_one_line(tmp_path: Path) -> None:
+    """"[[[[..." in a registries.d file or a signed payload: FormatError, not a RecursionError traceback."""
+    d = tmp_path / "registries.d"
+    d.mkdir()
+    (d / "deep.yaml").write_text("[" * 200_000)
+    with pytest.raises(FormatError, match="nested too deeply"):
+        lookaside.load_registries_d(str(d))
+    with pytest.raises(FormatError, match="nested too deeply"):
+        gpg.parse_simple_payload(b"[" * 200_000)
+
+
+def test_a_trickling_lookaside_server_is_cut(tmp_path: Path) -> None:
+    """An http lookaside that sends a byte every 0.2 s never trips the socket timeout: the whole body has
+    a deadline (timeout + 4 MiB at min_rate), so the reader gives up instead of hanging."""
+    import http.server
+    import threading
+    import time
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        d = tmp_path / "registries.d"
+        d.mkdir()
+        (d / "x.yaml").write_text(f"docker:\n  reg.example:5000:\n    lookaside: http://127.0.0.1:{srv.server_port}/s\n")
+        # 1 s of grace, then 4 MiB at 4 GiB/s: about 1 s for the whole body
+        ctx = SystemContext(registries_d=str(d), timeout=1.0, min_rate=float(4 << 30))
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="too slow"):
+            lookaside.read_lookaside(parse_docker("//" + REF), ctx, D1)
+        assert time.monotonic() - t0 < 10
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_relative_file_lookaside_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lookaside: file:sigs`` named ./sigs of whatever directory the command ran in; now refused."""
+    d = tmp_path / "registries.d"
+    d.mkdir()
+    (d / "x.yaml").write_text("docker:\n  reg.example:5000:\n    lookaside: file:sigs\n")
+    monkeypatch.chdir(tmp_path)
+    ctx = SystemContext(registries_d=str(d))
+    with pytest.raises(UsageError, match="absolute local path"):
+        lookaside.write_lookaside(parse_docker("//" + REF), ctx, D1, [b"sig"])
+    with pytest.raises(UsageError, match="absolute local path"):
+        lookaside.read_lookaside(parse_docker("//" + REF), ctx, D1)
+    assert not (tmp_path / "sigs").exists()
+
+
+def test_concurrent_signers_take_different_numbers(tmp_path: Path) -> None:
+    """trust.md §2.1: signers at once never replace each other's signature-N: every blob ends up in a file
+    of its own, numbered 1..N without a gap."""
+    import threading
+
+    d = tmp_path / "registries.d"
+    d.mkdir()
+    (d / "x.yaml").write_text(f"docker:\n  reg.example:5000:\n    lookaside: file://{tmp_path}/la\n")
+    ctx = SystemContext(registries_d=str(d))
+    ref = parse_docker("//" + REF)
+    blobs = [[b"signer %d blob %d" % (t, k) for k in range(4)] for t in range(8)]
+    start = threading.Barrier(8)
+
+    def sign(mine: list[bytes]) -> None:
+        start.wait()
+        for b in mine:
+            lookaside.write_lookaside(ref, ctx, D1, [b])
+
+    threads = [threading.Thread(target=sign, args=(mine,)) for mine in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    got = [s.data for s in lookaside.read_lookaside(ref, ctx, D1)]
+    assert sorted(got) == sorted(b for mine in blobs for b in mine)
+    assert not list((tmp_path / "la").rglob(".signature.*"))  # no temp file left behind

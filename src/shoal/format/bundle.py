@@ -51,6 +51,11 @@ class Limits:
     chunks: int = 1 << 20  # chunk-id list entries over all files
     data: int = 256 * 1024 * 1024  # decompressed data over all frames
     frame: int = 4 * 1024 * 1024  # decompressed bytes of one data frame
+    # the header's CBOR items (array elements, map keys and values) per byte of its compressed frame,
+    # plus header_items: a real tree's header holds 0.25-0.75 (a run of empty directories 3.8), while
+    # 600 bytes of zstd inflate to 16 MiB of empty arrays, 16M Python lists (39 s, 1.2 GB) to decode
+    items_per_byte: int = 16
+    header_items: int = 65536
 
 
 LIMITS = Limits()
@@ -247,6 +252,16 @@ def _record(v: Any) -> tuple[Any, ...]:
     return tuple(v)
 
 
+def _child(named: dict[bytes, dict[bytes, tuple[Any, ...]]], path: bytes) -> tuple[Any, ...] | None:
+    """The record of ``path`` in its listed parent, or None; only for the canonical spelling of the path
+    (``/usr`` splits into the root and ``usr`` too, but is not the path of ``usr``)."""
+    parent, name = parent_of(path), name_of(path)
+    if not path or path != (parent + b"/" + name if parent else name):
+        return None
+    kids = named.get(parent)
+    return None if kids is None else kids.get(name)
+
+
 def read_header(blob: bytes, limits: Limits = LIMITS) -> tuple[dict[str, Any], int]:
     """The decoded header map of ``blob`` and where its data frames start (§2.1)."""
     if len(blob) > limits.blob:
@@ -259,7 +274,11 @@ def read_header(blob: bytes, limits: Limits = LIMITS) -> tuple[dict[str, Any], i
     start = _HEAD.size + hlen
     if start > len(blob):
         raise IntegrityError("bundle: truncated in its header")
-    doc = cbor.decode(_zstd(blob[_HEAD.size:start], limits.header, "header"))  # canonical CBOR only
+    budget = limits.header_items + limits.items_per_byte * hlen  # §4: decoding cost bound by what was sent
+    try:  # canonical CBOR only
+        doc = cbor.decode(_zstd(blob[_HEAD.size:start], limits.header, "header"), max_items=budget)
+    except HostileInput as exc:
+        raise HostileInput(f"bundle: header holds more CBOR items than {budget} ({exc})") from None
     keys = {"format", "root", "dirs", "files", "chunks", "frames"}
     if type(doc) is not dict or set(doc) != keys:
         raise _fail(f"header must be a map with exactly the keys {sorted(keys)}")
@@ -317,8 +336,7 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
             if got != root:
                 raise IntegrityError("bundle: Merkle digest mismatch at the root")
         else:
-            parent = named.get(parent_of(path)) if path else None
-            rec = None if parent is None else parent.get(name_of(path))
+            rec = _child(named, path)
             if rec is None or rec[1] != Kind.DIR:
                 raise _fail(f"directory {path[:200]!r} is not a listed directory's child")
             if rec[2] != got:
@@ -346,8 +364,7 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
         nids += n
         if nids > limits.chunks:
             raise HostileInput("bundle: too many chunk references")
-        parent = named.get(parent_of(path)) if path else None
-        rec = None if parent is None else parent.get(name_of(path))
+        rec = _child(named, path)
         if rec is None or rec[1] != Kind.FILE:
             raise _fail(f"file {path[:200]!r} is not a listed directory's file")
         lengths = struct.unpack(f">{n}I", len_raw)
@@ -360,6 +377,10 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
     refs_raw, table = _bstr(doc["chunks"], "chunks"), _bstr(doc["frames"], "frames")
     if len(refs_raw) % 8 or len(table) % 8:
         raise _fail("chunk and frame tables must be 8-byte rows")
+    # before unpacking (a row is ~120 bytes of Python): each reference names another chunk of a listed
+    # file, each frame holds at least one
+    if len(refs_raw) // 8 > nids or len(table) > len(refs_raw):
+        raise _fail("more chunk references than the files' chunks, or more frames than chunks")
     refs = [_REF.unpack_from(refs_raw, i) for i in range(0, len(refs_raw), 8)]
     rows = [_REF.unpack_from(table, i) for i in range(0, len(table), 8)]
     if sum(r[0] for r in rows) != len(refs) or any(r[0] == 0 or r[1] == 0 for r in rows):

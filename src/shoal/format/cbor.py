@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from shoal.errors import FormatError
+from shoal.errors import FormatError, HostileInput
 
 __all__ = ["encode", "decode", "decode_fast", "head", "MAX_DEPTH"]
 
@@ -100,12 +100,20 @@ def encode(value: Any) -> bytes:
 
 
 class _Decoder:
-    __slots__ = ("buf", "pos", "end")
+    __slots__ = ("buf", "pos", "end", "left")
 
-    def __init__(self, buf: bytes) -> None:
+    def __init__(self, buf: bytes, max_items: int | None = None) -> None:
         self.buf = buf
         self.pos = 0
         self.end = len(buf)
+        self.left = max_items  # array elements and map keys and values still allowed; None: no limit
+
+    def take(self, n: int) -> None:
+        """Charge ``n`` items to the budget before they are decoded (HostileInput when it runs out)."""
+        if self.left is not None:
+            self.left -= n
+            if self.left < 0:
+                raise HostileInput(f"CBOR at byte {self.pos}: more items than the limit")
 
     def fail(self, why: str) -> FormatError:
         return FormatError(f"malformed CBOR at byte {self.pos}: {why}")
@@ -169,6 +177,7 @@ class _Decoder:
                 raise self.fail("nested too deeply")
             if n > self.end - self.pos:
                 raise self.fail("array longer than the input")
+            self.take(n)
             item, d = self.item, depth + 1
             return [item(d) for _ in range(n)]
         if major == 5:
@@ -176,6 +185,7 @@ class _Decoder:
                 raise self.fail("nested too deeply")
             if 2 * n > self.end - self.pos:
                 raise self.fail("map longer than the input")
+            self.take(2 * n)
             out: dict[Any, Any] = {}
             prev = b""
             for i in range(n):
@@ -194,9 +204,11 @@ class _Decoder:
         return -1 - n  # major 1
 
 
-def decode(data: bytes) -> Any:
-    """Decode one canonical item that fills ``data`` exactly, or raise FormatError."""
-    d = _Decoder(bytes(data))
+def decode(data: bytes, max_items: int | None = None) -> Any:
+    """Decode one canonical item that fills ``data`` exactly, or raise FormatError; with ``max_items``,
+    HostileInput as soon as the arrays and maps hold more items (elements, keys and values) in all:
+    a decoded item costs ~60 bytes and ~2 us where its encoding may cost one byte."""
+    d = _Decoder(bytes(data), max_items)
     value = d.item(0)
     if d.pos != d.end:
         raise FormatError(f"malformed CBOR: {d.end - d.pos} trailing bytes")

@@ -4,7 +4,6 @@ files it reads and the directories it lists, in first-use order.  Used by the mo
 
 from __future__ import annotations
 
-import bisect
 import threading
 
 from shoal.format.model import Entry, Index
@@ -46,24 +45,10 @@ class RecordingReader(MountReader):
     def __init__(self, index: Index, source: FrameSource, cache_frames: int, record: ReadRecord) -> None:
         super().__init__(index, source, cache_frames)
         self.record = record
-        self._starts_of: dict[bytes, list[int]] = {}
 
     def read(self, e: Entry, offset: int, size: int) -> bytes:
         if offset < e.size and size > 0:
-            starts = self._starts_of.get(e.path)
-            if starts is None:
-                starts, at = [], 0
-                for ci in e.chunks:
-                    starts.append(at)
-                    at += self.index.chunk_lengths[ci]
-                self._starts_of[e.path] = starts
-            end = min(e.size, offset + size)
-            k = bisect.bisect_right(starts, offset) - 1
-            hit = []
-            while k < len(e.chunks) and starts[k] < end:
-                hit.append(e.chunks[k])
-                k += 1
             pos = self.index.position(e.path)
             if pos is not None:
-                self.record.read(pos, hit)
+                self.record.read(pos, self.chunks_in(e, offset, size))
         return super().read(e, offset, size)

@@ -83,6 +83,8 @@ def parse_payload(raw: bytes, payload_type: str = PAYLOAD_TYPE, optional_null: b
         doc = json.loads(raw)
     except ValueError as exc:
         raise FormatError(f"signature payload is not JSON ({exc})") from None
+    except RecursionError:  # the C decoder's answer to "[[[[..."
+        raise FormatError("signature payload is not JSON (nested too deeply)") from None
     top = _exact(doc, {"critical", "optional"}, "the payload")
     crit = _exact(top["critical"], {"type", "image", "identity"}, "critical")
     if crit["type"] != payload_type:

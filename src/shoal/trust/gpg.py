@@ -87,8 +87,11 @@ def gpg_sign(payload: bytes, fingerprint: str, passphrase_file: str | None = Non
 
 def check_secret_key(fingerprint: str) -> None:
     """Refuse before anything moves when the user's keyring has no secret key ``fingerprint``."""
-    p = subprocess.run([_gpg(), *_GPG_BASE, "--with-colons", "--list-secret-keys", "--", fingerprint],
-                       capture_output=True, timeout=_TIMEOUT)
+    try:
+        p = subprocess.run([_gpg(), *_GPG_BASE, "--with-colons", "--list-secret-keys", "--", fingerprint],
+                           capture_output=True, timeout=_TIMEOUT)
+    except subprocess.TimeoutExpired:  # a stuck agent or keyboxd: one line, not a traceback
+        raise UsageError(f"gpg did not list the secret key {fingerprint} within {_TIMEOUT:.0f}s") from None
     if p.returncode != 0 or b"\nsec:" not in b"\n" + p.stdout:
         raise UsageError(f"--sign-by {fingerprint}: no such secret key in the GPG keyring "
                          f"({os.environ.get('GNUPGHOME') or '~/.gnupg'})")

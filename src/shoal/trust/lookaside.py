@@ -33,6 +33,7 @@ import logging
 import os
 import ssl
 import stat
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -137,6 +138,8 @@ def load_registries_d(path: str | None = None) -> RegistriesD:
             doc = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise FormatError(f"{p}: not YAML ({' '.join(str(exc).split())[:200]})") from None
+        except RecursionError:  # PyYAML's composer recurses per level: "[[[[..." of 200,000 levels
+            raise FormatError(f"{p}: not YAML (nested too deeply)") from None
         if doc is None:
             continue
         if not isinstance(doc, dict):
@@ -205,9 +208,10 @@ def _sig_url(base: str, digest: str, n: int) -> str:
 
 def _file_path(url: str) -> str:
     u = urllib.parse.urlsplit(url)
-    if u.netloc not in ("", "localhost"):
-        raise UsageError(f"lookaside {url}: a file:// URL names a local path (file:///PATH)")
-    return urllib.parse.unquote(u.path)
+    path = urllib.parse.unquote(u.path)
+    if u.netloc not in ("", "localhost") or not path.startswith("/"):  # file:sigs would be ./sigs of the cwd
+        raise UsageError(f"lookaside {url}: a file:// URL names an absolute local path (file:///PATH)")
+    return path
 
 
 def _read_one(url: str, ctx: SystemContext) -> bytes | None:
@@ -232,9 +236,21 @@ def _read_one(url: str, ctx: SystemContext) -> bytes | None:
         tls = ssl.create_default_context(cafile=ctx.ca_bundle)
         if not ctx.tls_verify:
             tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        # the socket timeout bounds each read only: a server sending a byte every few seconds would hold
+        # the reader for days, so the whole body must arrive within timeout + 4 MiB at min_rate (94 s)
+        deadline = time.monotonic() + ctx.timeout + MAX_SIGNATURE / max(1.0, ctx.min_rate)
         try:
             with urllib.request.urlopen(url, timeout=ctx.timeout, context=tls) as r:  # noqa: S310 - http(s) only
-                return bytes(r.read(MAX_SIGNATURE + 1))
+                body = bytearray()
+                while len(body) <= MAX_SIGNATURE:
+                    if time.monotonic() > deadline:
+                        raise TransportError(f"reading signature {url}: too slow (under "
+                                             f"{ctx.min_rate / 1024:.0f} KiB/s after {ctx.timeout:.0f}s)")
+                    part = r.read1(min(65536, MAX_SIGNATURE + 1 - len(body)))
+                    if not part:
+                        break
+                    body += part
+                return bytes(body)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from shoal.errors import FormatError, PolicyRefused
-from shoal.trust.cosign import ANN_SIGNATURE, SIG_MEDIA_TYPE, Signature, parse_payload, verify
+from shoal.trust.cosign import ANN_SIGNATURE, SIG_MEDIA_TYPE, Payload, Signature, parse_payload, verify
 from shoal.trust.keys import PublicKey, load_public_key
 
 if TYPE_CHECKING:
@@ -270,6 +270,16 @@ class Verdict:
     payload_reference: str = ""
 
 
+def _payload_mismatch(req: Requirement, image: DockerName | None, digest: str, p: Payload) -> str:
+    """Why the verified payload ``p`` does not accept the manifest ``digest`` of ``image`` under ``req``'s
+    ``signedIdentity`` ("" when it does): the same rule for cosign and simple signatures."""
+    if p.digest != digest:
+        return f"the signature is for manifest {p.digest}, not {digest}"
+    if not req.identity.matches(image, p.reference):
+        return f"signature identity {p.reference[:200]!r} does not match {image} ({req.identity.type})"
+    return ""
+
+
 def check_signatures(req: Requirement, image: DockerName | None, digest: str,
                      signatures: list[Signature]) -> Verdict:
     """Does one of ``signatures`` satisfy the sigstoreSigned ``req`` for the manifest ``digest`` of ``image``?"""
@@ -290,12 +300,9 @@ def check_signatures(req: Requirement, image: DockerName | None, digest: str,
         except FormatError as exc:
             reasons.append(str(exc))
             continue
-        if p.digest != digest:
-            reasons.append(f"the signature is for manifest {p.digest}, not {digest}")
-            continue
-        if not req.identity.matches(image, p.reference):
-            reasons.append(f"signature identity {p.reference[:200]!r} does not match {image} "
-                           f"({req.identity.type})")
+        why = _payload_mismatch(req, image, digest, p)
+        if why:
+            reasons.append(why)
             continue
         return Verdict(True, signer=key.fingerprint(), payload_reference=p.reference)
     if not reasons:
@@ -328,12 +335,9 @@ def check_simple(req: Requirement, image: DockerName | None, digest: str,
             except FormatError as exc:
                 reasons.append(str(exc))
                 continue
-            if p.digest != digest:
-                reasons.append(f"the signature is for manifest {p.digest}, not {digest}")
-                continue
-            if not req.identity.matches(image, p.reference):
-                reasons.append(f"signature identity {p.reference[:200]!r} does not match {image} "
-                               f"({req.identity.type})")
+            why = _payload_mismatch(req, image, digest, p)
+            if why:
+                reasons.append(why)
                 continue
             return Verdict(True, signer=fpr, payload_reference=p.reference)
     return Verdict(False, reasons[0] if len(set(reasons)) == 1 else "none of the signatures were accepted: "
