@@ -2,7 +2,7 @@
 
 Each image the snapshotter serves lazily is tagged ``shoal-snapshotter:<manifest hex>`` in its store
 while it is mounted, so no gc (the snapshotter's or a user's ``shoal gc``) removes the frames its
-FUSE daemon cached.  When the last snapshot of the image goes, the tag and the image's local profile
+FUSE daemon cached.  When the last snapshot of the image goes, the tag and the image's local profile (and bundle)
 go, and the store's gc, scoped to that image's manifest, config, index and packs, removes whatever no
 other tag still reaches (spec/store.md §4): chunks another image uses stay.  The collection runs in
 one background thread, off the gRPC threads; a mount holds the store's shared ``gc.lock`` from its
@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from shoal.errors import NotFound, ShoalError
+from shoal.mount.bundle import bundle_path
 from shoal.mount.profile import local_path
 from shoal.store import Store
 from shoal.store.maintenance import gc
@@ -64,6 +65,7 @@ class StoreCache:
             with contextlib.suppress(NotFound):
                 self.store.untag(pin_name(digest))
             local_path(self.root, digest).unlink(missing_ok=True)  # its cached profile (mount.md §6)
+            bundle_path(self.root, digest).unlink(missing_ok=True)  # and the profile's bundle (bundle.md §5)
         except (ShoalError, OSError) as e:
             log.warning("cannot release %s in the store %s: %s", digest, self.root, e)
             return None
