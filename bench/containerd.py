@@ -268,6 +268,22 @@ state = "{self.root}/cd/state"
         return ["ctr-remote", "-a", str(self.sock), "-n", NS, *args]
 
 
+def run_marks(run_dir: Path, bundle: str, t0: float, marks: dict[str, float]) -> None:
+    """One look (for a watcher thread): the time since ``t0`` when a mount under ``run_dir`` first appears
+    ("mount") and when runc first runs the container whose bundle path is ``bundle`` ("runtime")."""
+    if "mount" not in marks:
+        with open("/proc/self/mountinfo") as f:
+            if any(ln.split()[4].startswith(str(run_dir) + "/") for ln in f):
+                marks["mount"] = time.perf_counter() - t0
+    if "runtime" not in marks:
+        for pid in pids_with(bundle):
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"runc"):
+                    marks["runtime"] = time.perf_counter() - t0
+            except OSError:
+                pass
+
+
 def umount_all(root: Path) -> None:
     for _ in range(3):
         with open("/proc/self/mountinfo") as f:

@@ -68,6 +68,7 @@ from containerd import (  # noqa: E402
     record_profile,
     remove_run_dirs,
     run,
+    run_marks,
     shoal_image,
     stargz_daemon,
     umount_all,
@@ -172,17 +173,7 @@ def _watch(run_dir: Path, name: str, t0: float, stop: threading.Event, marks: di
     """Every 5 ms: when a mount under ``run_dir`` appears, and when runc runs the container ``name``."""
     bundle = str(run_dir / "containers" / name)
     while not stop.wait(0.005):
-        if "mount" not in marks:
-            with open("/proc/self/mountinfo") as f:
-                if any(ln.split()[4].startswith(str(run_dir) + "/") for ln in f):
-                    marks["mount"] = time.perf_counter() - t0
-        if "runtime" not in marks:
-            for pid in pids_with(bundle):
-                try:
-                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"runc"):
-                        marks["runtime"] = time.perf_counter() - t0
-                except OSError:
-                    pass
+        run_marks(run_dir, bundle, t0, marks)
 
 
 def timeline(work: Path, reg: Registry, host: str, cmd: list[str], expect: str, link: Link, n: int) -> None:

@@ -48,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import rootfs, sh  # noqa: E402
+from containerd import run_marks, umount_all  # noqa: E402  (shared with bench/estargz.py)
 from pull import Registry  # noqa: E402
 from throttle import Link, Throttle  # noqa: E402
 
@@ -80,18 +81,6 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def pids_with(needle: str) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if needle.encode() in (p / "cmdline").read_bytes():
-                    out.append(int(p.name))
-            except OSError:
-                pass
-    return out
-
-
 def _watch(run_dir: Path, name: str, t0: float, stop: threading.Event, marks: dict[str, float],
            daemon_log: list[str]) -> None:
     """Every 2 ms: when a mount under ``run_dir`` appears, and when runc runs the container ``name``;
@@ -107,24 +96,7 @@ def _watch(run_dir: Path, name: str, t0: float, stop: threading.Event, marks: di
             if len(text) > seen:
                 daemon_log.extend(text[seen:].splitlines())
                 seen = len(text)
-        if "mount" not in marks:
-            with open("/proc/self/mountinfo") as f:
-                if any(ln.split()[4].startswith(str(run_dir) + "/") for ln in f):
-                    marks["mount"] = time.perf_counter() - t0
-        if "runtime" not in marks:
-            for pid in pids_with(bundle):
-                try:
-                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"runc"):
-                        marks["runtime"] = time.perf_counter() - t0
-                except OSError:
-                    pass
-
-
-def umount_all(root: Path) -> None:
-    with open("/proc/self/mountinfo") as f:
-        mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(root) + "/")]
-    for mp in sorted(mps, key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
+        run_marks(run_dir, bundle, t0, marks)
 
 
 def kinds_of(reg: Registry) -> dict[str, str]:
