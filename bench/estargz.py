@@ -5,7 +5,8 @@ profile of that workload, and Shoal through containerd, with the physical floor 
 Shoal run.
 
 Usage: python bench/estargz.py [--reps 5] [--links loopback,throttled] [--workloads print,imports,git]
-                               [--modes esgz-lazy,esgz-opt,classic,shoal-lazy,shoal-profile,shoal-cri]
+                               [--modes esgz-lazy,esgz-opt,classic,shoal-lazy,shoal-profile,shoal-service,
+                                        shoal-cri]
                                [--mbit 100] [--latency-ms 20] [--quiet 3] [--quiet-estargz 8] [--cap 60]
 
 It reuses bench/containerd.py's machinery: the cached registry and its classic and pause images, a
@@ -26,6 +27,9 @@ Modes (each run cold; the modes alternate within each repetition):
 - shoal-profile: the same with ``--prefetch auto`` (the default) after a ``shoal profile`` of the workload
                  was pushed as a referrer (recorded once per workload before its timed runs, against the
                  registry directly; the lookup of the profile is part of each timed run);
+- shoal-service: shoal-profile's ``shoal run``, handed to a ``shoal service`` that the bench starts once
+                 (``--socket WORK/service.sock``, passed as ``$SHOAL_SERVICE_SOCKET``): a warm process, as the
+                 stargz snapshotter and containerd are;
 - shoal-cri:     the shoal snapshotter through CRI (its mounts use that profile, ``--prefetch auto``).
 Time to first output: from just before the first command (PullImage, or ``shoal run``'s start) to the
 first byte of the container's output.  Bytes and requests: through the proxy by then, and after the
@@ -81,10 +85,11 @@ WORKLOADS = {
     "imports": ["python3", "-c", "import json, email, http.client, asyncio, unittest; print(1)"],
     "git": ["git", "--version"],
 }
-MODES = ("esgz-lazy", "esgz-opt", "classic", "shoal-lazy", "shoal-profile", "shoal-cri")
+MODES = ("esgz-lazy", "esgz-opt", "classic", "shoal-lazy", "shoal-profile", "shoal-service", "shoal-cri")
 LABELS = {"esgz-lazy": "eStargz lazy (stargz, CRI)", "esgz-opt": "eStargz optimized (stargz, CRI)",
           "classic": "classic (overlayfs, CRI)", "shoal-lazy": "Shoal lazy (shoal run, no profile)",
-          "shoal-profile": "Shoal with profile (shoal run)", "shoal-cri": "Shoal via containerd (CRI, profile)"}
+          "shoal-profile": "Shoal with profile (shoal run)",
+          "shoal-service": "Shoal with profile (run via service)", "shoal-cri": "Shoal via containerd (CRI, profile)"}
 SNAPSHOTTER = {"esgz-lazy": "stargz", "esgz-opt": "stargz", "classic": "overlayfs", "shoal-cri": "shoal"}
 
 
@@ -108,10 +113,14 @@ def settle(link: Link, quiet: float, cap: float, since: float) -> bool:
 
 
 def shoal_run(work: Path, host: str, cmd: list[str], expect: str, link: Link, n: int, prefetch: str,
-              verbose: bool = False) -> tuple[float, int, int, list[tuple[float, str]]]:
-    """A cold ``shoal run`` to its first output: (seconds, bytes, requests, stamped stderr lines)."""
+              verbose: bool = False, service: Path | None = None) -> tuple[float, int, int, list[tuple[float, str]]]:
+    """A cold ``shoal run`` to its first output: (seconds, bytes, requests, stamped stderr lines); with
+    ``service``, handed to the ``shoal service`` listening there."""
     d = work / f"srun{n}"
     env = {**os.environ, "SHOAL_RUN_DIR": str(d / "run")}
+    env.pop("SHOAL_SERVICE_SOCKET", None)
+    if service is not None:
+        env["SHOAL_SERVICE_SOCKET"] = str(service)
     argv = [SHOAL, *(["-vv"] if verbose else []), "--store", str(d / "store"), "run", "--rm", "--name", f"sb{n}",
             "--network", "host", "--prefetch", prefetch, f"docker://{host}/shoal/py:1", "--", *cmd]
     drop_caches()
@@ -152,6 +161,20 @@ def shoal_run(work: Path, host: str, cmd: list[str], expect: str, link: Link, n:
     return t1 - t0, b1 - b0, r1 - r0, lines
 
 
+def start_service(work: Path) -> subprocess.Popen[bytes]:
+    """``shoal service --socket WORK/service.sock``, started once (from this process: the same cgroup and
+    namespaces as the runs it serves), its log in WORK/service.log; returns once it listens."""
+    sock = work / "service.sock"
+    p = subprocess.Popen([SHOAL, "service", "--socket", str(sock)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=open(work / "service.log", "ab"))
+    end = time.monotonic() + 60
+    while not sock.exists():
+        if p.poll() is not None or time.monotonic() > end:
+            sys.exit(f"shoal service did not start: {(work / 'service.log').read_text()[-2000:]}")
+        time.sleep(0.02)
+    return p
+
+
 def cold(mode: str, node: Node, work: Path, host: str, refs: dict[str, str], link: Link, n: int, cmd: list[str],
          expect: str, args: argparse.Namespace) -> Sample:
     b0, r0 = link.bytes, link.requests
@@ -160,7 +183,9 @@ def cold(mode: str, node: Node, work: Path, host: str, refs: dict[str, str], lin
                          snapshotter=SNAPSHOTTER[mode])
         sec, nb, nr = s.seconds, s.bytes, s.requests
     else:
-        sec, nb, nr, _ = shoal_run(work, host, cmd, expect, link, n, "none" if mode == "shoal-lazy" else "auto")
+        service = work / "service.sock" if mode == "shoal-service" else None
+        sec, nb, nr, _ = shoal_run(work, host, cmd, expect, link, n, "none" if mode == "shoal-lazy" else "auto",
+                                   service=service)
     quiet = args.quiet_estargz if SNAPSHOTTER.get(mode) == "stargz" else args.quiet
     ok = settle(link, quiet, args.cap, time.perf_counter())
     return Sample(sec, nb, nr, link.bytes - b0, link.requests - r0, ok)
@@ -312,6 +337,7 @@ def main() -> None:
     run_dirs_before = Path("/run/containerd").exists()
     reg = Registry(CACHE / "containerd")  # the registry of bench/containerd.py: its images are made once
     node = Node(work / "node", stargz)
+    service: subprocess.Popen[bytes] | None = None
     try:
         refs: dict[str, dict[str, str]] = {}
         classic = classic_image(tree, reg, work)
@@ -335,6 +361,8 @@ def main() -> None:
               f"not counted); settled = the proxy carried nothing for {args.quiet:g} s ({args.quiet_estargz:g} s "
               f"for eStargz), at most {args.cap:g} s after the output; bytes = all request and response bodies "
               f"through the proxy (manifests, configs, blobs, ranges, referrers)")
+        if "shoal-service" in modes:
+            service = start_service(work)
         n = 0
         for wl in wls:
             cmd = WORKLOADS[wl]
@@ -344,7 +372,7 @@ def main() -> None:
                 chroot = shutil.which("chroot") or "/usr/sbin/chroot"
                 expect = subprocess.run([chroot, str(tree), *cmd], capture_output=True, text=True,
                                         env={"PATH": "/usr/bin:/bin"}).stdout.strip()
-            if {"shoal-profile", "shoal-cri"} & set(modes):
+            if {"shoal-profile", "shoal-service", "shoal-cri"} & set(modes):
                 prof = record_profile(reg, work, cmd)
                 print(f"[{wl}] profile recorded: {prof.get('frames')} frames, {prof.get('bytes', 0) / 1e6:.2f} MB",
                       file=sys.stderr)
@@ -363,6 +391,9 @@ def main() -> None:
                         timeline(work, reg, t.host, cmd, expect, t.link, n)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+        if service is not None:
+            service.terminate()
+            service.wait(30)
         node.stop()
         umount_all(work)
         for pid in pids_with(str(work)):  # shoal run and its mount daemons, if interrupted

@@ -52,6 +52,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "key": ("shoal.cli.trust_cmds", "key", "Generate a sigstore/cosign key pair (key generate)."),
     "sign": ("shoal.cli.trust_cmds", "sign", "Sign an image in a registry (cosign format, sha256-<hex>.sig tag)."),
     "verify": ("shoal.cli.trust_cmds", "verify", "Check an image's cosign signature; --deep every chunk."),
+    "service": ("shoal.cli.service", "service", "Keep a warm process that starts `shoal run` fast."),
     "store": ("shoal.cli.als_cmd", "store", "Serve the store to other engines (store serve: podman's layer store)."),
 }
 

@@ -23,13 +23,13 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shoal.atomicfile import Durability, write_atomic
 from shoal.errors import PermissionDenied, ShoalError, StoreError, UsageError
+from shoal.rundir import run_dir
 
 __all__ = [
     "MountState", "MountOptions", "Exposure", "PRIVATE", "MountPaths", "run_dir", "mount_id", "paths_for",
@@ -46,16 +46,6 @@ class MountBusy(UsageError):
     errno = errno.EBUSY
 
 MNT_DETACH = 2
-
-
-def run_dir() -> Path:
-    env = os.environ.get("SHOAL_RUN_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/shoal")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "shoal" if xdg else Path(tempfile.gettempdir()) / f"shoal-{os.geteuid()}"
 
 
 def canonical_mountpoint(path: str | os.PathLike[str]) -> str:

@@ -1,0 +1,142 @@
+"""The ``shoal`` command's entry point (also ``python -m shoal``).
+
+A ``shoal run`` is handed to a ``shoal service`` of the same user when one listens
+(``$SHOAL_SERVICE_SOCKET``, else ``RUN/service.sock``; docs/architecture.md, Warm start): the service
+forks a child that already has the command's modules imported, gives it this process's standard input,
+output and error (passed as file descriptors), arguments, environment, working directory and umask, and
+answers its exit code.  This process waits, forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the child, and
+exits with its code.  It imports nothing but the standard library to do so (no click, no Shoal module
+but ``shoal.rundir``): that is the point.
+
+Everything else runs here, in-process, as before: any other command; a run with a terminal on its
+standard streams (job control and the terminal stay with the process the user started); no socket, one
+not owned by this user, or a service that refuses (a different user, namespaces, cgroup, root, limits,
+capabilities or code; ``shoal service`` logs why); ``SHOAL_SERVICE=0``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+
+__all__ = ["main", "delegate", "SERVED"]
+
+SERVED = ("run",)  # commands a service may run
+_GLOBAL_WITH_VALUE = ("--store",)
+_MAX_LINE = 1 << 16
+
+
+def _command(args: list[str]) -> str | None:
+    """The command name in ``args`` (``shoal [GLOBAL OPTIONS] COMMAND ...``), None for help/version."""
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif a in ("-h", "--help", "--version"):
+            return None
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
+def _socket_path() -> str | None:
+    if os.environ.get("SHOAL_SERVICE", "1") == "0":
+        return None
+    from shoal.rundir import service_socket
+
+    path = str(service_socket())
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        return None
+    return path
+
+
+def delegate(args: list[str]) -> int | None:
+    """Run ``shoal ARGS`` in a child of the listening service and return its exit code; None when it
+    must run in this process (see the module text)."""
+    if _command(args) not in SERVED:
+        return None
+    try:
+        if any(os.isatty(fd) for fd in (0, 1, 2)):
+            return None
+    except OSError:
+        return None
+    path = _socket_path()
+    if path is None:
+        return None
+    umask = os.umask(0o22)
+    os.umask(umask)
+    try:
+        request = json.dumps({"v": 1, "argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "umask": umask,
+                              "exe": os.path.realpath(sys.executable), "prefix": sys.prefix,
+                              "pkg": os.path.dirname(os.path.realpath(__file__))}).encode() + b"\n"
+    except (OSError, ValueError):
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(5.0)
+        conn.connect(path)
+        sent = socket.send_fds(conn, [request], [0, 1, 2])
+        conn.sendall(request[sent:])
+        f = conn.makefile("rb")
+        first = json.loads(f.readline(_MAX_LINE) or b"{}")
+    except (OSError, ValueError):
+        conn.close()
+        return None
+    pid = first.get("pid") if isinstance(first, dict) else None
+    if type(pid) is not int or pid <= 0:
+        conn.close()
+        return None  # refused: run it here
+    return _wait(conn, f, pid)
+
+
+def _wait(conn: socket.socket, f: object, pid: int) -> int:
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(s, forward)
+    conn.settimeout(None)
+    while True:
+        try:
+            line = f.readline(_MAX_LINE)  # type: ignore[attr-defined]
+            break
+        except InterruptedError:
+            continue
+        except OSError:
+            line = b""
+            break
+    try:
+        rc = json.loads(line).get("rc") if line else None
+    except ValueError:
+        rc = None
+    if type(rc) is not int:
+        sys.stderr.write(f"shoal: error: the service ended before its child {pid} did (see its log)\n")
+        return 1
+    return rc
+
+
+def main() -> int | None:
+    rc = delegate(sys.argv[1:])
+    if rc is not None:
+        sys.stdout.flush()
+        sys.exit(rc)
+    from shoal.cli import main as cli_main
+
+    return cli_main()  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

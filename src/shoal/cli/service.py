@@ -1,0 +1,335 @@
+"""``shoal service``: a warm process that starts ``shoal run`` without an interpreter's start-up and
+imports (docs/architecture.md, Warm start).
+
+A ``shoal run`` spends 0.3–0.6 s starting Python and importing the CLI, the registry client, trio,
+pyfuse3 and the file system before its first registry request; a stargz snapshotter or containerd is a
+resident process that pays this once.  The service pays it once too: it imports what a run needs, then
+for each client (``shoal/__main__.py``) forks a child that runs the client's command line with the
+client's standard streams (passed as file descriptors), environment, working directory and umask, and
+answers the child's exit code when it ends.
+
+The child is the client's equal or there is no child: the service serves only a peer (``SO_PEERCRED``)
+with its own user and group, running the same interpreter and Shoal package, in the same namespaces,
+cgroup, root directory, with the same capabilities, no-new-privileges and seccomp state, security
+label, login uid, resource limits, OOM score, nice value and CPU set; its own code must be unchanged
+since it started.  Anything else is refused (logged), and the client runs the command itself.  The
+socket is made mode 0600 in a directory of mode 0700.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from shoal.errors import UsageError
+
+__all__ = ["service", "context_of", "serve"]
+
+log = logging.getLogger(__name__)
+
+# what a run imports before its container starts: loaded once, by the service
+_WARM = ("shoal.cli.mount_cmds", "shoal.mount.run", "shoal.mount.image", "shoal.mount.remote", "shoal.mount.daemon",
+         "shoal.mount.serve", "shoal.mount.fs", "shoal.mount.control", "shoal.mount.bundle", "shoal.lazy",
+         "shoal.transports.docker", "shoal.transports.registry.client", "shoal.transports.registry.blobs",
+         "shoal.store", "shoal.trust.image", "pyfuse3", "trio", "httpx")
+_MAX_REQUEST = 1 << 20
+_STATUS_KEYS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:", b"CapAmb:",
+                b"NoNewPrivs:", b"Seccomp:")
+_NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup", "time")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 16)
+    except OSError:
+        return b""
+
+
+def context_of(pid: int) -> dict[str, object]:
+    """What a process's command would run under, as far as a child of the service must match it."""
+    proc = f"/proc/{pid}"
+    ctx: dict[str, object] = {}
+    for ns in _NAMESPACES:
+        try:
+            ctx[f"ns:{ns}"] = os.stat(f"{proc}/ns/{ns}").st_ino
+        except OSError:
+            ctx[f"ns:{ns}"] = None
+    try:
+        st = os.stat(f"{proc}/root")
+        ctx["root"] = (st.st_dev, st.st_ino)
+    except OSError:
+        ctx["root"] = None
+    ctx["status"] = [ln for ln in _read(f"{proc}/status").splitlines() if ln.startswith(_STATUS_KEYS)]
+    for name in ("cgroup", "limits", "loginuid", "oom_score_adj", "attr/current"):
+        ctx[name] = _read(f"{proc}/{name}")
+    try:
+        ctx["nice"] = os.getpriority(os.PRIO_PROCESS, pid)
+        ctx["cpus"] = sorted(os.sched_getaffinity(pid))
+    except OSError:
+        ctx["nice"] = ctx["cpus"] = None
+    return ctx
+
+
+def _code_stamp(pkg: Path) -> tuple[tuple[str, int], ...]:
+    """The Shoal package's source files and their change times (a changed file: the service is stale)."""
+    out = []
+    for p in sorted(pkg.rglob("*.py")):
+        try:
+            out.append((str(p), p.stat().st_mtime_ns))
+        except OSError:
+            pass
+    return tuple(out)
+
+
+@dataclass
+class _Service:
+    path: Path
+    idle_timeout: float
+    pkg: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent)
+    exe: str = field(default_factory=lambda: os.path.realpath(sys.executable))
+    children: dict[int, socket.socket] = field(default_factory=dict)
+    stamp: tuple[tuple[str, int], ...] = ()
+    own: dict[str, object] = field(default_factory=dict)
+    stopping: bool = False
+    inherited: list[int] = field(default_factory=list)  # the listener's and the wake-up pipe's: not a child's
+
+    def refusal(self, conn: socket.socket, req: object) -> str | None:
+        """Why the peer of ``conn`` may not be served (None: it may)."""
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        if uid != os.geteuid() or gid != os.getegid():
+            return f"peer {pid} runs as {uid}:{gid}, the service as {os.geteuid()}:{os.getegid()}"
+        if not isinstance(req, dict) or req.get("v") != 1:
+            return "not a version 1 request"
+        args, env, cwd, umask = req.get("argv"), req.get("env"), req.get("cwd"), req.get("umask")
+        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)
+                and isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+                and isinstance(cwd, str) and type(umask) is int and 0 <= umask <= 0o777):
+            return "malformed request"
+        if req.get("exe") != self.exe or req.get("pkg") != str(self.pkg) or req.get("prefix") != sys.prefix:
+            return f"peer {pid} runs another interpreter or Shoal ({req.get('exe')}, {req.get('pkg')})"
+        if _code_stamp(self.pkg) != self.stamp:
+            return "Shoal's code changed since the service started: restart it"
+        theirs = context_of(pid)
+        diff = sorted(k for k in self.own if self.own[k] != theirs.get(k))
+        if diff:
+            return f"peer {pid} differs from the service in {', '.join(diff)}"
+        return None
+
+    def serve_one(self, conn: socket.socket) -> None:
+        conn.settimeout(5.0)
+        fds: list[int] = []
+        try:
+            msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+            data = msg
+            while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
+                more = conn.recv(_MAX_REQUEST - len(data))
+                if not more:
+                    break
+                data += more
+            try:
+                req = json.loads(data)
+            except ValueError:
+                req = None
+            why = "not three standard streams" if len(fds) != 3 else self.refusal(conn, req)
+            if why is not None:
+                log.info("refused: %s", why)
+                conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
+                conn.close()
+                return
+            assert isinstance(req, dict)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child runs the command and never returns
+                self._child(conn, fds, req)
+            self.children[pid] = conn
+            log.info("pid %d: shoal %s", pid, " ".join(req["argv"]))
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        except OSError as exc:
+            log.info("a client's request failed: %s", exc)
+            conn.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _child(self, conn: socket.socket, fds: list[int], req: dict[str, object]) -> None:  # pragma: no cover
+        code = 70
+        try:
+            for s in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(s, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            for c in self.children.values():
+                c.close()
+            conn.close()
+            for fd in self.inherited:
+                os.close(fd)
+            os.setsid()  # out of the service's session and process group
+            for i, fd in enumerate(fds):
+                os.dup2(fd, i)
+                os.close(fd)
+            os.chdir(str(req["cwd"]))
+            os.umask(int(req["umask"]))  # type: ignore[call-overload]
+            env = req["env"]
+            assert isinstance(env, dict)
+            os.environ.clear()
+            os.environ.update(env)
+            args = [str(a) for a in req["argv"]]  # type: ignore[attr-defined]
+            sys.argv = ["shoal", *args]
+            for h in list(logging.root.handlers):  # the command sets up its own logging
+                logging.root.removeHandler(h)
+            logging.root.setLevel(logging.WARNING)
+            from shoal.cli import main as cli_main
+
+            try:
+                ret = cli_main(args)
+                code = ret if type(ret) is int else 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except OSError as exc:
+            sys.stderr.write(f"shoal: error: the service cannot start the command: {exc}\n")
+            code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            code = os.waitstatus_to_exitcode(status)
+            rc = code if code >= 0 else 128 - code
+            log.info("pid %d: exit %d", pid, rc)
+            if conn is not None:
+                try:
+                    conn.sendall(json.dumps({"rc": rc}).encode() + b"\n")
+                except OSError:
+                    pass
+                conn.close()
+
+
+def _listen(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.parent.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UsageError(f"{path.parent}: must be owned by this user and writable by nobody else")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        raise UsageError(f"{path}: a service already listens there")
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    finally:
+        probe.close()
+    if path.is_socket():
+        path.unlink()  # a dead service's
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
+    s.listen(64)
+    return s
+
+
+def serve(path: Path, idle_timeout: float = 0.0, ready: object = None) -> None:
+    """Import, listen on ``path`` and serve until SIGTERM/SIGINT (or ``idle_timeout`` s without a client
+    or a child), then wait for the running children."""
+    for name in _WARM:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            log.warning("cannot preload %s: %s", name, exc)
+    svc = _Service(path, idle_timeout)
+    svc.stamp = _code_stamp(svc.pkg)
+    svc.own = context_of(os.getpid())
+    listener = _listen(path)
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    svc.inherited = [listener.fileno(), rfd, wfd]
+    signal.set_wakeup_fd(wfd)
+
+    def stop(signum: int, frame: object) -> None:
+        svc.stopping = True
+
+    signal.signal(signal.SIGCHLD, lambda s, f: None)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    gc.collect()
+    gc.freeze()  # what is imported now is shared with every child, untouched by their collections
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    sel.register(rfd, selectors.EVENT_READ)
+    log.info("listening on %s (pid %d)", path, os.getpid())
+    last = time.monotonic()
+    try:
+        while True:
+            if svc.stopping and listener.fileno() >= 0:
+                sel.unregister(listener)
+                listener.close()
+                path.unlink(missing_ok=True)
+            if svc.stopping and not svc.children:
+                return
+            if (svc.idle_timeout > 0 and not svc.children and not svc.stopping
+                    and time.monotonic() - last > svc.idle_timeout):
+                log.info("idle for %gs: ending", svc.idle_timeout)
+                svc.stopping = True
+                continue
+            for key, _ in sel.select(timeout=1.0):
+                if key.fileobj is listener and not svc.stopping:
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:
+                        continue
+                    last = time.monotonic()
+                    svc.serve_one(conn)
+                elif key.fileobj == rfd:
+                    try:
+                        os.read(rfd, 4096)
+                    except BlockingIOError:
+                        pass
+            svc.reap()
+            if svc.children:
+                last = time.monotonic()
+    finally:
+        signal.set_wakeup_fd(-1)
+        if listener.fileno() >= 0:
+            listener.close()
+            path.unlink(missing_ok=True)
+
+
+@click.command()
+@click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Listen here (default $SHOAL_SERVICE_SOCKET, else RUN/service.sock: /run/shoal as root).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="End after this long without a client or a running command (0: never).")
+def service(sock: Path | None, idle_timeout: float) -> None:
+    """Keep a warm process that starts `shoal run` fast (for clients of this user and context only)."""
+    from shoal.rundir import service_socket
+
+    path = (sock or service_socket()).absolute()
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    serve(path, idle_timeout)

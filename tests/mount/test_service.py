@@ -1,0 +1,184 @@
+"""``shoal service``: a ``shoal run`` handed to a warm process of the same user and context, with the
+client's streams, environment, working directory, umask and signals; anything else runs in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mountkit import mounts_under, wait_for
+
+import helpers
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def debian_store(debian_rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from shoal.build import BuildOptions, build
+    from shoal.format.manifest import ImageConfig
+    from shoal.store import Store
+
+    d = tmp_path_factory.mktemp("svc-store")
+    conf = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"]}
+    build(Store.open(d), debian_rootfs, "debian:12", BuildOptions(workers=2, config=ImageConfig(config=conf)))
+    return d
+
+
+class Service:
+    def __init__(self, sock: Path, log: Path, proc: subprocess.Popen[bytes]) -> None:
+        self.sock, self.log, self.proc = sock, log, proc
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    sock = tmp_path / "svc" / "s.sock"
+    log = tmp_path / "service.log"
+    env = {k: v for k, v in os.environ.items() if k != "SHOAL_SERVICE_SOCKET"}
+    proc = subprocess.Popen([*helpers.shoal_exe(), "service", "--socket", str(sock)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 60, "the service's socket")
+        assert proc.poll() is None, log.read_text()
+        monkeypatch.setenv("SHOAL_SERVICE_SOCKET", str(sock))
+        yield Service(sock, log, proc)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0 and not sock.exists()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    d = tmp_path / "run"
+    d.mkdir()
+    monkeypatch.setenv("SHOAL_RUN_DIR", str(d))
+    yield d
+    assert not mounts_under(d)
+
+
+def _needs_runc() -> None:
+    if shutil.which("runc") is None:
+        pytest.skip("runc is not installed")
+
+
+def _served(svc: Service) -> list[str]:
+    return [ln for ln in svc.text().splitlines() if ": shoal " in ln]
+
+
+def test_run_is_served_with_the_clients_streams_cwd_umask_and_env(debian_store: Path, service: Service,
+                                                                   run_dir: Path, tmp_path: Path) -> None:
+    _needs_runc()
+    work = tmp_path / "cwd"
+    work.mkdir()
+    os.symlink(debian_store, work / "store")
+    cmd = [*helpers.shoal_exe(), "--store", "store", "run", "--rm", "debian:12", "--", "sh", "-c",
+           "echo hi; cat; echo err >&2; exit 3"]  # a relative --store: the client's working directory
+    p = subprocess.run(["sh", "-c", 'umask 077; exec "$@"', "sh", *cmd], cwd=work, input=b"from stdin\n",
+                       capture_output=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (3, b"hi\nfrom stdin\n", b"err\n")
+    served = _served(service)
+    assert len(served) == 1 and "run --rm debian:12" in served[0], service.text()
+    assert "exit 3" in service.text()
+    containers = run_dir / "containers"  # the client's SHOAL_RUN_DIR was used, and cleaned
+    assert containers.exists() and not list(containers.iterdir())
+
+
+def test_signals_are_forwarded_to_the_served_command(debian_store: Path, service: Service, run_dir: Path) -> None:
+    _needs_runc()
+    cmd = helpers.shoal_cmd(debian_store, "run", "--rm", "debian:12", "--", "sh", "-c",
+                            'trap "echo got-term; exit 7" TERM; echo ready; sleep 60 & wait')
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    assert len(_served(service)) == 1
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out) == (7, b"got-term\n"), err
+
+
+def test_another_mount_namespace_runs_in_process(debian_store: Path, service: Service, run_dir: Path) -> None:
+    _needs_runc()
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    p = subprocess.run(["unshare", "-m", "--propagation", "private",
+                        *helpers.shoal_cmd(debian_store, "run", "--rm", "debian:12", "--", "echo", "here")],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert (p.returncode, p.stdout) == (0, b"here\n"), p.stderr
+    assert not _served(service)
+    assert "refused" in service.text() and "ns:mnt" in service.text()
+
+
+def _request(sock: Path, payload: bytes, nfds: int = 3) -> dict[str, object]:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(30)
+    c.connect(str(sock))
+    fds = [os.open(os.devnull, os.O_RDWR) for _ in range(nfds)]
+    try:
+        socket.send_fds(c, [payload], fds)
+        line = c.makefile("rb").readline()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        c.close()
+    doc = json.loads(line)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_bad_requests_are_refused_and_the_service_lives_on(service: Service, tmp_path: Path) -> None:
+    good = {"v": 1, "argv": ["--version"], "env": {}, "cwd": "/", "umask": 0o22,
+            "exe": "/not/this/python", "prefix": "/x", "pkg": "/x"}
+    assert "another interpreter" in str(_request(service.sock, json.dumps(good).encode() + b"\n")["refused"])
+    assert "malformed" in str(_request(service.sock, b'{"v": 1, "argv": "run"}\n')["refused"])
+    assert "version 1" in str(_request(service.sock, b"[1, 2]\n")["refused"])
+    assert "not a version 1" in str(_request(service.sock, b"\xff\xfe not json\n")["refused"])
+    assert "three standard streams" in str(_request(service.sock, b"{}\n", nfds=1)["refused"])
+    # a client that connects and says nothing is dropped after the service's 5 s read deadline
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.connect(str(service.sock))
+    t = time.monotonic()
+    assert idle.recv(1) == b"" and time.monotonic() - t < 30
+    idle.close()
+    assert service.proc.poll() is None
+    assert (service.sock.stat().st_mode & 0o777) == 0o600
+    assert (service.sock.parent.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_second_service_on_the_same_socket_is_refused(service: Service) -> None:
+    p = helpers.run_shoal(None, "service", "--socket", str(service.sock), check=False, timeout=120)
+    helpers.assert_one_line_error(p, "already listens")
+    assert p.returncode == 2 and service.proc.poll() is None
+
+
+def test_no_service_or_a_foreign_socket_runs_in_process(debian_store: Path, run_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_runc()
+    sock = tmp_path / "other.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(sock))
+    s.listen(1)  # listens, but is not owned by... this user: chown it away, the client must not use it
+    os.chown(sock, 65534, 65534)
+    monkeypatch.setenv("SHOAL_SERVICE_SOCKET", str(sock))
+    p = helpers.run_shoal(debian_store, "run", "--rm", "debian:12", "--", "echo", "alone", stdin=subprocess.DEVNULL,
+                          timeout=120)
+    assert p.stdout == b"alone\n"
+    s.settimeout(0.1)
+    with pytest.raises(OSError):
+        s.accept()  # nobody connected
+    s.close()
+    monkeypatch.setenv("SHOAL_SERVICE_SOCKET", str(tmp_path / "missing.sock"))
+    p = helpers.run_shoal(debian_store, "run", "--rm", "debian:12", "--", "echo", "alone", stdin=subprocess.DEVNULL,
+                          timeout=120)
+    assert p.stdout == b"alone\n"
