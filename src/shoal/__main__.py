@@ -16,18 +16,29 @@ capabilities or code; ``shoal service`` logs why); ``SHOAL_SERVICE=0``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import stat
 import sys
 
-__all__ = ["main", "delegate", "SERVED"]
+__all__ = ["main", "delegate", "encode_request", "SERVED", "MAGIC"]
 
 SERVED = ("run",)  # commands a service may run
+MAGIC = b"SHOAL-SERVICE-1"
 _GLOBAL_WITH_VALUE = ("--store",)
 _MAX_LINE = 1 << 16
+
+
+def encode_request(argv: list[str], env: dict[str, str], cwd: str, umask: int, exe: str, prefix: str,
+                   pkg: str) -> bytes:
+    """The request a client sends (docs/architecture.md, Warm start): ``LENGTH:`` then NUL-separated
+    fields: the magic, exe, prefix, pkg, cwd, umask, argc, the arguments, then ``K=V`` environment
+    entries (none of which can hold a NUL).  Plain bytes, so that the client imports no decoder."""
+    fields = [MAGIC, *(os.fsencode(x) for x in (exe, prefix, pkg, cwd)), b"%d" % umask, b"%d" % len(argv),
+              *(os.fsencode(a) for a in argv), *(os.fsencode(f"{k}={v}") for k, v in env.items())]
+    body = b"\0".join(fields)
+    return b"%d:" % len(body) + body
 
 
 def _command(args: list[str]) -> str | None:
@@ -76,9 +87,8 @@ def delegate(args: list[str]) -> int | None:
     umask = os.umask(0o22)
     os.umask(umask)
     try:
-        request = json.dumps({"v": 1, "argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "umask": umask,
-                              "exe": os.path.realpath(sys.executable), "prefix": sys.prefix,
-                              "pkg": os.path.dirname(os.path.realpath(__file__))}).encode() + b"\n"
+        request = encode_request(args, dict(os.environ), os.getcwd(), umask, os.path.realpath(sys.executable),
+                                 sys.prefix, os.path.dirname(os.path.realpath(__file__)))
     except (OSError, ValueError):
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -88,15 +98,24 @@ def delegate(args: list[str]) -> int | None:
         sent = socket.send_fds(conn, [request], [0, 1, 2])
         conn.sendall(request[sent:])
         f = conn.makefile("rb")
-        first = json.loads(f.readline(_MAX_LINE) or b"{}")
-    except (OSError, ValueError):
+        pid = _number(f.readline(_MAX_LINE), b"pid ")
+    except OSError:
         conn.close()
         return None
-    pid = first.get("pid") if isinstance(first, dict) else None
-    if type(pid) is not int or pid <= 0:
+    if pid is None or pid <= 0:
         conn.close()
         return None  # refused: run it here
     return _wait(conn, f, pid)
+
+
+def _number(line: bytes, tag: bytes) -> int | None:
+    """N of a reply line ``TAG N``, else None."""
+    if not line.startswith(tag):
+        return None
+    try:
+        return int(line[len(tag):])
+    except ValueError:
+        return None
 
 
 def _wait(conn: socket.socket, f: object, pid: int) -> int:
@@ -118,11 +137,8 @@ def _wait(conn: socket.socket, f: object, pid: int) -> int:
         except OSError:
             line = b""
             break
-    try:
-        rc = json.loads(line).get("rc") if line else None
-    except ValueError:
-        rc = None
-    if type(rc) is not int:
+    rc = _number(line, b"rc ")
+    if rc is None:
         sys.stderr.write(f"shoal: error: the service ended before its child {pid} did (see its log)\n")
         return 1
     return rc

@@ -4,7 +4,6 @@ only, because the ``shoal`` entry point reads it before anything else is importe
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 __all__ = ["run_dir", "service_socket"]
@@ -18,7 +17,11 @@ def run_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/run/shoal")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "shoal" if xdg else Path(tempfile.gettempdir()) / f"shoal-{os.geteuid()}"
+    if xdg:
+        return Path(xdg) / "shoal"
+    import tempfile  # not at the top: the entry point reads this module before anything else
+
+    return Path(tempfile.gettempdir()) / f"shoal-{os.geteuid()}"
 
 
 def service_socket() -> Path:

@@ -3,7 +3,6 @@ client's streams, environment, working directory, umask and signals; anything el
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ import pytest
 from mountkit import mounts_under, wait_for
 
 import helpers
+from shoal.__main__ import encode_request
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_another_mount_namespace_runs_in_process(debian_store: Path, service: Se
     assert "refused" in service.text() and "ns:mnt" in service.text()
 
 
-def _request(sock: Path, payload: bytes, nfds: int = 3) -> dict[str, object]:
+def _request(sock: Path, payload: bytes, nfds: int = 3) -> str:
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.settimeout(30)
     c.connect(str(sock))
@@ -132,19 +132,21 @@ def _request(sock: Path, payload: bytes, nfds: int = 3) -> dict[str, object]:
         for fd in fds:
             os.close(fd)
         c.close()
-    doc = json.loads(line)
-    assert isinstance(doc, dict)
-    return doc
+    return line.decode(errors="replace")
 
 
 def test_bad_requests_are_refused_and_the_service_lives_on(service: Service, tmp_path: Path) -> None:
-    good = {"v": 1, "argv": ["--version"], "env": {}, "cwd": "/", "umask": 0o22,
-            "exe": "/not/this/python", "prefix": "/x", "pkg": "/x"}
-    assert "another interpreter" in str(_request(service.sock, json.dumps(good).encode() + b"\n")["refused"])
-    assert "malformed" in str(_request(service.sock, b'{"v": 1, "argv": "run"}\n')["refused"])
-    assert "version 1" in str(_request(service.sock, b"[1, 2]\n")["refused"])
-    assert "not a version 1" in str(_request(service.sock, b"\xff\xfe not json\n")["refused"])
-    assert "three standard streams" in str(_request(service.sock, b"{}\n", nfds=1)["refused"])
+    other = encode_request(["--version"], {}, "/", 0o22, "/not/this/python", "/x", "/x")
+    assert _request(service.sock, other).startswith("refused peer ")
+    assert "another interpreter" in _request(service.sock, other)
+    body = b"\0".join([b"SHOAL-SERVICE-1", b"a", b"b", b"c", b"/", b"999", b"1"])  # umask 999, argc past the end
+    assert "malformed" in _request(service.sock, b"%d:" % len(body) + body)
+    bad_env = encode_request(["run"], {"": "x"}, "/", 0o22, "a", "b", "c")
+    assert "malformed" in _request(service.sock, bad_env)
+    assert "version 1" in _request(service.sock, b"5:hello")
+    assert _request(service.sock, b"99:short") == ""  # waited for the rest 5 s, then dropped
+    assert "not a complete request" in _request(service.sock, b"\xff\xfe junk")
+    assert "three standard streams" in _request(service.sock, other, nfds=1)
     # a client that connects and says nothing is dropped after the service's 5 s read deadline
     idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     idle.connect(str(service.sock))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import json
 import logging
 import os
 import selectors
@@ -28,15 +27,17 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
+from shoal.__main__ import MAGIC
 from shoal.errors import UsageError
 
-__all__ = ["service", "context_of", "serve"]
+__all__ = ["service", "context_of", "serve", "Request", "decode_request"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,43 @@ log = logging.getLogger(__name__)
 _WARM = ("shoal.cli.mount_cmds", "shoal.mount.run", "shoal.mount.image", "shoal.mount.remote", "shoal.mount.daemon",
          "shoal.mount.serve", "shoal.mount.fs", "shoal.mount.control", "shoal.mount.bundle", "shoal.lazy",
          "shoal.transports.docker", "shoal.transports.registry.client", "shoal.transports.registry.blobs",
-         "shoal.store", "shoal.trust.image", "pyfuse3", "trio", "httpx")
+         "shoal.transports.resolve", "shoal.store", "shoal.trust.image", "pyfuse3", "trio", "httpx", "cbor2",
+         "difflib", "encodings.idna", "stringprep")
 _MAX_REQUEST = 1 << 20
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a client asks (``shoal.__main__.encode_request``)."""
+
+    exe: str
+    prefix: str
+    pkg: str
+    cwd: str
+    umask: int
+    argv: tuple[str, ...]
+    env: dict[str, str]
+
+
+def decode_request(data: bytes) -> Request | str:
+    """The request in ``data`` (``LENGTH:BODY``), or why it is not one."""
+    head, sep, body = data.partition(b":")
+    if not sep or not head.isdigit() or int(head) != len(body):
+        return "not a complete request"
+    f = body.split(b"\0")
+    if len(f) < 7 or f[0] != MAGIC:
+        return "not a version 1 request"
+    exe, prefix, pkg, cwd = (os.fsdecode(x) for x in f[1:5])
+    if not (f[5].isdigit() and int(f[5]) <= 0o777 and f[6].isdigit() and 7 + int(f[6]) <= len(f)):
+        return "malformed request"
+    argc = int(f[6])
+    env: dict[str, str] = {}
+    for kv in f[7 + argc:]:
+        k, eq, v = os.fsdecode(kv).partition("=")
+        if not eq or not k:
+            return "malformed request"
+        env[k] = v
+    return Request(exe, prefix, pkg, cwd, int(f[5]), tuple(os.fsdecode(a) for a in f[7:7 + argc]), env)
 _STATUS_KEYS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:", b"CapAmb:",
                 b"NoNewPrivs:", b"Seccomp:")
 _NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup", "time")
@@ -107,21 +143,16 @@ class _Service:
     stopping: bool = False
     inherited: list[int] = field(default_factory=list)  # the listener's and the wake-up pipe's: not a child's
 
-    def refusal(self, conn: socket.socket, req: object) -> str | None:
+    def refusal(self, conn: socket.socket, req: Request | str) -> str | None:
         """Why the peer of ``conn`` may not be served (None: it may)."""
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))
         if uid != os.geteuid() or gid != os.getegid():
             return f"peer {pid} runs as {uid}:{gid}, the service as {os.geteuid()}:{os.getegid()}"
-        if not isinstance(req, dict) or req.get("v") != 1:
-            return "not a version 1 request"
-        args, env, cwd, umask = req.get("argv"), req.get("env"), req.get("cwd"), req.get("umask")
-        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)
-                and isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-                and isinstance(cwd, str) and type(umask) is int and 0 <= umask <= 0o777):
-            return "malformed request"
-        if req.get("exe") != self.exe or req.get("pkg") != str(self.pkg) or req.get("prefix") != sys.prefix:
-            return f"peer {pid} runs another interpreter or Shoal ({req.get('exe')}, {req.get('pkg')})"
+        if isinstance(req, str):
+            return req
+        if req.exe != self.exe or req.pkg != str(self.pkg) or req.prefix != sys.prefix:
+            return f"peer {pid} runs another interpreter or Shoal ({req.exe}, {req.pkg})"
         if _code_stamp(self.pkg) != self.stamp:
             return "Shoal's code changed since the service started: restart it"
         theirs = context_of(pid)
@@ -136,30 +167,28 @@ class _Service:
         try:
             msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
             data = msg
-            while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
+            head = data.partition(b":")[0]
+            want = len(head) + 1 + int(head) if head.isdigit() and len(head) < 8 else 0
+            while len(data) < min(want, _MAX_REQUEST):
                 more = conn.recv(_MAX_REQUEST - len(data))
                 if not more:
                     break
                 data += more
-            try:
-                req = json.loads(data)
-            except ValueError:
-                req = None
+            req = decode_request(data)
             why = "not three standard streams" if len(fds) != 3 else self.refusal(conn, req)
-            if why is not None:
+            if why is not None or isinstance(req, str):
                 log.info("refused: %s", why)
-                conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
+                conn.sendall(b"refused %s\n" % str(why).encode())
                 conn.close()
                 return
-            assert isinstance(req, dict)
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child runs the command and never returns
                 self._child(conn, fds, req)
             self.children[pid] = conn
-            log.info("pid %d: shoal %s", pid, " ".join(req["argv"]))
-            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            log.info("pid %d: shoal %s", pid, " ".join(req.argv))
+            conn.sendall(b"pid %d\n" % pid)
         except OSError as exc:
             log.info("a client's request failed: %s", exc)
             conn.close()
@@ -167,7 +196,7 @@ class _Service:
             for fd in fds:
                 os.close(fd)
 
-    def _child(self, conn: socket.socket, fds: list[int], req: dict[str, object]) -> None:  # pragma: no cover
+    def _child(self, conn: socket.socket, fds: list[int], req: Request) -> None:  # pragma: no cover
         code = 70
         try:
             for s in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -182,13 +211,12 @@ class _Service:
             for i, fd in enumerate(fds):
                 os.dup2(fd, i)
                 os.close(fd)
-            os.chdir(str(req["cwd"]))
-            os.umask(int(req["umask"]))  # type: ignore[call-overload]
-            env = req["env"]
-            assert isinstance(env, dict)
+            os.chdir(req.cwd)
+            os.umask(req.umask)
             os.environ.clear()
-            os.environ.update(env)
-            args = [str(a) for a in req["argv"]]  # type: ignore[attr-defined]
+            os.environ.update(req.env)
+            tempfile.tempdir = None  # found again from the client's TMPDIR
+            args = list(req.argv)
             sys.argv = ["shoal", *args]
             for h in list(logging.root.handlers):  # the command sets up its own logging
                 logging.root.removeHandler(h)
@@ -225,7 +253,7 @@ class _Service:
             log.info("pid %d: exit %d", pid, rc)
             if conn is not None:
                 try:
-                    conn.sendall(json.dumps({"rc": rc}).encode() + b"\n")
+                    conn.sendall(b"rc %d\n" % rc)
                 except OSError:
                     pass
                 conn.close()
@@ -280,7 +308,8 @@ def serve(path: Path, idle_timeout: float = 0.0, ready: object = None) -> None:
     signal.signal(signal.SIGINT, stop)
     gc.collect()
     gc.freeze()  # what is imported now is shared with every child, untouched by their collections
-    sel = selectors.DefaultSelector()
+    sel = selectors.EpollSelector()
+    svc.inherited.append(sel.fileno())
     sel.register(listener, selectors.EVENT_READ)
     sel.register(rfd, selectors.EVENT_READ)
     log.info("listening on %s (pid %d)", path, os.getpid())
