@@ -389,6 +389,11 @@ def main() -> None:
                     if not args.no_timeline:
                         n += 1
                         timeline(work, reg, t.host, cmd, expect, t.link, n)
+        if service is not None:  # every shoal-service run must have been served (a refusal runs in-process)
+            log = (work / "service.log").read_text(errors="replace")
+            served, refused = log.count(": exit "), log.count("refused: ")
+            print(f"shoal service: {served} runs served, {refused} refused"
+                  + (f": {log.split('refused: ', 1)[1].splitlines()[0]}" if refused else ""))
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
         if service is not None:
