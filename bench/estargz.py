@@ -5,8 +5,8 @@ profile of that workload, and Shoal through containerd, with the physical floor 
 Shoal run.
 
 Usage: python bench/estargz.py [--reps 5] [--links loopback,throttled] [--workloads print,imports,git]
-                               [--modes esgz-lazy,esgz-opt,classic,shoal-lazy,shoal-profile,shoal-service,
-                                        shoal-cri]
+                               [--modes esgz-lazy,esgz-opt,classic,shoal-lazy,shoal-profile,shoal-all,
+                                        shoal-service,shoal-cri]
                                [--mbit 100] [--latency-ms 20] [--quiet 3] [--quiet-estargz 8] [--cap 60]
 
 It reuses bench/containerd.py's machinery: the cached registry and its classic and pause images, a
@@ -27,6 +27,8 @@ Modes (each run cold; the modes alternate within each repetition):
 - shoal-profile: the same with ``--prefetch auto`` (the default) after a ``shoal profile`` of the workload
                  was pushed as a referrer (recorded once per workload before its timed runs, against the
                  registry directly; the lookup of the profile is part of each timed run);
+- shoal-all:     shoal-profile with ``--prefetch all``: after the profile, every other frame is fetched in
+                 the background (item 4 of issue 12: does background fetch slow the workload's own reads?);
 - shoal-service: shoal-profile's ``shoal run``, handed to a ``shoal service`` that the bench starts once
                  (``--socket WORK/service.sock``, passed as ``$SHOAL_SERVICE_SOCKET``): a warm process, as the
                  stargz snapshotter and containerd are;
@@ -85,10 +87,12 @@ WORKLOADS = {
     "imports": ["python3", "-c", "import json, email, http.client, asyncio, unittest; print(1)"],
     "git": ["git", "--version"],
 }
-MODES = ("esgz-lazy", "esgz-opt", "classic", "shoal-lazy", "shoal-profile", "shoal-service", "shoal-cri")
+MODES = ("esgz-lazy", "esgz-opt", "classic", "shoal-lazy", "shoal-profile", "shoal-all", "shoal-service", "shoal-cri")
+PREFETCH = {"shoal-lazy": "none", "shoal-all": "all"}  # the other shoal run modes: auto
 LABELS = {"esgz-lazy": "eStargz lazy (stargz, CRI)", "esgz-opt": "eStargz optimized (stargz, CRI)",
           "classic": "classic (overlayfs, CRI)", "shoal-lazy": "Shoal lazy (shoal run, no profile)",
           "shoal-profile": "Shoal with profile (shoal run)",
+          "shoal-all": "Shoal, profile + all in background",
           "shoal-service": "Shoal with profile (run via service)", "shoal-cri": "Shoal via containerd (CRI, profile)"}
 SNAPSHOTTER = {"esgz-lazy": "stargz", "esgz-opt": "stargz", "classic": "overlayfs", "shoal-cri": "shoal"}
 
@@ -184,8 +188,7 @@ def cold(mode: str, node: Node, work: Path, host: str, refs: dict[str, str], lin
         sec, nb, nr = s.seconds, s.bytes, s.requests
     else:
         service = work / "service.sock" if mode == "shoal-service" else None
-        sec, nb, nr, _ = shoal_run(work, host, cmd, expect, link, n, "none" if mode == "shoal-lazy" else "auto",
-                                   service=service)
+        sec, nb, nr, _ = shoal_run(work, host, cmd, expect, link, n, PREFETCH.get(mode, "auto"), service=service)
     quiet = args.quiet_estargz if SNAPSHOTTER.get(mode) == "stargz" else args.quiet
     ok = settle(link, quiet, args.cap, time.perf_counter())
     return Sample(sec, nb, nr, link.bytes - b0, link.requests - r0, ok)
@@ -372,7 +375,7 @@ def main() -> None:
                 chroot = shutil.which("chroot") or "/usr/sbin/chroot"
                 expect = subprocess.run([chroot, str(tree), *cmd], capture_output=True, text=True,
                                         env={"PATH": "/usr/bin:/bin"}).stdout.strip()
-            if {"shoal-profile", "shoal-service", "shoal-cri"} & set(modes):
+            if {"shoal-profile", "shoal-all", "shoal-service", "shoal-cri"} & set(modes):
                 prof = record_profile(reg, work, cmd)
                 print(f"[{wl}] profile recorded: {prof.get('frames')} frames, {prof.get('bytes', 0) / 1e6:.2f} MB",
                       file=sys.stderr)
