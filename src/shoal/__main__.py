@@ -27,6 +27,7 @@ __all__ = ["main", "delegate", "encode_request", "SERVED", "MAGIC"]
 SERVED = ("run",)  # commands a service may run
 MAGIC = b"SHOAL-SERVICE-1"
 _GLOBAL_WITH_VALUE = ("--store",)
+_SECRET_OPTIONS = ("--creds", "--src-creds", "--dest-creds", "--password")
 _MAX_LINE = 1 << 16
 
 
@@ -84,6 +85,10 @@ def delegate(args: list[str]) -> int | None:
     path = _socket_path()
     if path is None:
         return None
+    if any(a.startswith(_SECRET_OPTIONS) for a in args):  # this process waits for the run: as the run would
+        from shoal.mount.proctitle import scrub_argv  # (cli.common.parse_creds), keep them out of ps
+
+        scrub_argv()
     umask = os.umask(0o22)
     os.umask(umask)
     try:

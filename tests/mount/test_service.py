@@ -97,12 +97,15 @@ def test_run_is_served_with_the_clients_streams_cwd_umask_and_env(debian_store: 
 
 def test_signals_are_forwarded_to_the_served_command(debian_store: Path, service: Service, run_dir: Path) -> None:
     _needs_runc()
-    cmd = helpers.shoal_cmd(debian_store, "run", "--rm", "debian:12", "--", "sh", "-c",
+    cmd = helpers.shoal_cmd(debian_store, "run", "--rm", "--creds", "alice:s3cret", "debian:12", "--", "sh", "-c",
                             'trap "echo got-term; exit 7" TERM; echo ready; sleep 60 & wait')
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
     assert len(_served(service)) == 1
+    # the secret is in neither the client's command line (it waits for the run), nor the service's log
+    assert b"s3cret" not in Path(f"/proc/{p.pid}/cmdline").read_bytes()
+    assert "s3cret" not in service.text() and "alice:***" in service.text()
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
     assert (p.returncode, out) == (7, b"got-term\n"), err

@@ -36,6 +36,7 @@ import click
 
 from shoal.__main__ import MAGIC
 from shoal.errors import UsageError
+from shoal.mount.proctitle import mask_args, set_title
 
 __all__ = ["service", "context_of", "serve", "Request", "decode_request"]
 
@@ -187,7 +188,7 @@ class _Service:
             if pid == 0:  # pragma: no cover - the child runs the command and never returns
                 self._child(conn, fds, req)
             self.children[pid] = conn
-            log.info("pid %d: shoal %s", pid, " ".join(req.argv))
+            log.info("pid %d: shoal %s", pid, " ".join(mask_args(req.argv)))
             conn.sendall(b"pid %d\n" % pid)
         except OSError as exc:
             log.info("a client's request failed: %s", exc)
@@ -218,6 +219,7 @@ class _Service:
             tempfile.tempdir = None  # found again from the client's TMPDIR
             args = list(req.argv)
             sys.argv = ["shoal", *args]
+            set_title(["shoal", *args])  # in ps, what it runs (masked; cut to the service's own length)
             for h in list(logging.root.handlers):  # the command sets up its own logging
                 logging.root.removeHandler(h)
             logging.root.setLevel(logging.WARNING)
