@@ -5,8 +5,8 @@ profile of that workload, and Shoal through containerd, with the physical floor 
 Shoal run.
 
 Usage: python bench/estargz.py [--reps 5] [--links loopback,throttled] [--workloads print,imports,git]
-                               [--modes esgz-lazy,esgz-opt,classic,shoal-lazy,shoal-profile,shoal-all,
-                                        shoal-service,shoal-cri]
+                               [--modes esgz-lazy,esgz-opt,classic,shoal-lazy,shoal-lazy-service,shoal-profile,
+                                        shoal-all,shoal-service,shoal-cri]
                                [--mbit 100] [--latency-ms 20] [--quiet 3] [--quiet-estargz 8] [--cap 60]
 
 It reuses bench/containerd.py's machinery: the cached registry and its classic and pause images, a
@@ -27,6 +27,7 @@ Modes (each run cold; the modes alternate within each repetition):
 - shoal-profile: the same with ``--prefetch auto`` (the default) after a ``shoal profile`` of the workload
                  was pushed as a referrer (recorded once per workload before its timed runs, against the
                  registry directly; the lookup of the profile is part of each timed run);
+- shoal-lazy-service: shoal-lazy's ``shoal run``, handed to the ``shoal service`` below;
 - shoal-all:     shoal-profile with ``--prefetch all``: after the profile, every other frame is fetched in
                  the background (item 4 of issue 12: does background fetch slow the workload's own reads?);
 - shoal-service: shoal-profile's ``shoal run``, handed to a ``shoal service`` that the bench starts once
@@ -87,12 +88,15 @@ WORKLOADS = {
     "imports": ["python3", "-c", "import json, email, http.client, asyncio, unittest; print(1)"],
     "git": ["git", "--version"],
 }
-MODES = ("esgz-lazy", "esgz-opt", "classic", "shoal-lazy", "shoal-profile", "shoal-all", "shoal-service", "shoal-cri")
-PREFETCH = {"shoal-lazy": "none", "shoal-all": "all"}  # the other shoal run modes: auto
+MODES = ("esgz-lazy", "esgz-opt", "classic", "shoal-lazy", "shoal-lazy-service", "shoal-profile", "shoal-all",
+         "shoal-service", "shoal-cri")
+PREFETCH = {"shoal-lazy": "none", "shoal-lazy-service": "none", "shoal-all": "all"}  # the other shoal runs: auto
+SERVED = ("shoal-lazy-service", "shoal-service")  # shoal run modes handed to the bench's shoal service
 LABELS = {"esgz-lazy": "eStargz lazy (stargz, CRI)", "esgz-opt": "eStargz optimized (stargz, CRI)",
           "classic": "classic (overlayfs, CRI)", "shoal-lazy": "Shoal lazy (shoal run, no profile)",
           "shoal-profile": "Shoal with profile (shoal run)",
           "shoal-all": "Shoal, profile + all in background",
+          "shoal-lazy-service": "Shoal lazy (run via service)",
           "shoal-service": "Shoal with profile (run via service)", "shoal-cri": "Shoal via containerd (CRI, profile)"}
 SNAPSHOTTER = {"esgz-lazy": "stargz", "esgz-opt": "stargz", "classic": "overlayfs", "shoal-cri": "shoal"}
 
@@ -187,7 +191,7 @@ def cold(mode: str, node: Node, work: Path, host: str, refs: dict[str, str], lin
                          snapshotter=SNAPSHOTTER[mode])
         sec, nb, nr = s.seconds, s.bytes, s.requests
     else:
-        service = work / "service.sock" if mode == "shoal-service" else None
+        service = work / "service.sock" if mode in SERVED else None
         sec, nb, nr, _ = shoal_run(work, host, cmd, expect, link, n, PREFETCH.get(mode, "auto"), service=service)
     quiet = args.quiet_estargz if SNAPSHOTTER.get(mode) == "stargz" else args.quiet
     ok = settle(link, quiet, args.cap, time.perf_counter())
@@ -274,8 +278,9 @@ def report(wl: str, cmd: list[str], link_name: str, mbit: float, lat: float, sam
            fl: Floor | None) -> None:
     print(f"\nworkload {wl}: {' '.join(cmd)} | link: {link_name}")
     print(f"  {'mode':<38} {'to first output, median (min-max)':>32}  {'by output MB, req':>18}  "
-          f"{'settled MB, req':>16}  Shoal/eStargz-opt time, bytes")
+          f"{'settled MB, req':>16}  Shoal/eStargz-opt (lazy: /eStargz lazy) time, bytes")
     opt = samples.get("esgz-opt")
+    plain = samples.get("esgz-lazy")
     for mode, ss in samples.items():
         t = statistics.median(s.seconds for s in ss)
         b = statistics.median(s.bytes for s in ss)
@@ -284,10 +289,12 @@ def report(wl: str, cmd: list[str], link_name: str, mbit: float, lat: float, sam
         sr = statistics.median(s.settled_requests for s in ss)
         capped = "" if all(s.settled for s in ss) else " (cap)"
         ratio = ""
-        if mode.startswith("shoal") and opt:
-            ot = statistics.median(s.seconds for s in opt)
-            ob = statistics.median(s.bytes for s in opt)
-            ratio = f"{t / ot:.2f}x, {b / ob:.2f}x (goal <= 0.8, 0.8)"
+        ref = plain if mode.startswith("shoal-lazy") else opt  # plain lazy against plain eStargz (issue 12)
+        if mode.startswith("shoal") and ref:
+            ot = statistics.median(s.seconds for s in ref)
+            ob = statistics.median(s.bytes for s in ref)
+            goal = "< 1, 1" if ref is plain else "<= 0.8, 0.8"
+            ratio = f"{t / ot:.2f}x, {b / ob:.2f}x (goal {goal})"
         print(f"  {LABELS[mode]:<38} {_fmt([s.seconds for s in ss]):>32}  {b / 1e6:>8.2f} MB {r:>5.0f}  "
               f"{sb / 1e6:>8.2f} MB {sr:>4.0f}{capped}  {ratio}")
     if fl is not None:
@@ -364,7 +371,7 @@ def main() -> None:
               f"not counted); settled = the proxy carried nothing for {args.quiet:g} s ({args.quiet_estargz:g} s "
               f"for eStargz), at most {args.cap:g} s after the output; bytes = all request and response bodies "
               f"through the proxy (manifests, configs, blobs, ranges, referrers)")
-        if "shoal-service" in modes:
+        if set(SERVED) & set(modes):
             service = start_service(work)
         n = 0
         for wl in wls:
