@@ -9,9 +9,10 @@ exits with its code.  It imports nothing but the standard library to do so (no c
 but ``shoal.rundir``): that is the point.
 
 Everything else runs here, in-process, as before: any other command; a run with a terminal on its
-standard streams (job control and the terminal stay with the process the user started); no socket, one
-not owned by this user, or a service that refuses (a different user, namespaces, cgroup, root, limits,
-capabilities or code; ``shoal service`` logs why); ``SHOAL_SERVICE=0``.
+standard streams (job control and the terminal stay with the process the user started), or with one of
+them closed; no socket, one not owned by this user, or a service that refuses (a different user,
+namespaces, cgroup, root, limits, capabilities, code or interpreter state: ``sys.path``, ``sys.flags``,
+warning options, stream encodings; ``shoal service`` logs why); ``SHOAL_SERVICE=0``.
 """
 
 from __future__ import annotations
@@ -22,24 +23,50 @@ import socket
 import stat
 import sys
 
-__all__ = ["main", "delegate", "encode_request", "SERVED", "MAGIC"]
+__all__ = ["main", "delegate", "encode_request", "interpreter_state", "signal_state", "SERVED", "MAGIC"]
 
 SERVED = ("run",)  # commands a service may run
-MAGIC = b"SHOAL-SERVICE-1"
+MAGIC = b"SHOAL-SERVICE-2"
 _GLOBAL_WITH_VALUE = ("--store",)
 _SECRET_OPTIONS = ("--creds", "--src-creds", "--dest-creds", "--password")
 _MAX_LINE = 1 << 16
 
 
 def encode_request(argv: list[str], env: dict[str, str], cwd: str, umask: int, exe: str, prefix: str,
-                   pkg: str) -> bytes:
+                   pkg: str, state: bytes = b"", signals: tuple[bytes, bytes] = (b"", b"")) -> bytes:
     """The request a client sends (docs/architecture.md, Warm start): ``LENGTH:`` then NUL-separated
-    fields: the magic, exe, prefix, pkg, cwd, umask, argc, the arguments, then ``K=V`` environment
+    fields: the magic, exe, prefix, pkg, the interpreter state (``interpreter_state``), cwd, umask, the
+    ignored and the blocked signals (``signal_state``), argc, the arguments, then ``K=V`` environment
     entries (none of which can hold a NUL).  Plain bytes, so that the client imports no decoder."""
-    fields = [MAGIC, *(os.fsencode(x) for x in (exe, prefix, pkg, cwd)), b"%d" % umask, b"%d" % len(argv),
-              *(os.fsencode(a) for a in argv), *(os.fsencode(f"{k}={v}") for k, v in env.items())]
+    fields = [MAGIC, *(os.fsencode(x) for x in (exe, prefix, pkg)), state, os.fsencode(cwd), b"%d" % umask,
+              *signals, b"%d" % len(argv), *(os.fsencode(a) for a in argv),
+              *(os.fsencode(f"{k}={v}") for k, v in env.items())]
     body = b"\0".join(fields)
     return b"%d:" % len(body) + body
+
+
+def interpreter_state() -> bytes:
+    """What, beyond the environment, decides how this interpreter runs Shoal's code and that a child of
+    the service would inherit from the service instead: where imports come from, the ``-X``/``-W``/``-O``
+    style flags, and the encodings of file names and of the standard streams.  A service serves only a
+    client whose state equals its own."""
+    streams = tuple(None if s is None else (s.encoding, s.errors) for s in (sys.stdin, sys.stdout, sys.stderr))
+    return os.fsencode(repr((tuple(sys.flags), sys.path, sys.warnoptions, sys._xoptions,
+                             sys.getfilesystemencoding(), sys.getfilesystemencodeerrors(), streams)).replace("\0", ""))
+
+
+def signal_state() -> tuple[bytes, bytes]:
+    """The signals this process ignores and those it blocks (comma-separated numbers): what a command run
+    here would start with, and its child, with them, in the service."""
+    ignored = []
+    for s in signal.valid_signals():
+        try:
+            if signal.getsignal(s) == signal.SIG_IGN:
+                ignored.append(int(s))
+        except (OSError, ValueError):
+            pass
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return (b",".join(b"%d" % s for s in sorted(ignored)), b",".join(b"%d" % s for s in sorted(map(int, blocked))))
 
 
 def _command(args: list[str]) -> str | None:
@@ -78,6 +105,8 @@ def delegate(args: list[str]) -> int | None:
     if _command(args) not in SERVED:
         return None
     try:
+        for fd in (0, 1, 2):  # a closed one would be taken by the socket below and passed as a stream
+            os.fstat(fd)
         if any(os.isatty(fd) for fd in (0, 1, 2)):
             return None
     except OSError:
@@ -93,7 +122,8 @@ def delegate(args: list[str]) -> int | None:
     os.umask(umask)
     try:
         request = encode_request(args, dict(os.environ), os.getcwd(), umask, os.path.realpath(sys.executable),
-                                 sys.prefix, os.path.dirname(os.path.realpath(__file__)))
+                                 sys.prefix, os.path.dirname(os.path.realpath(__file__)), interpreter_state(),
+                                 signal_state())
     except (OSError, ValueError):
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

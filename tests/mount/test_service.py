@@ -4,10 +4,13 @@ client's streams, environment, working directory, umask and signals; anything el
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 from mountkit import mounts_under, wait_for
 
 import helpers
-from shoal.__main__ import encode_request
+from shoal.__main__ import MAGIC, encode_request
 
 pytestmark = pytest.mark.slow
 
@@ -139,17 +142,31 @@ def _request(sock: Path, payload: bytes, nfds: int = 3) -> str:
 
 
 def test_bad_requests_are_refused_and_the_service_lives_on(service: Service, tmp_path: Path) -> None:
-    other = encode_request(["--version"], {}, "/", 0o22, "/not/this/python", "/x", "/x")
+    other = encode_request(["run", "--help"], {}, "/", 0o22, "/not/this/python", "/x", "/x")
     assert _request(service.sock, other).startswith("refused peer ")
     assert "another interpreter" in _request(service.sock, other)
-    body = b"\0".join([b"SHOAL-SERVICE-1", b"a", b"b", b"c", b"/", b"999", b"1"])  # umask 999, argc past the end
+    body = b"\0".join([MAGIC, b"a", b"b", b"c", b"s", b"/", b"999", b"", b"", b"1"])  # umask 999, argc past the end
     assert "malformed" in _request(service.sock, b"%d:" % len(body) + body)
     bad_env = encode_request(["run"], {"": "x"}, "/", 0o22, "a", "b", "c")
     assert "malformed" in _request(service.sock, bad_env)
-    assert "version 1" in _request(service.sock, b"5:hello")
+    bad_sig = encode_request(["run"], {}, "/", 0o22, "a", "b", "c", signals=(b"2,999", b""))
+    assert "malformed" in _request(service.sock, bad_sig)
+    assert "version 2" in _request(service.sock, b"5:hello")
     assert _request(service.sock, b"99:short") == ""  # waited for the rest 5 s, then dropped
     assert "not a complete request" in _request(service.sock, b"\xff\xfe junk")
     assert "three standard streams" in _request(service.sock, other, nfds=1)
+    # a same-user client never gets a command but `run` from it, nor one run under another sys.path
+    assert "does not run: rm" in _request(service.sock, encode_request(["rm", "x"], {}, "/", 0o22, "a", "b", "c"))
+    # a client that sends its request a byte at a time is dropped after 5 s in all, not 5 s per byte
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(str(service.sock))
+    t = time.monotonic()
+    with pytest.raises(OSError):
+        for b in b"99999:" * 20:
+            slow.send(bytes([b]))
+            time.sleep(0.5)
+    assert time.monotonic() - t < 8
+    slow.close()
     # a client that connects and says nothing is dropped after the service's 5 s read deadline
     idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     idle.connect(str(service.sock))
@@ -187,3 +204,123 @@ def test_no_service_or_a_foreign_socket_runs_in_process(debian_store: Path, run_
     p = helpers.run_shoal(debian_store, "run", "--rm", "debian:12", "--", "echo", "alone", stdin=subprocess.DEVNULL,
                           timeout=120)
     assert p.stdout == b"alone\n"
+
+
+def _script(sock: Path, body: str) -> list[str]:
+    """A Python client that can build a request the service accepts (its sys.path the console script's)."""
+    pre = f"""
+        import os, socket, sys
+        sys.path[0] = {os.path.dirname(helpers.shoal_exe()[0])!r}
+        from shoal.__main__ import encode_request, interpreter_state, signal_state
+        import shoal.__main__ as m
+        def request(argv):
+            return encode_request(argv, dict(os.environ), os.getcwd(), 0o22, os.path.realpath(sys.executable),
+                                  sys.prefix, os.path.dirname(os.path.realpath(m.__file__)), interpreter_state(),
+                                  signal_state())
+        sock = {str(sock)!r}
+    """
+    return [sys.executable, "-c", textwrap.dedent(pre) + textwrap.dedent(body)]
+
+
+def test_a_peer_that_exits_and_whose_pid_is_taken_is_refused(service: Service) -> None:
+    """The peer checked is the process that connected: one that is not the service's equal (here: another OOM
+    score) connects, hands the connection to its child and exits; a process that is the service's equal is
+    given its pid; the request that follows must not be served."""
+    if shutil.which("sleep") is None or not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("cannot choose the next pid")
+    body = """
+        open("/proc/self/oom_score_adj", "w").write("500")
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(sock)
+        if os.fork():
+            os._exit(0)
+        sys.stdin.readline()
+        socket.send_fds(c, [request(["run", "--help"])], [0, 1, 2])
+        sys.stdout.write(c.makefile("rb").readline().decode() + "\\n")
+        sys.stdout.flush()
+    """
+    for _ in range(20):
+        s = subprocess.Popen(_script(service.sock, body), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+        assert s.stdin is not None and s.stdout is not None
+        s.wait(30)
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(s.pid - 1))
+        taker = subprocess.Popen(["sleep", "30"])
+        try:
+            if taker.pid != s.pid:
+                s.stdin.close()
+                s.stdout.close()
+                continue
+            s.stdin.write("go\n")
+            s.stdin.flush()
+            reply = s.stdout.readline()
+            assert not reply.startswith("pid"), service.text()
+            assert "exited before its request was checked" in service.text() or "request failed" in service.text()
+            return
+        finally:
+            taker.kill()
+            taker.wait()
+    pytest.skip("another process kept taking the pid")
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
+def _sigset(status: str, key: str) -> int:
+    m = re.search(rf"^{key}:\s*([0-9a-f]+)$", status, re.M)
+    assert m is not None
+    return int(m.group(1), 16)
+
+
+def test_the_served_child_has_no_fd_of_the_service_and_the_clients_signal_state(
+        debian_store: Path, service: Service, run_dir: Path) -> None:
+    _needs_runc()
+
+    def client_state() -> None:  # what the user's shell may have left: one signal ignored, one blocked
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGURG])
+
+    cmd = helpers.shoal_cmd(debian_store, "run", "--rm", "debian:12", "--", "sh", "-c",
+                            'trap "exit 0" TERM; echo ready; sleep 60 & wait')
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=client_state)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        served = _served(service)
+        assert len(served) == 1, service.text()
+        child = int(re.search(r"pid (\d+): shoal ", served[0]).group(1))  # type: ignore[union-attr]
+        theirs, ours = _fd_targets(child), _fd_targets(service.proc.pid)
+        shared = {t for fd, t in theirs.items() if fd > 2} & set(ours.values())
+        assert not {t for t in shared if t.startswith(("socket:", "pipe:", "/"))}, (theirs, ours)
+        assert str(service.log) not in theirs.values()
+        assert theirs[1] == os.readlink(f"/proc/{p.pid}/fd/1")  # the client's own stdout
+        status = Path(f"/proc/{child}/status").read_text()
+        assert _sigset(status, "SigIgn") & (1 << (signal.SIGUSR2 - 1))
+        assert _sigset(status, "SigBlk") & (1 << (signal.SIGURG - 1))
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+
+
+def test_a_closed_stream_or_another_sys_path_runs_in_process(debian_store: Path, service: Service,
+                                                             run_dir: Path, tmp_path: Path) -> None:
+    _needs_runc()
+    cmd = helpers.shoal_cmd(debian_store, "run", "--rm", "debian:12", "--", "echo", "alone")
+    p = subprocess.run(["sh", "-c", 'exec "$@" <&-', "sh", *cmd], capture_output=True, timeout=120)
+    assert (p.returncode, p.stdout) == (0, b"alone\n"), p.stderr
+    assert not _served(service) and "refused" not in service.text()
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{extra}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120, env=env)
+    assert (p.returncode, p.stdout) == (0, b"alone\n"), p.stderr
+    assert not _served(service) and "other sys.path" in service.text()

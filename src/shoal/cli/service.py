@@ -11,15 +11,20 @@ answers the child's exit code when it ends.
 The child is the client's equal or there is no child: the service serves only a peer (``SO_PEERCRED``)
 with its own user and group, running the same interpreter and Shoal package, in the same namespaces,
 cgroup, root directory, with the same capabilities, no-new-privileges and seccomp state, security
-label, login uid, resource limits, OOM score, nice value and CPU set; its own code must be unchanged
-since it started.  Anything else is refused (logged), and the client runs the command itself.  The
-socket is made mode 0600 in a directory of mode 0700.
+label, login uid, resource limits, OOM score, nice value and CPU set, with the same interpreter state
+(``sys.path``, ``sys.flags``, stream encodings); its own code must be unchanged since it started.  The
+process checked is the one that connected (a pidfd from ``SO_PEERPIDFD``), alive until the check is done,
+so a peer cannot exit and let its pid be taken by a process that would pass.  Anything else is refused
+(logged), and the client runs the command itself.  The socket is made mode 0600 in a directory of mode
+0700.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import importlib
+import io
 import logging
 import os
 import selectors
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import click
 
-from shoal.__main__ import MAGIC
+from shoal.__main__ import MAGIC, SERVED, _command, interpreter_state
 from shoal.errors import UsageError
 from shoal.mount.proctitle import mask_args, set_title
 
@@ -49,6 +54,18 @@ _WARM = ("shoal.cli.mount_cmds", "shoal.mount.run", "shoal.mount.image", "shoal.
          "shoal.transports.resolve", "shoal.store", "shoal.trust.image", "pyfuse3", "trio", "httpx", "cbor2",
          "difflib", "encodings.idna", "stringprep")
 _MAX_REQUEST = 1 << 20
+_REQUEST_TIME = 5.0  # for the whole request to arrive
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; not named by Python 3.11
+
+
+def _peer_pidfd(conn: socket.socket) -> int:
+    """A pidfd of the process that connected ``conn``: from the kernel where it can say (Linux 6.5),
+    else of the process that has the peer's pid now, just after the connection was accepted."""
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+    except OSError:
+        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        return os.pidfd_open(pid)
 
 
 @dataclass(frozen=True)
@@ -58,8 +75,11 @@ class Request:
     exe: str
     prefix: str
     pkg: str
+    state: bytes
     cwd: str
     umask: int
+    ignored: tuple[int, ...]
+    blocked: tuple[int, ...]
     argv: tuple[str, ...]
     env: dict[str, str]
 
@@ -70,19 +90,28 @@ def decode_request(data: bytes) -> Request | str:
     if not sep or not head.isdigit() or int(head) != len(body):
         return "not a complete request"
     f = body.split(b"\0")
-    if len(f) < 7 or f[0] != MAGIC:
-        return "not a version 1 request"
-    exe, prefix, pkg, cwd = (os.fsdecode(x) for x in f[1:5])
-    if not (f[5].isdigit() and int(f[5]) <= 0o777 and f[6].isdigit() and 7 + int(f[6]) <= len(f)):
+    if len(f) < 10 or f[0] != MAGIC:
+        return "not a version 2 request"
+    exe, prefix, pkg, cwd = (os.fsdecode(x) for x in (*f[1:4], f[5]))
+    if not (f[6].isdigit() and int(f[6]) <= 0o777 and f[9].isdigit() and 10 + int(f[9]) <= len(f)):
         return "malformed request"
-    argc = int(f[6])
+    sigs: list[tuple[int, ...]] = []
+    for raw in (f[7], f[8]):
+        nums = raw.split(b",") if raw else []
+        if not all(n.isdigit() and 0 < int(n) < signal.NSIG for n in nums):
+            return "malformed request"
+        sigs.append(tuple(int(n) for n in nums))
+    argc = int(f[9])
     env: dict[str, str] = {}
-    for kv in f[7 + argc:]:
+    for kv in f[10 + argc:]:
         k, eq, v = os.fsdecode(kv).partition("=")
         if not eq or not k:
             return "malformed request"
         env[k] = v
-    return Request(exe, prefix, pkg, cwd, int(f[5]), tuple(os.fsdecode(a) for a in f[7:7 + argc]), env)
+    return Request(exe, prefix, pkg, f[4], cwd, int(f[6]), sigs[0], sigs[1],
+                   tuple(os.fsdecode(a) for a in f[10:10 + argc]), env)
+
+
 _STATUS_KEYS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:", b"CapAmb:",
                 b"NoNewPrivs:", b"Seccomp:")
 _NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup", "time")
@@ -141,42 +170,60 @@ class _Service:
     children: dict[int, socket.socket] = field(default_factory=dict)
     stamp: tuple[tuple[str, int], ...] = ()
     own: dict[str, object] = field(default_factory=dict)
+    state: bytes = b""
     stopping: bool = False
     inherited: list[int] = field(default_factory=list)  # the listener's and the wake-up pipe's: not a child's
 
-    def refusal(self, conn: socket.socket, req: Request | str) -> str | None:
-        """Why the peer of ``conn`` may not be served (None: it may)."""
+    def refusal(self, conn: socket.socket, pidfd: int, req: Request | str) -> str | None:
+        """Why the peer of ``conn`` (the process ``pidfd`` refers to) may not be served (None: it may)."""
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))
         if uid != os.geteuid() or gid != os.getegid():
             return f"peer {pid} runs as {uid}:{gid}, the service as {os.geteuid()}:{os.getegid()}"
         if isinstance(req, str):
             return req
+        if _command(list(req.argv)) not in SERVED:
+            return f"peer {pid} asks for a command the service does not run: {_command(list(req.argv))}"
         if req.exe != self.exe or req.pkg != str(self.pkg) or req.prefix != sys.prefix:
             return f"peer {pid} runs another interpreter or Shoal ({req.exe}, {req.pkg})"
+        if req.state != self.state:
+            return f"peer {pid} runs its interpreter with other sys.path, flags or encodings"
         if _code_stamp(self.pkg) != self.stamp:
             return "Shoal's code changed since the service started: restart it"
         theirs = context_of(pid)
+        try:  # /proc/PID was the connecting process's only if that process is still alive now
+            signal.pidfd_send_signal(pidfd, 0)
+        except OSError:
+            return f"peer {pid} exited before its request was checked"
         diff = sorted(k for k in self.own if self.own[k] != theirs.get(k))
         if diff:
             return f"peer {pid} differs from the service in {', '.join(diff)}"
         return None
 
     def serve_one(self, conn: socket.socket) -> None:
-        conn.settimeout(5.0)
+        deadline = time.monotonic() + _REQUEST_TIME
         fds: list[int] = []
+        pidfd = -1
         try:
+            pidfd = _peer_pidfd(conn)
+            conn.settimeout(_REQUEST_TIME)
             msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
             data = msg
             head = data.partition(b":")[0]
             want = len(head) + 1 + int(head) if head.isdigit() and len(head) < 8 else 0
             while len(data) < min(want, _MAX_REQUEST):
+                left = deadline - time.monotonic()  # the whole request within the deadline, not each read
+                if left <= 0:
+                    break
+                conn.settimeout(left)
                 more = conn.recv(_MAX_REQUEST - len(data))
                 if not more:
                     break
                 data += more
             req = decode_request(data)
-            why = "not three standard streams" if len(fds) != 3 else self.refusal(conn, req)
+            why = "not three standard streams" if len(fds) != 3 else self.refusal(conn, pidfd, req)
+            os.close(pidfd)
+            pidfd = -1
             if why is not None or isinstance(req, str):
                 log.info("refused: %s", why)
                 conn.sendall(b"refused %s\n" % str(why).encode())
@@ -196,12 +243,25 @@ class _Service:
         finally:
             for fd in fds:
                 os.close(fd)
+            if pidfd >= 0:
+                os.close(pidfd)
 
     def _child(self, conn: socket.socket, fds: list[int], req: Request) -> None:  # pragma: no cover
         code = 70
         try:
-            for s in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                signal.signal(s, signal.SIG_DFL)
+            for n in signal.valid_signals():  # the client's dispositions, as a process it started would have
+                if n in (signal.SIGKILL, signal.SIGSTOP):
+                    continue
+                handler: object = signal.SIG_DFL
+                if n in req.ignored:
+                    handler = signal.SIG_IGN
+                elif n == signal.SIGINT:
+                    handler = signal.default_int_handler  # what Python installs: KeyboardInterrupt, cleanup
+                try:
+                    signal.signal(n, handler)  # type: ignore[arg-type]
+                except (OSError, ValueError):
+                    pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, req.blocked)
             signal.set_wakeup_fd(-1)
             for c in self.children.values():
                 c.close()
@@ -209,9 +269,14 @@ class _Service:
             for fd in self.inherited:
                 os.close(fd)
             os.setsid()  # out of the service's session and process group
-            for i, fd in enumerate(fds):
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]  # none of them may be 0-2 already
+            for fd in fds:
+                os.close(fd)
+            for i, fd in enumerate(high):
                 os.dup2(fd, i)
                 os.close(fd)
+            if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.line_buffering:
+                sys.stdout.reconfigure(line_buffering=False)  # the service's stdout was a terminal; the client's is not
             os.chdir(req.cwd)
             os.umask(req.umask)
             os.environ.clear()
@@ -289,12 +354,13 @@ def _listen(path: Path) -> socket.socket:
 def serve(path: Path, idle_timeout: float = 0.0, ready: object = None) -> None:
     """Import, listen on ``path`` and serve until SIGTERM/SIGINT (or ``idle_timeout`` s without a client
     or a child), then wait for the running children."""
+    state = interpreter_state()  # before any import could change sys.path
     for name in _WARM:
         try:
             importlib.import_module(name)
         except ImportError as exc:
             log.warning("cannot preload %s: %s", name, exc)
-    svc = _Service(path, idle_timeout)
+    svc = _Service(path, idle_timeout, state=state)
     svc.stamp = _code_stamp(svc.pkg)
     svc.own = context_of(os.getpid())
     listener = _listen(path)

@@ -196,7 +196,7 @@ def run_image(image: OpenedImage, opts: RunOptions = RunOptions()) -> int:
     sec = seccomp_for(opts, caps)  # before anything is mounted: a bad profile or option fails first
     binds = [parse_volume(v) for v in opts.volumes]
     network = netns.check_network(opts.network)
-    terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
+    terminal = (sys.stdin is not None and sys.stdin.isatty()) if opts.tty is None else opts.tty  # stdin may be closed
     bundle = bundle_dir(name)
     bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # the root is mounted suid and dev (an image's setuid binaries work in the container, as under
