@@ -57,3 +57,24 @@ def test_off_and_unwritable(tmp_path: Path) -> None:
     (ro / "shoal").write_text("a file where the directory would be")
     p = _run(tmp_path / "store", ro, "images")  # cannot record: the command still succeeds, silently
     assert p.returncode == 0 and b"preload" not in p.stderr
+
+
+def test_another_users_cache_or_a_symlinked_list_directory_is_not_used(tmp_path: Path) -> None:
+    """Root run with another user's $XDG_CACHE_HOME (sudo -E) neither reads nor writes there, and a
+    `preload` that is a symbolic link is not written through (it could point at /usr/bin: `ls`, `rm`)."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("needs root to own a directory as another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    _run(tmp_path / "store", theirs, "images")
+    assert not (theirs / "shoal").exists()
+    cache = tmp_path / "cache"
+    (cache / "shoal").mkdir(parents=True)
+    target = tmp_path / "target"
+    target.mkdir()
+    (cache / "shoal" / "preload").symlink_to(target)
+    _run(tmp_path / "store", cache, "images")
+    assert not list(target.iterdir())

@@ -8,10 +8,14 @@ module remembers, per command, which files the last run of that command had load
 kernel to read them all at once (``posix_fadvise(WILLNEED)`` from a few threads, so the disk sees
 many requests together).  The imports then find their pages in memory.
 
-It only ever reads: a listed path that is gone, not a regular file or unreadable is skipped, and the
-list is written only by the process that read it (not a forked mount daemon), atomically, when the
-set of files changed.  ``SHOAL_PRELOAD=0`` turns it off.  It imports nothing beyond the standard
-library's ``os``, ``sys`` and ``threading``, and logs nothing (logging is not set up this early).
+It only ever reads: a listed path that is gone, not a regular file or unreadable is skipped (it is
+looked at through ``O_PATH`` and opened only once it is known to be a regular file), and the list is
+written only by the process that read it (not a forked mount daemon), atomically, when the set of
+files changed.  The cache directory and the list must be this user's (``shoal/preload`` under it
+neither a symbolic link nor writable by others): root run with another user's ``$HOME`` or
+``$XDG_CACHE_HOME`` (``sudo -E``) neither reads that user's list nor writes where it points.
+``SHOAL_PRELOAD=0`` turns it off.  It imports nothing beyond the standard library's ``os``, ``sys``
+and ``threading``, and logs nothing (logging is not set up this early).
 """
 
 from __future__ import annotations
@@ -29,9 +33,49 @@ _MAX_LIST = 1 << 20
 _state: dict[str, object] = {}
 
 
-def _list_path(command: str) -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "shoal", "preload", command)
+def _cache_base() -> str:
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
+def _mine(fd: int) -> bool:
+    st = os.fstat(fd)
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _list_dir(create: bool) -> int | None:
+    """A descriptor of ``CACHE/shoal/preload``, when the cache directory is this user's and neither
+    ``shoal`` nor ``preload`` is a symbolic link or another's (None: no list is read or written)."""
+    base = _cache_base()
+    if create:
+        try:
+            os.makedirs(base, mode=0o700, exist_ok=True)
+        except OSError:
+            return None
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return None
+        for name in ("shoal", "preload"):
+            if create:
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+            if not _mine(fd):
+                return None
+        out, fd = fd, -1
+        return out
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _command(argv: list[str], commands: object) -> str | None:
@@ -44,11 +88,17 @@ def _command(argv: list[str], commands: object) -> str | None:
 def _advise(paths: list[str]) -> None:
     for p in paths:
         try:
-            if os.stat(p).st_mode & 0o170000 != 0o100000:  # never open a device or a FIFO
-                continue
-            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            ref = os.open(p, os.O_PATH | os.O_CLOEXEC)  # opens nothing: a device or a FIFO is never opened
         except OSError:
             continue
+        try:
+            if os.fstat(ref).st_mode & 0o170000 != 0o100000:
+                continue
+            fd = os.open(f"/proc/self/fd/{ref}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError:
+            continue
+        finally:
+            os.close(ref)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
@@ -64,13 +114,21 @@ def start(commands: object) -> None:
     command = _command(sys.argv, commands)
     if command is None:
         return
-    path = _list_path(command)
-    _state.update(command=command, pid=os.getpid(), path=path, old=frozenset())
+    _state.update(command=command, pid=os.getpid(), old=frozenset())
+    d = _list_dir(create=False)
+    if d is None:
+        return
     try:
-        with open(path, "rb") as f:
+        fd = os.open(command, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=d)
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.geteuid() or st.st_mode & 0o170000 != 0o100000:
+                return
             raw = f.read(_MAX_LIST)
     except OSError:
         return
+    finally:
+        os.close(d)
     paths = [p for p in raw.decode("utf-8", "replace").split("\n") if p.startswith("/")][:_MAX_FILES]
     _state["old"] = frozenset(paths)
     for i in range(_THREADS):
@@ -105,16 +163,21 @@ def record() -> None:
     files = _loaded()
     if not files or files == _state["old"]:
         return
-    path = str(_state["path"])
-    tmp = f"{path}.{os.getpid()}.tmp"
+    d = _list_dir(create=True)
+    if d is None:
+        return
+    command = str(_state["command"])
+    tmp = f"{command}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(sorted(files)[:_MAX_FILES]) + "\n")
-        os.replace(tmp, path)
+        os.replace(tmp, command, src_dir_fd=d, dst_dir_fd=d)
         _state["old"] = frozenset(files)
     except OSError:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=d)
         except OSError:
             pass
+    finally:
+        os.close(d)
