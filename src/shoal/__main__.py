@@ -23,7 +23,7 @@ import socket
 import stat
 import sys
 
-__all__ = ["main", "delegate", "encode_request", "interpreter_state", "signal_state", "SERVED", "MAGIC"]
+__all__ = ["main", "delegate", "command_of", "encode_request", "interpreter_state", "signal_state", "SERVED", "MAGIC"]
 
 SERVED = ("run",)  # commands a service may run
 MAGIC = b"SHOAL-SERVICE-2"
@@ -69,7 +69,7 @@ def signal_state() -> tuple[bytes, bytes]:
     return (b",".join(b"%d" % s for s in sorted(ignored)), b",".join(b"%d" % s for s in sorted(map(int, blocked))))
 
 
-def _command(args: list[str]) -> str | None:
+def command_of(args: list[str]) -> str | None:
     """The command name in ``args`` (``shoal [GLOBAL OPTIONS] COMMAND ...``), None for help/version."""
     skip = False
     for a in args:
@@ -102,7 +102,7 @@ def _socket_path() -> str | None:
 def delegate(args: list[str]) -> int | None:
     """Run ``shoal ARGS`` in a child of the listening service and return its exit code; None when it
     must run in this process (see the module text)."""
-    if _command(args) not in SERVED:
+    if command_of(args) not in SERVED:
         return None
     try:
         for fd in (0, 1, 2):  # a closed one would be taken by the socket below and passed as a stream

@@ -35,6 +35,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "shoal"
 STDLIB_PUBLIC: dict[str, str] = {
     "_exit": "os._exit: documented public API (exit without cleanup, after fork)",
     "_getframe": "sys._getframe: documented CPython API",
+    "_xoptions": "sys._xoptions: documented CPython API (the -X options)",
     "_replace": "namedtuple._replace: public namedtuple API",
     "_asdict": "namedtuple._asdict: public namedtuple API",
     "_fields": "namedtuple._fields: public namedtuple API",

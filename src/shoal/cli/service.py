@@ -39,7 +39,7 @@ from pathlib import Path
 
 import click
 
-from shoal.__main__ import MAGIC, SERVED, _command, interpreter_state
+from shoal.__main__ import MAGIC, SERVED, command_of, interpreter_state
 from shoal.errors import UsageError
 from shoal.mount.proctitle import mask_args, set_title
 
@@ -182,8 +182,8 @@ class _Service:
             return f"peer {pid} runs as {uid}:{gid}, the service as {os.geteuid()}:{os.getegid()}"
         if isinstance(req, str):
             return req
-        if _command(list(req.argv)) not in SERVED:
-            return f"peer {pid} asks for a command the service does not run: {_command(list(req.argv))}"
+        if command_of(list(req.argv)) not in SERVED:
+            return f"peer {pid} asks for a command the service does not run: {command_of(list(req.argv))}"
         if req.exe != self.exe or req.pkg != str(self.pkg) or req.prefix != sys.prefix:
             return f"peer {pid} runs another interpreter or Shoal ({req.exe}, {req.pkg})"
         if req.state != self.state:
