@@ -150,7 +150,10 @@ class LazySource(FrameSource):
 
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
         fi = self._frame_of.get((pack, offset))
-        if self.store.layout.has(pack) or (fi is not None and self._catalogued_here(fi)):
+        # one catalogue look answers both "stored in this very frame" and "its chunks are local": two
+        # looks would let a job storing the frame in between make it seem stored elsewhere
+        here, local = self._placed(fi) if fi is not None else (False, False)
+        if here or self.store.layout.has(pack):
             try:
                 data = self.store.read_frame(pack, offset, length)
                 with self._stats.lock:
@@ -160,7 +163,7 @@ class LazySource(FrameSource):
                 pass
         if fi is None or self.index.frames[fi].clen != length:
             raise NotFound(f"no frame at {pack}@{offset} in this image")
-        if self._all_chunks_local(fi):
+        if local:
             raise NotFound("frame not cached, but its chunks are: read them by id")
         fut = self._claim([fi], demand=True).get(fi)
         if fut is None:  # another reader's fetch stored it between the look above and the claim
@@ -270,6 +273,12 @@ class LazySource(FrameSource):
         need = [fi for fi in dict.fromkeys(frames) if not self._is_cached(fi)]
         futs = self._claim(need, demand=False)
         wait_futures(list(futs.values()))
+        # a job settles its futures once the frames verify and stores them afterwards: wait until it has
+        # (its frames left the in-flight table), so that the store holds what prefetch answered for and
+        # a pack fetched whole is promoted below
+        with self._idle:
+            self._idle.wait_for(lambda: not any((hit := self._inflight.get(fi)) is not None and hit[0] is fut
+                                                for fi, fut in futs.items()), self.fetch_timeout)
         for fut in futs.values():
             exc = fut.exception()
             if exc is not None:
@@ -570,12 +579,21 @@ class LazySource(FrameSource):
         """True if the catalogue places every chunk of frame ``fi`` in this very frame of the store: the
         partial pack holds bytes verified for this index's claim (a partial frame another image stored
         at the same offset with other bytes is never read in its place)."""
+        return self._placed(fi)[0]
+
+    def _placed(self, fi: int) -> tuple[bool, bool]:
+        """(every chunk of frame ``fi`` catalogued in this very frame, every chunk catalogued somewhere),
+        from one catalogue look (one read of the database for a frame of up to 500 chunks, so a job
+        storing the frame meanwhile is seen by both answers or by neither)."""
         f = self.index.frames[fi]
         pack = self._pack_of[f.pack]
         ids = [self.index.chunk_ids[ci] for ci in self.index.frame_chunks(fi)]
+        if not ids:
+            return False, False
         locs = self.store.catalog.locate(ids)
-        return bool(ids) and all((loc := locs.get(c)) is not None and loc.pack == pack and loc.frame_off == f.offset
-                                 for c in ids)
+        local = all(c in locs for c in ids)
+        here = local and all(loc.pack == pack and loc.frame_off == f.offset for loc in locs.values())
+        return here, local
 
     def _all_chunks_local(self, fi: int) -> bool:
         ids = [self.index.chunk_ids[ci] for ci in self.index.frame_chunks(fi)]

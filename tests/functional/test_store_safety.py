@@ -263,6 +263,61 @@ def test_scoped_gc_removes_only_its_scope(small_image) -> None:  # type: ignore[
     assert (store_dir / "tmp" / "in-flight").exists()
 
 
+def _save_profile(store_dir: Path, store: Store, m) -> list[Path]:  # type: ignore[no-untyped-def]
+    """A recorded profile of ``m`` and its bundle, as ``shoal profile`` saves them (mount.md §6)."""
+    from shoal.mount import bundle
+    from shoal.mount.profile import Profile, save_local
+
+    idx = store.load_index(m)
+    prof = Profile.of_frames(m.digest, idx, list(range(min(3, len(idx.frames)))), 0.5, ("true",))
+    return [save_local(store_dir, prof), bundle.save_local(store_dir, m.digest, b"a bundle (gc never reads it)")]
+
+
+def test_gc_removes_the_profiles_of_images_gone(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``shoal rm`` + ``shoal gc``: the removed image's profile and bundle go with its blobs; a tagged
+    image's stay, and so does a profile being written (its temp file); a scoped gc only touches the
+    profiles of manifests in its scope."""
+    from shoal.store.maintenance import gc
+
+    store_dir, store, m, _, _ = small_image
+    run_shoal(store_dir, "build", write_tree(tmp_path / "other", {"etc/motd": b"still here\n"}), "other:1")
+    other = store.resolve("other:1")
+    gone, kept = _save_profile(store_dir, store, m), _save_profile(store_dir, store, other)
+    writing = store_dir / "profiles" / f".{m.digest.removeprefix('sha256:')}.json.abc123.tmp"
+    writing.write_bytes(b"{")
+    doc = json.loads(run_shoal(store_dir, "gc", "--json").stdout)
+    assert doc["removed"] == 0 and doc["profiles_removed"] == 0 and all(p.exists() for p in gone + kept)
+    run_shoal(store_dir, "rm", "img:1")
+    assert gc(store, scope={other.digest}).profiles_removed == 0 and all(p.exists() for p in gone)
+    size = sum(p.stat().st_size for p in gone)
+    doc = json.loads(run_shoal(store_dir, "gc", "--json").stdout)
+    assert doc["profiles_removed"] == 2 and doc["freed"] > size and doc["removed"] >= 3
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept) and writing.exists()
+    p = run_shoal(store_dir, "gc")
+    assert b"profile" not in p.stdout  # nothing more to remove
+    assert _fsck(store_dir)["ok"]
+
+
+def test_gc_waits_for_a_writer_that_saves_a_profile_before_its_tag(small_image) -> None:  # type: ignore[no-untyped-def]
+    """A pull saves the image's profile before it tags the image, holding the shared gc lock (as it
+    does for the blobs): a gc started meanwhile waits, then keeps the profile of the image now tagged."""
+    store_dir, store, m, _, _ = small_image
+    run_shoal(store_dir, "rm", "img:1")  # the blobs are there, untagged: as a pull has them before commit
+    with store.layout.writing():
+        files = _save_profile(store_dir, store, m)
+        proc = subprocess.Popen(shoal_cmd(store_dir, "gc", "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            time.sleep(0.5)
+            assert proc.poll() is None, "gc ran while a writer held the shared gc lock"
+            store.tag("img:2", m)
+        except BaseException:
+            proc.kill()
+            raise
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["profiles_removed"] == 0 and all(p.exists() for p in files)
+
+
 def test_missing_pack_is_reported_by_the_first_fsck(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A pack deleted from a healthy store: the catalogue still names it, and must not vouch for it."""
     store_dir, store, m, idx, _ = small_image

@@ -223,6 +223,8 @@ def test_pull_keeps_them_in_the_store_and_push_carries_them_on(env: dict[str, An
     assert (st / "profiles" / (source["man"].split(":")[1] + ".bundle")).read_bytes() == source["bundle"]
     shoal(st, "gc")  # the index's and the view's signatures stay: their subjects are made again at push
     assert len(s.layout.untagged()) == 4
+    # and the profile of the Shoal manifest, a child of the tagged image index (store.md §4)
+    assert (st / "profiles" / (source["man"].split(":")[1] + ".bundle")).read_bytes() == source["bundle"]
     shoal(st, "push", "got:1", f"docker://{env['b']}/r/via-store:1")
     check_arrived(env, source, env["b"], "r/via-store", tmp_path)
 

@@ -110,6 +110,98 @@ def test_prefetch_merges_adjacent_frames(pushed: dict[str, Any], registry: Regis
     src.close()
 
 
+def test_prefetch_returns_once_its_frames_are_stored(pushed: dict[str, Any], registry: Registry,
+                                                     proxy_factory: Any, tmp_path: Path) -> None:
+    """prefetch settles its futures as soon as the frames verify, but returns only once they are
+    stored (and the pack promoted): a slow disk must not leave the store behind its answer."""
+    proxy = proxy_factory(registry.url)
+    idx = pushed["index"]
+    src = _lazy(proxy.host, pushed, tmp_path / "store")
+    by_pack: dict[int, list[int]] = {}
+    for fi, f in enumerate(idx.frames):
+        by_pack.setdefault(f.pack, []).append(fi)
+    pi, frames = max(by_pack.items(), key=lambda kv: len(kv[1]))
+    add = src.store.catalog.add
+
+    def slow_add(rows: Any) -> None:  # the job's catalogue write, well after the frames were served
+        time.sleep(0.5)
+        add(rows)
+
+    src.store.catalog.add = slow_add  # type: ignore[method-assign]
+    assert src.prefetch(frames) == sum(idx.frames[fi].clen for fi in frames)
+    assert src.store.layout.has("sha256:" + idx.packs[pi].hex())  # promoted: every frame was stored
+    assert all(src._catalogued_here(fi) for fi in frames)
+    src.close()
+
+
+def test_fetch_sees_a_frame_stored_between_its_looks(pushed: dict[str, Any], registry: Registry,
+                                                      proxy_factory: Any, tmp_path: Path) -> None:
+    """A frame fetched in the background, served to its waiters and being stored while a reader looks
+    it up: the reader gets the frame's bytes, never "frame not cached, but its chunks are" (the race
+    forced: the background job's catalogue write lands just after the reader's first catalogue look)."""
+    proxy = proxy_factory(registry.url)
+    idx = pushed["index"]
+    src = _lazy(proxy.host, pushed, tmp_path / "store")
+    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
+    f = idx.frames[fi]
+    pack = "sha256:" + idx.packs[f.pack].hex()
+    cat = src.store.catalog
+    add, locate = cat.add, cat.locate
+    gate = threading.Event()
+
+    def gated_add(rows: Any) -> None:  # the background job stores the frame's chunks when let through
+        assert gate.wait(20)
+        add(rows)
+
+    looks: list[int] = []
+
+    def racing_locate(ids: Any) -> Any:  # the reader's first look, then the job's write lands
+        out = locate(ids)
+        if threading.current_thread() is threading.main_thread() and not looks:
+            looks.append(1)
+            gate.set()
+            helpers_wait(lambda: fi in src._stored, 10)
+        return out
+
+    cat.add = gated_add  # type: ignore[method-assign]
+    src.readahead([fi])
+    helpers_wait(lambda: fi in src._inflight and src._inflight[fi][0].done(), 20)  # served, not yet stored
+    cat.locate = racing_locate  # type: ignore[method-assign]
+    assert src.fetch(pack, f.offset, f.clen) == _frame_bytes(pushed["store"], idx, fi)
+    assert looks and len(_range_gets(proxy)) == 1
+    src.close()
+
+
+def test_read_frame_sees_a_pack_promoted_between_its_looks(pushed: dict[str, Any], registry: Registry,
+                                                            tmp_path: Path) -> None:
+    """Another process promotes a partial pack (complete blob made, partial file and frame rows dropped)
+    after Store.read_frame looked for the blob and before it read the partial file: the frame is read
+    from the blob, not reported missing."""
+    from shoal.store import Store
+
+    idx = pushed["index"]
+    src = _lazy(registry.host, pushed, tmp_path / "store")
+    pi = max(range(len(idx.packs)), key=lambda p: sum(1 for f in idx.frames if f.pack == p))
+    frames = [fi for fi, f in enumerate(idx.frames) if f.pack == pi]
+    src.readahead(frames)
+    helpers_wait(lambda: all(fi in src._stored for fi in frames), 20)
+    src.close()
+    pack = "sha256:" + idx.packs[pi].hex()
+    size = next(p.size for p in pushed["manifest"].packs if p.digest == pack)
+    st = Store.open(tmp_path / "store")
+    assert not st.layout.has(pack) and st.partial.present(pack) == size
+    other = Store.open(tmp_path / "store")
+    read = st.partial.read
+
+    def promoted_meanwhile(p: str, off: int, n: int) -> bytes:
+        assert other.partial.try_promote(pack, size)
+        return read(p, off, n)
+
+    st.partial.read = promoted_meanwhile  # type: ignore[method-assign]
+    f = idx.frames[frames[0]]
+    assert st.read_frame(pack, f.offset, f.clen) == _frame_bytes(pushed["store"], idx, frames[0])
+
+
 def test_readahead_does_not_block(pushed: dict[str, Any], registry: Registry, tmp_path: Path) -> None:
     """A read-ahead call returns at once while its fetch stalls on the network; the frame arrives later."""
     gate = threading.Event()

@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any
 
-import click
+from shoal.cli import preload
 
 __all__ = ["main", "COMMANDS", "end_without_teardown"]
 
@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("shoal.cli.trust_cmds", "verify", "Check an image's cosign signature; --deep every chunk."),
     "store": ("shoal.cli.als_cmd", "store", "Serve the store to other engines (store serve: podman's layer store)."),
 }
+
+preload.start(COMMANDS)  # before click and the command's modules are imported (cli/preload.py)
+
+import click  # noqa: E402
 
 
 class LazyGroup(click.Group):
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         try:
             rv = cli.main(args=argv, prog_name="shoal", standalone_mode=False)
+            preload.record()
             if _END_NOW and argv is None and rv is None and threading.active_count() == 1:
                 _end_now()
             return rv

@@ -39,13 +39,15 @@ def fsck(ctx: click.Context, as_json: bool, blobs_only: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def gc(ctx: click.Context, as_json: bool) -> None:
-    """Delete blobs that no tagged image references."""
+    """Delete blobs that no tagged image references, and the start-up profiles of images gone."""
     from shoal.store.maintenance import gc as do_gc
 
     store = open_store(ctx)
     with progress_sink(as_json) as sink:
         rep = do_gc(store, sink)
     if as_json:
-        emit_json({"removed": rep.removed, "freed": rep.freed, "kept": rep.kept, "tmp_removed": rep.tmp_removed})
+        emit_json({"removed": rep.removed, "freed": rep.freed, "kept": rep.kept, "tmp_removed": rep.tmp_removed,
+                   "profiles_removed": rep.profiles_removed})
     else:
-        click.echo(f"removed {rep.removed} blobs, freed {human(rep.freed)}; kept {rep.kept}")
+        profiles = f" and {rep.profiles_removed} profile files" if rep.profiles_removed else ""
+        click.echo(f"removed {rep.removed} blobs{profiles}, freed {human(rep.freed)}; kept {rep.kept}")

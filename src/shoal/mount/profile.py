@@ -5,7 +5,8 @@ pack's position among the manifest's packs and the frame's byte range in it, so 
 range reads from the manifest alone, before the index is even downloaded (``shoal.early``).
 It is stored *beside* the image, never in its blobs:
 
-- locally as ``STORE/profiles/<manifest hex>.json`` (written atomically; ``gc`` and ``fsck`` ignore it);
+- locally as ``STORE/profiles/<manifest hex>.json`` (written atomically; ``fsck`` ignores it, ``gc``
+  removes it once it no longer keeps the manifest);
 - in the image's repository as an OCI 1.1 referrer artifact: a manifest with ``subject`` = the image
   manifest, ``artifactType`` ``application/vnd.shoal.profile.v1+json``, the empty config, and the
   profile JSON as its only layer.  Where the registry has no referrers API (distribution 2.8), the

@@ -95,7 +95,14 @@ class Store:
         """Compressed frame bytes from a complete pack blob or a partial pack (unverified)."""
         if self.layout.has(pack):
             return self.layout.read_range(pack, offset, length)
-        return self.partial.read(pack, offset, length)
+        try:
+            return self.partial.read(pack, offset, length)
+        except NotFound:
+            # promoted since the look above (by any process): ``try_promote`` makes the complete blob
+            # visible before it drops the partial file and its frame rows
+            if self.layout.has(pack):
+                return self.layout.read_range(pack, offset, length)
+            raise
 
     def has_frame(self, pack: str, offset: int) -> bool:
         return self.layout.has(pack) or self.partial.has_frame(pack, offset)

@@ -5,7 +5,8 @@ fsck checks every blob against its digest, every tagged image's structure
 index names decompresses from its pack and hashes to its id, and that every
 location the chunk catalogue records holds the chunk it names (a row that
 does not is reported and dropped).  ``blobs_only`` skips the chunk passes:
-blob digests and structure only.  gc removes what no tag reaches, under the
+blob digests and structure only.  gc removes what no tag reaches (blobs, partial
+packs, and the start-up profiles of manifests it removes or never had), under the
 exclusive gc lock.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,10 +49,16 @@ class FsckReport:
 
 @dataclass
 class GcReport:
-    removed: int = 0
-    freed: int = 0
+    removed: int = 0  # blobs and partial packs
+    freed: int = 0  # bytes, profile files included
     tmp_removed: int = 0
     kept: int = 0
+    profiles_removed: int = 0  # files STORE/profiles/<hex>.json and <hex>.bundle
+
+
+# a start-up profile of manifest <hex> and its bundle (mount.md §6, bundle.md §5); anything else there
+# (the temp file of a profile being written: ``.NAME.<random>.tmp``) is left alone
+_PROFILE_FILE = re.compile(r"([0-9a-f]{64})\.(?:json|bundle)")
 
 
 
@@ -222,9 +230,41 @@ def _gc_partial(store: Store, keep: set[str], scope: Collection[str] | None) -> 
     return n
 
 
+def _gc_profiles(store: Store, keep: set[str], scope: Collection[str] | None, rep: GcReport) -> None:
+    """Remove the profile files (and bundles) of manifests gc does not keep: the profile goes with its
+    image, as the image's blobs do.  Writers that save a profile before they tag its image (a pull or
+    copy into the store, the containerd snapshotter's mount) hold the shared gc lock until the tag is
+    written, so the caller's exclusive lock keeps them out; an untagged lazy mount has read its profile
+    and bundle before it serves, and its profile is garbage as its metadata is (mount.md §5.1)."""
+    root = store.root / "profiles"
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot list the profiles in %s: %s", root, exc.strerror)
+        return
+    for name in sorted(names):
+        m = _PROFILE_FILE.fullmatch(name)
+        if m is None or (digest := "sha256:" + m.group(1)) in keep or (scope is not None and digest not in scope):
+            continue
+        p = root / name
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:  # removed meanwhile (the snapshotter's release)
+            continue
+        except OSError as exc:
+            log.warning("cannot remove the profile file %s: %s", p, exc.strerror)
+            continue
+        rep.freed += size
+        rep.profiles_removed += 1
+
+
 def gc(store: Store, sink: Sink = NULL, scope: Collection[str] | None = None) -> GcReport:
-    """Remove what no tag reaches.  With ``scope`` (digests of blobs and packs), only those blobs and
-    partial packs may go and ``tmp/`` is left alone: the collection of one image's data once its last
+    """Remove what no tag reaches, and the profiles of manifests it does not reach.  With ``scope``
+    (digests of blobs and packs), only those blobs, partial packs and manifests' profiles may go and
+    ``tmp/`` is left alone: the collection of one image's data once its last
     user let go of it (the containerd snapshotter's, docs/containerd.md), which leaves whatever else
     is untagged in the store to its owner."""
     rep = GcReport()
@@ -245,6 +285,7 @@ def gc(store: Store, sink: Sink = NULL, scope: Collection[str] | None = None) ->
             p.unlink(missing_ok=True)
             rep.tmp_removed += 1
         rep.removed += _gc_partial(store, keep, scope)
+        _gc_profiles(store, keep, scope, rep)
         gone = store.catalog.packs() - set(layout.all_blobs()) - store.catalog.frame_packs()
         store.catalog.drop_packs(gone if scope is None else gone & set(scope))
     if scope is None:
