@@ -33,7 +33,7 @@ from shoal.digest import VerifiedBlob
 from shoal.errors import FrameConflict, IntegrityError, NotFound, TransportError
 from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
-from shoal.format.packing import verify_frame
+from shoal.format.packing import PACK_MAX, verify_frame
 from shoal.progress import Sink
 from shoal.reader import Reader, StoreSource
 from shoal.store.layout import Batch, pread_file
@@ -221,7 +221,9 @@ def _again(fn: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-WHOLE_IN_MEMORY = 64 << 20  # a pack up to this size is fetched into memory, checked there, then written
+# a pack up to this size is fetched into memory, checked there, then written (a Shoal build makes packs of at
+# most PACK_MAX uncompressed bytes): at most ``concurrency`` of them at once
+WHOLE_IN_MEMORY = 2 * PACK_MAX
 
 
 def _whole_pack(src: ImageSource, store: "Store", pack: str, size: int, batch: Batch | None) -> VerifiedBlob | None:
