@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from shoal import mediatypes as mt
+from shoal.digest import VerifiedBlob
 from shoal.errors import FrameConflict, IntegrityError, NotFound, TransportError
 from shoal.format.manifest import parse_manifest
 from shoal.format.model import Index
-from shoal.format.packing import verify_frame
+from shoal.format.packing import PACK_MAX, verify_frame
 from shoal.progress import Sink
 from shoal.reader import Reader, StoreSource
 from shoal.store.layout import Batch, pread_file
@@ -103,6 +104,7 @@ class _Puller:
         self.feed: PullSource | None = None
         self.verified: set[int] = set()  # frames whose chunks were checked against this index
         self.by_frame = idx.chunks_by_frame()
+        self.pack_index = {"sha256:" + p.hex(): i for i, p in enumerate(idx.packs)}
         self.frames_of: dict[int, list[int]] = {}  # pack index -> its frames that hold chunks of this index
         for fi in self.by_frame:
             self.frames_of.setdefault(idx.frames[fi].pack, []).append(fi)
@@ -133,20 +135,24 @@ class _Puller:
         return [(idx.chunk_ids[ci], pack, f.offset, f.clen, f.ulen, idx.chunk_offsets[ci], idx.chunk_lengths[ci])
                 for ci in cis]
 
-    def verify_whole(self, pi: int) -> None:
-        """Hash every chunk this index claims in pack ``pi``, just fetched whole (its digest checked), from
-        the file it was written to, while other packs are still arriving.  A failure here is the index
-        lying about a pack whose bytes are right: it is not fetched again."""
+    def verify_whole(self, pi: int, blob: VerifiedBlob | None = None) -> None:
+        """Hash every chunk this index claims in pack ``pi``, just fetched whole (its digest checked): from
+        ``blob``, the pack in memory, or else from the file it was written to, while other packs are still
+        arriving.  A failure here is the index lying about a pack whose bytes are right: it is not
+        fetched again."""
         pack = "sha256:" + self.idx.packs[pi].hex()
-        path = (self.batch.pending(pack) if self.batch is not None else None) or self.store.layout.path(pack)
         frames = self.frames_of.get(pi, [])
         if frames:
             lo = min(self.idx.frames[fi].offset for fi in frames)
             hi = max(self.idx.frames[fi].offset + self.idx.frames[fi].clen for fi in frames)
-            blob = memoryview(pread_file(path, lo, hi - lo, f"pack {pack}"))
+            if blob is not None:
+                view = memoryview(blob.data)[lo:hi]
+            else:
+                path = (self.batch.pending(pack) if self.batch is not None else None) or self.store.layout.path(pack)
+                view = memoryview(pread_file(path, lo, hi - lo, f"pack {pack}"))
             for fi in frames:
                 f = self.idx.frames[fi]
-                self.verify_frame(fi, blob[f.offset - lo : f.offset - lo + f.clen], pack)
+                self.verify_frame(fi, view[f.offset - lo : f.offset - lo + f.clen], pack)
                 with self.lock:
                     self.verified.add(fi)
         if self.feed is not None:
@@ -157,8 +163,8 @@ class _Puller:
         pack = "sha256:" + self.idx.packs[pi].hex()
         size = self.sizes[pack]
         if sum(self.idx.frames[fi].clen for fi in frames) == size and not self.store.partial.present(pack):
-            _whole_pack(self.src, self.store, pack, size, self.batch)
-            self.verify_whole(pi)
+            blob = _whole_pack(self.src, self.store, pack, size, self.batch)
+            self.verify_whole(pi, blob)
             self.count(size, sum(len(self.idx.frame_chunks(fi)) for fi in frames))
             return
         _again(lambda: self._ranges(pi, frames), pack)
@@ -197,11 +203,6 @@ class _Puller:
             self.feed.done(pack)
 
 
-def _then(fut: "Future[int]", fn: Callable[[int], None], arg: int) -> None:
-    fut.result()
-    fn(arg)
-
-
 _ATTEMPTS = 3  # bytes damaged in transit fail verification; nothing of them was kept, so fetch again
 
 
@@ -220,19 +221,31 @@ def _again(fn: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def _whole_pack(src: ImageSource, store: "Store", pack: str, size: int, batch: Batch | None) -> int:
-    """GET a whole pack (again if it arrives damaged); ``put_stream`` verifies size and digest before it
-    can become visible."""
+# a pack up to this size is fetched into memory, checked there, then written (a Shoal build makes packs of at
+# most PACK_MAX uncompressed bytes): at most ``concurrency`` of them at once
+WHOLE_IN_MEMORY = 2 * PACK_MAX
+
+
+def _whole_pack(src: ImageSource, store: "Store", pack: str, size: int, batch: Batch | None) -> VerifiedBlob | None:
+    """GET a whole pack (again if it arrives damaged) and store it, its size and digest verified before it
+    can become visible.  Returns the pack's bytes (a ``VerifiedBlob``: the source hashed them as it read
+    them, and the store does not hash them again) when it was read into memory, else None."""
     return _again(lambda: _whole_pack_once(src, store, pack, size, batch), pack)
 
 
-def _whole_pack_once(src: ImageSource, store: "Store", pack: str, size: int, batch: Batch | None) -> int:
-    stream, _ = src.get_blob(BlobInfo(pack, size, mt.PACK))
+def _whole_pack_once(src: ImageSource, store: "Store", pack: str, size: int,
+                     batch: Batch | None) -> VerifiedBlob | None:
+    info = BlobInfo(pack, size, mt.PACK)
+    if 0 <= size <= WHOLE_IN_MEMORY:
+        blob = src.get_verified_blob(info)
+        store.layout.put_verified(blob, pack, size, batch=batch)
+        return blob
+    stream, _ = src.get_blob(info)
     try:
         store.layout.put_stream(stream, pack, size, batch=batch)
     finally:
         stream.close()
-    return size
+    return None
 
 
 class PullSource(StoreSource):
@@ -335,16 +348,26 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
             result.blobs_skipped += 1
     batch = Batch(store.layout)
     pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="shoal-pull")
-    # each pack fetched whole is checked against the index as soon as it is in, on its own threads (the
-    # fetches queued first would hold the checks back until the last fetch started)
-    vpool = ThreadPoolExecutor(2, thread_name_prefix="shoal-verify")
-    early: dict[str, Future[int]] = {}
+    early: dict[str, Future[None]] = {}
     beside: _Beside | None = None
+    ready = threading.Event()  # set once the puller exists (or the pull failed before it did)
+    box: list[_Puller] = []
+
+    def early_pack(digest: str, size: int) -> None:
+        """Fetch pack ``digest`` whole; then, the index decoded, check its chunks against it on this
+        thread, from the pack in memory (``verify_whole``), while the other packs are still arriving."""
+        blob = _whole_pack(src, store, digest, size, batch)
+        ready.wait()
+        if box:
+            p = box[0]
+            p.verify_whole(p.pack_index[digest], blob)
+            p.count(size, 0)
+
     try:
         if store.catalog.empty() and not store.partial.packs():
             # nothing in the store can stand in for any chunk: every pack is needed whole, so start
             # fetching them now and decode the index meanwhile
-            early = {p.digest: pool.submit(_whole_pack, src, store, p.digest, p.size, batch)
+            early = {p.digest: pool.submit(early_pack, p.digest, p.size)
                      for p in m.packs if not store.layout.has(p.digest)}
         idx = store.load_index(m)
         have = set(store.catalog.locate(idx.chunk_ids))
@@ -360,22 +383,20 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
             fetched = set(early) | {"sha256:" + idx.packs[pi].hex() for pi in need}
             beside = _Beside(unpack_req, idx, store, batch, fetched, sink)
             puller.reader, puller.feed = beside.reader, beside.feed
-        pack_index = {"sha256:" + p.hex(): i for i, p in enumerate(idx.packs)}
-        checks = [vpool.submit(_then, fut, puller.verify_whole, pack_index[d]) for d, fut in early.items()]
+        box.append(puller)
+        ready.set()
         for _ in pool.map(puller.pack, sorted(need.items())):
             pass
         if early:
             in_early = {i for i, p in enumerate(idx.packs) if "sha256:" + p.hex() in early}
             for fut in early.values():
-                puller.count(fut.result(), 0)
-            for chk in checks:
-                chk.result()
+                fut.result()
             result.chunks_fetched += sum(1 for fi in idx.chunk_frames if idx.frames[fi].pack in in_early)
     except BaseException:
+        ready.set()
         if beside is not None:
             beside.feed.fail()
         pool.shutdown(wait=True, cancel_futures=True)
-        vpool.shutdown(wait=True, cancel_futures=True)
         # every pack in the batch was verified: even a pull that failed half way keeps them (one syncfs),
         # and a retry resumes after them
         batch.commit()
@@ -384,7 +405,6 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
                 beside.join()  # it failed too, and removed what it wrote
         raise
     pool.shutdown(wait=True)
-    vpool.shutdown(wait=True)
     # one syncfs for every whole pack, then they become visible
     batch.commit()
     sink.finish("pull")

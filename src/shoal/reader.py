@@ -397,6 +397,11 @@ class Reader:
             hi += 1
         return starts[lo], starts[hi] + self.index.chunk_lengths[e.chunks[hi]]
 
+    def ready(self, fi: int) -> bool:
+        """True if frame ``fi`` is decompressed in memory (cached, or offered by a pull): reading it needs
+        no source, nor another thread to read it ahead.  A hint: the frame may be evicted meanwhile."""
+        return fi in self._cache or fi in self._offered
+
     def has_frames(self, frames: set[int]) -> bool:
         """True if every frame is in the in-memory cache (a read of them will not block)."""
         with self._lock:

@@ -150,7 +150,8 @@ class _Unpacker:
             try:
                 for e, need in zip(files, upto):
                     while started < min(len(order), need + ahead):
-                        warming.append(pool.submit(self.warm, order[started]))
+                        if not self.reader.ready(order[started]):  # a pull beside offered most frames
+                            warming.append(pool.submit(self.warm, order[started]))
                         started += 1
                     while warming and warming[0].done():
                         warming.popleft()

@@ -145,6 +145,12 @@ def test_blob_small_roundtrip(registry: Registry) -> None:
         assert c.get_blob("t/small", d) == data
         with c.open_blob_stream("t/small", d) as r:
             assert r.read(10) == data[:10] and r.read() == data[10:]
+        with c.open_blob_stream("t/small", d) as r:
+            v = r.read_verified()  # hashed once, as it streamed
+            assert (v.data, v.digest, v.size) == (data, d, len(data))
+        with c.open_blob_stream("t/small", d) as r, pytest.raises(ValueError):
+            r.read(1)
+            r.read_verified()  # only a blob read from its first byte
         assert c.stats.requests > 0 and c.stats.bytes_sent >= len(data) and c.stats.bytes_fetched >= 2 * len(data)
         with pytest.raises(NotFound):
             c.get_blob("t/small", sha(b"nope"))
@@ -388,6 +394,8 @@ def test_digest_mismatch_detected(registry: Registry, proxy_factory: ProxyFactor
         with pytest.raises(IntegrityError):
             c.get_blob_to_file(repo, sha(layer), tmp_path / "layer")
         assert not list(tmp_path.iterdir())
+        with pytest.raises(IntegrityError), c.open_blob_stream(repo, sha(layer)) as r:
+            r.read_verified()  # no VerifiedBlob of bytes that do not match
 
 
 def test_stream_resumes_after_dropped_connection() -> None:

@@ -120,7 +120,11 @@ def repo() -> str:
 # ------------------------------------------------------------------------------------------ pull
 
 
-def test_pull_survives_a_registry_restart(registry_factory: RegFactory, big: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_memory", [True, False])  # packs read into memory (VerifiedBlob), or streamed
+def test_pull_survives_a_registry_restart(registry_factory: RegFactory, big: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch, in_memory: bool) -> None:
+    if not in_memory:
+        monkeypatch.setattr(sys.modules["shoal.pull"], "WHOLE_IN_MEMORY", 0)
     reg = registry_factory()
     r = repo()
     run("big:1", f"docker://{reg.host}/{r}:1", big)

@@ -128,6 +128,26 @@ class Layout:
         final = self.path(d)
         if final.exists():
             return d, size
+        self._write_new(parts, final, size, batch)
+        return d, size
+
+    def put_verified(self, blob: dg.VerifiedBlob, expected: str, size: int | None = None,
+                     batch: "Batch | None" = None) -> str:
+        """Store a blob already verified against ``expected`` (a ``VerifiedBlob``: its bytes were hashed as
+        they were read, e.g. by the registry stream) without hashing it again; visible at once, or with
+        ``batch`` at ``batch.commit()``."""
+        if type(blob) is not dg.VerifiedBlob or blob.digest != expected:
+            raise IntegrityError(f"blob {expected}: not a blob verified against that digest")
+        if size is not None and blob.size != size:
+            raise IntegrityError(f"blob {expected}: {blob.size} bytes, expected {size}")
+        final = self.path(expected)
+        if final.exists():
+            return expected
+        self._write_new([blob.data], final, blob.size, batch)
+        return expected
+
+    def _write_new(self, parts: list[bytes], final: Path, size: int, batch: "Batch | None") -> None:
+        """Write ``parts`` (verified) to a temp file, then to ``final`` (now, or at ``batch.commit()``)."""
         fd, tmp = self._tmpfile()
         try:
             for b in parts:
@@ -148,7 +168,6 @@ class Layout:
                 os.rename(tmp, final)
         else:
             batch.add(tmp, final, size)
-        return d, size
 
     def put_stream(self, src: BinaryIO, expected: str, size: int | None = None, batch: "Batch | None" = None) -> str:
         """Copy a stream into the store, verifying digest (and size) before the blob becomes visible

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from shoal import mediatypes as mt
+from shoal.digest import VerifiedBlob
 from shoal.errors import FormatError, NotFound, UsageError
 from shoal.format.manifest import canonical_json, json_loads
 from shoal.progress import Sink
@@ -206,6 +207,15 @@ class ImageSource(abc.ABC):
     @abc.abstractmethod
     def get_blob(self, info: BlobInfo) -> tuple[BinaryIO, int]:
         """A stream of the blob's bytes (unverified) and its size (-1 if unknown)."""
+
+    def get_verified_blob(self, info: BlobInfo) -> VerifiedBlob:
+        """The whole blob in memory, its digest (and size, if known) checked; IntegrityError if it does
+        not match.  Default: read ``get_blob``'s stream and hash it; a source whose stream hashes every
+        byte as it reads it (a registry) hands over what it hashed instead of hashing it twice."""
+        stream, _ = self.get_blob(info)
+        with stream:
+            data = stream.read()
+        return VerifiedBlob.check(data, info.digest, info.size if info.size >= 0 else None)
 
     def get_blob_ranges(self, info: BlobInfo, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Bytes of each (offset, length) range of a blob (unverified).  Default: read the stream."""

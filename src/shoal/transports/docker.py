@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
 
+from shoal.digest import VerifiedBlob
 from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError, UsageError
 from shoal.format.manifest import json_loads
 from shoal.transports.base import (
@@ -376,6 +377,17 @@ class DockerSource(ImageSource):
         stream = self._try(open_at, self._any(), "blob")
         size = stream.size if stream.size is not None else info.size
         return cast(BinaryIO, stream), size
+
+    def get_verified_blob(self, info: BlobInfo) -> VerifiedBlob:
+        # the registry stream hashes every byte as it reads it: what it hashed is the blob, not hashed again
+        size_hint = info.size if info.size >= 0 else None
+
+        def read_at(c: RegistryClient, repo: str) -> VerifiedBlob:
+            with RecordWhenVerified(c.open_blob_stream(repo, info.digest, size=size_hint), self.seen, c.host,
+                                    repo) as stream:
+                return stream.read_verified()
+
+        return self._try(read_at, self._any(), "blob")
 
     def get_blob_ranges(self, info: BlobInfo, ranges: list[tuple[int, int]]) -> list[bytes]:
         # the ranges are not the whole blob: its chunks are verified by the reader; that the registry served

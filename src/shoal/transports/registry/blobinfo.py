@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shoal.digest import VerifiedBlob
+
 if TYPE_CHECKING:
     from shoal.transports.registry.blobs import BlobReader
 
@@ -276,6 +278,11 @@ class RecordWhenVerified:
         if not b and self.reader.verified:
             self.seen.record(self.host, self.repo, self.reader.digest)
         return b
+
+    def read_verified(self) -> VerifiedBlob:
+        blob = self.reader.read_verified()
+        self.seen.record(self.host, self.repo, self.reader.digest)
+        return blob
 
     def __iter__(self) -> Iterator[bytes]:
         yield from self.reader

@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from shoal.digest import BlobDigester, VerifiedBlob
 from shoal.errors import FormatError, HostileInput, IntegrityError, TransportError, UsageError
 
 from .responses import Attempts, BodyLost, failure
@@ -114,7 +115,8 @@ class BlobReader:
 
     def __init__(self, client: RegistryClient, repo: str, digest: str, size: int | None) -> None:
         self._c, self.repo, self.digest, self.expected = client, repo, check_digest(digest), size
-        self._h = hasher(digest)
+        hasher(digest)  # a supported, well-formed digest
+        self._d = BlobDigester(digest)
         self._scopes = client.scopes(repo)
         self.offset = 0
         self.size: int | None = size
@@ -183,7 +185,7 @@ class BlobReader:
         if chunk is None:
             self._finish()
             return b""
-        self._h.update(chunk)
+        self._d.update(chunk)
         self.offset += len(chunk)
         limit = self.expected if self.expected is not None else self.size
         if limit is not None and self.offset > limit:
@@ -197,9 +199,19 @@ class BlobReader:
         want = self.expected if self.expected is not None else self.size
         if want is not None and self.offset != want:
             raise IntegrityError(f"blob {self.repo}@{self.digest}: got {self.offset} bytes, expected {want}")
-        if digest_of(self._h, self.digest) != self.digest:
+        if not self._d.matches():
             raise IntegrityError(f"blob {self.repo}@{self.digest}: content does not match its digest")
         self.verified = True
+
+    def read_verified(self) -> VerifiedBlob:
+        """The whole blob, read from its first byte and verified as it streamed (size and digest), as a
+        VerifiedBlob: the store keeps it without hashing it again."""
+        if self.offset or self._buf or self._eof:
+            raise ValueError(f"blob {self.digest}: read_verified must read the blob from its first byte")
+        self._d.keep()
+        while self._next():
+            pass
+        return self._d.seal(f"blob {self.repo}@{self.digest}")
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all remaining if ``n < 0``); ``b""`` at verified EOF.  Only the
