@@ -1,0 +1,4 @@
+#!/bin/sh
+# `shoal` for the benchmarks: this checkout's src (bench/containerd.py puts it first on PYTHONPATH) run by
+# the benchmark's own interpreter ($SHOAL_BENCH_PYTHON), whatever console script a venv holds
+exec "${SHOAL_BENCH_PYTHON:-python3}" -c 'import sys; from shoal.cli import main; sys.exit(main())' "$@"
