@@ -138,6 +138,7 @@ def test_remote_mount_starts_at_prepare_and_is_awaited_by_use(tmp_path: Path) ->
         child.start()
         child.join(0.2)
         assert child.is_alive() and not got  # waits for the mount
+        assert svc.list([]) and "c1" not in [x.key for x in svc.list([])]  # no row before the mount is there
         gate.set()  # the first attempt fails; the child's Prepare mounts again and gets it
         child.join(10)
         assert calls == ["x", "x"]
@@ -154,4 +155,25 @@ def test_remote_mount_starts_at_prepare_and_is_awaited_by_use(tmp_path: Path) ->
         assert released == [mp]
     finally:
         gate.set()
+        svc.close()
+
+
+def test_failed_remote_mount_leaves_no_child_snapshot(tmp_path: Path) -> None:
+    """A child's Prepare whose lazy mount below fails (twice) fails, and leaves no row or directory."""
+    from shoal.errors import TransportError
+    from shoal.snapshotter.meta import SnapshotExists
+    from shoal.snapshotter.service import TARGET_LABEL
+
+    def mount(labels: dict[str, str]) -> str:
+        raise TransportError("registry down")
+
+    svc = Service(tmp_path / "root", mount, lambda mp: None, lambda labels: str(tmp_path / "mnt"))
+    try:
+        with pytest.raises(SnapshotExists):
+            svc.prepare("extract", "", {TARGET_LABEL: "L", "img": "x"})
+        with pytest.raises(TransportError, match="registry down"):
+            svc.prepare("c", "L", {})
+        assert [x.key for x in svc.list([])] == ["L"]
+        assert list((tmp_path / "root" / "snapshots").iterdir()) == []  # a remote snapshot has none
+    finally:
         svc.close()

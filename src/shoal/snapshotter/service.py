@@ -178,6 +178,13 @@ class Service:
         return [Mount("overlay", "overlay", (f"lowerdir={':'.join(lowers)}",))]
 
     def _create(self, key: str, parent: str, kind: int, labels: dict[str, str]) -> list[Mount]:
+        if parent and self._jobs:  # a lazy mount below it that is still under way, or failed: before any row
+            try:
+                below = self.meta.get(parent)
+            except NotFound:
+                pass  # meta.create says so
+            else:
+                self._lowers([below, *self.meta.chain(parent)])
         s = self.meta.create(key, parent, kind, labels)
         d = self._dir(s)
         try:
