@@ -193,9 +193,10 @@ def snapshotter_timeline(node: Node, s: ContainerdSample) -> tuple[tuple[float, 
     events: list[tuple[float, str]] = []
     for text in texts:
         for ln in text.splitlines():
-            m = _STAMP.search(ln)
-            if m is None or not any(k in ln for k in _SNAP_EVENTS):
+            stamps = list(_STAMP.finditer(ln))  # a mount's relayed line: its own time is the last one
+            if not stamps or not any(k in ln for k in _SNAP_EVENTS):
                 continue
+            m = stamps[-1]
             at = datetime.strptime(f"{m[1]} {m[2]}", "%Y-%m-%d %H:%M:%S").timestamp() + int(m[3]) / 1000
             what = ln[m.end():].strip()
             what = re.sub(r"sha256:[0-9a-f]{64}|[0-9a-f]{64}", lambda d: d[0][:19], what)
