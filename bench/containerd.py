@@ -74,7 +74,14 @@ from common import CACHE, compile_bytecode, rootfs, row, sh, tree_bytes  # noqa:
 from pull import SKOPEO_HTTP, Registry  # noqa: E402
 from throttle import Throttle  # noqa: E402
 
-SHOAL = shutil.which("shoal") or str(Path(sys.executable).parent / "shoal")
+# every `shoal` started here runs this checkout's src (a worktree's) with this interpreter, not whatever
+# checkout the venv's console script was installed from
+SHOAL = str(Path(__file__).resolve().parent / "shoal.sh")
+_SRC = str(Path(__file__).resolve().parent.parent / "src")
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _SRC:
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
+os.environ["SHOAL_BENCH_PYTHON"] = sys.executable
+SNAPSHOTTER_VERBOSE = os.environ.get("SHOAL_BENCH_SNAPSHOTTER_V", "")  # e.g. "-vv": its timeline in logs/shoal.log
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CMD = ["python3", "-c", "print(1)"]
 NS = "shoalbench"
@@ -97,6 +104,9 @@ class Sample:
     requests: int
     pull: float  # of which the pull (rpull, images pull or CRI PullImage)
     pod: float = 0.0  # CRI: from the start to RunPodSandbox's return
+    create: float = 0.0  # CRI: from the start to CreateContainer's return
+    started: float = 0.0  # CRI: from the start to StartContainer's return
+    wall0: float = 0.0  # time.time() at the start (to place the snapshotter's log lines)
 
 
 # ------------------------------------------------------------------------------------ the peer daemon
@@ -198,7 +208,8 @@ state = "{self.root}/cd/state"
         if snapshotter == "shoal":
             sock = self.root / "snap" / "shoal.sock"
             self.procs.append(subprocess.Popen(
-                [SHOAL, "snapshotter", "--address", str(sock), "--root", str(self.root / "snap" / "root")],
+                [SHOAL, *([SNAPSHOTTER_VERBOSE] if SNAPSHOTTER_VERBOSE else []), "snapshotter", "--address", str(sock),
+                 "--root", str(self.root / "snap" / "root")],
                 env=self.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log("shoal.log")))
             _wait(sock.exists, "shoal snapshotter")
         elif snapshotter == "stargz":
@@ -458,14 +469,16 @@ def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: A
                                  command=cmd, log_path=log.name)
         drop_caches()
         b0, r0 = link.bytes, link.requests
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         cri.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=600)
         tp = time.perf_counter()
         pod = cri.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb), timeout=120).pod_sandbox_id
         ts = time.perf_counter()
         cid = cri.runtime.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=pod, config=cfg, sandbox_config=sb),
                                           timeout=300).container_id
+        tc = time.perf_counter()
         cri.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
+        tst = time.perf_counter()
         end = time.monotonic() + 120
         while True:
             try:
@@ -491,7 +504,7 @@ def cold_run_cri(node: Node, mode: str, host: str, refs: dict[str, str], link: A
         cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
     finally:
         cri.close()
-    return Sample(t1 - t0, b1 - b0, r1 - r0, tp - t0, ts - t0)
+    return Sample(t1 - t0, b1 - b0, r1 - r0, tp - t0, ts - t0, tc - t0, tst - t0, wall0)
 
 
 def cold_run(node: Node, mode: str, host: str, refs: dict[str, str], link: Any, n: int) -> Sample:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -57,10 +58,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+import containerd  # noqa: E402
 from common import CACHE, compile_bytecode, rootfs, tree_bytes  # noqa: E402
 from containerd import (  # noqa: E402
     SHOAL,
@@ -80,6 +83,7 @@ from containerd import (  # noqa: E402
     stargz_daemon,
     umount_all,
 )
+from containerd import Sample as ContainerdSample  # noqa: E402
 from floor import Floor, floor  # noqa: E402
 from throttle import Link, Throttle  # noqa: E402
 
@@ -98,6 +102,7 @@ LABELS = {"esgz-lazy": "eStargz lazy (stargz, CRI)", "esgz-opt": "eStargz optimi
           "shoal-all": "Shoal, profile + all in background",
           "shoal-lazy-service": "Shoal lazy (run via service)",
           "shoal-service": "Shoal with profile (run via service)", "shoal-cri": "Shoal via containerd (CRI, profile)"}
+PHASES = ("PullImage", "RunPodSandbox", "CreateContainer", "StartContainer", "start to output")
 SNAPSHOTTER = {"esgz-lazy": "stargz", "esgz-opt": "stargz", "classic": "overlayfs", "shoal-cri": "shoal"}
 
 
@@ -109,6 +114,8 @@ class Sample:
     settled_bytes: int  # once the link was quiet
     settled_requests: int
     settled: bool  # quiet before the cap
+    phases: tuple[float, ...] = ()  # CRI modes: PullImage, RunPodSandbox, CreateContainer, StartContainer, to output
+    snap: tuple[tuple[float, str], ...] = ()  # shoal-cri with --snapshotter-timeline: (s since the start, line)
 
 
 def settle(link: Link, quiet: float, cap: float, since: float) -> bool:
@@ -186,16 +193,51 @@ def start_service(work: Path) -> subprocess.Popen[bytes]:
 def cold(mode: str, node: Node, work: Path, host: str, refs: dict[str, str], link: Link, n: int, cmd: list[str],
          expect: str, args: argparse.Namespace) -> Sample:
     b0, r0 = link.bytes, link.requests
+    snap: tuple[tuple[float, str], ...] = ()
     if mode in SNAPSHOTTER:
         s = cold_run_cri(node, mode, host, refs, link, n, work / "stubs", cmd=cmd, expect=expect,
                          snapshotter=SNAPSHOTTER[mode])
         sec, nb, nr = s.seconds, s.bytes, s.requests
+        phases: tuple[float, ...] = (s.pull, s.pod - s.pull, s.create - s.pod, s.started - s.create,
+                                     s.seconds - s.started)
+        if mode == "shoal-cri" and args.snapshotter_timeline:
+            snap = snapshotter_timeline(node, s)
     else:
         service = work / "service.sock" if mode in SERVED else None
         sec, nb, nr, _ = shoal_run(work, host, cmd, expect, link, n, PREFETCH.get(mode, "auto"), service=service)
+        phases = ()
     quiet = args.quiet_estargz if SNAPSHOTTER.get(mode) == "stargz" else args.quiet
     ok = settle(link, quiet, args.cap, time.perf_counter())
-    return Sample(sec, nb, nr, link.bytes - b0, link.requests - r0, ok)
+    return Sample(sec, nb, nr, link.bytes - b0, link.requests - r0, ok, phases, snap)
+
+
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d:\d\d)[.,](\d{3})")
+_SNAP_EVENTS = ("timeline:", "Prepare ", "Mounts ", "Stat ", "Commit ", "View ", "mounting ", "prefetched ",
+                "serving ")
+
+
+def snapshotter_timeline(node: Node, s: ContainerdSample) -> tuple[tuple[float, str], ...]:
+    """The snapshotter's -vv log of the run that just ended (its own lines, its mounts' relayed lines and
+    the mount daemons' logs under the run directory), each placed in seconds since the run's start, with
+    the CRI calls' returns; read before the node stops (a daemon's log goes with it)."""
+    texts = [(node.logs / "shoal.log").read_text(errors="replace")]
+    texts += [p.read_text(errors="replace") for p in (node.root / "run").rglob("*.log")]
+    events: list[tuple[float, str]] = []
+    for text in texts:
+        for ln in text.splitlines():
+            stamps = list(_STAMP.finditer(ln))  # a mount's relayed line: its own time is the last one
+            if not stamps or not any(k in ln for k in _SNAP_EVENTS):
+                continue
+            m = stamps[-1]
+            at = datetime.strptime(f"{m[1]} {m[2]}", "%Y-%m-%d %H:%M:%S").timestamp() + int(m[3]) / 1000
+            what = ln[m.end():].strip()
+            what = re.sub(r"sha256:[0-9a-f]{64}|[0-9a-f]{64}", lambda d: d[0][:19], what)
+            if at >= s.wall0 - 1:
+                events.append((at - s.wall0, what[:150]))
+    events += [(s.pull, "CRI: PullImage returned"), (s.pod, "CRI: RunPodSandbox returned"),
+               (s.create, "CRI: CreateContainer returned"), (s.started, "CRI: StartContainer returned"),
+               (s.seconds, "CRI: first output in the log")]
+    return tuple(sorted(events))
 
 
 # ------------------------------------------------------------------------------------ timeline
@@ -297,6 +339,11 @@ def report(wl: str, cmd: list[str], link_name: str, mbit: float, lat: float, sam
             ratio = f"{t / ot:.2f}x, {b / ob:.2f}x (goal {goal})"
         print(f"  {LABELS[mode]:<38} {_fmt([s.seconds for s in ss]):>32}  {b / 1e6:>8.2f} MB {r:>5.0f}  "
               f"{sb / 1e6:>8.2f} MB {sr:>4.0f}{capped}  {ratio}")
+    for mode, ss in samples.items():
+        if all(s.phases for s in ss):
+            med = [statistics.median(s.phases[i] for s in ss) for i in range(len(PHASES))]
+            print(f"    {LABELS[mode]}: " + ", ".join(f"{name} {t:.3f}" for name, t in zip(PHASES, med))
+                  + " s (medians)")
     if fl is not None:
         print(f"  {'physical floor':<38} {fl.seconds(mbit, lat):>27.3f} s  {fl.bytes / 1e6:>8.2f} MB {3:>5}  "
               f"({fl.files} files, {fl.ranges} ranges, {fl.raw_bytes / 1e6:.2f} MB read -> "
@@ -322,7 +369,11 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=60.0, help="longest wait for the link to go quiet, s")
     ap.add_argument("--no-floor", action="store_true", help="skip the physical floor (strace)")
     ap.add_argument("--no-timeline", action="store_true")
+    ap.add_argument("--snapshotter-timeline", action="store_true",
+                    help="run the shoal snapshotter with -vv and print the timeline of its last CRI run per link")
     args = ap.parse_args()
+    if args.snapshotter_timeline:
+        containerd.SNAPSHOTTER_VERBOSE = "-vv"
     modes = [m for m in MODES if m in args.modes.split(",")]
     wls = [w for w in WORKLOADS if w in args.workloads.split(",")]
     links = [lk for key, lk in (("loopback", ("loopback", 1e6, 0.0)),
@@ -396,6 +447,11 @@ def main() -> None:
                                                       args))
                             node.stop()
                     report(wl, cmd, link_name, mbit, lat, samples, fl)
+                    last = samples.get("shoal-cri", [])[-1:]
+                    if last and last[0].snap:
+                        print("  timeline of the last shoal-cri run (snapshotter -vv, s since PullImage's call):")
+                        for at, what in last[0].snap:
+                            print(f"    {at:7.3f} s  {what}")
                     if not args.no_timeline:
                         n += 1
                         timeline(work, reg, t.host, cmd, expect, t.link, n)

@@ -314,6 +314,8 @@ def test_recorded_profile_is_prefetched_on_the_containerd_path(containerd: Conta
     before = len(gets(reg))
     containerd.rpull(ref)
     mp = containerd.snap_root / "mounts" / m.digest.removeprefix("sha256:")
+    # the pull's Prepare started the lazy mount and answered; the mount comes up meanwhile
+    wait_for(lambda: str(mp) in Path("/proc/mounts").read_text(), "the lazy mount the pull started")
     pulled = gets(reg)[before:]
     assert any("/prof/manifests/sha256-" in path for path, _ in pulled), pulled  # the referrers lookup
 

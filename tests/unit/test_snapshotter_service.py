@@ -98,3 +98,82 @@ def test_filter_syntax() -> None:
     assert filters.match_any(f, {"parent": "p q"}, {"containerd.io/snapshot.ref": "sha256:ab"})
     assert not filters.match_any(f, {"parent": "p"}, {"containerd.io/snapshot.ref": "sha256:ab"})
     assert filters.match_any([filters.parse("labels.a"), filters.parse("name~=^x")], {"name": "xy"}, {})
+
+
+def test_remote_mount_starts_at_prepare_and_is_awaited_by_use(tmp_path: Path) -> None:
+    """With a locator, a layer's Prepare starts its image's lazy mount and answers ALREADY_EXISTS at once;
+    a child's Prepare waits for the mount; a failed mount is tried again by the next use; the last
+    snapshot's removal lets a mount under way finish before releasing it (docs/containerd.md "Start-up")."""
+    import threading
+
+    from shoal.errors import TransportError
+    from shoal.snapshotter.meta import SnapshotExists
+    from shoal.snapshotter.service import TARGET_LABEL
+
+    gate = threading.Event()
+    calls: list[str] = []
+    released: list[str] = []
+    fail = [True]
+    mp = str(tmp_path / "mnt" / "img")
+
+    def mount(labels: dict[str, str]) -> str:
+        calls.append(labels["img"])
+        assert gate.wait(10)
+        if fail[0]:
+            fail[0] = False
+            raise TransportError("registry down")
+        return mp
+
+    def locate(labels: dict[str, str]) -> str:
+        return mp if labels.get("img") else ""
+
+    svc = Service(tmp_path / "root", mount, released.append, locate)
+    try:
+        labels = {TARGET_LABEL: "L1", "img": "x"}
+        with pytest.raises(SnapshotExists):
+            svc.prepare("extract-1", "", labels)  # answered while the mount is still under way
+        assert svc.stat("L1").remote == mp and calls == ["x"]
+        got: list[Any] = []
+        child = threading.Thread(target=lambda: got.append(svc.prepare("c1", "L1", {})))
+        child.start()
+        child.join(0.2)
+        assert child.is_alive() and not got  # waits for the mount
+        assert svc.list([]) and "c1" not in [x.key for x in svc.list([])]  # no row before the mount is there
+        gate.set()  # the first attempt fails; the child's Prepare mounts again and gets it
+        child.join(10)
+        assert calls == ["x", "x"]
+        assert got and got[0][0].type == "overlay" and got[0][0].options[2] == f"lowerdir={mp}"
+        svc.remove("c1")
+        gate.clear()
+        fail[0] = False
+        with pytest.raises(SnapshotExists):  # the image again (a mount known to work is not repeated)
+            svc.prepare("extract-2", "", {TARGET_LABEL: "L2", "img": "x"})
+        assert calls == ["x", "x"]
+        svc.remove("L2")
+        assert released == []  # L1 still uses it
+        svc.remove("L1")
+        assert released == [mp]
+    finally:
+        gate.set()
+        svc.close()
+
+
+def test_failed_remote_mount_leaves_no_child_snapshot(tmp_path: Path) -> None:
+    """A child's Prepare whose lazy mount below fails (twice) fails, and leaves no row or directory."""
+    from shoal.errors import TransportError
+    from shoal.snapshotter.meta import SnapshotExists
+    from shoal.snapshotter.service import TARGET_LABEL
+
+    def mount(labels: dict[str, str]) -> str:
+        raise TransportError("registry down")
+
+    svc = Service(tmp_path / "root", mount, lambda mp: None, lambda labels: str(tmp_path / "mnt"))
+    try:
+        with pytest.raises(SnapshotExists):
+            svc.prepare("extract", "", {TARGET_LABEL: "L", "img": "x"})
+        with pytest.raises(TransportError, match="registry down"):
+            svc.prepare("c", "L", {})
+        assert [x.key for x in svc.list([])] == ["L"]
+        assert list((tmp_path / "root" / "snapshots").iterdir()) == []  # a remote snapshot has none
+    finally:
+        svc.close()

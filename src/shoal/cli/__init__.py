@@ -88,7 +88,11 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, store: str | None, verbose: int) -> None:
     """Shoal: chunked, deduplicated, lazily mountable container images."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="shoal: %(levelname)s: %(message)s")
+    # debug lines carry the wall-clock time (to the millisecond): their "timeline:" marks line up with
+    # other processes' logs (the snapshotter's, its mounts', containerd's)
+    fmt = "shoal: %(asctime)s.%(msecs)03d %(levelname)s: %(message)s" if verbose >= 2 else \
+        "shoal: %(levelname)s: %(message)s"
+    logging.basicConfig(level=level, stream=sys.stderr, format=fmt, datefmt="%Y-%m-%dT%H:%M:%S")
     for noisy in ("httpx", "httpcore"):  # they log whole URLs and headers: presigned queries carry signatures
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = {"store": store}

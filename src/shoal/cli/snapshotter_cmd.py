@@ -55,7 +55,7 @@ def snapshotter(ctx: click.Context, address: str, root: str | None, store: str |
     runner.start()
     remote = RemoteMounts(rootp, runner, cache=cache, hosts=Path(hosts_dir).absolute() if hosts_dir else None,
                           keychain=keychain)
-    svc = Service(rootp, remote.mount, remote.release)
+    svc = Service(rootp, remote.mount, remote.release, remote.locate)  # mounts start at Prepare, awaited by use
     svc.reattach()  # lazy mounts of a previous run: found again, or mounted again (after a reboot)
     remote.sweep({s.remote for s in svc.list([]) if s.remote})  # images released while it was down
     proxy = ImageServiceProxy(os.path.abspath(cri_image_service), keychain) if keychain and cri_image_service else None

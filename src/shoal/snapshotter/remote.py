@@ -50,16 +50,24 @@ class RemoteMounts:
         if cache is not None:
             self.globals = ["--store", str(cache.root)]
 
-    def mount(self, labels: dict[str, str]) -> str:
+    def locate(self, labels: dict[str, str]) -> str:
+        """Where ``mount`` serves the layer with these labels; "" for a layer that is not remote."""
         digest = labels.get(SHOAL_IMAGE_LABEL, "")
         if not digest:
             return ""  # an ordinary layer: containerd fetches and applies it
         if not _DIGEST.match(digest):
             raise UsageError(f"label {SHOAL_IMAGE_LABEL}={digest!r} is not a sha256 digest")
-        ref = next((labels[k] for k in REF_LABELS if labels.get(k)), "")
-        if not ref:
+        if not any(labels.get(k) for k in REF_LABELS):
             return ""  # no reference to fetch from (ctr images pull): the stub layer is applied
-        mp = self.dir / digest.removeprefix("sha256:")
+        return str(self.dir / digest.removeprefix("sha256:"))
+
+    def mount(self, labels: dict[str, str]) -> str:
+        where = self.locate(labels)
+        if not where:
+            return ""
+        digest = labels[SHOAL_IMAGE_LABEL]
+        ref = next(labels[k] for k in REF_LABELS if labels.get(k))
+        mp = Path(where)
         if self.cache is None:
             return self._mount(mp, ref, digest)
         with self.cache.mounting():  # no gc of the store until the image is tagged
@@ -83,7 +91,12 @@ class RemoteMounts:
         extra = ["--authfile", str(authfile)] if authfile is not None else []
         log.info("mounting %s lazily at %s%s", src, mp, " with the CRI keychain's credentials" if extra else "")
         extra += self.hosts.mount_args(src.removeprefix("docker://").split("/", 1)[0]) if self.hosts else []
-        rc, stderr = self.runner.run([*self.globals, "mount", "--trusted-image", *extra, src, str(mp)], 300)
+        debug = log.isEnabledFor(logging.DEBUG)  # the mount's own timeline, relayed below
+        rc, stderr = self.runner.run([*self.globals, *(["-vv"] if debug else []), "mount", "--trusted-image", *extra,
+                                      src, str(mp)], 300)
+        if debug:
+            for line in stderr.splitlines():
+                log.debug("mount %s: %s", mp.name[:12], line)
         if rc != 0:
             err = (stderr.strip().splitlines() or ["no message"])[-1]
             raise TransportError(f"lazy mount of {src} failed: {err}")

@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class Usage:
 # (target label value, labels) -> FUSE mount point of the image, or "" when the layer is not remote
 RemoteMounter = Callable[[dict[str, str]], str]
 RemoteReleaser = Callable[[str], None]
+# labels -> where RemoteMounter would mount them ("" when the layer is not remote), without mounting
+RemoteLocator = Callable[[dict[str, str]], str]
 
 
 def _du(path: Path) -> Usage:
@@ -74,18 +77,24 @@ def _du(path: Path) -> Usage:
 
 class Service:
     def __init__(self, root: Path, mount_remote: RemoteMounter | None = None,
-                 release_remote: RemoteReleaser | None = None) -> None:
+                 release_remote: RemoteReleaser | None = None, locate_remote: RemoteLocator | None = None) -> None:
         self.root = root
         self.meta = MetaStore(root)
         (root / "snapshots").mkdir(parents=True, exist_ok=True, mode=0o700)
         self._mount_remote = mount_remote
         self._release_remote = release_remote
-        # a lazy mount and its snapshot row are made, and a last user's release decided and done, under
-        # one lock: a Prepare of an image whose last snapshot is being removed must not get a mount the
-        # removal then takes away (nor the store data it collects)
+        self._locate_remote = locate_remote
+        # a lazy mount's start and its snapshot row, and a last user's release (decided and done, after
+        # the mount under way finished), are under one lock: a Prepare of an image whose last snapshot is
+        # being removed must not get a mount the removal then takes away (nor the store data it collects)
         self._remote_lock = threading.Lock()
+        # with ``locate_remote``, a layer's Prepare starts its image's lazy mount here and answers at once;
+        # whatever needs the mount (a child's mounts) waits for it (docs/containerd.md "Start-up")
+        self._jobs: dict[str, Future[str]] = {}  # mount point -> the mount under way or done
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="shoal-snap-mount")
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self.meta.close()
 
     def reattach(self) -> list[str]:
@@ -117,10 +126,35 @@ class Service:
     def _dir(self, s: Snapshot) -> Path:
         return self.root / "snapshots" / str(s.id)
 
+    def _mounted(self, s: Snapshot) -> None:
+        """Wait for the lazy mount of the remote snapshot ``s`` started by a Prepare; if it failed, mount
+        again now (its error, if it fails again, is this call's)."""
+        job = self._jobs.get(s.remote)
+        if job is None or self._mount_remote is None:
+            return  # mounted before this process served (reattach), or by the synchronous path
+        try:
+            mp = job.result()
+            if mp != s.remote:
+                raise ShoalError(f"snapshot {s.key}: lazy mount {s.remote} came up at {mp or '(nowhere)'}")
+            return
+        except ShoalError as e:
+            log.warning("the lazy mount of snapshot %s failed (%s); mounting it again", s.key, e)
+        except Exception as e:  # a bug: as above, the retry reports what it finds
+            log.warning("the lazy mount of snapshot %s failed (%s: %s); mounting it again", s.key,
+                        type(e).__name__, e)
+        with self._remote_lock:
+            if self._jobs.get(s.remote) is job:
+                self._jobs[s.remote] = self._pool.submit(self._mount_remote, dict(s.labels))
+            again = self._jobs[s.remote]
+        mp = again.result()
+        if mp != s.remote:
+            raise ShoalError(f"snapshot {s.key}: lazy mount {s.remote} came up at {mp or '(nowhere)'}")
+
     def _lowers(self, parents: list[Snapshot]) -> list[str]:
         out: list[str] = []
         for p in parents:
             if p.remote:
+                self._mounted(p)
                 out.append(p.remote)
                 break
             out.append(str(self._dir(p) / "fs"))
@@ -144,6 +178,13 @@ class Service:
         return [Mount("overlay", "overlay", (f"lowerdir={':'.join(lowers)}",))]
 
     def _create(self, key: str, parent: str, kind: int, labels: dict[str, str]) -> list[Mount]:
+        if parent and self._jobs:  # a lazy mount below it that is still under way, or failed: before any row
+            try:
+                below = self.meta.get(parent)
+            except NotFound:
+                pass  # meta.create says so
+            else:
+                self._lowers([below, *self.meta.chain(parent)])
         s = self.meta.create(key, parent, kind, labels)
         d = self._dir(s)
         try:
@@ -170,7 +211,14 @@ class Service:
             if self._exists(target):
                 raise SnapshotExists(f"target snapshot {target} already exists")
             with self._remote_lock:
-                mp = self._mount_remote(labels)
+                if self._locate_remote is None:
+                    mp = self._mount_remote(labels)
+                else:  # started, not awaited: the pull goes on (and the pod sandbox starts) while it mounts
+                    mp = self._locate_remote(labels)
+                    if mp:
+                        job = self._jobs.get(mp)
+                        if job is None or (job.done() and job.exception() is not None):
+                            self._jobs[mp] = self._pool.submit(self._mount_remote, dict(labels))
                 if mp:
                     try:
                         self.meta.create(target, parent, KIND_COMMITTED, labels, remote=mp)
@@ -231,6 +279,12 @@ class Service:
         if s.remote and self._release_remote is not None:
             with self._remote_lock:
                 if self.meta.remote_users(s.remote) == 0:
+                    job = self._jobs.pop(s.remote, None)
+                    if job is not None:  # let a mount under way finish, then take it away
+                        try:
+                            job.result()
+                        except Exception as e:
+                            log.info("the lazy mount %s had failed: %s", s.remote, e)
                     self._release_remote(s.remote)
 
     def cleanup(self) -> None:
