@@ -148,8 +148,13 @@ def test_status_counters_and_prefetch(sample: dict[str, object], mnt: Path, run_
     assert isinstance(store, Path)
     shoal(store, "mount", "--prefetch", "all", sample["ref"], mnt)
     data = (mnt / "sub" / "rand11").read_bytes()
-    time.sleep(1.3)  # the daemon publishes its counters every second
-    rows = json.loads(shoal(None, "status", "--json").stdout)["mounts"]
+    # "all" waits for 1 s without reads (mount.md §3), then fetches; the daemon publishes every second
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(0.5)
+        rows = json.loads(shoal(None, "status", "--json").stdout)["mounts"]
+        if rows and rows[0]["stats"].get("prefetch_state") == "done" or time.monotonic() > deadline:
+            break
     assert len(rows) == 1
     row = rows[0]
     assert row["alive"] and row["mounted"] and row["name"] == "sample:1" and row["mountpoint"] == str(mnt)
@@ -174,4 +179,39 @@ def test_generated_tree_through_fuse(generated_image: tuple[Path, str, object],
     store, ref, _ = generated_image
     shoal(store, "mount", ref, mnt)
     helpers.assert_same_tree(helpers.tree_snapshot(mnt), generated_snapshot)
+    shoal(store, "umount", mnt)
+
+
+def test_prefetch_all_waits_while_the_workload_reads(sample: dict[str, object], mnt: Path, run_dir: Path) -> None:
+    """--prefetch all fetches the frames beyond the profile only after 1 s without lookups or reads
+    (mount.md §3): while the workload keeps reading, nothing is fetched ahead; once it stops, all is."""
+    import json
+    import time
+
+    store = sample["store"]
+    assert isinstance(store, Path)
+    shoal(store, "mount", "--prefetch", "all", sample["ref"], mnt)
+
+    def stats() -> dict[str, object]:
+        rows = json.loads(shoal(None, "status", "--json").stdout)["mounts"]
+        assert len(rows) == 1
+        s = rows[0]["stats"]
+        assert isinstance(s, dict)
+        return s
+
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:  # a busy workload: a read reaching the daemon every 0.2 s
+        fd = os.open(mnt / "sub" / "rand11", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not from the page cache: from the daemon
+            os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        time.sleep(0.2)
+    s = stats()
+    assert s["prefetch_state"] == "waiting" and s["prefetched_frames"] == 0, s
+    deadline = time.monotonic() + 30
+    while (s := stats())["prefetch_state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert s["prefetch_state"] == "done" and s["prefetched_frames"] > 0, s
     shoal(store, "umount", mnt)
