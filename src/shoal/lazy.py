@@ -570,8 +570,8 @@ class LazySource(FrameSource):
                 if cis and all(ids[ci] in local for ci in cis):
                     have.add(fi)
             with self._lock:
-                if self._cached is None:
-                    self._cached = have
+                if self._cached is None:  # with what a job stored while the catalogue was read (its
+                    self._cached = have | self._stored  # _finish saw no set to add to yet)
         with self._lock:
             return set(self._cached)
 

@@ -172,6 +172,36 @@ def test_fetch_sees_a_frame_stored_between_its_looks(pushed: dict[str, Any], reg
     src.close()
 
 
+def test_the_cached_set_keeps_a_frame_stored_while_it_is_built(pushed: dict[str, Any], registry: Registry,
+                                                               tmp_path: Path) -> None:
+    """The set of local frames (``frames_cached`` in the mount's counters) is built from the catalogue
+    once; a frame a job stores after that read but before the set exists must still be in it (the race
+    forced: the job's store lands between the catalogue's answer and the set's publication)."""
+    idx = pushed["index"]
+    src = _lazy(registry.host, pushed, tmp_path / "store")
+    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
+    cat = src.store.catalog
+    add, present = cat.add, cat.present
+    gate = threading.Event()
+
+    def gated_add(rows: Any) -> None:
+        assert gate.wait(20)
+        add(rows)
+
+    def racing_present(ids: Any) -> Any:
+        out = present(ids)  # the frame is not stored yet
+        gate.set()
+        helpers_wait(lambda: fi in src._stored, 10)  # now it is, and no set existed to add it to
+        return out
+
+    cat.add = gated_add  # type: ignore[method-assign]
+    src.readahead([fi])
+    helpers_wait(lambda: fi in src._inflight and src._inflight[fi][0].done(), 20)
+    cat.present = racing_present  # type: ignore[method-assign]
+    assert fi in src._cached_set()
+    src.close()
+
+
 def test_read_frame_sees_a_pack_promoted_between_its_looks(pushed: dict[str, Any], registry: Registry,
                                                             tmp_path: Path) -> None:
     """Another process promotes a partial pack (complete blob made, partial file and frame rows dropped)

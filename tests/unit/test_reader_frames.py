@@ -146,7 +146,9 @@ def test_unpack_writes_every_file_from_one_thread_and_reads_frames_ahead_on_othe
     r = unpack(idx, Reader(idx, LayoutSource(store.layout)), str(tmp_path / "out"), UnpackOptions(workers=3))
     assert r.files == 300
     assert writers == {threading.current_thread().name}
-    assert deflaters and all(n.startswith("shoal-unpack") for n in deflaters)
+    # frames are decompressed ahead on the worker threads; the writing thread decompresses one itself
+    # only when it overtook the read-ahead (a loaded machine: the workers had no CPU yet), never every one
+    assert any(n.startswith("shoal-unpack") for n in deflaters), deflaters
     for i in range(300):
         assert (tmp_path / "out" / f"f{i:03d}").read_bytes() == (src / f"f{i:03d}").read_bytes()
 
