@@ -234,7 +234,7 @@ def test_a_hostile_layout_cannot_touch_another_images_partial_pack(registry: Reg
     helpers.fix_times(upd, T)
     src = tmp_path / "src"
     build(Store.open(src), base, "base:1", BuildOptions(workers=2))
-    build(Store.open(src), upd, "upd:1", BuildOptions(workers=2))  # alone: new packs, shared chunks
+    build(Store.open(src), upd, "upd:1", BuildOptions(workers=2, reuse_store=False))  # alone: new packs, shared chunks
     repo = f"integrity/{uuid.uuid4().hex[:8]}"
     for ref in ("base", "upd"):
         shoal(src, "push", f"{ref}:1", f"docker://{registry.host}/{repo}:{ref}")
