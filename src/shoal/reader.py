@@ -80,6 +80,11 @@ class FrameSource(abc.ABC):
         """The source's own counters, a dataclass of numbers (``stats.source`` in status); default None."""
         return None
 
+    @property
+    def bundle_state(self) -> str:
+        """Its profile bundle's (bundle.md §6): none (default), pending, checked or refused."""
+        return "none"
+
     # ------------------------------------------------------------ life cycle (the mount daemon forks)
 
     def before_fork(self) -> None:  # noqa: B027
@@ -93,6 +98,9 @@ class FrameSource(abc.ABC):
 
     def after_fork(self) -> None:  # noqa: B027
         """In the forked daemon: make new connections, pools and locks; never close inherited ones."""
+
+    def serving(self) -> None:  # noqa: B027
+        """The mount is live (its caller was told): work deferred so as not to delay that may start."""
 
     def close(self) -> None:  # noqa: B027
         """Stop background work (the mount is going away)."""
@@ -136,6 +144,10 @@ class ForwardingSource(FrameSource):
     def stats(self) -> object | None:
         return self.inner.stats
 
+    @property
+    def bundle_state(self) -> str:
+        return self.inner.bundle_state
+
     def before_fork(self) -> None:
         self.inner.before_fork()
 
@@ -147,6 +159,9 @@ class ForwardingSource(FrameSource):
 
     def after_fork(self) -> None:
         self.inner.after_fork()
+
+    def serving(self) -> None:
+        self.inner.serving()
 
     def close(self) -> None:
         self.inner.close()

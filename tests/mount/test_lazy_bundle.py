@@ -58,6 +58,12 @@ def _read_workload(mnt: Path, sample: dict[str, object]) -> None:
         assert (mnt / p).read_bytes() == (tree / p).read_bytes(), p
 
 
+def _daemon_log(run_dir: Path) -> str:
+    logs = list((run_dir / "mounts").glob("*.log"))
+    assert len(logs) == 1, logs
+    return logs[0].read_text(errors="replace")
+
+
 def _umount(run_dir: Path, mnt: Path, pid: int) -> None:
     shoal(None, "umount", mnt)
     assert not mounts_under(run_dir, mnt.parent)
@@ -71,10 +77,13 @@ def test_the_workload_is_served_from_the_bundle(sample: dict[str, object], regis
     cold = tmp_path / "cold"
     p = shoal(cold, "-v", "mount", "--json", ref, mnt)
     st = json.loads(p.stdout)
-    assert b"profile bundle of " + m.digest.encode() in p.stderr and b"checked" in p.stderr
+    # the daemon checks the bundle once the mount is live (bundle.md §6.1)
+    wait_for(lambda: mount_stats(mnt)["bundle_state"] == "checked", 30, "bundle check")
+    assert f"profile bundle of {m.digest}: " in _daemon_log(run_dir) and "checked" in _daemon_log(run_dir)
     s = mount_stats(mnt)
-    # every profiled frame holds a chunk of the bundle: nothing to prefetch, nothing fetched
-    assert (s["profile_frames"], s["prefetched_frames"], s["source"]["frames_cached"]) == (0, 0, 0)
+    # every profiled frame holds a chunk of the bundle: the prefetch left them all out, nothing was fetched
+    assert s["profile_frames"] == s["prefetched_frames"] == len(prof.frames)
+    assert (s["source"]["frames_cached"], s["source"]["requests"]) == (0, 0)
     _read_workload(mnt, sample)
     s = mount_stats(mnt)
     assert s["errors"] == 0 and s["reads"] > 0
@@ -146,8 +155,10 @@ def test_a_hostile_bundle_is_refused_and_never_served(kind: str, sample: dict[st
     cold = tmp_path / "cold"
     p = shoal(cold, "mount", "--json", ref, mnt)
     st = json.loads(p.stdout)
-    err = p.stderr.decode()
+    wait_for(lambda: mount_stats(mnt)["bundle_state"] == "refused", 30, "bundle refusal")
+    err = _daemon_log(run_dir)
     assert f"ignoring the profile bundle of {m.digest}: bundle: " in err and words in err, err
+    assert not (cold / "profiles" / f"{m.digest[7:]}.bundle").exists()  # only a checked bundle is kept
     # as without a bundle: the profile's frames are prefetched, the reads are right, nothing is corrupt
     wait_for(lambda: mount_stats(mnt)["prefetch_state"] == "done", 30, "prefetch")
     _read_workload(mnt, sample)

@@ -27,7 +27,7 @@ from shoal.format import cbor
 from shoal.format.index import MAX_CHUNK, child_record, meta_record
 from shoal.format.model import Entry, Index, Kind, name_of, parent_of
 
-__all__ = ["MAGIC", "FORMAT", "Bundle", "BundleDir", "BundleFile", "make", "open_bundle", "read_header",
+__all__ = ["MAGIC", "FORMAT", "Bundle", "BundleData", "BundleDir", "BundleFile", "make", "open_bundle", "read_header",
            "LIMITS", "Limits", "FRAME_TARGET", "ZSTD_LEVEL", "PartialTree"]
 
 MAGIC = b"SHOALBD1"  # §2: 8 bytes, then u32be header length
@@ -75,7 +75,7 @@ class BundleDir:
     def digest(self) -> bytes:
         mode, uid, gid, mtime, xattrs = self.meta
         doc = [_DIR_TAG, [mode, uid, gid, mtime, dict(xattrs)], [list(r) for r in self.records]]
-        return hashlib.sha256(cbor.encode(doc)).digest()
+        return hashlib.sha256(cbor.encode_fast(doc)).digest()  # checked values: one key type per map
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def read_header(blob: bytes, limits: Limits = LIMITS) -> tuple[dict[str, Any], i
         raise IntegrityError("bundle: truncated in its header")
     budget = limits.header_items + limits.items_per_byte * hlen  # §4: decoding cost bound by what was sent
     try:  # canonical CBOR only
-        doc = cbor.decode(_zstd(blob[_HEAD.size:start], limits.header, "header"), max_items=budget)
+        doc = cbor.decode_canonical(_zstd(blob[_HEAD.size:start], limits.header, "header"), budget)
     except HostileInput as exc:
         raise HostileInput(f"bundle: header holds more CBOR items than {budget} ({exc})") from None
     keys = {"format", "root", "dirs", "files", "chunks", "frames"}
@@ -292,15 +292,162 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
 
     Raises FormatError/HostileInput (malformed or over a limit) or IntegrityError (a digest that
     does not match, a truncated blob); nothing of a refused bundle is ever returned."""
-    doc, pos = read_header(blob, limits)
-    if doc["root"] != root:
-        raise IntegrityError("bundle: made for another root (image)")
-    raw_dirs, raw_files = doc["dirs"], doc["files"]
-    if type(raw_dirs) is not list or not 0 < len(raw_dirs) <= limits.dirs:
-        raise _fail("dirs must be a non-empty array within the limit")
-    if type(raw_files) is not list or len(raw_files) > limits.files:
-        raise _fail("files must be an array within the limit")
-    # §3.1 the partial tree, top down: a directory's digest must be the one its parent's record states
+    data = BundleData(blob, root, limits)
+    dirs, files = data.tree()
+    return Bundle(root, dirs, files, data.chunks(), data.frames, len(blob))
+
+
+class BundleData:
+    """A bundle read in two steps (§3.5): constructing it reads the header, compares its root and checks
+    the shape of its files' chunk lists and of its data (so each chunk reference names a chunk id and
+    length, and each frame its chunks); ``chunk`` then hands out a chunk by id, its frame decompressed
+    on first use and every chunk of it hashed against its id; ``tree`` checks the partial tree against
+    the root top down and binds each file's chunk list to its record.  Raises as ``open_bundle``."""
+
+    def __init__(self, blob: bytes, root: bytes, limits: Limits = LIMITS) -> None:
+        doc, pos = read_header(blob, limits)
+        if doc["root"] != root:
+            raise IntegrityError("bundle: made for another root (image)")
+        self._blob, self._root, self._limits, self._doc = blob, root, limits, doc
+        raw_dirs, raw_files = doc["dirs"], doc["files"]
+        if type(raw_dirs) is not list or not 0 < len(raw_dirs) <= limits.dirs:
+            raise _fail("dirs must be a non-empty array within the limit")
+        if type(raw_files) is not list or len(raw_files) > limits.files:
+            raise _fail("files must be an array within the limit")
+        self.files = _file_lists(raw_files, limits)
+        nids = sum(len(f.ids) for f in self.files)
+        # §3.3 the data: each chunk reference names a listed (file, chunk); each chunk hashes to its id
+        refs_raw, table = _bstr(doc["chunks"], "chunks"), _bstr(doc["frames"], "frames")
+        if len(refs_raw) % 8 or len(table) % 8:
+            raise _fail("chunk and frame tables must be 8-byte rows")
+        # before unpacking (a row is ~120 bytes of Python): each reference names another chunk of a listed
+        # file, each frame holds at least one
+        if len(refs_raw) // 8 > nids or len(table) > len(refs_raw):
+            raise _fail("more chunk references than the files' chunks, or more frames than chunks")
+        refs = [_REF.unpack_from(refs_raw, i) for i in range(0, len(refs_raw), 8)]
+        rows = [_REF.unpack_from(table, i) for i in range(0, len(table), 8)]
+        if sum(r[0] for r in rows) != len(refs) or any(r[0] == 0 or r[1] == 0 for r in rows):
+            raise _fail("frames must hold every chunk, at least one each")
+        wanted: list[tuple[bytes, int]] = []
+        seen: set[bytes] = set()
+        files = self.files
+        for f, k in refs:
+            if f >= len(files) or k >= len(files[f].ids):
+                raise _fail("chunk reference out of range")
+            cid = files[f].ids[k]
+            if cid in seen:
+                raise _fail("a chunk twice")
+            seen.add(cid)
+            wanted.append((cid, files[f].lengths[k]))
+        if pos + sum(r[1] for r in rows) != len(blob):
+            raise IntegrityError(f"bundle: {len(blob) - pos} data bytes where its frame table says "
+                                 f"{sum(r[1] for r in rows)} (truncated?)")
+        if sum(ln for _, ln in wanted) > limits.data:
+            raise HostileInput("bundle: more data than the limit")
+        self.frames = tuple((r[0], r[1]) for r in rows)
+        self._layout: list[tuple[int, int, list[tuple[bytes, int]]]] = []  # (start, length, chunks) per frame
+        self._frame_of: dict[bytes, int] = {}
+        at = 0
+        for fno, (count, clen) in enumerate(rows):
+            part = wanted[at : at + count]
+            if sum(ln for _, ln in part) > limits.frame:
+                raise HostileInput(f"bundle: data frame {fno} holds more than {limits.frame} bytes")
+            self._layout.append((pos, clen, part))
+            for cid, _ in part:
+                self._frame_of[cid] = fno
+            pos += clen
+            at += count
+        self._opened: dict[int, dict[bytes, bytes]] = {}
+
+    @property
+    def first_ids(self) -> list[bytes]:
+        """The id of each data frame's first chunk (``chunk`` of it opens that frame)."""
+        return [part[0][0] for _, _, part in self._layout]
+
+    @property
+    def ids(self) -> frozenset[bytes]:
+        """The ids of the chunks the bundle holds (not verified until ``chunk`` hands one out)."""
+        return frozenset(self._frame_of)
+
+    def chunk(self, cid: bytes) -> bytes | None:
+        """Chunk ``cid``, verified, or None if the bundle does not hold it.  Threads may call it at once
+        (two that want the same unopened frame both open it)."""
+        fno = self._frame_of.get(cid)
+        if fno is None:
+            return None
+        got = self._opened.get(fno)
+        if got is None:
+            got = self._open(fno)
+            self._opened[fno] = got
+        return got[cid]
+
+    def _open(self, fno: int) -> dict[bytes, bytes]:
+        start, clen, part = self._layout[fno]
+        data = _zstd(self._blob[start : start + clen], sum(ln for _, ln in part), f"data frame {fno}", exact=True)
+        out: dict[bytes, bytes] = {}
+        off = 0
+        for cid, ln in part:
+            piece = data[off : off + ln]
+            if hashlib.sha256(piece).digest() != cid:
+                raise IntegrityError(f"bundle: chunk sha256:{cid.hex()} failed verification (digest mismatch)")
+            out[cid] = piece
+            off += ln
+        return out
+
+    def chunks(self) -> dict[bytes, bytes]:
+        """Every chunk, verified, in first-read order."""
+        out: dict[bytes, bytes] = {}
+        for fno in range(len(self._layout)):
+            got = self._opened.get(fno)
+            if got is None:
+                got = self._opened[fno] = self._open(fno)
+            out.update(got)
+        return out
+
+    def tree(self) -> tuple[tuple[BundleDir, ...], tuple[BundleFile, ...]]:
+        """§3.1-3.2: the partial tree checked against the root, and each file's chunk list bound to its
+        record."""
+        dirs, named = _tree(self._doc["dirs"], self._root, self._limits)
+        for f in self.files:
+            rec = _child(named, f.path)
+            if rec is None or rec[1] != Kind.FILE:
+                raise _fail(f"file {f.path[:200]!r} is not a listed directory's file")
+            if sum(f.lengths) != rec[7]:
+                raise IntegrityError(f"bundle: chunk lengths of {f.path[:200]!r} do not add up to its size")
+            if hashlib.sha256(b"".join(f.ids)).digest() != rec[8]:
+                raise IntegrityError(f"bundle: chunk ids of {f.path[:200]!r} do not match its record")
+        return dirs, self.files
+
+
+def _file_lists(raw_files: list[Any], limits: Limits) -> tuple[BundleFile, ...]:
+    """§3.2's shape: each file's path (in canonical order), chunk ids and lengths."""
+    files: list[BundleFile] = []
+    nids = 0
+    prev: bytes | None = None
+    for item in raw_files:
+        if type(item) is not list or len(item) != 3:
+            raise _fail("file must be [path, ids, lengths]")
+        path = _bstr(item[0], "path")
+        if prev is not None and path.split(b"/") <= prev.split(b"/"):
+            raise _fail("files must be in canonical order, each once")
+        prev = path
+        ids_raw, len_raw = _bstr(item[1], "ids"), _bstr(item[2], "lengths")
+        n = len(len_raw) // 4
+        if len(ids_raw) != 32 * n or len(len_raw) != 4 * n:
+            raise _fail(f"ids and lengths of {path[:200]!r} disagree")
+        nids += n
+        if nids > limits.chunks:
+            raise HostileInput("bundle: too many chunk references")
+        lengths = struct.unpack(f">{n}I", len_raw)
+        if any(not 0 < x <= MAX_CHUNK for x in lengths):
+            raise IntegrityError(f"bundle: chunk lengths of {path[:200]!r} do not add up to its size")
+        files.append(BundleFile(path, tuple(ids_raw[i : i + 32] for i in range(0, len(ids_raw), 32)), lengths))
+    return tuple(files)
+
+
+def _tree(raw_dirs: list[Any], root: bytes, limits: Limits
+          ) -> tuple[tuple[BundleDir, ...], dict[bytes, dict[bytes, tuple[Any, ...]]]]:
+    """§3.1 the partial tree, top down: a directory's digest must be the one its parent's record states."""
     dirs: list[BundleDir] = []
     by_path: dict[bytes, BundleDir] = {}
     named: dict[bytes, dict[bytes, tuple[Any, ...]]] = {}  # directory -> child name -> record
@@ -346,82 +493,7 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
         dirs.append(d)
         by_path[path] = d
         named[path] = {r[0]: r for r in records}
-    # §3.2 files: the chunk-id list and lengths their records bind
-    files: list[BundleFile] = []
-    nids = 0
-    prev: bytes | None = None
-    for item in raw_files:
-        if type(item) is not list or len(item) != 3:
-            raise _fail("file must be [path, ids, lengths]")
-        path = _bstr(item[0], "path")
-        if prev is not None and path.split(b"/") <= prev.split(b"/"):
-            raise _fail("files must be in canonical order, each once")
-        prev = path
-        ids_raw, len_raw = _bstr(item[1], "ids"), _bstr(item[2], "lengths")
-        n = len(len_raw) // 4
-        if len(ids_raw) != 32 * n or len(len_raw) != 4 * n:
-            raise _fail(f"ids and lengths of {path[:200]!r} disagree")
-        nids += n
-        if nids > limits.chunks:
-            raise HostileInput("bundle: too many chunk references")
-        rec = _child(named, path)
-        if rec is None or rec[1] != Kind.FILE:
-            raise _fail(f"file {path[:200]!r} is not a listed directory's file")
-        lengths = struct.unpack(f">{n}I", len_raw)
-        if any(not 0 < x <= MAX_CHUNK for x in lengths) or sum(lengths) != rec[7]:
-            raise IntegrityError(f"bundle: chunk lengths of {path[:200]!r} do not add up to its size")
-        if hashlib.sha256(ids_raw).digest() != rec[8]:
-            raise IntegrityError(f"bundle: chunk ids of {path[:200]!r} do not match its record")
-        files.append(BundleFile(path, tuple(ids_raw[i : i + 32] for i in range(0, len(ids_raw), 32)), lengths))
-    # §3.3 the data: each chunk reference names a bound (file, chunk); each chunk hashes to its id
-    refs_raw, table = _bstr(doc["chunks"], "chunks"), _bstr(doc["frames"], "frames")
-    if len(refs_raw) % 8 or len(table) % 8:
-        raise _fail("chunk and frame tables must be 8-byte rows")
-    # before unpacking (a row is ~120 bytes of Python): each reference names another chunk of a listed
-    # file, each frame holds at least one
-    if len(refs_raw) // 8 > nids or len(table) > len(refs_raw):
-        raise _fail("more chunk references than the files' chunks, or more frames than chunks")
-    refs = [_REF.unpack_from(refs_raw, i) for i in range(0, len(refs_raw), 8)]
-    rows = [_REF.unpack_from(table, i) for i in range(0, len(table), 8)]
-    if sum(r[0] for r in rows) != len(refs) or any(r[0] == 0 or r[1] == 0 for r in rows):
-        raise _fail("frames must hold every chunk, at least one each")
-    wanted: list[tuple[bytes, int]] = []
-    seen: set[bytes] = set()
-    for f, k in refs:
-        if f >= len(files) or k >= len(files[f].ids):
-            raise _fail("chunk reference out of range")
-        cid = files[f].ids[k]
-        if cid in seen:
-            raise _fail("a chunk twice")
-        seen.add(cid)
-        wanted.append((cid, files[f].lengths[k]))
-    if pos + sum(r[1] for r in rows) != len(blob):
-        raise IntegrityError(f"bundle: {len(blob) - pos} data bytes where its frame table says "
-                             f"{sum(r[1] for r in rows)} (truncated?)")
-    if sum(ln for _, ln in wanted) > limits.data:
-        raise HostileInput("bundle: more data than the limit")
-    chunks: dict[bytes, bytes] = {}
-    at = 0
-    for fno, (count, clen) in enumerate(rows):
-        part = wanted[at : at + count]
-        ulen = sum(ln for _, ln in part)
-        if ulen > limits.frame:
-            raise HostileInput(f"bundle: data frame {fno} holds more than {limits.frame} bytes")
-        data = _zstd(blob[pos : pos + clen], ulen, f"data frame {fno}", exact=True)
-        off = 0
-        for cid, ln in part:
-            piece = data[off : off + ln]
-            if hashlib.sha256(piece).digest() != cid:
-                raise IntegrityError(f"bundle: chunk sha256:{cid.hex()} failed verification (digest mismatch)")
-            chunks[cid] = piece
-            off += ln
-        pos += clen
-        at += count
-    return Bundle(root, tuple(dirs), tuple(files), chunks, tuple((r[0], r[1]) for r in rows), len(blob))
-
-
-
-# ------------------------------------------------------------------------------------------ partial tree
+    return tuple(dirs), named
 
 
 class PartialTree:

@@ -6,7 +6,9 @@
   that fails is logged and ignored whole, never served.
 - ``BundleSource`` wraps a mount's frame source: the Reader takes the bundle's chunks from it
   (``held_chunk``, hashed against the index like every chunk), batch fetches and prefetch leave out
-  frames holding one of them, and read-ahead frames holding any chunk of a file the bundle lists.
+  frames holding one of them, and read-ahead frames holding any chunk of a file the bundle lists.  A
+  mount hands it the blob unchecked (``deferred``): the daemon checks it in two steps while the
+  container starts (bundle.md §3.6, §6.1).
 - Locally a bundle is ``STORE/profiles/<manifest hex>.bundle`` beside the profile (``save_local``,
   ``load_local``); in a registry it is a layer of the profile artifact (``mount/profile.py``).
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +32,7 @@ from shoal.format.model import Index
 from shoal.mount.profile import Recording, local_path
 from shoal.reader import ForwardingSource, FrameSource, Reader
 
-__all__ = ["BundleSource", "BundleStats", "build", "check", "save_local", "load_local", "bundle_path",
-           "frames_holding"]
+__all__ = ["BundleSource", "BundleStats", "build", "check", "save_local", "load_local", "bundle_path"]
 
 log = logging.getLogger(__name__)
 
@@ -90,30 +93,168 @@ class BundleStats:
 
 
 class BundleSource(ForwardingSource):
-    """``inner`` plus a checked bundle's chunks (bundle.md §6)."""
+    """``inner`` plus a bundle's chunks (bundle.md §6): a checked ``fb.Bundle``, or a blob read here
+    (``deferred``, bundle.md §3.5) so that the check overlaps the container's start instead of delaying
+    the mount.  Once the mount is live (``serving``), a thread reads the header, opens every data frame
+    and checks the partial tree; a read that comes first reads the header and opens the frame it
+    needs itself.  A chunk is handed out only after its frame's chunks were hashed against their ids
+    (and the Reader hashes it again against the index); a bundle that fails any check is logged and
+    dropped whole, and the source serves as ``inner`` alone."""
 
-    def __init__(self, inner: FrameSource, index: Index, bundle: fb.Bundle) -> None:
+    def __init__(self, inner: FrameSource, index: Index, bundle: fb.Bundle | None = None,
+                 blob: bytes | None = None, root: str = "", image: str = "",
+                 keep: Callable[[bytes], object] | None = None) -> None:
         super().__init__(inner)
-        self._chunks = bundle.chunks
-        self._held_frames = frozenset(frames_holding(index, bundle))
-        # frames of the files the workload read: the bundle says which of their bytes it reads, so
-        # read-ahead there would fetch what the profile saw go unread
-        ids = {cid for f in bundle.files for cid in f.ids}
-        self._file_frames = frozenset(index.chunk_frames[ci] for ci, cid in enumerate(index.chunk_ids) if cid in ids)
+        self._index = index
+        self._chunks: dict[bytes, bytes] = {}
+        self._held_frames: frozenset[int] = frozenset()
+        self._file_frames: frozenset[int] = frozenset()
         self._served: set[bytes] = set()
         self._lock = threading.Lock()
-        self.bundle = BundleStats(bundle.size, len(bundle.chunks))
+        self._data_lock = threading.Lock()  # the deferred bundle's state below
+        self._data: fb.BundleData | None = None
+        self._pending = (blob, root, image, keep) if bundle is None and blob is not None else None
+        self._asked = threading.Event()  # a read or ``serving`` asked for the bundle (set at once without one)
+        self.bundle = BundleStats(bundle.size if bundle is not None else len(blob or b""), 0)
+        self._state = "checked" if bundle is not None else "pending" if self._pending else "none"
+        if bundle is not None:
+            self._chunks = bundle.chunks
+            self._frames_of(bundle.chunks.keys(), bundle.files)
+        if self._pending is None:
+            self._asked.set()
+
+    @classmethod
+    def deferred(cls, inner: FrameSource, index: Index, blob: bytes, root: str, image: str,
+                 keep: Callable[[bytes], object] | None = None) -> "BundleSource":
+        """A source whose bundle ``blob`` is checked against ``root`` (the manifest's) as it is used;
+        ``keep`` hears the blob once it passed every check (to save it locally)."""
+        return cls(inner, index, blob=blob, root=root, image=image, keep=keep)
+
+    @property
+    def bundle_state(self) -> str:
+        return self._state
+
+    def _frames_of(self, ids: Iterable[bytes], files: Iterable[fb.BundleFile]) -> None:
+        index = self._index
+        held = set(ids)
+        self._held_frames = frozenset(index.chunk_frames[ci] for ci, cid in enumerate(index.chunk_ids) if cid in held)
+        # frames of the files the workload read: the bundle says which of their bytes it reads, so
+        # read-ahead there would fetch what the profile saw go unread
+        read = {cid for f in files for cid in f.ids}
+        self._file_frames = frozenset(index.chunk_frames[ci] for ci, cid in enumerate(index.chunk_ids) if cid in read)
+        self.bundle.bundle_chunks = len(held)
+
+    def _header(self) -> fb.BundleData | None:
+        """The deferred bundle with its header read (once), or None (none, or refused)."""
+        if self._data is not None or self._pending is None:
+            return self._data
+        with self._data_lock:
+            return self._opened()
+
+    def _opened(self) -> fb.BundleData | None:
+        """``_header`` under ``_data_lock``."""
+        if self._data is None and self._pending is not None:
+            self._asked.set()
+            blob, root, image, _ = self._pending
+            try:
+                if blob is None or not root.startswith("sha256:") or len(root) != 71:
+                    raise FormatError(f"invalid root {root[:80]!r}")
+                self._data = fb.BundleData(blob, bytes.fromhex(root[7:]))
+            except (ShoalError, ValueError) as exc:
+                self._refuse(exc)
+                return None
+            self._frames_of(self._data.ids, self._data.files)
+        return self._data
+
+    def _refuse(self, exc: BaseException) -> None:
+        image = self._pending[2] if self._pending is not None else "?"
+        used = (f" ({len(self._served)} of its chunks served before, each checked against its id)"
+                if self._served else "")
+        log.warning("ignoring the profile bundle of %s: %s%s", image, exc, used)
+        self._data = None
+        self._pending = None
+        self._chunks = {}
+        self._held_frames = self._file_frames = frozenset()
+        self._state = "refused"
+
+    def checked(self) -> None:
+        """Check a deferred bundle whole now: every data frame, then the partial tree (once)."""
+        with self._data_lock:
+            data = self._opened()
+            if data is None or self._pending is None:
+                return
+            blob, _, image, keep = self._pending
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(min(old, 0.0005))  # the FUSE loop answers lookups meanwhile: short GIL slices
+        try:
+            for cid in data.first_ids:  # a read meanwhile opens the frame it needs itself (no lock held)
+                if self._data is None:
+                    return
+                try:
+                    data.chunk(cid)
+                except ShoalError as exc:
+                    with self._data_lock:
+                        self._refuse(exc)
+                    return
+            try:
+                data.tree()
+            except ShoalError as exc:
+                with self._data_lock:
+                    self._refuse(exc)
+                return
+        finally:
+            sys.setswitchinterval(old)
+        with self._data_lock:
+            self._chunks = data.chunks()  # every frame is open: the held chunks, for ``_held``'s quick path
+            self._state = "checked"
+            self._pending = None
+        b = self.bundle
+        log.info("profile bundle of %s: %d bytes, %d files, %d chunks checked", image, b.bundle_bytes,
+                 len(data.files), b.bundle_chunks)
+        if keep is not None and blob is not None:
+            try:
+                keep(blob)
+            except OSError as exc:
+                log.warning("cannot save the profile bundle of %s locally: %s", image, exc.strerror)
+
+    def after_fork(self) -> None:
+        """In the mount daemon: read a deferred bundle's header in a thread while the mount comes up
+        (a few ms of the GIL against mostly system calls)."""
+        super().after_fork()
+        if self._pending is not None:
+            threading.Thread(target=self._header, name="shoal-bundle-header", daemon=True).start()
+
+    def serving(self) -> None:
+        """Check a deferred bundle now, in a thread: the mount is live, and the container's runtime
+        starts meanwhile (its first requests are lookups, which need no chunk)."""
+        super().serving()
+        if self._pending is not None:
+            threading.Thread(target=self.checked, name="shoal-bundle-check", daemon=True).start()
+
+    def _held(self, cid: bytes) -> bytes | None:
+        if self._pending is None:
+            return self._chunks.get(cid)
+        data = self._header()
+        if data is None:
+            return None
+        try:
+            return data.chunk(cid)
+        except ShoalError as exc:
+            with self._data_lock:
+                self._refuse(exc)
+            return None
 
     def held_chunk(self, cid: bytes) -> bytes | None:
-        data = self._chunks.get(cid)
+        data = self._held(cid)
         if data is not None and cid not in self._served:
             with self._lock:
                 self._served.add(cid)
                 self.bundle.bundle_chunks_used = len(self._served)
         return data
 
-    def _without(self, frames: list[int], skip: frozenset[int] | None = None) -> list[int]:
-        skip = self._held_frames if skip is None else skip
+    def _without(self, frames: list[int], files: bool = False) -> list[int]:
+        self._header()
+        skip = self._file_frames if files else self._held_frames
         keep = [f for f in frames if f not in skip]
         if len(keep) != len(frames):
             with self._lock:
@@ -126,11 +267,12 @@ class BundleSource(ForwardingSource):
             self.inner.ensure(keep)
 
     def readahead(self, frames: list[int]) -> None:
-        keep = self._without(frames, self._file_frames)
+        keep = self._without(frames, files=True)
         if keep:
             self.inner.readahead(keep)
 
     def prefetch(self, frames: list[int]) -> int | None:
+        self._asked.wait()  # started before the mount is live: the check waits for ``serving`` or a read
         return self.inner.prefetch(self._without(frames))
 
     def close(self) -> None:
@@ -138,10 +280,3 @@ class BundleSource(ForwardingSource):
         log.info("profile bundle: %d of its %d chunks used, %d frames not fetched ahead for it",
                  b.bundle_chunks_used, b.bundle_chunks, b.frames_skipped)
         self.inner.close()
-
-
-def frames_holding(index: Index, bundle: fb.Bundle) -> set[int]:
-    """The frames of ``index`` holding a chunk of ``bundle``."""
-    chunks = bundle.chunks
-    return {index.chunk_frames[ci] for ci, cid in enumerate(index.chunk_ids) if cid in chunks}
-

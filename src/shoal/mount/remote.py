@@ -23,12 +23,12 @@ import logging
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from shoal import mediatypes as mt
 from shoal.early import EarlyFetch
 from shoal.errors import FormatError, TransportError, UsageError
-from shoal.format.bundle import Bundle
 from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
 from shoal.format.platform import choose
 from shoal.format.runtime_view import for_readers
@@ -154,10 +154,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         if found is None:
             log.warning("ignoring the profile of %s: it names frames its index does not have", m.digest)
         else:
-            frames = found
-            if bun is not None:  # its chunks come from the bundle: prefetch only frames holding none of them
-                held = bundle.frames_holding(index, bun)
-                frames = tuple(f for f in found if f not in held)
+            frames = found  # with a bundle, its source leaves out the frames holding its chunks
             if early is not None:
                 adopted = {fi: fut for fi, (p, off, _) in zip(found, prof.frames)
                            if (fut := early.futures.get((m.packs[p].digest, off))) is not None}
@@ -174,7 +171,11 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     log.debug("timeline: opened %s (%d profile frames)", m.digest, len(frames))
     lazy = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
                       where=f"{ref.host}/{ref.repo}", early=adopted)
-    source: FrameSource = lazy if bun is None else bundle.BundleSource(lazy, index, bun)
+    source: FrameSource = lazy
+    if bun is not None:
+        root = store.root
+        keep = (lambda blob: bundle.save_local(root, m.digest, blob)) if bun.fresh else None  # only a checked one
+        source = bundle.BundleSource.deferred(lazy, index, bun.blob, m.root, m.digest, keep)
     return OpenedImage(ref=str(ref), name=str(ref), digest=m.digest, index=index, source=source,
                        config=config, prefetch=frames, local=False, manifest=m)
 
@@ -243,18 +244,25 @@ def _blob(src: DockerSource, store: Store, d: Any) -> None:
         stream.close()
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A profile's bundle blob, not checked yet (``BundleSource.deferred`` checks it in the mount
+    daemon); ``fresh``: from the registry, to be saved locally once it passed."""
+
+    blob: bytes
+    fresh: bool
+
+
 def _profile(src: DockerSource, store: Store, m: ShoalManifest, early: bool,
              looked_up: Future[tuple[Profile | None, bytes | None]] | None = None,
-             ) -> tuple[Profile | None, EarlyFetch | None, Bundle | None]:
+             ) -> tuple[Profile | None, EarlyFetch | None, Pending | None]:
     """The local profile of ``m``, else the newest one in the registry (``looked_up`` if that lookup is
-    under way already; then saved locally), with its bundle checked against the manifest's root
-    (docs/spec/bundle.md §3; None if it has none or it fails); with ``early`` and no bundle, its frames
-    not yet in the store are requested at once."""
+    under way already; then saved locally), with its bundle blob, unchecked (docs/spec/bundle.md §3,
+    §6.1); with ``early`` and no bundle, its frames not yet in the store are requested at once."""
     prof = load_local(store.root, m.digest, len(m.packs))
-    bun: Bundle | None = None
+    fresh = False
     if prof is not None:
         blob = bundle.load_local(store.root, m.digest)
-        bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
     else:
         prof, blob = (looked_up.result() if looked_up is not None
                       else fetch_remote_pair(src.client, src.repo, m.digest))
@@ -262,16 +270,14 @@ def _profile(src: DockerSource, store: Store, m: ShoalManifest, early: bool,
             log.warning("ignoring the registry's profile of %s: it names %d packs, the image has %d", m.digest,
                         prof.pack_count, len(m.packs))
             prof = blob = None
-        bun = bundle.check(blob, m.root, m.digest) if blob is not None else None
+        fresh = blob is not None
         if prof is not None:
             try:
                 save_local(store.root, prof)
-                if bun is not None and blob is not None:  # only a bundle that checked is kept
-                    bundle.save_local(store.root, m.digest, blob)
             except OSError as exc:
                 log.warning("cannot save the profile of %s locally: %s", m.digest, exc.strerror)
-    if bun is not None:  # the workload's chunks are here: no frame of the profile is fetched early
-        return prof, None, bun
+    if blob is not None:  # the workload's chunks are here (once checked): no frame of the profile is fetched early
+        return prof, None, Pending(blob, fresh)
     if prof is None or not early:
         return prof, None, None
     # what the store already holds, cheaply: one query, then a look at each partly present pack's frames

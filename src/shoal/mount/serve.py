@@ -136,8 +136,9 @@ class _Server:
     def counters(self) -> dict[str, Any]:
         return {**self.stats.as_dict(), **self.source.snapshot(), "prefetched_frames": self.prefetched,
                 "prefetch_state": self.prefetch_state, "prefetch_planned": self.prefetch_planned,
-                "profile_frames": len(self.image.prefetch), "chunks_total": len(self.image.index.chunk_ids),
-                "chunks_cached": self._chunks_cached(), "source": self._source_stats()}
+                "profile_frames": len(self.image.prefetch), "bundle_state": self.image.source.bundle_state,
+                "chunks_total": len(self.image.index.chunk_ids), "chunks_cached": self._chunks_cached(),
+                "source": self._source_stats()}
 
     def save(self, counters: dict[str, Any] | None = None) -> None:
         self.st.stats = counters if counters is not None else self.counters()
@@ -183,6 +184,7 @@ class _Server:
                      " (writable overlay)" if self.opts.writable else "")
             if self.notify is not None:
                 self.notify(None)
+            self.image.source.serving()
             nursery.start_soon(self._stats_loop)
 
     async def _signals(self, scope: Any) -> None:
