@@ -324,14 +324,14 @@ def test_recorded_profile_is_prefetched_on_the_containerd_path(containerd: Conta
         return rows[0]["stats"]  # type: ignore[no-any-return]
 
     # the profile carries a bundle (docs/spec/bundle.md): the workload's chunks come with it, so only the
-    # profile's frames holding none of them are fetched ahead (none for this tree)
+    # profile's frames holding none of them are fetched ahead (none for this tree), once the mount daemon
+    # checked it (§6.1)
     assert summary["bundle_bytes"] > 0 and summary["bundle_chunks"] > 0, summary
+    wait_for(lambda: stats().get("bundle_state") == "checked", "the bundle's check")
+    wait_for(lambda: stats().get("prefetch_state") == "done", "the profile's prefetch")
     s = stats()
-    assert s["profile_frames"] < len(prof.frames), s
-    if s["profile_frames"]:
-        wait_for(lambda: stats().get("prefetch_state") == "done", "the profile's prefetch")
-        s = stats()
-    assert s["prefetched_frames"] == s["profile_frames"] and s["reads"] == 0, s
+    assert s["prefetched_frames"] == s["profile_frames"] == len(prof.frames) and s["reads"] == 0, s
+    assert s["source"]["bytes_fetched"] == 0, s
     ranges = len([1 for path, st in gets(reg) if st == 206])
     out = containerd.ctr("run", "--snapshotter", "shoal", "--rm", ref, "t1", *workload)
     assert out.stdout.strip() == "hello-profile"
