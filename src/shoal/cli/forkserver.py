@@ -43,7 +43,8 @@ TITLE_ROOM = 4096  # bytes of argument area a child may write its command line i
 _MAX_LINE = 1 << 20
 _PRELOAD = ("shoal.cli", "shoal.cli.mount_cmds", "shoal.mount.daemon", "shoal.mount.remote", "shoal.mount.serve",
             "shoal.mount.control", "shoal.transports.docker", "shoal.transports.registry.client", "shoal.lazy",
-            "shoal.store", "pyfuse3", "trio", "httpx", "shoal.mount.fs")
+            "shoal.store", "pyfuse3", "trio", "httpx", "shoal.mount.fs", "shoal.mount.bundle",
+            "shoal.transports.resolve", "shoal.trust.image", "cbor2", "encodings.idna", "stringprep")
 
 
 class ForkServer(Runner):
