@@ -94,3 +94,59 @@ def test_the_prefetch_waits_until_the_mount_is_live_then_leaves_out_the_bundle_s
             break
         threading.Event().wait(0.05)
     assert src.bundle_state == "checked"
+
+
+# ------------------------------------------------------------------ a bundle streamed by the daemon (§6.2)
+
+
+def _streamed(blob: bytes, pieces: list[bytes], fail: Exception | None = None,
+              gate: threading.Event | None = None) -> tuple[BundleSource, list[bytes]]:
+    def fetch() -> Any:
+        for i, p in enumerate(pieces):
+            if i == 1 and gate is not None:
+                assert gate.wait(10)
+            yield p
+        if fail is not None:
+            raise fail
+
+    idx = _tree()
+    kept: list[bytes] = []
+    src = BundleSource.deferred(_Inner(), idx, None, "sha256:" + idx.root.hex(), "sha256:" + "ab" * 32,
+                                kept.append, fetch=fetch, size=len(blob))
+    return src, kept
+
+
+def test_a_streamed_bundle_serves_a_chunk_as_soon_as_its_frame_arrived() -> None:
+    blob = _make(frame_target=1, level=3)  # a frame per chunk
+    gate = threading.Event()
+    split = len(blob) - 10  # all but the last frame's tail arrive first
+    src, kept = _streamed(blob, [blob[:split], blob[split:]], gate=gate)
+    assert src.held_chunk(IDS[1]) == CHUNKS[1]  # the first frame: here before the rest
+    got: list[bytes | None] = []
+    t = threading.Thread(target=lambda: got.append(src.held_chunk(IDS[4])), daemon=True)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not got  # the last frame waits for its bytes
+    gate.set()
+    t.join(10)
+    assert got == [CHUNKS[4]]
+    src.checked()
+    assert src.bundle_state == "checked" and kept == [blob]
+
+
+def test_a_streamed_bundle_whose_transfer_fails_is_dropped() -> None:
+    from shoal.errors import IntegrityError, TransportError
+
+    blob = _make(frame_target=1, level=3)
+    for fail, words in ((IntegrityError("digest mismatch"), "digest mismatch"),
+                        (TransportError("connection reset"), "connection reset")):
+        src, kept = _streamed(blob, [blob], fail=fail)
+        assert src.held_chunk(IDS[1]) == CHUNKS[1]  # hashed against its id: served
+        src.checked()  # the end of the transfer says it was not the blob: dropped, never kept
+        assert src.bundle_state == "refused" and not kept
+        assert src.held_chunk(IDS[1]) is None
+    short, _ = _streamed(blob, [blob[:100]])
+    assert short.held_chunk(IDS[1]) is None and short.bundle_state == "refused"  # truncated: refused
+    long, _ = _streamed(blob, [blob, b"x"])
+    long.checked()
+    assert long.bundle_state == "refused"  # more bytes than its descriptor

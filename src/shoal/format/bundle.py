@@ -18,7 +18,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zstandard
 
@@ -27,8 +27,8 @@ from shoal.format import cbor
 from shoal.format.index import MAX_CHUNK, child_record, meta_record
 from shoal.format.model import Entry, Index, Kind, name_of, parent_of
 
-__all__ = ["MAGIC", "FORMAT", "Bundle", "BundleData", "BundleDir", "BundleFile", "make", "open_bundle", "read_header",
-           "LIMITS", "Limits", "FRAME_TARGET", "ZSTD_LEVEL", "PartialTree"]
+__all__ = ["MAGIC", "FORMAT", "Blob", "WholeBlob", "Bundle", "BundleData", "BundleDir", "BundleFile", "make",
+           "open_bundle", "read_header", "LIMITS", "Limits", "FRAME_TARGET", "ZSTD_LEVEL", "PartialTree"]
 
 MAGIC = b"SHOALBD1"  # §2: 8 bytes, then u32be header length
 FORMAT = 1
@@ -262,21 +262,51 @@ def _child(named: dict[bytes, dict[bytes, tuple[Any, ...]]], path: bytes) -> tup
     return None if kids is None else kids.get(name)
 
 
+class Blob(Protocol):
+    """A bundle blob being read: its ``size`` (known before its bytes, e.g. from a descriptor) and
+    ``get(start, end)``, its bytes there once they are present (a blob still arriving waits; one whose
+    transfer failed raises ShoalError)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def get(self, start: int, end: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class WholeBlob:
+    """A ``Blob`` whose bytes are all here."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def get(self, start: int, end: int) -> bytes:
+        return self.data[start:end]
+
+
 def read_header(blob: bytes, limits: Limits = LIMITS) -> tuple[dict[str, Any], int]:
     """The decoded header map of ``blob`` and where its data frames start (§2.1)."""
-    if len(blob) > limits.blob:
+    return _read_header(WholeBlob(blob), limits)
+
+
+def _read_header(blob: Blob, limits: Limits) -> tuple[dict[str, Any], int]:
+    size = blob.size
+    if size > limits.blob:
         raise HostileInput(f"bundle larger than {limits.blob} bytes")
-    if len(blob) < _HEAD.size:
+    if size < _HEAD.size:
         raise IntegrityError("bundle: truncated before its header")
-    magic, hlen = _HEAD.unpack_from(blob)
+    magic, hlen = _HEAD.unpack(blob.get(0, _HEAD.size))
     if magic != MAGIC:
         raise _fail("not a Shoal bundle (bad magic)")
     start = _HEAD.size + hlen
-    if start > len(blob):
+    if start > size:
         raise IntegrityError("bundle: truncated in its header")
     budget = limits.header_items + limits.items_per_byte * hlen  # §4: decoding cost bound by what was sent
     try:  # canonical CBOR only
-        doc = cbor.decode_canonical(_zstd(blob[_HEAD.size:start], limits.header, "header"), budget)
+        doc = cbor.decode_canonical(_zstd(blob.get(_HEAD.size, start), limits.header, "header"), budget)
     except HostileInput as exc:
         raise HostileInput(f"bundle: header holds more CBOR items than {budget} ({exc})") from None
     keys = {"format", "root", "dirs", "files", "chunks", "frames"}
@@ -292,7 +322,7 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
 
     Raises FormatError/HostileInput (malformed or over a limit) or IntegrityError (a digest that
     does not match, a truncated blob); nothing of a refused bundle is ever returned."""
-    data = BundleData(blob, root, limits)
+    data = BundleData(WholeBlob(blob), root, limits)
     dirs, files = data.tree()
     return Bundle(root, dirs, files, data.chunks(), data.frames, len(blob))
 
@@ -304,8 +334,8 @@ class BundleData:
     on first use and every chunk of it hashed against its id; ``tree`` checks the partial tree against
     the root top down and binds each file's chunk list to its record.  Raises as ``open_bundle``."""
 
-    def __init__(self, blob: bytes, root: bytes, limits: Limits = LIMITS) -> None:
-        doc, pos = read_header(blob, limits)
+    def __init__(self, blob: Blob, root: bytes, limits: Limits = LIMITS) -> None:
+        doc, pos = _read_header(blob, limits)
         if doc["root"] != root:
             raise IntegrityError("bundle: made for another root (image)")
         self._blob, self._root, self._limits, self._doc = blob, root, limits, doc
@@ -339,8 +369,8 @@ class BundleData:
                 raise _fail("a chunk twice")
             seen.add(cid)
             wanted.append((cid, files[f].lengths[k]))
-        if pos + sum(r[1] for r in rows) != len(blob):
-            raise IntegrityError(f"bundle: {len(blob) - pos} data bytes where its frame table says "
+        if pos + sum(r[1] for r in rows) != blob.size:
+            raise IntegrityError(f"bundle: {blob.size - pos} data bytes where its frame table says "
                                  f"{sum(r[1] for r in rows)} (truncated?)")
         if sum(ln for _, ln in wanted) > limits.data:
             raise HostileInput("bundle: more data than the limit")
@@ -383,7 +413,7 @@ class BundleData:
 
     def _open(self, fno: int) -> dict[bytes, bytes]:
         start, clen, part = self._layout[fno]
-        data = _zstd(self._blob[start : start + clen], sum(ln for _, ln in part), f"data frame {fno}", exact=True)
+        data = _zstd(self._blob.get(start, start + clen), sum(ln for _, ln in part), f"data frame {fno}", exact=True)
         out: dict[bytes, bytes] = {}
         off = 0
         for cid, ln in part:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.atomicfile import Durability, write_atomic
-from shoal.errors import FormatError, ShoalError
+from shoal.errors import FormatError, IntegrityError, ShoalError, TransportError
 from shoal.format import bundle as fb
 from shoal.format.model import Index
 from shoal.mount.profile import Recording, local_path
@@ -92,18 +92,89 @@ class BundleStats:
     frames_skipped: int = 0  # frames left out of batch fetches, read-ahead and prefetch
 
 
+class ArrivingBlob:
+    """A bundle blob (``fb.Blob``) filled as its bytes arrive, by the thread running ``fill`` (bundle.md
+    §6.2): ``get`` waits for the bytes it asks for, and raises the transfer's error if they never come."""
+
+    def __init__(self, size: int) -> None:
+        self._buf = bytearray(size)
+        self._have = 0
+        self._done = False
+        self._error: ShoalError | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def size(self) -> int:
+        return len(self._buf)
+
+    def fill(self, pieces: Iterable[bytes]) -> None:
+        """Copy ``pieces`` in, in order, then end the blob (with the error their iteration raised: a
+        verifying stream raises at its end when the digest does not match)."""
+        err: ShoalError | None = None
+        try:
+            for piece in pieces:
+                n = len(piece)
+                if self._have + n > len(self._buf):
+                    raise IntegrityError(f"bundle: more than the {len(self._buf)} bytes its descriptor states")
+                self._buf[self._have : self._have + n] = piece  # same length: nothing moves under a reader
+                with self._cond:
+                    self._have += n
+                    self._cond.notify_all()
+            if self._have != len(self._buf):
+                raise IntegrityError(f"bundle: truncated at {self._have} of {len(self._buf)} bytes")
+        except ShoalError as exc:
+            err = exc
+        except (OSError, ValueError) as exc:
+            err = TransportError(f"bundle: {exc}")
+        with self._cond:
+            self._done = True
+            self._error = err
+            self._cond.notify_all()
+
+    def get(self, start: int, end: int) -> bytes:
+        with self._cond:
+            while self._have < end and not self._done:
+                self._cond.wait()
+            if self._have < end:
+                raise self._error or IntegrityError("bundle: truncated")
+        return bytes(self._buf[start:end])
+
+    def whole(self) -> bytes:
+        """Every byte, once the transfer ended and its digest matched; else its error."""
+        with self._cond:
+            while not self._done:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+        return bytes(self._buf)
+
+
+@dataclass
+class _Deferred:
+    """A bundle not checked yet: its bytes (``blob``), or a ``fetch`` of them (``size`` bytes), and what
+    to check them against."""
+
+    blob: bytes | None
+    fetch: Callable[[], Iterable[bytes]] | None
+    size: int
+    root: str
+    image: str
+    keep: Callable[[bytes], object] | None
+    arriving: ArrivingBlob | None = None
+
+
 class BundleSource(ForwardingSource):
     """``inner`` plus a bundle's chunks (bundle.md §6): a checked ``fb.Bundle``, or a blob read here
-    (``deferred``, bundle.md §3.5) so that the check overlaps the container's start instead of delaying
-    the mount.  Once the mount is live (``serving``), a thread reads the header, opens every data frame
-    and checks the partial tree; a read that comes first reads the header and opens the frame it
-    needs itself.  A chunk is handed out only after its frame's chunks were hashed against their ids
-    (and the Reader hashes it again against the index); a bundle that fails any check is logged and
-    dropped whole, and the source serves as ``inner`` alone."""
+    (``deferred``, bundle.md §3.6, §6.1) so that the check overlaps the container's start instead of
+    delaying the mount; the blob may still be arriving (``fetch``: the mount daemon streams it, §6.2).
+    Once the mount is live (``serving``), a thread reads the header, opens every data frame and checks
+    the partial tree; a read that comes first reads the header and opens the frame it needs itself
+    (waiting for its bytes).  A chunk is handed out only after its frame's chunks were hashed against
+    their ids (and the Reader hashes it again against the index); a bundle that fails any check, or
+    whose transfer fails, is logged and dropped whole, and the source serves as ``inner`` alone."""
 
     def __init__(self, inner: FrameSource, index: Index, bundle: fb.Bundle | None = None,
-                 blob: bytes | None = None, root: str = "", image: str = "",
-                 keep: Callable[[bytes], object] | None = None) -> None:
+                 deferred: _Deferred | None = None) -> None:
         super().__init__(inner)
         self._index = index
         self._chunks: dict[bytes, bytes] = {}
@@ -113,9 +184,9 @@ class BundleSource(ForwardingSource):
         self._lock = threading.Lock()
         self._data_lock = threading.Lock()  # the deferred bundle's state below
         self._data: fb.BundleData | None = None
-        self._pending = (blob, root, image, keep) if bundle is None and blob is not None else None
+        self._pending = deferred if bundle is None else None
         self._asked = threading.Event()  # a read or ``serving`` asked for the bundle (set at once without one)
-        self.bundle = BundleStats(bundle.size if bundle is not None else len(blob or b""), 0)
+        self.bundle = BundleStats(bundle.size if bundle is not None else deferred.size if deferred else 0, 0)
         self._state = "checked" if bundle is not None else "pending" if self._pending else "none"
         if bundle is not None:
             self._chunks = bundle.chunks
@@ -124,11 +195,15 @@ class BundleSource(ForwardingSource):
             self._asked.set()
 
     @classmethod
-    def deferred(cls, inner: FrameSource, index: Index, blob: bytes, root: str, image: str,
-                 keep: Callable[[bytes], object] | None = None) -> "BundleSource":
-        """A source whose bundle ``blob`` is checked against ``root`` (the manifest's) as it is used;
-        ``keep`` hears the blob once it passed every check (to save it locally)."""
-        return cls(inner, index, blob=blob, root=root, image=image, keep=keep)
+    def deferred(cls, inner: FrameSource, index: Index, blob: bytes | None, root: str, image: str,
+                 keep: Callable[[bytes], object] | None = None,
+                 fetch: Callable[[], Iterable[bytes]] | None = None, size: int = 0) -> "BundleSource":
+        """A source whose bundle ``blob`` (or the ``size`` bytes ``fetch`` streams, in a thread of the
+        process that serves: never before a fork) is checked against ``root`` (the manifest's) as it is
+        used; ``keep`` hears the blob once it passed every check (to save it locally)."""
+        if blob is not None:
+            size = len(blob)
+        return cls(inner, index, deferred=_Deferred(blob, fetch, size, root, image, keep))
 
     @property
     def bundle_state(self) -> str:
@@ -151,15 +226,25 @@ class BundleSource(ForwardingSource):
         with self._data_lock:
             return self._opened()
 
+    def _start_fetch(self, p: _Deferred) -> fb.Blob:
+        """The blob to read: its bytes, or (once) a thread streaming them into an ``ArrivingBlob``."""
+        if p.blob is not None or p.fetch is None:
+            return fb.WholeBlob(p.blob or b"")
+        if p.arriving is None:
+            p.arriving = ArrivingBlob(p.size)
+            fetch, into = p.fetch, p.arriving
+            threading.Thread(target=lambda: into.fill(fetch()), name="shoal-bundle-fetch", daemon=True).start()
+        return p.arriving
+
     def _opened(self) -> fb.BundleData | None:
         """``_header`` under ``_data_lock``."""
-        if self._data is None and self._pending is not None:
+        p = self._pending
+        if self._data is None and p is not None:
             self._asked.set()
-            blob, root, image, _ = self._pending
             try:
-                if blob is None or not root.startswith("sha256:") or len(root) != 71:
-                    raise FormatError(f"invalid root {root[:80]!r}")
-                self._data = fb.BundleData(blob, bytes.fromhex(root[7:]))
+                if not p.root.startswith("sha256:") or len(p.root) != 71:
+                    raise FormatError(f"invalid root {p.root[:80]!r}")
+                self._data = fb.BundleData(self._start_fetch(p), bytes.fromhex(p.root[7:]))
             except (ShoalError, ValueError) as exc:
                 self._refuse(exc)
                 return None
@@ -167,7 +252,7 @@ class BundleSource(ForwardingSource):
         return self._data
 
     def _refuse(self, exc: BaseException) -> None:
-        image = self._pending[2] if self._pending is not None else "?"
+        image = self._pending.image if self._pending is not None else "?"
         used = (f" ({len(self._served)} of its chunks served before, each checked against its id)"
                 if self._served else "")
         log.warning("ignoring the profile bundle of %s: %s%s", image, exc, used)
@@ -178,12 +263,13 @@ class BundleSource(ForwardingSource):
         self._state = "refused"
 
     def checked(self) -> None:
-        """Check a deferred bundle whole now: every data frame, then the partial tree (once)."""
+        """Check a deferred bundle whole now: every data frame, then the partial tree, and a streamed
+        blob's digest at its end (once)."""
         with self._data_lock:
             data = self._opened()
-            if data is None or self._pending is None:
+            p = self._pending
+            if data is None or p is None:
                 return
-            blob, _, image, keep = self._pending
         old = sys.getswitchinterval()
         sys.setswitchinterval(min(old, 0.0005))  # the FUSE loop answers lookups meanwhile: short GIL slices
         try:
@@ -198,6 +284,7 @@ class BundleSource(ForwardingSource):
                     return
             try:
                 dirs, _ = data.tree()
+                blob = p.arriving.whole() if p.arriving is not None else p.blob
             except ShoalError as exc:
                 with self._data_lock:
                     self._refuse(exc)
@@ -210,17 +297,17 @@ class BundleSource(ForwardingSource):
             self._state = "checked"
             self._pending = None
         b = self.bundle
-        log.info("profile bundle of %s: %d bytes, %d files, %d chunks checked", image, b.bundle_bytes,
+        log.info("profile bundle of %s: %d bytes, %d files, %d chunks checked", p.image, b.bundle_bytes,
                  len(data.files), b.bundle_chunks)
-        if keep is not None and blob is not None:
+        if p.keep is not None and blob is not None:
             try:
-                keep(blob)
+                p.keep(blob)
             except OSError as exc:
-                log.warning("cannot save the profile bundle of %s locally: %s", image, exc.strerror)
+                log.warning("cannot save the profile bundle of %s locally: %s", p.image, exc.strerror)
 
     def after_fork(self) -> None:
-        """In the mount daemon: read a deferred bundle's header in a thread while the mount comes up
-        (a few ms of the GIL against mostly system calls)."""
+        """In the mount daemon: start a streamed bundle's transfer and read its header, in a thread,
+        while the mount comes up (a few ms of the GIL against mostly system calls)."""
         super().after_fork()
         if self._pending is not None:
             threading.Thread(target=self._header, name="shoal-bundle-header", daemon=True).start()

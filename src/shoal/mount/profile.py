@@ -41,8 +41,8 @@ from shoal.reader import ForwardingSource, FrameSource
 if TYPE_CHECKING:
     from shoal.transports.context import SystemContext
 
-__all__ = ["Profile", "RecordingSource", "load_local", "save_local", "fetch_remote", "fetch_remote_pair", "push_remote",
-           "local_path",
+__all__ = ["Profile", "RecordingSource", "load_local", "save_local", "fetch_remote", "fetch_remote_pair", "find_remote",
+           "push_remote", "local_path",
            "write_recording", "read_recording", "Recording"]
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,20 @@ def fetch_remote_pair(client: Any, repo: str, image: str, bundle: bool = True,
     way.  A profile only steers prefetching and a bundle is checked against the image's root by its user
     (every byte either leads to is verified), so failures are logged and give None: a missing or broken
     profile never fails a mount.  The bundle is not checked here."""
+    prof, _, blob = _remote(client, repo, image, bundle, max_bundle, fetch_bundle=True)
+    return prof, blob
+
+
+def find_remote(client: Any, repo: str, image: str,
+                max_bundle: int = 256 * 1024 * 1024) -> tuple[Profile | None, tuple[str, int] | None]:
+    """``fetch_remote_pair``, but the bundle is not fetched: its ``(digest, size)`` (within
+    ``max_bundle``), for a mount daemon to stream it (bundle.md §6.2)."""
+    prof, desc, _ = _remote(client, repo, image, True, max_bundle, fetch_bundle=False)
+    return prof, desc
+
+
+def _remote(client: Any, repo: str, image: str, bundle: bool, max_bundle: int, fetch_bundle: bool,
+            ) -> tuple[Profile | None, tuple[str, int] | None, bytes | None]:
     from concurrent.futures import ThreadPoolExecutor
 
     from shoal.transports.registry import referrers_tag
@@ -194,12 +208,15 @@ def fetch_remote_pair(client: Any, repo: str, image: str, bundle: bool = True,
         entries = doc.get("manifests") if isinstance(doc, dict) else None
         return [e for e in entries or [] if isinstance(e, dict) and e.get("artifactType") == mt.PROFILE]
 
-    def get_bundle(where: tuple[str, Any] | None) -> bytes | None:
+    def valid(where: tuple[str, Any] | None) -> tuple[str, int] | None:
         if where is None:
             return None
         if not isinstance(where[1], int) or not 0 < where[1] <= max_bundle:
             log.warning("ignoring the profile bundle of %s in %s: invalid or oversized size", image, repo)
             return None
+        return where[0], where[1]
+
+    def get_bundle(where: tuple[str, int]) -> bytes | None:
         try:
             return bytes(client.get_blob(repo, where[0], size=where[1]))
         except (ShoalError, ValueError) as exc:
@@ -207,19 +224,19 @@ def fetch_remote_pair(client: Any, repo: str, image: str, bundle: bool = True,
             return None
 
     bundle_blob: bytes | None = None
+    bundle_desc: tuple[str, int] | None = None
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="shoal-referrers") as pool:
             api = pool.submit(client.referrers, repo, image, mt.PROFILE, False)  # the tag schema is read here
             refs = tag_index() or api.result()
             if not refs:
-                return None, None
+                return None, None, None
             ranked = sorted(enumerate(refs),
                             key=lambda t: (str((t[1].get("annotations") or {}).get(ANN_CREATED, "")), t[0]))
             desc = ranked[-1][1]
             blob_desc: tuple[str, Any] | None = _blob_of(desc.get("annotations"))
-            bundle_desc: tuple[str, Any] | None = None
             if bundle:
-                bundle_desc = _blob_of(desc.get("annotations"), mt.ANN_BUNDLE_BLOB)
+                bundle_desc = valid(_blob_of(desc.get("annotations"), mt.ANN_BUNDLE_BLOB))
             if blob_desc is None:
                 raw, _, _ = client.get_manifest(repo, str(desc.get("digest")), [mt.OCI_MANIFEST])
                 doc = json_value(raw, "profile manifest")
@@ -231,19 +248,21 @@ def fetch_remote_pair(client: Any, repo: str, image: str, bundle: bool = True,
                 blob_desc = (str(prof_l[0].get("digest")), prof_l[0].get("size")) if prof_l else None
                 bund_l = [x for x in layers if x.get("mediaType") == mt.BUNDLE]
                 if bundle and bund_l:
-                    bundle_desc = (str(bund_l[0].get("digest")), bund_l[0].get("size"))
+                    bundle_desc = valid((str(bund_l[0].get("digest")), bund_l[0].get("size")))
             if blob_desc is None or not isinstance(blob_desc[1], int) or not 0 < blob_desc[1] <= MAX_PROFILE_BYTES:
                 raise FormatError("profile artifact has no valid profile layer")
-            bundle_f = pool.submit(get_bundle, bundle_desc) if bundle_desc is not None else None
+            bundle_f = (pool.submit(get_bundle, bundle_desc) if fetch_bundle and bundle_desc is not None
+                        else None)
             blob = client.get_blob(repo, blob_desc[0], size=blob_desc[1])
             prof = Profile.decode(blob, image)
             bundle_blob = bundle_f.result() if bundle_f is not None else None
     except (ShoalError, ValueError) as exc:
         log.warning("no usable profile for %s in %s: %s", image, repo, exc)
-        return None, None
+        return None, None, None
+    size = len(bundle_blob) if bundle_blob is not None else bundle_desc[1] if bundle_desc is not None else None
     log.info("found profile %s for %s (%d frames%s)", desc.get("digest"), image, len(prof.frames),
-             f", bundle of {len(bundle_blob)} bytes" if bundle_blob is not None else "")
-    return prof, bundle_blob
+             f", bundle of {size} bytes" if size is not None else "")
+    return prof, bundle_desc, bundle_blob
 
 
 def _blob_of(annotations: Any, key: str = ANN_BLOB) -> tuple[str, int] | None:

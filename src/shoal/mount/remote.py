@@ -22,6 +22,7 @@ import importlib
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,7 +36,7 @@ from shoal.format.runtime_view import for_readers
 from shoal.lazy import LazySource
 from shoal.mount import bundle
 from shoal.mount.image import OpenedImage, OpenOptions
-from shoal.mount.profile import Profile, fetch_remote_pair, load_local, local_path, save_local
+from shoal.mount.profile import Profile, find_remote, load_local, local_path, save_local
 from shoal.reader import FrameSource
 from shoal.store import Store
 from shoal.transports.base import BlobInfo, ImageReference
@@ -104,7 +105,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     src = ref.new_source(reg)
     pool = ThreadPoolExecutor(6, thread_name_prefix="shoal-open")
     wanted = options.profile and options.prefetch != "none"  # only prefetching uses a profile
-    lookups: dict[str, Future[tuple[Profile | None, bytes | None]]] = {}
+    lookups: dict[str, Future[tuple[Profile | None, tuple[str, int] | None]]] = {}
     # the mount daemon's own client, made while we wait for the network (loading CA certificates
     # takes ~0.1 s); it is never used before the fork, so it holds no connection the parent shares
     spare = pool.submit(ref.new_source, reg)
@@ -172,21 +173,36 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     lazy = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
                       where=f"{ref.host}/{ref.repo}", early=adopted)
     source: FrameSource = lazy
-    if bun is not None:
-        root = store.root
-        keep = (lambda blob: bundle.save_local(root, m.digest, blob)) if bun.fresh else None  # only a checked one
-        source = bundle.BundleSource.deferred(lazy, index, bun.blob, m.root, m.digest, keep)
+    if bun is not None and bun.blob is not None:  # the store's
+        source = bundle.BundleSource.deferred(lazy, index, bun.blob, m.root, m.digest)
+    elif bun is not None and bun.desc is not None:  # the registry's: streamed by the mount daemon
+        root, (digest, size) = store.root, bun.desc
+        source = bundle.BundleSource.deferred(
+            lazy, index, None, m.root, m.digest, keep=lambda blob: bundle.save_local(root, m.digest, blob),
+            fetch=lambda: _stream(ref, reg, src, digest, size), size=size)
     return OpenedImage(ref=str(ref), name=str(ref), digest=m.digest, index=index, source=source,
                        config=config, prefetch=frames, local=False, manifest=m)
 
 
+def _stream(ref: DockerReference, reg: SystemContext, src: DockerSource, digest: str, size: int) -> Iterator[bytes]:
+    """Blob ``digest`` of ``ref``'s repository as it arrives, from a client of its own made here (in the
+    mount daemon), on the endpoint that served the manifest; verified by digest and size at its end."""
+    s = ref.new_source(reg)
+    try:
+        s.follow(src)
+        with s.client.open_blob_stream(s.repo, digest, size=size) as r:
+            yield from r
+    finally:
+        s.close()
+
+
 def _look_up(pool: ThreadPoolExecutor, src: DockerSource, store: Store, digest: str,
-             lookups: dict[str, Future[tuple[Profile | None, bytes | None]]]) -> None:
+             lookups: dict[str, Future[tuple[Profile | None, tuple[str, int] | None]]]) -> None:
     """Start the registry's profile lookup for the manifest ``digest`` at once, in ``pool``: it needs
     nothing but the digest, so its two round trips overlap the manifest's own (docs/spec/mount.md §5.1).
     Not when the store has a profile of it (that one is used)."""
     if digest not in lookups and not local_path(store.root, digest).exists():
-        lookups[digest] = pool.submit(fetch_remote_pair, src.client, src.repo, digest)
+        lookups[digest] = pool.submit(find_remote, src.client, src.repo, digest)
 
 
 def _manifest(src: DockerSource, store: Store, platform: str | None,
@@ -246,38 +262,39 @@ def _blob(src: DockerSource, store: Store, d: Any) -> None:
 
 @dataclass(frozen=True)
 class Pending:
-    """A profile's bundle blob, not checked yet (``BundleSource.deferred`` checks it in the mount
-    daemon); ``fresh``: from the registry, to be saved locally once it passed."""
+    """A profile's bundle, not checked yet (``BundleSource.deferred`` checks it in the mount daemon):
+    its ``blob`` from the store, or the registry's ``(digest, size)`` of it for the daemon to stream
+    (bundle.md §6.2; then saved locally once it passed)."""
 
-    blob: bytes
-    fresh: bool
+    blob: bytes | None
+    desc: tuple[str, int] | None = None
 
 
 def _profile(src: DockerSource, store: Store, m: ShoalManifest, early: bool,
-             looked_up: Future[tuple[Profile | None, bytes | None]] | None = None,
+             looked_up: Future[tuple[Profile | None, tuple[str, int] | None]] | None = None,
              ) -> tuple[Profile | None, EarlyFetch | None, Pending | None]:
     """The local profile of ``m``, else the newest one in the registry (``looked_up`` if that lookup is
     under way already; then saved locally), with its bundle blob, unchecked (docs/spec/bundle.md §3,
     §6.1); with ``early`` and no bundle, its frames not yet in the store are requested at once."""
     prof = load_local(store.root, m.digest, len(m.packs))
-    fresh = False
+    desc: tuple[str, int] | None = None
+    blob: bytes | None = None
     if prof is not None:
         blob = bundle.load_local(store.root, m.digest)
     else:
-        prof, blob = (looked_up.result() if looked_up is not None
-                      else fetch_remote_pair(src.client, src.repo, m.digest))
+        prof, desc = (looked_up.result() if looked_up is not None
+                      else find_remote(src.client, src.repo, m.digest))
         if prof is not None and prof.pack_count != len(m.packs):
             log.warning("ignoring the registry's profile of %s: it names %d packs, the image has %d", m.digest,
                         prof.pack_count, len(m.packs))
-            prof = blob = None
-        fresh = blob is not None
+            prof = desc = None
         if prof is not None:
             try:
                 save_local(store.root, prof)
             except OSError as exc:
                 log.warning("cannot save the profile of %s locally: %s", m.digest, exc.strerror)
-    if blob is not None:  # the workload's chunks are here (once checked): no frame of the profile is fetched early
-        return prof, None, Pending(blob, fresh)
+    if blob is not None or desc is not None:  # the workload's chunks come with it: no profile frame early
+        return prof, None, Pending(blob, desc)
     if prof is None or not early:
         return prof, None, None
     # what the store already holds, cheaply: one query, then a look at each partly present pack's frames
