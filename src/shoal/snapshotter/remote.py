@@ -72,7 +72,9 @@ class RemoteMounts:
             return self._mount(mp, ref, digest)
         with self.cache.mounting():  # no gc of the store until the image is tagged
             out = self._mount(mp, ref, digest)
+            log.debug("timeline: lazy mount %s answered", mp.name[:12])
             self.cache.pin(digest)
+            log.debug("timeline: lazy mount %s tagged", mp.name[:12])
         return out
 
     def _mount(self, mp: Path, ref: str, digest: str) -> str:

@@ -134,6 +134,7 @@ class Service:
             return  # mounted before this process served (reattach), or by the synchronous path
         try:
             mp = job.result()
+            log.debug("timeline: snapshot %s: its lazy mount is up", s.key)
             if mp != s.remote:
                 raise ShoalError(f"snapshot {s.key}: lazy mount {s.remote} came up at {mp or '(nowhere)'}")
             return
