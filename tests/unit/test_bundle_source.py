@@ -134,7 +134,7 @@ def test_a_streamed_bundle_serves_a_chunk_as_soon_as_its_frame_arrived() -> None
     assert src.bundle_state == "checked" and kept == [blob]
 
 
-def test_a_streamed_bundle_whose_transfer_fails_is_dropped() -> None:
+def test_a_streamed_bundle_whose_transfer_fails_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     from shoal.errors import IntegrityError, TransportError
 
     blob = _make(frame_target=1, level=3)
@@ -145,6 +145,7 @@ def test_a_streamed_bundle_whose_transfer_fails_is_dropped() -> None:
         src.checked()  # the end of the transfer says it was not the blob: dropped, never kept
         assert src.bundle_state == "refused" and not kept
         assert src.held_chunk(IDS[1]) is None
+        assert words in caplog.text
     short, _ = _streamed(blob, [blob[:100]])
     assert short.held_chunk(IDS[1]) is None and short.bundle_state == "refused"  # truncated: refused
     long, _ = _streamed(blob, [blob, b"x"])

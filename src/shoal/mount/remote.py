@@ -6,10 +6,11 @@ the index and the recorded start-up profile. A profile with a bundle (docs/spec/
 mount daemon the bundle's descriptor: the daemon streams and checks it after its fork (§6.1, §6.2).
 Without one, and with ``--prefetch auto|all``, the profile's range reads start the moment it arrives
 (``EarlyFetch``, unverified bytes in memory) while the index is still being fetched and decoded; the
-``LazySource`` adopts them, verifies them, and hands them over to the mount daemon across its fork. Config and index are verified by digest and kept *untagged* in the
-local store's layout (so a later open of the same digest fetches neither again; ``shoal gc`` may
-remove them, and the partial packs a mount cached, once nothing references them). Frames come from a
-``LazySource`` over the registry: verified range reads, cached as partial packs in the shared store.
+``LazySource`` adopts them, verifies them, and hands them over to the mount daemon across its fork.
+Config and index are verified by digest and kept *untagged* in the local store's layout (so a later
+open of the same digest fetches neither again; ``shoal gc`` may remove them, and the partial packs a
+mount cached, once nothing references them). Frames come from a ``LazySource`` over the registry:
+verified range reads, cached as partial packs in the shared store.
 
 Credentials are resolved in the calling process (``--creds``, else the auth files) and handed to the
 daemon in memory, so a mount keeps working for its whole life even if the auth file changes; the

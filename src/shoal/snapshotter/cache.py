@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,9 @@ class StoreCache:
         self.root = root
         self.store = Store.open(root)  # the catalogue's connections are per thread
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-snap-gc")
+        self._tagger = ThreadPoolExecutor(1, thread_name_prefix="shoal-snap-tag")
+        self._pins: dict[str, Future[None]] = {}
+        self._pins_lock = threading.Lock()
 
     @contextlib.contextmanager
     def mounting(self) -> Iterator[None]:
@@ -53,14 +57,39 @@ class StoreCache:
         except ShoalError as e:
             log.warning("cannot tag %s in the store %s (a gc may drop its cached frames): %s", digest, self.root, e)
 
+    def pin_later(self, digest: str, hold: contextlib.ExitStack) -> None:
+        """``pin`` in a thread of its own, under ``hold`` (the caller's ``mounting``, handed over, so no
+        gc runs between the mount's writes and the tag), so that the snapshot waiting for the mount
+        goes on at once (docs/containerd.md "Start-up"); ``release`` and ``pinned`` wait for it."""
+        def tag() -> None:
+            with hold:
+                self.pin(digest)
+
+        with self._pins_lock:
+            self._pins[digest] = self._tagger.submit(tag)
+
+    def _tagged(self, digest: str | None = None) -> None:
+        """Wait for the pending ``pin_later`` of ``digest`` (of every digest if None)."""
+        with self._pins_lock:
+            if digest is None:
+                futs = list(self._pins.values())
+                self._pins.clear()
+            else:
+                one = self._pins.pop(digest, None)
+                futs = [one] if one is not None else []
+        for f in futs:
+            f.result()
+
     def pinned(self) -> set[str]:
         """The manifest digests the snapshotter's tags name."""
+        self._tagged()
         return {"sha256:" + name.rpartition(":")[2] for name in self.store.layout.refs()
                 if name.rpartition(":")[0] == PIN_REPO}
 
     def release(self, digest: str) -> Future[None] | None:
         """Untag ``digest`` and drop its cached profile now (a mount of it again tags it again), then
         collect what of it no other tag reaches in the background."""
+        self._tagged(digest)
         try:
             with contextlib.suppress(NotFound):
                 self.store.untag(pin_name(digest))
@@ -92,4 +121,5 @@ class StoreCache:
                  rep.removed, rep.freed)
 
     def close(self) -> None:
+        self._tagger.shutdown(wait=True)
         self._pool.shutdown(wait=True)

@@ -12,6 +12,7 @@ snapshot goes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -70,11 +71,11 @@ class RemoteMounts:
         mp = Path(where)
         if self.cache is None:
             return self._mount(mp, ref, digest)
-        with self.cache.mounting():  # no gc of the store until the image is tagged
+        with contextlib.ExitStack() as hold:
+            hold.enter_context(self.cache.mounting())  # no gc of the store until the image is tagged
             out = self._mount(mp, ref, digest)
             log.debug("timeline: lazy mount %s answered", mp.name[:12])
-            self.cache.pin(digest)
-            log.debug("timeline: lazy mount %s tagged", mp.name[:12])
+            self.cache.pin_later(digest, hold.pop_all())  # the hold goes with the tagging, off this path
         return out
 
     def _mount(self, mp: Path, ref: str, digest: str) -> str:
