@@ -111,6 +111,8 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     # the mount daemon's own client, made while we wait for the network (loading CA certificates
     # takes ~0.1 s); it is never used before the fork, so it holds no connection the parent shares
     spare = pool.submit(ref.new_source, reg)
+    # and one for a bundle the daemon streams (bundle.md §6.2), so it does not make one while it mounts
+    spare_bundle = pool.submit(ref.new_source, reg) if wanted else None
     # the serving modules load while the manifest, config and index are on their way: the main thread
     # only waits then (~0.1 s less to the fork than starting once the manifest is known)
     warm = _warm(options.warm)
@@ -121,7 +123,9 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
             for look in lookups.values():  # a digest guessed to be a Shoal manifest: let its lookup end first
                 look.exception()
             src.close()
-            spare.result().close()
+            for sp in (spare, spare_bundle):
+                if sp is not None:
+                    sp.result().close()
             return None
         m = parse_manifest(raw)
         log.debug("timeline: manifest %s", m.digest)
@@ -138,6 +142,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         config = parse_config(store.layout.get(m.config.digest))
         prof, early, bun = prof_f.result() if prof_f is not None else (None, None, None)
         fresh = spare.result()
+        for_bundle = spare_bundle.result() if spare_bundle is not None else None
         pool.shutdown(wait=True)  # its threads used sqlite (has_frame): gone before any fork
     except TransportError as exc:  # name the image: "GET host/v2/... failed" alone does not say which mount
         src.close()
@@ -162,6 +167,11 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
                 adopted = {fi: fut for fi, (p, off, _) in zip(found, prof.frames)
                            if (fut := early.futures.get((m.packs[p].digest, off))) is not None}
     fresh.follow(src)  # the daemon reads from the endpoint (mirror) that served the manifest
+    if for_bundle is not None:
+        for_bundle.follow(src)
+        if bun is None or bun.desc is None:
+            for_bundle.close()
+            for_bundle = None
     spares = [fresh]
 
     def reopen() -> DockerSource:
@@ -178,20 +188,25 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     if bun is not None and bun.blob is not None:  # the store's
         source = bundle.BundleSource.deferred(lazy, index, bun.blob, m.root, m.digest)
     elif bun is not None and bun.desc is not None:  # the registry's: streamed by the mount daemon
-        root, (digest, size) = store.root, bun.desc
+        root, (digest, size), made = store.root, bun.desc, for_bundle
         source = bundle.BundleSource.deferred(
             lazy, index, None, m.root, m.digest, keep=lambda blob: bundle.save_local(root, m.digest, blob),
-            fetch=lambda: _stream(ref, reg, src, digest, size), size=size)
+            fetch=lambda: _stream(made or _followed(ref, reg, src), digest, size), size=size)
     return OpenedImage(ref=str(ref), name=str(ref), digest=m.digest, index=index, source=source,
                        config=config, prefetch=frames, local=False, manifest=m)
 
 
-def _stream(ref: DockerReference, reg: SystemContext, src: DockerSource, digest: str, size: int) -> Iterator[bytes]:
-    """Blob ``digest`` of ``ref``'s repository as it arrives, from a client of its own made here (in the
-    mount daemon), on the endpoint that served the manifest; verified by digest and size at its end."""
+def _followed(ref: DockerReference, reg: SystemContext, src: DockerSource) -> DockerSource:
     s = ref.new_source(reg)
+    s.follow(src)
+    return s
+
+
+def _stream(s: DockerSource, digest: str, size: int) -> Iterator[bytes]:
+    """Blob ``digest`` of ``s``'s repository as it arrives, through ``s`` (a client of the mount daemon's
+    own: made before the fork but never used there, on the endpoint that served the manifest); verified
+    by digest and size at its end."""
     try:
-        s.follow(src)
         with s.client.open_blob_stream(s.repo, digest, size=size) as r:
             yield from r
     finally:
