@@ -100,7 +100,7 @@ def test_the_prefetch_waits_until_the_mount_is_live_then_leaves_out_the_bundle_s
 
 
 def _streamed(blob: bytes, pieces: list[bytes], fail: Exception | None = None,
-              gate: threading.Event | None = None) -> tuple[BundleSource, list[bytes]]:
+              gate: threading.Event | None = None, timeout: float = 30.0) -> tuple[BundleSource, list[bytes]]:
     def fetch() -> Any:
         for i, p in enumerate(pieces):
             if i == 1 and gate is not None:
@@ -112,7 +112,7 @@ def _streamed(blob: bytes, pieces: list[bytes], fail: Exception | None = None,
     idx = _tree()
     kept: list[bytes] = []
     src = BundleSource.deferred(_Inner(), idx, None, "sha256:" + idx.root.hex(), "sha256:" + "ab" * 32,
-                                kept.append, fetch=fetch, size=len(blob))
+                                kept.append, fetch=fetch, size=len(blob), timeout=timeout)
     return src, kept
 
 
@@ -151,3 +151,18 @@ def test_a_streamed_bundle_whose_transfer_fails_is_dropped(caplog: pytest.LogCap
     long, _ = _streamed(blob, [blob, b"x"])
     long.checked()
     assert long.bundle_state == "refused"  # more bytes than its descriptor
+
+
+def test_a_read_waits_for_a_trickling_bundle_at_most_the_fetch_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    blob = _make(frame_target=1, level=3)
+    gate = threading.Event()  # never set: the registry stops sending after the first piece
+    src, kept = _streamed(blob, [blob[:40], blob[40:]], gate=gate, timeout=0.3)
+    t0 = time.monotonic()
+    assert src.held_chunk(IDS[1]) is None  # the header never arrived: the frames serve it
+    assert 0.25 < time.monotonic() - t0 < 5
+    assert src.bundle_state == "refused" and "took longer than 0.3s" in caplog.text
+    gate.set()  # the stream resumes: it is abandoned, nothing is kept
+    src.checked()
+    assert not kept and src.held_chunk(IDS[1]) is None

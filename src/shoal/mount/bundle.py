@@ -96,12 +96,13 @@ class ArrivingBlob:
     """A bundle blob (``fb.Blob``) filled as its bytes arrive, by the thread running ``fill`` (bundle.md
     §6.2): ``get`` waits for the bytes it asks for, and raises the transfer's error if they never come."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, timeout: float = 30.0) -> None:
         self._buf = bytearray(size)
         self._have = 0
         self._done = False
         self._error: ShoalError | None = None
         self._cond = threading.Condition()
+        self.timeout = timeout  # longest wait of ``get`` for its bytes (a registry that trickles them)
 
     @property
     def size(self) -> int:
@@ -113,6 +114,8 @@ class ArrivingBlob:
         err: ShoalError | None = None
         try:
             for piece in pieces:
+                if self._done:  # abandoned by a reader that waited too long
+                    return
                 n = len(piece)
                 if self._have + n > len(self._buf):
                     raise IntegrityError(f"bundle: more than the {len(self._buf)} bytes its descriptor states")
@@ -127,23 +130,29 @@ class ArrivingBlob:
         except (OSError, ValueError) as exc:
             err = TransportError(f"bundle: {exc}")
         with self._cond:
-            self._done = True
-            self._error = err
+            if not self._done:
+                self._done = True
+                self._error = err
             self._cond.notify_all()
 
     def get(self, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` once they are here; TransportError (and the transfer abandoned) when they
+        took longer than ``timeout`` (as a demand read gives up on a frame after ``--fetch-timeout``)."""
         with self._cond:
-            while self._have < end and not self._done:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: self._have >= end or self._done, self.timeout):
+                self._done = True
+                self._error = TransportError(f"bundle: its bytes up to {end} took longer than {self.timeout:g}s "
+                                             f"({self._have} of {len(self._buf)} arrived)")
+                self._cond.notify_all()
             if self._have < end:
                 raise self._error or IntegrityError("bundle: truncated")
         return bytes(self._buf[start:end])
 
     def whole(self) -> bytes:
         """Every byte, once the transfer ended and its digest matched; else its error."""
+        self.get(0, len(self._buf))
         with self._cond:
-            while not self._done:
-                self._cond.wait()
+            self._cond.wait_for(lambda: self._done)  # the digest is checked after the last byte
             if self._error is not None:
                 raise self._error
         return bytes(self._buf)
@@ -160,6 +169,7 @@ class _Deferred:
     root: str
     image: str
     keep: Callable[[bytes], object] | None
+    timeout: float = 30.0
     arriving: ArrivingBlob | None = None
 
 
@@ -197,13 +207,15 @@ class BundleSource(ForwardingSource):
     @classmethod
     def deferred(cls, inner: FrameSource, index: Index, blob: bytes | None, root: str, image: str,
                  keep: Callable[[bytes], object] | None = None,
-                 fetch: Callable[[], Iterable[bytes]] | None = None, size: int = 0) -> "BundleSource":
+                 fetch: Callable[[], Iterable[bytes]] | None = None, size: int = 0,
+                 timeout: float = 30.0) -> "BundleSource":
         """A source whose bundle ``blob`` (or the ``size`` bytes ``fetch`` streams, in a thread of the
         process that serves: never before a fork) is checked against ``root`` (the manifest's) as it is
-        used; ``keep`` hears the blob once it passed every check (to save it locally)."""
+        used; ``keep`` hears the blob once it passed every check (to save it locally).  A read waits at
+        most ``timeout`` for the bytes it needs (then the bundle is dropped and the frames serve)."""
         if blob is not None:
             size = len(blob)
-        return cls(inner, index, deferred=_Deferred(blob, fetch, size, root, image, keep))
+        return cls(inner, index, deferred=_Deferred(blob, fetch, size, root, image, keep, timeout))
 
     @property
     def bundle_state(self) -> str:
@@ -231,7 +243,7 @@ class BundleSource(ForwardingSource):
         if p.blob is not None or p.fetch is None:
             return fb.WholeBlob(p.blob or b"")
         if p.arriving is None:
-            p.arriving = ArrivingBlob(p.size)
+            p.arriving = ArrivingBlob(p.size, p.timeout)
             fetch, into = p.fetch, p.arriving
             threading.Thread(target=lambda: into.fill(fetch()), name="shoal-bundle-fetch", daemon=True).start()
         return p.arriving

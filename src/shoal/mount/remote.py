@@ -191,7 +191,8 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         root, (digest, size), made = store.root, bun.desc, for_bundle
         source = bundle.BundleSource.deferred(
             lazy, index, None, m.root, m.digest, keep=lambda blob: bundle.save_local(root, m.digest, blob),
-            fetch=lambda: _stream(made or _followed(ref, reg, src), digest, size), size=size)
+            fetch=lambda: _stream(made or _followed(ref, reg, src), digest, size), size=size,
+            timeout=options.fetch_timeout)
     return OpenedImage(ref=str(ref), name=str(ref), digest=m.digest, index=index, source=source,
                        config=config, prefetch=frames, local=False, manifest=m)
 
