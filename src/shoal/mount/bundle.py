@@ -305,6 +305,8 @@ class BundleSource(ForwardingSource):
         finally:
             sys.setswitchinterval(old)
         with self._data_lock:
+            if self._pending is not p:  # refused meanwhile by a read
+                return
             self._chunks = data.chunks()  # every frame is open: the held chunks, for ``_held``'s quick path
             self._state = "checked"
             self._pending = None
