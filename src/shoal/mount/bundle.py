@@ -387,12 +387,14 @@ class BundleSource(ForwardingSource):
             self.inner.ensure(keep)
 
     def readahead(self, frames: list[int]) -> None:
+        if self._pending is not None and self._data is None:
+            return  # never blocks: not before the bundle's header says which frames it makes needless
         keep = self._without(frames, files=True)
         if keep:
             self.inner.readahead(keep)
 
     def prefetch(self, frames: list[int]) -> int | None:
-        self._asked.wait()  # started before the mount is live: the check waits for ``serving`` or a read
+        self._asked.wait()  # started before the mount is live: waits until the header is asked for
         return self.inner.prefetch(self._without(frames))
 
     def close(self) -> None:
