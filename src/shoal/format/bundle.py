@@ -8,7 +8,8 @@ list and chunk lengths, which its record's ``ids`` digest and ``size`` bind; (2)
 the chunks the workload read, in first-read order, in zstd frames of a few chunks each.
 
 ``make`` builds one from a verified index; ``open_bundle`` checks one against a root and returns the
-verified chunks (every check of the spec, §3, before anything is returned).  Both are pure functions
+verified chunks (every check of the spec, §3, before anything is returned); ``BundleData`` is the same
+checks in the two steps of §3.6, for a mount that serves chunks by id while the rest is checked.  Both are pure functions
 of their inputs: the same index, workload recording and level give the same bytes.
 """
 
@@ -328,7 +329,7 @@ def open_bundle(blob: bytes, root: bytes, limits: Limits = LIMITS) -> Bundle:
 
 
 class BundleData:
-    """A bundle read in two steps (§3.5): constructing it reads the header, compares its root and checks
+    """A bundle read in two steps (§3.6): constructing it reads the header, compares its root and checks
     the shape of its files' chunk lists and of its data (so each chunk reference names a chunk id and
     length, and each frame its chunks); ``chunk`` then hands out a chunk by id, its frame decompressed
     on first use and every chunk of it hashed against its id; ``tree`` checks the partial tree against
