@@ -9,8 +9,9 @@ the chunks the workload read, in first-read order, in zstd frames of a few chunk
 
 ``make`` builds one from a verified index; ``open_bundle`` checks one against a root and returns the
 verified chunks (every check of the spec, §3, before anything is returned); ``BundleData`` makes the
-same checks in the two steps of §3.6, for a mount serving chunks by id while the rest is checked.  Both are pure functions
-of their inputs: the same index, workload recording and level give the same bytes.
+same checks in the two steps of §3.6, for a mount serving chunks by id while the rest is checked.
+``make`` and ``open_bundle`` are pure functions of their inputs: the same index, workload recording
+and level give the same bytes.
 """
 
 from __future__ import annotations
