@@ -61,14 +61,27 @@ def _range_gets(proxy: RegistryProxy) -> list[str]:
     return [p for m, p, s in proxy.log if m == "GET" and "/blobs/" in p and s == 206]
 
 
+def _largest_frame(idx: Any) -> tuple[int, Any, str]:
+    """The largest frame: its index, its row and its pack's digest."""
+    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
+    f = idx.frames[fi]
+    return fi, f, "sha256:" + idx.packs[f.pack].hex()
+
+
+def _largest_pack(idx: Any) -> tuple[int, list[int]]:
+    """The pack with the most frames, and its frame indices."""
+    by_pack: dict[int, list[int]] = {}
+    for fi, f in enumerate(idx.frames):
+        by_pack.setdefault(f.pack, []).append(fi)
+    return max(by_pack.items(), key=lambda kv: len(kv[1]))
+
+
 def test_fetch_verifies_caches_and_coalesces(pushed: dict[str, Any], registry: Registry, proxy_factory: Any,
                                              tmp_path: Path) -> None:
     proxy = proxy_factory(registry.url)
     idx = pushed["index"]
     src = _lazy(proxy.host, pushed, tmp_path / "store")
-    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
-    f = idx.frames[fi]
-    pack = "sha256:" + idx.packs[f.pack].hex()
+    fi, f, pack = _largest_frame(idx)
     want = _frame_bytes(pushed["store"], idx, fi)
     got: list[bytes] = []
     threads = [threading.Thread(target=lambda: got.append(src.fetch(pack, f.offset, f.clen))) for _ in range(8)]
@@ -93,10 +106,7 @@ def test_prefetch_merges_adjacent_frames(pushed: dict[str, Any], registry: Regis
     proxy = proxy_factory(registry.url)
     idx = pushed["index"]
     src = _lazy(proxy.host, pushed, tmp_path / "store")
-    by_pack: dict[int, list[int]] = {}
-    for fi, f in enumerate(idx.frames):
-        by_pack.setdefault(f.pack, []).append(fi)
-    pi, frames = max(by_pack.items(), key=lambda kv: len(kv[1]))
+    pi, frames = _largest_pack(idx)
     assert len(frames) >= 3
     n = src.prefetch(list(reversed(frames)))  # priority order does not split a run of adjacent frames
     assert n == sum(idx.frames[fi].clen for fi in frames)
@@ -117,10 +127,7 @@ def test_prefetch_returns_once_its_frames_are_stored(pushed: dict[str, Any], reg
     proxy = proxy_factory(registry.url)
     idx = pushed["index"]
     src = _lazy(proxy.host, pushed, tmp_path / "store")
-    by_pack: dict[int, list[int]] = {}
-    for fi, f in enumerate(idx.frames):
-        by_pack.setdefault(f.pack, []).append(fi)
-    pi, frames = max(by_pack.items(), key=lambda kv: len(kv[1]))
+    pi, frames = _largest_pack(idx)
     add = src.store.catalog.add
 
     def slow_add(rows: Any) -> None:  # the job's catalogue write, well after the frames were served
@@ -142,9 +149,7 @@ def test_fetch_sees_a_frame_stored_between_its_looks(pushed: dict[str, Any], reg
     proxy = proxy_factory(registry.url)
     idx = pushed["index"]
     src = _lazy(proxy.host, pushed, tmp_path / "store")
-    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
-    f = idx.frames[fi]
-    pack = "sha256:" + idx.packs[f.pack].hex()
+    fi, f, pack = _largest_frame(idx)
     cat = src.store.catalog
     add, locate = cat.add, cat.locate
     gate = threading.Event()
@@ -531,9 +536,7 @@ def test_a_checked_frame_is_handed_to_the_reader_opened_once(pushed: dict[str, A
     from shoal.reader import ForwardingSource, Reader
 
     idx = pushed["index"]
-    fi = max(range(len(idx.frames)), key=lambda i: idx.frames[i].clen)
-    f = idx.frames[fi]
-    pack = "sha256:" + idx.packs[f.pack].hex()
+    fi, f, pack = _largest_frame(idx)
     want = packing.open_frame(_frame_bytes(pushed["store"], idx, fi), f, "want")
     piece = {ci: want[idx.chunk_offsets[ci]:idx.chunk_offsets[ci] + idx.chunk_lengths[ci]]
              for ci in idx.frame_chunks(fi)}
