@@ -99,6 +99,24 @@ def test_umount_leaves_no_mount_and_no_process(sample: dict[str, object], mnt: P
     helpers.assert_one_line_error(shoal(store, "umount", mnt, check=False), "not a shoal mount")
 
 
+def test_background_mount_hands_its_opened_image_to_keep(sample: dict[str, object], mnt: Path,
+                                                         run_dir: Path) -> None:
+    """A caller that ends at once keeps the parent's copy of the image instead of freeing it (the
+    snapshotter's fork-server child: ~15 ms on the path of CreateContainer); the CLI does so."""
+    from shoal.mount.daemon import MountOptions, mount
+    from shoal.mount.image import OpenedImage
+
+    kept: list[OpenedImage] = []
+    st = mount(str(sample["ref"]), str(mnt), MountOptions(), str(sample["store"]), keep=kept.append)
+    assert st is not None
+    try:
+        assert [k.digest for k in kept] == [st.digest] and kept[0].index.entries
+    finally:
+        p = shoal(sample["store"], "umount", mnt)
+        assert p.returncode == 0, p.stderr
+    _assert_gone(run_dir, mnt, st.pid)
+
+
 def test_umount_after_daemon_died(sample: dict[str, object], mnt: Path, run_dir: Path) -> None:
     store = sample["store"]
     assert isinstance(store, Path)

@@ -103,7 +103,9 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
 
     if not foreground:
         _freeze()
-    st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live, open_opts=open_opts)
+    from shoal.cli import leave_for_exit
+
+    st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live, open_opts=open_opts, keep=leave_for_exit)
     if st is None:
         return
     if as_json:

@@ -83,6 +83,7 @@ def _warm(modules: tuple[str, ...]) -> threading.Thread | None:
     """Import ``modules`` in a thread of their own (``OpenOptions.warm``): they load while the open
     waits for the registry (config, index, profile), instead of in the mount daemon after its fork
     (trio, pyfuse3 and the file system: ~0.3 s there).  A failed import is left to whoever needs it."""
+    modules = tuple(m for m in modules if m not in sys.modules)  # a warm process (shoal service) has them
     if not modules:
         return None
 
