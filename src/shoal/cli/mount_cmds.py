@@ -54,10 +54,10 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
 
 
 def _freeze() -> None:
-    """Before a command that forks a mount daemon: what exists now (modules, click's objects) holds no
-    sqlite connection, so the collection that closes dropped connections before the fork
-    (``LazySource.before_fork``) need not look at it again (``shoal run`` of bookworm+python3+git:
-    42-50 ms instead of 91-117 ms on a loaded machine)."""
+    """Before a command that forks a mount daemon: what exists now (modules, click's objects) is out of
+    the cyclic collector's sight, so the collections of the open and of the daemon need not look at it
+    again (when the parent still collected before the fork, ``shoal run`` of bookworm+python3+git took
+    42-50 ms there instead of 91-117 ms on a loaded machine)."""
     import gc
 
     gc.freeze()

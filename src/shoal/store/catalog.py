@@ -18,7 +18,49 @@ from typing import Iterable, Iterator, Sequence
 from shoal.errors import NoSpace, ShoalError, StoreError, from_oserror
 from shoal.store import forkgate
 
-__all__ = ["Catalog", "ChunkLocation"]
+__all__ = ["Catalog", "ChunkLocation", "close_connections"]
+
+# Every catalogue connection of this process, with the thread it belongs to (each thread has its own).
+# A connection is only freed by the cyclic collector (its statement cache refers to it), so one left by
+# a thread that ended stays open until a collection; ``close_connections`` closes them all before a
+# fork without one (store.md §3), and a new connection closes those of threads that ended.
+_OPEN: list[tuple[threading.Thread, sqlite3.Connection]] = []
+_OPEN_LOCK = threading.Lock()
+_generation = 0  # bumped by close_connections: a thread's connection of an older generation is closed
+_INHERITED: list[object] = []  # a forked child's copies of its parent's connections: never used or closed
+
+
+def close_connections() -> int:
+    """Close every catalogue connection of this process now (before a fork: the child must inherit no
+    sqlite state); each thread opens a new one on its next use.  Returns how many were open."""
+    global _generation
+    with _OPEN_LOCK:
+        _generation += 1
+        open_, _OPEN[:] = list(_OPEN), []
+    for _, conn in open_:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+    return len(open_)
+
+
+def _register(conn: sqlite3.Connection) -> None:
+    with _OPEN_LOCK:
+        ended = [c for t, c in _OPEN if not t.is_alive()]
+        _OPEN[:] = [(t, c) for t, c in _OPEN if t.is_alive()]
+        _OPEN.append((threading.current_thread(), conn))
+    for c in ended:
+        with contextlib.suppress(sqlite3.Error):
+            c.close()
+
+
+def _after_fork_in_child() -> None:
+    global _generation
+    _INHERITED.extend(c for _, c in _OPEN)  # closing them would let SQLite undo the parent's WAL state
+    _OPEN.clear()
+    _generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -95,20 +137,24 @@ class Catalog:
                 os.close(fd)
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                if self.path.exists() and not os.access(self.path, os.W_OK):
-                    # a read-only store (another user's): reads work, writes fail clearly
-                    conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None)
-                    self._local.conn = conn
-                    return conn
-                conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        """This thread's connection (each thread has its own; ``check_same_thread`` is off only so that
+        ``close_connections`` and ``_register`` may close one whose thread ended or before a fork)."""
+        held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
+        if held is not None and held[0] == _generation:
+            return held[1]
+        try:
+            if self.path.exists() and not os.access(self.path, os.W_OK):
+                # a read-only store (another user's): reads work, writes fail clearly
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA busy_timeout=60000")
                 conn.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.Error as exc:
-                raise sqlite_error(exc, "cannot open the catalogue", self.path) from None
-            self._local.conn = conn
+        except sqlite3.Error as exc:
+            raise sqlite_error(exc, "cannot open the catalogue", self.path) from None
+        _register(conn)
+        self._local.conn = (_generation, conn)
         return conn
 
     def add(self, rows: Iterable[tuple[bytes, str, int, int, int, int, int]]) -> None:
