@@ -117,6 +117,24 @@ def test_scheme_selection(registry: Registry) -> None:
         assert c.base_url == "https://registry-1.docker.io"
 
 
+def test_a_client_learns_the_scheme_another_found_out(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount daemon's clients, made before its fork, speak to a loopback registry as the parent
+    found out (``learn_scheme``; ``DockerSource.follow``): no second TLS probe on the mount's path."""
+    from shoal.transports.registry import transport
+
+    with client(registry.host) as first, client(registry.host) as second, client("127.0.0.2:5000") as other:
+        second.learn_scheme(first)  # not found out yet: nothing to learn
+        first.ping()
+        probes: list[str] = []
+        real = transport.speaks_tls
+        monkeypatch.setattr(transport, "speaks_tls", lambda *a: probes.append(a[0]) or real(*a))
+        second.learn_scheme(first)
+        other.learn_scheme(first)  # another host: learns nothing
+        second.ping()
+        assert probes == [] and second.base_url == f"http://{registry.host}"
+        assert other.base_url == "https://127.0.0.2:5000"
+
+
 def test_tls_registry(registry_factory: Callable[..., Registry]) -> None:
     reg = registry_factory(tls=True)
     assert reg.ca_bundle is not None

@@ -309,9 +309,14 @@ class DockerSource(ImageSource):
         return total
 
     def follow(self, other: "DockerSource") -> None:
-        """Start at the endpoint ``other`` uses (a mount daemon's fresh source: where the manifest came from)."""
+        """Start at the endpoint ``other`` uses (a mount daemon's fresh source: where the manifest came
+        from), speaking to it as ``other`` found out (no second TLS probe of a loopback registry)."""
         if other.endpoints == self.endpoints:
             self._active = other._active
+            with other._lock:
+                known = other._clients.get(other._active)
+            if known is not None:
+                self._client(self._active).learn_scheme(known)
 
     def _client(self, i: int) -> RegistryClient:
         with self._lock:

@@ -170,6 +170,11 @@ class RegistryClient:
     def base_url(self) -> str:  # ``scheme://host`` as last chosen: a loopback or insecure host's first request
         return self._endpoint.base_url  # finds out its scheme (transport.Endpoint)
 
+    def learn_scheme(self, other: "RegistryClient") -> None:
+        """Speak to the registry as ``other`` (a client of the same host) found out it must be spoken
+        to, instead of probing it again (``transport.Endpoint.adopt``)."""
+        self._endpoint.adopt(other._endpoint)
+
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
         if self._pool is not None:

@@ -84,6 +84,15 @@ class Endpoint:
                     log.debug("%s speaks %s", self.host, self._scheme)
             return self.base_url
 
+    def adopt(self, other: "Endpoint") -> None:
+        """Take the scheme ``other`` (the same host, of another client of this process) found out, so
+        that this one does not probe again (a mount daemon's clients, made before its fork)."""
+        if (other.host, other._probe) != (self.host, False) or other is self:
+            return
+        with self._lock:
+            if self._probe:
+                self._scheme, self._probe = other._scheme, False
+
     def explain(self, err: TransportError, url: str) -> TransportError:
         """``err``, or a clearer one when a TLS handshake with this registry failed because it speaks
         plain HTTP (which is allowed only with ``tls_verify=False`` or ``plain_http``)."""
