@@ -2,7 +2,7 @@
 """Registry transfer: update bytes (push and pull of B after A) and full pull + unpack, against the
 equivalent classic OCI image (umoci layers, skopeo), same registry, same run.
 
-Usage: python bench/pull.py [--tree DIR] [--reps N]
+Usage: python bench/pull.py [--tree DIR] [--reps N] [--aged-fs]
 A = debootstrap minbase bookworm + python3 + git (cached in $SHOAL_BENCH_CACHE); B = A plus a 20 MB
 file, 60 edited files and 20 removed ones.  Shoal's B is built with --reuse A (an update); B' is the
 same tree built alone (its touched packs are new, so a pull after A takes range reads).  The classic
@@ -105,6 +105,26 @@ def wall(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
+class FreshFs:
+    """A new ext4 file system (a sparse image on a loop device) mounted at ``path`` for one measured
+    step, so that no tool writes its files into a file system aged by the steps before it: on this
+    machine / is ext4 with online ``discard``, and after a 0.5 GB tree is deleted, the next minutes of
+    file creation go several times slower (``recently_deleted`` in ext4's inode allocation), which
+    whichever tool runs later pays.  Unmounted (not timed) at the end of the step."""
+
+    def __init__(self, root: Path, name: str, size_gb: int = 6) -> None:
+        self.img, self.path = root / f"{name}.img", root / name
+        with open(self.img, "wb") as f:
+            f.truncate(size_gb << 30)
+        sh(f"mkfs.ext4 -q -F {self.img}")
+        self.path.mkdir()
+        sh(f"mount -o loop {self.img} {self.path}")
+
+    def close(self) -> None:
+        sh(f"umount {self.path}")
+        self.img.unlink()
+
+
 def changed_chunks_zstd(store: Path, old: str, new: str) -> int:
     """Chunks of ``new`` that ``old`` lacks, each compressed alone at zstd -3 (the update limit)."""
     import zstandard
@@ -151,6 +171,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tree", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=3, help="full pull+unpack repetitions (best is shown)")
+    ap.add_argument("--aged-fs", action="store_true",
+                    help="write every full pull+unpack into the work directory's own file system (as before "
+                         "2026-12-03) instead of a fresh ext4 for each step")
     args = ap.parse_args()
     compile_bytecode()
     a = args.tree or rootfs("bookworm-py", ("python3", "git"))
@@ -207,7 +230,8 @@ def main() -> None:
         row("classic: B's new layer (skopeo pull)", f"{classic_new / 1e6:.2f} MB",
             f"shoal is {ub['bytes_fetched'] / classic_new:.2f}x")
 
-        # --- full pull + unpack of A, CLI end to end, best of --reps.  Nothing is deleted until the end:
+        # --- full pull + unpack of A, CLI end to end, best of --reps.  Each step writes into a fresh ext4
+        # of its own (FreshFs; --aged-fs: into the work directory, where nothing is deleted until the end):
         # / is ext4 mounted with online `discard`, and deleting a 0.5 GB tree slows the next minutes of
         # file creation several times over (measured: shoal unpack 1.7 s -> 9 s, umoci likewise).
         t_shoal: list[float] = []
@@ -216,21 +240,41 @@ def main() -> None:
         t_floor: list[float] = []
         plain = work / "a.tar"  # the floor of writing the files: tar -x of a plain (uncompressed) tar of A
         sh(f"tar -C {a} --numeric-owner -cf {plain} .")
+        fresh = not args.aged_fs
+        where = "a fresh ext4 of its own" if fresh else "the work directory"
+        print(f"full pull + unpack: each step's store and tree on {where}", file=sys.stderr)
+
+        def place(name: str) -> tuple[Path, FreshFs | None]:
+            if not fresh:
+                return work / f"full-{name}", None
+            fs = FreshFs(work, f"full-{name}")
+            return fs.path, fs
+
+        def done(fs: FreshFs | None) -> None:
+            if fs is not None:
+                fs.close()
+
         for i in range(args.reps):
-            sd, ud, od, bd = work / f"fs{i}", work / f"fu{i}", work / f"fo{i}", work / f"fb{i}"
             # every step starts with no dirty pages pending (``sync`` is not timed): fair to all four
-            t1 = wall([SHOAL, "--store", str(sd), "pull", f"docker://{reg.host}/shoal:a", "a:1"])
-            t2 = wall([SHOAL, "--store", str(sd), "unpack", "a:1", str(ud)])
+            d, fs = place(f"s{i}")
+            t1 = wall([SHOAL, "--store", str(d / "s"), "pull", f"docker://{reg.host}/shoal:a", "a:1"])
+            t2 = wall([SHOAL, "--store", str(d / "s"), "unpack", "a:1", str(d / "u")])
             t_shoal.append(t1 + t2)
-            t5 = wall([SHOAL, "--store", str(sd) + "-one", "pull", f"docker://{reg.host}/shoal:a", "a:1", "--unpack",
-                       str(ud) + "-one"])
+            done(fs)
+            d, fs = place(f"o{i}")
+            t5 = wall([SHOAL, "--store", str(d / "s"), "pull", f"docker://{reg.host}/shoal:a", "a:1", "--unpack",
+                       str(d / "u")])
             t_one.append(t5)
-            t3 = wall(["skopeo", "copy", "-q", *SKOPEO_HTTP, f"docker://{reg.host}/classic:a", f"oci:{od}:a"])
-            t4 = wall(["umoci", "unpack", "--image", f"{od}:a", str(bd)])
+            done(fs)
+            d, fs = place(f"c{i}")
+            t3 = wall(["skopeo", "copy", "-q", *SKOPEO_HTTP, f"docker://{reg.host}/classic:a", f"oci:{d / 'o'}:a"])
+            t4 = wall(["umoci", "unpack", "--image", f"{d / 'o'}:a", str(d / "b")])
             t_classic.append(t3 + t4)
-            xd = work / f"fx{i}"
-            xd.mkdir()
-            t_floor.append(wall(["tar", "-C", str(xd), "--numeric-owner", "-xpf", str(plain)]))
+            done(fs)
+            d, fs = place(f"x{i}")
+            (d / "x").mkdir()
+            t_floor.append(wall(["tar", "-C", str(d / "x"), "--numeric-owner", "-xpf", str(plain)]))
+            done(fs)
             print(f"  [rep {i}] shoal pull {t1:.2f}s + unpack {t2:.2f}s; shoal pull --unpack {t5:.2f}s; skopeo copy "
                   f"{t3:.2f}s + umoci unpack {t4:.2f}s; tar -x {t_floor[-1]:.2f}s", file=sys.stderr)
         ts, t1c, tc, tf = min(t_shoal), min(t_one), min(t_classic), min(t_floor)
