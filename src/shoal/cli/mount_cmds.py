@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -103,6 +104,7 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
 
     if not foreground:
         _freeze()
+        open_opts = dataclasses.replace(open_opts, freeze=True)  # the index as well, as it is decoded
     from shoal.cli import leave_for_exit
 
     st = do_mount(ref, mountpoint, opts, _store(ctx), notify=live, open_opts=open_opts, keep=leave_for_exit)
@@ -217,7 +219,7 @@ def run(ctx: click.Context, /, rm: bool, name: str | None, env: tuple[str, ...],
                       prefetch=prefetch, security_opt=security_opt, cap_add=cap_add, cap_drop=cap_drop,
                       pids_limit=pids_limit, network=network, read_only=read_only)
     _freeze()
-    ctx.exit(do_run(ref, opts, _store(ctx), open_opts))
+    ctx.exit(do_run(ref, opts, _store(ctx), dataclasses.replace(open_opts, freeze=True)))
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -79,7 +79,9 @@ class OpenOptions:
     the whole index before anything is read (unpack, ls, diff: a bad image is refused before any output)
     instead of each directory when it is first used (mounts; docs/spec/format.md §6.2).  ``warm`` names
     modules a lazy ``docker://`` open imports in a thread while it waits for the registry (a mount's
-    serving modules: the daemon, forked after the open, then finds them loaded)."""
+    serving modules: the daemon, forked after the open, then finds them loaded).  ``freeze``: a lazy
+    index is frozen (``gc.freeze``) as it is decoded, for a process that forks a mount daemon and
+    froze its own objects before the open (``shoal mount``, ``shoal run``: ``store.collector_paused``)."""
 
     context: SystemContext = SystemContext()
     fetch_timeout: float = 30.0
@@ -88,6 +90,7 @@ class OpenOptions:
     lazy: bool = True
     whole_index: bool = False
     warm: tuple[str, ...] = ()
+    freeze: bool = False
     # mount, run, profile: the signature policy first (docs/spec/trust.md §4); the image opened is the
     # manifest the policy decided on (by digest), so a tag moved meanwhile is not what gets served
     policy: bool = False
@@ -144,7 +147,7 @@ def _open_store(ctx: SystemContext) -> Any:
 
 def _from_store(ref: str, name: str, store: Any, m: ShoalManifest, o: OpenOptions,
                 classic: str = "") -> OpenedImage:
-    index = store.load_index(m, lazy=not o.whole_index)
+    index = store.load_index(m, lazy=not o.whole_index, freeze=o.freeze)
     config = parse_config(store.layout.get(m.config.digest))
     # every frame is local: a recorded profile has nothing to fetch ahead
     return OpenedImage(ref=ref, name=name, digest=m.digest, index=index, source=LocalStoreSource(str(store.root)),

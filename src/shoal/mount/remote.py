@@ -138,7 +138,7 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         log.debug("timeline: config and index stored")
         store.layout.put(raw, m.digest)
         # decoding and checking the index overlaps the profile lookup
-        index = store.load_index(m, lazy=not options.whole_index)
+        index = store.load_index(m, lazy=not options.whole_index, freeze=options.freeze)
         log.debug("timeline: index decoded (%d frames)", len(index.frames))
         config = parse_config(store.layout.get(m.config.digest))
         prof, early, bun = prof_f.result() if prof_f is not None else (None, None, None)
