@@ -8,30 +8,28 @@ decision, so the output never depends on the number of workers.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import os
-import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator
 
 import zstandard
 
 from shoal import mediatypes as mt
-from shoal.chunking import get_chunker
-from shoal.errors import IntegrityError, from_oserror
+from shoal.errors import IntegrityError
 from shoal.format import index as fidx
 from shoal.format import packing
 from shoal.format.manifest import Descriptor, ImageConfig, ShoalManifest, build_config, build_manifest, parse_manifest
 from shoal.format.model import Entry, Frame, Kind
 from shoal.progress import NULL, Sink
-from shoal.scan import scan
 from shoal.store import Store
 from shoal.store.layout import Batch
+from shoal.treesource import STREAM_QUEUE, WINDOW, Chunked, DirSource, FileReader, Streamed, TreeSource, chunk_batch
 
+# TreeSource, FileReader and DirSource live in shoal.treesource (reading a tree); named here as before
 __all__ = ["BuildOptions", "BuildResult", "TreeSource", "FileReader", "DirSource", "build", "build_tree",
            "Placed", "PlacedTree", "build_placed"]
 
@@ -39,10 +37,8 @@ log = logging.getLogger(__name__)
 
 # Memory bounds (convert.md §5): file bytes read ahead of the main thread, and one file's window.
 _INFLIGHT_BYTES = 32 * 1024 * 1024
-_WINDOW = 4 * 1024 * 1024  # a file is read and chunked this many bytes at a time (chunking.md §2)
-_STREAM_QUEUE = 2  # windows of one large file ready ahead of the main thread
 _STREAMERS = 2  # large files read at once
-_STREAM_BYTES = (_STREAM_QUEUE + 2) * _WINDOW  # what a large file in flight may hold
+_STREAM_BYTES = (STREAM_QUEUE + 2) * WINDOW  # what a large file in flight may hold
 _PENDING_PACKS = 8
 _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_FILES = 128
@@ -75,178 +71,7 @@ class BuildResult:
     skipped: tuple[bytes, ...] = ()
 
 
-# One window of a file: its bytes, and the chunks cut in them (id, offset in the window, length).
-_Piece = tuple[bytes, list[tuple[bytes, int, int]]]
-
-
-@dataclass
-class _Chunked:
-    """One file, chunked.  ``pieces`` yields its windows in order; once they are consumed, ``size`` is the
-    file's length (the bytes themselves went by in pieces)."""
-
-    pieces: Iterable[_Piece]
-    size: int = 0
-    streamed: bool = False  # larger than a window: never a small file (format.md §5.1)
-
-
 _tls = threading.local()
-
-
-class FileReader(Protocol):
-    """The bytes of one file: ``read(n)`` returns at most ``n`` bytes, ``b""`` at the end."""
-
-    def read(self, n: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class TreeSource(Protocol):
-    """What ``build`` consumes: canonical entries, and the bytes of each FILE entry.
-
-    ``entries`` are in canonical order (format.md §4.2) with Merkle digests and chunk lists
-    still empty; ``open`` may be called from worker threads, in any order.  A file is read in
-    bounded windows, never whole.
-    """
-
-    entries: list[Entry]
-    skipped: list[bytes]
-
-    def open(self, e: Entry) -> FileReader: ...
-
-
-class DirSource:
-    """A directory on disk."""
-
-    def __init__(self, root: str | bytes | os.PathLike[str], source_date_epoch: int | None = None) -> None:
-        tree = scan(root, source_date_epoch)
-        self.base = tree.root
-        self.entries = tree.entries
-        self.skipped = tree.skipped
-
-    def open(self, e: Entry) -> FileReader:
-        return _DirFile(os.path.join(self.base, e.path))
-
-    def read(self, e: Entry) -> bytes:
-        """The whole file (for tools such as bench/series.py; the builder uses ``open``)."""
-        r = self.open(e)
-        try:
-            parts = []
-            while b := r.read(1 << 20):
-                parts.append(b)
-            return b"".join(parts)
-        finally:
-            r.close()
-
-
-class _DirFile:
-    def __init__(self, path: bytes) -> None:
-        self.path = path
-        try:
-            self.f = open(path, "rb")
-        except OSError as exc:
-            raise from_oserror(exc, "cannot read", path) from None
-
-    def read(self, n: int) -> bytes:
-        try:
-            return self.f.read(n)
-        except OSError as exc:
-            raise from_oserror(exc, "cannot read", self.path) from None
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _read_full(r: FileReader, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        b = r.read(n)
-        if not b:
-            break
-        parts.append(b)
-        n -= len(b)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _windows(source: TreeSource, e: Entry, out: _Chunked) -> Iterator[_Piece]:
-    """Read and chunk one file a window at a time.  FastCDC decides a cut from at most ``max_size`` bytes
-    after the chunk's start, so every chunk of a window but the last is final; the last one (unless the
-    file ends there) is cut again at the start of the next window: the cuts are those of the whole file."""
-    chunker = getattr(_tls, "chunker", None)
-    if chunker is None:
-        chunker = _tls.chunker = get_chunker()
-    sha = hashlib.sha256
-    total = 0
-    r = source.open(e)
-    try:
-        carry = b""
-        eof = False
-        while not eof:
-            fresh = _read_full(r, _WINDOW - len(carry))
-            eof = len(fresh) < _WINDOW - len(carry)
-            buf = carry + fresh if carry else fresh
-            if not buf:
-                break
-            mv = memoryview(buf)
-            cuts = list(chunker.cut(mv))
-            if not eof:
-                last_off = cuts.pop()[0]
-                carry = buf[last_off:]
-            else:
-                last_off, carry = len(buf), b""
-            chunks = [(sha(mv[o : o + n]).digest(), o, n) for o, n in cuts]
-            total += last_off
-            yield buf, chunks
-    finally:
-        r.close()
-    out.size = total
-
-
-def _chunk_batch(source: TreeSource, batch: list[Entry]) -> list[_Chunked]:
-    """Small files (at most one window each), chunked in a worker."""
-    out = []
-    for e in batch:
-        c = _Chunked(())
-        c.pieces = list(_windows(source, e, c))
-        out.append(c)
-    return out
-
-
-class _Streamed:
-    """A large file chunked by a producer thread into a bounded queue of windows (``_STREAM_QUEUE``)."""
-
-    _END = object()
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.q: queue.Queue[object] = queue.Queue(_STREAM_QUEUE)
-        self.stop = stop
-
-    def _put(self, item: object) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce(self, source: TreeSource, e: Entry, out: _Chunked) -> None:
-        try:
-            for piece in _windows(source, e, out):
-                if not self._put(piece):
-                    return
-        except BaseException as exc:  # handed to the main thread, which raises it
-            self._put(exc)
-            return
-        self._put(self._END)
-
-    def __iter__(self) -> Iterator[_Piece]:
-        while True:
-            item = self.q.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
 
 
 def _compress(parts: list[memoryview]) -> bytes:
@@ -444,7 +269,7 @@ class _Builder:
 
     # ---------------------------------------------------------------- files
 
-    def chunked_files(self, source: TreeSource) -> Iterator[_Chunked]:
+    def chunked_files(self, source: TreeSource) -> Iterator[Chunked]:
         """Chunk the FILE entries in parallel, yielding results in canonical order, bounded in memory.
         Small files travel in batches so a task costs more than its scheduling; a file larger than a
         window streams through a bounded queue, so no file is ever in memory whole."""
@@ -453,7 +278,7 @@ class _Builder:
         for e in source.entries:
             if e.kind != Kind.FILE:
                 continue
-            big = e.size > _WINDOW
+            big = e.size > WINDOW
             if batches[-1] and (big or size + e.size > _BATCH_BYTES or len(batches[-1]) >= _BATCH_FILES):
                 batches.append([])
                 size = 0
@@ -462,7 +287,7 @@ class _Builder:
             if big:
                 batches.append([])
                 size = 0
-        q: collections.deque[tuple[Future[list[_Chunked]] | _Chunked, int]] = collections.deque()
+        q: collections.deque[tuple[Future[list[Chunked]] | Chunked, int]] = collections.deque()
         inflight = 0
         it = iter(b for b in batches if b)
         done = False
@@ -472,22 +297,22 @@ class _Builder:
                 if batch is None:
                     done = True
                     break
-                if len(batch) == 1 and batch[0].size > _WINDOW:
-                    c = _Chunked((), streamed=True)
-                    stream = _Streamed(self.stop)
+                if len(batch) == 1 and batch[0].size > WINDOW:
+                    c = Chunked((), streamed=True)
+                    stream = Streamed(self.stop)
                     c.pieces = stream
                     self.streamer.submit(stream.produce, source, batch[0], c)
                     q.append((c, _STREAM_BYTES))
                     inflight += _STREAM_BYTES
                     continue
                 nbytes = sum(e.size for e in batch)
-                q.append((self.pool.submit(_chunk_batch, source, batch), nbytes))
+                q.append((self.pool.submit(chunk_batch, source, batch), nbytes))
                 inflight += nbytes
             if not q:
                 return
             item, nbytes = q.popleft()
             inflight -= nbytes
-            if isinstance(item, _Chunked):
+            if isinstance(item, Chunked):
                 yield item
             else:
                 files = item.result()
@@ -495,7 +320,7 @@ class _Builder:
                     self.look_up(cid for c in files for _, chunks in c.pieces for cid, _, _ in chunks)
                 yield from files
 
-    def add_file(self, c: _Chunked) -> tuple[int, ...]:
+    def add_file(self, c: Chunked) -> tuple[int, ...]:
         """Add the chunks of one file, window by window; its chunk indexes."""
         refs: list[int] = []
         small = not c.streamed and packing.small_file(c.size)  # a window-sized file's size is known here

@@ -106,7 +106,7 @@ class Spill:
 
 
 class SpillFile:
-    """One file's bytes in the spill, read in pieces (a ``shoal.build.FileReader``)."""
+    """One file's bytes in the spill, read in pieces (a ``shoal.treesource.FileReader``)."""
 
     def __init__(self, spill: Spill, off: int, size: int) -> None:
         self.spill = spill
@@ -304,7 +304,7 @@ class Tree:
 
 
 class ConvertedTree:
-    """A ``shoal.build.TreeSource``: canonical entries, file bytes read back from the spill."""
+    """A ``shoal.treesource.TreeSource``: canonical entries, file bytes read back from the spill."""
 
     def __init__(self, entries: list[Entry], skipped: list[bytes], files: dict[bytes, tuple[int, int]],
                  spill: Spill) -> None:

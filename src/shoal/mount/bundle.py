@@ -174,17 +174,16 @@ class _Deferred:
 
 
 class BundleSource(ForwardingSource):
-    """``inner`` plus a bundle's chunks (bundle.md §6): a checked ``fb.Bundle``, or a blob read here
-    (``deferred``, bundle.md §3.6, §6.1) so that the check overlaps the container's start instead of
-    delaying the mount; the blob may still be arriving (``fetch``: the mount daemon streams it, §6.2).
+    """``inner`` plus a bundle's chunks (bundle.md §6), from a blob read here (``deferred``, bundle.md
+    §3.6, §6.1) so that the check overlaps the container's start instead of delaying the mount; the
+    blob may still be arriving (``fetch``: the mount daemon streams it, §6.2).
     Once the mount is live (``serving``), a thread reads the header, opens every data frame and checks
     the partial tree; a read that comes first reads the header and opens the frame it needs itself
     (waiting for its bytes).  A chunk is handed out only after its frame's chunks were hashed against
     their ids (and the Reader hashes it again against the index); a bundle that fails any check, or
     whose transfer fails, is logged and dropped whole, and the source serves as ``inner`` alone."""
 
-    def __init__(self, inner: FrameSource, index: Index, bundle: fb.Bundle | None = None,
-                 deferred: _Deferred | None = None) -> None:
+    def __init__(self, inner: FrameSource, index: Index, deferred: _Deferred) -> None:
         super().__init__(inner)
         self._index = index
         self._chunks: dict[bytes, bytes] = {}
@@ -194,15 +193,10 @@ class BundleSource(ForwardingSource):
         self._lock = threading.Lock()
         self._data_lock = threading.Lock()  # the deferred bundle's state below
         self._data: fb.BundleData | None = None
-        self._pending = deferred if bundle is None else None
-        self._asked = threading.Event()  # a read or ``serving`` asked for the bundle (set at once without one)
-        self.bundle = BundleStats(bundle.size if bundle is not None else deferred.size if deferred else 0, 0)
-        self._state = "checked" if bundle is not None else "pending" if self._pending else "none"
-        if bundle is not None:
-            self._chunks = bundle.chunks
-            self._frames_of(bundle.chunks.keys(), bundle.files)
-        if self._pending is None:
-            self._asked.set()
+        self._pending: _Deferred | None = deferred  # None once checked or refused
+        self._asked = threading.Event()  # a read or the header thread asked for the bundle
+        self.bundle = BundleStats(deferred.size, 0)
+        self._state = "pending"
 
     @classmethod
     def deferred(cls, inner: FrameSource, index: Index, blob: bytes | None, root: str, image: str,
