@@ -89,6 +89,11 @@ class ThreadedServer:
             def log_message(self, fmt: str, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with outer._count_lock:
+                    outer.connections += 1
+
             def _any(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
@@ -97,6 +102,8 @@ class ThreadedServer:
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any
 
         self.handle = handle
+        self.connections = 0  # TCP connections accepted
+        self._count_lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, 0), _H)
         self.httpd.daemon_threads = True
         self.host = host
@@ -457,6 +464,11 @@ class RegistryProxy:
         self.host = f"127.0.0.1:{self._server.port}"
         self.url = self._server.url
         self._blobstore = ThreadedServer(self._serve_blobstore, host="127.0.0.2")
+
+    @property
+    def connections(self) -> int:
+        """TCP connections the proxy accepted from clients."""
+        return self._server.connections
 
     def close(self) -> None:
         self._closing.set()

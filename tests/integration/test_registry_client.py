@@ -349,6 +349,24 @@ def test_range_reads_206(registry: Registry, proxy_factory: ProxyFactory) -> Non
         assert c.get_blob_ranges("t/ranges", d, [(0, 0)]) == [b""]
 
 
+def test_range_reads_keep_their_connection(registry: Registry, proxy_factory: ProxyFactory) -> None:
+    """Range reads one after another go over one keep-alive connection: each answer is read to its end
+    (a lazy mount's reads would otherwise each pay a new TCP and TLS handshake)."""
+    data = blob(300_000, 19)
+    d = sha(data)
+    proxy = proxy_factory(registry.url)
+    with client(registry.host) as c:
+        c.put_blob("t/ranges", d, data, len(data))
+    with client(proxy.host) as c:
+        opened = 0
+        for i in range(12):
+            assert c.get_blob_ranges("t/ranges", d, [(i * 20_000, 7_000)]) == [data[i * 20_000:i * 20_000 + 7_000]]
+            opened = opened or proxy.connections  # the scheme probe's and the first read's
+    gets = [s for m, p, s in proxy.log if m == "GET" and "/blobs/" in p]
+    assert gets == [206] * 12
+    assert proxy.connections == opened <= 2
+
+
 def test_range_reads_200_fallback(registry: Registry, proxy_factory: ProxyFactory) -> None:
     data = blob(300_000, 17)
     d = sha(data)

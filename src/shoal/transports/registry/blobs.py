@@ -91,17 +91,40 @@ def read_all(client: RegistryClient, resp: httpx.Response, limit: int | None) ->
 
 def read_span(client: RegistryClient, resp: httpx.Response, skip: int, take: int) -> bytes:
     """Bytes ``skip`` to ``skip + take`` of the body, streaming: never holds more than ``take`` (+ one
-    chunk), never reads past them.  A body that ends early raises BodyLost."""
+    chunk), never reads past them, but for a rest of at most RANGE_SLACK bytes that the answer declares
+    (``_finish_body``).  A body that ends early raises BodyLost."""
     buf = bytearray()
-    for chunk in iter_body(client, resp):
+    body = iter_body(client, resp)
+    seen = 0
+    for chunk in body:
+        seen += len(chunk)
         if skip >= len(chunk):
             skip -= len(chunk)
             continue
         buf += chunk[skip:skip + take - len(buf)]
         skip = 0
         if len(buf) >= take:
+            _finish_body(body, resp, seen)
             return bytes(buf)
     raise BodyLost(f"{client.host}: answer ended {take - len(buf)} bytes short")
+
+
+def _finish_body(body: Iterator[bytes], resp: httpx.Response, seen: int) -> None:
+    """Read to its end a body whose declared rest is at most RANGE_SLACK bytes (none, for an exact range
+    answer), so that its keep-alive connection goes back to the pool: closing a response before its end
+    drops the connection, and the next range read paid a new TCP (and TLS) handshake.  A longer or
+    undeclared rest is left unread (the connection is dropped); a failure here costs only the connection."""
+    try:
+        rest = int(resp.headers.get("content-length", "")) - seen
+    except ValueError:
+        return
+    if not 0 <= rest <= RANGE_SLACK:
+        return
+    try:
+        for _ in body:
+            pass
+    except TransportError as e:
+        log.debug("dropped the connection after a range read: %s", e)
 
 
 # -- reads ------------------------------------------------------------------
