@@ -161,6 +161,79 @@ def _code_stamp(pkg: Path) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+# inotify(7) masks: what, in a watched directory of the package, makes the service stale
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE, _IN_MOVED_FROM, _IN_MOVED_TO = 0x2, 0x4, 0x8, 0x40, 0x80
+_IN_CREATE, _IN_DELETE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+_IN_FLAGS = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+             | _IN_DELETE_SELF | _IN_MOVE_SELF)
+_IN_IGNORED, _IN_Q_OVERFLOW, _IN_ISDIR = 0x8000, 0x4000, 0x40000000
+_IN_NONBLOCK_CLOEXEC = os.O_NONBLOCK | os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
+
+
+class _CodeWatch:
+    """Whether the package's source changed since the service started, asked before each run.
+
+    inotify on each directory of the package (but ``__pycache__``): a request costs one read of a
+    non-blocking descriptor, where stamping every file's change time cost 3–6 ms of each run's start
+    (147 files, page cache cold).  A ``.py`` name, a new directory (not ``__pycache__``), a watched
+    directory removed or moved, or a lost event makes it stale for good.  Without inotify (no ctypes
+    libc, no watches left), each request compares the stamp of ``_code_stamp``."""
+
+    def __init__(self, pkg: Path) -> None:
+        self.pkg = pkg
+        self.stamp = _code_stamp(pkg)
+        self.fd = -1
+        self.stale = False
+        try:
+            self.fd = _inotify(pkg)
+        except OSError as exc:
+            log.info("no inotify watch of %s (%s): each request stamps its files", pkg, exc)
+
+    def changed(self) -> bool:
+        if self.fd < 0:
+            return _code_stamp(self.pkg) != self.stamp
+        while not self.stale:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            self.stale = _stale(data)
+        return self.stale
+
+
+def _inotify(pkg: Path) -> int:
+    """A non-blocking inotify descriptor watching every directory of ``pkg`` but ``__pycache__``."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.inotify_init1(_IN_NONBLOCK_CLOEXEC))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    try:
+        for d in [pkg, *(p for p in sorted(pkg.rglob("*")) if p.is_dir() and "__pycache__" not in p.parts)]:
+            if libc.inotify_add_watch(fd, os.fsencode(d), _IN_FLAGS) < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {d}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _stale(data: bytes) -> bool:
+    """Whether inotify events ``data`` name a change of the package's code."""
+    at = 0
+    while at + _EVENT.size <= len(data):
+        _, mask, _, n = _EVENT.unpack_from(data, at)
+        name = data[at + _EVENT.size:at + _EVENT.size + n].rstrip(b"\0")
+        at += _EVENT.size + n
+        if mask & (_IN_Q_OVERFLOW | _IN_IGNORED | _IN_DELETE_SELF | _IN_MOVE_SELF):  # events lost, a directory gone
+            return True
+        if name.endswith(b".py") or (mask & _IN_ISDIR and name != b"__pycache__"):
+            return True
+    return False
+
+
 @dataclass
 class _Service:
     path: Path
@@ -168,7 +241,7 @@ class _Service:
     pkg: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent)
     exe: str = field(default_factory=lambda: os.path.realpath(sys.executable))
     children: dict[int, socket.socket] = field(default_factory=dict)
-    stamp: tuple[tuple[str, int], ...] = ()
+    code: _CodeWatch | None = None
     own: dict[str, object] = field(default_factory=dict)
     state: bytes = b""
     stopping: bool = False
@@ -188,7 +261,7 @@ class _Service:
             return f"peer {pid} runs another interpreter or Shoal ({req.exe}, {req.pkg})"
         if req.state != self.state:
             return f"peer {pid} runs its interpreter with other sys.path, flags or encodings"
-        if _code_stamp(self.pkg) != self.stamp:
+        if self.code is not None and self.code.changed():
             return "Shoal's code changed since the service started: restart it"
         theirs = context_of(pid)
         try:  # /proc/PID was the connecting process's only if that process is still alive now
@@ -361,11 +434,11 @@ def serve(path: Path, idle_timeout: float = 0.0, ready: object = None) -> None:
         except ImportError as exc:
             log.warning("cannot preload %s: %s", name, exc)
     svc = _Service(path, idle_timeout, state=state)
-    svc.stamp = _code_stamp(svc.pkg)
+    svc.code = _CodeWatch(svc.pkg)
     svc.own = context_of(os.getpid())
     listener = _listen(path)
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    svc.inherited = [listener.fileno(), rfd, wfd]
+    svc.inherited = [listener.fileno(), rfd, wfd, *([svc.code.fd] if svc.code.fd >= 0 else [])]
     signal.set_wakeup_fd(wfd)
 
     def stop(signum: int, frame: object) -> None:
