@@ -156,6 +156,28 @@ def test_seccomp_profile_resolves_containers_common_rules_for_arch_and_caps() ->
                                    "args": [{"index": 0, "value": 16, "op": "SCMP_CMP_EQ"}]}
     with_audit = seccomp.oci_profile(doc, ["CAP_AUDIT_WRITE"], machine="aarch64")
     assert [r["names"][0] for r in with_audit["syscalls"]] == ["read"] and "architectures" not in with_audit
+    doc["archMap"] = [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]}]
+    assert seccomp.oci_profile(doc, [], machine="x86_64")["architectures"] == [
+        "SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    assert seccomp.oci_profile(doc, [], machine="x86_64", x32=False)["architectures"] == [
+        "SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
+
+
+def test_run_takes_the_default_seccomp_profile_without_x32_and_a_named_one_as_it_is(tmp_path: Path) -> None:
+    from shoal.mount import seccomp
+    from shoal.mount.run import RunOptions, seccomp_for
+
+    if not seccomp.DEFAULT_PROFILE.exists():
+        pytest.skip("no containers-common seccomp profile")
+    default = seccomp_for(RunOptions(command=("true",)), ["CAP_CHOWN"])
+    assert default is not None and "SCMP_ARCH_X32" not in default.get("architectures", [])
+    named = tmp_path / "seccomp.json"
+    named.write_bytes(seccomp.DEFAULT_PROFILE.read_bytes())
+    theirs = seccomp_for(RunOptions(command=("true",), security_opt=(f"seccomp={named}",)), ["CAP_CHOWN"])
+    assert theirs is not None and theirs.get("architectures") == seccomp.oci_profile(
+        seccomp.load_profile(named), ["CAP_CHOWN"]).get("architectures")
+    assert default["syscalls"] == theirs["syscalls"]
+    assert "SCMP_ARCH_X32" in theirs["architectures"]  # Debian's containers-common lists it for x86_64
 
 
 def test_open_image_takes_every_transport_through_the_one_parser(tmp_path: Path) -> None:

@@ -156,7 +156,8 @@ def seccomp_for(opts: RunOptions, caps: list[str]) -> dict[str, Any] | None:
         path = value
     if path == "unconfined":
         return None
-    return seccomp.oci_profile(seccomp.load_profile(path), caps)
+    # a profile the user names is taken as it is; the default one without x32 (mount/seccomp.py)
+    return seccomp.oci_profile(seccomp.load_profile(path), caps, x32=path != str(seccomp.DEFAULT_PROFILE))
 
 
 def find_runtime(opts: RunOptions) -> str | None:
