@@ -15,6 +15,12 @@ hangs, further reads of its frames wait at most a quarter of that, 0.5 s at most
 a failed read, and that retry must not double the wait); ``prefetch`` and ``readahead``
 run in a background pool.  A demand read that needs a frame whose background job has not started
 yet runs that job itself, so a long prefetch queue never delays a read.
+
+A demand request for a short frame (under FRAME_MIN decompressed: the small-file frames of format.md
+§5.1) also carries the short frames that follow it in the pack, up to ``neighbours`` compressed bytes
+(32 KiB by default, 0 for none; a mount with a profile bundle takes none): a program reading small files
+reads their neighbours next (Python's imports read a package's modules, which sit side by side), and
+each of those reads would otherwise wait for a request of its own (mount.md §5).
 """
 
 from __future__ import annotations
@@ -33,18 +39,21 @@ from shoal.early import Handover
 from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
-from shoal.format.packing import verify_frame
+from shoal.format.packing import FRAME_MIN, verify_frame
 from shoal.reader import FrameSource, StoreSource
 from shoal.store import Store
 from shoal.store.catalog import close_connections
 from shoal.transports.base import BlobInfo, ImageSource
 
-__all__ = ["LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
+__all__ = ["NEIGHBOURS", "LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
 
 log = logging.getLogger(__name__)
 
 # frames this source decompressed and checked, not yet taken by the Reader (``opened``): the newest are kept
 _OPENED_MAX = 64
+
+# compressed bytes of the short frames after a demanded short frame that its request also carries
+NEIGHBOURS = 32 * 1024
 
 # Objects a forked child inherited and must neither use nor close: closing an inherited sqlite
 # connection releases the child's own POSIX locks on the catalogue, and an inherited HTTP connection
@@ -79,6 +88,7 @@ class LazyStats:
     bytes_fetched: int = 0  # bytes of range answers
     requests: int = 0  # range requests
     readahead_frames: int = 0  # frames queued by read-ahead
+    neighbour_frames: int = 0  # short frames carried by a demand request for the short frame before them
     early_frames: int = 0  # frames fetched before the mount started (a profile), verified here
     failures: int = 0  # failed range requests and frames that failed verification
     timeouts: int = 0  # demand reads that gave up after fetch_timeout
@@ -111,7 +121,7 @@ class LazySource(FrameSource):
     def __init__(self, store: Store, remote: ImageSource, manifest: ShoalManifest, index: Index, *,
                  reopen: Callable[[], ImageSource] | None = None, fetch_timeout: float = 30.0,
                  concurrency: int = 8, max_range: int = 4 * 1024 * 1024, where: str = "",
-                 early: dict[int, Future[bytes]] | None = None) -> None:
+                 early: dict[int, Future[bytes]] | None = None, neighbours: int = NEIGHBOURS) -> None:
         self._store: Store | None = store
         self._root = store.root
         self.remote = remote
@@ -120,6 +130,7 @@ class LazySource(FrameSource):
         self.fetch_timeout = fetch_timeout
         self.concurrency = max(1, concurrency)
         self.max_range = max_range
+        self.neighbours = max(0, neighbours)
         self._reopen = reopen
         self.sizes = {p.digest: p.size for p in manifest.packs}
         self._pack_of = ["sha256:" + p.hex() for p in index.packs]
@@ -321,7 +332,8 @@ class LazySource(FrameSource):
         with self._lock:
             if self._closed:
                 raise SourceClosed("the lazy source was closed")
-            fresh = []
+            fresh: list[int] = []
+            fresh_set = set(frames)
             for fi in frames:
                 if fi in self._stored:  # stored by another reader since the caller looked: read it locally
                     continue
@@ -335,16 +347,42 @@ class LazySource(FrameSource):
             early = [fi for fi in fresh if fi in self._early]
             jobs = [_Job(self._pack_of[self.index.frames[fi].pack], self.index.frames[fi].offset,
                          self.index.frames[fi].clen, [fi], early=self._early.pop(fi)) for fi in early]
-            jobs += self._plan([fi for fi in fresh if fi not in early])
+            planned = self._plan([fi for fi in fresh if fi not in early])
+            if demand and self.neighbours:
+                for job in planned:
+                    self._carry_neighbours(job)
+            jobs += planned
             for job in jobs:
                 for fi in job.frames:
                     fut: Future[bytes] = Future()
                     self._inflight[fi] = (fut, job)
-                    out[fi] = fut
+                    if fi in fresh_set:
+                        out[fi] = fut  # a carried neighbour's failure is not the read's
             pool = self._pool(demand)
         for job in jobs + steal:
             pool.submit(self._run, job)
         return out
+
+    def _carry_neighbours(self, job: _Job) -> None:
+        """Extend a demand job that ends with a short frame by the short frames right after it in its pack
+        (none in flight or local), up to ``neighbours`` compressed bytes.  Called under ``_lock``."""
+        frames = self.index.frames
+        if frames[job.frames[-1]].ulen >= FRAME_MIN:
+            return
+        budget = self.neighbours
+        while True:
+            fi = self._frame_of.get((job.pack, job.start + job.length))
+            if fi is None:
+                return
+            f = frames[fi]
+            if (f.ulen >= FRAME_MIN or f.clen > budget or job.length + f.clen > self.max_range
+                    or fi in self._inflight or fi in self._stored or self._is_cached_locked(fi)):
+                return
+            job.frames.append(fi)
+            job.length += f.clen
+            budget -= f.clen
+            with self._stats.lock:
+                self._stats.neighbour_frames += 1
 
     def _pool(self, demand: bool) -> ThreadPoolExecutor:
         if demand:
@@ -545,13 +583,27 @@ class LazySource(FrameSource):
         cached = self._cached
         if cached is not None and fi in cached:
             return True
-        f = self.index.frames[fi]
-        if self.store.layout.has(self._pack_of[f.pack]) or self._all_chunks_local(fi):
+        if self._held(fi):
             if cached is not None:
                 with self._lock:
                     cached.add(fi)
             return True
         return False
+
+    def _is_cached_locked(self, fi: int) -> bool:
+        """``_is_cached`` for a caller that holds ``_lock``."""
+        cached = self._cached
+        if cached is not None and fi in cached:
+            return True
+        if self._held(fi):
+            if cached is not None:
+                cached.add(fi)
+            return True
+        return False
+
+    def _held(self, fi: int) -> bool:
+        """The store holds frame ``fi``'s pack whole, or every chunk of it (one look each)."""
+        return self.store.layout.has(self._pack_of[self.index.frames[fi].pack]) or self._all_chunks_local(fi)
 
     def _cached_set(self) -> set[int]:
         if self._cached is None:

@@ -101,6 +101,42 @@ def test_fetch_verifies_caches_and_coalesces(pushed: dict[str, Any], registry: R
     src.close()
 
 
+def _short_neighbours(idx: Any) -> tuple[int, int]:
+    """Two short frames (under FRAME_MIN) back to back in a pack, the second within NEIGHBOURS bytes."""
+    from shoal.format.packing import FRAME_MIN
+    from shoal.lazy import NEIGHBOURS
+
+    at = {(f.pack, f.offset): fi for fi, f in enumerate(idx.frames)}
+    for a, f in enumerate(idx.frames):
+        b = at.get((f.pack, f.offset + f.clen))
+        if b is not None and f.ulen < FRAME_MIN and idx.frames[b].ulen < FRAME_MIN and idx.frames[b].clen <= NEIGHBOURS:
+            return a, b
+    raise AssertionError("the sample image has no two short frames side by side")
+
+
+def test_a_demand_read_of_a_short_frame_carries_the_short_frame_after_it(
+        pushed: dict[str, Any], registry: Registry, proxy_factory: Any, tmp_path: Path) -> None:
+    """Small files read one after another (a package's modules) cost one request, not one each; a
+    source made with ``neighbours=0`` (a mount with a profile bundle) carries none."""
+    idx = pushed["index"]
+    a, b = _short_neighbours(idx)
+    fa, fb = idx.frames[a], idx.frames[b]
+    pack = "sha256:" + idx.packs[fa.pack].hex()
+    for neighbours, requests in ((None, 1), (0, 2)):
+        proxy = proxy_factory(registry.url)
+        src = _lazy(proxy.host, pushed, tmp_path / f"s{neighbours}", **({} if neighbours is None else
+                                                                        {"neighbours": neighbours}))
+        assert src.fetch(pack, fa.offset, fa.clen) == _frame_bytes(pushed["store"], idx, a)
+        first, last = (int(x) for x in proxy.ranges[0][1].removeprefix("bytes=").split("-"))
+        assert first == fa.offset and (last >= fb.offset + fb.clen - 1) == (requests == 1)
+        if requests == 1:
+            helpers_wait(lambda s=src: s._catalogued_here(b), 10)  # verified and stored with the read's frame
+        assert src.fetch(pack, fb.offset, fb.clen) == _frame_bytes(pushed["store"], idx, b)
+        assert len(_range_gets(proxy)) == requests
+        assert (src.stats.neighbour_frames > 0) == (requests == 1)
+        src.close()
+
+
 def test_prefetch_merges_adjacent_frames(pushed: dict[str, Any], registry: Registry, proxy_factory: Any,
                                          tmp_path: Path) -> None:
     proxy = proxy_factory(registry.url)

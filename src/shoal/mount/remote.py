@@ -35,7 +35,7 @@ from shoal.errors import FormatError, TransportError, UsageError
 from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
 from shoal.format.platform import choose
 from shoal.format.runtime_view import for_readers
-from shoal.lazy import LazySource
+from shoal.lazy import NEIGHBOURS, LazySource
 from shoal.mount import bundle
 from shoal.mount.image import OpenedImage, OpenOptions
 from shoal.mount.profile import Profile, find_remote, load_local, local_path, save_local
@@ -183,8 +183,10 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
         return again
 
     log.debug("timeline: opened %s (%d profile frames)", m.digest, len(frames))
+    # with a bundle, the workload's reads are the bundle's: a demand read is a miss, carrying neighbours waste
+    bundled = bun is not None and (bun.blob is not None or bun.desc is not None)
     lazy = LazySource(store, src, m, index, reopen=reopen, fetch_timeout=options.fetch_timeout,
-                      where=f"{ref.host}/{ref.repo}", early=adopted)
+                      where=f"{ref.host}/{ref.repo}", early=adopted, neighbours=0 if bundled else NEIGHBOURS)
     source: FrameSource = lazy
     if bun is not None and bun.blob is not None:  # the store's
         source = bundle.BundleSource.deferred(lazy, index, bun.blob, m.root, m.digest)
