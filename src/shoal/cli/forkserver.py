@@ -173,6 +173,9 @@ def main() -> None:  # pragma: no cover - runs in the fork server process
             importlib.import_module(name)
         except ImportError as exc:
             log.debug("fork server: cannot preload %s: %s", name, exc)
+    from shoal.transports.registry.transport import warm_up
+
+    warm_up()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the snapshotter's Ctrl-C: end by EOF, after it
     while True:

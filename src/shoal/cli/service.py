@@ -433,6 +433,9 @@ def serve(path: Path, idle_timeout: float = 0.0, ready: object = None) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             log.warning("cannot preload %s: %s", name, exc)
+    from shoal.transports.registry.transport import warm_up
+
+    warm_up()
     svc = _Service(path, idle_timeout, state=state)
     svc.code = _CodeWatch(svc.pkg)
     svc.own = context_of(os.getpid())

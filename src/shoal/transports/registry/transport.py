@@ -146,6 +146,15 @@ def bounded_transport(ctx: ssl.SSLContext | None, limits: httpx.Limits) -> httpx
     return transport
 
 
+def warm_up() -> None:
+    """Do, once, in a process that forks for each command (``shoal service``, the snapshotter's fork
+    server), what the first registry client of a process pays for: OpenSSL's one-time set-up (its
+    configuration and providers, loaded by the first ``SSLContext``) and httpx's first client.  A child
+    then makes its first client in ~1 ms instead of ~4 ms, on the path to its first request."""
+    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    httpx.Client(verify=False).close()
+
+
 def http_client(*, tls: TLSContext, timeout: float, max_connections: int, headers: dict[str, str]) -> httpx.Client:
     """An httpx client with one pool per scheme; only an https request loads the system's certificates."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
