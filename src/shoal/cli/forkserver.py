@@ -41,10 +41,13 @@ log = logging.getLogger(__name__)
 
 TITLE_ROOM = 4096  # bytes of argument area a child may write its command line into
 _MAX_LINE = 1 << 20
+# what a mount imports, down to the modules it imported lazily (``shoal.mount.proctitle`` and ``difflib`` were
+# imported by each child until stop 23: 2-3 ms each with the page faults of a fresh import)
 _PRELOAD = ("shoal.cli", "shoal.cli.mount_cmds", "shoal.mount.daemon", "shoal.mount.remote", "shoal.mount.serve",
             "shoal.mount.control", "shoal.transports.docker", "shoal.transports.registry.client", "shoal.lazy",
             "shoal.store", "pyfuse3", "trio", "httpx", "shoal.mount.fs", "shoal.mount.bundle",
-            "shoal.transports.resolve", "shoal.trust.image", "cbor2", "encodings.idna", "stringprep")
+            "shoal.transports.resolve", "shoal.trust.image", "shoal.mount.proctitle", "cbor2", "difflib",
+            "encodings.idna", "stringprep")
 
 
 class ForkServer(Runner):
