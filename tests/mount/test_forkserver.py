@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,20 @@ def test_answers_like_the_command_line(server: ForkServer, tmp_path: Path) -> No
         rc, err = runner.run(["--store", str(tmp_path / "s"), "inspect", "nosuch:1"], 60)
         assert rc == 3, err
         assert err.startswith("shoal: error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_start_returns_once_the_server_has_imported_what_a_mount_needs(server: ForkServer) -> None:
+    """A snapshotter serves only after this: its first mount must not wait behind the server's imports."""
+    server.start()
+    pid = server.pid
+    assert pid
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "pyfuse3" in maps and "_cbor2" in maps  # C extensions of preloaded modules, mapped already
+    ctl = server._ctl
+    assert ctl is not None
+    with pytest.raises(BlockingIOError):  # the ready byte was taken: nothing else is ever sent there
+        ctl.recv(1, socket.MSG_DONTWAIT)
+    assert server.run(["--version"], 60)[0] == 0
 
 
 def test_a_dead_server_is_started_again(server: ForkServer) -> None:

@@ -14,7 +14,8 @@ Protocol: the snapshotter holds one end of a socketpair that is the server's sta
 call it sends the server one end of a fresh socketpair (SCM_RIGHTS).  The server forks a child for
 it, which reads one JSON line (the argument list), answers ``{"pid": N}``, runs the command with
 stdin on /dev/null and stdout/stderr in an anonymous file, and answers ``{"rc": N, "stderr": TEXT}``.
-The server is single-threaded and exits when the snapshotter's end closes.  Its argument area is
+The server is single-threaded, sends one byte on its standard input once its imports are done
+(``ForkServer.start`` waits for it), and exits when the snapshotter's end closes.  Its argument area is
 padded (``TITLE_ROOM``), so each child shows its own command line in ``ps`` and ``/proc/PID/cmdline``
 (``proctitle.set_title``), as a ``shoal mount`` started by exec would; its daemon inherits that.
 """
@@ -72,6 +73,7 @@ class ForkServer(Runner):
             theirs.close()
         self._ctl = ours
         log.info("fork server for lazy mounts started (pid %d)", self._proc.pid)
+        _await_ready(ours)
         return ours
 
     @property
@@ -80,7 +82,9 @@ class ForkServer(Runner):
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self) -> None:
-        """Start the server now (its imports take ~0.5 s), not on the first call."""
+        """Start the server now, not on the first call, and return once it has imported what a mount
+        needs (~0.5 s): a snapshotter that serves before then makes its first mount wait behind those
+        imports (a cold node's first container: CRI's CreateContainer waited ~90 ms for them)."""
         with self._lock:
             self._ensure()
 
@@ -128,6 +132,22 @@ class ForkServer(Runner):
 
 class _NotTaken(Exception):
     """No child of the server took the call (the server is gone)."""
+
+
+_READY_TIME = 60.0  # longest wait for a new server's imports
+
+
+def _await_ready(ctl: socket.socket) -> None:
+    """Wait for a new server's one byte on the control socket: its imports are done.  A server that
+    ends or stays silent is logged; the next call finds it dead, or waits in its queue."""
+    ctl.settimeout(_READY_TIME)
+    try:
+        if not ctl.recv(1):
+            log.warning("the fork server ended while it started")
+    except OSError as exc:
+        log.warning("the fork server did not report ready within %gs: %s", _READY_TIME, exc)
+    finally:
+        ctl.settimeout(None)
 
 
 def _answer(conn: socket.socket, timeout: float, args: Sequence[str]) -> tuple[int, str]:
@@ -179,6 +199,10 @@ def main() -> None:  # pragma: no cover - runs in the fork server process
     from shoal.transports.registry.transport import warm_up
 
     warm_up()
+    try:
+        ctl.sendall(b"r")  # ready: the snapshotter waits for this before it serves (ForkServer.start)
+    except OSError:
+        return  # the snapshotter is gone
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the snapshotter's Ctrl-C: end by EOF, after it
     while True:
