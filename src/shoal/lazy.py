@@ -376,7 +376,7 @@ class LazySource(FrameSource):
                 return
             f = frames[fi]
             if (f.ulen >= FRAME_MIN or f.clen > budget or job.length + f.clen > self.max_range
-                    or fi in self._inflight or fi in self._stored or self._is_cached_locked(fi)):
+                    or fi in self._inflight or fi in self._stored or self._is_cached(fi, locked=True)):
                 return
             job.frames.append(fi)
             job.length += f.clen
@@ -579,27 +579,20 @@ class LazySource(FrameSource):
 
     # ---------------------------------------------------------------- what is local
 
-    def _is_cached(self, fi: int) -> bool:
+    def _is_cached(self, fi: int, *, locked: bool = False) -> bool:
+        """Whether frame ``fi`` is on this machine (``locked``: the caller holds ``_lock``)."""
         cached = self._cached
         if cached is not None and fi in cached:
             return True
-        if self._held(fi):
-            if cached is not None:
+        if not self._held(fi):
+            return False
+        if cached is not None:
+            if locked:
+                cached.add(fi)
+            else:
                 with self._lock:
                     cached.add(fi)
-            return True
-        return False
-
-    def _is_cached_locked(self, fi: int) -> bool:
-        """``_is_cached`` for a caller that holds ``_lock``."""
-        cached = self._cached
-        if cached is not None and fi in cached:
-            return True
-        if self._held(fi):
-            if cached is not None:
-                cached.add(fi)
-            return True
-        return False
+        return True
 
     def _held(self, fi: int) -> bool:
         """The store holds frame ``fi``'s pack whole, or every chunk of it (one look each)."""
