@@ -8,7 +8,7 @@ does, so the container gets the filter a rootful ``podman run`` gets, with one d
 profile's x32 sub-architecture is left out (``x32=False``).  Each architecture in the filter costs runc
 ~7 ms to compile at every container start (36 ms for x86_64 + x86 + x32, 28 ms without x32, 17 ms with
 no filter: ``runc run`` of ``/bin/true``, medians of 16), and lengthens the filter every system call
-runs through.  The x32 ABI is off in Debian's, Ubuntu's and Fedora's kernels (``syscall.x32=n``), so
+runs through.  The x32 ABI is off by default in Debian's kernels (``syscall.x32=y`` turns it on), so
 an x32 system call fails there anyway; without x32 in the filter, it kills the process (the filter's
 bad-architecture action) instead of being filtered by the x86_64 rules: never more than podman allows.
 """
