@@ -40,12 +40,13 @@ from shoal.errors import IntegrityError, NotFound, ShoalError, TransportError
 from shoal.format.manifest import ShoalManifest
 from shoal.format.model import Index
 from shoal.format.packing import FRAME_MIN, verify_frame
+from shoal.inherited import keep_inherited
 from shoal.reader import FrameSource, StoreSource
 from shoal.store import Store
 from shoal.store.catalog import close_connections
 from shoal.transports.base import BlobInfo, ImageSource
 
-__all__ = ["NEIGHBOURS", "LazySource", "LazyStats", "keep_inherited", "release_sqlite"]
+__all__ = ["NEIGHBOURS", "LazySource", "LazyStats"]
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,6 @@ _OPENED_MAX = 64
 # compressed bytes of the short frames after a demanded short frame that its request also carries
 NEIGHBOURS = 32 * 1024
 
-# Objects a forked child inherited and must neither use nor close: closing an inherited sqlite
-# connection releases the child's own POSIX locks on the catalogue, and an inherited HTTP connection
-# is shared with the parent.  ``before_fork`` avoids inheriting sqlite state at all: SQLite keeps
-# per-process lock bookkeeping that a child would wrongly trust (then the parent, exiting, deletes the
-# WAL index under the child's feet: "disk I/O error").
-_INHERITED: list[object] = []
-
-
-def keep_inherited(obj: object) -> None:
-    """Keep ``obj``, inherited across a fork, alive and untouched for the child's lifetime (see above)."""
-    _INHERITED.append(obj)
-
-
-def release_sqlite() -> None:
-    """Close every catalogue connection now, so that the child of the coming fork inherits no sqlite
-    state: those of threads that ended too, which wait for the cyclic collector otherwise (a full
-    collection took 8 ms there, with the decoded index young; ``catalog.close_connections``)."""
-    close_connections()
 
 
 @dataclass
@@ -210,7 +193,9 @@ class LazySource(FrameSource):
                 pool.shutdown(wait=True)
         self._demand = self._background = None
         self._store = None
-        release_sqlite()
+        # no sqlite state may cross the fork: SQLite keeps per-process lock bookkeeping that a child would
+        # wrongly trust (then the parent, exiting, deletes the WAL index under it: "disk I/O error")
+        close_connections()
         if self._early:
             self._handover = Handover(self._early)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.store import catalog
+from shoal.inherited import kept
 from shoal.store.catalog import Catalog, close_connections
 
 
@@ -64,7 +64,7 @@ def test_a_forked_child_never_closes_its_parents_connections(tmp_path: Path) -> 
         code = 1
         try:
             mine = cat._conn()  # noqa: SLF001 - its own, new
-            ok = mine is not parent and close_connections() == 1 and parent in catalog._INHERITED  # noqa: SLF001
+            ok = mine is not parent and close_connections() == 1 and kept(parent)
             ok = ok and cat.locate([b"\x01" * 32]) != {}
             code = 0 if ok else 3
         finally:

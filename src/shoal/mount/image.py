@@ -30,7 +30,9 @@ from typing import Any, Callable
 
 from shoal.format.manifest import ImageConfig, ShoalManifest, parse_config
 from shoal.format.model import Index
+from shoal.inherited import keep_inherited
 from shoal.reader import ForwardingSource, FrameSource, StoreSource
+from shoal.store.catalog import close_connections
 from shoal.transports.base import ImageReference, parse_reference
 from shoal.transports.context import SystemContext
 
@@ -126,14 +128,10 @@ class LocalStoreSource(FrameSource):
         return self.inner.find_chunk(cid)
 
     def before_fork(self) -> None:
-        from shoal.lazy import release_sqlite
-
         self._inner = None
-        release_sqlite()
+        close_connections()
 
     def after_fork(self) -> None:
-        from shoal.lazy import keep_inherited
-
         if self._inner is not None:  # never close the parent's sqlite connection in the child
             keep_inherited(self._inner)
             self._inner = None

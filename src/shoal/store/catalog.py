@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from shoal.errors import NoSpace, ShoalError, StoreError, from_oserror
+from shoal.inherited import keep_inherited
 from shoal.store import forkgate
 
 __all__ = ["Catalog", "ChunkLocation", "close_connections"]
@@ -27,7 +28,6 @@ __all__ = ["Catalog", "ChunkLocation", "close_connections"]
 _OPEN: list[tuple[threading.Thread, sqlite3.Connection]] = []
 _OPEN_LOCK = threading.Lock()
 _generation = 0  # bumped by close_connections: a thread's connection of an older generation is closed
-_INHERITED: list[object] = []  # a forked child's copies of its parent's connections: never used or closed
 
 
 def close_connections() -> int:
@@ -55,7 +55,8 @@ def _register(conn: sqlite3.Connection) -> None:
 
 def _after_fork_in_child() -> None:
     global _generation
-    _INHERITED.extend(c for _, c in _OPEN)  # closing them would let SQLite undo the parent's WAL state
+    for _, c in _OPEN:  # closing them would let SQLite undo the parent's WAL state
+        keep_inherited(c)
     _OPEN.clear()
     _generation += 1
 
