@@ -141,6 +141,23 @@ def test_scrub_argv_in_proc_cmdline() -> None:
     assert args[-3:] == [b"--creds", b"alice:***", b"x"]
 
 
+def test_scrub_argv_masks_only_the_arguments_of_a_padded_area() -> None:
+    """A fork server's child writes its command line into a padded area (set_title), leaving a long NUL
+    tail; its mount daemon's scrub masks the arguments only, not one empty argument per byte of it."""
+    code = ("import sys; from shoal.mount import proctitle; seen = []; real = proctitle.mask_args; "
+            "proctitle.mask_args = lambda a, *r: seen.append(len(a)) or real(a, *r); "
+            "proctitle.set_title(['shoal', 'mount', '--creds', 'alice:topsecret-1234', 'x']); "
+            "r = proctitle.scrub_argv(); "
+            "sys.stdout.buffer.write(open('/proc/self/cmdline', 'rb').read() + repr((r, seen)).encode())")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code, "p" * 4096], env=env, capture_output=True, check=True).stdout
+    area, _, tail = out.rpartition(b"\0")
+    # set_title masked already (nothing left for the scrub); each looked at the five arguments only
+    assert tail == b"(False, [5, 5])"
+    assert b"topsecret" not in area and area.rstrip(b"\0").split(b"\0") == [b"shoal", b"mount", b"--creds",
+                                                                           b"alice:***", b"x"]
+
+
 def test_redact() -> None:
     assert redact("https://u:p@cdn.example:8443/v2/a/blobs/sha256:00?X-Amz-Signature=abc#f") == \
         "https://cdn.example:8443/v2/a/blobs/sha256:00"

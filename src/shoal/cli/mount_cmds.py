@@ -146,7 +146,8 @@ def _row(d: dict[str, Any]) -> str:
     if s.get("prefetch_state", "none") != "none":
         parts.append(f"prefetch {s['prefetch_state']} {s.get('prefetched_frames', 0)}/{s.get('prefetch_planned', 0)}"
                      f" frames (profile {s.get('profile_frames', 0)})")
-    parts += [f"chunks cached {s.get('chunks_cached', 0)}/{s.get('chunks_total', 0)}",
+    cached = s.get("chunks_cached", "(counting)")  # absent until the daemon's first count (mount.md §5.3)
+    parts += [f"chunks cached {cached}/{s.get('chunks_total', 0)}",
               f"errors {s.get('errors', 0)}", f"up {max(0.0, time.time() - d['started_at']):.0f}s"]
     return (f"{d['mountpoint']}  {d['name']}  pid {d['pid']} {alive}{'  writable' if d['writable'] else ''}\n"
             f"    {', '.join(parts)}")

@@ -87,7 +87,9 @@ def scrub_argv(creds: Sequence[str] = CREDS_OPTIONS, passwords: Sequence[str] = 
             with open("/proc/self/cmdline", "rb") as f:
                 if f.read() != area:  # someone already rewrote it (setproctitle): leave it alone
                     return False
-            raw = area[:-1].split(b"\0") if area.endswith(b"\0") else area.split(b"\0")
+            # the area's NUL tail (a fork server's padding, set_title: ~4 KiB) holds nothing to mask;
+            # split, each of its bytes would be an argument for mask_args (4-5 ms in a mount daemon)
+            raw = area.rstrip(b"\0").split(b"\0")
             args = [a.decode("utf-8", "surrogateescape") for a in raw]
             masked = mask_args(args, creds, passwords)
             if masked == args:
