@@ -215,3 +215,34 @@ def test_prefetch_all_waits_while_the_workload_reads(sample: dict[str, object], 
         time.sleep(0.3)
     assert s["prefetch_state"] == "done" and s["prefetched_frames"] > 0, s
     shoal(store, "umount", mnt)
+
+
+def test_an_image_without_xattrs_lets_the_kernel_answer_getxattr(tmp_path: Path, mnt: Path, run_dir: Path) -> None:
+    """The first getxattr of a mount whose image has no extended attribute gets ENOSYS, after which the
+    kernel answers every getxattr of the mount itself (EOPNOTSUPP, as a file system without xattrs):
+    overlayfs asks the lower layer for ``trusted.overlay.*`` after most lookups, and exec asks for
+    ``security.capability``, each a round trip (mount.md §2).  An image with one is served as before
+    (``test_tree_and_metadata_match_unpack``)."""
+    from shoal.build import BuildOptions, build
+    from shoal.store import Store
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "group").write_bytes(b"root:x:0:\n")
+    (tree / "bin").mkdir()
+    (tree / "bin" / "tool").write_bytes(b"#!/bin/sh\n")
+    for p in (tree, tree / "etc", tree / "etc" / "group", tree / "bin", tree / "bin" / "tool"):
+        for name in os.listxattr(p):
+            os.removexattr(p, name)
+    store = tmp_path / "store"
+    build(Store.open(store), tree, "plain:1", BuildOptions(workers=1))
+    shoal(store, "mount", "plain:1", mnt)
+    for _ in range(2):  # the handler's answer, then the kernel's own
+        for path, name in ((mnt / "etc" / "group", "trusted.overlay.origin"),
+                           (mnt / "bin" / "tool", "security.capability"), (mnt, "user.x")):
+            with pytest.raises(OSError) as ei:
+                os.getxattr(path, name)
+            assert ei.value.errno == errno.EOPNOTSUPP
+    assert os.listxattr(mnt / "etc" / "group") == []
+    assert (mnt / "etc" / "group").read_bytes() == b"root:x:0:\n"
+    shoal(store, "umount", mnt)

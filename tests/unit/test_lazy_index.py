@@ -45,6 +45,17 @@ def test_lazy_serves_exactly_what_decode_does(seed: int) -> None:
     assert {e.kind for e in eager.entries} >= {Kind.HARDLINK}
 
 
+def test_whether_any_entry_has_xattrs_is_known_without_decoding_the_tree() -> None:
+    plain = _two_branches()
+    lz, entries = _lazy(plain)
+    assert not lz.has_xattrs() and not fidx.decode(fidx.encode(plain)).has_xattrs()
+    assert entries.verified() == 1  # from the undecoded rows: no directory was decoded for it
+    e = list(plain.entries)
+    e[5] = Entry(b"b/h", Kind.FILE, 0o644, 0, 0, T, xattrs=((b"user.x", b"1"),))
+    one = fidx.make_index(e, [], [], [], [], [], [])
+    assert _lazy(one)[0].has_xattrs() and fidx.decode(fidx.encode(one)).has_xattrs()
+
+
 def test_only_the_directories_on_the_way_are_verified() -> None:
     idx = _random_index(3, n=400)
     deep = max((e for e in idx.entries if e.kind == Kind.FILE), key=lambda e: e.path.count(b"/"))

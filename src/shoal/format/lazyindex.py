@@ -92,6 +92,7 @@ class LazyEntries(Sequence[Entry]):
         self._failed: dict[int, Exception] = {}
         self._lock = threading.RLock()
         self._totals: tuple[int, int] | None = None
+        self._has_xattrs: bool | None = None
         root = decode_entry(self._raw[0], self._ids, self._lengths)
         if root.kind != Kind.DIR:
             raise FormatError("index: first entry must be the root directory")
@@ -213,6 +214,14 @@ class LazyEntries(Sequence[Entry]):
                 built.setdefault(r[7], []).append(i)
         return {t: tuple(v) for t, v in built.items()}
 
+    def has_xattrs(self) -> bool:
+        """Whether any entry may carry an extended attribute, from the undecoded entries (the index's digest
+        binds them; each is verified when it is used): one that is not a well-formed row counts as one."""
+        if self._has_xattrs is None:
+            self._has_xattrs = any(type(r) is not list or len(r) != 8 or type(r[6]) is not dict or r[6]
+                                   for r in self._raw)
+        return self._has_xattrs
+
     def totals(self) -> tuple[int, int]:
         """Files (and hardlinks) and file bytes, counted once from the undecoded entries (statfs's
         figures; nothing is served from them)."""
@@ -259,6 +268,9 @@ class LazyIndex(Index):
     @property
     def files(self) -> int:
         return self._tree().totals()[0]
+
+    def has_xattrs(self) -> bool:
+        return self._tree().has_xattrs()
 
     @property
     def logical_bytes(self) -> int:

@@ -198,6 +198,10 @@ class Index:
     def files(self) -> int:
         return sum(1 for e in self.entries if e.kind in (Kind.FILE, Kind.HARDLINK))
 
+    def has_xattrs(self) -> bool:
+        """Whether any entry carries an extended attribute."""
+        return any(e.xattrs for e in self.entries)
+
     @property
     def logical_bytes(self) -> int:
         return sum(e.size for e in self.entries if e.kind == Kind.FILE)

@@ -193,6 +193,7 @@ class ShoalFS(pyfuse3.Operations):
         self._subdirs: dict[int, int] = {}  # directory -> how many of its children are directories
         self._node: dict[int, int] = {}  # position -> position whose attributes it shows (hardlink -> primary)
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._xattrs: bool | None = None  # whether the image has any extended attribute (first getxattr)
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
@@ -429,6 +430,12 @@ class ShoalFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self._xattrs is None:
+            self._xattrs = self.index.has_xattrs()
+        if not self._xattrs:
+            # an image without any: the kernel answers every getxattr of this mount itself from now on
+            # (EOPNOTSUPP), where each was a round trip here (mount.md §2)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         for k, v in self._entry(inode).xattrs:
             if k == name:
                 return v
