@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from shoal.errors import TransportError, UsageError
+from shoal.mount.state import is_mounted  # here, not at the first mount: 6-11 ms of imports on its path
 from shoal.snapshotter.cache import StoreCache
 from shoal.snapshotter.hosts import HostsDir
 from shoal.snapshotter.keychain import Keychain, normalize_repository
@@ -79,8 +80,6 @@ class RemoteMounts:
         return out
 
     def _mount(self, mp: Path, ref: str, digest: str) -> str:
-        from shoal.mount.state import is_mounted
-
         if is_mounted(str(mp)):
             try:
                 os.stat(mp)
@@ -107,8 +106,6 @@ class RemoteMounts:
 
     def release(self, mountpoint: str) -> None:
         log.info("releasing lazy mount %s", mountpoint)
-        from shoal.mount.state import is_mounted
-
         rc, stderr = self.runner.run([*self.globals, "umount", "--lazy", mountpoint], 60)
         if rc != 0:
             log.warning("umount %s: %s", mountpoint, stderr.strip())
