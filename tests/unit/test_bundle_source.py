@@ -96,6 +96,25 @@ def test_the_prefetch_waits_until_the_mount_is_live_then_leaves_out_the_bundle_s
     assert src.bundle_state == "checked"
 
 
+def test_the_tree_is_checked_once_the_workload_s_reads_have_settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once live, the frames are opened at once and the tree (GIL-bound, needed by no read) is checked
+    only after no read asked for a chunk for SETTLE_QUIET s; then the bundle is kept."""
+    from shoal.mount import bundle as mb
+
+    monkeypatch.setattr(mb, "SETTLE_QUIET", 0.5)
+    src, _, kept = _source(_make())
+    src.serving()
+    for _ in range(20):  # 1 s of reads, each within SETTLE_QUIET of the one before
+        assert src.held_chunk(IDS[1]) == CHUNKS[1]
+        threading.Event().wait(0.05)
+        assert src.bundle_state == "pending" and not kept
+    for _ in range(100):
+        if src.bundle_state != "pending":
+            break
+        threading.Event().wait(0.05)
+    assert src.bundle_state == "checked" and len(kept) == 1
+
+
 # ------------------------------------------------------------------ a bundle streamed by the daemon (§6.2)
 
 

@@ -397,6 +397,12 @@ class BundleData:
         return [part[0][0] for _, _, part in self._layout]
 
     @property
+    def dir_paths(self) -> list[bytes]:
+        """The paths of the listed directories, as the header states them: hints, not checked (``tree``
+        checks them)."""
+        return [d[0] for d in self._doc["dirs"] if type(d) is list and d and type(d[0]) is bytes]
+
+    @property
     def ids(self) -> frozenset[bytes]:
         """The ids of the chunks the bundle holds (not verified until ``chunk`` hands one out)."""
         return frozenset(self._frame_of)
