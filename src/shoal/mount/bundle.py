@@ -354,7 +354,7 @@ class BundleSource(ForwardingSource):
 
     def _settled(self) -> None:
         """Wait until the workload's start has settled: the mount live and no chunk asked for in the last
-        SETTLE_QUIET s, or SETTLE_MAX s after ``checked`` was called.  The tree's check (11-21 ms of the
+        SETTLE_QUIET s, or at most SETTLE_MAX s from now (the frames are open).  The tree's check (11-21 ms of the
         GIL for the 108 chunks of ``print(1)``) then no longer competes with the container's start; no
         read needs it (§3.6)."""
         deadline = time.monotonic() + SETTLE_MAX
