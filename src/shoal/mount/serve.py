@@ -30,9 +30,8 @@ PREFETCH_MODES = ("auto", "none", "all")
 # so that they never compete with the workload's own start-up reads (bench/estargz.py shoal-all: started
 # at once, they took print(1) from 0.65 s to 0.86 s on loopback, 12.8 MB fetched by its output)
 QUIET_BEFORE_REST = 1.0
-# the counters in the mount's state (shoal status): first published this long after the mount went live
-# (then with what a lazy source counts from the catalogue), then every STATS_EVERY while they change
-STATS_FIRST = 0.5
+# the counters in the mount's state (shoal status) are published every STATS_EVERY s while they change; the
+# first time (STATS_EVERY after the mount went live) with what a lazy source counts from the catalogue
 STATS_EVERY = 1.0
 Notify = Callable[[BaseException | None], None]
 
@@ -188,7 +187,7 @@ class _Server:
                 self.overlay = True
             log.debug("timeline: overlay mounted at %s", self.mp)
             self.st.ready = True
-            self.save(self.counters(scan=False))  # the full counters follow within STATS_FIRST
+            self.save(self.counters(scan=False))  # the full counters follow within STATS_EVERY
             log.info("serving %s (%s) at %s%s", self.image.name, self.image.digest, self.mp,
                      " (writable overlay)" if self.opts.writable else "")
             if self.notify is not None:
@@ -209,11 +208,11 @@ class _Server:
         import trio
 
         last: dict[str, Any] = {}
-        wait = STATS_FIRST
         while True:
-            await trio.sleep(wait)
-            wait = STATS_EVERY
-            now = self.counters()
+            await trio.sleep(STATS_EVERY)
+            # in a thread: the first count of a lazy source reads the catalogue (4-19 ms), which on this
+            # thread would hold up the FUSE requests of a workload still starting
+            now = await trio.to_thread.run_sync(self.counters)
             if now != last:
                 self.save(now)
                 last = now
