@@ -358,12 +358,11 @@ class BundleSource(ForwardingSource):
         GIL for the 108 chunks of ``print(1)``) then no longer competes with the container's start; no
         read needs it (§3.6)."""
         deadline = time.monotonic() + SETTLE_MAX
-        while True:
-            now = time.monotonic()
+        while (now := time.monotonic()) < deadline:
             quiet = now - max(self._last_use, self._live_at)
-            if (self._live_at and quiet >= SETTLE_QUIET) or now >= deadline:
+            if quiet >= SETTLE_QUIET:
                 return
-            time.sleep(min(SETTLE_QUIET - quiet if self._live_at else SETTLE_QUIET, deadline - now, 0.05) + 0.001)
+            time.sleep(min(SETTLE_QUIET - quiet, deadline - now) + 0.001)
 
     def serving(self) -> None:
         """Check a deferred bundle now, in a thread: the mount is live, and the container's runtime
