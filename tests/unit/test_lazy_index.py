@@ -177,6 +177,34 @@ def test_hardlinks_are_checked_when_resolved() -> None:
         lz.lookup(b"s/d")  # a hardlink to a later file: its whole directory is refused
 
 
+def test_the_hardlink_table_looks_only_at_the_hardlink_rows() -> None:
+    """The first st_nlink of a mount builds the hardlink table: from the rows the up-front pass found to be
+    hardlinks, not from a scan of every row (2-8 ms on a container's first lookup of a file)."""
+    e = [Entry(b"", Kind.DIR, 0o755, 0, 0, T), Entry(b"a", Kind.FILE, 0o644, 0, 0, T),
+         *(Entry(b"f%03d" % i, Kind.FILE, 0o644, 0, 0, T) for i in range(200)),
+         Entry(b"s", Kind.DIR, 0o755, 0, 0, T),
+         Entry(b"s/b", Kind.HARDLINK, 0o644, 0, 0, T, target=b"a"),
+         Entry(b"s/c", Kind.HARDLINK, 0o644, 0, 0, T, target=b"a")]
+    lz, entries = _lazy(fidx.make_index(e, [], [], [], [], [], []))
+
+    class Rows(list[Any]):
+        touched = 0
+
+        def __getitem__(self, i: Any) -> Any:
+            Rows.touched += 1
+            return super().__getitem__(i)
+
+        def __iter__(self) -> Any:
+            for r in super().__iter__():
+                Rows.touched += 1
+                yield r
+
+    entries._raw = Rows(entries._raw)
+    assert lz.hardlinks_to(b"a") == (203, 204)
+    assert Rows.touched == 2
+    assert lz.hardlinks_to(b"f001") == ()
+
+
 def test_threads_see_one_verified_tree() -> None:
     idx = _random_index(4, n=600)
     lz, _ = _lazy(idx)

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 
 from shoal.atomicfile import Durability, write_atomic
@@ -227,11 +228,12 @@ class BundleSource(ForwardingSource):
     def _frames_of(self, ids: Iterable[bytes], files: Iterable[fb.BundleFile]) -> None:
         index = self._index
         held = set(ids)
-        self._held_frames = frozenset(index.chunk_frames[ci] for ci, cid in enumerate(index.chunk_ids) if cid in held)
+        # C loops over the index's 13,000 chunks: the header thread runs while the mount comes up
+        self._held_frames = frozenset(compress(index.chunk_frames, map(held.__contains__, index.chunk_ids)))
         # frames of the files the workload read: the bundle says which of their bytes it reads, so
         # read-ahead there would fetch what the profile saw go unread
         read = {cid for f in files for cid in f.ids}
-        self._file_frames = frozenset(index.chunk_frames[ci] for ci, cid in enumerate(index.chunk_ids) if cid in read)
+        self._file_frames = frozenset(compress(index.chunk_frames, map(read.__contains__, index.chunk_ids)))
         self.bundle.bundle_chunks = len(held)
 
     def _header(self) -> fb.BundleData | None:
