@@ -40,6 +40,7 @@ from shoal.format.runtime_view import (
     ANN_VIEW_OF,
     RuntimeView,
     for_readers,
+    index_of,
     is_view_entry,
     registry_index,
     runtime_index,
@@ -437,7 +438,7 @@ def _with_views(src: ImageSource, raw: bytes, media: str) -> tuple[bytes, str, l
         if e.get("artifactType") == mt.ARTIFACT_TYPE and isinstance(d, str) and d not in have and d not in views:
             craw, _ = src.get_manifest(d)
             _Copier.check(craw, d)
-            views[d] = runtime_view(d, _config(src, craw))
+            views[d] = runtime_view(d, _config(src, craw), index_of(craw))
     if not views:
         return raw, media, []
     return runtime_index(doc, views), mt.OCI_INDEX, list(views.values())

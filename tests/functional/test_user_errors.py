@@ -271,3 +271,13 @@ def test_every_listed_name_parses_back_to_the_same_image(tmp_path: Path) -> None
         assert isinstance(ref, LocalReference) and ref.name == n and str(ref) == n
     for n in names[:2]:  # and through the CLI
         run_shoal(tmp_path / "s", "copy", n, f"oci:{tmp_path / 'lay'}:{n.replace(':', '-')}")
+
+
+@pytest.mark.parametrize("hint", ["sha256:abc:1", "sha256:" + "a" * 64, "sha256:" + "a" * 64 + ":x", "md5:1:2"])
+def test_a_malformed_index_hint_is_a_usage_error(tmp_path: Path, hint: str) -> None:
+    """``mount --index-hint`` (the snapshotter's label, passed on) is checked before anything is opened."""
+    (tmp_path / "mp").mkdir()
+    p = run_shoal(tmp_path / "s", "mount", "--index-hint", hint, "docker://127.0.0.1:1/x@sha256:" + "b" * 64,
+                  tmp_path / "mp", check=False)
+    _fail(p, USAGE, "--index-hint", "sha256:<64 hex digits>:<size>")
+    assert not (tmp_path / "s").exists()  # nothing opened, no store made

@@ -30,6 +30,7 @@ from containerd_fix import tiny_tree as _tiny_tree  # noqa: E402
 from helpers import run_shoal, validate_oci  # noqa: E402
 from regfix import Registry, registry_factory  # noqa: E402,F401
 from shoal.mediatypes import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST  # noqa: E402
+from shoal.snapshotter.remote import SHOAL_INDEX_LABEL  # noqa: E402
 from shoal.snapshotter.view import STUB_MEDIA_TYPE  # noqa: E402
 from shoal.store import Store  # noqa: E402
 
@@ -114,6 +115,9 @@ def test_shoal_image_runs_lazily(containerd: Containerd, tmp_path: Path,
     (stub,) = view_doc["layers"]
     assert stub["mediaType"] == STUB_MEDIA_TYPE
     assert packs
+    # the index, as a label for the snapshotter (it requests that blob beside the manifest)
+    index = shoal_doc["layers"][0]
+    assert stub["annotations"][SHOAL_INDEX_LABEL] == f"{index['digest']}:{index['size']}"
     ref = f"{reg.host}/app:1"
     # without the Shoal snapshotter (overlayfs): a fast, clear failure, and no pack is fetched
     before = len(_gets(reg))

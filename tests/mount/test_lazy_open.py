@@ -82,3 +82,33 @@ def test_a_local_profile_needs_no_lookup(pushed: tuple[Any, Any], registry: Regi
         img.source.close()
     lookups = [p for _, p, _, _ in proxy.timing if "/referrers/" in p or "/manifests/sha256-" in p]
     assert len(lookups) == 2  # the first open's two, none by the second
+
+
+@pytest.mark.parametrize("hint", ["index", "other", "missing", "wrong size"])
+def test_the_index_hint_is_requested_beside_the_manifest(pushed: tuple[Any, Any], registry: Registry,
+                                                         proxy_factory: Any, tmp_path: Path, hint: str) -> None:
+    """``index_hint`` (the snapshotter's label): the index blob is requested while the manifest's answer is
+    still held back; a hint that is not the manifest's index (another blob, one the registry lacks, the
+    right digest with another size) changes nothing but one wasted request: the manifest's index is
+    the one decoded, and the open succeeds."""
+    from shoal.mount.image import OpenOptions, open_image
+
+    m, idx = pushed
+    proxy = proxy_factory(registry.url, delay=(f"/manifests/{m.digest}", HOLD))
+    given = {"index": (m.index.digest, m.index.size), "other": (m.config.digest, m.config.size),
+             "missing": ("sha256:" + "0" * 64, 1000), "wrong size": (m.index.digest, m.index.size + 1)}[hint]
+    img = open_image(f"docker://{proxy.host}/lazy/open@{m.digest}", tmp_path / "s",
+                     OpenOptions(prefetch="none", profile=False, index_hint=given))
+    try:
+        assert img.digest == m.digest and img.index.root == idx.root and len(img.index.frames) == len(idx.frames)
+    finally:
+        img.source.close()
+    timing = list(proxy.timing)
+    (manifest,) = [t for t in timing if t[1].endswith(f"/manifests/{m.digest}")]
+    index = [t for t in timing if t[1].endswith(f"/blobs/{m.index.digest}")]
+    if hint == "index":
+        assert len(index) == 1 and index[0][2] < manifest[3] - HOLD / 2, timing  # asked before the answer
+    else:
+        assert index and index[-1][2] >= manifest[3] - 0.05, timing  # the manifest's own request, after it
+    hinted = [t for t in timing if t[1].endswith(f"/blobs/{given[0]}") and t[2] < manifest[3] - HOLD / 2]
+    assert len(hinted) == 1, timing  # the hint was requested at once in every case

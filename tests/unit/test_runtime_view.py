@@ -8,6 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import validate_oci  # noqa: E402
 from shoal import mediatypes as mt  # noqa: E402
@@ -16,15 +18,19 @@ from shoal.format.runtime_view import (  # noqa: E402
     ANN_VIEW_OF,
     HIDDEN_PLATFORM,
     STUB_MEDIA_TYPE,
+    VIEW_INDEX_ANNOTATION,
     VIEW_LAYER_ANNOTATION,
     for_readers,
+    index_of,
     is_view_entry,
+    registry_index,
     runtime_index,
     runtime_view,
     stub_layer,
     view_of,
 )
-from shoal.snapshotter.remote import SHOAL_IMAGE_LABEL  # noqa: E402
+from shoal.snapshotter.remote import SHOAL_IMAGE_LABEL, SHOAL_INDEX_LABEL, RemoteMounts  # noqa: E402
+from shoal.snapshotter.runner import Runner  # noqa: E402
 
 SHOAL = "sha256:" + "ab" * 32
 CONFIG = json.dumps({"architecture": "arm64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
@@ -78,3 +84,55 @@ def test_index_shows_runtimes_the_view_and_readers_the_shoal_manifest() -> None:
     assert out["annotations"] == {"a": "b"}
     assert for_readers(out["manifests"]) == [other, {**shoal_e, "platform": view_e["platform"]}]
     assert for_readers(multi["manifests"]) is multi["manifests"]  # no views: unchanged
+
+
+def test_the_view_names_the_index_for_the_snapshotter() -> None:
+    """A view made from a Shoal manifest carries its index blob (digest:size) as a second layer annotation,
+    which containerd forwards as a Prepare label; the view stays byte-reproducible and valid OCI."""
+    index = ("sha256:" + "cd" * 32, 756112)
+    shoal_raw = json.dumps({"artifactType": mt.ARTIFACT_TYPE, "layers": [
+        {"mediaType": mt.INDEX, "digest": index[0], "size": index[1]},
+        {"mediaType": mt.PACK, "digest": "sha256:" + "ef" * 32, "size": 9}]}).encode()
+    assert index_of(shoal_raw) == index
+    assert index_of(b'{"layers": [{"mediaType": "x", "digest": "sha256:00", "size": 1}]}') is None
+    assert index_of(b'{"layers": [{"mediaType": "%s", "digest": "d", "size": true}]}' % mt.INDEX.encode()) is None
+    _, view = registry_index(shoal_raw, CONFIG)
+    assert view == runtime_view(_sha(shoal_raw), CONFIG, index)
+    doc = json.loads(view.manifest)
+    validate_oci(doc, "image-manifest-schema")
+    (layer,) = doc["layers"]
+    assert layer["annotations"] == {VIEW_LAYER_ANNOTATION: _sha(shoal_raw), VIEW_INDEX_ANNOTATION: f"{index[0]}:756112"}
+    assert VIEW_INDEX_ANNOTATION == SHOAL_INDEX_LABEL
+    assert view.stub == runtime_view(_sha(shoal_raw), CONFIG).stub  # the stub (diff id) does not depend on it
+
+
+class _Recorder(Runner):
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def run(self, args: object, timeout: float) -> tuple[int, str]:
+        self.calls.append(list(args))  # type: ignore[call-overload]
+        return 0, ""
+
+
+@pytest.mark.parametrize("label,passed", [
+    ("sha256:" + "cd" * 32 + ":756112", True),
+    (None, False),
+    ("sha256:" + "cd" * 32, False),  # no size
+    ("sha256:" + "CD" * 32 + ":1", False),
+    ("sha256:" + "cd" * 32 + ":1 --suid", False),
+    ("sha256:" + "cd" * 32 + ":-1", False),
+])
+def test_the_snapshotter_passes_a_well_formed_index_label_to_the_mount(tmp_path: Path, label: str | None,
+                                                                      passed: bool) -> None:
+    runner = _Recorder()
+    labels = {SHOAL_IMAGE_LABEL: SHOAL, "containerd.io/snapshot/cri.image-ref": "127.0.0.1:5000/app:1"}
+    if label is not None:
+        labels[SHOAL_INDEX_LABEL] = label
+    RemoteMounts(tmp_path, runner=runner).mount(labels)
+    (args,) = runner.calls
+    assert args[-2:] == [f"docker://127.0.0.1:5000/app@{SHOAL}", str(tmp_path / "mounts" / SHOAL[7:])]
+    if passed:
+        assert args[args.index("--index-hint") + 1] == label
+    else:
+        assert "--index-hint" not in args  # a malformed label is ignored: the mount goes on without it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -54,6 +55,14 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
     return OpenOptions(context=sc, fetch_timeout=fetch_timeout, prefetch=prefetch, warm=_SERVE_MODULES, policy=True)
 
 
+def _index_hint(value: str) -> tuple[str, int]:
+    """``--index-hint``'s (digest, size)."""
+    digest, _, size = value.rpartition(":")
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or not re.fullmatch(r"[0-9]{1,12}", size):
+        raise click.BadParameter(f"{value[:100]!r} is not sha256:<64 hex digits>:<size>", param_hint="--index-hint")
+    return digest, int(size)
+
+
 def _freeze() -> None:
     """Before a command that forks a mount daemon: what exists now (modules, click's objects) is out of
     the cyclic collector's sight, so the collections of the open and of the daemon need not look at it
@@ -82,10 +91,15 @@ def _freeze() -> None:
                    "gives whoever can reach it access to that host device.")
 @click.option("--trusted-image", is_flag=True, help="All three above: only for an image you would run as root.")
 @click.option("--json", "as_json", is_flag=True, help="Print the mount's state as JSON.")
+@click.option("--index-hint", metavar="sha256:HEX:SIZE",
+              help="The index blob the image's manifest is expected to name: requested beside the manifest, "
+                   "used only if the manifest names it (what the containerd snapshotter passes from the "
+                   "runtime view's label).")
 @_remote_options
 @click.pass_context
 def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, foreground: bool, prefetch: str,
-          allow_other: bool, suid: bool, dev: bool, trusted_image: bool, as_json: bool, **kw: Any) -> None:
+          allow_other: bool, suid: bool, dev: bool, trusted_image: bool, as_json: bool, index_hint: str | None,
+          **kw: Any) -> None:
     """Mount image REF (NAME:TAG or docker://...) read-only (or --writable) at MOUNTPOINT, reading lazily.
 
     The mount is nosuid and nodev, and only you may enter it, unless --allow-other, --suid, --dev (or
@@ -95,6 +109,8 @@ def mount(ctx: click.Context, /, ref: str, mountpoint: str, writable: bool, fore
     from shoal.mount.state import Exposure
 
     open_opts = _open_options(ctx, kw, prefetch)
+    if index_hint is not None:
+        open_opts = dataclasses.replace(open_opts, index_hint=_index_hint(index_hint))
     expose = Exposure(allow_other or trusted_image, suid or trusted_image, dev or trusted_image)
     opts = MountOptions(writable=writable, foreground=foreground, prefetch=prefetch, expose=expose)
 

@@ -11,7 +11,9 @@ manifest:
   every image has its own diff id and chain id), media type ``application/vnd.oci.image.layer.shoal.v1``
   and the annotation ``containerd.io/snapshot/shoal.image: <Shoal manifest digest>``, which containerd
   forwards to its snapshotter as a Prepare label (``shoal snapshotter``); podman's additional layer store
-  (``shoal store serve``) answers for the stub's digest with the lazy mount of the whole image.
+  (``shoal store serve``) answers for the stub's digest with the lazy mount of the whole image.  A second
+  annotation, ``containerd.io/snapshot/shoal.index: <index digest>:<size>``, lets the snapshotter request
+  the index beside the manifest (a hint: the manifest still decides which index is used).
 
 A registry tag holds an OCI image index listing, per platform, the view (with the platform and an
 annotation naming the Shoal manifest) and then the Shoal manifest with ``artifactType`` Shoal and the
@@ -32,13 +34,15 @@ from shoal import mediatypes as mt
 from shoal.format.manifest import canonical_json, json_object
 from shoal.format.platform import platform_json
 
-__all__ = ["STUB_MEDIA_TYPE", "VIEW_LAYER_ANNOTATION", "ANN_VIEW_OF", "RuntimeView", "runtime_view",
-           "stub_layer", "view_of", "is_view_entry", "config_platform", "runtime_index", "for_readers",
-           "HIDDEN_PLATFORM"]
+__all__ = ["STUB_MEDIA_TYPE", "VIEW_LAYER_ANNOTATION", "VIEW_INDEX_ANNOTATION", "ANN_VIEW_OF", "RuntimeView",
+           "runtime_view", "stub_layer", "view_of", "is_view_entry", "config_platform", "runtime_index", "for_readers",
+           "index_of", "HIDDEN_PLATFORM"]
 
 STUB_MEDIA_TYPE = "application/vnd.oci.image.layer.shoal.v1"
 #: containerd forwards a layer annotation ``containerd.io/snapshot/*`` to its snapshotter as a label
 VIEW_LAYER_ANNOTATION = "containerd.io/snapshot/shoal.image"
+#: the Shoal image's index blob, ``sha256:<hex>:<size>``: also forwarded as a label (oci-mapping.md §4)
+VIEW_INDEX_ANNOTATION = "containerd.io/snapshot/shoal.index"
 #: on a view manifest and on its image index entry: the digest of the Shoal manifest it is the view of
 ANN_VIEW_OF = "dev.shoal.image"
 #: the platform of a Shoal manifest listed beside its view: no runtime matches it
@@ -82,10 +86,13 @@ def stub_layer(shoal_digest: str) -> bytes:
     return _stub(shoal_digest)
 
 
-def runtime_view(shoal_digest: str, shoal_config: bytes) -> RuntimeView:
-    """The view of the Shoal image whose manifest has digest ``shoal_digest`` and config ``shoal_config``;
-    byte-reproducible."""
+def runtime_view(shoal_digest: str, shoal_config: bytes, index: tuple[str, int] | None = None) -> RuntimeView:
+    """The view of the Shoal image whose manifest has digest ``shoal_digest``, config ``shoal_config`` and
+    index blob ``index`` (digest, size; the Shoal manifest's, when known); byte-reproducible."""
     stub = _stub(shoal_digest)
+    ann = {VIEW_LAYER_ANNOTATION: shoal_digest}
+    if index is not None:
+        ann[VIEW_INDEX_ANNOTATION] = f"{index[0]}:{index[1]}"
     cfg = json_object(shoal_config, "image config")
     cfg["rootfs"] = {"type": "layers", "diff_ids": [_digest(stub)]}
     config = canonical_json(cfg)
@@ -94,7 +101,7 @@ def runtime_view(shoal_digest: str, shoal_config: bytes) -> RuntimeView:
         "mediaType": mt.OCI_MANIFEST,
         "config": {"mediaType": mt.OCI_CONFIG, "digest": _digest(config), "size": len(config)},
         "layers": [{"mediaType": STUB_MEDIA_TYPE, "digest": _digest(stub), "size": len(stub),
-                    "annotations": {VIEW_LAYER_ANNOTATION: shoal_digest}}],
+                    "annotations": ann}],
         "annotations": {ANN_VIEW_OF: shoal_digest},
     })
     return RuntimeView(shoal_digest, manifest, config, stub)
@@ -159,8 +166,18 @@ def registry_index(shoal_manifest: bytes, shoal_config: bytes) -> tuple[bytes, R
     """The image index [view, Shoal manifest] a registry is given for the lone Shoal manifest
     ``shoal_manifest`` (§4.1), and the view: byte-reproducible, so its digest is known (signed, kept
     referrers of) before any push."""
-    view = runtime_view(_digest(shoal_manifest), shoal_config)
+    view = runtime_view(_digest(shoal_manifest), shoal_config, index_of(shoal_manifest))
     return runtime_index(None, {view.shoal_digest: view}, (shoal_manifest, config_platform(shoal_config))), view
+
+
+def index_of(shoal_manifest: bytes) -> tuple[str, int] | None:
+    """The (digest, size) of the index blob a Shoal manifest names (its first layer), or None."""
+    layers = json_object(shoal_manifest, "manifest").get("layers")
+    first = layers[0] if isinstance(layers, list) and layers else None
+    if (isinstance(first, dict) and first.get("mediaType") == mt.INDEX and isinstance(first.get("digest"), str)
+            and type(first.get("size")) is int):
+        return str(first["digest"]), int(first["size"])
+    return None
 
 
 def for_readers(manifests: Any) -> Any:

@@ -83,7 +83,10 @@ class OpenOptions:
     modules a lazy ``docker://`` open imports in a thread while it waits for the registry (a mount's
     serving modules: the daemon, forked after the open, then finds them loaded).  ``freeze``: a lazy
     index is frozen (``gc.freeze``) as it is decoded, for a process that forks a mount daemon and
-    froze its own objects before the open (``shoal mount``, ``shoal run``: ``store.collector_paused``)."""
+    froze its own objects before the open (``shoal mount``, ``shoal run``: ``store.collector_paused``).
+    ``index_hint``: (digest, size) of the index blob the manifest is expected to name (the containerd
+    snapshotter's label): a ``docker://`` open requests it beside the manifest, and uses it only if the
+    manifest names exactly that blob."""
 
     context: SystemContext = SystemContext()
     fetch_timeout: float = 30.0
@@ -93,6 +96,7 @@ class OpenOptions:
     whole_index: bool = False
     warm: tuple[str, ...] = ()
     freeze: bool = False
+    index_hint: tuple[str, int] | None = None
     # mount, run, profile: the signature policy first (docs/spec/trust.md §4); the image opened is the
     # manifest the policy decided on (by digest), so a tag moved meanwhile is not what gets served
     policy: bool = False

@@ -114,6 +114,11 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     spare = pool.submit(ref.new_source, reg)
     # and one for a bundle the daemon streams (bundle.md §6.2), so it does not make one while it mounts
     spare_bundle = pool.submit(ref.new_source, reg) if wanted else None
+    # the index the snapshotter's label names, requested beside the manifest (the manifest decides: only the
+    # blob it names is decoded); a blob the store holds is not requested
+    hint = options.index_hint
+    hinted = (pool.submit(_blob, src, store, BlobInfo(hint[0], hint[1], mt.INDEX))
+              if hint is not None and not store.layout.has(hint[0]) else None)
     # the serving modules load while the manifest, config and index are on their way: the main thread
     # only waits then (~0.1 s less to the fork than starting once the manifest is known)
     warm = _warm(options.warm)
@@ -130,16 +135,20 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
             return None
         m = parse_manifest(raw)
         log.debug("timeline: manifest %s", m.digest)
-        meta = [pool.submit(_blob, src, store, d) for d in (m.config, m.index)]
+        ours = hinted is not None and hint == (m.index.digest, m.index.size)
+        if hint is not None and not ours:
+            log.debug("index hint %s:%d is not the manifest's index; not used", hint[0], hint[1])
+        meta = [pool.submit(_blob, src, store, m.config),
+                hinted if ours and hinted is not None else pool.submit(_blob, src, store, m.index)]
         early_wanted = options.prefetch in ("auto", "all")
         prof_f = pool.submit(_profile, src, store, m, early_wanted, lookups.get(m.digest)) if wanted else None
-        for f in meta:
-            f.result()
-        log.debug("timeline: config and index stored")
-        store.layout.put(raw, m.digest)
-        # decoding and checking the index overlaps the profile lookup
+        meta[1].result()
+        log.debug("timeline: index stored")
+        # decoding and checking the index overlaps the profile lookup and the config's request
         index = store.load_index(m, lazy=not options.whole_index, freeze=options.freeze)
         log.debug("timeline: index decoded (%d frames)", len(index.frames))
+        meta[0].result()
+        store.layout.put(raw, m.digest)  # the manifest last: the store holds what it names
         config = parse_config(store.layout.get(m.config.digest))
         prof, early, bun = prof_f.result() if prof_f is not None else (None, None, None)
         fresh = spare.result()

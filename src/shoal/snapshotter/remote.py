@@ -26,14 +26,16 @@ from shoal.snapshotter.hosts import HostsDir
 from shoal.snapshotter.keychain import Keychain, normalize_repository
 from shoal.snapshotter.runner import Runner, SubprocessRunner
 
-__all__ = ["SHOAL_IMAGE_LABEL", "REF_LABELS", "RemoteMounts"]
+__all__ = ["SHOAL_IMAGE_LABEL", "SHOAL_INDEX_LABEL", "REF_LABELS", "RemoteMounts"]
 
 log = logging.getLogger(__name__)
 
 SHOAL_IMAGE_LABEL = "containerd.io/snapshot/shoal.image"  # the Shoal manifest digest (oci-mapping.md §4)
+SHOAL_INDEX_LABEL = "containerd.io/snapshot/shoal.index"  # its index blob, sha256:<hex>:<size> (a hint)
 REF_LABELS = ("containerd.io/snapshot/remote/stargz.reference",  # ctr-remote image rpull
               "containerd.io/snapshot/cri.image-ref")  # CRI PullImage with disable_snapshot_annotations = false
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_INDEX_HINT = re.compile(r"^sha256:[0-9a-f]{64}:[0-9]{1,12}$")
 
 
 class RemoteMounts:
@@ -70,16 +72,20 @@ class RemoteMounts:
         digest = labels[SHOAL_IMAGE_LABEL]
         ref = next(labels[k] for k in REF_LABELS if labels.get(k))
         mp = Path(where)
+        hint = labels.get(SHOAL_INDEX_LABEL, "")
+        if hint and not _INDEX_HINT.match(hint):
+            log.debug("ignoring label %s=%r: not sha256:<hex>:<size>", SHOAL_INDEX_LABEL, hint[:100])
+            hint = ""
         if self.cache is None:
-            return self._mount(mp, ref, digest)
+            return self._mount(mp, ref, digest, hint)
         with contextlib.ExitStack() as hold:
             hold.enter_context(self.cache.mounting())  # no gc of the store until the image is tagged
-            out = self._mount(mp, ref, digest)
+            out = self._mount(mp, ref, digest, hint)
             log.debug("timeline: lazy mount %s answered", mp.name[:12])
             self.cache.pin_later(digest, hold.pop_all())  # the hold goes with the tagging, off this path
         return out
 
-    def _mount(self, mp: Path, ref: str, digest: str) -> str:
+    def _mount(self, mp: Path, ref: str, digest: str, index_hint: str = "") -> str:
         if is_mounted(str(mp)):
             try:
                 os.stat(mp)
@@ -93,6 +99,8 @@ class RemoteMounts:
         extra = ["--authfile", str(authfile)] if authfile is not None else []
         log.info("mounting %s lazily at %s%s", src, mp, " with the CRI keychain's credentials" if extra else "")
         extra += self.hosts.mount_args(src.removeprefix("docker://").split("/", 1)[0]) if self.hosts else []
+        # the view's index label: the mount requests that blob beside the manifest, one round trip sooner
+        extra += ["--index-hint", index_hint] if index_hint else []
         debug = log.isEnabledFor(logging.DEBUG)  # the mount's own timeline, relayed below
         rc, stderr = self.runner.run([*self.globals, *(["-vv"] if debug else []), "mount", "--trusted-image", *extra,
                                       src, str(mp)], 300)
