@@ -94,6 +94,20 @@ def test_small_frames_and_other_levels_read_the_same() -> None:
     assert a.chunks == fb.open_bundle(_make(idx), idx.root).chunks
 
 
+def test_the_first_frames_are_small_then_four_times_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """§2.3: frame n closes at min(FRAME_TARGET, FIRST_FRAME * 4^n): the first reads (a runtime's
+    /etc/passwd) wait for one small frame, not a whole 1 MiB one."""
+    assert [fb.frame_target_of(n) for n in range(5)] == [64 << 10, 256 << 10, 1 << 20, 1 << 20, 1 << 20]
+    assert fb.frame_target_of(40) == fb.FRAME_TARGET and fb.frame_target_of(1, 100_000) == 100_000
+    idx = _tree()
+    monkeypatch.setattr(fb, "FIRST_FRAME", 1000)  # the chunks here are 1,000-1,200 bytes
+    blob = fb.make(idx, [], [5, 8, 11], [5, 1, 0, 4, 3, 2], _read)
+    doc, _ = fb.read_header(blob)
+    rows = [struct.unpack_from(">II", doc["frames"], 8 * i) for i in range(len(doc["frames"]) // 8)]
+    assert [n for n, _ in rows] == [1, 4, 1]  # >= 1,000 bytes, then >= 4,000, then the rest
+    assert fb.open_bundle(blob, idx.root).chunks == {IDS[c]: CHUNKS[c] for c in (5, 1, 0, 4, 3, 2)}
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_random_trees_check_against_their_root(seed: int) -> None:
     """Every kind of record (devices, fifos, symlinks, hardlinks, xattrs, non-UTF-8 names) hashes as the

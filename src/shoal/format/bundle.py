@@ -30,11 +30,13 @@ from shoal.format.index import MAX_CHUNK, child_record, meta_record
 from shoal.format.model import Entry, Index, Kind, name_of, parent_of
 
 __all__ = ["MAGIC", "FORMAT", "Blob", "WholeBlob", "Bundle", "BundleData", "BundleDir", "BundleFile", "make",
-           "open_bundle", "read_header", "LIMITS", "Limits", "FRAME_TARGET", "ZSTD_LEVEL", "PartialTree"]
+           "open_bundle", "read_header", "LIMITS", "Limits", "FRAME_TARGET", "FIRST_FRAME", "ZSTD_LEVEL",
+           "PartialTree", "frame_target_of"]
 
 MAGIC = b"SHOALBD1"  # §2: 8 bytes, then u32be header length
 FORMAT = 1
 FRAME_TARGET = 1024 * 1024  # §2.3: a data frame closes once it holds this many bytes
+FIRST_FRAME = 64 * 1024  # §2.3: the first frame's target; each next one's is 4x, up to FRAME_TARGET
 ZSTD_LEVEL = 19  # §2.3 (bench/bundle.py)
 _DIR_TAG = "shoal/dir/2"
 _HEAD = struct.Struct(">8sI")
@@ -148,7 +150,7 @@ def make(index: Index, dirs: Iterable[int], files: Iterable[int], chunks: Iterab
     cur: list[bytes] = []
     for i, ci in enumerate(order):
         cur.append(read_chunk(ci))
-        if sum(map(len, cur)) >= frame_target or i == len(order) - 1:
+        if sum(map(len, cur)) >= frame_target_of(len(frames), frame_target) or i == len(order) - 1:
             z = cctx.compress(b"".join(cur))
             frames.append(z)
             table += _REF.pack(len(cur), len(z))
@@ -158,6 +160,11 @@ def make(index: Index, dirs: Iterable[int], files: Iterable[int], chunks: Iterab
     hz = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True).compress(
         cbor.encode(header))
     return b"".join([_HEAD.pack(MAGIC, len(hz)), hz, *frames])
+
+
+def frame_target_of(n: int, frame_target: int = FRAME_TARGET) -> int:
+    """The target of data frame ``n`` (0 first): FIRST_FRAME, then 4x each, up to ``frame_target`` (§2.3)."""
+    return min(frame_target, FIRST_FRAME << min(2 * n, 32))
 
 
 # ------------------------------------------------------------------------------------------ reader
