@@ -112,3 +112,22 @@ def test_the_index_hint_is_requested_beside_the_manifest(pushed: tuple[Any, Any]
         assert index and index[-1][2] >= manifest[3] - 0.05, timing  # the manifest's own request, after it
     hinted = [t for t in timing if t[1].endswith(f"/blobs/{given[0]}") and t[2] < manifest[3] - HOLD / 2]
     assert len(hinted) == 1, timing  # the hint was requested at once in every case
+
+
+def test_a_tag_names_the_index_beside_its_shoal_manifest(pushed: tuple[Any, Any], registry: Registry,
+                                                          proxy_factory: Any, tmp_path: Path) -> None:
+    """By tag: the image index's entry for the Shoal manifest names its index blob (oci-mapping.md §4.1),
+    so the index is requested while the Shoal manifest's answer is still held back, once."""
+    from shoal.mount.image import OpenOptions, open_image
+
+    m, idx = pushed
+    proxy = proxy_factory(registry.url, delay=(f"/manifests/{m.digest}", HOLD))
+    img = open_image(f"docker://{proxy.host}/lazy/open:1", tmp_path / "s", OpenOptions(prefetch="none", profile=False))
+    try:
+        assert img.digest == m.digest and img.index.root == idx.root
+    finally:
+        img.source.close()
+    timing = list(proxy.timing)
+    (manifest,) = [t for t in timing if t[1].endswith(f"/manifests/{m.digest}")]
+    (index,) = [t for t in timing if t[1].endswith(f"/blobs/{m.index.digest}")]
+    assert index[2] < manifest[3] - HOLD / 2, timing

@@ -15,12 +15,14 @@ from helpers import validate_oci  # noqa: E402
 from shoal import mediatypes as mt  # noqa: E402
 from shoal.format.platform import choose  # noqa: E402
 from shoal.format.runtime_view import (  # noqa: E402
+    ANN_INDEX,
     ANN_VIEW_OF,
     HIDDEN_PLATFORM,
     STUB_MEDIA_TYPE,
     VIEW_INDEX_ANNOTATION,
     VIEW_LAYER_ANNOTATION,
     for_readers,
+    index_hint,
     index_of,
     is_view_entry,
     registry_index,
@@ -104,6 +106,20 @@ def test_the_view_names_the_index_for_the_snapshotter() -> None:
     assert layer["annotations"] == {VIEW_LAYER_ANNOTATION: _sha(shoal_raw), VIEW_INDEX_ANNOTATION: f"{index[0]}:756112"}
     assert VIEW_INDEX_ANNOTATION == SHOAL_INDEX_LABEL
     assert view.stub == runtime_view(_sha(shoal_raw), CONFIG).stub  # the stub (diff id) does not depend on it
+    # the tag's image index names it too, on the Shoal manifest's entry, which readers by tag choose
+    idx = json.loads(registry_index(shoal_raw, CONFIG)[0])
+    validate_oci(idx, "image-index-schema")
+    assert idx["manifests"][1]["annotations"] == {ANN_INDEX: f"{index[0]}:756112"}
+    kid = choose(for_readers(idx["manifests"]), "linux/arm64", "x")
+    assert kid["digest"] == _sha(shoal_raw) and index_hint(kid["annotations"][ANN_INDEX]) == index
+
+
+@pytest.mark.parametrize("value", [None, 5, "", "sha256:" + "cd" * 32, "sha256:" + "cd" * 32 + ":",
+                                   "sha256:" + "cd" * 32 + ":1\n", "sha256:" + "cd" * 31 + ":1",
+                                   "sha512:" + "cd" * 32 + ":1", "sha256:" + "cd" * 32 + ":1234567890123"])
+def test_a_malformed_index_hint_is_no_hint(value: object) -> None:
+    assert index_hint(value) is None
+    assert index_hint("sha256:" + "cd" * 32 + ":0") == ("sha256:" + "cd" * 32, 0)
 
 
 class _Recorder(Runner):

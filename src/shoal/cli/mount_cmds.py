@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -57,10 +56,12 @@ def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto"
 
 def _index_hint(value: str) -> tuple[str, int]:
     """``--index-hint``'s (digest, size)."""
-    digest, _, size = value.rpartition(":")
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or not re.fullmatch(r"[0-9]{1,12}", size):
+    from shoal.format.runtime_view import index_hint
+
+    hint = index_hint(value)
+    if hint is None:
         raise click.BadParameter(f"{value[:100]!r} is not sha256:<64 hex digits>:<size>", param_hint="--index-hint")
-    return digest, int(size)
+    return hint
 
 
 def _freeze() -> None:

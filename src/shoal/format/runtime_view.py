@@ -26,6 +26,7 @@ the index through ``for_readers``: the view's entry stands for its Shoal manifes
 from __future__ import annotations
 
 import hashlib
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,10 @@ from shoal import mediatypes as mt
 from shoal.format.manifest import canonical_json, json_object
 from shoal.format.platform import platform_json
 
-__all__ = ["STUB_MEDIA_TYPE", "VIEW_LAYER_ANNOTATION", "VIEW_INDEX_ANNOTATION", "ANN_VIEW_OF", "RuntimeView",
+__all__ = ["STUB_MEDIA_TYPE", "VIEW_LAYER_ANNOTATION", "VIEW_INDEX_ANNOTATION", "ANN_VIEW_OF", "ANN_INDEX",
+           "RuntimeView",
            "runtime_view", "stub_layer", "view_of", "is_view_entry", "config_platform", "runtime_index", "for_readers",
-           "index_of", "HIDDEN_PLATFORM"]
+           "index_of", "index_hint", "HIDDEN_PLATFORM"]
 
 STUB_MEDIA_TYPE = "application/vnd.oci.image.layer.shoal.v1"
 #: containerd forwards a layer annotation ``containerd.io/snapshot/*`` to its snapshotter as a label
@@ -45,6 +47,8 @@ VIEW_LAYER_ANNOTATION = "containerd.io/snapshot/shoal.image"
 VIEW_INDEX_ANNOTATION = "containerd.io/snapshot/shoal.index"
 #: on a view manifest and on its image index entry: the digest of the Shoal manifest it is the view of
 ANN_VIEW_OF = "dev.shoal.image"
+#: on a Shoal manifest's image index entry: its index blob, ``sha256:<hex>:<size>`` (a hint, §4.1)
+ANN_INDEX = "dev.shoal.index"
 #: the platform of a Shoal manifest listed beside its view: no runtime matches it
 HIDDEN_PLATFORM = {"architecture": "unknown", "os": "unknown"}
 
@@ -55,6 +59,7 @@ class RuntimeView:
     manifest: bytes
     config: bytes
     stub: bytes
+    index: tuple[str, int] | None = None  # the Shoal image's index blob (digest, size), when known
 
     def blobs(self) -> dict[str, bytes]:
         return {_digest(b): b for b in (self.config, self.stub)}
@@ -104,7 +109,7 @@ def runtime_view(shoal_digest: str, shoal_config: bytes, index: tuple[str, int] 
                     "annotations": ann}],
         "annotations": {ANN_VIEW_OF: shoal_digest},
     })
-    return RuntimeView(shoal_digest, manifest, config, stub)
+    return RuntimeView(shoal_digest, manifest, config, stub, index)
 
 
 def view_of(doc: Any) -> str | None:
@@ -158,6 +163,8 @@ def runtime_index(index: dict[str, Any] | None, views: dict[str, RuntimeView],
             plat = e.get("platform") or config_platform(view.config)
             out.append(_entry(view, plat))
             e = {**e, "platform": dict(HIDDEN_PLATFORM)}
+            if view.index is not None:  # a reader by tag requests the index beside this manifest
+                e["annotations"] = {**(e.get("annotations") or {}), ANN_INDEX: f"{view.index[0]}:{view.index[1]}"}
         out.append(e)
     return canonical_json({**index, "mediaType": mt.OCI_INDEX, "manifests": out})
 
@@ -178,6 +185,20 @@ def index_of(shoal_manifest: bytes) -> tuple[str, int] | None:
             and type(first.get("size")) is int):
         return str(first["digest"]), int(first["size"])
     return None
+
+
+def index_hint(value: Any) -> tuple[str, int] | None:
+    """``sha256:<hex>:<size>`` (an index annotation or label) as (digest, size); None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    digest, _, size = value.rpartition(":")
+    if not _HINT_DIGEST.fullmatch(digest) or not _HINT_SIZE.fullmatch(size):
+        return None
+    return digest, int(size)
+
+
+_HINT_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_HINT_SIZE = re.compile(r"[0-9]{1,12}")
 
 
 def for_readers(manifests: Any) -> Any:

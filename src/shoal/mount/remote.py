@@ -34,7 +34,7 @@ from shoal.early import EarlyFetch
 from shoal.errors import FormatError, TransportError, UsageError
 from shoal.format.manifest import ShoalManifest, json_object, parse_config, parse_manifest
 from shoal.format.platform import choose
-from shoal.format.runtime_view import for_readers
+from shoal.format.runtime_view import ANN_INDEX, for_readers, index_hint
 from shoal.lazy import NEIGHBOURS, LazySource
 from shoal.mount import bundle
 from shoal.mount.image import OpenedImage, OpenOptions
@@ -114,17 +114,25 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
     spare = pool.submit(ref.new_source, reg)
     # and one for a bundle the daemon streams (bundle.md §6.2), so it does not make one while it mounts
     spare_bundle = pool.submit(ref.new_source, reg) if wanted else None
-    # the index the snapshotter's label names, requested beside the manifest (the manifest decides: only the
-    # blob it names is decoded); a blob the store holds is not requested
-    hint = options.index_hint
-    hinted = (pool.submit(_blob, src, store, BlobInfo(hint[0], hint[1], mt.INDEX))
-              if hint is not None and not store.layout.has(hint[0]) else None)
+    # the index the snapshotter's label or the tag's image index names, requested beside the manifest (the
+    # manifest decides: only the blob it names is decoded); a blob the store holds is not requested
+    hinted: dict[tuple[str, int], Future[None]] = {}
+
+    def hint_index(hint: tuple[str, int] | None) -> None:
+        if hint is not None and hint not in hinted and not store.layout.has(hint[0]):
+            hinted[hint] = pool.submit(_blob, src, store, BlobInfo(hint[0], hint[1], mt.INDEX))
+
+    def known(digest: str, hint: tuple[str, int] | None) -> None:
+        hint_index(hint)
+        if wanted:
+            _look_up(pool, src, store, digest, lookups)
+
+    hint_index(options.index_hint)
     # the serving modules load while the manifest, config and index are on their way: the main thread
     # only waits then (~0.1 s less to the fork than starting once the manifest is known)
     warm = _warm(options.warm)
     try:
-        raw = _manifest(src, store, ctx.platform,
-                        (lambda d: _look_up(pool, src, store, d, lookups)) if wanted else None)
+        raw = _manifest(src, store, ctx.platform, known)
         if raw is None:
             for look in lookups.values():  # a digest guessed to be a Shoal manifest: let its lookup end first
                 look.exception()
@@ -135,11 +143,10 @@ def _open_docker(ref: DockerReference, ctx: SystemContext, options: OpenOptions)
             return None
         m = parse_manifest(raw)
         log.debug("timeline: manifest %s", m.digest)
-        ours = hinted is not None and hint == (m.index.digest, m.index.size)
-        if hint is not None and not ours:
-            log.debug("index hint %s:%d is not the manifest's index; not used", hint[0], hint[1])
-        meta = [pool.submit(_blob, src, store, m.config),
-                hinted if ours and hinted is not None else pool.submit(_blob, src, store, m.index)]
+        ours = hinted.get((m.index.digest, m.index.size))
+        if hinted and ours is None:
+            log.debug("index hint %s is not the manifest's index; not used", ", ".join(f"{d}:{n}" for d, n in hinted))
+        meta = [pool.submit(_blob, src, store, m.config), ours or pool.submit(_blob, src, store, m.index)]
         early_wanted = options.prefetch in ("auto", "all")
         prof_f = pool.submit(_profile, src, store, m, early_wanted, lookups.get(m.digest)) if wanted else None
         meta[1].result()
@@ -236,14 +243,15 @@ def _look_up(pool: ThreadPoolExecutor, src: DockerSource, store: Store, digest: 
 
 
 def _manifest(src: DockerSource, store: Store, platform: str | None,
-              known: Callable[[str], None] | None = None) -> bytes | None:
+              known: Callable[[str, tuple[str, int] | None], None] | None = None) -> bytes | None:
     """The Shoal manifest ``src`` names (a local copy when the reference is a digest we hold); None
-    for a classic image.  ``known(digest)`` is called as soon as the digest of the Shoal manifest is
-    known, before that manifest is fetched: the reference's own digest, or an image index's Shoal
-    child (a guess for a digest reference: it may name an index or a classic image)."""
+    for a classic image.  ``known(digest, index_hint)`` is called as soon as the digest of the Shoal
+    manifest is known, before that manifest is fetched: the reference's own digest, or an image index's
+    Shoal child (a guess for a digest reference: it may name an index or a classic image), with the
+    (digest, size) of its index blob that the image index's entry names (oci-mapping.md §4.1), if any."""
     digest = src.ref.digest
     if digest is not None and known is not None:
-        known(digest)
+        known(digest, None)
     if digest is not None and store.layout.has(digest):
         raw = store.layout.get(digest)
         if _is_manifest(raw):
@@ -266,13 +274,13 @@ def _is_manifest(raw: bytes) -> bool:
 
 
 def _child(src: DockerSource, doc: dict[str, Any], platform: str | None,
-           known: Callable[[str], None] | None = None) -> bytes:
+           known: Callable[[str, tuple[str, int] | None], None] | None = None) -> bytes:
     """The index's image for ``platform`` (default this machine's) by the one rule; a Shoal child wins
     over a classic one of the same platform.  ``known`` hears a Shoal child's digest before it is fetched."""
     kid = choose(for_readers(doc.get("manifests")), platform, str(src.ref),
                  prefer=lambda m: m.get("artifactType") == mt.ARTIFACT_TYPE)
     if known is not None and kid.get("artifactType") == mt.ARTIFACT_TYPE:
-        known(str(kid["digest"]))
+        known(str(kid["digest"]), index_hint((kid.get("annotations") or {}).get(ANN_INDEX)))
     raw, _ = src.get_manifest(str(kid["digest"]))  # verified against its digest
     return raw
 

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from shoal.errors import TransportError, UsageError
+from shoal.format.runtime_view import index_hint
 from shoal.mount.state import is_mounted  # here, not at the first mount: 6-11 ms of imports on its path
 from shoal.snapshotter.cache import StoreCache
 from shoal.snapshotter.hosts import HostsDir
@@ -35,7 +36,6 @@ SHOAL_INDEX_LABEL = "containerd.io/snapshot/shoal.index"  # its index blob, sha2
 REF_LABELS = ("containerd.io/snapshot/remote/stargz.reference",  # ctr-remote image rpull
               "containerd.io/snapshot/cri.image-ref")  # CRI PullImage with disable_snapshot_annotations = false
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_INDEX_HINT = re.compile(r"^sha256:[0-9a-f]{64}:[0-9]{1,12}$")
 
 
 class RemoteMounts:
@@ -73,7 +73,7 @@ class RemoteMounts:
         ref = next(labels[k] for k in REF_LABELS if labels.get(k))
         mp = Path(where)
         hint = labels.get(SHOAL_INDEX_LABEL, "")
-        if hint and not _INDEX_HINT.match(hint):
+        if hint and index_hint(hint) is None:
             log.debug("ignoring label %s=%r: not sha256:<hex>:<size>", SHOAL_INDEX_LABEL, hint[:100])
             hint = ""
         if self.cache is None:
