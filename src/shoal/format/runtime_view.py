@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal import mediatypes as mt
-from shoal.format.manifest import canonical_json, json_object
+from shoal.errors import FormatError
+from shoal.format.manifest import canonical_json, json_object, parse_manifest
 from shoal.format.platform import platform_json
 
 __all__ = ["STUB_MEDIA_TYPE", "VIEW_LAYER_ANNOTATION", "VIEW_INDEX_ANNOTATION", "ANN_VIEW_OF", "ANN_INDEX",
-           "RuntimeView",
-           "runtime_view", "stub_layer", "view_of", "is_view_entry", "config_platform", "runtime_index", "for_readers",
-           "index_of", "index_hint", "HIDDEN_PLATFORM"]
+           "RuntimeView", "runtime_view", "stub_layer", "view_of", "is_view_entry", "config_platform",
+           "runtime_index", "for_readers", "index_of", "index_hint", "HIDDEN_PLATFORM"]
 
 STUB_MEDIA_TYPE = "application/vnd.oci.image.layer.shoal.v1"
 #: containerd forwards a layer annotation ``containerd.io/snapshot/*`` to its snapshotter as a label
@@ -178,13 +178,12 @@ def registry_index(shoal_manifest: bytes, shoal_config: bytes) -> tuple[bytes, R
 
 
 def index_of(shoal_manifest: bytes) -> tuple[str, int] | None:
-    """The (digest, size) of the index blob a Shoal manifest names (its first layer), or None."""
-    layers = json_object(shoal_manifest, "manifest").get("layers")
-    first = layers[0] if isinstance(layers, list) and layers else None
-    if (isinstance(first, dict) and first.get("mediaType") == mt.INDEX and isinstance(first.get("digest"), str)
-            and type(first.get("size")) is int):
-        return str(first["digest"]), int(first["size"])
-    return None
+    """The (digest, size) of the index blob a Shoal manifest names (its layer 0), or None if it is not one."""
+    try:
+        d = parse_manifest(shoal_manifest).index
+    except FormatError:
+        return None
+    return d.digest, d.size
 
 
 def index_hint(value: Any) -> tuple[str, int] | None:
