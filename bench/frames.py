@@ -19,10 +19,11 @@ frames, image size against ``tar | zstd -3``, and per workload the bytes a profi
 touched file's touched ranges compressed on their own (zstd -3, per file).
 
 ``--policies`` takes names from POLICIES or ad-hoc specs such as
-``small=16:smin=32:sspan=32:sep=1:min=192:span=320:level=3:slevel=3:dir=0:ilevel=12`` (sizes in KiB):
-files below ``small`` KiB go to frames closed at ``smin``+``sspan``; ``sep=1`` keeps a small-file frame
-and a large-file frame open side by side (otherwise a change of class closes the frame); ``dir=1`` also
-closes a frame where the directory changes.  Image size for minbase (the 1.05x target, format.md §8):
+``small=16:smin=32:sspan=32:sep=1:min=192:span=320:level=3:slevel=3:dir=0:ilevel=12:own=256`` (sizes in
+KiB): files below ``small`` KiB go to frames closed at ``smin``+``sspan``; ``sep=1`` keeps a small-file
+frame and a large-file frame open side by side (otherwise a change of class closes the frame); ``dir=1``
+also closes a frame where the directory changes; a file of at least ``own`` KiB shares no frame.
+Image size for minbase (the 1.05x target, format.md §8):
 ``report --tree $SHOAL_BENCH_CACHE/bookworm/root --store /tmp/fr-m`` (its workload columns are moot).
 """
 
@@ -171,6 +172,7 @@ class Policy:
     level: int = 3  # zstd level of the other frames
     separate: bool = False  # small files get their own current frame (large files' frames go on around them)
     index_level: int = 12
+    own_frames: int = 0  # a file at least this large shares no frame with another file (0: off)
 
 
 POLICIES = {
@@ -190,8 +192,10 @@ POLICIES = {
                  small_span=32 * KiB, dir_cut=True),
     "b64z5": Policy("b: files < 64 KiB 32+32 KiB, all zstd -5", small_file=64 * KiB, small_min=32 * KiB,
                     small_span=32 * KiB, small_level=5, level=5),
-    "b32z5": Policy("b: files < 32 KiB 64+64 KiB, all zstd -5 (§5.1 now)", small_file=32 * KiB, small_min=64 * KiB,
+    "b32z5": Policy("b: files < 32 KiB 64+64 KiB, all zstd -5", small_file=32 * KiB, small_min=64 * KiB,
                     small_span=64 * KiB, small_level=5, level=5),
+    "own256": Policy("b32z5 + own frames from 256 KiB (§5.1 now)", small_file=32 * KiB, small_min=64 * KiB,
+                     small_span=64 * KiB, small_level=5, level=5, own_frames=256 * KiB),
     "L128": Policy("large 64+64, < 64 KiB 32+32 KiB", frame_min=64 * KiB, frame_span=64 * KiB,
                    small_file=64 * KiB, small_min=32 * KiB, small_span=32 * KiB),
     "all64": Policy("all frames 32+32 KiB", frame_min=32 * KiB, frame_span=32 * KiB),
@@ -207,7 +211,7 @@ def parse_policy(spec: str) -> Policy:
                   small_file=k.get("small", 0) * KiB, small_min=k.get("smin", 0) * KiB,
                   small_span=k.get("sspan", 0) * KiB, dir_cut=bool(k.get("dir", 0)),
                   small_level=k.get("slevel", 3), level=k.get("level", 3), index_level=k.get("ilevel", 12),
-                  separate=bool(k.get("sep", 0)))
+                  separate=bool(k.get("sep", 0)), own_frames=k.get("own", 0) * KiB)
 
 
 def frames_of(chunks: list[Chunk], p: Policy) -> list[list[int]]:
@@ -230,6 +234,10 @@ def frames_of(chunks: list[Chunk], p: Policy) -> list[list[int]]:
             prev_small = p.small_file > 0 and chunks[cur[k][-1]].fsize < p.small_file
             if prev_small != small:  # small and large files never share a frame
                 close(k)
+        if cur[k] and p.own_frames:
+            prev = chunks[cur[k][-1]]
+            if prev.path != c.path and max(prev.fsize, c.fsize) >= p.own_frames:
+                close(k)  # a large file's frames hold its chunks alone
         if cur[k] and p.dir_cut and c.dirname != lastdir[k] and (small or p.small_file == 0):
             close(k)
         if ln[k] > 0 and ln[k] + c.length > MiB:

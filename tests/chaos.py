@@ -254,7 +254,7 @@ class ChaosProxy:
 
 
 def family_trees(root: Path, variants: int, seed: int = 11) -> list[Path]:
-    """A base tree (~2.2 MB: 8 random 256 KB files, so 2-3 packs, and 40 small text files) and
+    """A base tree (~2.5 MB: 8 random 300 KiB files, so 2 packs, and 40 small text files) and
     ``variants`` copies of it with a few files changed: they share most chunks and packs."""
     import shutil
 
@@ -262,7 +262,7 @@ def family_trees(root: Path, variants: int, seed: int = 11) -> list[Path]:
 
     rng = random.Random(seed)
     words = [b"alpha", b"beta", b"shoal", b"chunk", b"pack", b"frame", b"\n"]
-    files = {f"lib/blob{i}.bin": rng.randbytes(256 * 1024) for i in range(8)}
+    files = {f"lib/blob{i}.bin": rng.randbytes(300 * 1024) for i in range(8)}
     for i in range(40):
         files[f"etc/d{i // 10}/f{i:02d}.txt"] = b" ".join(rng.choice(words) for _ in range(rng.randint(100, 1500)))
     base = helpers.write_tree(Path(root) / "base", files)
@@ -270,7 +270,7 @@ def family_trees(root: Path, variants: int, seed: int = 11) -> list[Path]:
     for v in range(variants):
         t = Path(root) / f"v{v}"
         shutil.copytree(base, t, symlinks=True)
-        (t / "lib" / f"blob{v % 8}.bin").write_bytes(rng.randbytes(256 * 1024))
+        (t / "lib" / f"blob{v % 8}.bin").write_bytes(rng.randbytes(300 * 1024))
         p = t / "etc" / f"d{(v * 7) // 10 % 4}" / f"f{(v * 7) % 40:02d}.txt"
         p.write_bytes(p.read_bytes() + b"\nvariant %d\n" % v)
         (t / f"new{v}.bin").write_bytes(rng.randbytes(rng.randrange(1000, 60_000)))

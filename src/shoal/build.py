@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Memory bounds (convert.md §5): file bytes read ahead of the main thread, and one file's window.
 _INFLIGHT_BYTES = 32 * 1024 * 1024
 _STREAMERS = 2  # large files read at once
+# frame classes (format.md §5.1, ``_Builder.file_class``): small files, the other files below OWN_FILE; a
+# file from OWN_FILE up is a class of its own (numbered from 1)
+_SMALL, _LARGE = -2, -1
 _STREAM_BYTES = (STREAM_QUEUE + 2) * WINDOW  # what a large file in flight may hold
 _PENDING_PACKS = 8
 _BATCH_BYTES = 4 * 1024 * 1024
@@ -130,7 +133,8 @@ class _Builder:
         self.cur_len = 0
         self.cur_frame = -1
         self.cur_last_id = b""
-        self.cur_small = False
+        self.cur_class = _LARGE  # the frame class of the current frame's chunks (``file_class``)
+        self.n_own = 0  # files that had frames of their own so far
         self.cur_pack: _NewPack | None = None
         self.pack_len = 0
         self.packs: list[_NewPack] = []
@@ -166,25 +170,36 @@ class _Builder:
 
     # ---------------------------------------------------------------- chunks -> frames -> packs
 
-    def add_chunk(self, cid: bytes, data: memoryview, small: bool = False) -> int:
-        """Chunk ``cid`` into the table and, when new, into the current frame (format.md §5.1); ``small``:
-        it comes from a small file, whose chunks share frames only with other small files' chunks."""
+    def file_class(self, size: int, streamed: bool = False) -> int:
+        """The frame class of the new chunks of the next file (of ``size`` bytes; ``streamed``: larger than
+        a window), for ``add_chunk`` (format.md §5.1): only chunks of one class share a frame.  Small files
+        form one class, the other files below OWN_FILE another, and each file from OWN_FILE up its own."""
+        if not streamed and packing.small_file(size):
+            return _SMALL
+        if not streamed and not packing.own_frames(size):
+            return _LARGE
+        self.n_own += 1
+        return self.n_own
+
+    def add_chunk(self, cid: bytes, data: memoryview, cls: int = _LARGE) -> int:
+        """Chunk ``cid`` into the table and, when new, into the current frame (format.md §5.1); ``cls``: the
+        frame class of the file it comes from (``file_class``)."""
         ln = len(data)
         i, added = self._row(cid, ln)
         if not added or self._reused(cid, ln):
             return i
-        if packing.frame_full(self.cur_len, ln) or (self.cur_parts and small != self.cur_small):
+        if packing.frame_full(self.cur_len, ln) or (self.cur_parts and cls != self.cur_class):
             self.close_frame()
         if not self.cur_parts:
             self.cur_frame = self.n_frames
             self.n_frames += 1
-            self.cur_small = small
+            self.cur_class = cls
         self.chunk_frames.append(self.cur_frame)
         self.chunk_offsets.append(self.cur_len)
         self.cur_parts.append(data)
         self.cur_len += ln
         self.cur_last_id = cid
-        if packing.frame_ends_after(cid, ln, self.cur_len, small):
+        if packing.frame_ends_after(cid, ln, self.cur_len, cls == _SMALL):
             self.close_frame()
         return i
 
@@ -323,12 +338,12 @@ class _Builder:
     def add_file(self, c: Chunked) -> tuple[int, ...]:
         """Add the chunks of one file, window by window; its chunk indexes."""
         refs: list[int] = []
-        small = not c.streamed and packing.small_file(c.size)  # a window-sized file's size is known here
+        cls = self.file_class(c.size, c.streamed)  # a window-sized file's size is known here
         for data, chunks in c.pieces:
             if c.streamed and self.from_store:
                 self.look_up(cid for cid, _, _ in chunks)
             mv = memoryview(data)
-            refs.extend(self.add_chunk(cid, mv[o : o + n], small) for cid, o, n in chunks)
+            refs.extend(self.add_chunk(cid, mv[o : o + n], cls) for cid, o, n in chunks)
         return tuple(refs)
 
     def run(self, tree: TreeSource, t0: float) -> BuildResult:
@@ -469,13 +484,13 @@ def build_placed(store: Store, tree: PlacedTree, ref: str | None, opts: BuildOpt
             bytes_in = 0
             for e in tree.entries:
                 if e.kind == Kind.FILE:
-                    small = packing.small_file(e.size)
+                    cls = b.file_class(e.size)
                     refs = []
                     for c in e.chunks:
                         cid = tree.ids[c]
                         data = tree.new.get(cid)
                         if data is not None:
-                            refs.append(b.add_chunk(cid, memoryview(data), small))
+                            refs.append(b.add_chunk(cid, memoryview(data), cls))
                         else:
                             refs.append(b.place_chunk(cid, tree.places[cid].length))
                     b.refs += len(refs)

@@ -44,12 +44,12 @@ HAND_INDEX_HEX = (
 HAND_ROOT = "3f10043b72760c2bea73aa639d4b2c2cc857f9335fef2fb1d7ac1cdfcdbb9a71"
 
 TINY = {
-    "manifest": "sha256:d7a01989dce377849def95bd528a0364b07cce4cf50fdb6bf1c99768188e9fba",
+    "manifest": "sha256:07d7d2006d290d7dcca5de599cac214ba4079c8f6bd92eb7f368003e4b84deac",
     "root": "sha256:24e6341dceb7a4714cce7e0c858dc149bb1b1e520fc425fc296d981442fdb79b",
-    "index": "sha256:fdfa22178754c6759a8f8135b52eebfcbb8a22f5cf502dcc92088184cfbe39e4",
+    "index": "sha256:b95a72b7cffc5b75920d00ed524db85d8d42f1efc78a9fd2e27a583de65260ba",
     "config": "sha256:b5e75de021f8aad8bbe48f484fbef706c8a938c9d7e074e2dc9a0d5c1a838159",
-    "packs": ["sha256:b3e5a314119c9c53d8c78af5313160b2edcf695ca19c1c7d4f281e719dd6caa4"],
-    "index_cbor_sha256": "b4aa8c29db04639dd471829a09d6bb0b63abba346a410c822e2c9c0f2cc99301",
+    "packs": ["sha256:ce350a29114a8b243426ff44066dfb54a8cfb98d760231d78f0ae2a6e87b4728"],
+    "index_cbor_sha256": "65a43526759776d71fc67fdf5777cef75ac3d87ec919a1e087f5bbd5204c084d",
     "chunk_lengths": [88202, 124454, 46965, 40379, 70000, 6],
 }
 

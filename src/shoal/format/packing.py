@@ -19,9 +19,9 @@ from shoal.format.model import Frame, Index
 
 __all__ = [
     "FRAME_MIN", "FRAME_SPAN", "FRAME_MAX", "PACK_MIN", "PACK_SPAN", "PACK_MAX",
-    "SMALL_FILE", "SMALL_FRAME_MIN", "SMALL_FRAME_SPAN", "ZSTD_LEVEL", "FRAME_LEVELS",
+    "SMALL_FILE", "SMALL_FRAME_MIN", "SMALL_FRAME_SPAN", "OWN_FILE", "ZSTD_LEVEL", "FRAME_LEVELS",
     "decompress_frame", "open_frame", "verify_frame", "chunk_ok", "bad_chunk",
-    "frame_full", "frame_ends_after", "small_file", "pack_full", "pack_ends_after",
+    "frame_full", "frame_ends_after", "small_file", "own_frames", "pack_full", "pack_ends_after",
 ]
 
 KiB = 1024
@@ -35,6 +35,8 @@ FRAME_MAX = 1 * MiB
 SMALL_FILE = 32 * KiB
 SMALL_FRAME_MIN = 64 * KiB
 SMALL_FRAME_SPAN = 64 * KiB
+# §5.1 own frames: a file of at least OWN_FILE bytes shares no frame with another file
+OWN_FILE = 256 * KiB
 # §5.2 packs (uncompressed bytes of their frames)
 PACK_MIN = 512 * KiB
 PACK_SPAN = 1536 * KiB
@@ -63,6 +65,12 @@ def frame_ends_after(chunk_id: bytes, chunk_len: int, frame_len: int, small: boo
 def small_file(size: int) -> bool:
     """True if the chunks of a file of ``size`` bytes (as the index records it) go to small-file frames."""
     return size < SMALL_FILE
+
+
+def own_frames(size: int) -> bool:
+    """True if the new chunks of a file of ``size`` bytes (as the index records it) share no frame with
+    another file's: a lazy read of it fetches none of its neighbours' bytes (format.md §5.1)."""
+    return size >= OWN_FILE
 
 
 def pack_full(pack_len: int, frame_ulen: int) -> bool:
