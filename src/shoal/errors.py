@@ -35,6 +35,7 @@ __all__ = [
     "NotFound",
     "FormatError",
     "HostileInput",
+    "NotShoal",
     "IntegrityError",
     "FrameConflict",
     "StoreError",
@@ -91,6 +92,11 @@ class FormatError(ShoalError):
 
 class HostileInput(FormatError):
     pass
+
+
+class NotShoal(FormatError):
+    """A well-formed manifest that is not a Shoal image's: a classic (tar layer) image, or another artifact.
+    Readers that can convert a classic image (``mount.image.open_image``) take it; the rest refuse it."""
 
 
 class IntegrityError(ShoalError):

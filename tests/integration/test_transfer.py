@@ -350,6 +350,26 @@ def test_pull_with_unpack_writes_the_tree_while_pulling(registry: Registry, prox
     assert not (tmp_path / "gone").exists()
 
 
+def test_pull_with_unpack_of_a_classic_image(registry: Registry, built: Path, trees: tuple[Path, Path],
+                                            tmp_path: Path) -> None:
+    """``shoal pull --unpack DIR`` of a classic (tar layer) image: it stays classic in the store, as a plain
+    pull leaves it, and DIR holds its tree, exact (this failed after the pull with "not a Shoal image");
+    ``shoal unpack`` and ``cat`` of the stored classic image work too (each converts it, untagged)."""
+    repo = repo_name("classic")
+    shoal(built, "export", "a:1", f"docker://{registry.host}/{repo}:c")
+    s2 = fresh_store(tmp_path)
+    out = shoal_json(s2, "pull", f"docker://{registry.host}/{repo}:c", "c:1", "--unpack", str(tmp_path / "u"))
+    assert out["unpacked"]["dir"] == str(tmp_path / "u") and out["unpacked"]["files"] == 154
+    want = helpers.tree_snapshot(trees[0])
+    helpers.assert_same_tree(want, helpers.tree_snapshot(tmp_path / "u"))
+    assert shoal_json(s2, "inspect", "c:1")["format"] == "classic"
+    shoal(s2, "unpack", "c:1", str(tmp_path / "u2"))
+    helpers.assert_same_tree(want, helpers.tree_snapshot(tmp_path / "u2"))
+    some = next(p for p in sorted(trees[0].rglob("*")) if p.is_file() and not p.is_symlink())
+    rel = "/" + str(some.relative_to(trees[0]))
+    assert shoal(s2, "cat", "c:1", rel).stdout == some.read_bytes()
+
+
 def test_pull_through_an_image_index_takes_the_chunk_level_path(registry: Registry, built: Path,
                                                                 trees: tuple[Path, Path], tmp_path: Path) -> None:
     """Pulling an image index fetches what pulling each of its Shoal images by digest fetches: only the

@@ -13,7 +13,7 @@ from typing import Any
 
 from shoal import digest as dg
 from shoal import mediatypes as mt
-from shoal.errors import FormatError
+from shoal.errors import FormatError, NotShoal
 from shoal.format.index import FORMAT
 
 __all__ = ["json_value", "json_object", "Descriptor", "ShoalManifest", "ImageConfig", "canonical_json",
@@ -169,7 +169,7 @@ def parse_manifest(raw: bytes, digest: str | None = None) -> ShoalManifest:
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise FormatError("manifest must be an object with schemaVersion 2")
     if not is_shoal(doc):
-        raise FormatError(f"not a Shoal image (artifactType {doc.get('artifactType')!r})")
+        raise NotShoal(f"not a Shoal image (artifactType {doc.get('artifactType')!r})")
     config = Descriptor.from_json(doc.get("config"))
     layers = doc.get("layers")
     if not isinstance(layers, list) or not layers:

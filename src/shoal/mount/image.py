@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from shoal.errors import NotShoal
 from shoal.format.manifest import ImageConfig, ShoalManifest, parse_config
 from shoal.format.model import Index
 from shoal.inherited import keep_inherited
@@ -185,7 +186,12 @@ def _open(r: ImageReference, text: str, ctx: SystemContext, o: OpenOptions) -> O
     kind = r.transport.name
     if kind == "":  # the store: its own resolution (tags, image indexes, partial packs)
         st = _open_store(ctx)
-        return _from_store(text, str(r), st, st.resolve(r.details(), ctx.platform), o)
+        try:
+            m: ShoalManifest | None = st.resolve(r.details(), ctx.platform)
+        except NotShoal:  # a classic image the store holds (pulled or copied in): converted as a remote one, below
+            m = None
+        if m is not None:
+            return _from_store(text, str(r), st, m, o)
     if kind == "docker" and o.lazy:  # frames cached in the store as they are read
         from shoal.mount.remote import open_docker
 
