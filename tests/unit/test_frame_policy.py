@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shoal.build import BuildOptions, build
 from shoal.format import packing
-from shoal.format.model import Kind
+from shoal.format.model import Index, Kind
 from shoal.store import Store
 
 KiB = 1024
@@ -64,9 +64,8 @@ def test_small_files_get_their_own_frames(tmp_path: Path) -> None:
     assert sum(ulens) == sum(e.size for e in idx.entries if e.kind == Kind.FILE and packing.small_file(e.size))
 
 
-def _frames_by_file(idx: object) -> dict[bytes, set[int]]:
-    return {e.path: {idx.chunk_frames[c] for c in e.chunks}  # type: ignore[attr-defined]
-            for e in idx.entries if e.kind == Kind.FILE and e.size}  # type: ignore[attr-defined]
+def _frames_by_file(idx: Index) -> dict[bytes, set[int]]:
+    return {e.path: {idx.chunk_frames[c] for c in e.chunks} for e in idx.entries if e.kind == Kind.FILE and e.size}
 
 
 def test_a_file_from_own_file_up_shares_no_frame(tmp_path: Path) -> None:
