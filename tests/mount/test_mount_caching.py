@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import struct
 import time
 from pathlib import Path
 
-import pyfuse3
 import pytest
-import trio
 from mountkit import shoal, wait_for
 
 from shoal.mount import state as ms
 from shoal.mount.fs import MountReader, ShoalFS
+from shoal.mount.kernel import ATTR_MODE_AT, FuseError
 from shoal.reader import LayoutSource
 from shoal.store import Store
 
@@ -35,26 +36,52 @@ def _fs(sample: dict[str, object]) -> ShoalFS:
     return ShoalFS(MountReader(idx, LayoutSource(store.layout)), push=False)
 
 
+def _entry(raw: bytes) -> tuple[int, float, float, int, int]:
+    """A fuse_entry_out's inode, entry and attribute timeouts, size and mode."""
+    ino, _, ev, av, evn, avn = struct.unpack_from("<QQQQII", raw)
+    size = struct.unpack_from("<Q", raw, 40 + 8)[0]
+    mode = struct.unpack_from("<I", raw, ATTR_MODE_AT)[0]
+    return ino, ev + evn / 1e9, av + avn / 1e9, size, mode
+
+
 def test_answers_carry_the_caching_of_an_immutable_image(sample: dict[str, object]) -> None:
     fs = _fs(sample)
-    ctx = pyfuse3.RequestContext()
-
-    async def go() -> None:
-        sub = await fs.lookup(pyfuse3.ROOT_INODE, b"sub", ctx)
-        assert sub.entry_timeout >= DAY and sub.attr_timeout >= DAY
-        f = await fs.lookup(sub.st_ino, b"rand11", ctx)
-        assert f.entry_timeout >= DAY and f.attr_timeout >= DAY and f.st_size > 0
-        assert (await fs.getattr(f.st_ino, ctx)).attr_timeout >= DAY
-        missing = await fs.lookup(sub.st_ino, b"no-such-name", ctx)
-        assert missing.st_ino == 0 and missing.entry_timeout >= DAY  # a negative entry, cached by the kernel
-        info = await fs.open(f.st_ino, os.O_RDONLY, ctx)
-        assert info.keep_cache and not info.direct_io  # the page cache outlives the open
-        with pytest.raises(pyfuse3.FUSEError) as exc:
-            await fs.open(f.st_ino, os.O_WRONLY, ctx)
-        assert exc.value.errno == errno.EROFS
-
-    trio.run(go)
+    sub, ev, av, _, mode = _entry(fs.lookup(1, b"sub"))
+    assert ev >= DAY and av >= DAY and stat.S_ISDIR(mode)
+    f, ev, av, size, mode = _entry(fs.lookup(sub, b"rand11"))
+    assert ev >= DAY and av >= DAY and size > 0 and stat.S_ISREG(mode)
+    assert fs.getattr(f) == fs.lookup(sub, b"rand11")  # the same attributes and timeouts
+    missing, ev, _, _, _ = _entry(fs.lookup(sub, b"no-such-name"))
+    assert missing == 0 and ev >= DAY  # a negative entry, cached by the kernel
+    assert len(fs.read(f, 0, 10)) == 10
+    with pytest.raises(FuseError) as exc:
+        fs.read(sub, 0, 10)
+    assert exc.value.errno == errno.EISDIR
+    with pytest.raises(FuseError) as exc:
+        fs.lookup(f, b"x")
+    assert exc.value.errno == errno.ENOTDIR
     fs.close()
+
+
+def test_the_kernel_opens_nothing_through_the_daemon(sample: dict[str, object], mnt: Path, run_dir: Path) -> None:
+    """OPEN and OPENDIR are answered ENOSYS once, so the kernel opens with keep_cache (and caches directory
+    listings) by itself: reading a file twice, and listing a directory twice, reaches the daemon once."""
+    shoal(sample["store"], "mount", sample["ref"], mnt)  # type: ignore[arg-type]
+    tree = sample["tree"]
+    assert isinstance(tree, Path)
+    name = sorted(n for n in os.listdir(tree / "sub") if (tree / "sub" / n).is_file())[0]
+    want = (tree / "sub" / name).read_bytes()
+    assert (mnt / "sub" / name).read_bytes() == want
+    assert sorted(os.listdir(mnt / "many")) == sorted(os.listdir(tree / "many"))
+    time.sleep(1.3)
+    before = _stats(mnt)
+    for _ in range(3):
+        assert (mnt / "sub" / name).read_bytes() == want
+        assert sorted(os.listdir(mnt / "many")) == sorted(os.listdir(tree / "many"))
+    time.sleep(1.3)
+    after = _stats(mnt)
+    assert after["reads"] == before["reads"] and after["lookups"] == before["lookups"], (before, after)
+    shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
 
 
 def test_device_of_reads_mountinfo_without_touching_the_mount() -> None:

@@ -46,7 +46,7 @@ _MAX_LINE = 1 << 20
 # imported by each child until stop 23: 2-3 ms each with the page faults of a fresh import)
 _PRELOAD = ("shoal.cli", "shoal.cli.mount_cmds", "shoal.mount.daemon", "shoal.mount.remote", "shoal.mount.serve",
             "shoal.mount.control", "shoal.transports.docker", "shoal.transports.registry.client", "shoal.lazy",
-            "shoal.store", "pyfuse3", "trio", "httpx", "shoal.mount.fs", "shoal.mount.bundle",
+            "shoal.store", "shoal.mount.kernel", "httpx", "shoal.mount.fs", "shoal.mount.bundle",
             "shoal.transports.resolve", "shoal.trust.image", "shoal.mount.proctitle", "cbor2", "difflib",
             "encodings.idna", "stringprep")
 

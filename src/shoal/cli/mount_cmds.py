@@ -36,7 +36,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # what a mount daemon imports to serve (mount/serve.py): loaded while the registry is awaited
-_SERVE_MODULES = ("trio", "pyfuse3", "shoal.mount.fs", "shoal.mount.serve")
+_SERVE_MODULES = ("shoal.mount.kernel", "shoal.mount.fs", "shoal.mount.serve")
 
 
 def _open_options(ctx: click.Context, kw: dict[str, Any], prefetch: str = "auto") -> "OpenOptions":

@@ -1,8 +1,8 @@
 """``shoal service``: a warm process that starts ``shoal run`` without an interpreter's start-up and
 imports (docs/architecture.md, Warm start).
 
-A ``shoal run`` spends 0.3–0.6 s starting Python and importing the CLI, the registry client, trio,
-pyfuse3 and the file system before its first registry request; a stargz snapshotter or containerd is a
+A ``shoal run`` spends 0.3–0.6 s starting Python and importing the CLI, the registry client
+and the file system before its first registry request; a stargz snapshotter or containerd is a
 resident process that pays this once.  The service pays it once too: it imports what a run needs, then
 for each client (``shoal/__main__.py``) forks a child that runs the client's command line with the
 client's standard streams (passed as file descriptors), environment, working directory and umask, and
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 _WARM = ("shoal.cli.mount_cmds", "shoal.mount.run", "shoal.mount.image", "shoal.mount.remote", "shoal.mount.daemon",
          "shoal.mount.serve", "shoal.mount.fs", "shoal.mount.control", "shoal.mount.bundle", "shoal.lazy",
          "shoal.transports.docker", "shoal.transports.registry.client", "shoal.transports.registry.blobs",
-         "shoal.transports.resolve", "shoal.store", "shoal.trust.image", "pyfuse3", "trio", "httpx", "cbor2",
+         "shoal.transports.resolve", "shoal.store", "shoal.trust.image", "shoal.mount.kernel", "httpx", "cbor2",
          "difflib", "encodings.idna", "stringprep")
 _MAX_REQUEST = 1 << 20
 _REQUEST_TIME = 5.0  # for the whole request to arrive

@@ -1,6 +1,6 @@
 """Lazy mounts and containers: FUSE over the index, overlayfs for writes, runc to run (docs/spec/mount.md).
 
-Nothing here is imported by ``shoal --help``; pyfuse3 and trio load only when a mount is served.
+Nothing here is imported by ``shoal --help``; the FUSE server loads only when a mount is served.
 """
 
 from shoal.mount.image import CountingSource, OpenedImage, open_image

@@ -1,4 +1,4 @@
-"""A read-only pyfuse3 file system over a ``Reader`` (docs/spec/mount.md §2).
+"""A read-only FUSE file system over a ``Reader`` (docs/spec/mount.md §2), served by ``mount/kernel.py``.
 
 A thin adapter: the index gives every attribute, the Reader gives verified bytes, and the
 FrameSource behind the Reader decides where bytes come from (the local store today, HTTP range
@@ -6,10 +6,10 @@ reads for a lazy image).  Nothing here touches the network or the store.
 
 - Inode numbers come from entry positions: entry ``i`` is inode ``i + 1`` (the root, entry 0, is
   inode 1 = FUSE_ROOT_ID).  A hardlink shows its primary's inode; ``st_nlink`` counts the group.
-- The image is immutable, so attribute and entry timeouts are long, negative lookups are cached,
-  and ``open`` sets ``keep_cache`` so the kernel page cache keeps file data across opens.
-- Data reads run in a worker thread (``trio.to_thread``) so one slow fetch never blocks other
-  requests; a read whose frames are all in the Reader's memory cache is answered inline.
+- The image is immutable, so attribute and entry timeouts are long and negative lookups are cached.
+  There is no ``open``: the kernel opens files with ``keep_cache`` by itself (kernel.py), so the page
+  cache keeps file data across opens.
+- Requests arrive on several threads (kernel.py), so one slow fetch never blocks other requests.
 - With a source that fetches ahead (``hooks.fetches_ahead``), a read that needs several frames
   fetches them in one parallel batch (``ensure``), and queues the frames holding the next bytes of the same file
   for a background fetch that the read does not wait for.  The window adapts per file: 4 MiB after
@@ -19,10 +19,10 @@ reads for a lazy image).  Nothing here touches the network or the store.
   that file's bytes in the frames it just decompressed (FUSE ``notify_store``), as squashfs fills the
   page cache with a whole block: later reads there never reach the daemon.  A ``PageCachePusher``
   thread does the stores, because a store waits on pages the kernel has locked for a read in flight
-  and the main loop must stay free to answer that read.  A lookup of a file of at most 64 KiB whose
+  and the thread that answers that read must not be the one waiting.  A lookup of a file of at most 64 KiB whose
   frames the Reader holds pushes the whole file the same way, so the read after its open usually
   never reaches the daemon.
-- ``_fuse_errors`` is the one place errors become errnos: a ``ShoalError`` gives its ``errno``,
+- ``_fuse_errors`` is the one place errors become errnos (``FuseError``): a ``ShoalError`` gives its ``errno``,
   an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
 """
 
@@ -36,13 +36,11 @@ import queue
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
-
-import pyfuse3
-import trio
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from shoal.errors import IntegrityError, NotFound, ShoalError
 from shoal.format.model import Entry, Index, Kind, parent_of
+from shoal.mount.kernel import FuseError, Session, StatFs, entry_bytes, negative_entry
 from shoal.mount.state import PRIVATE, Exposure
 from shoal.reader import FrameSource, Reader
 
@@ -105,8 +103,9 @@ class PageCachePusher:
     """Stores file bytes the Reader already holds into the kernel page cache, from its own thread.
 
     ``offer`` never blocks (a full queue drops the offer: pushing is only an optimization); the thread
-    reads the bytes from frames still in the Reader's cache (never fetching for a push) and calls
-    ``pyfuse3.notify_store``.  ``close`` must run before ``pyfuse3.close``.
+    reads the bytes from frames still in the Reader's cache (never fetching for a push) and hands them
+    to ``store`` (the session's ``notify_store``, set once the kernel's INIT is answered).  ``close``
+    must run before the file system is unmounted.
     """
 
     def __init__(self, reader: Reader, stats: ServeStats, depth: int = 16) -> None:
@@ -114,6 +113,7 @@ class PageCachePusher:
         self._stats = stats
         self._queue: queue.Queue[tuple[int, Entry, int, int, set[int]] | None] = queue.Queue(depth)
         self._closed = False
+        self.store: Callable[[int, int, bytes], None] | None = None
         self._thread = threading.Thread(target=self._run, name="shoal-push", daemon=True)
         self._thread.start()
 
@@ -129,11 +129,12 @@ class PageCachePusher:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             inode, e, start, end, frames = item
-            if self._closed or not self._reader.has_frames(frames):
+            store = self.store
+            if self._closed or store is None or not self._reader.has_frames(frames):
                 continue
             try:
                 data = self._reader.read(e, start, end - start)
-                pyfuse3.notify_store(inode, start, data)
+                store(inode, start, data)
             except Exception as exc:  # noqa: BLE001 - an optimization that failed: the read path still works
                 log.debug("page-cache push of inode %d [%d, %d) failed: %s", inode, start, end, exc)
                 continue
@@ -149,27 +150,28 @@ class PageCachePusher:
         self._thread.join(timeout)
 
 
-_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _fuse_errors(fn: _F) -> _F:
-    """Map every failure of an operation to a FUSEError (the only place that does so)."""
+    """Map every failure of an operation to a FuseError (the only place that does so)."""
 
     @functools.wraps(fn)
-    async def wrapper(self: "ShoalFS", *args: Any) -> Any:
+    def wrapper(self: "ShoalFS", *args: Any) -> Any:
         try:
-            return await fn(self, *args)
-        except pyfuse3.FUSEError:
+            return fn(self, *args)
+        except FuseError:
             raise
-        except Exception as exc:  # trio.Cancelled is a BaseException and passes through
+        except Exception as exc:
             raise self._to_fuse(exc, fn.__name__, args[0] if args else None) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-class ShoalFS(pyfuse3.Operations):
-    enable_acl = True  # POSIX ACLs stored as system.posix_acl_* xattrs are enforced by the kernel
-    supports_dot_lookup = True
+class ShoalFS:
+    """The image as a ``kernel.FileSystem``."""
+
+    acl = True  # POSIX ACLs stored as system.posix_acl_* xattrs are enforced by the kernel
 
     def __init__(self, reader: MountReader, timeout: float = 24 * 3600.0, stats: ServeStats | None = None,
                  hooks: FrameSource | None = None, push: bool = True,
@@ -185,25 +187,25 @@ class ShoalFS(pyfuse3.Operations):
         self.timeout = timeout
         self.stats = stats or ServeStats()
         self.pusher = PageCachePusher(reader, self.stats) if push else None
-        self.initialized = trio.Event()  # set once the kernel's INIT request is answered
+        self.initialized = threading.Event()  # set once the kernel's INIT request is answered
         # The tree is learnt as the kernel walks it, one directory at a time: a lazily decoded index
         # verifies a directory's entries when the first of them is used (format.md §6.2).
         self._kids: dict[int, list[tuple[bytes, int]]] = {}  # directory -> its children (name, position)
         self._by_name: dict[int, dict[bytes, int]] = {}
         self._subdirs: dict[int, int] = {}  # directory -> how many of its children are directories
         self._node: dict[int, int] = {}  # position -> position whose attributes it shows (hardlink -> primary)
-        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._attrs: dict[int, bytes] = {}  # position -> its fuse_entry_out
         self._xattrs: bool | None = None  # whether the image has any extended attribute (first getxattr)
-        self._negative = pyfuse3.EntryAttributes()
-        self._negative.st_ino = 0
-        self._negative.entry_timeout = timeout
+        self._negative = negative_entry(timeout)
 
-    def init(self) -> None:
-        """Called by pyfuse3 while it answers the kernel's INIT request (the reply follows at once)."""
+    def init(self, session: Session) -> None:
+        """Called as the kernel's INIT request is answered (the reply follows at once)."""
+        if self.pusher is not None:
+            self.pusher.store = session.notify_store
         self.initialized.set()
 
     def close(self) -> None:
-        """Stop background work; call before ``pyfuse3.close``."""
+        """Stop background work; call before unmounting."""
         if self.pusher is not None:
             self.pusher.close()
 
@@ -215,7 +217,7 @@ class ShoalFS(pyfuse3.Operations):
             return "/" + p.decode("utf-8", "backslashreplace")
         return repr(arg)
 
-    def _to_fuse(self, exc: Exception, op: str, arg: object) -> pyfuse3.FUSEError:
+    def _to_fuse(self, exc: Exception, op: str, arg: object) -> FuseError:
         with self.stats.lock:
             self.stats.errors += 1
             if isinstance(exc, IntegrityError):
@@ -223,15 +225,15 @@ class ShoalFS(pyfuse3.Operations):
         if isinstance(exc, IntegrityError):
             log.error("integrity failure (digest mismatch) in %s of %s: %s; returning EIO", op,
                       self._describe(arg), exc)
-            return pyfuse3.FUSEError(errno.EIO)
+            return FuseError(errno.EIO)
         if isinstance(exc, ShoalError) or (isinstance(exc, OSError) and exc.errno):
             code = exc.errno if isinstance(exc, ShoalError) else exc.errno or errno.EIO
             if op == "read" and code not in _READ_ERRNOS:
                 code = errno.EIO  # e.g. a missing pack blob: read(2) never fails with ENOENT
             log.warning("%s of %s failed: %s; returning %s", op, self._describe(arg), exc, errno.errorcode.get(code))
-            return pyfuse3.FUSEError(code)
+            return FuseError(code)
         log.error("internal error in %s of %s", op, self._describe(arg), exc_info=exc)
-        return pyfuse3.FUSEError(errno.EIO)
+        return FuseError(errno.EIO)
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -270,20 +272,12 @@ class ShoalFS(pyfuse3.Operations):
             return 1 + sum(1 for h in self.index.hardlinks_to(e.path) if self.index.primary(h) == pos)
         return 1
 
-    def _attr(self, pos: int) -> pyfuse3.EntryAttributes:
+    def _attr(self, pos: int) -> bytes:
+        """The entry (inode, attributes, timeouts) the kernel gets for position ``pos``."""
         a = self._attrs.get(pos)
         if a is not None:
             return a
         e = self.index.entries[pos]
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = pos + 1
-        a.generation = 0
-        a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
-        a.st_mode = _TYPE[e.kind] | e.mode
-        a.st_nlink = self._nlink(pos, e)
-        a.st_uid = e.uid
-        a.st_gid = e.gid
         if e.kind == Kind.FILE:
             size = e.size
         elif e.kind == Kind.SYMLINK:
@@ -292,18 +286,15 @@ class ShoalFS(pyfuse3.Operations):
             size = _BLOCK
         else:
             size = 0
-        a.st_size = size
-        a.st_rdev = os.makedev(*e.rdev) if e.kind in (Kind.CHAR, Kind.BLOCK) else 0
-        a.st_blksize = _BLOCK
-        a.st_blocks = (size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
-        self._attrs[pos] = a
+        rdev = os.makedev(*e.rdev) if e.kind in (Kind.CHAR, Kind.BLOCK) else 0
+        a = self._attrs[pos] = entry_bytes(pos + 1, _TYPE[e.kind] | e.mode, self._nlink(pos, e), e.uid, e.gid,
+                                           size, rdev, e.mtime_ns, self.timeout, _BLOCK)
         return a
 
     # ------------------------------------------------------------------------------------ operations
 
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes) -> bytes:
         p = self._pos(parent_inode)
         with self.stats.lock:
             self.stats.lookups += 1
@@ -312,7 +303,7 @@ class ShoalFS(pyfuse3.Operations):
         if name == b"..":
             return self._attr(self.index.position(parent_of(self.index.entries[p].path)) or 0)
         if self._children(p) is None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FuseError(errno.ENOTDIR)
         child = self._by_name[p].get(name)
         if child is None:
             return self._negative  # cached by the kernel for entry_timeout
@@ -332,46 +323,29 @@ class ShoalFS(pyfuse3.Operations):
                 self.pusher.offer(pos + 1, e, 0, e.size, frames)
 
     @_fuse_errors
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int) -> bytes:
         return self._attr(self._pos(inode))
 
     @_fuse_errors
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    def readlink(self, inode: int) -> bytes:
         e = self._entry(inode)
         if e.kind != Kind.SYMLINK:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         return e.target
 
     @_fuse_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        p = self._pos(inode)
-        if self._children(p) is None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return p + 1
+    def readdir(self, inode: int, start: int) -> Iterator[tuple[bytes, bytes]]:
+        kids = self._children(self._pos(inode))
+        if kids is None:
+            raise FuseError(errno.ENOTDIR)
+        return iter([(name, self._attr(self._pos(child + 1))) for name, child in kids[start:]])
 
     @_fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        kids = self._kids[fh - 1]
-        for k in range(start_id, len(kids)):
-            name, child = kids[k]
-            if not pyfuse3.readdir_reply(token, name, self._attr(self._pos(child + 1)), k + 1):
-                break
-
-    @_fuse_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        p = self._pos(inode)
-        kind = self.index.entries[p].kind
-        if kind != Kind.FILE:
-            raise pyfuse3.FUSEError(errno.EISDIR if kind == Kind.DIR else errno.EACCES)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=p + 1, keep_cache=True)
-
-    @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        pos = fh - 1
+    def read(self, inode: int, off: int, size: int) -> bytes:
+        pos = self._pos(inode)
         e = self.index.entries[pos]
-        # A thread hop costs ~100 us; only reads that may fetch or decompress take it.
+        if e.kind != Kind.FILE:
+            raise FuseError(errno.EISDIR if e.kind == Kind.DIR else errno.EINVAL)
         frames = self.reader.frames_for(pos, e, off, size)
         inline = self.reader.has_frames(frames)
         if inline:
@@ -380,7 +354,7 @@ class ShoalFS(pyfuse3.Operations):
             if last is not None and off == last[0]:  # still sequential: the next fetching read grows the window
                 self._window[pos] = (off + size, last[1])
         else:
-            data = await trio.to_thread.run_sync(self._read_slow, pos, e, off, size, frames)
+            data = self._read_slow(pos, e, off, size, frames)
         with self.stats.lock:
             self.stats.reads += 1
             self.stats.bytes_served += len(data)
@@ -425,29 +399,23 @@ class ShoalFS(pyfuse3.Operations):
         return window
 
     @_fuse_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+    def listxattr(self, inode: int) -> Sequence[bytes]:
         return [k for k, _ in self._entry(inode).xattrs]
 
     @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, inode: int, name: bytes) -> bytes:
         if self._xattrs is None:
             self._xattrs = self.index.has_xattrs()
         if not self._xattrs:
             # an image without any: the kernel answers every getxattr of this mount itself from now on
             # (EOPNOTSUPP), where each was a round trip here (mount.md §2)
-            raise pyfuse3.FUSEError(errno.ENOSYS)
+            raise FuseError(errno.ENOSYS)
         for k, v in self._entry(inode).xattrs:
             if k == name:
                 return v
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        raise FuseError(errno.ENODATA)
 
     @_fuse_errors
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = _BLOCK
-        s.f_blocks = (self.index.logical_bytes + _BLOCK - 1) // _BLOCK
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self.index.entries)
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
+    def statfs(self) -> StatFs:
+        return StatFs(blocks=(self.index.logical_bytes + _BLOCK - 1) // _BLOCK, files=len(self.index.entries),
+                      bsize=_BLOCK)

@@ -82,7 +82,7 @@ def open_docker(ref: ImageReference, ctx: SystemContext, options: OpenOptions) -
 def _warm(modules: tuple[str, ...]) -> threading.Thread | None:
     """Import ``modules`` in a thread of their own (``OpenOptions.warm``): they load while the open
     waits for the registry (config, index, profile), instead of in the mount daemon after its fork
-    (trio, pyfuse3 and the file system: ~0.3 s there).  A failed import is left to whoever needs it."""
+    (the file system and its server).  A failed import is left to whoever needs it."""
     modules = tuple(m for m in modules if m not in sys.modules)  # a warm process (shoal service) has them
     if not modules:
         return None
@@ -91,7 +91,7 @@ def _warm(modules: tuple[str, ...]) -> threading.Thread | None:
         for name in modules:
             try:
                 importlib.import_module(name)
-            except Exception:  # e.g. pyfuse3 missing: the daemon reports it
+            except Exception:  # the daemon reports it
                 log.debug("cannot preload %s", name, exc_info=True)
 
     t = threading.Thread(target=load, name="shoal-warm", daemon=True)

@@ -14,11 +14,12 @@ import threading
 import time
 from typing import Any, Callable
 
-from shoal.errors import PermissionDenied, ShoalError, StoreError, UsageError
+from shoal.errors import PermissionDenied, StoreError, UsageError
 from shoal.format.model import Index
 from shoal.mount import state as ms
 from shoal.mount.control import quiet_umount
 from shoal.mount.image import CountingSource, OpenedImage
+from shoal.mount.kernel import Session, mount
 from shoal.mount.state import MountOptions
 
 __all__ = ["PREFETCH_MODES", "Notify", "check_target", "serve"]
@@ -78,7 +79,7 @@ def _prepare_writable(image: OpenedImage, paths: ms.MountPaths, mp: str) -> None
 
 
 class _Server:
-    """State shared by the trio tasks of one mount."""
+    """State shared by the threads of one mount."""
 
     def __init__(self, image: OpenedImage, mp: str, opts: MountOptions, paths: ms.MountPaths,
                  st: ms.MountState, notify: Notify | None) -> None:
@@ -110,7 +111,8 @@ class _Server:
         self.prefetched = 0
         self.prefetch_state = "none"  # none, pending, profile, rest, done, failed, stopped
         self.prefetch_planned = 0
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # the prefetch stops
+        self.done = threading.Event()  # the mount ends: unmounted, or a signal
         self._frame_of: dict[tuple[str, int], int] | None = None
         self._per_frame: collections.Counter[int] | None = None
 
@@ -155,67 +157,58 @@ class _Server:
 
     # tasks ----------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        import pyfuse3
-        import trio
-
-        async with trio.open_nursery() as nursery:
-            async def fuse_loop() -> None:
-                try:
-                    await pyfuse3.main(min_tasks=self.opts.min_tasks, max_tasks=self.opts.max_tasks)
-                    log.info("file system at %s was unmounted", self.st.lower)
-                finally:
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(self._signals, nursery.cancel_scope)
-            nursery.start_soon(fuse_loop)
-            phases = self._prefetch_phases()
-            if phases:  # at once: the network works while the overlay is mounted and the caller starts up
-                self.prefetch_state = "pending"
-                self.prefetch_planned = sum(len(p) for _, p in phases)
-                nursery.start_soon(self._prefetch, phases)
-            with trio.move_on_after(self.opts.ready_timeout):
-                await self.fs.initialized.wait()  # the kernel has the INIT reply: its settings are final
-            # a local image's sequential reads in 1 MiB requests instead of 128 KiB: after INIT, which caps
-            # the window at the kernel's default (root only; a lazy source has its own window; mount.md §2)
-            if self.opts.readahead_kib and self.image.local and not ms.set_readahead(self.st.lower,
-                                                                                     self.opts.readahead_kib):
-                log.info("kept the kernel's default read-ahead for %s", self.st.lower)
-            if self.opts.writable:
-                await trio.to_thread.run_sync(ms.mount_overlay, str(self.paths.lower), str(self.paths.upper),
-                                              str(self.paths.work), self.mp, self.opts.expose)
-                self.overlay = True
-            log.debug("timeline: overlay mounted at %s", self.mp)
-            self.st.ready = True
-            self.save(self.counters(scan=False))  # the full counters follow within STATS_EVERY
-            log.info("serving %s (%s) at %s%s", self.image.name, self.image.digest, self.mp,
-                     " (writable overlay)" if self.opts.writable else "")
-            if self.notify is not None:
-                self.notify(None)
-            self.image.source.serving()
-            nursery.start_soon(self._stats_loop)
-
-    async def _signals(self, scope: Any) -> None:
-        import trio
-
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                log.info("signal %d: unmounting %s", signum, self.mp)
-                scope.cancel()
-                return
-
-    async def _stats_loop(self) -> None:
-        import trio
-
+    def run(self, session: Session) -> None:
+        """Serve until the file system is unmounted or a signal comes (this must be the main thread)."""
+        fuse = threading.Thread(target=self._answer, args=(session,), name="shoal-fuse-0", daemon=True)
+        fuse.start()
+        phases = self._prefetch_phases()
+        if phases:  # at once: the network works while the overlay is mounted and the caller starts up
+            self.prefetch_state = "pending"
+            self.prefetch_planned = sum(len(p) for _, p in phases)
+            threading.Thread(target=self._prefetch, args=(phases,), name="shoal-prefetch", daemon=True).start()
+        # the kernel has the INIT reply: its settings are final
+        deadline = time.monotonic() + self.opts.ready_timeout
+        while not self.fs.initialized.wait(0.05) and not self.done.is_set() and time.monotonic() < deadline:
+            pass
+        if self.done.is_set():
+            return
+        # a local image's sequential reads in 1 MiB requests instead of 128 KiB: after INIT, which caps
+        # the window at the kernel's default (root only; a lazy source has its own window; mount.md §2)
+        if self.opts.readahead_kib and self.image.local and not ms.set_readahead(self.st.lower,
+                                                                                 self.opts.readahead_kib):
+            log.info("kept the kernel's default read-ahead for %s", self.st.lower)
+        if self.opts.writable:
+            ms.mount_overlay(str(self.paths.lower), str(self.paths.upper), str(self.paths.work), self.mp,
+                             self.opts.expose)
+            self.overlay = True
+        log.debug("timeline: overlay mounted at %s", self.mp)
+        self.st.ready = True
+        self.save(self.counters(scan=False))  # the full counters follow within STATS_EVERY
+        log.info("serving %s (%s) at %s%s", self.image.name, self.image.digest, self.mp,
+                 " (writable overlay)" if self.opts.writable else "")
+        if self.notify is not None:
+            self.notify(None)
+        self.image.source.serving()
         last: dict[str, Any] = {}
-        while True:
-            await trio.sleep(STATS_EVERY)
-            # in a thread: the first count of a lazy source reads the catalogue (4-19 ms), which on this
-            # thread would hold up the FUSE requests of a workload still starting
-            now = await trio.to_thread.run_sync(self.counters)
+        while not self.done.wait(STATS_EVERY):
+            # the first count of a lazy source reads the catalogue (4-19 ms): this thread answers no request
+            now = self.counters()
             if now != last:
                 self.save(now)
                 last = now
+
+    def _answer(self, session: Session) -> None:
+        try:
+            session.serve()
+            log.info("file system at %s was unmounted", self.st.lower)
+        except Exception:  # noqa: BLE001 - logged; the mount ends
+            log.exception("serving the file system at %s failed", self.st.lower)
+        finally:
+            self.done.set()
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        log.info("signal %d: unmounting %s", signum, self.mp)
+        self.done.set()
 
     def _prefetch_phases(self) -> list[tuple[str, list[int]]]:
         """auto: the recorded profile; all: the profile, then every other frame in pack order."""
@@ -230,11 +223,9 @@ class _Server:
                       key=lambda i: (idx.frames[i].pack, idx.frames[i].offset))
         return [(label, p) for label, p in (("profile", profile), ("rest", rest)) if p]
 
-    async def _prefetch(self, phases: list[tuple[str, list[int]]]) -> None:
-        import trio
-
+    def _prefetch(self, phases: list[tuple[str, list[int]]]) -> None:
         try:
-            await trio.to_thread.run_sync(self._prefetch_sync, phases, abandon_on_cancel=True)
+            self._prefetch_sync(phases)
         finally:
             self.stop.set()
 
@@ -298,10 +289,8 @@ class _Server:
 
 def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions(),
           notify: Notify | None = None) -> None:
-    """Mount ``image`` at ``mountpoint`` in this process and serve until unmounted or signalled."""
-    import pyfuse3
-    import trio
-
+    """Mount ``image`` at ``mountpoint`` in this process and serve until unmounted or signalled (from
+    the main thread: it takes SIGTERM, SIGINT and SIGHUP while it serves)."""
     from shoal.mount.fs import fuse_options
 
     mp = check_target(mountpoint, opts)
@@ -318,18 +307,22 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
     if opts.writable:
         _prepare_writable(image, paths, mp)
     ms.save_state(paths.state, st)
-    fuse_up = ok = False
+    session: Session | None = None
+    ok = False
     try:
         try:
-            pyfuse3.init(server.fs, st.lower, fuse_options(ms.PRIVATE if opts.writable else opts.expose))
-        except RuntimeError as exc:
-            raise StoreError(f"cannot mount FUSE at {st.lower}: {exc}") from None
-        fuse_up = True
+            fd = mount(st.lower, fuse_options(ms.PRIVATE if opts.writable else opts.expose))
+        except OSError as exc:
+            raise StoreError(f"cannot mount FUSE at {st.lower}: {exc.strerror}") from None
+        session = Session(fd, server.fs, threads=opts.fuse_threads)
         log.debug("timeline: FUSE mounted at %s", st.lower)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        before = {sig: signal.signal(sig, server.on_signal) for sig in signals}
         try:
-            trio.run(server.run)
-        except BaseExceptionGroup as group:
-            raise _single(group) from None
+            server.run(session)
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
         ok = True
     finally:
         server.stop.set()
@@ -337,8 +330,9 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
         if server.overlay:
             quiet_umount(mp, lazy=True)
         server.fs.close()  # its page-cache pushes stop before the FUSE session goes away
-        if fuse_up:
-            pyfuse3.close(unmount=ms.is_mounted(st.lower))
+        if session is not None:
+            session.close()
+            quiet_umount(st.lower, lazy=True, fuse=True)
         mine = ms.load_state(paths.state)
         if mine is None or mine.pid == pid:
             ms.remove_state(st, keep_log=not ok)  # a failed daemon's log stays for a post-mortem
@@ -358,19 +352,3 @@ def _finish_source(server: _Server, opts: MountOptions) -> None:
         server.image.source.close()
     except Exception as exc:  # the mount is going away anyway
         log.warning("closing the frame source: %s", exc)
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error inside a (nested) exception group from trio, or the group itself."""
-    leaves: list[BaseException] = []
-
-    def walk(g: BaseException) -> None:
-        if isinstance(g, BaseExceptionGroup):
-            for e in g.exceptions:
-                walk(e)
-        else:
-            leaves.append(g)
-
-    walk(group)
-    shoal_errs = [e for e in leaves if isinstance(e, ShoalError)]
-    return shoal_errs[0] if shoal_errs else (leaves[0] if len(leaves) == 1 else group)

@@ -32,7 +32,7 @@ class _SyncOnlyHttpcore:
     request, issue 12); Shoal's registry client is synchronous and never uses them.  While httpcore's
     package is executed (it imports all of its modules), trio and anyio are hidden (unless already
     imported), so httpcore records them as absent: its async API would then refuse to run, which
-    Shoal never calls.  A process that serves a mount still imports trio itself (mount/serve.py)."""
+    Shoal never calls.  Since stop 29 a mount serves without trio too (mount/kernel.py)."""
 
     NAME = "httpcore"
     HIDDEN = ("trio", "anyio")
