@@ -4,8 +4,8 @@ A read-only image needs a dozen of the protocol's requests.  Speaking them here,
 each read a request, answer it and write the reply, costs a fraction of a request through pyfuse3 and
 trio's scheduler (mount.md §7), and gives what that binding cannot:
 
-- **no OPEN, RELEASE, OPENDIR or RELEASEDIR**: both are answered ENOSYS once and the kernel stops
-  sending them (``FUSE_NO_OPEN_SUPPORT``); it then opens files with ``FOPEN_KEEP_CACHE`` and
+- **no OPEN, RELEASE, OPENDIR or RELEASEDIR**: OPEN and OPENDIR are answered ENOSYS once, and the
+  kernel stops sending all four (``FUSE_NO_OPEN_SUPPORT``); it then opens files with ``FOPEN_KEEP_CACHE`` and
   directories with ``FOPEN_CACHE_DIR`` by itself.  Every request names its inode in its header, so a
   ``read`` without a file handle still knows its file;
 - **cached directory listings and symlink targets** (``FOPEN_CACHE_DIR``, ``FUSE_CACHE_SYMLINKS``);
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 _LOOKUP, _FORGET, _GETATTR, _READLINK, _OPEN, _READ, _STATFS, _RELEASE = 1, 2, 3, 5, 14, 15, 17, 18
 _GETXATTR, _LISTXATTR, _FLUSH, _INIT, _OPENDIR, _READDIR, _RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
 _INTERRUPT, _DESTROY, _BATCH_FORGET, _READDIRPLUS = 36, 38, 42, 44
-_WRITES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 20, 21, 24, 30, 35, 43, 45, 47, 51})  # setattr, mkdir, ...
+_WRITES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 21, 24, 35, 43, 45, 47, 51})  # setattr, mkdir, ... (fsync: ENOSYS)
 # INIT flags
 _ASYNC_READ, _EXPORT_SUPPORT, _DO_READDIRPLUS, _READDIRPLUS_AUTO = 1 << 0, 1 << 4, 1 << 13, 1 << 14
 _PARALLEL_DIROPS, _POSIX_ACL, _MAX_PAGES, _CACHE_SYMLINKS = 1 << 18, 1 << 20, 1 << 22, 1 << 23
