@@ -51,7 +51,14 @@ class TinyFS:
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, bytes]]:
         return iter([(n, self._entry(i)) for n, (i, _) in sorted(self.files.items())][start:])
 
+    def read_now(self, ino: int, off: int, size: int) -> bytes | None:
+        if ino == 3:
+            return None  # "would wait": answered by a worker thread
+        return self.read(ino, off, size)
+
     def read(self, ino: int, off: int, size: int) -> bytes:
+        if ino == 3:
+            assert threading.current_thread().name.startswith("shoal-fuse-")
         if ino == 99:
             raise RuntimeError("a bug")
         data = [d for i, d in self.files.values() if i == ino][0]
@@ -134,6 +141,8 @@ def test_reads_and_errors(wire: Wire) -> None:
     _, err, out = wire.ask(15, 2, struct.pack("<QQIIQII", 0, 1, 3, 0, 0, 0, 0))
     assert (err, out) == (0, b"ell")
     assert wire.ask(15, 99, struct.pack("<QQIIQII", 0, 0, 3, 0, 0, 0, 0))[1] == -errno.EIO  # a bug is EIO
+    _, err, out = wire.ask(15, 3, struct.pack("<QQIIQII", 0, 4998, 10, 0, 0, 0, 0))  # on a worker
+    assert (err, out) == (0, b"xx")
     assert wire.ask(14, 2, bytes(8))[1] == -errno.ENOSYS  # OPEN: the kernel opens by itself from now on
     assert wire.ask(27, 1, bytes(8))[1] == -errno.ENOSYS  # OPENDIR likewise
     assert wire.ask(16, 2, bytes(40) + b"x")[1] == -errno.EROFS  # WRITE

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountkit import shoal, wait_for
+from mountkit import shoal
 
 from shoal.mount import state as ms
 from shoal.mount.fs import MountReader, ShoalFS
@@ -105,30 +105,4 @@ def test_mount_reads_ahead_one_max_size_request(sample: dict[str, object], mnt: 
     after = _stats(mnt)
     # sequential reads arrive in requests of up to 1 MiB, not the kernel's default 128 KiB
     assert after["reads"] - before["reads"] <= -(-big.stat().st_size // (512 << 10)) + 2
-    shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
-
-
-def test_small_files_reach_the_page_cache_at_lookup(sample: dict[str, object], mnt: Path, run_dir: Path) -> None:
-    tree = sample["tree"]
-    assert isinstance(tree, Path)
-    shoal(sample["store"], "mount", sample["ref"], mnt)  # type: ignore[arg-type]
-    # names from the source tree: listing the mount would create the entries without a lookup
-    names = sorted(n for n in os.listdir(tree / "many") if (tree / "many" / n).stat().st_size > 0)[:12]
-    first = names.pop(0)
-    assert (mnt / "many" / first).read_bytes() == (tree / "many" / first).read_bytes()  # its frame is now in memory
-    time.sleep(1.3)
-    before = _stats(mnt)
-    for n in names:
-        os.lstat(mnt / "many" / n)  # a lookup: the file's bytes go to the page cache if its frame is held
-        time.sleep(0.05)
-    wait_for(lambda: _stats(mnt).get("pushed_bytes", 0) > before["pushed_bytes"], 10, "a push at lookup")
-    time.sleep(1.3)
-    pushed = _stats(mnt)
-    for n in names:
-        assert (mnt / "many" / n).read_bytes() == (tree / "many" / n).read_bytes(), n
-    time.sleep(1.3)
-    after = _stats(mnt)
-    # the pushed files were read from the page cache: fewer reads reached the daemon than files were read
-    assert after["reads"] - pushed["reads"] < len(names), (before, pushed, after)
-    assert after["errors"] == 0
     shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]

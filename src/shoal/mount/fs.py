@@ -9,7 +9,8 @@ reads for a lazy image).  Nothing here touches the network or the store.
 - The image is immutable, so attribute and entry timeouts are long and negative lookups are cached.
   There is no ``open``: the kernel opens files with ``keep_cache`` by itself (kernel.py), so the page
   cache keeps file data across opens.
-- Requests arrive on several threads (kernel.py), so one slow fetch never blocks other requests.
+- One thread answers every request whose bytes are in the Reader's memory (``read_now``); a read that
+  must fetch or decompress goes to a worker thread (``read``), so it never blocks other requests.
 - With a source that fetches ahead (``hooks.fetches_ahead``), a read that needs several frames
   fetches them in one parallel batch (``ensure``), and queues the frames holding the next bytes of the same file
   for a background fetch that the read does not wait for.  The window adapts per file: 4 MiB after
@@ -19,11 +20,10 @@ reads for a lazy image).  Nothing here touches the network or the store.
   that file's bytes in the frames it just decompressed (FUSE ``notify_store``), as squashfs fills the
   page cache with a whole block: later reads there never reach the daemon.  A ``PageCachePusher``
   thread does the stores, because a store waits on pages the kernel has locked for a read in flight
-  and the thread that answers that read must not be the one waiting.  A lookup of a file of at most 64 KiB whose
-  frames the Reader holds pushes the whole file the same way, so the read after its open usually
-  never reaches the daemon.
-- ``_fuse_errors`` is the one place errors become errnos (``FuseError``): a ``ShoalError`` gives its ``errno``,
-  an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
+  and the thread that answers that read must not be the one waiting.  (Small files are no longer
+  pushed at lookup: without OPEN, their READ is cheaper than the push's GIL contention, mount.md §7.)
+- ``_fuse_errors`` is the one place errors become errnos (``FuseError``): a ``ShoalError`` gives its
+  ``errno``, an ``IntegrityError`` gives EIO with one clear log line, anything unexpected EIO plus a traceback.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_I
 _BLOCK = 4096
 READAHEAD_JUMP, READAHEAD_FIRST, READAHEAD_MAX = 256 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024
 PUSH_MAX_READ = 64 * 1024  # reads up to this size trigger a page-cache push of their frames' bytes
-PUSH_LOOKUP_MAX = 64 * 1024  # a looked-up file up to this size is pushed whole if its frames are in memory
 _PAGE = 4096
 
 
@@ -307,20 +306,7 @@ class ShoalFS:
         child = self._by_name[p].get(name)
         if child is None:
             return self._negative  # cached by the kernel for entry_timeout
-        node = self._pos(child + 1)
-        if self.pusher is not None:
-            self._push_small(node)
-        return self._attr(node)
-
-    def _push_small(self, pos: int) -> None:
-        """Offer a small file's whole bytes to the page cache as it is looked up, if the Reader holds its
-        frames: the read that usually follows the open then never reaches the daemon."""
-        e = self.index.entries[pos]
-        if e.kind == Kind.FILE and 0 < e.size <= PUSH_LOOKUP_MAX:
-            frames = self.reader.frames_for(pos, e, 0, e.size)
-            if self.reader.has_frames(frames):
-                assert self.pusher is not None
-                self.pusher.offer(pos + 1, e, 0, e.size, frames)
+        return self._attr(self._pos(child + 1))
 
     @_fuse_errors
     def getattr(self, inode: int) -> bytes:
@@ -340,31 +326,54 @@ class ShoalFS:
             raise FuseError(errno.ENOTDIR)
         return iter([(name, self._attr(self._pos(child + 1))) for name, child in kids[start:]])
 
-    @_fuse_errors
-    def read(self, inode: int, off: int, size: int) -> bytes:
+    def _file(self, inode: int) -> tuple[int, Entry]:
         pos = self._pos(inode)
         e = self.index.entries[pos]
         if e.kind != Kind.FILE:
             raise FuseError(errno.EISDIR if e.kind == Kind.DIR else errno.EINVAL)
+        return pos, e
+
+    @_fuse_errors
+    def read_now(self, inode: int, off: int, size: int) -> bytes | None:
+        """The bytes if every frame they are in is in the Reader's memory, else None (``read`` then
+        runs on a worker thread)."""
+        pos, e = self._file(inode)
         frames = self.reader.frames_for(pos, e, off, size)
-        inline = self.reader.has_frames(frames)
-        if inline:
-            data = self.reader.read(e, off, size)
-            last = self._window.get(pos)
-            if last is not None and off == last[0]:  # still sequential: the next fetching read grows the window
-                self._window[pos] = (off + size, last[1])
-        else:
-            data = self._read_slow(pos, e, off, size, frames)
+        if not self.reader.has_frames(frames):
+            return None
+        data = self.reader.read(e, off, size)
+        last = self._window.get(pos)
+        if last is not None and off == last[0]:  # still sequential: the next fetching read grows the window
+            self._window[pos] = (off + size, last[1])
+        self._served(pos, e, off, size, frames, len(data), True)
+        return data
+
+    @_fuse_errors
+    def read(self, inode: int, off: int, size: int) -> bytes:
+        """A read that may fetch: read-ahead queued first (never waited for), the read's own frames
+        fetched as one batch, then the bytes from the Reader."""
+        pos, e = self._file(inode)
+        frames = self.reader.frames_for(pos, e, off, size)
+        if self._readahead is not None and off + size < e.size:
+            ahead = self.reader.frames_for(pos, e, off + size, self._ahead(pos, off, size)) - frames
+            if ahead:
+                self._readahead(sorted(ahead))
+        if self._ensure is not None and len(frames) > 1:
+            self._ensure(sorted(frames))
+        data = self.reader.read(e, off, size)
+        self._served(pos, e, off, size, frames, len(data), False)
+        return data
+
+    def _served(self, pos: int, e: Entry, off: int, size: int, frames: set[int], n: int, inline: bool) -> None:
         with self.stats.lock:
             self.stats.reads += 1
-            self.stats.bytes_served += len(data)
+            self.stats.bytes_served += n
             self.stats.inline_reads += inline
         # not for a read wholly from chunks the source holds (a profile bundle): the bundle was recorded
         # without pushes, and pushed pages change the kernel's read-ahead, which then asks for pages the
         # profile never saw read (git --version fetched two frames, 0.65 MB, for them: bundle.md §6)
         if self.pusher is not None and frames and size <= PUSH_MAX_READ and size < e.size:
             self._push_around(pos, e, off, size, frames)
-        return data
 
     def _push_around(self, pos: int, e: Entry, off: int, size: int, frames: set[int]) -> None:
         """Offer the whole pages of ``e`` that the read's frames hold, on both sides of the read."""
@@ -374,17 +383,6 @@ class ShoalFS:
         assert self.pusher is not None
         self.pusher.offer(pos + 1, e, lo, off // _PAGE * _PAGE, frames)
         self.pusher.offer(pos + 1, e, -(-(off + size) // _PAGE) * _PAGE, hi, frames)
-
-    def _read_slow(self, pos: int, e: Entry, off: int, size: int, frames: set[int]) -> bytes:
-        """A read that may fetch: read-ahead queued first (never waited for), the read's own frames
-        fetched as one batch, then the bytes from the Reader."""
-        if self._readahead is not None and off + size < e.size:
-            ahead = self.reader.frames_for(pos, e, off + size, self._ahead(pos, off, size)) - frames
-            if ahead:
-                self._readahead(sorted(ahead))
-        if self._ensure is not None and len(frames) > 1:
-            self._ensure(sorted(frames))
-        return self.reader.read(e, off, size)
 
     def _ahead(self, pos: int, off: int, size: int) -> int:
         """How many bytes past this read of entry ``pos`` to fetch in the background."""
