@@ -303,7 +303,7 @@ class MountOptions:
     prefetch: str = "auto"  # auto: the image's recorded profile (if any); all: every frame; none
     cache_frames: int = 64  # decompressed frames the Reader keeps in memory (<= 1 MiB each)
     readahead_kib: int = 1024  # the kernel's read-ahead window for the mount (one max-size FUSE read; mount.md §2)
-    fuse_threads: int = 16  # threads answering FUSE requests: as many requests at once (mount.md §2)
+    fuse_threads: int = 16  # worker threads for FUSE reads that fetch or decompress (mount.md §2)
     ready_timeout: float = 120.0
     cleanup: tuple[str, ...] = ()  # more directories to remove when this mount goes away
     record_to: str | None = None  # write the frames served, in first-touch order, here at exit (shoal profile)
