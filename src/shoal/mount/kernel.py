@@ -144,9 +144,9 @@ class Session:
 
         One thread (the caller) reads every request and answers it at once, unless it is a read the
         file system cannot answer without waiting (``read_now`` gives None): that goes to one of the
-        ``workers``.  One reader is what makes a request cheap: several threads reading /dev/fuse hand
-        the GIL to each other on every request (mount.md §7: 4,400 small files/s with 16 readers
-        against 8,900 with one)."""
+        ``threads`` workers.  One reader is what makes a request cheap: several threads reading
+        /dev/fuse hand the GIL to each other on every request (mount.md §7: the small-file pass at
+        about 4,500 files/s with 16 readers, 6,000-8,000 with one)."""
         workers = [threading.Thread(target=self._work, name=f"shoal-fuse-{i}", daemon=True)
                    for i in range(1, self._threads + 1)]
         for w in workers:
