@@ -119,7 +119,7 @@ def test_init_asks_for_big_reads_and_cached_symlinks(wire: Wire) -> None:
     assert not got & (1 << 20)  # no POSIX ACLs for this file system
     assert not got & (1 << 12)  # no auto data invalidation: nothing changes
     assert got & ~flags == 0  # never a flag the kernel did not offer
-    assert max_write >= 4096 and wire.fs.inited.is_set()
+    assert max_write >= 4096 and wire.fs.inited.wait(5)  # told after the reply
 
 
 def test_lookup_getattr_and_negative_entries(wire: Wire) -> None:

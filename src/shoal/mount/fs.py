@@ -198,7 +198,7 @@ class ShoalFS:
         self._negative = negative_entry(timeout)
 
     def init(self, session: Session) -> None:
-        """Called as the kernel's INIT request is answered (the reply follows at once)."""
+        """Called once the kernel has the reply to its INIT request (its settings are final)."""
         if self.pusher is not None:
             self.pusher.store = session.notify_store
         self.initialized.set()

@@ -249,8 +249,8 @@ class Session:
             return
         want = _WANTED | (_POSIX_ACL if self.fs.acl else 0)
         out = _INIT_OUT.pack(7, min(minor, 38), max_readahead, flags & want, 0, 0, _MAX_WRITE, 1, MAX_PAGES, 0, 0)
-        self.fs.init(self)
         self._reply(unique, out if minor >= 23 else out[:24])
+        self.fs.init(self)  # after the reply: the kernel has applied it (a read-ahead set now stays)
 
     def _lookup(self, unique: int, ino: int, arg: memoryview) -> None:
         self._answer(unique, self.fs.lookup, ino, bytes(arg[:-1]))  # the name ends in NUL
