@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -324,7 +325,8 @@ class ShoalFS:
         kids = self._children(self._pos(inode))
         if kids is None:
             raise FuseError(errno.ENOTDIR)
-        return iter([(name, self._attr(self._pos(child + 1))) for name, child in kids[start:]])
+        # lazily: the kernel takes only what fits its buffer (~25 entries of 4 KiB), then asks again
+        return ((name, self._attr(self._pos(child + 1))) for name, child in itertools.islice(kids, start, None))
 
     def _file(self, inode: int) -> tuple[int, Entry]:
         pos = self._pos(inode)
