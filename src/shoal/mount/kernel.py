@@ -131,6 +131,7 @@ class Session:
         self.fs = fs
         self._threads = max(1, threads)
         self._closed = False
+        self.requests = 0  # every request read from the kernel (shoal status)
         self._slow: queue.SimpleQueue[tuple[int, int, int, int] | None] = queue.SimpleQueue()
         self._ops = {_LOOKUP: self._lookup, _GETATTR: self._getattr, _READLINK: self._readlink,
                      _READ: self._read, _STATFS: self._statfs, _GETXATTR: self._getxattr,
@@ -184,6 +185,7 @@ class Session:
             if n < _IN.size:  # end of file: never from /dev/fuse, which fails with ENODEV instead
                 return
             _, op, unique, ino, _, _, _, _, _ = header(buf)
+            self.requests += 1  # only this thread reads requests
             handler = ops.get(op)
             if handler is not None:
                 handler(unique, ino, view[_IN.size:n])

@@ -113,6 +113,7 @@ class _Server:
         self.prefetch_planned = 0
         self.stop = threading.Event()  # the prefetch stops
         self.done = threading.Event()  # the mount ends: unmounted, or a signal
+        self.session: Session | None = None
         self._frame_of: dict[tuple[str, int], int] | None = None
         self._per_frame: collections.Counter[int] | None = None
 
@@ -145,7 +146,8 @@ class _Server:
         out = {**self.stats.as_dict(), **self.source.snapshot(), "prefetched_frames": self.prefetched,
                "prefetch_state": self.prefetch_state, "prefetch_planned": self.prefetch_planned,
                "profile_frames": len(self.image.prefetch), "bundle_state": self.image.source.bundle_state,
-               "chunks_total": len(self.image.index.chunk_ids)}
+               "chunks_total": len(self.image.index.chunk_ids),
+               "fuse_requests": self.session.requests if self.session is not None else 0}
         if scan:
             out |= {"chunks_cached": self._chunks_cached(), "source": self._source_stats()}
         return out
@@ -159,6 +161,7 @@ class _Server:
 
     def run(self, session: Session) -> None:
         """Serve until the file system is unmounted or a signal comes (this must be the main thread)."""
+        self.session = session
         fuse = threading.Thread(target=self._answer, args=(session,), name="shoal-fuse-0", daemon=True)
         fuse.start()
         phases = self._prefetch_phases()
