@@ -40,8 +40,8 @@ __all__ = ["FuseError", "FileSystem", "StatFs", "Session", "entry_bytes", "negat
 log = logging.getLogger(__name__)
 
 # opcodes (linux/fuse.h)
-_LOOKUP, _FORGET, _GETATTR, _READLINK, _OPEN, _READ, _STATFS, _RELEASE = 1, 2, 3, 5, 14, 15, 17, 18
-_GETXATTR, _LISTXATTR, _FLUSH, _INIT, _OPENDIR, _READDIR, _RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
+_LOOKUP, _FORGET, _GETATTR, _READLINK, _READ, _STATFS, _RELEASE = 1, 2, 3, 5, 15, 17, 18
+_GETXATTR, _LISTXATTR, _INIT, _READDIR, _RELEASEDIR = 22, 23, 26, 28, 29  # OPEN (14), OPENDIR (27): ENOSYS
 _INTERRUPT, _DESTROY, _BATCH_FORGET, _READDIRPLUS = 36, 38, 42, 44
 _WRITES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 21, 24, 35, 43, 45, 47, 51})  # setattr, mkdir, ... (fsync: ENOSYS)
 # INIT flags
