@@ -110,12 +110,13 @@ def wire() -> Iterator[Wire]:
 
 
 def test_init_asks_for_big_reads_and_cached_symlinks(wire: Wire) -> None:
-    flags = (1 << 0) | (1 << 13) | (1 << 20) | (1 << 22) | (1 << 23) | (1 << 17) | (1 << 12)
+    flags = (1 << 0) | (1 << 13) | (1 << 14) | (1 << 20) | (1 << 22) | (1 << 23) | (1 << 17) | (1 << 12)
     _, err, out = wire.ask(26, 0, struct.pack("<IIII", 7, 38, 131072, flags) + bytes(48))
     major, minor, readahead, got, _, _, max_write, gran, max_pages = struct.unpack_from("<IIIIHHIIH", out)
     assert err == 0 and len(out) == 64 and (major, minor, readahead, gran) == (7, 38, 131072, 1)
     assert got & (1 << 22) and max_pages == 256  # 1 MiB reads
     assert got & (1 << 23) and got & (1 << 13)  # cached symlinks, readdirplus
+    assert not got & (1 << 14)  # readdirplus always, not adaptive: a walker's stat needs no lookup
     assert not got & (1 << 20)  # no POSIX ACLs for this file system
     assert not got & (1 << 12)  # no auto data invalidation: nothing changes
     assert got & ~flags == 0  # never a flag the kernel did not offer
