@@ -266,6 +266,7 @@ class BundleSource(ForwardingSource):
                 self._refuse(exc)
                 return None
             self._frames_of(self._data.ids, self._data.files)
+            log.debug("timeline: bundle header read")
         return self._data
 
     def _refuse(self, exc: BaseException) -> None:
@@ -391,6 +392,8 @@ class BundleSource(ForwardingSource):
         self._last_use = time.monotonic()
         data = self._held(cid)
         if data is not None and cid not in self._served:
+            if not self._served:
+                log.debug("timeline: first bundle chunk served")
             with self._lock:
                 self._served.add(cid)
                 self.bundle.bundle_chunks_used = len(self._served)

@@ -112,11 +112,14 @@ _RPCS: dict[str, tuple[Any, bool]] = {  # name -> (request type, server-streamin
 
 def _wrap(name: str, fn: Callable[[Any, Any], Any], streaming: bool) -> Callable[[Any, Any], Any]:
     def call(req: Any, ctx: Any) -> Any:
-        log.debug("%s %s", name, str(req).replace("\n", " "))
+        if log.isEnabledFor(logging.DEBUG):  # the text form of a request with labels is not free
+            log.debug("%s %s", name, str(req).replace("\n", " "))
         try:
             if streaming:
                 return list(fn(req, ctx))
-            return fn(req, ctx)
+            out = fn(req, ctx)
+            log.debug("timeline: %s done", name)
+            return out
         except ShoalError as e:
             log.debug("%s: %s", name, e)
             ctx.abort(_code(e), str(e))
