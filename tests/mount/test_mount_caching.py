@@ -90,6 +90,26 @@ def test_the_kernel_opens_nothing_through_the_daemon(sample: dict[str, object], 
     shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
 
 
+def test_a_listing_brings_every_entry_so_stat_asks_nothing(sample: dict[str, object], mnt: Path,
+                                                           run_dir: Path) -> None:
+    """READDIRPLUS for the whole listing (mount.md §2): after one listing of a directory of 1,500 entries,
+    an lstat of each entry sends no LOOKUP.  With the kernel's adaptive mode only the first reply of a
+    listing carried attributes, and every entry after it cost a LOOKUP (~1,470 here)."""
+    shoal(sample["store"], "mount", sample["ref"], mnt)  # type: ignore[arg-type]
+    tree = sample["tree"]
+    assert isinstance(tree, Path)
+    names = [e.name for e in os.scandir(mnt / "many")]  # one pass, no stat between the replies
+    assert sorted(names) == sorted(os.listdir(tree / "many")) and len(names) == 1500
+    time.sleep(1.3)  # counters are published once a second
+    before = _stats(mnt)
+    for n in names:
+        assert os.lstat(mnt / "many" / n).st_size == os.lstat(tree / "many" / n).st_size
+    time.sleep(1.3)
+    after = _stats(mnt)
+    assert after["lookups"] == before["lookups"], (before, after)
+    shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
+
+
 def test_device_of_reads_mountinfo_without_touching_the_mount() -> None:
     st = os.stat("/")
     assert ms.device_of("/") == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
