@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import logging
 import os
 import queue
@@ -325,8 +324,9 @@ class ShoalFS:
         kids = self._children(self._pos(inode))
         if kids is None:
             raise FuseError(errno.ENOTDIR)
-        # lazily: the kernel takes only what fits its buffer (~25 entries of 4 KiB), then asks again
-        return ((name, self._attr(self._pos(child + 1))) for name, child in itertools.islice(kids, start, None))
+        # lazily: the kernel takes only what fits its buffer (~25 entries of 4 KiB), then asks again; indexed
+        # from ``start`` (islice would step over the first ``start`` entries on every request)
+        return ((kids[i][0], self._attr(self._pos(kids[i][1] + 1))) for i in range(start, len(kids)))
 
     def _file(self, inode: int) -> tuple[int, Entry]:
         pos = self._pos(inode)
