@@ -264,3 +264,32 @@ def test_daemon_start_failure_is_one_line_and_leaves_nothing(sample: dict[str, o
         from mountkit import teardown_mounts
 
         teardown_mounts(bad, tmp_path)
+
+
+def test_an_index_whose_entries_are_bad_serves_nothing(mnt: Path, run_dir: Path, tmp_path: Path) -> None:
+    """format.md §6.2: a mount decodes its index's entries in the daemon once the mount is live, so an
+    index whose tables are sound but whose entries are not (here the root directory's mode changed, its
+    digest kept) mounts, then answers every request that needs an entry with EIO, and its log says why."""
+    from shoal.format import cbor
+    from shoal.format import index as fidx
+    from shoal.format.model import Entry, Kind
+    from shoal.store import Store
+
+    t = 1_600_000_000_000_000_000
+    idx = fidx.make_index([Entry(b"", Kind.DIR, 0o755, 0, 0, t), Entry(b"etc", Kind.DIR, 0o755, 0, 0, t),
+                           Entry(b"etc/motd", Kind.SYMLINK, 0o777, 0, 0, t, target=b"x")], [], [], [], [], [], [])
+    doc = cbor.decode(fidx.encode(idx))
+    doc["entries"][0][2] = 0o4777
+    store = tmp_path / "store"
+    helpers.put_image(Store.open(store), "bad:1", fidx.compress(cbor.encode(doc)), "sha256:" + idx.root.hex())
+    shoal(store, "mount", "bad:1", mnt)
+    for _ in range(2):
+        for use in (lambda: os.listdir(mnt), lambda: os.lstat(mnt / "etc" / "motd")):
+            with pytest.raises(OSError) as ei:
+                use()
+            assert ei.value.errno == errno.EIO
+    st = state_of(run_dir)
+    log = Path(str(st["log"])).read_text()
+    assert any("the index of" in ln and "is bad" in ln and "digest mismatch" in ln for ln in log.splitlines()), log
+    shoal(None, "umount", mnt)
+    _assert_gone(run_dir, mnt, int(st["pid"]))  # type: ignore[call-overload]

@@ -30,6 +30,8 @@ def test_lazy_serves_exactly_what_decode_does(seed: int) -> None:
     idx = _random_index(seed)
     eager = fidx.decode(fidx.encode(idx))
     lz, entries = _lazy(idx)
+    assert entries.verified() == 0  # the entries are not even decoded yet: the first use does that
+    lz.prepare()
     assert entries.verified() == 1  # the root
     assert list(entries) == list(eager.entries)
     assert len(lz.entries) == len(eager.entries) and lz.root == eager.root
@@ -100,9 +102,9 @@ def test_a_directory_s_own_metadata_is_verified_before_it_is_served() -> None:
     with pytest.raises(IntegrityError, match="at b'b'"):
         lz.lookup(b"b")
     d = _doc(fidx.make_index([Entry(b"", Kind.DIR, 0o755, 0, 0, T)], [], [], [], [], [], []))
-    d["entries"][0][2] = 0o777  # the root alone: checked at once
+    d["entries"][0][2] = 0o777  # the root alone: checked with the shape
     with pytest.raises(FormatError, match="digest mismatch"):
-        decode_lazy(cbor.encode(d))
+        decode_lazy(cbor.encode(d)).prepare()
 
 
 def test_a_tampered_stated_digest_fails_at_its_parent() -> None:
@@ -116,9 +118,9 @@ def test_a_tampered_stated_digest_fails_at_its_parent() -> None:
     for p in (b"a", b"a/f", b"a/d", b"a/d/x"):  # a's record of a/d is wrong: a and all under it refused
         with pytest.raises(IntegrityError, match="at b'a'"):
             lz.lookup(p)
-    d["entries"][1][7] = bytes(32)  # a stated digest the root's record binds: refused at once
+    d["entries"][1][7] = bytes(32)  # a stated digest the root's record binds: refused with the shape
     with pytest.raises(FormatError, match="digest mismatch"):
-        decode_lazy(cbor.encode(d))
+        decode_lazy(cbor.encode(d)).prepare()
 
 
 @pytest.mark.parametrize("mutate,err,word", [
@@ -130,10 +132,16 @@ def test_a_tampered_stated_digest_fails_at_its_parent() -> None:
     (lambda d: d["entries"][3].__setitem__(0, 7), FormatError, "byte string"),
 ], ids=["root", "root-entry-digest", "unsorted", "duplicate", "root-path", "int-path"])
 def test_shape_is_checked_up_front(mutate: Any, err: type[Exception], word: str) -> None:
+    """Before any entry is served (``prepare``, which a mount daemon calls once it is live), and again at
+    every later use: nothing of a badly shaped index is ever served."""
     d = _doc(_two_branches())
     mutate(d)
+    lz = decode_lazy(cbor.encode(d))
     with pytest.raises(err, match=word):
-        decode_lazy(cbor.encode(d))
+        lz.prepare()
+    for use in (lambda: lz.lookup(b"b/h"), lambda: lz.entries[0], lambda: len(lz.entries), lz.prepare):
+        with pytest.raises(err, match=word):
+            use()
 
 
 def test_an_entry_under_a_file_is_refused_up_front() -> None:
@@ -141,7 +149,7 @@ def test_an_entry_under_a_file_is_refused_up_front() -> None:
     d = _doc(fidx.make_index(e, [], [], [], [], [], []))
     d["entries"].append([b"f/x", 1, 0o644, 0, 0, T, {}, [0, []]])
     with pytest.raises(HostileInput, match="not a directory"):
-        decode_lazy(cbor.encode(d))
+        decode_lazy(cbor.encode(d)).prepare()
 
 
 def test_an_entry_whose_parent_is_missing_is_refused_when_its_branch_is_used() -> None:
@@ -186,6 +194,7 @@ def test_the_hardlink_table_looks_only_at_the_hardlink_rows() -> None:
          Entry(b"s/b", Kind.HARDLINK, 0o644, 0, 0, T, target=b"a"),
          Entry(b"s/c", Kind.HARDLINK, 0o644, 0, 0, T, target=b"a")]
     lz, entries = _lazy(fidx.make_index(e, [], [], [], [], [], []))
+    lz.prepare()
 
     class Rows(list[Any]):
         touched = 0
@@ -233,3 +242,41 @@ def test_names_and_kinds_check_the_directory_not_its_subdirectories() -> None:
     assert entries.verified() == 1  # the root only, though some of its children are directories
     assert any(kind == Kind.DIR for _, kind, _ in lz.names_and_kinds(0))
     assert (lz.files, lz.logical_bytes) == (eager.files, eager.logical_bytes)
+
+
+def test_the_entries_are_located_not_decoded_until_first_use() -> None:
+    """format.md §6.2: a mount decodes the tables at once and the entries (~90% of the work) in its daemon,
+    after the mount is live; the split finds exactly the bytes a whole decode would read as entries."""
+    idx = _random_index(2, n=300)
+    raw = fidx.encode(idx)
+    split = fidx.split_tables(raw)
+    assert split is not None
+    t, start, end = split
+    assert raw[start:end] == cbor.encode(_doc(idx)["entries"]) and t.entries == []
+    assert (t.root, t.ids, t.frames, t.packs) == (idx.root, idx.chunk_ids, idx.frames, idx.packs)
+    assert fidx.entries_at(raw, start, end) == _doc(idx)["entries"]
+    assert fidx.entries_at(raw, start, end - 1) is None and fidx.entries_at(raw, start + 1, end) is None
+
+    d = _doc(idx)
+    d["entries"] = 7  # not an array: the tables are fine, the entries are refused at their first use
+    lz = decode_lazy(cbor.encode(d))
+    assert lz.root == idx.root and lz.chunk_ids == idx.chunk_ids
+    for use in (lz.prepare, lambda: lz.lookup(b""), lambda: len(lz.entries)):
+        with pytest.raises(FormatError, match="no entries"):  # decode's words
+            use()
+
+
+@pytest.mark.parametrize("change", ["trailing", "long-head"])
+def test_bytes_laid_out_otherwise_are_decoded_whole_at_once(change: str) -> None:
+    d = _doc(_two_branches())
+    raw = cbor.encode(d)
+    if change == "trailing":  # bytes after the document
+        bad = raw + b"\x00"
+    else:  # the chunk locations' key as a text string with a non-shortest length head
+        key = cbor.encode("chunklocs")
+        at = raw.rindex(key)
+        bad = raw[:at] + b"\x78\x09chunklocs" + raw[at + len(key):]
+    assert fidx.split_tables(bad) is None
+    lz = decode_lazy(bad)  # a mount's digest binds its bytes: decode_fast(exact=False) reads them whole now
+    assert isinstance(lz.entries, LazyEntries) and lz.entries.verified() == 1
+    assert lz.lookup(b"b/h") is not None

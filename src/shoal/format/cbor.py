@@ -14,7 +14,7 @@ from typing import Any
 
 from shoal.errors import FormatError, HostileInput
 
-__all__ = ["encode", "encode_fast", "decode", "decode_fast", "decode_canonical", "head", "MAX_DEPTH"]
+__all__ = ["encode", "encode_fast", "decode", "decode_fast", "decode_items", "decode_canonical", "head", "MAX_DEPTH"]
 
 MAX_DEPTH = 16
 
@@ -241,6 +241,31 @@ def decode_fast(data: bytes, exact: bool = True) -> Any | None:
     except (cbor2.CBORError, ValueError, TypeError, RecursionError, MemoryError, OverflowError):
         return None
     return value if same else None
+
+
+def decode_items(data: bytes, start: int, count: int, depth: int = MAX_DEPTH) -> tuple[list[Any], int] | None:
+    """``count`` consecutive items of ``data`` from offset ``start`` (e.g. a map's first keys and values,
+    after its head), by cbor2's C decoder as ``decode_fast(exact=False)`` decodes, each at most ``depth``
+    levels deep; with the offset after the last.  None if cbor2 refuses them or they run past the end.
+
+    A document's parts decoded this way are what decoding it whole gives (every CBOR item is
+    self-delimiting), so a reader may decode a large part only when it needs it (the index's entries,
+    format.md §6.2); the caller checks every value, as for ``decode_fast``."""
+    import io
+
+    import cbor2
+
+    if not 0 <= start <= len(data):
+        return None
+    fp = io.BytesIO(data)
+    fp.seek(start)
+    dec = cbor2.CBORDecoder(fp, max_depth=depth, allow_indefinite=False, allow_duplicate_keys=False)
+    try:
+        items = [dec.decode() for _ in range(count)]
+    except (cbor2.CBORError, ValueError, TypeError, RecursionError, MemoryError, OverflowError, EOFError):
+        return None
+    end = fp.tell()  # cbor2 seeks back over what it read ahead: exactly the bytes of the items
+    return (items, end) if end <= len(data) else None
 
 
 def decode_canonical(data: bytes, max_items: int) -> Any:

@@ -25,7 +25,7 @@ from shoal.format.packing import FRAME_MAX
 __all__ = [
     "FORMAT", "encode", "decode", "compress", "decompress", "merkle", "validate_path",
     "MAX_INDEX_BYTES", "INDEX_ZSTD_LEVEL", "Tables", "decode_tables", "decode_entry", "child_bytes", "dir_digest",
-    "meta_record",
+    "meta_record", "split_tables", "entries_at",
 ]
 
 FORMAT = 2  # §4.1; §9 lists the changes
@@ -403,6 +403,46 @@ def decode_tables(doc: Any) -> Tables:
     if type(raw_entries) is not list or not raw_entries:
         raise FormatError("index: no entries")
     return Tables(root, ids, cf, co, cl, frames, tuple(packs), raw_entries)
+
+
+_LATER: list[Any] = [None]  # ``split_tables``'s stand-in for the entries, which ``decode_tables`` passes through
+
+
+def split_tables(raw: bytes) -> tuple[Tables, int, int] | None:
+    """The checked tables of index bytes laid out as §3 orders them, with the entries left undecoded:
+    (the tables, their ``entries`` empty; start; end), where ``raw[start:end]`` must be exactly the
+    entries array's encoding.  In canonical key order the entries are the last value but one, before
+    the chunk locations, whose size the chunk table gives; so the entries are found without decoding
+    them (they are ~90% of the decoding: format.md §6.2).  None for bytes laid out otherwise (decode
+    them whole: ``decode`` says what is wrong); FormatError for bad tables."""
+    before = len(_KEY_ORDER) - 2  # the pairs ahead of "entries"
+    if raw[:1] != cbor.head(5, len(_KEY_ORDER)) or _KEY_ORDER[before:] != ("entries", "chunklocs"):
+        return None
+    got = cbor.decode_items(raw, 1, 2 * before + 1, cbor.MAX_DEPTH - 1)
+    if got is None or got[0][-1] != "entries":
+        return None
+    items, start = got
+    head = dict(zip(items[0:-1:2], items[1:-1:2]))
+    ids_raw = head.get("chunks")
+    if len(head) != before or type(ids_raw) is not bytes:
+        return None
+    n_locs = len(ids_raw) // 32 * CHUNKLOC.size
+    key = cbor.encode("chunklocs") + cbor.head(2, n_locs)
+    end = len(raw) - n_locs - len(key)
+    if end <= start or raw[end : end + len(key)] != key:
+        return None
+    t = decode_tables({**head, "entries": _LATER, "chunklocs": raw[end + len(key) :]})
+    return replace(t, entries=[]), start, end
+
+
+def entries_at(raw: bytes, start: int, end: int) -> list[Any] | None:
+    """The raw entries array that ``split_tables`` found at ``raw[start:end]`` (each row unchecked), or
+    None if those bytes are not exactly one array (``decode`` then says what is wrong)."""
+    got = cbor.decode_items(raw[:end], start, 1, cbor.MAX_DEPTH - 1)
+    if got is None or got[1] != end or type(got[0][0]) is not list or not got[0][0]:
+        return None
+    entries: list[Any] = got[0][0]
+    return entries
 
 
 def _decode_doc(doc: Any) -> Index:

@@ -134,6 +134,11 @@ class Index:
         """The chunk indices in frame ``fi`` (empty if none)."""
         return self.chunks_by_frame().get(fi, ())
 
+    def prepare(self) -> None:
+        """Do now what this index leaves for the first use of its entries (a lazy index decodes them:
+        ``lazyindex``); its error, if they are bad, is also every later use's.  A mount daemon calls
+        this once the mount is live, off the path of whoever waits for the mount."""
+
     def shape(self) -> Shape:
         """Positions by path and children by directory (built on first use)."""
         if not self._shape:

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from shoal.errors import PermissionDenied, StoreError, UsageError
+from shoal.errors import PermissionDenied, ShoalError, StoreError, UsageError
 from shoal.format.model import Index
 from shoal.mount import state as ms
 from shoal.mount.control import quiet_umount
@@ -192,6 +192,10 @@ class _Server:
         if self.notify is not None:
             self.notify(None)
         self.image.source.serving()
+        try:  # the index's entries, decoded now that the caller has its mount (format.md §6.2)
+            self.image.index.prepare()
+        except ShoalError as exc:  # every request that needs them fails with EIO, and the log says why
+            log.error("the index of %s is bad: %s", self.image.digest, exc)
         last: dict[str, Any] = {}
         while not self.done.wait(STATS_EVERY):
             # the first count of a lazy source reads the catalogue (4-19 ms): this thread answers no request

@@ -261,14 +261,15 @@ class Store:
         return out
 
     def load_index(self, m: ShoalManifest, lazy: bool = False, freeze: bool = False) -> Index:
-        """The index of ``m``, decoded and checked whole, or with ``lazy`` (a mount) each directory on
-        first use (``format.lazyindex``); with ``freeze``, frozen as it is made (``collector_paused``)."""
+        """The index of ``m``, decoded and checked whole, or with ``lazy`` (a mount) its entries on first
+        use of any and each directory on its own (``format.lazyindex``); with ``freeze``, frozen as it
+        is made (``collector_paused``, also around the entries' later decoding)."""
         blob = self.layout.get(m.index.digest)
         if len(blob) != m.index.size:
             raise FormatError("index blob size differs from its descriptor")
         raw = fidx.decompress(blob)
         with collector_paused(freeze=freeze):
-            idx = decode_lazy(raw) if lazy else fidx.decode(raw)
+            idx = decode_lazy(raw, lambda: collector_paused(freeze=freeze)) if lazy else fidx.decode(raw)
         if "sha256:" + idx.root.hex() != m.root:
             raise FormatError("index root differs from the manifest's annotation")
         if len(idx.packs) != len(m.packs) or any(
