@@ -14,7 +14,8 @@ from typing import Any
 
 from shoal.errors import FormatError, HostileInput
 
-__all__ = ["encode", "encode_fast", "decode", "decode_fast", "decode_items", "decode_canonical", "head", "MAX_DEPTH"]
+__all__ = ["encode", "encode_fast", "decode", "decode_fast", "decode_items", "array_length", "decode_canonical", "head",
+           "MAX_DEPTH"]
 
 MAX_DEPTH = 16
 
@@ -241,6 +242,20 @@ def decode_fast(data: bytes, exact: bool = True) -> Any | None:
     except (cbor2.CBORError, ValueError, TypeError, RecursionError, MemoryError, OverflowError):
         return None
     return value if same else None
+
+
+def array_length(data: bytes, at: int) -> int | None:
+    """The item count in the head of the definite-length array at ``data[at]``, or None if no such head
+    is there (the array itself is not read)."""
+    if not 0 <= at < len(data) or data[at] >> 5 != 4:
+        return None
+    ai = data[at] & 31
+    if ai < 24:
+        return ai
+    width = {24: 1, 25: 2, 26: 4, 27: 8}.get(ai)
+    if width is None or at + 1 + width > len(data):
+        return None
+    return int.from_bytes(data[at + 1 : at + 1 + width], "big")
 
 
 def decode_items(data: bytes, start: int, count: int, depth: int = MAX_DEPTH) -> tuple[list[Any], int] | None:

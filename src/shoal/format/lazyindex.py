@@ -73,7 +73,7 @@ def decode_lazy(raw: bytes, quiet: Callable[[], AbstractContextManager[object]] 
         split = None  # decode says why, below
     if split is not None:
         t, start, end = split
-        return _lazy(t, lambda: _later(raw, start, end, quiet), lambda: decode(raw))
+        return _lazy(t, lambda: _later(raw, start, end, quiet), lambda: decode(raw), cbor.array_length(raw, start))
     doc = cbor.decode_fast(raw, exact=False)  # its digest binds these bytes; fsck and pull check the encoding
     if doc is not None:
         try:
@@ -101,8 +101,9 @@ class _Rows:
     links: tuple[int, ...]  # the rows whose kind equals a hardlink's
 
 
-def _lazy(t: Tables, load: Callable[[], _Rows] | None = None, explain: Callable[[], object] | None = None) -> Index:
-    entries = LazyEntries(t, load, explain)
+def _lazy(t: Tables, load: Callable[[], _Rows] | None = None, explain: Callable[[], object] | None = None,
+          count: int | None = None) -> Index:
+    entries = LazyEntries(t, load, explain, count)
     return LazyIndex(entries, t.ids, t.chunk_frames, t.chunk_offsets, t.chunk_lengths, t.frames, t.packs, t.root,
                      tree=entries)
 
@@ -139,15 +140,18 @@ _HARDLINK = int(Kind.HARDLINK)
 class LazyEntries(Sequence[Entry]):
     """The entries of a lazily verified index, by position (see the module text).  ``load``: the rows,
     decoded on first use (``prepare``); without it, the tables' rows, checked now.  ``explain``: what
-    raises the error to report when ``prepare`` refuses the rows (``decode``, which says why)."""
+    raises the error to report when ``prepare`` refuses the rows (``decode``, which says why).
+    ``count``: how many rows the encoding's array head states (``len`` answers it before ``prepare``:
+    statfs's figure, on the way to an overlay's mount)."""
 
     def __init__(self, t: Tables, load: Callable[[], _Rows] | None = None,
-                 explain: Callable[[], object] | None = None) -> None:
+                 explain: Callable[[], object] | None = None, count: int | None = None) -> None:
         self._ids = t.ids
         self._lengths = t.chunk_lengths
         self._root = t.root
         self._load = load or (lambda: _rows(t.entries))
         self._explain = explain
+        self._count = count
         self._lock = threading.RLock()
         self._ready: list[Entry | None] | None = None  # ... and a directory itself verified; None: not loaded
         self._broken: Exception | None = None  # why the rows could not be loaded
@@ -203,6 +207,8 @@ class LazyEntries(Sequence[Entry]):
         return self._shape
 
     def __len__(self) -> int:
+        if self._ready is None and self._count is not None:
+            return self._count  # the array decodes to exactly this many rows, or not at all
         self.prepare()
         return len(self._done)
 
@@ -329,12 +335,11 @@ class LazyEntries(Sequence[Entry]):
         return self._has_xattrs
 
     def totals(self) -> tuple[int, int]:
-        """Files (and hardlinks) and file bytes, counted once from the undecoded entries (statfs's
-        figures; nothing is served from them)."""
+        """Files (and hardlinks) and file bytes, counted once from the undecoded entries (figures only;
+        nothing is served from them)."""
         if self._totals is None:
             self.prepare()
-            # the overlay of `shoal run` asks statfs of its FUSE lower while it mounts: this loop is on the
-            # way to every container's start, so it compares plain ints (an IntEnum's == is ~4x slower)
+            # plain int compares: an IntEnum's == is ~4x slower, over every row
             file, hardlink = int(Kind.FILE), int(Kind.HARDLINK)
             files = size = 0
             for r in self._raw:
@@ -354,7 +359,7 @@ class LazyEntries(Sequence[Entry]):
 @dataclass(frozen=True)
 class LazyIndex(Index):
     """An ``Index`` whose ``entries`` are ``tree``: its tree is walked by path without decoding, and
-    statfs's totals come from the undecoded entries."""
+    its totals come from the undecoded entries."""
 
     tree: LazyEntries | None = field(default=None, repr=False, compare=False)
 

@@ -211,6 +211,12 @@ class Index:
     def logical_bytes(self) -> int:
         return sum(e.size for e in self.entries if e.kind == Kind.FILE)
 
+    @property
+    def data_bytes(self) -> int:
+        """The bytes of the image's data, each chunk once (what a mount's statfs reports: known from the
+        chunk table, without the entries)."""
+        return sum(self.chunk_lengths)
+
 
 def path_key(path: bytes) -> list[bytes]:
     """The canonical sort key: paths compare component by component, bytewise (§4.2)."""

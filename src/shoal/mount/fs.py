@@ -417,5 +417,7 @@ class ShoalFS:
 
     @_fuse_errors
     def statfs(self) -> StatFs:
-        return StatFs(blocks=(self.index.logical_bytes + _BLOCK - 1) // _BLOCK, files=len(self.index.entries),
+        # the image's data, each chunk once, and its entries: both known before a lazy index's entries are
+        # decoded, so an overlay's mount(2) does not wait for that (format.md §6.2, mount.md §2)
+        return StatFs(blocks=(self.index.data_bytes + _BLOCK - 1) // _BLOCK, files=len(self.index.entries),
                       bsize=_BLOCK)
