@@ -153,7 +153,9 @@ class LazyEntries(Sequence[Entry]):
         self._explain = explain
         self._count = count
         self._lock = threading.RLock()
-        self._ready: list[Entry | None] | None = None  # ... and a directory itself verified; None: not loaded
+        # by position, what may be handed out as it is: decoded, its parent verified, and a directory itself
+        # verified (``_ready_rows``, published here by ``prepare``: None until the rows are loaded)
+        self._ready: list[Entry | None] | None = None
         self._broken: Exception | None = None  # why the rows could not be loaded
         self._verified: set[int] = set()
         self._failed: dict[int, Exception] = {}
