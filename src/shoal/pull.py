@@ -397,7 +397,7 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
         if beside is not None:
             beside.feed.fail()
         pool.shutdown(wait=True, cancel_futures=True)
-        # every pack in the batch was verified: even a pull that failed half way keeps them (one syncfs),
+        # every pack in the batch was verified: even a pull that failed half way keeps them,
         # and a retry resumes after them
         batch.commit()
         if beside is not None:
@@ -405,7 +405,7 @@ def _pull(src: ImageSource, raw: bytes, store: "Store", concurrency: int, sink: 
                 beside.join()  # it failed too, and removed what it wrote
         raise
     pool.shutdown(wait=True)
-    # one syncfs for every whole pack, then they become visible
+    # every whole pack synced (the last few now), then they become visible
     batch.commit()
     sink.finish("pull")
     store.register_chunks(m, idx, verified=puller.verified)  # hashes what the pull did not already

@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Iterable, Iterator
 
 from shoal import digest as dg
@@ -111,7 +112,7 @@ class Layout:
         """Store ``data`` atomically; return its digest.  Refuses data that does not match ``expected``.
 
         With ``batch``, the blob is written and verified now but becomes visible at ``batch.commit()``,
-        after one ``syncfs`` for the whole batch instead of one ``fsync`` per blob.
+        each blob synced on a background thread meanwhile.
         """
         d = "sha256:" + hashlib.sha256(data).hexdigest()
         if expected is not None and d != expected:
@@ -348,13 +349,24 @@ def hash_file(path: Path | str) -> str:
 
 
 class Batch:
-    """Blobs written to tmp/ that become visible together, after one filesystem sync."""
+    """Blobs written to tmp/ that become visible together (store.md §3).
+
+    Each blob's bytes are made durable (``fdatasync``) on a background thread as soon as it is added,
+    while the next ones are still being fetched or made; ``commit`` waits for the last of them, then
+    renames every blob into place and syncs the directory.  Only the batch's own files are synced: a
+    ``syncfs`` would also wait for every other writer's pages on that file system (``pull --unpack``
+    writing its tree there: 1.2 s of a 2.9 s pull, against 0.14 s for the packs alone).
+    """
+
+    SYNC_THREADS = 2  # fdatasync waits on the disk, not the CPU: two keep the device busy
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._pending: list[tuple[Path, Path]] = []
         self._by_name: dict[str, Path] = {}
         self._lock = threading.Lock()
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncs: list[Future[None]] = []
         self.added_bytes = 0
 
     def add(self, tmp: Path, final: Path, size: int) -> None:
@@ -362,19 +374,34 @@ class Batch:
             self._pending.append((tmp, final))
             self._by_name[final.name] = tmp
             self.added_bytes += size
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(self.SYNC_THREADS, thread_name_prefix="shoal-sync")
+            self._syncs.append(self._syncer.submit(_datasync, tmp))
 
     def pending(self, digest: str) -> Path | None:
         """Where blob ``digest`` is while it waits for ``commit`` (verified, not yet visible), if it is."""
         with self._lock:
             return self._by_name.get(digest.partition(":")[2])
 
+    def _synced(self) -> None:
+        """Wait for every sync started so far; raise the first failure (a StoreError)."""
+        with self._lock:
+            syncs, self._syncs = self._syncs, []
+            syncer, self._syncer = self._syncer, None
+        try:
+            for f in syncs:
+                f.result()
+        finally:
+            if syncer is not None:
+                syncer.shutdown(wait=True)
+
     def commit(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        if not pending:
-            return
         try:
-            _syncfs(self.layout.tmp)
+            self._synced()
+            if not pending:
+                return
             with store_io("cannot publish blobs"):
                 for tmp, final in pending:
                     os.rename(tmp, final)
@@ -389,6 +416,8 @@ class Batch:
         with self._lock:
             pending, self._pending = self._pending, []
             self._by_name.clear()
+        with contextlib.suppress(StoreError):
+            self._synced()
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
 
@@ -399,16 +428,17 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing ``fd`` out now (sync_file_range(2), non-blocking), so the
-    batch's final syncfs has little left to wait for.  Best effort: durability comes from syncfs."""
+    batch's fdatasync has little left to wait for.  Best effort: durability comes from fdatasync."""
     _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
 
 
-def _syncfs(path: Path) -> None:
-    """Flush every dirty page of the filesystem holding ``path`` (one call instead of an fsync per file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _datasync(path: Path) -> None:
+    """Make the bytes of the file at ``path`` durable (fdatasync(2))."""
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise from_oserror(OSError(err, os.strerror(err)), "cannot sync the store", path, store=True)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise from_oserror(exc, "cannot sync a blob", path, store=True) from None
