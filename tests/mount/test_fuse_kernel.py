@@ -9,6 +9,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from typing import Iterable, Iterator
 
 import pytest
@@ -77,10 +78,10 @@ class TinyFS:
 
 
 class Wire:
-    def __init__(self) -> None:
+    def __init__(self, busy_poll: float = 0.0) -> None:
         self.kernel, daemon = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.fs = TinyFS()
-        self.session = Session(daemon.detach(), self.fs, threads=2)
+        self.session = Session(daemon.detach(), self.fs, threads=2, busy_poll=busy_poll)
         self.thread = threading.Thread(target=self.session.serve, daemon=True)
         self.thread.start()
         self.unique = 0
@@ -102,9 +103,9 @@ class Wire:
         self.thread.join(5)
 
 
-@pytest.fixture
-def wire() -> Iterator[Wire]:
-    w = Wire()
+@pytest.fixture(params=[0.0, 50e-6], ids=["sleeping", "busy-poll"])
+def wire(request: pytest.FixtureRequest) -> Iterator[Wire]:
+    w = Wire(request.param)
     yield w
     w.close()
 
@@ -209,3 +210,37 @@ def test_unmount_ends_the_session() -> None:
     assert not w.thread.is_alive()
     with pytest.raises(OSError):
         os.fstat(w.session.fd)  # closed once no thread reads it
+
+
+def _state(tid: int) -> tuple[str, int]:
+    """A thread's scheduler state (R running, S sleeping) and its CPU time in clock ticks."""
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[11]) + int(fields[12])
+
+
+def test_a_busy_polling_reader_waits_awake_then_sleeps() -> None:
+    """After a reply the reader keeps asking for the next request for ``busy_poll`` (it runs), then sleeps
+    in poll(2) (no CPU while idle), and a request then still wakes it."""
+    w = Wire(busy_poll=0.3)
+    try:
+        assert w.ask(3, 1)[1] == 0
+        tid = w.thread.native_id
+        assert tid is not None
+        awake = [_state(tid)[0] for _ in range(20)]
+        assert awake.count("R") >= 15, awake  # spinning within the window
+        time.sleep(0.5)
+        state, ticks = _state(tid)
+        time.sleep(0.5)
+        assert state == "S" and _state(tid) == ("S", ticks)  # asleep: no CPU at all over half a second
+        assert w.ask(3, 2)[1] == 0
+    finally:
+        w.close()
+    w2 = Wire(busy_poll=0.0)
+    try:
+        assert w2.ask(3, 1)[1] == 0
+        tid = w2.thread.native_id
+        assert tid is not None
+        time.sleep(0.05)
+        assert _state(tid)[0] == "S"  # off: it sleeps in read(2) at once
+    finally:
+        w2.close()

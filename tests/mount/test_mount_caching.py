@@ -132,3 +132,37 @@ def test_mount_reads_ahead_one_max_size_request(sample: dict[str, object], mnt: 
     # sequential reads arrive in requests of up to 1 MiB, not the kernel's default 128 KiB
     assert after["reads"] - before["reads"] <= -(-big.stat().st_size // (512 << 10)) + 2
     shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.parametrize("busy_poll", ["2000", "0"])
+def test_a_busy_polling_daemon_serves_and_costs_nothing_idle(sample: dict[str, object], mnt: Path,
+                                                             run_dir: Path, busy_poll: str) -> None:
+    """``--busy-poll`` (mount.md §2): the FUSE reader asks for the next request for a while before it
+    sleeps.  Under a real mount, a walk is answered right either way, and once idle the daemon takes no
+    CPU (a reader that kept spinning would take a whole CPU: ~100 ticks a second)."""
+    shoal(sample["store"], "mount", sample["ref"], mnt, "--busy-poll", busy_poll)  # type: ignore[arg-type]
+    tree = sample["tree"]
+    assert isinstance(tree, Path)
+    got = sorted(os.path.relpath(os.path.join(d, n), mnt) for d, ds, fs in os.walk(mnt) for n in ds + fs)
+    want = sorted(os.path.relpath(os.path.join(d, n), tree) for d, ds, fs in os.walk(tree) for n in ds + fs)
+    assert got == want
+    st = ms.load_state(ms.paths_for(str(mnt)).state)
+    assert st is not None
+    pid = st.pid
+    time.sleep(0.5)
+    before = _cpu_ticks(pid)
+    time.sleep(1.0)
+    assert _cpu_ticks(pid) - before <= 5  # the once-a-second state file, nothing more
+    shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]
+
+
+def test_busy_poll_is_off_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert ms.default_busy_poll_us() == 0 and ms.MountOptions().busy_poll_us == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert ms.default_busy_poll_us() == ms.BUSY_POLL_US == 50 == ms.MountOptions().busy_poll_us

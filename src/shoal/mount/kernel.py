@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import queue
+import select
 import socket
 import stat
 import struct
@@ -126,12 +127,20 @@ class FileSystem(Protocol):
 
 class Session:
     """One mounted FUSE connection: one thread reads and answers requests, ``threads`` more the reads
-    that have to wait."""
+    that have to wait.
 
-    def __init__(self, fd: int, fs: FileSystem, threads: int = 16) -> None:
+    ``busy_poll`` (seconds): after each request, the reading thread asks for the next one without
+    sleeping for this long before it sleeps in ``poll(2)``.  Requests come in bursts (a walk, a start-up's
+    opens and reads) whose next request follows the last reply within tens of microseconds; a reader
+    that slept meanwhile has to be woken on another CPU for it, which costs more than the request
+    (mount.md §2, §7).  0 turns it off (the default on a single CPU, where the spin would hold the
+    CPU the requesting process needs)."""
+
+    def __init__(self, fd: int, fs: FileSystem, threads: int = 16, busy_poll: float = 0.0) -> None:
         self.fd = fd
         self.fs = fs
         self._threads = max(1, threads)
+        self._busy_poll = max(0.0, busy_poll)
         self._closed = False
         self.requests = 0  # every request read from the kernel (shoal status)
         self._slow: queue.SimpleQueue[tuple[int, int, int, int] | None] = queue.SimpleQueue()
@@ -174,10 +183,20 @@ class Session:
     def _loop(self) -> None:
         buf = mmap.mmap(-1, _BUFSIZE)  # untouched pages stay unallocated: a request is usually < 1 KiB
         view = memoryview(buf)
-        fd, ops, header = self.fd, self._ops, _IN.unpack_from
+        fd, ops, header, spin, clock = self.fd, self._ops, _IN.unpack_from, self._busy_poll, time.perf_counter
+        idle = select.poll()
+        idle.register(fd, select.POLLIN)
+        if spin:
+            os.set_blocking(fd, False)
+        since = clock()
         while not self._closed:
             try:
                 n = os.readv(fd, [buf])
+            except BlockingIOError:  # nothing yet: ask again until ``spin`` has passed, then sleep
+                if clock() - since > spin:
+                    idle.poll()
+                    since = clock()
+                continue
             except OSError as exc:
                 if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):  # ENOENT: interrupted before read
                     continue
@@ -199,6 +218,7 @@ class Session:
                 self._error(unique, errno.EROFS)
             else:  # OPEN, OPENDIR, FLUSH, ACCESS, STATX, ...: ENOSYS, which the kernel remembers where it can
                 self._error(unique, errno.ENOSYS)
+            since = clock()
 
     def close(self) -> None:
         """Stop answering once the current requests are done (the caller unmounts, which ends ``serve``)."""

@@ -321,7 +321,7 @@ def serve(image: OpenedImage, mountpoint: str, opts: MountOptions = MountOptions
             fd = mount(st.lower, fuse_options(ms.PRIVATE if opts.writable else opts.expose))
         except OSError as exc:
             raise StoreError(f"cannot mount FUSE at {st.lower}: {exc.strerror}") from None
-        session = Session(fd, server.fs, threads=opts.fuse_threads)
+        session = Session(fd, server.fs, threads=opts.fuse_threads, busy_poll=opts.busy_poll_us / 1e6)
         log.debug("timeline: FUSE mounted at %s", st.lower)
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         before = {sig: signal.signal(sig, server.on_signal) for sig in signals}

@@ -294,6 +294,15 @@ PRIVATE = Exposure()  # the default: nothing beyond the mounting user
 _MS_NOSUID, _MS_NODEV = 2, 4
 
 
+BUSY_POLL_US = 50  # microseconds the FUSE reader waits for the next request before it sleeps (mount.md §2)
+
+
+def default_busy_poll_us() -> int:
+    """``BUSY_POLL_US`` where this process may run on two CPUs or more, else 0 (the spin would take the
+    one CPU from the process whose next request it waits for)."""
+    return BUSY_POLL_US if len(os.sched_getaffinity(0)) >= 2 else 0
+
+
 @dataclass(frozen=True)
 class MountOptions:
     """How ``shoal mount``/``run`` mount an image (the daemon serves by these)."""
@@ -304,6 +313,7 @@ class MountOptions:
     cache_frames: int = 64  # decompressed frames the Reader keeps in memory (<= 1 MiB each)
     readahead_kib: int = 1024  # the kernel's read-ahead window for the mount (one max-size FUSE read; mount.md §2)
     fuse_threads: int = 16  # worker threads for FUSE reads that fetch or decompress (mount.md §2)
+    busy_poll_us: int = field(default_factory=lambda: default_busy_poll_us())  # kernel.Session's busy_poll
     ready_timeout: float = 120.0
     cleanup: tuple[str, ...] = ()  # more directories to remove when this mount goes away
     record_to: str | None = None  # write the frames served, in first-touch order, here at exit (shoal profile)

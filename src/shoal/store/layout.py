@@ -21,8 +21,8 @@ import logging
 import os
 import secrets
 import threading
-from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
 from shoal import digest as dg
