@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import math
 import mmap
 import os
 import queue
@@ -141,6 +142,7 @@ class Session:
         self.fs = fs
         self._threads = max(1, threads)
         self._busy_poll = max(0.0, busy_poll)
+        self._handed = False  # the request just read went to a worker (only the reading thread uses this)
         self._closed = False
         self.requests = 0  # every request read from the kernel (shoal status)
         self._slow: queue.SimpleQueue[tuple[int, int, int, int] | None] = queue.SimpleQueue()
@@ -218,7 +220,10 @@ class Session:
                 self._error(unique, errno.EROFS)
             else:  # OPEN, OPENDIR, FLUSH, ACCESS, STATX, ...: ENOSYS, which the kernel remembers where it can
                 self._error(unique, errno.ENOSYS)
-            since = clock()
+            # a request handed to a worker: the next one waits for its reply, so sleep at once and leave
+            # the CPU to the worker
+            since = -math.inf if self._handed else clock()
+            self._handed = False
 
     def close(self) -> None:
         """Stop answering once the current requests are done (the caller unmounts, which ends ``serve``)."""
@@ -296,6 +301,7 @@ class Session:
         data = self.fs.read_now(ino, off, size)
         if data is None:  # a worker answers it
             self._slow.put((unique, ino, off, size))
+            self._handed = True
         return data
 
     def _readlink(self, unique: int, ino: int, arg: memoryview) -> None:
