@@ -35,6 +35,12 @@ class FrameSource(abc.ABC):
         """The ``length`` compressed bytes at ``offset`` of pack blob ``pack`` (unverified); NotFound if
         this source does not hold that frame."""
 
+    def fetch_nowait(self, pack: str, offset: int, length: int) -> bytes | None:
+        """``fetch``'s bytes if they can be had without waiting for a disk or the network (a local pack in
+        the page cache), else None at once (default: never).  The mount decompresses such a frame on its
+        request-reading thread instead of handing the read to a worker (mount.md §2)."""
+        return None
+
     def find_chunk(self, cid: bytes) -> bytes | None:
         """A chunk by id (verified by the Reader), for a frame ``fetch`` raised NotFound for because the
         store holds its chunks elsewhere; None (default) if unknown."""
@@ -107,7 +113,11 @@ class FrameSource(abc.ABC):
 
 
 class ForwardingSource(FrameSource):
-    """A wrapper around ``inner`` that forwards every hook to it; a subclass overrides what it adds."""
+    """A wrapper around ``inner`` that forwards every hook to it; a subclass overrides what it adds.
+
+    But ``fetch_nowait``: a subclass that sees every fetch (to count, record or hold it) would not see
+    the fetches that bypass ``fetch``, so it is only forwarded by a subclass that says so (it answers
+    None here: the read goes to ``fetch`` on a worker)."""
 
     def __init__(self, inner: FrameSource) -> None:
         self.inner = inner
@@ -187,6 +197,9 @@ class StoreSource(FrameSource):
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
         return self.store.read_frame(pack, offset, length)
 
+    def fetch_nowait(self, pack: str, offset: int, length: int) -> bytes | None:
+        return self.store.read_frame_nowait(pack, offset, length)
+
     def find_chunk(self, cid: bytes) -> bytes | None:
         loc = self.store.catalog.locate([cid]).get(cid)
         if loc is None:
@@ -250,14 +263,9 @@ class Reader:
         """Frame ``fi`` decompressed; threads that want the same frame at once wait for one of them."""
         while True:
             with self._lock:
-                data = self._cache.get(fi)
-                if data is not None:
-                    self._cache.move_to_end(fi)
-                    return data
-                data = self._take_offered(fi)
+                data, busy = self._held_or_claim(fi)
                 if data is not None:
                     return data
-                busy = self._inflight.get(fi)
                 if busy is None:
                     busy = self._inflight[fi] = threading.Event()
                     break
@@ -275,15 +283,53 @@ class Reader:
             data = self.source.opened(pack, f.offset)
             if data is None or len(data) != f.ulen:
                 data = packing.open_frame(raw, f, f"{pack}@{f.offset}")
-            with self._lock:
-                self._cache[fi] = data
-                while len(self._cache) > self._cache_max:
-                    self._cache.popitem(last=False)
+            self._keep(fi, data)
             return data
         finally:
             with self._lock:
                 del self._inflight[fi]
             busy.set()
+
+    def frame_now(self, fi: int) -> bytes | None:
+        """Frame ``fi`` decompressed if that needs no wait: in memory, or its compressed bytes to be had
+        at once from the source (``fetch_nowait``: a local pack in the page cache), decompressed here;
+        else None (another thread is loading it, or the source would wait)."""
+        with self._lock:
+            data, busy = self._held_or_claim(fi)
+            if data is not None or busy is not None:
+                return data
+            busy = self._inflight[fi] = threading.Event()
+        try:
+            f = self.index.frames[fi]
+            pack = self.pack_digest(f.pack)
+            raw = self.source.fetch_nowait(pack, f.offset, f.clen)
+            if raw is None:
+                return None
+            data = packing.open_frame(raw, f, f"{pack}@{f.offset}")
+            self._keep(fi, data)
+            return data
+        finally:
+            with self._lock:
+                del self._inflight[fi]
+            busy.set()
+
+    def _held_or_claim(self, fi: int) -> tuple[bytes | None, threading.Event | None]:
+        """(the frame, None) if it is in memory; else (None, the event of the thread loading it), or
+        (None, None) if no thread is (the lock held)."""
+        data = self._cache.get(fi)
+        if data is not None:
+            self._cache.move_to_end(fi)
+            return data, None
+        data = self._take_offered(fi)
+        if data is not None:
+            return data, None
+        return None, self._inflight.get(fi)
+
+    def _keep(self, fi: int, data: bytes) -> None:
+        with self._lock:
+            self._cache[fi] = data
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
 
     def _take_offered(self, fi: int) -> bytes | None:
         """Move an offered frame into the cache (the lock held)."""

@@ -166,3 +166,20 @@ def test_busy_poll_is_off_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ms.default_busy_poll_us() == 0 and ms.MountOptions().busy_poll_us == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert ms.default_busy_poll_us() == ms.BUSY_POLL_US == 50 == ms.MountOptions().busy_poll_us
+
+
+def test_a_frame_in_the_page_cache_is_read_on_the_reader_thread(sample: dict[str, object], mnt: Path,
+                                                                 run_dir: Path) -> None:
+    """mount.md §2: a read within one frame whose compressed bytes the store has in the page cache
+    (``preadv2(RWF_NOWAIT)``; the packs were just built) is decompressed and answered by the thread that
+    read the request, not handed to a worker: the very first read of the mount is an inline one."""
+    shoal(sample["store"], "mount", sample["ref"], mnt)  # type: ignore[arg-type]
+    tree = sample["tree"]
+    assert isinstance(tree, Path)
+    for p in Path(str(sample["store"])).glob("blobs/sha256/*"):
+        p.read_bytes()  # in the page cache, whatever ran before
+    assert (mnt / "text11").read_bytes() == (tree / "text11").read_bytes()
+    time.sleep(1.3)  # counters are published once a second
+    s = _stats(mnt)
+    assert s["reads"] >= 1 and s["inline_reads"] == s["reads"], s
+    shoal(sample["store"], "umount", mnt)  # type: ignore[arg-type]

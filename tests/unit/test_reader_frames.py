@@ -175,3 +175,102 @@ def test_chunks_in_is_the_chunks_a_range_touches(tmp_path: Path) -> None:
         want = [ci for ci, a, b in spans if a < min(e.size, off + size) and b > off]
         assert reader.chunks_in(e, off, size) == want, (off, size)
         assert reader.frames_for(e, off, size) == {idx.chunk_frames[ci] for ci in want}
+
+
+class _NowaitCountingSource(FrameSource):
+    """A store's frames; ``fetch_nowait`` answers what ``ready`` says (the bytes, None, or other bytes)."""
+
+    def __init__(self, store: Store, ready: str = "yes") -> None:
+        from shoal.reader import StoreSource
+
+        self.inner, self.ready, self.fetches, self.nowaits = StoreSource(store), ready, 0, 0
+
+    def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        self.fetches += 1
+        return self.inner.fetch(pack, offset, length)
+
+    def fetch_nowait(self, pack: str, offset: int, length: int) -> bytes | None:
+        self.nowaits += 1
+        if self.ready == "no":
+            return None
+        got = self.inner.fetch_nowait(pack, offset, length)
+        if got is not None and self.ready == "lying":
+            import zstandard
+
+            return zstandard.ZstdCompressor().compress(b"\0" * len(zstandard.decompress(got)))
+        return got
+
+
+def test_frame_now_decompresses_what_the_source_has_at_once_and_nothing_else(tmp_path: Path) -> None:
+    """``Reader.frame_now`` (the mount's reader thread, mount.md §2): a frame whose bytes the source has
+    without waiting is decompressed there and kept; one it would wait for is left to ``frame``."""
+    store, idx, data = _image(tmp_path)
+    e = idx.lookup(b"f")  # type: ignore[attr-defined]
+    fi = idx.chunk_frames[e.chunks[0]]  # type: ignore[attr-defined]
+    waits = _NowaitCountingSource(store, "no")
+    r = Reader(idx, waits)  # type: ignore[arg-type]
+    assert r.frame_now(fi) is None and not r.has_frames({fi}) and waits.fetches == 0
+    assert r.read(e, 0, e.size) == data and waits.fetches == 1  # then fetched as ever
+    at_once = _NowaitCountingSource(store, "yes")  # the pack was just written: in the page cache
+    r = Reader(idx, at_once)  # type: ignore[arg-type]
+    assert r.frame_now(fi) is not None and r.has_frames({fi})
+    assert r.read(e, 0, e.size) == data and at_once.fetches == 0 and at_once.nowaits == 1
+
+
+def test_frame_now_bytes_are_checked_like_any_other(tmp_path: Path) -> None:
+    from shoal.errors import IntegrityError
+
+    store, idx, _ = _image(tmp_path)
+    e = idx.lookup(b"f")  # type: ignore[attr-defined]
+    r = Reader(idx, _NowaitCountingSource(store, "lying"))  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError):  # the frame refused as it is opened, or its chunks when read
+        r.frame_now(idx.chunk_frames[e.chunks[0]])  # type: ignore[attr-defined]
+        r.read(e, 0, e.size)
+    assert not r.has_frames({idx.chunk_frames[e.chunks[0]]})  # type: ignore[attr-defined]
+
+
+def test_a_forwarding_source_does_not_pass_fetch_nowait_around_its_fetch(tmp_path: Path) -> None:
+    """A wrapper that sees every ``fetch`` (counting, recording, holding) would miss reads that went
+    around it: ``ForwardingSource`` answers None unless a subclass forwards it."""
+    from shoal.reader import ForwardingSource, StoreSource
+
+    store, idx, _ = _image(tmp_path)
+    f = idx.frames[0]  # type: ignore[attr-defined]
+    pack = "sha256:" + idx.packs[f.pack].hex()  # type: ignore[attr-defined]
+    assert StoreSource(store).fetch_nowait(pack, f.offset, f.clen) is not None
+    assert ForwardingSource(StoreSource(store)).fetch_nowait(pack, f.offset, f.clen) is None
+
+
+def test_read_range_nowait_answers_only_from_the_page_cache(tmp_path: Path) -> None:
+    import os
+
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else tmp_path  # /tmp may be tmpfs: always cached
+    store, idx, _ = _image(Path(__import__("tempfile").mkdtemp(dir=base)))
+    f = idx.frames[0]  # type: ignore[attr-defined]
+    pack = "sha256:" + idx.packs[f.pack].hex()  # type: ignore[attr-defined]
+    lay = store.layout
+    assert lay.read_range_nowait(pack, f.offset, f.clen) == lay.read_range(pack, f.offset, f.clen)
+    size = lay.size(pack)
+    assert lay.read_range_nowait(pack, size - 10, 20) is None  # short: the caller's read says why
+    assert lay.read_range_nowait("sha256:" + "0" * 64, 0, 10) is None  # missing
+    fd = os.open(lay.path(pack), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+    finally:
+        os.close(fd)
+    evicted = lay.read_range_nowait(pack, f.offset, f.clen)
+    if _fstype(lay.path(pack)) != "tmpfs":  # on tmpfs the page cache is the file
+        assert evicted is None  # it would have waited for the disk
+    assert lay.read_range(pack, f.offset, f.clen)  # read as ever
+    import shutil
+
+    shutil.rmtree(store.root, ignore_errors=True)
+
+
+def _fstype(path: Path) -> str:
+    p = path.resolve()
+    while not p.is_mount():
+        p = p.parent
+    types = {line.split()[1]: line.split()[2] for line in Path("/proc/mounts").read_text().splitlines()}
+    return types.get(str(p), "")

@@ -9,8 +9,10 @@ reads for a lazy image).  Nothing here touches the network or the store.
 - The image is immutable, so attribute and entry timeouts are long and negative lookups are cached.
   There is no ``open``: the kernel opens files with ``keep_cache`` by itself (kernel.py), so the page
   cache keeps file data across opens.
-- One thread answers every request whose bytes are in the Reader's memory (``read_now``); a read that
-  must fetch or decompress goes to a worker thread (``read``), so it never blocks other requests.
+- One thread answers every request whose bytes are in the Reader's memory (``read_now``), or within one
+  frame whose compressed bytes the source has at once (``Reader.frame_now``: a local pack in the page
+  cache, decompressed on that thread); a read that must wait for a disk or the network, or decompress
+  several frames, goes to a worker thread (``read``), so it never blocks other requests.
 - With a source that fetches ahead (``hooks.fetches_ahead``), a read that needs several frames
   fetches them in one parallel batch (``ensure``), and queues the frames holding the next bytes of the same file
   for a background fetch that the read does not wait for.  The window adapts per file: 4 MiB after
@@ -337,11 +339,11 @@ class ShoalFS:
 
     @_fuse_errors
     def read_now(self, inode: int, off: int, size: int) -> bytes | None:
-        """The bytes if every frame they are in is in the Reader's memory, else None (``read`` then
-        runs on a worker thread)."""
+        """The bytes if every frame they are in is in the Reader's memory, or if they lie in one frame the
+        source has without waiting (``frame_now``); else None (``read`` then runs on a worker thread)."""
         pos, e = self._file(inode)
         frames = self.reader.frames_for(pos, e, off, size)
-        if not self.reader.has_frames(frames):
+        if not self.reader.has_frames(frames) and (len(frames) != 1 or self.reader.frame_now(min(frames)) is None):
             return None
         data = self.reader.read(e, off, size)
         last = self._window.get(pos)

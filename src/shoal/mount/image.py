@@ -129,6 +129,9 @@ class LocalStoreSource(FrameSource):
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
         return self.inner.fetch(pack, offset, length)
 
+    def fetch_nowait(self, pack: str, offset: int, length: int) -> bytes | None:
+        return self.inner.fetch_nowait(pack, offset, length)
+
     def find_chunk(self, cid: bytes) -> bytes | None:
         return self.inner.find_chunk(cid)
 
@@ -247,14 +250,23 @@ class CountingSource(ForwardingSource):
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
         t0 = time.monotonic()
         data = self.inner.fetch(pack, offset, length)
-        dt = time.monotonic() - t0
+        self._count(pack, offset, len(data), time.monotonic() - t0)
+        return data
+
+    def fetch_nowait(self, pack: str, offset: int, length: int) -> bytes | None:
+        t0 = time.monotonic()
+        data = self.inner.fetch_nowait(pack, offset, length)
+        if data is not None:
+            self._count(pack, offset, len(data), time.monotonic() - t0)
+        return data
+
+    def _count(self, pack: str, offset: int, n: int, dt: float) -> None:
         with self._lock:
             s = self.counts
             s.fetches += 1
-            s.bytes += len(data)
+            s.bytes += n
             s.seconds += dt
             s.frames.add((pack, offset))
-        return data
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

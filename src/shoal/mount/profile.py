@@ -327,13 +327,22 @@ class RecordingSource(ForwardingSource):
         self._lock = threading.Lock()
 
     def fetch(self, pack: str, offset: int, length: int) -> bytes:
+        self._touch(pack, offset)
+        return self.inner.fetch(pack, offset, length)
+
+    def fetch_nowait(self, pack: str, offset: int, length: int) -> bytes | None:
+        data = self.inner.fetch_nowait(pack, offset, length)
+        if data is not None:
+            self._touch(pack, offset)
+        return data
+
+    def _touch(self, pack: str, offset: int) -> None:
         fi = self._frame_of.get((pack, offset))
         if fi is not None:
             with self._lock:
                 if fi not in self._seen:
                     self._seen.add(fi)
                     self._order.append(fi)
-        return self.inner.fetch(pack, offset, length)
 
     def frames(self) -> list[int]:
         with self._lock:

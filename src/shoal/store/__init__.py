@@ -144,6 +144,11 @@ class Store:
                 return self.layout.read_range(pack, offset, length)
             raise
 
+    def read_frame_nowait(self, pack: str, offset: int, length: int) -> bytes | None:
+        """``read_frame``'s bytes from a complete pack if they are in the page cache, else None without
+        waiting for the disk (a partial pack: None)."""
+        return self.layout.read_range_nowait(pack, offset, length)
+
     def has_frame(self, pack: str, offset: int) -> bool:
         return self.layout.has(pack) or self.partial.has_frame(pack, offset)
 

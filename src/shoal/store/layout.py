@@ -237,6 +237,22 @@ class Layout:
             raise IntegrityError(f"blob {digest} is truncated")
         return data
 
+    def read_range_nowait(self, digest: str, offset: int, length: int) -> bytes | None:
+        """``read_range``'s bytes if every one of them is in the page cache (``preadv2(RWF_NOWAIT)``), else
+        None at once: the blob is missing, short, not cached, or the file system cannot tell."""
+        buf = bytearray(length)
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: no way to ask
+            return None
+        finally:
+            os.close(fd)
+        return bytes(buf) if got == length else None
+
     def remove(self, digest: str) -> None:
         with store_io("cannot remove a blob"), contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
