@@ -470,8 +470,13 @@ class Reader:
 
     def read(self, e: Entry, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset+size)`` of file ``e`` (short at end of file)."""
+        parts = self.read_parts(e, offset, size)
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)  # one copy of the bytes
+
+    def read_parts(self, e: Entry, offset: int, size: int) -> list[memoryview]:
+        """``read``'s bytes as views of the chunks that hold them, in order (verified, not copied)."""
         if offset >= e.size or size <= 0:
-            return b""
+            return []
         starts = self._starts(e)
         end = min(e.size, offset + size)
         k = bisect.bisect_right(starts, offset) - 1
@@ -480,4 +485,4 @@ class Reader:
             data = self.chunk(e.chunks[k])
             parts.append(data[max(0, offset - starts[k]):min(len(data), end - starts[k])])
             k += 1
-        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)  # one copy of the bytes
+        return parts

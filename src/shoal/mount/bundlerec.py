@@ -46,9 +46,9 @@ class RecordingReader(MountReader):
         super().__init__(index, source, cache_frames)
         self.record = record
 
-    def read(self, e: Entry, offset: int, size: int) -> bytes:
+    def read_parts(self, e: Entry, offset: int, size: int) -> list[memoryview]:  # ``read`` too goes through here
         if offset < e.size and size > 0:
             pos = self.index.position(e.path)
             if pos is not None:
                 self.record.read(pos, self.chunks_in(e, offset, size))
-        return super().read(e, offset, size)
+        return super().read_parts(e, offset, size)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from shoal.errors import IntegrityError, NotFound, ShoalError
 from shoal.format.model import Entry, Index, Kind, parent_of
-from shoal.mount.kernel import FuseError, Session, StatFs, entry_bytes, negative_entry
+from shoal.mount.kernel import FuseError, Piece, Session, StatFs, entry_bytes, negative_entry
 from shoal.mount.state import PRIVATE, Exposure
 from shoal.reader import FrameSource, Reader
 
@@ -67,6 +67,7 @@ _TYPE = {Kind.DIR: stat.S_IFDIR, Kind.FILE: stat.S_IFREG, Kind.SYMLINK: stat.S_I
          Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
 _BLOCK = 4096
 READAHEAD_JUMP, READAHEAD_FIRST, READAHEAD_MAX = 256 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024
+_IOV_PARTS = 512  # at most this many pieces in a read's reply (IOV_MAX is 1024, with the header)
 PUSH_MAX_READ = 64 * 1024  # reads up to this size trigger a page-cache push of their frames' bytes
 _PAGE = 4096
 
@@ -338,22 +339,22 @@ class ShoalFS:
         return pos, e
 
     @_fuse_errors
-    def read_now(self, inode: int, off: int, size: int) -> bytes | None:
+    def read_now(self, inode: int, off: int, size: int) -> list[Piece] | None:
         """The bytes if every frame they are in is in the Reader's memory, or if they lie in one frame the
         source has without waiting (``frame_now``); else None (``read`` then runs on a worker thread)."""
         pos, e = self._file(inode)
         frames = self.reader.frames_for(pos, e, off, size)
         if not self.reader.has_frames(frames) and (len(frames) != 1 or self.reader.frame_now(min(frames)) is None):
             return None
-        data = self.reader.read(e, off, size)
+        data = self._pieces(e, off, size)
         last = self._window.get(pos)
         if last is not None and off == last[0]:  # still sequential: the next fetching read grows the window
             self._window[pos] = (off + size, last[1])
-        self._served(pos, e, off, size, frames, len(data), True)
+        self._served(pos, e, off, size, frames, sum(len(p) for p in data), True)
         return data
 
     @_fuse_errors
-    def read(self, inode: int, off: int, size: int) -> bytes:
+    def read(self, inode: int, off: int, size: int) -> list[Piece]:
         """A read that may fetch: read-ahead queued first (never waited for), the read's own frames
         fetched as one batch, then the bytes from the Reader."""
         pos, e = self._file(inode)
@@ -364,9 +365,15 @@ class ShoalFS:
                 self._readahead(sorted(ahead))
         if self._ensure is not None and len(frames) > 1:
             self._ensure(sorted(frames))
-        data = self.reader.read(e, off, size)
-        self._served(pos, e, off, size, frames, len(data), False)
+        data = self._pieces(e, off, size)
+        self._served(pos, e, off, size, frames, sum(len(p) for p in data), False)
         return data
+
+    def _pieces(self, e: Entry, off: int, size: int) -> list[Piece]:
+        """A read's bytes as views of the Reader's chunks, which the reply hands to the kernel as they are
+        (one copy fewer of every byte read); joined when they are more than one ``writev`` takes."""
+        parts: list[Piece] = list(self.reader.read_parts(e, off, size))
+        return parts if len(parts) <= _IOV_PARTS else [b"".join(parts)]
 
     def _served(self, pos: int, e: Entry, off: int, size: int, frames: set[int], n: int, inline: bool) -> None:
         with self.stats.lock:

@@ -34,7 +34,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 __all__ = ["FuseError", "FileSystem", "StatFs", "Session", "entry_bytes", "negative_entry", "mount",
            "ATTR_MODE_AT"]
@@ -74,6 +74,10 @@ ATTR_MODE_AT = _ENTRY.size + 60  # where st_mode sits in an entry's bytes
 MAX_PAGES = 256  # 1 MiB per read request, as libfuse asks
 _MAX_WRITE = 128 * 1024  # nothing is written to a read-only mount, but the kernel sizes buffers by it
 _BUFSIZE = _MAX_WRITE + 4096  # >= header + fuse_write_in + max_write, as the kernel requires of a read
+
+
+Piece = bytes | memoryview  # a part of a reply (os.writev takes both)
+_T = TypeVar("_T")
 
 
 class FuseError(Exception):
@@ -119,8 +123,9 @@ class FileSystem(Protocol):
     def getattr(self, ino: int) -> bytes: ...  # entry_bytes()
     def readlink(self, ino: int) -> bytes: ...
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, bytes]]: ...  # (name, entry), from start
-    def read_now(self, ino: int, off: int, size: int) -> bytes | None: ...  # None: it would wait
-    def read(self, ino: int, off: int, size: int) -> bytes: ...  # on a worker: may fetch and decompress
+    # a read's bytes come as the pieces they are held in (written to the kernel as one reply, not joined)
+    def read_now(self, ino: int, off: int, size: int) -> Sequence[Piece] | None: ...  # None: it would wait
+    def read(self, ino: int, off: int, size: int) -> Sequence[Piece]: ...  # on a worker: may fetch, decompress
     def getxattr(self, ino: int, name: bytes) -> bytes: ...
     def listxattr(self, ino: int) -> Iterable[bytes]: ...
     def statfs(self) -> StatFs: ...
@@ -180,7 +185,7 @@ class Session:
         """A worker: the reads that wait for a fetch or a decompression."""
         while (job := self._slow.get()) is not None:
             unique, ino, off, size = job
-            self._answer(unique, self.fs.read, ino, off, size)
+            self._answer_read(unique, self.fs.read, ino, off, size)
 
     def _loop(self) -> None:
         buf = mmap.mmap(-1, _BUFSIZE)  # untouched pages stay unallocated: a request is usually < 1 KiB
@@ -231,7 +236,7 @@ class Session:
 
     # ------------------------------------------------------------------------------------ replies
 
-    def _reply(self, unique: int, *parts: bytes) -> None:
+    def _reply(self, unique: int, *parts: Piece) -> None:
         size = _OUT.size + sum(len(p) for p in parts)
         try:
             os.writev(self.fd, [_OUT.pack(size, 0, unique), *parts])
@@ -248,16 +253,26 @@ class Session:
 
     def _answer(self, unique: int, fn: Callable[..., bytes | None], *args: object) -> None:
         """Reply with what ``fn(*args)`` returns (None: someone else replies), or with the errno it raises."""
+        out = self._call(unique, fn, *args)
+        if out is not None:
+            self._reply(unique, out)
+
+    def _answer_read(self, unique: int, fn: Callable[..., Sequence[Piece] | None], *args: object) -> None:
+        """``_answer`` for a read: its bytes come in pieces, written as one reply without joining them."""
+        parts = self._call(unique, fn, *args)
+        if parts is not None:
+            self._reply(unique, *parts)
+
+    def _call(self, unique: int, fn: Callable[..., _T | None], *args: object) -> _T | None:
+        """``fn(*args)``; or None, once the request is answered with the errno that it raised."""
         try:
-            out = fn(*args)
+            return fn(*args)
         except FuseError as exc:
             self._error(unique, exc.errno)
         except Exception:  # noqa: BLE001 - one failed request must not end the session
             log.exception("FUSE request %d failed", unique)
             self._error(unique, errno.EIO)
-        else:
-            if out is not None:
-                self._reply(unique, out)
+        return None
 
     def notify_store(self, ino: int, off: int, data: bytes) -> None:
         """Put ``data`` into the kernel's page cache for ``ino`` at ``off`` (``FUSE_NOTIFY_STORE``).
@@ -295,9 +310,9 @@ class Session:
 
     def _read(self, unique: int, ino: int, arg: memoryview) -> None:
         _, off, size = _READ_IN.unpack_from(arg)
-        self._answer(unique, self._read_now, unique, ino, off, size)
+        self._answer_read(unique, self._read_now, unique, ino, off, size)
 
-    def _read_now(self, unique: int, ino: int, off: int, size: int) -> bytes | None:
+    def _read_now(self, unique: int, ino: int, off: int, size: int) -> Sequence[Piece] | None:
         data = self.fs.read_now(ino, off, size)
         if data is None:  # a worker answers it
             self._slow.put((unique, ino, off, size))
