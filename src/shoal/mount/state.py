@@ -313,7 +313,7 @@ class MountOptions:
     cache_frames: int = 64  # decompressed frames the Reader keeps in memory (<= 1 MiB each)
     readahead_kib: int = 1024  # the kernel's read-ahead window for the mount (one max-size FUSE read; mount.md §2)
     fuse_threads: int = 16  # worker threads for FUSE reads that fetch or decompress (mount.md §2)
-    busy_poll_us: int = field(default_factory=lambda: default_busy_poll_us())  # kernel.Session's busy_poll
+    busy_poll_us: int = field(default_factory=default_busy_poll_us)  # kernel.Session's busy_poll
     ready_timeout: float = 120.0
     cleanup: tuple[str, ...] = ()  # more directories to remove when this mount goes away
     record_to: str | None = None  # write the frames served, in first-touch order, here at exit (shoal profile)
