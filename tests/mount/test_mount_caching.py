@@ -176,8 +176,11 @@ def test_a_frame_in_the_page_cache_is_read_on_the_reader_thread(sample: dict[str
     shoal(sample["store"], "mount", sample["ref"], mnt)  # type: ignore[arg-type]
     tree = sample["tree"]
     assert isinstance(tree, Path)
-    for p in Path(str(sample["store"])).glob("blobs/sha256/*"):
+    packs = list(Path(str(sample["store"])).glob("blobs/sha256/*"))
+    for p in packs:
         p.read_bytes()  # in the page cache, whatever ran before
+    if Store.open(sample["store"]).layout.read_range_nowait("sha256:" + packs[0].name, 0, 1) is None:  # type: ignore[arg-type]
+        pytest.skip("this file system does not answer preadv2(RWF_NOWAIT): every such read goes to a worker")
     assert (mnt / "text11").read_bytes() == (tree / "text11").read_bytes()
     time.sleep(1.3)  # counters are published once a second
     s = _stats(mnt)
